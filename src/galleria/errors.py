@@ -1,0 +1,27 @@
+"""Exceptions raised by galleria. All derive from :class:`GalleriaError`."""
+
+from __future__ import annotations
+
+
+class GalleriaError(Exception):
+    """Base class of every error galleria raises on purpose."""
+
+
+class InputError(GalleriaError, ValueError):
+    """Bad input at a public entry point (shape, dtype, NaN, empty, unknown name)."""
+
+
+class CompatibilityError(GalleriaError):
+    """Two artifacts that do not belong together (model fingerprint, dimension, version)."""
+
+
+class FormatError(GalleriaError):
+    """An artifact on disk is missing, corrupt, or of an unsupported format version."""
+
+
+class MissingDependencyError(GalleriaError, ImportError):
+    """An optional package or a weight file the user asked for is not available."""
+
+
+class DatasetMissingError(GalleriaError, FileNotFoundError):
+    """A data set under ../shared/datasets (or GALLERIA_DATASETS) is not present."""

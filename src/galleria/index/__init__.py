@@ -1,0 +1,1 @@
+"""Vector indexes: exact (chunked matmul top-k) and FAISS (factory strings)."""

@@ -1,0 +1,1 @@
+"""Atomic, versioned artifact I/O (JSON headers + numpy arrays, never pickle)."""

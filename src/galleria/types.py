@@ -1,0 +1,71 @@
+"""The one result type every index, search path and re-ranker returns."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from galleria.errors import InputError
+
+MISSING_KEY = -1
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Top-k results of a batch of queries, best first, like ``faiss.Index.search``.
+
+    Attributes:
+        scores: ``(Q, K)`` float32 similarities (higher is better); ``-inf`` where
+            fewer than K results exist.
+        ids: ``(Q, K)`` item ids. From an :class:`~galleria.index.base.Index`
+            these are int64 keys with ``-1`` for a missing result; from a
+            :class:`~galleria.store.gallery.Gallery` they are the string ids of
+            the items (object array) with ``None`` for a missing result.
+
+    ``scores, ids = result`` unpacks like a faiss search.
+    """
+
+    scores: np.ndarray
+    ids: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.scores.ndim != 2 or self.scores.shape != self.ids.shape:
+            raise InputError(
+                f"SearchResult needs scores and ids of one (Q, K) shape, got "
+                f"{self.scores.shape} and {self.ids.shape}"
+            )
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        yield self.scores
+        yield self.ids
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+    @property
+    def k(self) -> int:
+        return int(self.scores.shape[1])
+
+    def head(self, k: int) -> SearchResult:
+        """The first ``k`` columns."""
+        return SearchResult(self.scores[:, :k], self.ids[:, :k])
+
+    def row(self, q: int) -> list[tuple[object, float]]:
+        """Results of query ``q`` as ``[(id, score), ...]`` without missing entries."""
+        out = []
+        for i, s in zip(self.ids[q], self.scores[q], strict=True):
+            if i is None or (isinstance(i, (int, np.integer)) and i == MISSING_KEY):
+                continue
+            out.append((i.item() if isinstance(i, np.generic) else i, float(s)))
+        return out
+
+    @staticmethod
+    def empty(q: int, k: int, *, object_ids: bool = False) -> SearchResult:
+        scores = np.full((q, k), -np.inf, dtype=np.float32)
+        if object_ids:
+            ids = np.full((q, k), None, dtype=object)
+        else:
+            ids = np.full((q, k), MISSING_KEY, dtype=np.int64)
+        return SearchResult(scores, ids)
