@@ -1,0 +1,1 @@
+"""The ``galleria`` command line."""

@@ -1,0 +1,78 @@
+"""Helpers shared by CLI commands: threads, progress bars, JSON output, errors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+
+def set_threads(threads: int | None) -> int:
+    """Choose the thread count for torch, FAISS and BLAS at the entry point only."""
+    n = threads or int(os.environ.get("GALLERIA_THREADS", "0")) or (os.cpu_count() or 1)
+    try:
+        import torch
+
+        torch.set_num_threads(n)
+    except ImportError:
+        pass
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(n)
+    except ImportError:
+        pass
+    return n
+
+
+def progress_bar(total: int | None, desc: str, *, enabled: bool = True) -> Any:
+    from tqdm import tqdm
+
+    forced = os.environ.get("GALLERIA_PROGRESS") == "1"
+    show = enabled and (forced or sys.stderr.isatty())
+    return tqdm(total=total, desc=desc, unit="img", disable=not show, dynamic_ncols=True)
+
+
+def print_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2, default=_default)
+    sys.stdout.write("\n")
+
+
+def _default(obj: Any) -> Any:
+    import numpy as np
+
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)
+
+
+def add_model_args(p: argparse.ArgumentParser, *, default: str | None = "effnet-lite0") -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", "-m", default=default, help="extractor (see `galleria models`)")
+    g.add_argument("--pooling", default=None, help="gem (default), gem<p>, mean")
+    g.add_argument("--scales", type=float, nargs="+", default=[1.0],
+                   help="multi-scale factors, e.g. 1 0.707 1.414")
+    g.add_argument("--checkpoint", default=None,
+                   help="local weights for timm:/dinov2:/clip: models")
+    g.add_argument("--runtime", default="auto", choices=["auto", "onnx", "torch"])
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("execution")
+    g.add_argument("--threads", type=int, default=None, help="compute threads (default: all)")
+    g.add_argument("--workers", type=int, default=2, help="image decoding threads")
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    g.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )

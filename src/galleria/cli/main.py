@@ -1,0 +1,115 @@
+"""``galleria`` — index, search and evaluate image galleries.
+
+Commands (``galleria COMMAND --help`` for options)::
+
+    galleria models                       list extractors (dim, input size, source)
+    galleria index SRC --model M --out G  embed a folder/manifest into gallery G
+    galleria search G IMAGE... -k K       search (--json, --html OUT)
+    galleria eval --dataset NAME          official protocols on ../shared/datasets
+    galleria eval --manifest CSV          your own labelled images
+    galleria info G                       spaces, counts, failures, index
+    galleria remove G ID...               delete items
+    galleria export-onnx --model M --out F.onnx
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from galleria.cli import commands
+from galleria.cli.common import add_model_args, add_run_args
+from galleria.errors import GalleriaError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="galleria", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    from galleria import __version__
+
+    p.add_argument("--version", action="version", version=f"galleria {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("models", help="list extractors")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=commands.cmd_models)
+
+    s = sub.add_parser("index", help="embed a folder or manifest into a gallery (resumable)")
+    s.add_argument("src", help="image folder or CSV manifest (column 'path', optional 'id')")
+    s.add_argument("--out", "-o", required=True, help="gallery folder (created or resumed)")
+    add_model_args(s)
+    s.add_argument("--index", default=None,
+                   help="exact (default) or a FAISS factory string: HNSW32, IVF1024,PQ32 ...")
+    s.add_argument("--nprobe", type=int, default=None)
+    s.add_argument("--ef-search", type=int, default=None)
+    s.add_argument("--rescore", type=int, default=None,
+                   help="re-score k*RESCORE ANN candidates exactly")
+    s.add_argument("--limit", type=int, default=None, help="embed at most this many new images")
+    s.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_run_args(s)
+    s.set_defaults(func=commands.cmd_index)
+
+    s = sub.add_parser("search", help="search a gallery with query images")
+    s.add_argument("gallery")
+    s.add_argument("images", nargs="+")
+    s.add_argument("-k", type=int, default=10)
+    s.add_argument("--json", action="store_true", help="print results as JSON")
+    s.add_argument("--html", default=None, help="write a page with thumbnails to this file")
+    s.add_argument("--qe", type=int, default=0, help="alpha query expansion over the top QE")
+    s.add_argument("--qe-alpha", type=float, default=3.0)
+    s.add_argument("--space", default=None, help="model space to search (default: primary)")
+    s.add_argument("--runtime", default="auto", choices=["auto", "onnx", "torch"])
+    add_run_args(s)
+    s.set_defaults(func=commands.cmd_search)
+
+    s = sub.add_parser("eval", help="evaluate a model on a data set or your own manifest")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dataset", "-d", help="data set name (see --list)")
+    src.add_argument("--manifest", help="CSV with path,label[,split]")
+    src.add_argument("--list", action="store_true", help="list data sets")
+    add_model_args(s)
+    s.add_argument("--qe", type=int, default=0, help="alpha-QE neighbours (0: off)")
+    s.add_argument("--qe-alpha", type=float, default=3.0)
+    s.add_argument("--dba", type=int, default=0, help="database-side augmentation k (0: off)")
+    s.add_argument("--transform", default=None,
+                   help="fit this transform on the gallery side first (pca, pca-whiten, aesvc..)")
+    s.add_argument("--dim", type=int, default=None, help="output dimension of the transform")
+    s.add_argument("--no-cache", action="store_true", help="re-embed instead of using the cache")
+    s.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    add_run_args(s)
+    s.set_defaults(func=commands.cmd_eval)
+
+    s = sub.add_parser("info", help="describe a gallery")
+    s.add_argument("gallery")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=commands.cmd_info)
+
+    s = sub.add_parser("remove", help="remove items by id")
+    s.add_argument("gallery")
+    s.add_argument("ids", nargs="+")
+    s.set_defaults(func=commands.cmd_remove)
+
+    s = sub.add_parser("export-onnx", help="export an extractor to ONNX (+ .json sidecar)")
+    add_model_args(s)
+    s.add_argument("--out", "-o", required=True)
+    s.set_defaults(func=commands.cmd_export_onnx)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except GalleriaError as exc:
+        print(f"galleria {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"galleria {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Evaluation: official protocols, metrics and data-set loaders."""

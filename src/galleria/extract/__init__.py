@@ -1,0 +1,1 @@
+"""Extraction: images -> embeddings, batched, threaded, resumable."""

@@ -1,0 +1,124 @@
+"""Stream images through an extractor: threaded decoding, batched inference.
+
+Decoding and preprocessing run in a thread pool with a bounded number of
+images in flight (PIL releases the GIL while decoding); inference runs on the
+caller's thread in batches. Unusable inputs are returned as failures, never
+raised.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from galleria.extractors.base import Extractor
+from galleria.images.decode import ImageDecodeError, load_image
+from galleria.images.sources import SourceItem
+
+log = logging.getLogger(__name__)
+
+
+class Progress(Protocol):
+    def update(self, n: int = 1) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Items of one inference batch and their ``(B, D)`` embeddings."""
+
+    items: list[SourceItem]
+    vectors: np.ndarray
+    failures: list[tuple[SourceItem, str]]
+
+
+def _prepare(extractor: Extractor, item: SourceItem) -> tuple[np.ndarray, ...] | str:
+    try:
+        img = load_image(item.path, bbox=item.bbox)
+        return extractor.prepare(img)
+    except ImageDecodeError as exc:
+        return exc.reason
+    except Exception as exc:  # a user's odd file must not stop a long job
+        log.exception("unexpected error preparing %s", item.path)
+        return f"unexpected error: {type(exc).__name__}: {exc}"
+
+
+def embed_stream(
+    items: Iterable[SourceItem],
+    extractor: Extractor,
+    *,
+    batch_size: int = 32,
+    workers: int = 2,
+    prefetch: int | None = None,
+    progress: Progress | None = None,
+) -> Iterator[Batch]:
+    """Yield :class:`Batch` objects in input order; failures ride along with the batch."""
+    if batch_size <= 0:
+        raise ValueError("batch_size must be positive")
+    prefetch = prefetch or max(2 * batch_size, 4 * max(1, workers))
+    nscales = len(extractor.scales)
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode") as pool:
+        pending: deque[tuple[SourceItem, Future[Any]]] = deque()
+        it = iter(items)
+        exhausted = False
+        ok_items: list[SourceItem] = []
+        ok_inputs: list[tuple[np.ndarray, ...]] = []
+        failed: list[tuple[SourceItem, str]] = []
+
+        def flush() -> Batch:
+            if ok_items:
+                per_scale = [np.stack([x[s] for x in ok_inputs]) for s in range(nscales)]
+                vecs = extractor.embed_prepared(per_scale)
+            else:
+                vecs = np.zeros((0, extractor.dim), np.float32)
+            return Batch(list(ok_items), vecs, list(failed))
+
+        while True:
+            while not exhausted and len(pending) < prefetch:
+                try:
+                    item = next(it)
+                except StopIteration:
+                    exhausted = True
+                    break
+                pending.append((item, pool.submit(_prepare, extractor, item)))
+            if not pending:
+                break
+            item, fut = pending.popleft()
+            res = fut.result()
+            if isinstance(res, str):
+                failed.append((item, res))
+            else:
+                ok_items.append(item)
+                ok_inputs.append(res)
+            if progress is not None:
+                progress.update(1)
+            if len(ok_items) >= batch_size:
+                yield flush()
+                ok_items.clear()
+                ok_inputs.clear()
+                failed.clear()
+        if ok_items or failed:
+            yield flush()
+
+
+def embed_items(
+    items: Sequence[SourceItem],
+    extractor: Extractor,
+    **kw: Any,
+) -> tuple[np.ndarray, np.ndarray, list[tuple[SourceItem, str]]]:
+    """Embed all items -> ``(vectors (N, D) with zero rows for failures, ok (N,), failures)``."""
+    index = {id(it): n for n, it in enumerate(items)}
+    out = np.zeros((len(items), extractor.dim), np.float32)
+    ok = np.zeros(len(items), dtype=bool)
+    failures: list[tuple[SourceItem, str]] = []
+    for batch in embed_stream(items, extractor, **kw):
+        rows = [index[id(it)] for it in batch.items]
+        out[rows] = batch.vectors
+        ok[rows] = True
+        failures.extend(batch.failures)
+    return out, ok, failures

@@ -1,0 +1,1 @@
+"""Image embedders behind one registry (``galleria models`` lists them)."""

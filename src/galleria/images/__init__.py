@@ -1,0 +1,1 @@
+"""Image decoding and listing of image sources (folders, manifests)."""

@@ -1,0 +1,1 @@
+"""Search: image queries against a gallery, post-processing (query expansion, DBA)."""

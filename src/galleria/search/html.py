@@ -1,0 +1,70 @@
+"""A self-contained HTML page of search results with thumbnails (data URIs)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from galleria.images.decode import ImageDecodeError, load_image
+from galleria.io.atomic import write_bytes
+from galleria.types import SearchResult
+
+THUMB = 192
+
+
+def thumbnail_uri(path: str | os.PathLike[str], size: int = THUMB) -> str | None:
+    """A small JPEG of the image as a ``data:`` URI, or None if it cannot be read."""
+    try:
+        img = load_image(path, min_side=1)
+    except ImageDecodeError:
+        return None
+    img.thumbnail((size, size))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def render_results(
+    queries: Sequence[str],
+    result: SearchResult,
+    paths: Sequence[Sequence[str | None]],
+    *,
+    title: str = "galleria search",
+) -> str:
+    """HTML for queries (file paths) and their results; ``paths[q][j]`` is result j's file."""
+    esc = html.escape
+    rows = []
+    for q, qpath in enumerate(queries):
+        cells = [_cell(qpath, esc(Path(qpath).name), "query")]
+        for j, (rid, score) in enumerate(result.row(q)):
+            p = paths[q][j]
+            cells.append(_cell(p, f"{j + 1}. {esc(str(rid))}<br>{score:.4f}", "result"))
+        rows.append(f"<div class='row'>{''.join(cells)}</div>")
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{esc(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 1em; background: #fafafa; }}
+.row {{ display: flex; gap: 8px; margin-bottom: 18px; align-items: flex-start; }}
+figure {{ margin: 0; width: {THUMB}px; font-size: 12px; word-break: break-all; }}
+figure.query img {{ outline: 3px solid #2a6; }}
+img {{ max-width: {THUMB}px; max-height: {THUMB}px; display: block; background: #ddd; }}
+.missing {{ width: {THUMB}px; height: 120px; background: #eee; color: #999;
+           display: flex; align-items: center; justify-content: center; }}
+</style></head><body><h1>{esc(title)}</h1>
+{''.join(rows)}
+</body></html>
+"""
+
+
+def _cell(path: str | None, caption: str, kind: str) -> str:
+    uri = thumbnail_uri(path) if path else None
+    img = f"<img src='{uri}' alt=''>" if uri else "<div class='missing'>no preview</div>"
+    return f"<figure class='{kind}'>{img}<figcaption>{caption}</figcaption></figure>"
+
+
+def write_results_html(path: str | os.PathLike[str], *args: object, **kw: object) -> None:
+    write_bytes(path, render_results(*args, **kw).encode())  # type: ignore[arg-type]

@@ -1,0 +1,1 @@
+"""The gallery store: items keyed by stable ids, vectors per model space, indexes."""
