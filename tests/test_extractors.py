@@ -172,3 +172,25 @@ def test_user_weight_families_fail_clearly_without_package(tmp_path):
     ckpt.write_bytes(b"0")
     with pytest.raises(MissingDependencyError, match="pip install timm"):
         create_extractor("timm:resnet18", checkpoint=str(ckpt))
+
+
+@pytest.mark.parametrize("name,arch,size", [("effnet-lite0", "efficientnet-lite0", 224),
+                                             ("effnet-lite2", "efficientnet-lite2", 260)])
+def test_effnet_embedding_matches_plain_reference(name, arch, size, images):
+    """Against an independent plain pipeline: the package's own from_pretrained model,
+    squash-resize, (x-127)/128, GeM p=3 on extract_features, L2."""
+    import torch
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from galleria.extractors import effnet
+
+    net = EfficientNet.from_pretrained(arch, weights_path=effnet.weights_path(name)).eval()
+    batch = []
+    for im in images[:3]:
+        a = np.asarray(im.resize((size, size), Image.Resampling.BILINEAR), np.float32)
+        batch.append(((a - 127.0) / 128.0).transpose(2, 0, 1))
+    with torch.no_grad():
+        f = net.extract_features(torch.from_numpy(np.stack(batch))).clamp(min=1e-6)
+        ref = torch.nn.functional.normalize(f.pow(3).mean((2, 3)).pow(1 / 3), dim=1).numpy()
+    got = create_extractor(name).embed_images(images[:3])
+    np.testing.assert_allclose(got, ref, atol=2e-4)

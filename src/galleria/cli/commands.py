@@ -57,6 +57,8 @@ def cmd_index(args: argparse.Namespace) -> int:
             pooling=args.pooling,
             scales=args.scales,
             checkpoint=args.checkpoint,
+            size=args.size,
+            resize=args.resize,
             runtime=args.runtime,
             threads=threads,
             index=args.index,
@@ -162,8 +164,9 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     from galleria.extractors.registry import create_extractor
     from galleria.extractors.torch_model import TorchExtractor
 
+    extra = {k: v for k, v in (("size", args.size), ("resize", args.resize)) if v is not None}
     ext = create_extractor(args.model, pooling=args.pooling, scales=args.scales,
-                           checkpoint=args.checkpoint, runtime="torch")
+                           checkpoint=args.checkpoint, runtime="torch", **extra)
     if not isinstance(ext, TorchExtractor):
         raise InputError(f"{args.model} is not a torch model (it already runs as ONNX)")
     path = ext.export_onnx(args.out)

@@ -60,6 +60,9 @@ def add_model_args(p: argparse.ArgumentParser, *, default: str | None = "effnet-
     g.add_argument("--checkpoint", default=None,
                    help="local weights for timm:/dinov2:/clip: models")
     g.add_argument("--runtime", default="auto", choices=["auto", "onnx", "torch"])
+    g.add_argument("--size", type=int, default=None, help="input side (default: the model's)")
+    g.add_argument("--resize", default=None,
+                   help="squash | crop (effnet) | squash-crop (opennsfw default)")
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:

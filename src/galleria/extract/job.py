@@ -97,6 +97,8 @@ def index_images(
     pooling: str | None = None,
     scales: Sequence[float] = (1.0,),
     checkpoint: str | None = None,
+    size: int | None = None,
+    resize: str | None = None,
     runtime: str = "auto",
     threads: int | None = None,
     index: str | None = None,
@@ -123,11 +125,13 @@ def index_images(
     """
     t0 = time.perf_counter()
     items = list(src) if not isinstance(src, (str, os.PathLike)) else list_source(src)
-    options = {"pooling": pooling, "scales": list(scales), "checkpoint": checkpoint}
+    options: dict[str, Any] = {"pooling": pooling, "scales": list(scales),
+                               "checkpoint": checkpoint, "size": size, "resize": resize}
     if extractor is None:
+        extra = {k: v for k, v in (("size", size), ("resize", resize)) if v is not None}
         extractor = create_extractor(
             model, pooling=pooling, scales=scales, checkpoint=checkpoint,
-            runtime=runtime, threads=threads,
+            runtime=runtime, threads=threads, **extra,
         )
         name = model
     else:

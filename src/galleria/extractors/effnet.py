@@ -69,7 +69,9 @@ def _backbone(variant: str, path: str) -> Any:
         raise MissingDependencyError(
             f"{path} does not match {arch}: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
-    net.set_swish(memory_efficient=False)
+    # NB: never call net.set_swish(): it would replace the Lite models' ReLU6 by swish
+    if not isinstance(net._swish, torch.nn.ReLU6):
+        raise MissingDependencyError(f"{arch}: expected ReLU6 activations (Lite variant)")
     net.eval()
 
     class Features(torch.nn.Module):
@@ -91,11 +93,17 @@ def create(
     runtime: str = "onnx",
     threads: int | None = None,
     size: int | None = None,
+    resize: str = "squash",
 ) -> TorchExtractor:
+    """EfficientNet-Lite features; ``size`` overrides the input side, ``resize`` is
+    ``squash`` (default: whole image to size x size) or ``crop`` (shorter side, centre)."""
     spec = VARIANTS[variant]
     path = weights_path(variant)
     side = int(size or spec["size"])
-    pre = Preprocessing(size=(side, side), resize="squash", mean=LITE_MEAN, std=LITE_STD)
+    if resize not in ("squash", "crop"):
+        raise ValueError(f"{variant} resize must be squash or crop, not {resize!r}")
+    pre = Preprocessing(size=(side, side), resize=resize, crop_pct=0.875,  # type: ignore[arg-type]
+                        mean=LITE_MEAN, std=LITE_STD)
     return TorchExtractor(
         backbone_factory=lambda: _backbone(variant, path),
         runtime=runtime,

@@ -84,9 +84,17 @@ def create(
     scales: Sequence[float] = (1.0,),
     threads: int | None = None,
     runtime: str = "onnx",
+    resize: str = "squash-crop",
 ) -> OnnxExtractor:
+    """open_nsfw ResNet-50 features.
+
+    ``resize``: ``squash-crop`` (default, the model's own preprocessing: squash to
+    256x256, centre-crop 224) or ``squash`` (the whole image squashed to 224x224).
+    """
     if runtime not in ("onnx", "auto"):
         raise ValueError("opennsfw-r50 ships as ONNX: runtime must be 'onnx'")
+    if resize not in ("squash-crop", "squash"):
+        raise ValueError(f"opennsfw-r50 resize must be squash-crop or squash, not {resize!r}")
     if tuple(scales) != (1.0,):
         raise ValueError("opennsfw-r50 is a fixed 224x224 graph: multi-scale is not supported")
     pooling = pooling or Pooling("gem", 3.0)
@@ -97,7 +105,7 @@ def create(
         pooled_graph(src, pooling, dst)
     pre = Preprocessing(
         size=(224, 224),
-        resize="squash-crop",
+        resize=resize,  # type: ignore[arg-type]
         crop_pct=224 / 256,
         mean=(104.0, 117.0, 123.0),
         std=(1.0, 1.0, 1.0),

@@ -64,7 +64,8 @@ def _opennsfw(**kw: Any) -> Extractor:
     from galleria.extractors import opennsfw
 
     kw.pop("checkpoint", None)
-    kw.pop("size", None)
+    if kw.pop("size", None) not in (None, 224):
+        raise InputError("opennsfw-r50 is a fixed 224x224 graph")
     return opennsfw.create(**kw)
 
 
