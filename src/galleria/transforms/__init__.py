@@ -1,0 +1,1 @@
+"""Learned embedding transforms: PCA, PCA-whitening and friends (pure functions + estimators)."""
