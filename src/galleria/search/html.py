@@ -7,6 +7,7 @@ import html
 import io
 import os
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 
 from galleria.images.decode import ImageDecodeError, load_image
@@ -16,6 +17,7 @@ from galleria.types import SearchResult
 THUMB = 192
 
 
+@lru_cache(maxsize=4096)
 def thumbnail_uri(path: str | os.PathLike[str], size: int = THUMB) -> str | None:
     """A small JPEG of the image as a ``data:`` URI, or None if it cannot be read."""
     try:
