@@ -66,6 +66,7 @@ def cmd_index(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             workers=args.workers,
             limit=args.limit,
+            flush_every=args.commit_every,
             progress=bar,
         )
     if args.json:

@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rescore", type=int, default=None,
                    help="re-score k*RESCORE ANN candidates exactly")
     s.add_argument("--limit", type=int, default=None, help="embed at most this many new images")
+    s.add_argument("--commit-every", type=int, default=512,
+                   help="vectors per commit (the most work a crash can lose)")
     s.add_argument("--json", action="store_true", help="print the report as JSON")
     add_run_args(s)
     s.set_defaults(func=commands.cmd_index)

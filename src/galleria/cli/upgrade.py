@@ -1,0 +1,294 @@
+"""``galleria upgrade``: move a live gallery to a new model (online backfilling).
+
+Subcommands::
+
+    galleria upgrade start INDEX --new-model M      create the job (new space registered)
+    galleria upgrade run INDEX [--limit N]          re-embed in batches (Ctrl-C / kill -9 safe)
+    galleria upgrade status INDEX                   fraction done, rate, ETA, failures
+    galleria upgrade search INDEX IMAGE... --rule R search during the backfill
+    galleria upgrade train-transform INDEX ...      train psi (new -> old) for the psi rules
+    galleria upgrade finish INDEX                   at 100 %: drop the old space
+
+Wiring (in cli/main.py): ``from galleria.cli.upgrade import add_upgrade_parser;
+add_upgrade_parser(sub)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from galleria.cli.common import add_run_args, print_json, progress_bar, set_threads, setup_logging
+
+
+def add_upgrade_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``upgrade`` with its subcommands to the main parser's ``subparsers``."""
+    up = subparsers.add_parser(
+        "upgrade", help="upgrade a gallery to a new model while it keeps serving",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = up.add_subparsers(dest="upgrade_command", required=True)
+
+    s = sub.add_parser("start", help="create the upgrade job")
+    s.add_argument("gallery")
+    s.add_argument("--new-model", "-m", required=True, help="extractor (see `galleria models`)")
+    s.add_argument("--pooling", default=None)
+    s.add_argument("--scales", type=float, nargs="+", default=[1.0])
+    s.add_argument("--checkpoint", default=None)
+    s.add_argument("--size", type=int, default=None)
+    s.add_argument("--resize", default=None)
+    s.add_argument("--runtime", default="auto", choices=["auto", "onnx", "torch"])
+    s.add_argument("--mode", default="online", choices=["online", "shadow"],
+                   help="online: items move, merged search (default); shadow: old-only "
+                        "search until finish (2x storage)")
+    s.add_argument("--order", default="random", choices=["random", "id", "priority"],
+                   help="backfill order (random: seeded; priority: item meta 'priority')")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--calib-size", type=int, default=1000,
+                   help="(old, new) pairs kept for score calibration / psi (0: none)")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--verbose", "-v", action="store_true")
+    s.set_defaults(func=cmd_start)
+
+    s = sub.add_parser("run", help="re-embed items with the new model (resumable)")
+    s.add_argument("gallery")
+    s.add_argument("--limit", type=int, default=None, help="process at most N items")
+    s.add_argument("--order", default=None, choices=["random", "id", "priority"],
+                   help="override the job's order")
+    s.add_argument("--commit-every", type=int, default=256,
+                   help="items per transaction (the most a crash loses)")
+    s.add_argument("--retry-failed", action="store_true", help="retry images that failed")
+    s.add_argument("--runtime", default="auto", choices=["auto", "onnx", "torch"])
+    s.add_argument("--json", action="store_true")
+    add_run_args(s)
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("status", help="how far the backfill is")
+    s.add_argument("gallery")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("finish", help="at 100 %%: drop the old vectors, switch to the new model")
+    s.add_argument("gallery")
+    s.add_argument("--force", action="store_true",
+                   help="remove items that could not be re-embedded instead of refusing")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--verbose", "-v", action="store_true")
+    s.set_defaults(func=cmd_finish)
+
+    s = sub.add_parser("search", help="search during the backfill")
+    s.add_argument("gallery")
+    s.add_argument("images", nargs="+")
+    s.add_argument("-k", type=int, default=10)
+    s.add_argument("--rule", default="auto",
+                   choices=["auto", "naive", "rank-merge", "psi", "metric-compatible",
+                            "old-only"])
+    s.add_argument("--psi", default=None, help="a trained map folder (default: the job's)")
+    s.add_argument("--calibration", default=None,
+                   choices=["identity", "affine", "quantile"],
+                   help="score calibration (default: quantile for rank-merge/psi)")
+    s.add_argument("--runtime", default="auto", choices=["auto", "onnx", "torch"])
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--cost", action="store_true", help="print the query cost")
+    add_run_args(s)
+    s.set_defaults(func=cmd_search)
+
+    s = sub.add_parser("train-transform",
+                       help="train psi: new -> old (regression, metric-compatible) or a BCT head")
+    s.add_argument("gallery")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", help="folder or CSV manifest embedded with both models")
+    src.add_argument("--from-job", action="store_true",
+                     help="use the (old, new) pairs the backfill collected (regression)")
+    s.add_argument("--kind", default="regression",
+                   choices=["regression", "metric-compatible", "bct"])
+    s.add_argument("--label-column", default=None, help="manifest column with class labels")
+    s.add_argument("--split-column", default=None, help="manifest column to filter on")
+    s.add_argument("--split", default=None, help="value of --split-column to keep (e.g. train)")
+    s.add_argument("--out", default=None, help="folder (default: inside the gallery's job)")
+    s.add_argument("--epochs", type=int, default=None)
+    s.add_argument("--hidden", type=int, default=None, help="hidden width (0: linear)")
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--runtime", default="auto", choices=["auto", "onnx", "torch"])
+    s.add_argument("--json", action="store_true")
+    add_run_args(s)
+    s.set_defaults(func=cmd_train_transform)
+    return up
+
+
+def _fmt_s(s: float | None) -> str:
+    if s is None:
+        return "?"
+    n = round(s)
+    h, rem = divmod(n, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h{m:02d}m{sec:02d}s" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    from galleria.upgrade.job import start_upgrade
+
+    setup_logging(args.verbose)
+    state = start_upgrade(
+        args.gallery, args.new_model, pooling=args.pooling, scales=args.scales,
+        checkpoint=args.checkpoint, size=args.size, resize=args.resize, runtime=args.runtime,
+        mode=args.mode, order=args.order, seed=args.seed, calib_size=args.calib_size,
+    )
+    if args.json:
+        print_json(state.to_dict())
+    else:
+        print(f"upgrade started on {args.gallery}: {state.old_space} -> {state.new_space} "
+              f"({state.mode}, order {state.order}, seed {state.seed})")
+        print("next: galleria upgrade run " + args.gallery)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from galleria.upgrade.job import run_upgrade, upgrade_status
+
+    setup_logging(args.verbose)
+    threads = set_threads(args.threads)
+    st = upgrade_status(args.gallery)
+    total = st.total if args.limit is None else min(st.total, st.done + args.limit)
+    with progress_bar(total, "upgrade", enabled=not args.quiet) as bar:
+        bar.update(st.done)
+        report = run_upgrade(
+            args.gallery, limit=args.limit, order=args.order, runtime=args.runtime,
+            threads=threads, batch_size=args.batch_size, workers=args.workers,
+            commit_every=args.commit_every, retry_failed=args.retry_failed, progress=bar,
+        )
+    if args.json:
+        print_json(report.to_dict())
+    else:
+        what = "interrupted" if report.interrupted else "done"
+        print(f"{report.gallery}: {what}: moved {report.moved} items in "
+              f"{report.seconds:.1f} s ({report.items_per_s:.1f} items/s), "
+              f"{len(report.failed)} failed, {report.remaining} remaining")
+        for f in report.failed[:20]:
+            print(f"  cannot re-embed {f.id}: {f.reason}")
+    return 130 if report.interrupted else 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from galleria.upgrade.job import upgrade_status
+
+    st = upgrade_status(args.gallery)
+    d = st.to_dict()
+    if args.json:
+        print_json(d)
+        return 0
+    print(f"{d['gallery']}: upgrade {d['old_space']} -> {d['new_space']} ({d['mode']})")
+    print(f"  done      {d['done']} / {d['total']}  ({100 * d['fraction']:.1f} %)")
+    print(f"  remaining {d['remaining']}  (failed: {d['failed']})")
+    rate = d["items_per_s"]
+    print(f"  rate      {'?' if rate is None else f'{rate:.1f} items/s'} "
+          f"({'running' if d['running'] else 'last run'})   ETA {_fmt_s(d['eta_s'])}")
+    print(f"  consistent: {d['consistent']} (in both spaces: {d['in_both_spaces']}, "
+          f"in neither: {d['in_neither_space']})")
+    if d["transforms"]:
+        print(f"  transforms: {', '.join(d['transforms'])}")
+    for f in d["failures"][:10]:
+        print(f"  failed {f['id']}: {f['reason']}")
+    if d["fraction"] >= 1.0 and not d["failed"]:
+        print("  at 100 %: run `galleria upgrade finish " + args.gallery + "`")
+    return 0
+
+
+def cmd_finish(args: argparse.Namespace) -> int:
+    from galleria.upgrade.job import finish_upgrade
+
+    setup_logging(args.verbose)
+    rep = finish_upgrade(args.gallery, force=args.force)
+    if args.json:
+        print_json(rep.to_dict())
+    else:
+        print(f"{rep.gallery}: upgrade finished: {rep.items} items now in {rep.new_space}; "
+              f"old space {rep.old_space} dropped"
+              + (f"; removed {len(rep.dropped_failed)} unreadable items"
+                 if rep.dropped_failed else ""))
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from galleria.upgrade.search import BackfillSearcher
+
+    setup_logging(args.verbose)
+    threads = set_threads(args.threads)
+    searcher = BackfillSearcher.open(args.gallery, rule=args.rule, psi=args.psi,
+                                     calibration=args.calibration, runtime=args.runtime,
+                                     threads=threads)
+    queries, res, fails = searcher.search_paths(args.images, args.k)
+    for f in fails:
+        print(f"galleria upgrade search: cannot read query {f.path}: {f.reason}",
+              file=sys.stderr)
+    out: list[dict[str, Any]] = []
+    if res is not None:
+        for q, path in enumerate(queries):
+            out.append({"query": path, "rule": searcher.rule,
+                        "results": [{"id": i, "score": round(s, 6)} for i, s in res.row(q)]})
+    cost = searcher.cost.per_query()
+    if args.json:
+        print_json({"rule": searcher.rule, "calibration": searcher.calibration.info,
+                    "results": out, "cost": cost} if args.cost else out)
+    else:
+        print(f"rule: {searcher.rule} (calibration: "
+              f"{searcher.calibration.info.get('kind', 'identity')})")
+        for row in out:
+            print(row["query"])
+            for n, r in enumerate(row["results"], 1):
+                print(f"  {n:>3}. {r['score']:.4f}  {r['id']}")
+        if args.cost:
+            print(f"cost per query: {cost['forward_passes_per_query']:.1f} forward passes, "
+                  f"{cost['total_ms_per_query']:.1f} ms {cost['ms_per_query']}")
+    return 1 if fails and not out else 0
+
+
+def cmd_train_transform(args: argparse.Namespace) -> int:
+    from galleria.upgrade.train import train_transform
+
+    setup_logging(args.verbose)
+    threads = set_threads(args.threads)
+    params = {k: v for k, v in (("epochs", args.epochs), ("hidden", args.hidden),
+                                ("seed", args.seed)) if v is not None}
+    with progress_bar(None, "embed pairs", enabled=not args.quiet) as bar:
+        folder, the_map = train_transform(
+            args.gallery, kind=args.kind, images=args.images, from_job=args.from_job,
+            label_column=args.label_column, split_column=args.split_column, split=args.split,
+            out=args.out, params=params, runtime=args.runtime, threads=threads,
+            batch_size=args.batch_size, workers=args.workers, progress=bar,
+        )
+    info = {"folder": str(folder), "kind": args.kind, "map": the_map.fingerprint,
+            "old_fingerprint": the_map.old_fingerprint_,
+            "new_fingerprint": the_map.new_fingerprint_, "info": the_map.info_}
+    if args.json:
+        print_json(info)
+    else:
+        print(f"trained {args.kind} map -> {folder}")
+        print(f"  {the_map.new_fingerprint_} -> {the_map.old_fingerprint_}")
+        v = the_map.info_.get("val_cosine_to_old")
+        if v is not None:
+            print(f"  held-out cos(psi(new), old) = {v:.4f}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry (``python -m galleria.cli.upgrade upgrade ...``), as ``galleria``."""
+    from galleria.errors import GalleriaError
+
+    parser = argparse.ArgumentParser(prog="galleria")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_upgrade_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except GalleriaError as exc:
+        print(f"galleria upgrade {args.upgrade_command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"galleria upgrade {args.upgrade_command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
