@@ -80,9 +80,22 @@ def load_state_dict(path: Path) -> dict[str, Any]:
     return state
 
 
+def _load(model: Any, state: dict[str, Any], why: str) -> tuple[list[str], list[str]]:
+    """``load_state_dict(strict=False)`` with shape mismatches turned into a clear error."""
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise MissingDependencyError(f"{why}: {' '.join(first[1:3]) or exc}") from exc
+    return list(missing), list(unexpected)
+
+
 def _timm_preprocessing(model: Any, timm: Any) -> Preprocessing:
     cfg = timm.data.resolve_data_config({}, model=model)
     _, h, w = cfg["input_size"]
+    fixed = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if fixed is not None:  # a ViT built for another size than its pretrained config says
+        h, w = fixed
     return Preprocessing(
         size=(int(h), int(w)),
         resize="crop",
@@ -160,7 +173,7 @@ def create_timm(
         raise InputError(f"timm has no architecture {arch!r}: {exc}") from exc
     state = load_state_dict(ckpt)
     state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc.", "classifier."))}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = _load(model, state, f"{ckpt} does not fit timm {arch!r}")
     if missing or unexpected:
         raise MissingDependencyError(
             f"{ckpt} does not fit timm {arch!r}: missing {missing[:4]}, unexpected {unexpected[:4]}"
@@ -197,8 +210,12 @@ def create_dinov2(
 
     model = timm.create_model(DINOV2_ARCHS[arch], pretrained=False, num_classes=0, img_size=size)
     state = load_state_dict(ckpt)
-    state = checkpoint_filter_fn(state, model)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    why = f"{ckpt} is not a DINOv2 {arch} checkpoint"
+    try:
+        state = checkpoint_filter_fn(state, model)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise MissingDependencyError(f"{why}: {exc}") from exc
+    missing, unexpected = _load(model, state, why)
     if missing or unexpected:
         raise MissingDependencyError(
             f"{ckpt} is not a DINOv2 {arch} checkpoint: missing {missing[:4]}, "
