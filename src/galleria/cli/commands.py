@@ -63,6 +63,7 @@ def cmd_index(args: argparse.Namespace) -> int:
             threads=threads,
             index=args.index,
             index_params=params or None,
+            transform=args.transform,
             batch_size=args.batch_size,
             workers=args.workers,
             limit=args.limit,
@@ -83,14 +84,21 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from galleria.search.searcher import Searcher
+    from galleria.errors import InputError
 
     setup_logging(args.verbose)
     threads = set_threads(args.threads)
-    searcher = Searcher.open(args.gallery, space=args.space, runtime=args.runtime,
-                             threads=threads)
+    searcher = _open_searcher(args, threads)
+    funnel = None
+    if args.funnel:
+        try:
+            sd, n = (int(v) for v in args.funnel.split(":"))
+        except ValueError as exc:
+            raise InputError(f"--funnel takes DIM:N (e.g. 32:200), got {args.funnel!r}") from exc
+        funnel = (sd, n)
     queries, res, fails = searcher.search_paths(args.images, args.k, qe=args.qe,
-                                                qe_alpha=args.qe_alpha)
+                                                qe_alpha=args.qe_alpha, dim=args.dim,
+                                                funnel=funnel)
     for f in fails:
         print(f"galleria search: cannot read query {f.path}: {f.reason}", file=sys.stderr)
     out: list[dict[str, Any]] = []
@@ -120,6 +128,39 @@ def cmd_search(args: argparse.Namespace) -> int:
         if args.html:
             print(f"wrote {args.html}")
     return 1 if fails and not out else 0
+
+
+def _open_searcher(args: argparse.Namespace, threads: int) -> Any:
+    """A plain Searcher, or the backfill searcher while an upgrade is in progress
+    (so `galleria search` keeps seeing every item during a model upgrade)."""
+    from galleria.search.searcher import Searcher
+    from galleria.store.gallery import Gallery
+    from galleria.upgrade.job import active_upgrade
+
+    if args.space is None:
+        with Gallery.open(args.gallery, readonly=True) as g:
+            upgrading = active_upgrade(g) is not None
+        if upgrading:
+            if args.dim or args.funnel or args.qe:
+                from galleria.errors import InputError
+
+                raise InputError("--dim/--funnel/--qe are not available while an upgrade runs")
+            from galleria.upgrade.search import BackfillSearcher
+
+            return _BackfillAdapter(BackfillSearcher.open(args.gallery, rule="auto",
+                                                          runtime=args.runtime, threads=threads))
+    return Searcher.open(args.gallery, space=args.space, runtime=args.runtime, threads=threads)
+
+
+class _BackfillAdapter:
+    """Gives a BackfillSearcher the Searcher call used by cmd_search."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.gallery = inner.gallery
+
+    def search_paths(self, paths: Any, k: int, **_: Any) -> Any:
+        return self.inner.search_paths(paths, k)
 
 
 def cmd_info(args: argparse.Namespace) -> int:

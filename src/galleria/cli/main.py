@@ -9,6 +9,7 @@ Commands (``galleria COMMAND --help`` for options)::
     galleria eval --manifest CSV          your own labelled images
     galleria info G                       spaces, counts, failures, index
     galleria remove G ID...               delete items
+    galleria fit-transform G --kind aesvc --dim 128 --out T [--apply]
     galleria export-onnx --model M --out F.onnx
 """
 
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ef-search", type=int, default=None)
     s.add_argument("--rescore", type=int, default=None,
                    help="re-score k*RESCORE ANN candidates exactly")
+    s.add_argument("--transform", default=None,
+                   help="a fitted transform folder (galleria fit-transform) applied to every "
+                        "vector and, automatically, to queries")
     s.add_argument("--limit", type=int, default=None, help="embed at most this many new images")
     s.add_argument("--commit-every", type=int, default=512,
                    help="vectors per commit (the most work a crash can lose)")
@@ -62,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--qe", type=int, default=0, help="alpha query expansion over the top QE")
     s.add_argument("--qe-alpha", type=float, default=3.0)
     s.add_argument("--space", default=None, help="model space to search (default: primary)")
+    s.add_argument("--dim", type=int, default=None,
+                   help="search the first DIM coordinates (nested embeddings, prefix index)")
+    s.add_argument("--funnel", default=None, metavar="DIM:N",
+                   help="shortlist N candidates with a DIM prefix, re-score them in full")
     s.add_argument("--runtime", default="auto", choices=["auto", "onnx", "torch"])
     add_run_args(s)
     s.set_defaults(func=commands.cmd_search)
@@ -92,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("gallery")
     s.add_argument("ids", nargs="+")
     s.set_defaults(func=commands.cmd_remove)
+
+    from galleria.cli.transform import add_transform_parser
+
+    add_transform_parser(sub)
+
+    from galleria.cli.upgrade import add_upgrade_parser
+
+    add_upgrade_parser(sub)
 
     s = sub.add_parser("export-onnx", help="export an extractor to ONNX (+ .json sidecar)")
     add_model_args(s)

@@ -9,7 +9,7 @@ Subcommands::
     galleria upgrade train-transform INDEX ...      train psi (new -> old) for the psi rules
     galleria upgrade finish INDEX                   at 100 %: drop the old space
 
-Wiring (in cli/main.py): ``from galleria.cli.upgrade import add_upgrade_parser;
+Wired in cli/main.py with ``from galleria.cli.upgrade import add_upgrade_parser;
 add_upgrade_parser(sub)``.
 """
 
@@ -82,12 +82,13 @@ def add_upgrade_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("images", nargs="+")
     s.add_argument("-k", type=int, default=10)
     s.add_argument("--rule", default="auto",
-                   choices=["auto", "naive", "rank-merge", "psi", "metric-compatible",
-                            "old-only"])
+                   choices=["auto", "naive", "rank-merge", "psi", "fused",
+                            "metric-compatible", "old-only"])
     s.add_argument("--psi", default=None, help="a trained map folder (default: the job's)")
     s.add_argument("--calibration", default=None,
-                   choices=["identity", "affine", "quantile"],
-                   help="score calibration (default: quantile for rank-merge/psi)")
+                   choices=["znorm-top", "znorm", "quantile", "affine", "identity"],
+                   help="score normalisation of the two parts (default: znorm-top for "
+                        "rank-merge/psi, identity otherwise)")
     s.add_argument("--runtime", default="auto", choices=["auto", "onnx", "torch"])
     s.add_argument("--json", action="store_true")
     s.add_argument("--cost", action="store_true", help="print the query cost")

@@ -1,45 +1,57 @@
-"""Build an index from a spec string and load any saved index by its header type."""
+"""Build or load an index from one spec string.
+
+``create_index("exact", 768)`` is our own exact kernel (:class:`ExactIndex`);
+any other spec is a FAISS factory string (``"HNSW32"``, ``"IVF1024,Flat"``,
+``"OPQ16,IVF1024,PQ16"`` ...) served by :class:`FaissIndex`.
+``load_index(path)`` dispatches on the ``type`` recorded in ``header.json``.
+"""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
-from galleria.errors import FormatError
-from galleria.index.base import HEADER_NAME, Index
-from galleria.io.atomic import read_json
+from galleria.errors import FormatError, InputError
+from galleria.index.adaptive import PrefixIndex
+from galleria.index.base import Index, read_header_type
+from galleria.index.exact import ExactIndex
+from galleria.index.faiss_index import FaissIndex
+
+_TYPES: dict[str, type[Index]] = {
+    cls.type_name: cls for cls in (ExactIndex, FaissIndex, PrefixIndex)
+}
 
 
 def create_index(spec: str, dim: int, *, fingerprint: str | None = None, **params: Any) -> Index:
-    """``"exact"`` -> :class:`ExactIndex`; anything else is a FAISS factory string."""
-    if spec.strip().lower() == "exact":
-        from galleria.index.exact import ExactIndex
+    """A new empty index.
 
-        return ExactIndex(dim, fingerprint=fingerprint, **params)
-    from galleria.index.faiss_index import FaissIndex
-
-    return FaissIndex(spec, dim, fingerprint=fingerprint, **params)
+    Args:
+        spec: ``"exact"``, ``"prefix"`` (exact, searchable at any prefix size or by
+            funnel: for nested embeddings) or a FAISS factory string.
+        dim: vector dimension D.
+        fingerprint: model fingerprint recorded in the index and checked on load.
+        **params: backend parameters: ``max_batch_bytes`` (exact); ``nprobe``,
+            ``ef_search``, ``rescore``, ``rebuild_fraction`` (FAISS).
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise InputError(f"index spec must be 'exact' or a FAISS factory string; got {spec!r}")
+    try:
+        if spec.strip().lower() == "exact":
+            return ExactIndex(dim, fingerprint=fingerprint, **params)
+        if spec.strip().lower() == "prefix":
+            return PrefixIndex(dim, fingerprint=fingerprint, **params)
+        return FaissIndex(spec, dim, fingerprint=fingerprint, **params)
+    except TypeError as exc:  # unknown keyword for this backend
+        raise InputError(f"index {spec!r}: {exc}") from exc
 
 
 def load_index(
     path: str | os.PathLike[str], *, fingerprint: str | None = None, dim: int | None = None
 ) -> Index:
-    """Load an index saved by ``Index.save``, dispatching on its header's type."""
-    p = Path(path)
-    header_path = p / HEADER_NAME
-    if not header_path.is_file():
-        raise FormatError(f"{p} holds no saved index ({HEADER_NAME} missing)")
-    try:
-        kind = read_json(header_path).get("type")
-    except ValueError as exc:
-        raise FormatError(f"{header_path} is not valid JSON: {exc}") from exc
-    if kind == "exact":
-        from galleria.index.exact import ExactIndex
-
-        return ExactIndex.load(p, fingerprint=fingerprint, dim=dim)
-    if kind == "faiss":
-        from galleria.index.faiss_index import FaissIndex
-
-        return FaissIndex.load(p, fingerprint=fingerprint, dim=dim)
-    raise FormatError(f"{header_path}: unknown index type {kind!r}")
+    """Load an index saved with ``save(path)``; checks fingerprint and dim when given."""
+    kind = read_header_type(path)
+    cls = _TYPES.get(kind)
+    if cls is None:
+        known = sorted(_TYPES)
+        raise FormatError(f"{path} holds an index of unknown type {kind!r} (known: {known})")
+    return cls.load(path, fingerprint=fingerprint, dim=dim)

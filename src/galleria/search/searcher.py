@@ -71,15 +71,27 @@ class Searcher:
     ) -> Searcher:
         g = Gallery.open(path)
         info = g.space_info(space)
-        return cls(g, extractor_from_space(info.info, runtime=runtime, threads=threads),
-                   space=info.space)
+        ext = extractor_from_space(info.info, root=g.path, runtime=runtime, threads=threads)
+        return cls(g, ext, space=info.space)
 
     def search_vectors(
-        self, queries: np.ndarray, k: int = 10, *, qe: int = 0, qe_alpha: float = 3.0
+        self,
+        queries: np.ndarray,
+        k: int = 10,
+        *,
+        qe: int = 0,
+        qe_alpha: float = 3.0,
+        dim: int | None = None,
+        funnel: tuple[int, int] | None = None,
     ) -> SearchResult:
-        """``(Q, D)`` query vectors -> top-k with string ids (optional alpha-QE over ``qe``)."""
+        """``(Q, D)`` query vectors -> top-k with string ids.
+
+        ``qe``: alpha query expansion over the top ``qe`` results; ``dim`` /
+        ``funnel``: adaptive-size search (see :meth:`Gallery.search`).
+        """
         q = as_embeddings(queries, name="queries")
-        res = self.gallery.search(q, max(k, qe), space=self.space, fingerprint=self.space)
+        kw = {"space": self.space, "fingerprint": self.space, "dim": dim, "funnel": funnel}
+        res = self.gallery.search(q, max(k, qe), **kw)
         if qe > 0:
             top = res.ids[:, :qe]
             keys = self.gallery.keys_of([i if i is not None else "" for i in top.reshape(-1)])
@@ -90,7 +102,7 @@ class Searcher:
                 nb[valid] = self.gallery.get_vectors(keys[valid], space=self.space)
             sc = np.where(valid, res.scores[:, :qe], -np.inf).astype(np.float32)
             q = expand_with_neighbours(q, nb, sc, alpha=qe_alpha)
-            res = self.gallery.search(q, k, space=self.space, fingerprint=self.space)
+            res = self.gallery.search(q, k, **kw)
         return res.head(k)
 
     def embed_paths(
@@ -113,10 +125,12 @@ class Searcher:
         *,
         qe: int = 0,
         qe_alpha: float = 3.0,
+        dim: int | None = None,
+        funnel: tuple[int, int] | None = None,
     ) -> tuple[list[str], SearchResult | None, list[QueryFailure]]:
         """Search with image files -> (paths of usable queries, result rows for them, failures)."""
         vecs, good, fails = self.embed_paths(paths)
         if not good:
             return [], None, fails
-        res = self.search_vectors(vecs, k, qe=qe, qe_alpha=qe_alpha)
+        res = self.search_vectors(vecs, k, qe=qe, qe_alpha=qe_alpha, dim=dim, funnel=funnel)
         return [str(paths[n]) for n in good], res, fails

@@ -152,6 +152,11 @@ class Gallery:
                 (key, json.dumps(value)),
             )
 
+    def delete_setting(self, key: str) -> None:
+        self._check_writable()
+        with self._tx() as c:
+            c.execute("DELETE FROM settings WHERE key=?", (key,))
+
     @property
     def primary_space(self) -> str | None:
         """The space searched when none is named (the first one registered)."""
@@ -185,6 +190,46 @@ class Gallery:
                     "INSERT INTO settings(key, value) VALUES('primary_space', ?)",
                     (json.dumps(space),),
                 )
+
+    def drop_space(self, space: str, *, force: bool = False) -> int:
+        """Delete a space: its vectors (only with ``force`` when it still holds some),
+        arrays, change log, failures, index and settings. Returns vectors deleted.
+
+        Items left without any vector are deleted too. If ``space`` was the
+        primary space, the oldest remaining space becomes primary.
+        """
+        self._check_writable()
+        self.space_info(space)
+        n = self.count(space)
+        if n and not force:
+            raise InputError(f"space {space!r} still holds {n} vectors (pass force=True)")
+        with self._lock:
+            with self._tx() as c:
+                files = [r[0] for r in c.execute(
+                    "SELECT file FROM segments WHERE space=?", (space,))]
+                c.execute("DELETE FROM vectors WHERE space=?", (space,))
+                c.execute("DELETE FROM segments WHERE space=?", (space,))
+                c.execute("DELETE FROM log WHERE space=?", (space,))
+                c.execute("DELETE FROM failures WHERE space=?", (space,))
+                c.execute("DELETE FROM settings WHERE key IN (?, ?)",
+                          (f"index_spec:{space}", f"index_params:{space}"))
+                c.execute("DELETE FROM spaces WHERE space=?", (space,))
+                c.execute("DELETE FROM items WHERE NOT EXISTS "
+                          "(SELECT 1 FROM vectors v WHERE v.key = items.key)")
+                if self._setting_in(c, "primary_space") == space:
+                    row = c.execute("SELECT space FROM spaces ORDER BY created").fetchone()
+                    if row is None:
+                        c.execute("DELETE FROM settings WHERE key='primary_space'")
+                    else:
+                        c.execute("UPDATE settings SET value=? WHERE key='primary_space'",
+                                  (json.dumps(row[0]),))
+            self._indexes.pop(space, None)
+            self._drop_saved_index(space)
+        for f in files:
+            with contextlib.suppress(FileNotFoundError):
+                (self.path / f).unlink()
+        shutil.rmtree(self.path / "segments" / slug(space), ignore_errors=True)
+        return n
 
     def spaces(self) -> list[SpaceInfo]:
         rows = self._conn.execute(
@@ -547,11 +592,16 @@ class Gallery:
         *,
         space: str | None = None,
         fingerprint: str | None = None,
+        dim: int | None = None,
+        funnel: tuple[int, int] | None = None,
     ) -> SearchResult:
         """Top-``k`` items for ``(Q, D)`` query vectors in ``space`` -> string ids.
 
         ``fingerprint``: the model that made the queries; it must be the space's
-        (a CompatibilityError names both otherwise).
+        (a CompatibilityError names both otherwise). ``dim`` searches the first
+        ``dim`` coordinates; ``funnel=(shortlist_dim, shortlist)`` shortlists with a
+        small prefix and re-scores with the full vectors. Both need a ``prefix``
+        index (nested embeddings: ss2d, matryoshka, pca).
         """
         space = self._resolve_space(space if space is not None else fingerprint)
         info = self.space_info(space)
@@ -570,7 +620,20 @@ class Gallery:
         q = as_embeddings(q, name="queries", dim=info.dim)
         if k <= 0:
             raise InputError(f"k must be positive, got {k}")
-        res = self.index(space).search(q, k)
+        idx = self.index(space)
+        if dim is not None or funnel is not None:
+            if not hasattr(idx, "funnel_search"):
+                raise InputError(
+                    f"the index of {space!r} is {self.index_spec(space)!r}; prefix and funnel "
+                    "search need a 'prefix' index (galleria index ... --index prefix)"
+                )
+            if funnel is not None:
+                res = idx.funnel_search(q, k, shortlist_dim=funnel[0], shortlist=funnel[1],
+                                        rescore_dim=dim)
+            else:
+                res = idx.search(q, k, dim=dim)
+        else:
+            res = idx.search(q, k)
         return SearchResult(res.scores, self.ids_of(res.ids))
 
     # --------------------------------------------------------------- upkeep

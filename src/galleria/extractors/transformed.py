@@ -1,0 +1,57 @@
+"""An extractor followed by a fitted transform: the query path of a gallery built
+through a transform (PCA-whitening, AE-SVC, SS2D ...).
+
+The wrapper's fingerprint is the transform's output fingerprint, which chains
+the model's, so a gallery built through a transform only accepts queries made
+the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from galleria.errors import CompatibilityError
+from galleria.extractors.base import Extractor
+
+
+class TransformedExtractor(Extractor):
+    """``transform(extractor(image))``; ``dim`` selects a prefix of nested transforms."""
+
+    def __init__(self, base: Extractor, transform: Any, *, dim: int | None = None) -> None:
+        fitted_on = getattr(transform, "input_fingerprint_", None)
+        if fitted_on is not None and fitted_on != base.fingerprint:
+            raise CompatibilityError(
+                f"the transform was fitted on embeddings of {fitted_on!r}, but the model "
+                f"is {base.fingerprint!r}"
+            )
+        self.base = base
+        self.transform = transform
+        self.out_dim = int(dim or transform.output_dim_)
+        super().__init__(
+            name=base.name,
+            dim=self.out_dim,
+            preprocessing=base.preprocessing,
+            pooling=base.pooling,
+            scales=base.scales,
+            weights_id=base.weights_id,
+            source=f"{base.source} + {transform.kind} {self.out_dim}-d",
+        )
+        self.runtime = base.runtime
+
+    @property
+    def fingerprint(self) -> str:  # type: ignore[override]
+        return str(self.transform.output_fingerprint_at(self.out_dim))
+
+    def prepare(self, img: Image.Image) -> tuple[np.ndarray, ...]:
+        return self.base.prepare(img)
+
+    def embed_prepared(self, per_scale: Sequence[np.ndarray]) -> np.ndarray:
+        x = self.base.embed_prepared(per_scale)
+        return self.transform.transform(x, fingerprint=self.base.fingerprint, dim=self.out_dim)
+
+    def _embed_scale(self, batch: np.ndarray, scale: float) -> np.ndarray:  # pragma: no cover
+        raise NotImplementedError("TransformedExtractor embeds through embed_prepared")

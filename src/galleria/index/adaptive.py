@@ -1,0 +1,176 @@
+"""Adaptive-size search over nested embeddings ((SS)2D, Matryoshka, PCA).
+
+Vectors of a nested transform keep their most useful coordinates first, so the
+first ``d`` coordinates, re-normalised, are a ``d``-dimensional embedding. A
+:class:`PrefixIndex` stores the full ``D``-dimensional vectors once and searches
+
+- at any prefix size ``d`` without re-indexing (``search(q, k, dim=d)``), and
+- by funnel (``funnel_search``): shortlist ``S`` candidates with a small prefix,
+  re-score them with a larger one (default: the full vectors).
+
+Both are exact at their stage (the :func:`~galleria.index.exact.inner_product_topk`
+kernel); re-normalised prefixes of the gallery are computed once per size and
+cached until the index changes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from galleria.errors import InputError
+from galleria.index.base import check_k, pad_result
+from galleria.index.exact import ExactIndex, inner_product_topk
+from galleria.types import SearchResult
+from galleria.validate import l2_normalize
+
+
+def prefix(x: np.ndarray, dim: int) -> np.ndarray:
+    """First ``dim`` coordinates of ``(N, D)`` rows, re-normalised, C-contiguous."""
+    return l2_normalize(np.ascontiguousarray(x[:, :dim], dtype=np.float32))
+
+
+def funnel_rescore(
+    queries: np.ndarray,
+    vectors: np.ndarray,
+    candidates: np.ndarray,
+    k: int,
+    *,
+    dim: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Re-score ``(Q, S)`` candidate rows of ``vectors`` with the queries at prefix ``dim``.
+
+    Args:
+        queries: ``(Q, D)`` full queries (re-normalised at ``dim`` here).
+        vectors: ``(N, D)`` gallery rows (normalised at ``D``).
+        candidates: ``(Q, S)`` row numbers (``-1`` = none).
+        k: results to keep per query.
+
+    Returns:
+        ``(scores (Q, k'), rows (Q, k'))`` best first, ``k' = min(k, S)``.
+    """
+    d = vectors.shape[1] if dim is None else int(dim)
+    q = prefix(queries, d)
+    safe = np.maximum(candidates, 0)
+    cand = vectors[safe][:, :, :d]  # (Q, S, d)
+    scores = np.einsum("qd,qsd->qs", q, cand)
+    if d < vectors.shape[1]:
+        norms = np.linalg.norm(cand, axis=2)
+        scores = scores / np.maximum(norms, 1e-12)
+    scores = np.where(candidates >= 0, scores, -np.inf).astype(np.float32)
+    kk = min(k, scores.shape[1])
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :kk]
+    return np.take_along_axis(scores, top, 1), np.take_along_axis(candidates, top, 1)
+
+
+class PrefixIndex(ExactIndex):
+    """Exact index over nested vectors, searchable at any prefix size or by funnel.
+
+    Args:
+        dim: full vector dimension ``D`` (the largest nested size).
+        shortlist_dim: default prefix of the funnel's first stage.
+        shortlist: default number of candidates the funnel re-scores.
+    """
+
+    type_name = "prefix"
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        fingerprint: str | None = None,
+        shortlist_dim: int = 32,
+        shortlist: int = 200,
+        **kw: Any,
+    ) -> None:
+        super().__init__(dim, fingerprint=fingerprint, **kw)
+        if not 1 <= shortlist_dim <= dim:
+            raise InputError(f"shortlist_dim must be in [1, {dim}], got {shortlist_dim}")
+        if shortlist < 1:
+            raise InputError(f"shortlist must be >= 1, got {shortlist}")
+        self.shortlist_dim = int(shortlist_dim)
+        self.shortlist = int(shortlist)
+        self._prefix_cache: dict[int, np.ndarray] = {}
+
+    def params(self) -> dict[str, Any]:
+        return {**super().params(), "shortlist_dim": self.shortlist_dim,
+                "shortlist": self.shortlist}
+
+    # mutations invalidate the cached prefixes
+    def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+        super().add(keys, vectors)
+        self._prefix_cache.clear()
+
+    def remove(self, keys: np.ndarray) -> int:
+        n = super().remove(keys)
+        if n:
+            self._prefix_cache.clear()
+        return n
+
+    def _check_dim(self, dim: int | None) -> int:
+        d = self.dim if dim is None else int(dim)
+        if not 1 <= d <= self.dim:
+            raise InputError(f"prefix size must be in [1, {self.dim}], got {dim}")
+        return d
+
+    def _gallery_prefix(self, d: int) -> np.ndarray:
+        if d == self.dim:
+            return self._table.vectors
+        cached = self._prefix_cache.get(d)
+        if cached is None:
+            cached = prefix(self._table.vectors, d)
+            self._prefix_cache[d] = cached
+        return cached
+
+    def search(self, queries: np.ndarray, k: int, *, dim: int | None = None) -> SearchResult:
+        """Top-``k`` by cosine of the first ``dim`` coordinates (default: all)."""
+        k = check_k(k)
+        q = self._queries(queries)
+        d = self._check_dim(dim)
+        if len(self._table) == 0:
+            return SearchResult.empty(q.shape[0], k)
+        qd = q if d == self.dim else prefix(q, d)
+        scores, rows = inner_product_topk(qd, self._gallery_prefix(d), k,
+                                          max_batch_bytes=self.max_batch_bytes)
+        return pad_result(scores, self._table.keys[rows], k)
+
+    def funnel_search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        shortlist_dim: int | None = None,
+        shortlist: int | None = None,
+        rescore_dim: int | None = None,
+    ) -> SearchResult:
+        """Shortlist with a ``shortlist_dim`` prefix, re-score at ``rescore_dim`` (default D)."""
+        k = check_k(k)
+        q = self._queries(queries)
+        sd = self._check_dim(shortlist_dim or self.shortlist_dim)
+        rd = self._check_dim(rescore_dim)
+        s = max(k, int(shortlist or self.shortlist))
+        if len(self._table) == 0:
+            return SearchResult.empty(q.shape[0], k)
+        _, cand = inner_product_topk(prefix(q, sd), self._gallery_prefix(sd), s,
+                                     max_batch_bytes=self.max_batch_bytes)
+        scores, rows = funnel_rescore(q, self._table.vectors, cand, k, dim=rd)
+        return pad_result(scores, self._table.keys[rows], k)
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike[str], *, fingerprint: str | None = None,
+        dim: int | None = None,
+    ) -> PrefixIndex:
+        from pathlib import Path
+
+        from galleria.index.base import HEADER_NAME
+        from galleria.io.atomic import read_json
+
+        index = super().load(path, fingerprint=fingerprint, dim=dim)
+        assert isinstance(index, PrefixIndex)
+        params = read_json(Path(path) / HEADER_NAME)["params"]
+        index.shortlist_dim = int(params.get("shortlist_dim", index.shortlist_dim))
+        index.shortlist = int(params.get("shortlist", index.shortlist))
+        return index

@@ -1,0 +1,1 @@
+"""Training utilities: a generic, seeded minibatch loop with early stopping."""

@@ -1,0 +1,33 @@
+"""Smoke test of the search benchmark (``--quick``): it runs and writes its tables."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_bench_search_quick(require_shared, tmp_path):
+    root = require_shared("oxford5k_lopq128").parent
+    require_shared("revisitop")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_search.py"), "--quick",
+           "--datasets", str(root), "--results-dir", str(tmp_path)]
+    subprocess.run(cmd, check=True, timeout=900, capture_output=True)
+    result = json.loads((tmp_path / "search_quick.json").read_text())
+    md = (tmp_path / "search_quick.md").read_text()
+    assert not result["partial"]
+    exact = [r for r in result["rows"] if r["kind"] == "exact"]
+    ann = [r for r in result["rows"] if r["kind"] == "ann"]
+    assert len(exact) == 3 and len(ann) == 6  # real ROxford + 2 synthetic configs
+    for r in exact:
+        assert r["recall_faiss"] > 0.99 and r["qpsB_galleria"] > 0 and r["qpsB_faiss"] > 0
+    for r in ann:
+        assert r.get("recall_galleria", 0) >= 0.95, r
+    assert "galleria vs FAISS direct" in md and "## Machine" in md
