@@ -20,10 +20,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
-from _common import machine_info, markdown_table, peak_rss_mb, write_results  # noqa: E402
+import numpy as np
 
-from galleria.eval.paths import dataset_dir  # noqa: E402
+from _common import machine_info, markdown_table, peak_rss_mb, write_results
+from galleria.eval.paths import dataset_dir
 
 
 def image_paths(n: int) -> list[Path]:

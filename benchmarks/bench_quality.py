@@ -22,10 +22,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine_info, markdown_table, write_results  # noqa: E402
-
-from galleria.cli.common import set_threads  # noqa: E402
-from galleria.eval.run import evaluate_model  # noqa: E402
+from _common import machine_info, markdown_table, write_results
+from galleria.cli.common import set_threads
+from galleria.eval.run import evaluate_model
 
 # (label, model, options)
 CONFIGS: list[tuple[str, str, dict[str, Any]]] = [

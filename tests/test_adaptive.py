@@ -49,7 +49,7 @@ def test_funnel_equals_brute_force_funnel(data):
     # with a shortlist as large as the gallery, the funnel is exact full-size search
     exact = idx.search(q, 5)
     np.testing.assert_array_equal(idx.funnel_search(q, 5, shortlist=500).ids, exact.ids)
-    s, r = funnel_rescore(q, x, np.full((7, 3), -1), 2)
+    s, _ = funnel_rescore(q, x, np.full((7, 3), -1), 2)
     assert np.isneginf(s).all()
 
 

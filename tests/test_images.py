@@ -80,7 +80,9 @@ def test_folder_ids_are_relative_posix_paths(tmp_path):
 
 
 def test_manifest(tmp_path):
-    (tmp_path / "m.csv").write_text("path,label,x1,y1,x2,y2\nimg/a.jpg,cat,1,2,3,4\nb.jpg,dog,,,,\n")
+    (tmp_path / "m.csv").write_text(
+        "path,label,x1,y1,x2,y2\nimg/a.jpg,cat,1,2,3,4\nb.jpg,dog,,,,\n"
+    )
     items = read_manifest(tmp_path / "m.csv")
     assert items[0].id == "img/a.jpg" and items[0].bbox == (1, 2, 3, 4)
     assert items[0].meta == {"label": "cat"} and items[1].bbox is None
