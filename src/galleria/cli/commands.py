@@ -7,7 +7,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from galleria.cli.common import print_json, progress_bar, set_threads, setup_logging
+from galleria.cli.common import (
+    model_args,
+    print_json,
+    progress_bar,
+    set_threads,
+    setup_logging,
+)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -53,13 +59,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         report = index_images(
             items,
             args.out,
-            model=args.model,
-            pooling=args.pooling,
-            scales=args.scales,
-            checkpoint=args.checkpoint,
-            size=args.size,
-            resize=args.resize,
-            runtime=args.runtime,
+            **model_args(args),
             threads=threads,
             index=args.index,
             index_params=params or None,

@@ -65,6 +65,13 @@ def add_model_args(p: argparse.ArgumentParser, *, default: str | None = "effnet-
                    help="squash | crop (effnet) | squash-crop (opennsfw default)")
 
 
+def model_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The extractor options of :func:`add_model_args` as keyword arguments."""
+    return {"model": args.model, "pooling": args.pooling, "scales": args.scales,
+            "checkpoint": args.checkpoint, "size": args.size, "resize": args.resize,
+            "runtime": args.runtime}
+
+
 def add_run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("execution")
     g.add_argument("--threads", type=int, default=None, help="compute threads (default: all)")

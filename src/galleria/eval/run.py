@@ -115,7 +115,7 @@ def evaluate_model(
 
 
 def run_eval_command(args: argparse.Namespace, *, threads: int) -> int:
-    from galleria.cli.common import print_json, progress_bar
+    from galleria.cli.common import model_args, print_json, progress_bar
 
     if args.list:
         for name, desc in TASKS.items():
@@ -126,13 +126,7 @@ def run_eval_command(args: argparse.Namespace, *, threads: int) -> int:
     with progress_bar(n, f"embed {task.name}", enabled=not args.quiet) as bar:
         out = evaluate_model(
             task,
-            model=args.model,
-            pooling=args.pooling,
-            scales=args.scales,
-            checkpoint=args.checkpoint,
-            size=args.size,
-            resize=args.resize,
-            runtime=args.runtime,
+            **model_args(args),
             threads=threads,
             qe=args.qe,
             qe_alpha=args.qe_alpha,
