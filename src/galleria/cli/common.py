@@ -12,20 +12,9 @@ from typing import Any
 
 def set_threads(threads: int | None) -> int:
     """Choose the thread count for torch, FAISS and BLAS at the entry point only."""
-    n = threads or int(os.environ.get("GALLERIA_THREADS", "0")) or (os.cpu_count() or 1)
-    try:
-        import torch
+    from galleria.threads import set_threads as _set
 
-        torch.set_num_threads(n)
-    except ImportError:
-        pass
-    try:
-        import faiss
-
-        faiss.omp_set_num_threads(n)
-    except ImportError:
-        pass
-    return n
+    return _set(threads)
 
 
 def progress_bar(total: int | None, desc: str, *, enabled: bool = True) -> Any:
