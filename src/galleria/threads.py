@@ -7,8 +7,10 @@ Library code never calls it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -23,6 +25,60 @@ def _loaded_openblas() -> list[str]:
     except OSError:
         pass
     return libs
+
+
+_BLAS_FNS: list[tuple[str, Any, Any]] | None = None
+
+
+def _blas_fns() -> list[tuple[str, Any, Any]]:
+    """(path, set_num_threads, get_num_threads) of every loaded OpenBLAS, looked up once."""
+    global _BLAS_FNS
+    if _BLAS_FNS is None:
+        fns = []
+        for path in _loaded_openblas():
+            try:
+                lib: Any = ctypes.CDLL(path)
+            except OSError:
+                continue
+            for prefix, suffix in (("scipy_openblas_", "64_"), ("scipy_openblas_", ""),
+                                   ("openblas_", "64_"), ("openblas_", "")):
+                setter = getattr(lib, f"{prefix}set_num_threads{suffix}", None)
+                getter = getattr(lib, f"{prefix}get_num_threads{suffix}", None)
+                if setter is not None and getter is not None:
+                    fns.append((path, setter, getter))
+                    break
+        _BLAS_FNS = fns
+    return _BLAS_FNS
+
+
+_NUMPY_BLAS: tuple[Any, Any] | bool | None = False
+
+
+def _numpy_blas() -> tuple[Any, Any] | None:
+    """(set, get) of the OpenBLAS numpy's matmul uses, or None (another BLAS)."""
+    global _NUMPY_BLAS
+    if _NUMPY_BLAS is False:
+        import numpy  # noqa: F401
+
+        found = [(s, g) for p, s, g in _blas_fns() if "numpy" in p]
+        _NUMPY_BLAS = found[0] if found else None
+    return _NUMPY_BLAS  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def single_threaded_blas() -> Iterator[None]:
+    """Run the block's numpy BLAS calls on one thread (small products: waking the
+    pool costs more than the product, and far more when other processes keep the
+    cores busy; measured 33 us single-threaded vs 8 ms for a 5k x 128 mat-vec)."""
+    fns = _numpy_blas()
+    n = fns[1]() if fns is not None else 1
+    if n != 1:
+        fns[0](1)  # type: ignore[index]
+    try:
+        yield
+    finally:
+        if n != 1:
+            fns[0](n)  # type: ignore[index]
 
 
 def set_threads(n: int | None = None) -> int:
@@ -42,15 +98,8 @@ def set_threads(n: int | None = None) -> int:
         pass
     import numpy  # noqa: F401  (load numpy's OpenBLAS so it is found below)
 
-    for path in _loaded_openblas():
-        try:
-            lib: Any = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for sym in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
-                    "openblas_set_num_threads64_", "openblas_set_num_threads"):
-            fn = getattr(lib, sym, None)
-            if fn is not None:
-                fn(ctypes.c_int(n))
-                break
+    global _BLAS_FNS, _NUMPY_BLAS
+    _BLAS_FNS, _NUMPY_BLAS = None, False  # pick up libraries loaded since the last call
+    for _, setter, _ in _blas_fns():
+        setter(ctypes.c_int(n))
     return n
