@@ -20,6 +20,8 @@ _LAZY = {
     "list_models": "galleria.extractors.registry",
     "Searcher": "galleria.search.searcher",
     "index_images": "galleria.extract.job",
+    "create_transform": "galleria.transforms.registry",
+    "load_transform": "galleria.transforms.registry",
 }
 
 __all__ = ["__version__", *sorted(_LAZY)]

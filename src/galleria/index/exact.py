@@ -21,8 +21,10 @@ exceeds ``max_batch_bytes``.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,7 @@ import numpy as np
 from galleria.errors import FormatError, InputError
 from galleria.index.base import Index, as_keys, check_k, pad_result
 from galleria.io.atomic import atomic_open
-from galleria.threads import single_threaded_blas
+from galleria.threads import blas_threads, single_threaded_blas
 from galleria.types import SearchResult
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,8 @@ _MIN_BLOCK_ROWS = 1024
 _DIRECT_ELEMENTS = 1 << 16
 #: Up to this many multiply-adds, a single-threaded product.
 _SINGLE_THREAD_MACS = 1 << 22
+#: Queries per worker below which the blocked kernel runs as one call (multi-threaded BLAS).
+_PARALLEL_MIN_QUERIES = 32
 #: Group count g: a block of B columns is pruned through g-member groups of stride B/g.
 _GROUPS = 64
 
@@ -140,6 +144,38 @@ def inner_product_topk(
         out_s[:] = np.take_along_axis(vals, order, 1)
         out_r[:] = order if top is None else np.take_along_axis(top, order, 1)
         return out_s, out_r
+    workers = min(blas_threads(), q // _PARALLEL_MIN_QUERIES)
+    if workers < 2:
+        _blocked_topk(queries, vectors, kk, max_batch_bytes, out_s, out_r)
+        return out_s, out_r
+    # Several query chunks side by side, each on one thread with single-threaded BLAS:
+    # the selection (numpy, one thread per call) then runs in parallel as well; one
+    # multi-threaded GEMM followed by single-threaded selection left half the cores
+    # idle whenever selection dominates (low dimension). numpy releases the GIL in
+    # the GEMM, the reductions and the partitions.
+    bounds = np.linspace(0, q, workers + 1).astype(int)
+    per_worker = max(int(max_batch_bytes) // workers, 4 * _MIN_BLOCK_ROWS)
+    with single_threaded_blas(), ThreadPoolExecutor(workers) as pool:
+        futures = [
+            pool.submit(_blocked_topk, queries[b0:b1], vectors, kk, per_worker,
+                        out_s[b0:b1], out_r[b0:b1])
+            for b0, b1 in itertools.pairwise(bounds)
+        ]
+        for f in futures:
+            f.result()
+    return out_s, out_r
+
+
+def _blocked_topk(
+    queries: np.ndarray,
+    vectors: np.ndarray,
+    kk: int,
+    max_batch_bytes: int,
+    out_s: np.ndarray,
+    out_r: np.ndarray,
+) -> None:
+    """The blocked kernel of :func:`inner_product_topk`, writing into ``out_s``/``out_r``."""
+    q, n = queries.shape[0], vectors.shape[0]
     qb, width = _block_shape(q, n, kk, max_batch_bytes)
     length = width // _GROUPS
     # transposed score block (gallery rows x queries): the GEMM is as fast or faster
@@ -179,7 +215,6 @@ def inner_product_topk(
         order = np.argsort(-best_s, axis=1, kind="stable")
         out_s[q0:q1] = np.take_along_axis(best_s, order, 1)
         out_r[q0:q1] = np.take_along_axis(best_r, order, 1)
-    return out_s, out_r
 
 
 class VectorTable:
