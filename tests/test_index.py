@@ -322,25 +322,6 @@ def test_exact_kernel_blocks_and_ties():
     assert (np.sort(r, axis=1) % 10 == np.sort(r, axis=1)[:, :1] % 10).all()
 
 
-def test_exact_kernel_parallel_query_chunks():
-    """Enough queries for several workers: the chunks (each with single-threaded BLAS)
-    give the same top-k as the reference, and BLAS threads are restored afterwards."""
-    from galleria.threads import blas_threads, set_threads
-
-    rng = np.random.default_rng(6)
-    x = rng.standard_normal((20000, 24)).astype(np.float32)
-    q = rng.standard_normal((301, 24)).astype(np.float32)
-    ref = q @ x.T
-    set_threads(2)
-    if blas_threads() < 2:
-        pytest.skip("numpy's BLAS thread count cannot be set here")
-    s, r = inner_product_topk(q, x, 9, max_batch_bytes=1 << 20)
-    assert blas_threads() == 2  # restored after the single-threaded chunks
-    want = np.sort(ref, axis=1)[:, ::-1][:, :9]
-    np.testing.assert_allclose(s, want, atol=1e-4)
-    np.testing.assert_allclose(np.take_along_axis(ref, r, 1), s, atol=1e-4)
-
-
 def test_vector_table_swap_remove():
     rng = np.random.default_rng(2)
     table = VectorTable(4)

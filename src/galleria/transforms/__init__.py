@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["create_transform", "load_transform", "TRANSFORMS"]
+__all__ = ["TRANSFORMS", "create_transform", "load_transform"]
 
 
 def __getattr__(name: str) -> Any:
