@@ -22,6 +22,21 @@ def test_eval_roxford_lopq_json_reproduces_official_values(require_shared, capsy
 
 
 @pytest.mark.shared
+def test_eval_with_a_transform_is_one_command(require_shared, capsys):
+    require_shared("oxford5k_lopq128")
+    assert cli(["eval", "-d", "roxford5k-lopq", "--transform", "pca-whiten-reg", "--dim", "128",
+                "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    # regularised whitening fitted on the 4993 database descriptors (quality.md)
+    assert round(out["metrics"]["E_mAP"], 1) == 30.1 and out["dim"] == 128
+    assert cli(["eval", "-d", "roxford5k-lopq", "--transform", "aesvc", "--dim", "32",
+                "--param", "n_layers=1", "--param", "max_steps=30", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["transform"]["params"]["n_layers"] == 1 and out["dim"] == 32
+    assert 0 < out["metrics"]["M_mAP"] < 100
+
+
+@pytest.mark.shared
 def test_eval_ukbench_with_a_real_model(require_shared, capsys):
     require_shared("ukbench56")
     assert cli(["eval", "-d", "ukbench56", "--model", "effnet-lite0", "--json", "-q"]) == 0

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 
 from galleria.cli import commands
-from galleria.cli.common import add_model_args, add_run_args
+from galleria.cli.common import add_model_args, add_run_args, key_value
 from galleria.errors import GalleriaError
 
 
@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--transform", default=None,
                    help="fit this transform on the gallery side first (pca, pca-whiten, aesvc..)")
     s.add_argument("--dim", type=int, default=None, help="output dimension of the transform")
+    s.add_argument("--param", type=key_value, action="append", default=[],
+                   help="transform parameter KEY=VALUE (JSON value), repeatable; e.g. n_layers=1")
     s.add_argument("--no-cache", action="store_true", help="re-embed instead of using the cache")
     s.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     add_run_args(s)

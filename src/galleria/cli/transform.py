@@ -3,20 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
-from galleria.cli.common import print_json, set_threads, setup_logging
-
-
-def _param(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    try:
-        return key.replace("-", "_"), json.loads(value)
-    except json.JSONDecodeError:
-        return key.replace("-", "_"), value
+from galleria.cli.common import key_value, print_json, set_threads, setup_logging
 
 
 def add_transform_parser(sub: Any) -> None:
@@ -34,7 +23,7 @@ def add_transform_parser(sub: Any) -> None:
     s.add_argument("--out", "-o", required=True, help="folder to save the fitted transform")
     s.add_argument("--space", default=None, help="space to fit on (default: primary)")
     s.add_argument("--sample", type=int, default=None, help="fit on a random sample of N")
-    s.add_argument("--param", type=_param, action="append", default=[],
+    s.add_argument("--param", type=key_value, action="append", default=[],
                    help="extra transform parameter KEY=VALUE (JSON value), repeatable")
     s.add_argument("--apply", action="store_true",
                    help="add the transformed space to the gallery and search it by default")

@@ -80,6 +80,7 @@ def evaluate_model(
         transform_info = {
             "kind": transform,
             "dim": int(gallery.shape[1]),
+            "params": tr.json_params(),
             "fitted_on": "gallery side of the task (queries not seen unless they are "
                          "gallery items)",
             "fit_seconds": round(fit_s, 2),
@@ -133,6 +134,7 @@ def run_eval_command(args: argparse.Namespace, *, threads: int) -> int:
             dba=args.dba,
             transform=args.transform,
             dim=args.dim,
+            transform_params=dict(args.param) or None,
             use_cache=not args.no_cache,
             batch_size=args.batch_size,
             workers=args.workers,
