@@ -137,11 +137,20 @@ def inner_product_topk(
                 scores = queries @ vectors.T
         else:
             scores = queries @ vectors.T
+        if q == 1:  # the common single-query case: 1-D ops (take_along_axis costs ~9 us each)
+            row = scores[0]
+            top1 = np.argpartition(row, n - kk)[n - kk :] if kk < n else np.arange(n)
+            vals1 = row[top1]
+            order1 = np.argsort(-vals1, kind="stable")
+            out_s[0] = vals1[order1]
+            out_r[0] = top1[order1]
+            return out_s, out_r
+        qi = np.arange(q)[:, None]
         top = np.argpartition(scores, n - kk, axis=1)[:, n - kk :] if kk < n else None
-        vals = scores if top is None else np.take_along_axis(scores, top, 1)
+        vals = scores if top is None else scores[qi, top]
         order = np.argsort(-vals, axis=1, kind="stable")
-        out_s[:] = np.take_along_axis(vals, order, 1)
-        out_r[:] = order if top is None else np.take_along_axis(top, order, 1)
+        out_s[:] = vals[qi, order]
+        out_r[:] = order if top is None else top[qi, order]
         return out_s, out_r
     qb, width = _block_shape(q, n, kk, max_batch_bytes)
     length = width // _GROUPS
