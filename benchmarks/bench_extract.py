@@ -120,7 +120,7 @@ def main() -> None:
         "# Extraction throughput (images/s, end to end)", "",
         f"{len(paths)} real SMVS photos (640 px JPEG) per measurement; decode + resize + "
         "network + GeM + L2. galleria runs use 2 decoding threads, I/O batches of 32 and "
-        "network micro-batches of `Extractor.infer_batch` (4): on CPU the per-image cost "
+        "network micro-batches of `Extractor.infer_batch` (2): on CPU the per-image cost "
         "rises with larger batches (activations leave the cache).", "",
         table, "", f"Best of {args.rounds} interleaved rounds (each round runs every variant "
         "once, so background load hits them alike). Load average at start/end: "

@@ -64,12 +64,13 @@ class Extractor(abc.ABC):
     """
 
     runtime: str = "torch"
-    infer_batch: int = 4
-    """Largest batch handed to the network in one forward. On CPU, per-image cost
-    grows with the batch beyond a few images (activations leave the cache):
-    EfficientNet-Lite0 under ONNX Runtime costs 5.2 ms/image at batch 2-4 and
-    6.1 ms at 16; under torch 10.7 vs 20.2 ms (2 threads, this machine). Larger
-    I/O batches are split into micro-batches of this size."""
+    infer_batch: int = 2
+    """Largest batch handed to the network in one forward. On CPU the per-image cost
+    grows with the batch beyond a few images (activations leave the cache). End to
+    end (decoding threads included), EfficientNet-Lite0 on this 2-core machine gave,
+    for micro-batches of 1 / 2 / 4: ONNX Runtime 132 / 130 / 124 img/s (1 thread) and
+    105 / 164 / 152 (2 threads); torch 59 / 56 / 45 and 85 / 90 / 73. Larger I/O
+    batches are split into micro-batches of this size."""
 
     def __init__(
         self,
