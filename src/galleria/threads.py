@@ -81,12 +81,6 @@ def single_threaded_blas() -> Iterator[None]:
             fns[0](n)  # type: ignore[index]
 
 
-def blas_threads() -> int:
-    """Threads numpy's BLAS currently uses (1 when it cannot be queried)."""
-    fns = _numpy_blas()
-    return int(fns[1]()) if fns is not None else 1
-
-
 def set_threads(n: int | None = None) -> int:
     """Use ``n`` compute threads (default ``$GALLERIA_THREADS`` or all cores); returns n."""
     n = n or int(os.environ.get("GALLERIA_THREADS", "0")) or (os.cpu_count() or 1)

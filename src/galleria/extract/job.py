@@ -53,7 +53,7 @@ class IndexReport:
             "already_done": self.already_done,
             "embedded": self.embedded,
             "failed": len(self.failures),
-            "failures": [{"id": f.id, "path": f.path, "reason": f.reason} for f in self.failures],
+            "failures": [f.to_dict() for f in self.failures],
             "seconds": round(self.seconds, 3),
             "images_per_s": round(self.images_per_s, 2),
         }

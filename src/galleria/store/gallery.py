@@ -72,6 +72,9 @@ class Failure:
     path: str
     reason: str
 
+    def to_dict(self) -> dict[str, str]:
+        return {"id": self.id, "path": self.path, "reason": self.reason}
+
 
 class Gallery:
     """Open with :meth:`create`, :meth:`open` or :meth:`open_or_create`."""

@@ -273,7 +273,7 @@ class RunReport:
             "todo_before": self.todo_before,
             "moved": self.moved,
             "failed": len(self.failed),
-            "failures": [{"id": f.id, "path": f.path, "reason": f.reason} for f in self.failed],
+            "failures": [f.to_dict() for f in self.failed],
             "remaining": self.remaining,
             "adopted": self.adopted,
             "seconds": round(self.seconds, 3),
@@ -654,8 +654,7 @@ class UpgradeStatus:
             "remaining": self.remaining,
             "fraction": round(self.fraction, 6),
             "failed": len(self.failed),
-            "failures": [{"id": f.id, "path": f.path, "reason": f.reason}
-                         for f in self.failed[:50]],
+            "failures": [f.to_dict() for f in self.failed[:50]],
             "items_per_s": None if self.rate is None else round(self.rate, 3),
             "eta_s": None if self.eta_s is None else round(self.eta_s, 1),
             "running": self.running,
