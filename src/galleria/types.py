@@ -69,3 +69,37 @@ class SearchResult:
         else:
             ids = np.full((q, k), MISSING_KEY, dtype=np.int64)
         return SearchResult(scores, ids)
+
+
+@dataclass(frozen=True)
+class LocalFeatures:
+    """Local features of one image (what a ``local`` extractor returns per image).
+
+    Attributes:
+        keypoints: ``(n, 4)`` float32 rows ``(x, y, scale, score)`` in pixels of the
+            image as decoded (before any resizing the extractor does internally).
+        descriptors: ``(n, d)`` float32 (L2-normalised rows) or uint8.
+        image_size: ``(width, height)`` of that image.
+
+    ``n`` may be 0 (a blank image has no keypoints).
+    """
+
+    keypoints: np.ndarray
+    descriptors: np.ndarray
+    image_size: tuple[int, int] = (0, 0)
+
+    def __post_init__(self) -> None:
+        kp, de = self.keypoints, self.descriptors
+        if kp.ndim != 2 or kp.shape[1] != 4:
+            raise InputError(f"keypoints must have shape (n, 4); got {kp.shape}")
+        if de.ndim != 2 or de.shape[0] != kp.shape[0]:
+            raise InputError(
+                f"descriptors must have shape (n, d) with n = {kp.shape[0]}; got {de.shape}"
+            )
+
+    def __len__(self) -> int:
+        return int(self.keypoints.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.descriptors.shape[1])

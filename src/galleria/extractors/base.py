@@ -1,5 +1,13 @@
 """The extractor contract: images in, L2-normalised ``(B, D)`` float32 embeddings out.
 
+Every extractor owns its config (timm style): :meth:`Extractor.config` returns
+``{"type": <registry name>, <options>...}`` (nested for wrappers) and
+:func:`galleria.extractors.registry.extractor_from_config` rebuilds the same
+extractor from it alone, so a gallery, a worker process or a fused model needs
+nothing but the recorded config. Extractors pickle as their config (the network
+is rebuilt in the receiving process), so they can be shipped to process pools
+and Ray actors.
+
 Every extractor carries its :class:`Preprocessing`, :class:`Pooling`, scales and
 a fingerprint (weights hash + preprocessing + pooling + scales + dim) that
 every vector it makes is tagged with. The runtime (torch or ONNX Runtime) does
@@ -12,7 +20,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image
@@ -63,7 +71,12 @@ class Extractor(abc.ABC):
         source: human-readable origin of the weights.
     """
 
+    kind: ClassVar[str] = "global"
+    """``global`` (``(B, D)`` vectors) or ``local`` (per image keypoints + descriptors)."""
     runtime: str = "torch"
+    _config: dict[str, Any] | None = None
+    _config_root: str | None = None
+    _exec_options: dict[str, Any] | None = None
     infer_batch: int = 2
     """Largest batch handed to the network in one forward. On CPU the per-image cost
     grows with the batch beyond a few images (activations leave the cache). End to
@@ -107,6 +120,32 @@ class Extractor(abc.ABC):
             list(self.scales),
             self.dim,
         )
+
+    def config(self) -> dict[str, Any]:
+        """``{"type": ..., params...}``: everything :func:`extractor_from_config` needs.
+
+        Paths inside (checkpoints, transforms) are as recorded: relative paths
+        resolve against the ``root`` given when rebuilding (the gallery folder).
+        Execution options (runtime, threads) are not part of the config.
+        """
+        if self._config is None:
+            raise NotImplementedError(
+                f"{type(self).__name__} was not built by the registry and records no config; "
+                "build it with galleria.extractors.registry.create_extractor"
+            )
+        return _copy_config(self._config)
+
+    def set_config(self, config: dict[str, Any], *, root: str | None = None,
+                   runtime: str = "auto", threads: int | None = None) -> None:
+        """Record how this extractor was built (called by the registry)."""
+        self._config = _copy_config(config)
+        self._config_root = None if root is None else str(root)
+        self._exec_options = {"runtime": runtime, "threads": threads}
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        ex = self._exec_options or {}
+        return (_rebuild, (self.config(), self._config_root, ex.get("runtime", "auto"),
+                           ex.get("threads"), self.fingerprint))
 
     def info(self) -> ModelInfo:
         return ModelInfo(
@@ -154,3 +193,17 @@ class Extractor(abc.ABC):
     @abc.abstractmethod
     def _embed_scale(self, batch: np.ndarray, scale: float) -> np.ndarray:
         """Network forward for one scale: ``(B, ...)`` inputs -> ``(B, D)`` pooled features."""
+
+
+def _copy_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    import json
+
+    return json.loads(json.dumps(cfg))
+
+
+def _rebuild(config: dict[str, Any], root: str | None, runtime: str, threads: int | None,
+             fingerprint: str) -> Extractor:
+    from galleria.extractors.registry import extractor_from_config
+
+    return extractor_from_config(config, root=root, runtime=runtime, threads=threads,
+                                 fingerprint=fingerprint)

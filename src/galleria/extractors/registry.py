@@ -12,11 +12,14 @@ picks ONNX Runtime, measured ~4-5x faster on CPU), ``threads``.
 
 from __future__ import annotations
 
+import importlib
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from galleria.errors import InputError
+from galleria.errors import CompatibilityError, FormatError, InputError
 from galleria.extractors.base import Extractor
 from galleria.extractors.pooling import Pooling
 
@@ -31,20 +34,33 @@ class ModelSpec:
     source: str
     description: str
     create: Callable[..., Extractor]
+    kind: str = "global"
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
+#: Config types that are not registry models: ``type -> "module:function"`` where
+#: ``function(config, *, root, runtime, threads) -> Extractor`` (imported lazily).
+CONFIG_BUILDERS: dict[str, str] = {
+    "transformed": "galleria.extractors.transformed:from_config",
+}
+
 
 def register_model(
-    name: str, *, dim: int | None, input_size: str, source: str, description: str
+    name: str, *, dim: int | None, input_size: str, source: str, description: str,
+    kind: str = "global",
 ) -> Callable[[Callable[..., Extractor]], Callable[..., Extractor]]:
-    """Decorator registering ``fn(**options) -> Extractor`` under ``name``."""
+    """Decorator registering ``fn(**options) -> Extractor`` under ``name``.
+
+    ``kind``: ``global`` (``(B, D)`` vectors) or ``local`` (keypoints + descriptors).
+    """
 
     def deco(fn: Callable[..., Extractor]) -> Callable[..., Extractor]:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
-        _REGISTRY[name] = ModelSpec(name, dim, input_size, source, description, fn)
+        if kind not in ("global", "local"):
+            raise ValueError(f"kind must be global or local, not {kind!r}")
+        _REGISTRY[name] = ModelSpec(name, dim, input_size, source, description, fn, kind)
         return fn
 
     return deco
@@ -133,7 +149,96 @@ def create_extractor(
     checkpoint: str | None = None,
     **kw: Any,
 ) -> Extractor:
-    """Build the extractor ``name`` (see module docstring for names and options)."""
+    """Build the extractor ``name`` (see module docstring for names and options).
+
+    The extractor records its config (``name`` and every option given, execution
+    options aside): ``extractor_from_config(ext.config())`` builds it again.
+    """
+    kw = {k: v for k, v in kw.items() if v is not None}
+    ext = _create(name, pooling=pooling, p=p, scales=scales, runtime=runtime, threads=threads,
+                  checkpoint=checkpoint, **kw)
+    cfg: dict[str, Any] = {"type": name}
+    pool = parse_pooling(pooling, p)
+    if pool is not None:
+        cfg["pooling"] = pool.tag
+    if tuple(float(s) for s in scales) != (1.0,):
+        cfg["scales"] = [float(s) for s in scales]
+    if checkpoint is not None:
+        cfg["checkpoint"] = os.fspath(checkpoint)
+    cfg.update(kw)
+    ext.set_config(cfg, runtime=runtime, threads=threads)
+    return ext
+
+
+def extractor_from_config(
+    config: dict[str, Any],
+    *,
+    root: str | os.PathLike[str] | None = None,
+    runtime: str = "auto",
+    threads: int | None = None,
+    fingerprint: str | None = None,
+) -> Extractor:
+    """Rebuild the extractor described by ``config`` (from :meth:`Extractor.config`).
+
+    Args:
+        config: ``{"type": name, options...}``; nested for wrappers (``transformed``,
+            fusion models).
+        root: folder that relative paths in the config resolve against (the gallery).
+        fingerprint: when given, the rebuilt extractor must have it
+            (:class:`CompatibilityError` naming both otherwise: other weights or code).
+    """
+    if not isinstance(config, dict) or not isinstance(config.get("type"), str):
+        raise FormatError(f"an extractor config needs a 'type' field; got {config!r}")
+    cfg = dict(config)
+    kind = cfg.pop("type")
+    if kind in CONFIG_BUILDERS:
+        mod, fn = CONFIG_BUILDERS[kind].split(":")
+        ext = getattr(importlib.import_module(mod), fn)(
+            config, root=None if root is None else str(root), runtime=runtime, threads=threads)
+    else:
+        if "scales" in cfg:
+            cfg["scales"] = tuple(cfg["scales"])
+        if "checkpoint" in cfg:
+            cfg["checkpoint"] = resolve_path(cfg["checkpoint"], root)
+        if kind.startswith("onnx:"):
+            kind = "onnx:" + resolve_path(kind[5:], root)
+        ext = create_extractor(kind, runtime=runtime, threads=threads, **cfg)
+        ext.set_config(config, root=None if root is None else str(root), runtime=runtime,
+                       threads=threads)
+    if fingerprint is not None and ext.fingerprint != fingerprint:
+        raise CompatibilityError(
+            f"the installed model {config['type']!r} has fingerprint {ext.fingerprint!r} but "
+            f"{fingerprint!r} was recorded (different weights, code or settings)"
+        )
+    return ext
+
+
+def resolve_path(path: str, root: str | os.PathLike[str] | None) -> str:
+    """``path`` as recorded in a config, resolved against ``root`` when relative."""
+    p = Path(path)
+    if p.is_absolute() or root is None:
+        return str(p)
+    return str(Path(root) / p)
+
+
+def model_kind(name: str) -> str:
+    """``global`` or ``local`` for a registry name (prefixed families are global)."""
+    _builtins()
+    spec = _REGISTRY.get(name)
+    return spec.kind if spec is not None else "global"
+
+
+def _create(
+    name: str,
+    *,
+    pooling: str | Pooling | None = None,
+    p: float | None = None,
+    scales: Sequence[float] = (1.0,),
+    runtime: str = "auto",
+    threads: int | None = None,
+    checkpoint: str | None = None,
+    **kw: Any,
+) -> Extractor:
     _builtins()
     pool = parse_pooling(pooling, p)
     scales = tuple(float(s) for s in scales)

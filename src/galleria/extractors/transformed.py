@@ -21,7 +21,8 @@ from galleria.extractors.base import Extractor
 class TransformedExtractor(Extractor):
     """``transform(extractor(image))``; ``dim`` selects a prefix of nested transforms."""
 
-    def __init__(self, base: Extractor, transform: Any, *, dim: int | None = None) -> None:
+    def __init__(self, base: Extractor, transform: Any, *, dim: int | None = None,
+                 transform_path: str | None = None) -> None:
         fitted_on = getattr(transform, "input_fingerprint_", None)
         if fitted_on is not None and fitted_on != base.fingerprint:
             raise CompatibilityError(
@@ -41,6 +42,15 @@ class TransformedExtractor(Extractor):
             source=f"{base.source} + {transform.kind} {self.out_dim}-d",
         )
         self.runtime = base.runtime
+        self.kind = base.kind  # type: ignore[misc]
+        if transform_path is not None:
+            self.set_config(
+                {"type": "transformed", "base": base.config(), "transform": str(transform_path),
+                 "dim": self.out_dim},
+                root=base._config_root,
+                runtime=(base._exec_options or {}).get("runtime", "auto"),
+                threads=(base._exec_options or {}).get("threads"),
+            )
 
     @property
     def fingerprint(self) -> str:  # type: ignore[override]
@@ -55,3 +65,22 @@ class TransformedExtractor(Extractor):
 
     def _embed_scale(self, batch: np.ndarray, scale: float) -> np.ndarray:  # pragma: no cover
         raise NotImplementedError("TransformedExtractor embeds through embed_prepared")
+
+
+def from_config(
+    config: dict[str, Any], *, root: str | None, runtime: str, threads: int | None
+) -> TransformedExtractor:
+    """Rebuild ``{"type": "transformed", "base": {...}, "transform": path, "dim": d}``."""
+    from galleria.errors import FormatError
+    from galleria.extractors.registry import extractor_from_config, resolve_path
+    from galleria.transforms.registry import load_transform
+
+    try:
+        base_cfg, path = config["base"], str(config["transform"])
+    except KeyError as exc:
+        raise FormatError(f"transformed extractor config lacks {exc}: {config!r}") from exc
+    base = extractor_from_config(base_cfg, root=root, runtime=runtime, threads=threads)
+    tr = load_transform(resolve_path(path, root), fingerprint=base.fingerprint)
+    ext = TransformedExtractor(base, tr, dim=config.get("dim"), transform_path=path)
+    ext.set_config(config, root=root, runtime=runtime, threads=threads)
+    return ext
