@@ -24,7 +24,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         print_json(
             {
                 "models": [
-                    {"name": s.name, "dim": s.dim, "input_size": s.input_size,
+                    {"name": s.name, "kind": s.kind, "dim": s.dim, "input_size": s.input_size,
                      "source": s.source, "description": s.description}
                     for s in specs
                 ],
@@ -33,9 +33,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         )
         return 0
     w = max(len(s.name) for s in specs)
-    print(f"{'name':<{w}}  {'dim':>5}  {'input':<8}  source")
+    print(f"{'name':<{w}}  {'kind':<6}  {'dim':>5}  {'input':<8}  source")
     for s in specs:
-        print(f"{s.name:<{w}}  {s.dim or '?':>5}  {s.input_size:<8}  {s.source}")
+        print(f"{s.name:<{w}}  {s.kind:<6}  {s.dim or '?':>5}  {s.input_size:<8}  {s.source}")
     print("\nfamilies loading your own weights (--checkpoint PATH):")
     for k, v in PREFIXES.items():
         print(f"  {k + ':':<8} {v}")

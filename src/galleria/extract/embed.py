@@ -20,6 +20,7 @@ import numpy as np
 from galleria.extractors.base import Extractor
 from galleria.images.decode import ImageDecodeError, load_image
 from galleria.images.sources import SourceItem
+from galleria.types import LocalFeatures
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +31,17 @@ class Progress(Protocol):
 
 @dataclass(frozen=True)
 class Batch:
-    """Items of one inference batch and their ``(B, D)`` embeddings."""
+    """Items of one inference batch and their ``(B, D)`` embeddings.
+
+    For a local extractor (``extractor.kind == "local"``) ``features`` holds one
+    :class:`~galleria.types.LocalFeatures` per item and ``vectors`` is empty
+    ``(0, D)``; for a global one ``features`` is ``None``.
+    """
 
     items: list[SourceItem]
     vectors: np.ndarray
     failures: list[tuple[SourceItem, str]]
+    features: list[LocalFeatures] | None = None
 
 
 def _prepare(extractor: Extractor, item: SourceItem) -> tuple[np.ndarray, ...] | str:
@@ -62,6 +69,7 @@ def embed_stream(
         raise ValueError("batch_size must be positive")
     prefetch = prefetch or max(2 * batch_size, 4 * max(1, workers))
     nscales = len(extractor.scales)
+    local = extractor.kind == "local"
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode") as pool:
         pending: deque[tuple[SourceItem, Future[Any]]] = deque()
         it = iter(items)
@@ -71,6 +79,12 @@ def embed_stream(
         failed: list[tuple[SourceItem, str]] = []
 
         def flush() -> Batch:
+            if local:  # variable-sized inputs: a list per scale, not a stacked array
+                feats = (extractor.embed_prepared([[x[s] for x in ok_inputs]
+                                                   for s in range(nscales)])
+                         if ok_items else [])
+                return Batch(list(ok_items), np.zeros((0, extractor.dim), np.float32),
+                             list(failed), feats)
             if ok_items:
                 per_scale = [np.stack([x[s] for x in ok_inputs]) for s in range(nscales)]
                 vecs = extractor.embed_prepared(per_scale)
@@ -112,6 +126,8 @@ def embed_items(
     **kw: Any,
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[SourceItem, str]]]:
     """Embed all items -> ``(vectors (N, D) with zero rows for failures, ok (N,), failures)``."""
+    if extractor.kind == "local":
+        raise TypeError("embed_items is for global extractors; use extract_local_items")
     index = {id(it): n for n, it in enumerate(items)}
     out = np.zeros((len(items), extractor.dim), np.float32)
     ok = np.zeros(len(items), dtype=bool)
@@ -122,3 +138,22 @@ def embed_items(
         ok[rows] = True
         failures.extend(batch.failures)
     return out, ok, failures
+
+
+def extract_local_items(
+    items: Sequence[SourceItem],
+    extractor: Extractor,
+    **kw: Any,
+) -> tuple[list[LocalFeatures | None], list[tuple[SourceItem, str]]]:
+    """Local features of all items -> ``(features (None for failures), failures)``."""
+    if extractor.kind != "local":
+        raise TypeError("extract_local_items needs a local extractor; use embed_items")
+    index = {id(it): n for n, it in enumerate(items)}
+    out: list[LocalFeatures | None] = [None] * len(items)
+    failures: list[tuple[SourceItem, str]] = []
+    for batch in embed_stream(items, extractor, **kw):
+        assert batch.features is not None
+        for it, f in zip(batch.items, batch.features, strict=True):
+            out[index[id(it)]] = f
+        failures.extend(batch.failures)
+    return out, failures
