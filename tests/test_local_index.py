@@ -258,3 +258,17 @@ def test_asmk_segments_merge_and_compact(data, rng):
     again.remove(np.arange(0, 30, 2))
     q = _noisy(rng, gallery[5], 0.1)
     assert np.allclose(idx.score_rows(q)[1::2], again.score_rows(q)[1::2], atol=1e-5)
+
+
+def test_asmk_encode_then_add_encoded_equals_add(data):
+    gallery, queries = data
+    a = _make("asmk").train(gallery)
+    b = _make("asmk").train(gallery)
+    a.add(np.arange(30), gallery)
+    enc = b.encode(gallery)
+    assert enc[7][0].size == 0 and enc[0][1].dtype == np.uint64
+    b.add_encoded(np.arange(30), enc)
+    for q in queries:
+        assert np.allclose(a.score_rows(q), b.score_rows(q))
+    with pytest.raises(InputError):
+        b.add_encoded(np.array([99]), [(np.array([1, 1]), enc[0][1][:2])])

@@ -95,7 +95,7 @@ def test_spatial_verification_lifts_the_true_views_over_the_global_order(scene, 
 
 
 def test_mds_pipeline_reorders_only_its_top_k(scene, rng):
-    gallery, labels, queries = scene
+    gallery, _, queries = scene
     idx = AsmkIndex(D, codebook_size=8, multiple_assignment=1)
     idx.add(np.arange(12), gallery)
     base = LocalPipeline(idx).search(QueryBatch(local=queries), 12)

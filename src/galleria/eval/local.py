@@ -138,6 +138,10 @@ def evaluate_pipeline(
     if pipeline == "global+sv":
         parts["fetch_local"] = lambda keys: [gal[int(k)] for k in keys]
     if pipeline in ("local", "local+mds"):
+        if index == "cann":
+            from galleria.local.cann import PRESETS
+
+            index_params = {**PRESETS.get(local, {}), **(index_params or {})}
         lidx = build_local_index(index, gal, dim=ext.dim, fingerprint=ext.fingerprint,
                                  params=index_params, cache_key=cache_key)
         parts["index"] = lidx

@@ -254,6 +254,55 @@ class AsmkIndex(LocalIndex):
         self._segs.append(seg)
         self._maybe_merge()
 
+    def encode(self, features: Sequence[LocalFeatures]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Gallery-side encoding: per image ``(words (u,) int64, codes (u, nw) uint64)``.
+
+        What :meth:`add` stores; with :meth:`add_encoded` a caller can keep the
+        codes (16 bytes per word for SIFT) instead of re-quantizing descriptors.
+        """
+        if not self.is_trained:
+            raise InputError("train the ASMK index before encoding")
+        out = []
+        for f in check_features(features, dim=self.dim):
+            if len(f):
+                out.append(self._encode(float_descriptors(f.descriptors), 1))
+            else:
+                out.append((np.zeros(0, np.int64), np.zeros((0, code_words(self.dim)),
+                                                            np.uint64)))
+        return out
+
+    def add_encoded(self, keys: np.ndarray, encoded: Sequence[tuple[np.ndarray, np.ndarray]]
+                    ) -> None:
+        """Add images given as :meth:`encode` output (the index must be trained)."""
+        from galleria.index.base import as_keys
+
+        if not self.is_trained:
+            raise InputError("train the ASMK index before adding encoded images")
+        k = as_keys(keys, n=len(encoded))
+        self._rows.check_new(k)
+        nw, cw = int(self.codebook_size), code_words(self.dim)
+        for i, (w, c) in enumerate(encoded):
+            w = np.asarray(w)
+            if (w.ndim != 1 or c.dtype != np.uint64 or c.shape != (w.size, cw)
+                    or (w.size and (w.min() < 0 or w.max() >= nw))
+                    or np.unique(w).size != w.size):
+                raise InputError(f"encoded image {i}: words must be unique ids < {nw} with "
+                                 f"({w.size}, {cw}) uint64 codes")
+        rows = self._rows.append(k)
+        cap = int(rows.max()) + 1 if rows.size else 0
+        if self._nwords.size < cap:
+            self._nwords = np.concatenate([self._nwords, np.zeros(cap - self._nwords.size,
+                                                                  np.int32)])
+        for r, (w, _) in zip(rows.tolist(), encoded, strict=True):
+            self._nwords[r] = len(w)
+        if sum(len(w) for w, _ in encoded):
+            self._segs.append(_segment(
+                np.concatenate([np.asarray(w, np.int64) for w, _ in encoded]),
+                np.concatenate([np.full(len(w), r, np.int64)
+                                for r, (w, _) in zip(rows.tolist(), encoded, strict=True)]),
+                np.concatenate([c for _, c in encoded]), nw))
+            self._maybe_merge()
+
     def _maybe_merge(self, full: bool = False) -> None:
         alive = self._alive_rows()
         nw = int(self.codebook_size)

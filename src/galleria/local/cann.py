@@ -73,6 +73,14 @@ def vote(dist2: np.ndarray, ids: np.ndarray, n_rows: int, *, p0: float, p1: floa
     return (out / max(n, 1)).astype(np.float32)
 
 
+#: Kernel settings per local extractor, chosen on ukbench56 + oxford_affine (not on the
+#: SMVS / RParis / Caltech test sets; benchmarks/results/local.md has the sweep).
+PRESETS: dict[str, dict[str, float | int]] = {
+    "sift": {"knn": 10, "p0": 0.5, "p1": 0.3},
+    "xfeat": {"knn": 10, "p0": 0.5, "p1": 0.3},
+}
+
+
 class CannIndex(LocalIndex):
     """Kernel voting over a FAISS descriptor index (see the module docstring).
 
@@ -93,7 +101,7 @@ class CannIndex(LocalIndex):
 
     def __init__(
         self, dim: int, *, fingerprint: str | None = None, index: str = "auto", knn: int = 10,
-        p0: float = 0.9, p1: float = 0.5, nprobe: int = 16, train_size: int = 500_000,
+        p0: float = 0.5, p1: float = 0.3, nprobe: int = 16, train_size: int = 500_000,
         seed: int = 0,
     ) -> None:
         super().__init__(dim, fingerprint=fingerprint)

@@ -164,12 +164,18 @@ class GlobalSVPipeline:
     def search(self, queries: QueryBatch, k: int) -> SearchResult:
         ex = queries.excluded()
         vecs = queries.need_vectors(self.name)
+        width = max(k, self.shortlist)
+        res = _drop_excluded(self.index.search(vecs, _wanted(ex, width)), ex, width)
+        return self.rerank(queries, res, k)
+
+    def rerank(self, queries: QueryBatch, result: SearchResult, k: int) -> SearchResult:
+        """Re-rank a global ``result`` (best first, scores = cosine) -> ``(Q, k)``."""
         local = queries.need_local(self.name)
-        res = _drop_excluded(self.index.search(vecs, _wanted(ex, max(k, self.shortlist))), ex,
-                             max(k, self.shortlist))
-        out = SearchResult.empty(len(res), k)
-        for i in range(len(res)):
-            ids, g = res.ids[i], res.scores[i].astype(np.float64)
+        if len(local) != len(result):
+            raise InputError(f"{len(local)} query features for {len(result)} result rows")
+        out = SearchResult.empty(len(result), k)
+        for i in range(len(result)):
+            ids, g = result.ids[i], result.scores[i].astype(np.float64)
             valid = ids >= 0
             ids, g = ids[valid], g[valid]
             frac = (np.clip(g, -1.0, 1.0) + 1.0) / 2.001  # in [0, 1): keeps the global order
@@ -247,13 +253,17 @@ class LocalMDSPipeline:
     def search(self, queries: QueryBatch, k: int) -> SearchResult:
         ex = queries.excluded()
         local = queries.need_local(self.name)
+        width = max(k, self.sizes()[1])
+        res = _drop_excluded(self.index.search(local, _wanted(ex, width)), ex, width)
+        return self.rerank(queries, res, k)
+
+    def rerank(self, queries: QueryBatch, result: SearchResult, k: int) -> SearchResult:
+        """Re-rank a local ``result`` (best first, scores = local similarities) -> ``(Q, k)``."""
         vecs = queries.need_vectors(self.name) if self.blend else None
         kr, cand = self.sizes()
-        width = max(k, cand)
-        res = _drop_excluded(self.index.search(local, _wanted(ex, width)), ex, width)
-        out = SearchResult.empty(len(res), k)
-        for i in range(len(res)):
-            ids, s = res.ids[i], res.scores[i].astype(np.float64)
+        out = SearchResult.empty(len(result), k)
+        for i in range(len(result)):
+            ids, s = result.ids[i], result.scores[i].astype(np.float64)
             valid = (ids >= 0) & np.isfinite(s)
             ids, s = ids[valid], s[valid]
             n_emb = min(cand, ids.size)
