@@ -388,23 +388,24 @@ class AsmkIndex(LocalIndex):
             c = np.concatenate(codes)
             order = np.argsort(w, kind="stable")
             w, p, c = w[order], p[order], c[order]
-            keys_acc, vals_acc = [], []
-            a = np.arange(w.size - 1)
-            d = 1
-            while a.size:
-                a = a[a + d < w.size]
-                a = a[w[a] == w[a + d]]
-                if not a.size:
-                    break
-                u = hamming_similarity(c[a], c[a + d], self.nbits)
+            # every pair of entries within one word: entry e pairs with e+1 .. end(e)-1
+            starts = np.flatnonzero(np.r_[True, w[1:] != w[:-1]])
+            ends = np.r_[starts[1:], w.size]
+            end_of = np.repeat(ends, ends - starts)
+            cnt = end_of - np.arange(w.size) - 1
+            for lo in range(0, w.size, 65536):  # bounded temporaries
+                hi = min(w.size, lo + 65536)
+                cc = cnt[lo:hi]
+                t = int(cc.sum())
+                if not t:
+                    continue
+                first = np.repeat(np.arange(lo, hi), cc)
+                second = first + 1 + (np.arange(t) - np.repeat(np.cumsum(cc) - cc, cc))
+                u = hamming_similarity(c[first], c[second], self.nbits)
                 v = selective_kernel(u, alpha=self.alpha, tau=self.tau)
-                keys_acc.append(p[a] * n + p[a + d])
-                vals_acc.append(v)
-                d += 1
-            if keys_acc:
-                acc = np.bincount(np.concatenate(keys_acc), weights=np.concatenate(vals_acc),
-                                  minlength=n * n).reshape(n, n)
-                out = acc + acc.T
+                out += np.bincount(p[first] * n + p[second], weights=v,
+                                   minlength=n * n).reshape(n, n)
+            out = out + out.T
         nw = self._nwords[rows].astype(np.float64)
         norm = np.sqrt(np.outer(nw, nw))
         out = np.divide(out, norm, out=np.zeros_like(out), where=norm > 0)

@@ -77,7 +77,7 @@ def vote(dist2: np.ndarray, ids: np.ndarray, n_rows: int, *, p0: float, p1: floa
 #: SMVS / RParis / Caltech test sets; benchmarks/results/local.md has the sweep).
 PRESETS: dict[str, dict[str, float | int]] = {
     "sift": {"knn": 10, "p0": 0.5, "p1": 0.3},
-    "xfeat": {"knn": 10, "p0": 0.5, "p1": 0.3},
+    "xfeat": {"knn": 10, "p0": 1.0, "p1": 0.3},
 }
 
 

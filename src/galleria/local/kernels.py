@@ -49,7 +49,10 @@ def popcount(x: np.ndarray) -> np.ndarray:
 
 def hamming_similarity(a: np.ndarray, b: np.ndarray, nbits: int) -> np.ndarray:
     """Row-wise ``1 - 2 * hamming(a_i, b_i) / nbits`` of ``(m, w)`` uint64 codes -> ``(m,)``."""
-    h = popcount(np.bitwise_xor(a, b)).sum(axis=1, dtype=np.int32)
+    x = np.bitwise_xor(a, b)
+    h = popcount(x[:, 0]).astype(np.int32)
+    for j in range(1, x.shape[1]):
+        h += popcount(x[:, j])
     return (1.0 - (2.0 / nbits) * h).astype(np.float32)
 
 

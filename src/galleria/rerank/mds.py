@@ -105,19 +105,20 @@ def smacof(
     n = d.shape[0]
     if x.shape[0] != n or d.shape != (n, n):
         raise InputError(f"distances {d.shape} and start {x.shape} do not fit")
-    prev = stress(d, x)
+    e = _pdist(x)
+    prev = float(0.5 * ((d - e) ** 2).sum())
     for _ in range(int(max_iter)):
-        e = _pdist(x)
         with np.errstate(divide="ignore", invalid="ignore"):
             b = np.where(e > 1e-12, -d / e, 0.0)
         np.fill_diagonal(b, 0.0)
         np.fill_diagonal(b, -b.sum(axis=1))
         x = (b @ x) / n
-        cur = stress(d, x)
-        if prev - cur <= eps * max(prev, 1e-12):
-            prev = cur
-            break
+        e = _pdist(x)
+        cur = float(0.5 * ((d - e) ** 2).sum())
+        done = prev - cur <= eps * max(prev, 1e-12)
         prev = cur
+        if done:
+            break
     return x, prev
 
 
