@@ -150,6 +150,7 @@ class AsmkIndex(LocalIndex):
         self.seed = int(seed)
         self.centroids_: np.ndarray | None = None
         self._quant: Any = None
+        self._quant_bytes = 0
         self._segs: list[_Segment] = []
         self._nwords = np.zeros(0, np.int32)  # aggregated words per row
         self._dead = 0  # entries of removed rows still held in segments
@@ -201,6 +202,7 @@ class AsmkIndex(LocalIndex):
         q.add(centroids)
         self.centroids_ = centroids
         self._quant = q
+        self._quant_bytes = int(faiss.serialize_index(q).nbytes)
 
     def _assign(self, desc: np.ndarray, m: int) -> np.ndarray:
         _, ids = self._quant.search(desc, m)
@@ -426,7 +428,7 @@ class AsmkIndex(LocalIndex):
         n = sum(s.offsets.nbytes + s.rows.nbytes + s.codes.nbytes for s in self._segs)
         n += self._nwords.nbytes + self._rows.row_key.nbytes
         if self.centroids_ is not None:
-            n += self.centroids_.nbytes * (2 if self._quant is not None else 1)
+            n += self.centroids_.nbytes + self._quant_bytes  # the quantizer holds a copy
         return int(n)
 
     def entry_bytes(self) -> int:
