@@ -8,7 +8,9 @@ raised.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,17 +32,34 @@ class Progress(Protocol):
 
 @dataclass(frozen=True)
 class Batch:
-    """Items of one inference batch and their ``(B, D)`` embeddings."""
+    """Items of one inference batch and their ``(B, D)`` embeddings.
+
+    ``contents``: per item ``(sha256 content hash, size, mtime_ns)`` of its file
+    when :func:`embed_stream` was asked for them.
+    """
 
     items: list[SourceItem]
     vectors: np.ndarray
     failures: list[tuple[SourceItem, str]]
+    contents: list[tuple[str, int, int]] | None = None
 
 
-def _prepare(extractor: Extractor, item: SourceItem) -> tuple[np.ndarray, ...] | str:
+def file_content(path: str | os.PathLike[str]) -> tuple[str, int, int]:
+    """``("sha256:<hex>", size, mtime_ns)`` of a file (what an item's identity records)."""
+    st = os.stat(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return f"sha256:{h.hexdigest()}", int(st.st_size), int(st.st_mtime_ns)
+
+
+def _prepare(extractor: Extractor, item: SourceItem, with_content: bool = False
+             ) -> tuple[tuple[np.ndarray, ...], tuple[str, int, int] | None] | str:
     try:
         img = load_image(item.path, bbox=item.bbox)
-        return extractor.prepare(img)
+        content = file_content(item.path) if with_content else None
+        return extractor.prepare(img), content
     except ImageDecodeError as exc:
         return exc.reason
     except Exception as exc:  # a user's odd file must not stop a long job
@@ -56,10 +75,18 @@ def embed_stream(
     workers: int = 2,
     prefetch: int | None = None,
     progress: Progress | None = None,
+    with_content: bool = False,
 ) -> Iterator[Batch]:
-    """Yield :class:`Batch` objects in input order; failures ride along with the batch."""
-    if batch_size <= 0:
-        raise ValueError("batch_size must be positive")
+    """Yield :class:`Batch` objects in input order; failures ride along with the batch.
+
+    ``with_content``: also hash each file (``Batch.contents``), in the decoding threads.
+    """
+    from galleria.errors import InputError
+
+    if isinstance(batch_size, bool) or int(batch_size) <= 0:
+        raise InputError(f"batch size must be a positive integer; got {batch_size!r}")
+    if isinstance(workers, bool) or int(workers) <= 0:
+        raise InputError(f"workers must be a positive integer; got {workers!r}")
     prefetch = prefetch or max(2 * batch_size, 4 * max(1, workers))
     nscales = len(extractor.scales)
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode") as pool:
@@ -68,6 +95,7 @@ def embed_stream(
         exhausted = False
         ok_items: list[SourceItem] = []
         ok_inputs: list[tuple[np.ndarray, ...]] = []
+        ok_contents: list[tuple[str, int, int]] = []
         failed: list[tuple[SourceItem, str]] = []
 
         def flush() -> Batch:
@@ -76,7 +104,8 @@ def embed_stream(
                 vecs = extractor.embed_prepared(per_scale)
             else:
                 vecs = np.zeros((0, extractor.dim), np.float32)
-            return Batch(list(ok_items), vecs, list(failed))
+            return Batch(list(ok_items), vecs, list(failed),
+                         list(ok_contents) if with_content else None)
 
         while True:
             while not exhausted and len(pending) < prefetch:
@@ -85,7 +114,7 @@ def embed_stream(
                 except StopIteration:
                     exhausted = True
                     break
-                pending.append((item, pool.submit(_prepare, extractor, item)))
+                pending.append((item, pool.submit(_prepare, extractor, item, with_content)))
             if not pending:
                 break
             item, fut = pending.popleft()
@@ -94,13 +123,16 @@ def embed_stream(
                 failed.append((item, res))
             else:
                 ok_items.append(item)
-                ok_inputs.append(res)
+                ok_inputs.append(res[0])
+                if res[1] is not None:
+                    ok_contents.append(res[1])
             if progress is not None:
                 progress.update(1)
             if len(ok_items) >= batch_size:
                 yield flush()
                 ok_items.clear()
                 ok_inputs.clear()
+                ok_contents.clear()
                 failed.clear()
         if ok_items or failed:
             yield flush()

@@ -1,10 +1,10 @@
 """Attach fitted transforms to galleries: fit on a space's vectors, copy the
 transform into the gallery, and (optionally) add the transformed space.
 
-A gallery space built through a transform records it in its recipe
-(``{"transform": "transforms/<name>", "transform_dim": d}``); the query path
-(:func:`galleria.extract.job.extractor_from_space`) then applies the same
-transform automatically.
+A gallery space built through a transform records it in its extractor config
+(``{"type": "transformed", "base": {...}, "transform": "transforms/<name>", "dim": d}``);
+the query path (:func:`galleria.extract.spaces.extractor_from_space`) then
+applies the same transform automatically.
 """
 
 from __future__ import annotations
@@ -77,10 +77,12 @@ def add_transformed_space(
     out_fp = transform.output_fingerprint
     rel = copy_into_gallery(gallery, transform_dir, out_fp)
     info = dict(base.info)
-    recipe = dict(info.get("recipe") or {})
-    recipe.update({"transform": rel, "transform_dim": int(transform.output_dim_),
-                   "base_fingerprint": base.space})
-    info.update({"recipe": recipe, "fingerprint": out_fp, "dim": int(transform.output_dim_),
+    if isinstance(info.get("config"), dict):
+        info["config"] = {"type": "transformed", "base": info["config"], "transform": rel,
+                          "dim": int(transform.output_dim_)}
+    info.pop("query_config", None)
+    info.update({"fingerprint": out_fp, "dim": int(transform.output_dim_),
+                 "base_fingerprint": base.space,
                  "transform": {"kind": transform.kind, "params": transform.json_params()}})
     done = set(gallery.ids(out_fp)) if any(s.space == out_fp for s in gallery.spaces()) else set()
     for keys, vecs in gallery.iter_vectors(base.space, batch=batch):
@@ -92,7 +94,6 @@ def add_transformed_space(
         gallery.add([ids[n] for n in todo], y, space=out_fp, info=info)
     if index is not None:
         gallery.set_index_spec(index, out_fp)
-    gallery.index(out_fp)
     gallery.save_index(out_fp)
     if make_primary:
         gallery.set_primary_space(out_fp)
