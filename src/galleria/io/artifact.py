@@ -43,7 +43,8 @@ def load_header(
     except ValueError as exc:
         raise FormatError(f"{p} is not valid JSON: {exc}") from exc
     if not isinstance(header, dict) or header.get("type") != type:
-        got = header.get("type") if isinstance(header, dict) else type(header).__name__
+        got = header.get("type") if isinstance(header, dict) else \
+            f"{header.__class__.__name__} (not a JSON object)"
         raise FormatError(f"{p} holds a {got!r} artifact, expected {type!r}")
     version = header.get("format_version")
     if version != format_version:

@@ -293,6 +293,8 @@ def _reembed(g: Gallery, space: str, keys: list[int], *, reembed: bool, runtime:
                 continue
             bids = [it.id for it in batch.items]
             feats = getattr(batch, "features", None)
+            if feats is None and isinstance(batch.vectors, list):
+                feats = batch.vectors
             if info.kind == "local" and feats is not None:
                 g.add_local(bids, feats, space=space)
             else:

@@ -76,8 +76,9 @@ class WriterLock:
                     ) from None
                 time.sleep(delay)
                 delay = min(0.05, delay * 2)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()}: {' '.join(sys.argv)[:200]}\n".encode())
+        with contextlib.suppress(OSError):  # who holds it, for messages (disk may be full)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()}: {' '.join(sys.argv)[:200]}\n".encode())
         self._fd = fd
 
     def _release_file(self) -> None:

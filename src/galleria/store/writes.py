@@ -13,6 +13,7 @@ snapshot can finish reading them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import shutil
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from galleria.errors import CompatibilityError, InputError
+from galleria.errors import CompatibilityError, InputError, StorageError
 from galleria.fingerprint import slug
 from galleria.store.db import chunks
 from galleria.store.segments import WrittenFile, file_digest, pack_local, write_array
@@ -196,8 +197,7 @@ def add_records(
     with g.writer_lock.hold():
         wf: WrittenFile | None = None
         try:
-            (g.path / rel).parent.mkdir(parents=True, exist_ok=True)
-            wf = write_array(g.path, rel, array)
+            wf = write_segment(g.path, rel, array)
             with g.db.write() as c:
                 _space_meta(c, space, g.path)
                 keys = _upsert_items(c, list(ids), meta, contents)
@@ -253,6 +253,21 @@ def add_records(
 
 class _NothingToAdd(Exception):
     pass
+
+
+def write_segment(root: Path, rel: str, array: np.ndarray) -> WrittenFile:
+    """Write a segment file; a full disk is a StorageError saying what to do."""
+    try:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        return write_array(root, rel, array)
+    except OSError as exc:
+        if isinstance(exc, StorageError) or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        (root / rel).unlink(missing_ok=True)
+        raise StorageError(
+            exc.errno, f"no space left on the device of {root} writing {rel} "
+            f"({array.nbytes} bytes): free disk space and re-run the command; nothing of this "
+            "commit was kept (everything committed before it is)") from exc
 
 
 def _drop_empty_items(c: sqlite3.Connection, keys: Sequence[int]) -> None:
@@ -390,8 +405,7 @@ def compact_space(g: Gallery, space: str) -> int:
         if merged is None:
             return len(empty)
         rel = new_segment_name(space)
-        (g.path / rel).parent.mkdir(parents=True, exist_ok=True)
-        wf = write_array(g.path, rel, merged)
+        wf = write_segment(g.path, rel, merged)
         try:
             with g.db.write() as c:
                 seg = int(c.execute(
