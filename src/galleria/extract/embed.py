@@ -3,7 +3,7 @@
 Decoding and preprocessing run in a thread pool with a bounded number of
 images in flight (PIL releases the GIL while decoding); inference runs on the
 caller's thread in batches. Unusable inputs are returned as failures, never
-raised.
+raised; so are items that listing marked with a ``problem`` (not opened).
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ class Batch:
 
 
 def _prepare(extractor: Extractor, item: SourceItem) -> tuple[np.ndarray, ...] | str:
+    if item.problem is not None:  # found while listing (bad name, broken link...)
+        return item.problem
     try:
         img = load_image(item.path, bbox=item.bbox)
         return extractor.prepare(img)
