@@ -25,3 +25,7 @@ class MissingDependencyError(GalleriaError, ImportError):
 
 class DatasetMissingError(GalleriaError, FileNotFoundError):
     """A data set under ../shared/datasets (or GALLERIA_DATASETS) is not present."""
+
+
+class StorageError(GalleriaError, OSError):
+    """Writing failed for lack of storage (disk full, quota exceeded); nothing was committed."""
