@@ -217,7 +217,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from galleria.eval.run import run_eval_command
+    from galleria.cli.eval import run_eval_command
 
     setup_logging(args.verbose)
     threads = set_threads(args.threads)
