@@ -169,3 +169,41 @@ def test_sqlite_disk_full_is_recognised(tmp_path):
     err = disk_full_error(mnt / "db.sqlite", ei.value)
     assert "db.sqlite" in str(err) and "free disk space" in str(err)
     assert not is_disk_full(sqlite3.OperationalError("no such table: t"))
+
+
+def test_concurrent_writers_of_one_file(tmp_path):
+    """8 threads replace one file 50 times each: every read sees one whole write,
+    no write fails, no temporary file is left."""
+    target = tmp_path / "shared.bin"
+    payloads = [bytes([i]) * (1000 + 97 * i) for i in range(8)]
+    write_bytes(target, payloads[0])
+    errors: list[BaseException] = []
+    torn: list[int] = []
+    stop = threading.Event()
+
+    def writer(i: int) -> None:
+        try:
+            for _ in range(50):
+                write_bytes(target, payloads[i])
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    def reader() -> None:
+        while not stop.is_set():
+            data = target.read_bytes()
+            if data not in payloads:
+                torn.append(len(data))
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+    r = threading.Thread(target=reader)
+    r.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    stop.set()
+    r.join(timeout=10)
+    assert not any(t.is_alive() for t in [*threads, r])
+    assert not errors and not torn
+    assert target.read_bytes() in payloads
+    assert [p.name for p in tmp_path.iterdir()] == ["shared.bin"]

@@ -127,3 +127,50 @@ def test_artifacts_without_a_fingerprint_are_refused_when_one_is_expected(tmp_pa
 
     with pytest.raises(CompatibilityError, match="unknown model"):
         TransformedExtractor(Base(), t)  # type: ignore[arg-type]
+
+
+def test_concurrent_saves_and_loads_of_one_folder(tmp_path):
+    """Two writers re-save different transforms into one folder while two readers load
+    it: no reader fails, each load is one complete save, the final folder is valid."""
+    import threading
+    import time
+
+    x = _toy()
+    fits = [create_transform("pca", dim=d).fit(x, fingerprint=FP) for d in (4, 6)]
+    want = {t.output_fingerprint for t in fits}
+    folder = tmp_path / "t"
+    fits[0].save(folder)
+    errors: list[BaseException] = []
+    seen: set[str] = set()
+    stop = threading.Event()
+
+    def writer(t, n=40):
+        try:
+            for _ in range(n):
+                t.save(folder)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    def reader():
+        try:
+            while not stop.is_set():
+                seen.add(load_transform(folder, fingerprint=FP).output_fingerprint)
+        except BaseException as exc:
+            errors.append(exc)
+
+    readers = [threading.Thread(target=reader) for _ in range(2)]
+    writers = [threading.Thread(target=writer, args=(t,)) for t in fits]
+    for th in readers + writers:
+        th.start()
+    deadline = time.monotonic() + 60
+    for th in writers:
+        th.join(timeout=max(0.1, deadline - time.monotonic()))
+    stop.set()
+    for th in readers:
+        th.join(timeout=10)
+    assert not any(th.is_alive() for th in readers + writers)
+    assert not errors, errors[:3]
+    assert seen <= want and seen
+    assert load_transform(folder).output_fingerprint in want
+    header = json.loads((folder / "header.json").read_text())
+    assert (folder / header["state_file"]).is_file()

@@ -34,7 +34,7 @@ import numpy as np
 
 from galleria.errors import FormatError
 from galleria.io.artifact import load_header, make_header, save_header
-from galleria.io.atomic import write_bytes
+from galleria.io.atomic import read_json, write_bytes
 
 HEADER_FILE = "header.json"
 STATE_FILE = "state.safetensors"
@@ -89,6 +89,7 @@ def save_estimator(
 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
+    previous = _named_state(out)
     arrays = {k: np.ascontiguousarray(v) for k, v in state.items()}
     state_file = f"state-{secrets.token_hex(6)}.safetensors"
     write_bytes(out / state_file, st_save(arrays))
@@ -101,10 +102,47 @@ def save_estimator(
     except BaseException:
         (out / state_file).unlink(missing_ok=True)
         raise
-    for old in out.iterdir():
-        if old.name != state_file and _STATE_NAME.fullmatch(old.name):
-            old.unlink(missing_ok=True)
+    # Only the state the header named *before* this save goes: a concurrent save
+    # that wrote its header after ours read it never loses the file it names.
+    if previous is not None and previous != state_file:
+        (out / previous).unlink(missing_ok=True)
     return out
+
+
+def _named_state(folder: Path) -> str | None:
+    """The state file the folder's current header names (None: no readable header)."""
+    try:
+        header = read_json(folder / HEADER_FILE)
+    except (OSError, ValueError):
+        return None
+    name = header.get("state_file", STATE_FILE) if isinstance(header, dict) else None
+    return str(name) if isinstance(name, str) and _STATE_NAME.fullmatch(name) else None
+
+
+def read_saved(
+    path: str | os.PathLike[str], *, type: str, format_version: int, kind: str | None = None,
+    tries: int = 8,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """``(checked header, state arrays)`` of a saved estimator, read consistently.
+
+    A save running at the same time replaces the header and then deletes the
+    state file the old header named; a reader that lost that race re-reads the
+    header (up to ``tries`` times) instead of failing.
+
+    Raises:
+        FormatError: as :func:`read_estimator_header` and :func:`load_state`.
+    """
+    p = Path(path)
+    for attempt in range(tries):
+        header = read_estimator_header(p, type=type, format_version=format_version, kind=kind)
+        try:
+            return header, load_state(p, header)
+        except FormatError as exc:
+            missing = isinstance(exc.__cause__, FileNotFoundError)
+            if not missing or attempt == tries - 1 or _named_state(p) == header.get(
+                    "state_file", STATE_FILE):
+                raise
+    raise AssertionError("unreachable")
 
 
 def read_estimator_header(

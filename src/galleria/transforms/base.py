@@ -40,8 +40,7 @@ from galleria.io.estimator import (
     STATE_FILE,
     build,
     keyword_params,
-    load_state,
-    read_estimator_header,
+    read_saved,
     save_estimator,
 )
 from galleria.validate import as_embeddings, l2_normalize
@@ -298,11 +297,10 @@ class Transform(abc.ABC):
                 (:func:`galleria.io.artifact.check_fingerprint`).
         """
         p = Path(path)
-        header = read_estimator_header(
+        header, state = read_saved(
             p, type=ARTIFACT_TYPE, format_version=cls.format_version, kind=cls.kind or None
         )
         obj = build(cls, header["params"], where=p)
-        state = load_state(p, header)
         try:
             obj.input_dim_ = int(header["input_dim"])
             obj.output_dim_ = int(header["output_dim"])

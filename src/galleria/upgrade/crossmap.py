@@ -29,8 +29,7 @@ from galleria.io.estimator import (
     STATE_FILE,
     build,
     get_params,
-    load_state,
-    read_estimator_header,
+    read_saved,
     save_estimator,
 )
 from galleria.upgrade.merge import Calibration, fit_calibration
@@ -256,9 +255,9 @@ class CrossModelMap:
         )
 
     @classmethod
-    def _from_header(cls: type[T], p: Path, header: dict[str, Any]) -> T:
+    def _from_saved(cls: type[T], p: Path, header: dict[str, Any],
+                    state: dict[str, np.ndarray]) -> T:
         obj = build(cls, header["params"], where=p)
-        state = load_state(p, header)
         layers = sum(1 for k in state if k.startswith("w"))
         try:
             obj.weights_ = [(state[f"w{n}"], state[f"b{n}"]) for n in range(layers)]
@@ -275,9 +274,11 @@ class CrossModelMap:
         return obj
 
     @classmethod
-    def read_header(cls, path: str | os.PathLike[str]) -> dict[str, Any]:
-        """The checked header of a saved map (any kind when called on the base class)."""
-        return read_estimator_header(
+    def read_saved(
+        cls, path: str | os.PathLike[str]
+    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """``(checked header, state)`` of a saved map (any kind when called on the base)."""
+        return read_saved(
             path, type=ARTIFACT_TYPE, format_version=FORMAT_VERSION, kind=cls.kind or None
         )
 
@@ -291,6 +292,6 @@ class CrossModelMap:
     ) -> T:
         """Read a map written by :meth:`save`; check both model fingerprints when given."""
         p = Path(path)
-        obj = cls._from_header(p, cls.read_header(p))
+        obj = cls._from_saved(p, *cls.read_saved(p))
         obj.check_models(old=old_fingerprint, new=new_fingerprint)
         return obj

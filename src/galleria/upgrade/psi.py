@@ -238,11 +238,11 @@ def load_cross_map(
 ) -> CrossModelMap:
     """Load a psi or BCT head saved by :meth:`CrossModelMap.save` (dispatch on its kind)."""
     p = Path(path)
-    header = CrossModelMap.read_header(p)
+    header, state = CrossModelMap.read_saved(p)
     kinds: dict[str, type[CrossModelMap]] = {"psi": ReverseTransform, "bct": BCTHead}
     cls = kinds.get(str(header.get("kind")))
     if cls is None:
         raise FormatError(f"{p} holds an unknown map kind {header.get('kind')!r}")
-    obj = cls._from_header(p, header)
+    obj = cls._from_saved(p, header, state)
     obj.check_models(old=old_fingerprint, new=new_fingerprint)
     return obj
