@@ -10,10 +10,12 @@ Fitted transforms (:mod:`galleria.transforms`) and cross-model maps
   ``state_file``.
 
 A save writes the state under a fresh name, then atomically replaces the
-header that names it, then deletes the previous state file: a crash at any
-point leaves the previous complete save or the new one, never a header paired
-with the wrong weights. Folders written before this module (state file
-``state.safetensors``) load unchanged.
+header that names it, then deletes the state file the previous header named: a
+crash at any point leaves the previous complete save or the new one, never a
+header paired with the wrong weights. Concurrent saves into one folder leave the
+last header's state intact (at worst an unreferenced state file), and a load
+that loses a race with a save re-reads the header (:func:`read_saved`). Folders
+written before this module (state file ``state.safetensors``) load unchanged.
 
 Loading checks the header's type, format version and kind, rebuilds the
 estimator from its parameters (:func:`build`) and reads the state; each
