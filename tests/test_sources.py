@@ -197,3 +197,21 @@ def test_index_skips_bad_names_and_its_own_gallery(tmp_path, photos):
     with Gallery.open(src / "g") as g:
         assert sorted(g.ids()) == ["coffee.jpg", "rocket.jpg"]
         assert {f.id for f in g.failures()} == {"caf\\xe9.jpg", "dangling.jpg", "g/"}
+
+
+def test_embed_stream_carries_each_files_content_hash(tmp_path, photos):
+    """The hash the store records per item comes from the read that decoded it."""
+    from galleria.extract.embed import embed_stream
+    from galleria.extractors.registry import create_extractor
+    from galleria.images.decode import content_hash
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("coffee.jpg", "rocket.jpg", "chelsea.jpg"):
+        shutil.copy(photos / name, src / name)
+    (src / "dangling.jpg").symlink_to(src / "gone.jpg")
+    ext = create_extractor("effnet-lite0")
+    batches = list(embed_stream(list_source(src), ext, batch_size=2, workers=2))
+    got = {it.id: h for b in batches for it, h in zip(b.items, b.hashes, strict=True)}
+    assert got == {n: content_hash(src / n) for n in ("chelsea.jpg", "coffee.jpg", "rocket.jpg")}
+    assert [it.id for b in batches for it, _ in b.failures] == ["dangling.jpg"]
