@@ -28,7 +28,7 @@ def _bad_files(folder: Path) -> dict[str, str]:
     (folder / "zero.jpg").write_bytes(b"")
     (folder / "readme.txt").write_text("this is not an image")
     Image.new("RGB", (1, 1), (200, 10, 10)).save(folder / "pixel.png")
-    return {"corrupt.jpg": "corrupt", "zero.jpg": "empty", "readme.txt": "not an image",
+    return {"corrupt.jpg": "truncated", "zero.jpg": "empty", "readme.txt": "not an image",
             "pixel.png": "too small"}
 
 

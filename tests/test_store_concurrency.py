@@ -7,6 +7,7 @@ committed state that is not older than the last commit before the search began.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -195,7 +196,7 @@ def test_readers_during_galleria_index_never_see_a_partial_gallery(tmp_path, req
         readers.append((res, subprocess.Popen(
             [sys.executable, "-c", READER, str(out), mode, "400", str(res)], env=env)))
     try:
-        stdout, stderr = index.communicate(timeout=400)
+        _, stderr = index.communicate(timeout=400)
         assert index.returncode == 0, stderr
         time.sleep(1.0)
     finally:
@@ -210,7 +211,7 @@ def test_readers_during_galleria_index_never_see_a_partial_gallery(tmp_path, req
         assert len(rows) > 100, f"{res.name}: only {len(rows)} searches"
         covered = [c for _, c in rows]
         assert all(c >= b for b, c in rows), [r for r in rows if r[1] < r[0]][:5]
-        assert all(b2 >= a2 for a2, b2 in zip(covered, covered[1:], strict=False)), \
+        assert all(b2 >= a2 for a2, b2 in itertools.pairwise(covered)), \
             "coverage decreased"
         assert covered[-1] == 500, f"{res.name}: last search covered {covered[-1]} of 500"
     with Gallery.open(out) as g:
@@ -292,7 +293,7 @@ def test_writer_lock_gives_a_clear_message_when_held(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "held"
         lock = WriterLock(g.path, timeout_s=0.3)
-        with pytest.raises(BusyError, match="busy.*pid"), lock.hold():
+        with pytest.raises(BusyError, match=r"busy.*pid"), lock.hold():
             pass
     finally:
         holder.kill()

@@ -225,8 +225,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
+    from galleria.extract.repair import repair
     from galleria.store.gallery import Gallery
-    from galleria.store.integrity import repair, restore_database
+    from galleria.store.integrity import restore_database
 
     setup_logging(args.verbose)
     threads = set_threads(args.threads)
@@ -274,7 +275,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from galleria.eval.run import run_eval_command
+    from galleria.cli.eval import run_eval_command
 
     setup_logging(args.verbose)
     threads = set_threads(args.threads)

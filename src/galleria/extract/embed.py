@@ -3,24 +3,23 @@
 Decoding and preprocessing run in a thread pool with a bounded number of
 images in flight (PIL releases the GIL while decoding); inference runs on the
 caller's thread in batches. Unusable inputs are returned as failures, never
-raised.
+raised; so are items that listing marked with a ``problem`` (not opened).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
 from galleria.extractors.base import Extractor
-from galleria.images.decode import ImageDecodeError, load_image
+from galleria.images.decode import ImageDecodeError, load_image_and_hash
 from galleria.images.sources import SourceItem
 
 log = logging.getLogger(__name__)
@@ -34,32 +33,34 @@ class Progress(Protocol):
 class Batch:
     """Items of one inference batch and their ``(B, D)`` embeddings.
 
-    ``contents``: per item ``(sha256 content hash, size, mtime_ns)`` of its file
-    when :func:`embed_stream` was asked for them.
+    ``hashes[i]`` is ``"sha256:<hex>"`` of ``items[i]``'s file bytes (computed
+    from the same read that decoded it; see
+    :func:`galleria.images.decode.load_image_and_hash`).
     """
 
     items: list[SourceItem]
     vectors: np.ndarray
     failures: list[tuple[SourceItem, str]]
-    contents: list[tuple[str, int, int]] | None = None
+    hashes: list[str] = field(default_factory=list)
 
 
 def file_content(path: str | os.PathLike[str]) -> tuple[str, int, int]:
     """``("sha256:<hex>", size, mtime_ns)`` of a file (what an item's identity records)."""
+    from galleria.images.decode import content_hash
+
     st = os.stat(path)
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return f"sha256:{h.hexdigest()}", int(st.st_size), int(st.st_mtime_ns)
+    return content_hash(path), int(st.st_size), int(st.st_mtime_ns)
 
 
-def _prepare(extractor: Extractor, item: SourceItem, with_content: bool = False
-             ) -> tuple[tuple[np.ndarray, ...], tuple[str, int, int] | None] | str:
+def _prepare(
+    extractor: Extractor, item: SourceItem
+) -> tuple[tuple[np.ndarray, ...], str] | str:
+    """``(network inputs per scale, content hash)``, or the reason the item is unusable."""
+    if item.problem is not None:  # found while listing (bad name, broken link...)
+        return item.problem
     try:
-        img = load_image(item.path, bbox=item.bbox)
-        content = file_content(item.path) if with_content else None
-        return extractor.prepare(img), content
+        img, digest = load_image_and_hash(item.path, bbox=item.bbox)
+        return extractor.prepare(img), digest
     except ImageDecodeError as exc:
         return exc.reason
     except Exception as exc:  # a user's odd file must not stop a long job
@@ -75,18 +76,10 @@ def embed_stream(
     workers: int = 2,
     prefetch: int | None = None,
     progress: Progress | None = None,
-    with_content: bool = False,
 ) -> Iterator[Batch]:
-    """Yield :class:`Batch` objects in input order; failures ride along with the batch.
-
-    ``with_content``: also hash each file (``Batch.contents``), in the decoding threads.
-    """
-    from galleria.errors import InputError
-
-    if isinstance(batch_size, bool) or int(batch_size) <= 0:
-        raise InputError(f"batch size must be a positive integer; got {batch_size!r}")
-    if isinstance(workers, bool) or int(workers) <= 0:
-        raise InputError(f"workers must be a positive integer; got {workers!r}")
+    """Yield :class:`Batch` objects in input order; failures ride along with the batch."""
+    if batch_size <= 0:
+        raise ValueError("batch_size must be positive")
     prefetch = prefetch or max(2 * batch_size, 4 * max(1, workers))
     nscales = len(extractor.scales)
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode") as pool:
@@ -95,7 +88,7 @@ def embed_stream(
         exhausted = False
         ok_items: list[SourceItem] = []
         ok_inputs: list[tuple[np.ndarray, ...]] = []
-        ok_contents: list[tuple[str, int, int]] = []
+        ok_hashes: list[str] = []
         failed: list[tuple[SourceItem, str]] = []
 
         def flush() -> Batch:
@@ -104,8 +97,7 @@ def embed_stream(
                 vecs = extractor.embed_prepared(per_scale)
             else:
                 vecs = np.zeros((0, extractor.dim), np.float32)
-            return Batch(list(ok_items), vecs, list(failed),
-                         list(ok_contents) if with_content else None)
+            return Batch(list(ok_items), vecs, list(failed), list(ok_hashes))
 
         while True:
             while not exhausted and len(pending) < prefetch:
@@ -114,7 +106,7 @@ def embed_stream(
                 except StopIteration:
                     exhausted = True
                     break
-                pending.append((item, pool.submit(_prepare, extractor, item, with_content)))
+                pending.append((item, pool.submit(_prepare, extractor, item)))
             if not pending:
                 break
             item, fut = pending.popleft()
@@ -124,15 +116,14 @@ def embed_stream(
             else:
                 ok_items.append(item)
                 ok_inputs.append(res[0])
-                if res[1] is not None:
-                    ok_contents.append(res[1])
+                ok_hashes.append(res[1])
             if progress is not None:
                 progress.update(1)
             if len(ok_items) >= batch_size:
                 yield flush()
                 ok_items.clear()
                 ok_inputs.clear()
-                ok_contents.clear()
+                ok_hashes.clear()
                 failed.clear()
         if ok_items or failed:
             yield flush()

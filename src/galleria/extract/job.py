@@ -248,7 +248,9 @@ def _with_transform(gallery: Gallery, ext: Extractor, transform: str | os.PathLi
     tr = load_transform(transform, fingerprint=ext.fingerprint)
     probe = TransformedExtractor(ext, tr)
     rel = copy_into_gallery(gallery, transform, probe.fingerprint)
-    return TransformedExtractor(ext, tr, transform_path=rel)
+    out = TransformedExtractor(ext, tr, transform_path=rel)
+    out.base_space = ext.fingerprint  # type: ignore[attr-defined]
+    return out
 
 
 def _index_space(
@@ -304,11 +306,11 @@ def _index_space(
             fails.clear()
 
     for batch in embed_stream(todo, extractor, batch_size=batch_size, workers=workers,
-                              progress=progress, with_content=True):
+                              progress=progress):
         data = getattr(batch, "features", None) if local else None
         rows = data if data is not None else batch.vectors
         for n, it in enumerate(batch.items):
-            buf.append((it, rows[n], batch.contents[n]))  # type: ignore[index]
+            buf.append((it, rows[n], _content(it, batch.hashes[n])))
         for it, why in batch.failures:
             log.warning("skipped %s: %s", it.path, why)
             fails.append(Failure(it.id, str(it.path), why))
@@ -322,6 +324,14 @@ def _index_space(
             gallery.save_index(space)
         except OSError as exc:  # the index is a cache: the next reader rebuilds it
             log.warning("could not save the index of %s: %s", space, exc)
+
+
+def _content(item: SourceItem, digest: str) -> tuple[str, int | None, int | None]:
+    try:
+        st = os.stat(item.path)
+    except OSError:
+        return digest, None, None
+    return digest, int(st.st_size), int(st.st_mtime_ns)
 
 
 def _forget_stale_failures(gallery: Gallery, space: str, items: list[SourceItem]) -> None:

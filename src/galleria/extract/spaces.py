@@ -31,6 +31,9 @@ def space_info(extractor: Extractor, *, query_extractor: Extractor | None = None
     if extractor.kind == "local":
         info["descriptor_dim"] = int(extractor.dim)
         info["descriptor_dtype"] = str(getattr(extractor, "descriptor_dtype", "float32"))
+    base = getattr(extractor, "base_space", None)
+    if base:
+        info["base_space"] = base
     if query_extractor is not None:
         info["query_config"] = query_extractor.config()
     return info

@@ -40,15 +40,12 @@ from galleria.io.artifact import load_header, make_header, save_header
 from galleria.store import reader, writes
 from galleria.store.db import Database, chunks
 from galleria.store.lock import WriterLock
-from galleria.store.schema import FORMAT_VERSION, SCHEMA
+from galleria.store.schema import DB, FORMAT_VERSION, HEADER, SCHEMA
 from galleria.store.views import SpaceView
 from galleria.types import MISSING_KEY, LocalFeatures, SearchResult
 
 log = logging.getLogger(__name__)
 
-HEADER = "gallery.json"
-DB = "gallery.sqlite"
-BACKUP = "gallery.sqlite.backup"
 
 
 @dataclass(frozen=True)

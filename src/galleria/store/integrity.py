@@ -23,6 +23,7 @@ import os
 import shutil
 import sqlite3
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +31,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from galleria.errors import FormatError, GalleriaError, InputError
+from galleria.images.sources import SourceItem
 from galleria.store.db import chunks
+from galleria.store.schema import BACKUP, DB
 from galleria.store.segments import check_file
 from galleria.store.writes import delete_vectors, retire
 
@@ -143,8 +146,6 @@ def restore_database(path: str | os.PathLike[str]) -> str | None:
     Returns a description of what was done (``None`` when the database is sound).
     Raises FormatError when it is damaged and there is no backup.
     """
-    from galleria.store.gallery import BACKUP, DB
-
     p = Path(path)
     db = p / DB
     problem = _db_problem(db)
@@ -190,16 +191,16 @@ def _db_problem(db: Path) -> str | None:
     return None
 
 
-def repair(
-    g: Gallery,
-    *,
-    reembed: bool = True,
-    runtime: str = "auto",
-    threads: int | None = None,
-    progress: Any = None,
-) -> RepairReport:
+Reembed = Callable[[Any, list[SourceItem]], Iterator[Any]]
+"""``reembed(space_info, items)`` yields batches (``.items``, ``.vectors`` or
+``.features``, ``.failures``) of the items' data re-made from their images
+(:func:`galleria.extract.repair.repair` provides one from the space's config)."""
+
+
+def repair(g: Gallery, *, reembed: Reembed | None = None) -> RepairReport:
     """Repair ``g`` in place (see the module docstring); call :func:`restore_database`
-    first when the database itself may be damaged."""
+    first when the database itself may be damaged. Without ``reembed``, items whose
+    data was in a damaged file are recorded as lost."""
     g._check_writable()
     rep = RepairReport(str(g.path))
     report = check(g, deep=True)
@@ -240,8 +241,7 @@ def repair(
                     _recount(c, p.space)
                     rep.recounted.append(p.space)
     for space, keys in todo.items():
-        done, lost = _reembed(g, space, keys, reembed=reembed, runtime=runtime,
-                              threads=threads, progress=progress)
+        done, lost = _reembed(g, space, keys, reembed)
         rep.reembedded[space] = done
         if lost:
             rep.lost[space] = lost
@@ -260,13 +260,9 @@ def _recount(c: sqlite3.Connection, space: str) -> None:
     c.execute("UPDATE spaces SET count=?, generation=? WHERE space=?", (int(n), int(gen), space))
 
 
-def _reembed(g: Gallery, space: str, keys: list[int], *, reembed: bool, runtime: str,
-             threads: int | None, progress: Any) -> tuple[int, list[str]]:
+def _reembed(g: Gallery, space: str, keys: list[int], reembed: Reembed | None
+             ) -> tuple[int, list[str]]:
     """Re-make the data of ``keys`` in ``space`` from their images; returns (done, lost ids)."""
-    from galleria.extract.embed import embed_stream
-    from galleria.extract.spaces import extractor_from_space
-    from galleria.images.sources import SourceItem
-
     ids = [str(i) for i in g.ids_of(np.array(keys, np.int64))]
     metas = g.meta(ids)
     lost: list[tuple[int, str, str]] = []
@@ -274,7 +270,7 @@ def _reembed(g: Gallery, space: str, keys: list[int], *, reembed: bool, runtime:
     key_of = dict(zip(ids, keys, strict=True))
     for i, m in zip(ids, metas, strict=True):
         path = (m or {}).get("path")
-        if not reembed:
+        if reembed is None:
             lost.append((key_of[i], i, "re-embedding was not asked for"))
         elif not path or not Path(path).is_file():
             lost.append((key_of[i], i, f"its image {path or '(no path recorded)'} is gone"))
@@ -283,10 +279,9 @@ def _reembed(g: Gallery, space: str, keys: list[int], *, reembed: bool, runtime:
             items.append(SourceItem(id=i, path=Path(path),
                                     bbox=tuple(box) if isinstance(box, list) else None))
     done = 0
-    if items:
+    if items and reembed is not None:
         info = g.space_info(space)
-        ext = extractor_from_space(info.info, root=g.path, runtime=runtime, threads=threads)
-        for batch in embed_stream(items, ext, progress=progress):
+        for batch in reembed(info, items):
             for it, why in batch.failures:
                 lost.append((key_of[it.id], it.id, f"its image cannot be read: {why}"))
             if not batch.items:
@@ -296,9 +291,9 @@ def _reembed(g: Gallery, space: str, keys: list[int], *, reembed: bool, runtime:
             if feats is None and isinstance(batch.vectors, list):
                 feats = batch.vectors
             if info.kind == "local" and feats is not None:
-                g.add_local(bids, feats, space=space)
+                g.add_local(bids, feats, space=space, replace=True)
             else:
-                g.add(bids, batch.vectors, space=space)
+                g.add(bids, batch.vectors, space=space, replace=True)
             done += len(bids)
     if lost:
         now = time.time()
@@ -311,8 +306,6 @@ def _reembed(g: Gallery, space: str, keys: list[int], *, reembed: bool, runtime:
 # ------------------------------------------------------------------ misc
 def backup(g: Gallery) -> Path:
     """Copy the database into ``gallery.sqlite.backup`` (consistent, atomic)."""
-    from galleria.store.gallery import BACKUP
-
     target = g.path / BACKUP
     tmp = g.path / f".{BACKUP}.tmp"
     tmp.unlink(missing_ok=True)

@@ -13,6 +13,10 @@ from __future__ import annotations
 
 FORMAT_VERSION = 2
 
+HEADER = "gallery.json"
+DB = "gallery.sqlite"
+BACKUP = "gallery.sqlite.backup"
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS settings (
     key TEXT PRIMARY KEY,

@@ -364,7 +364,13 @@ def sweep(g: Gallery, *, grace_s: float = RETIRE_GRACE_S, orphan_age_s: float = 
         if root.is_dir():
             for f in root.rglob("*.npy"):
                 rel = f.relative_to(g.path).as_posix()
-                if rel not in known and now - f.stat().st_mtime >= orphan_age_s:
+                if rel in known:
+                    continue
+                try:
+                    young = now - f.stat().st_mtime < orphan_age_s
+                except FileNotFoundError:
+                    continue
+                if not young:
                     f.unlink(missing_ok=True)
                     removed += 1
     return removed

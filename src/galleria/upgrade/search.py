@@ -45,9 +45,9 @@ from typing import Any
 import numpy as np
 
 from galleria.errors import InputError
+from galleria.extract.queries import Queries, QueryFailure, embed_with, search_paths
 from galleria.extract.spaces import extractor_from_space
 from galleria.extractors.base import Extractor
-from galleria.search.searcher import Queries, QueryFailure, embed_with, search_paths
 from galleria.store.gallery import Gallery
 from galleria.types import SearchResult
 from galleria.upgrade.merge import (

@@ -23,7 +23,7 @@ from galleria.extract.embed import Progress, embed_items
 from galleria.extract.spaces import extractor_from_space
 from galleria.extractors.base import Extractor
 from galleria.fingerprint import digest, slug
-from galleria.images.sources import SourceItem, list_source
+from galleria.images.sources import SourceItem, list_source, split_problems
 from galleria.io.atomic import read_json, write_json, write_npy
 from galleria.store.gallery import Gallery
 from galleria.upgrade.bct import BCTHead
@@ -125,7 +125,9 @@ def train_transform(
                 raise InputError(f"the job has collected only {len(old)} pairs; run more first")
         else:
             assert images is not None
-            items = list_source(images)
+            items, skipped = split_problems(list_source(images))
+            for it in skipped:
+                log.warning("training images: skipped %s: %s", it.path, it.problem)
             if split_column is not None:
                 items = [it for it in items if it.meta.get(split_column) == split]
             if label_column is not None:
