@@ -573,7 +573,7 @@ class Gallery:
         if kk < k:
             pad = SearchResult.empty(len(q), k, object_ids=True)
             pad.scores[:, :kk], pad.ids[:, :kk] = res.scores, res.ids
-            return pad
+            return SearchResult(pad.scores, pad.ids, res.generation)
         return res
 
     # ------------------------------------------------------------- integrity

@@ -136,7 +136,7 @@ class SpaceView:
     def search_ids(self, queries: Any, k: int, **kw: Any) -> SearchResult:
         """Like :meth:`search` with string ids (``None`` for missing results)."""
         res = self.search(queries, k, **kw)
-        return SearchResult(res.scores, self.ids.lookup(res.ids))
+        return SearchResult(res.scores, self.ids.lookup(res.ids), self.generation)
 
     def keys(self) -> np.ndarray:
         """Sorted keys of every item in the view."""

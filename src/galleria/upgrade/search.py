@@ -268,11 +268,11 @@ class BackfillSearcher:
         t = time.perf_counter()
         # both parts from one committed state: an item moving meanwhile is in exactly one
         views = self.gallery.views([old_space, new_space])
-        self.generation = {sp: v.generation for sp, v in views.items()}
         old_res = self._search_part(qo, k, views.get(old_space))
         if self.rule == "old-only":
             self.cost.add_ms("search", time.perf_counter() - t)
-            return old_res
+            return SearchResult(old_res.scores, old_res.ids,
+                                {sp: v.generation for sp, v in views.items()})
         if len(qn) != nq:
             raise InputError(f"{nq} old-side queries but {len(qn)} new-side queries")
         new_res = self._search_part(qn, k, views.get(new_space))
@@ -285,7 +285,7 @@ class BackfillSearcher:
             maps = [self.calibration.old, self.calibration.new]
         out = merge_results([old_res, new_res], k, maps=maps)
         self.cost.add_ms("merge", time.perf_counter() - t)
-        return out
+        return SearchResult(out.scores, out.ids, {sp: v.generation for sp, v in views.items()})
 
     def _search_part(self, q: np.ndarray, k: int, view: Any) -> SearchResult:
         if view is None or not view.count:
