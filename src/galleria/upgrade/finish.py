@@ -215,6 +215,6 @@ def _clean_up(gallery: Gallery, state: UpgradeState) -> None:
     gallery.compact(new)
     gallery.build_index(new, save=True)
     shutil.rmtree(job_folder(gallery), ignore_errors=True)
-    gallery.delete_setting(FINISHING_KEY)
     with contextlib.suppress(GalleriaError, OSError):
         gallery.backup()
+    gallery.delete_setting(FINISHING_KEY)  # the last step: until here, finish resumes
