@@ -31,43 +31,49 @@ MERGE_FRACTION = 0.05
 
 
 class IdMap:
-    """int64 key -> string id, for the keys of one view (keys never change their id)."""
+    """int64 key -> string id, for the keys of one view (keys never change their id).
+
+    A sorted base table plus a small sorted overlay of keys added since; both are
+    looked up with ``searchsorted`` (no Python loop per result).
+    """
 
     def __init__(self, keys: np.ndarray, ids: Sequence[str] | np.ndarray) -> None:
-        keys = np.asarray(keys, dtype=np.int64)
-        order = np.argsort(keys, kind="stable")
-        self.keys = keys[order]
-        self.ids = np.asarray(list(ids), dtype=object)[order] if len(keys) else \
-            np.empty(0, dtype=object)
-        self.extra: dict[int, str] = {}
+        self.keys, self.ids = _sorted_table(np.asarray(keys, dtype=np.int64), ids)
+        self.extra_keys = np.zeros(0, np.int64)
+        self.extra_ids = np.empty(0, dtype=object)
 
     def with_added(self, keys: Sequence[int], ids: Sequence[str]) -> IdMap:
-        """A new map that also knows ``keys`` (merges into the arrays when it grows)."""
+        """A new map that also knows ``keys`` (merged into the base when the overlay grows)."""
         new = IdMap.__new__(IdMap)
-        new.keys, new.ids = self.keys, self.ids
-        new.extra = {**self.extra, **{int(k): str(i) for k, i in zip(keys, ids, strict=True)}}
-        if len(new.extra) > max(MERGE_MIN, len(new.keys) // 8):
-            ks = np.fromiter(new.extra, dtype=np.int64, count=len(new.extra))
-            allk = np.concatenate([new.keys, ks])
-            alli = np.concatenate([new.ids, np.asarray(list(new.extra.values()), dtype=object)])
-            order = np.argsort(allk, kind="stable")
-            new.keys, new.ids, new.extra = allk[order], alli[order], {}
+        ek = np.concatenate([self.extra_keys, np.asarray(keys, dtype=np.int64)])
+        ei = np.concatenate([self.extra_ids, np.asarray(list(ids), dtype=object)])
+        if len(ek) > max(MERGE_MIN, len(self.keys) // 8):
+            new.keys, new.ids = _sorted_table(np.concatenate([self.keys, ek]),
+                                              np.concatenate([self.ids, ei]))
+            new.extra_keys, new.extra_ids = np.zeros(0, np.int64), np.empty(0, dtype=object)
+        else:
+            new.keys, new.ids = self.keys, self.ids
+            new.extra_keys, new.extra_ids = _sorted_table(ek, ei)
         return new
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
         """Object array of ids (``None`` for -1 / unknown keys), same shape as ``keys``."""
         keys = np.asarray(keys, dtype=np.int64)
         out = np.full(keys.shape, None, dtype=object)
-        if len(self.keys):
-            pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
-            hit = (self.keys[pos] == keys) & (keys != MISSING_KEY)
-            out[hit] = self.ids[pos[hit]]
-        if self.extra:
-            flat_k, flat_o = keys.reshape(-1), out.reshape(-1)
-            for n, k in enumerate(flat_k):
-                if flat_o[n] is None and int(k) in self.extra:
-                    flat_o[n] = self.extra[int(k)]
+        for tk, ti in ((self.keys, self.ids), (self.extra_keys, self.extra_ids)):
+            if len(tk):
+                pos = np.minimum(np.searchsorted(tk, keys), len(tk) - 1)
+                hit = (tk[pos] == keys) & (keys != MISSING_KEY)
+                out[hit] = ti[pos[hit]]
         return out
+
+
+def _sorted_table(keys: np.ndarray, ids: Sequence[str] | np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    if not len(keys):
+        return np.zeros(0, np.int64), np.empty(0, dtype=object)
+    order = np.argsort(keys, kind="stable")
+    return keys[order], np.asarray(list(ids), dtype=object)[order]
 
 
 @dataclass(frozen=True)
