@@ -175,15 +175,17 @@ json.dump(rows, open(out, "w"))
 
 @pytest.mark.shared
 def test_readers_during_galleria_index_never_see_a_partial_gallery(tmp_path, require_shared):
-    """`galleria index --batch-size 1 --commit-every 1` of 500 SMVS images while a fresh
+    """`galleria index --batch-size 1 --commit-every 1` of 200 SMVS images (500 in bench_store.py) while a fresh
     reader process (a new Gallery per search) and a long-lived Searcher search in loops."""
     smvs = require_shared("smvs_dvd_covers")
-    imgs = sorted(p for p in smvs.rglob("*.jpg"))[:500]
-    assert len(imgs) == 500
+    # 200 in the default suite (CI time); bench_store.py runs the same scenario with all 500
+    n = int(os.environ.get("GALLERIA_READERS_IMAGES", "200"))
+    imgs = sorted(p for p in smvs.rglob("*.jpg"))[:n]
+    assert len(imgs) == n
     src = tmp_path / "src"
     src.mkdir()
-    for n, p in enumerate(imgs):
-        (src / f"{n:03d}-{p.name}").symlink_to(p)
+    for j, p in enumerate(imgs):
+        (src / f"{j:03d}-{p.name}").symlink_to(p)
     out = tmp_path / "g"
     env = _env()
     index = subprocess.Popen(
@@ -213,10 +215,10 @@ def test_readers_during_galleria_index_never_see_a_partial_gallery(tmp_path, req
         assert all(c >= b for b, c in rows), [r for r in rows if r[1] < r[0]][:5]
         assert all(b2 >= a2 for a2, b2 in itertools.pairwise(covered)), \
             "coverage decreased"
-        assert covered[-1] == 500, f"{res.name}: last search covered {covered[-1]} of 500"
+        assert covered[-1] == n, f"{res.name}: last search covered {covered[-1]} of {n}"
     with Gallery.open(out) as g:
         fresh = g.search(np.eye(1, 1280, dtype=np.float32), 1000, space=g.primary_space)
-        assert sum(1 for i in fresh.ids[0] if i is not None) == 500
+        assert sum(1 for i in fresh.ids[0] if i is not None) == n
 
 
 WRITER = r"""

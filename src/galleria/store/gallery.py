@@ -126,8 +126,15 @@ class Gallery:
 
     @classmethod
     def open_or_create(cls, path: str | os.PathLike[str]) -> Gallery:
+        """Open ``path``, or create it; safe when several processes race to create it."""
         p = Path(path)
-        return cls.open(p) if (p / HEADER).exists() else cls.create(p)
+        if (p / HEADER).exists():
+            return cls.open(p)
+        if p.exists() and not p.is_dir():
+            raise InputError(f"{p} exists and is not a folder")
+        p.mkdir(parents=True, exist_ok=True)
+        with WriterLock(p).hold():  # the first process creates, the others open
+            return cls.open(p) if (p / HEADER).exists() else cls.create(p)
 
     def close(self) -> None:
         self.db.close()
