@@ -175,8 +175,9 @@ json.dump(rows, open(out, "w"))
 
 @pytest.mark.shared
 def test_readers_during_galleria_index_never_see_a_partial_gallery(tmp_path, require_shared):
-    """`galleria index --batch-size 1 --commit-every 1` of 200 SMVS images (500 in bench_store.py) while a fresh
-    reader process (a new Gallery per search) and a long-lived Searcher search in loops."""
+    """`galleria index --batch-size 1 --commit-every 1` of 200 SMVS images (500 in
+    bench_store.py) while a fresh reader process (a new Gallery per search) and a
+    long-lived Searcher search in loops."""
     smvs = require_shared("smvs_dvd_covers")
     # 200 in the default suite (CI time); bench_store.py runs the same scenario with all 500
     n = int(os.environ.get("GALLERIA_READERS_IMAGES", "200"))
