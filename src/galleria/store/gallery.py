@@ -542,7 +542,7 @@ class Gallery:
         The caller names the model that made the queries (``fingerprint``) or the
         space they belong to (``space``); when both are given they must agree (a
         CompatibilityError names both otherwise), so vectors of another model are
-        never compared. ``k`` is clamped to the space's size.
+        never compared. ``k`` is clamped to the space's size (the result has ``min(k, items)`` columns).
         ``dim`` / ``funnel=(shortlist_dim, shortlist)``: adaptive-size search on a
         ``prefix`` index. Returns string ids (``None`` for missing results).
         """
@@ -575,13 +575,9 @@ class Gallery:
             raise InputError(
                 f"the index of {space!r} is {view.spec!r}; prefix and funnel search need a "
                 "'prefix' index (galleria index ... --index prefix)")
-        kk = max(1, min(k, view.count))
-        res = view.search_ids(q, kk, dim=dim, funnel=funnel)
-        if kk < k:
-            pad = SearchResult.empty(len(q), k, object_ids=True)
-            pad.scores[:, :kk], pad.ids[:, :kk] = res.scores, res.ids
-            return SearchResult(pad.scores, pad.ids, res.generation)
-        return res
+        # k is clamped to the space: a result has min(k, items) columns (k = 1e9 allocates
+        # nothing extra)
+        return view.search_ids(q, max(1, min(k, view.count)), dim=dim, funnel=funnel)
 
     # ------------------------------------------------------------- integrity
     def check(self, *, deep: bool = True) -> Any:
