@@ -59,12 +59,15 @@ async function pollUpgrade() {
       $("upgrade-fill").style.width = pct + "%";
       $("upgrade-bar").setAttribute("aria-valuenow", pct);
       $("upgrade-models").textContent = `${short(st.old_space)} → ${short(st.new_space)}`;
+      const running = st.running || (st.server_run && st.server_run.running);
       const rate = st.items_per_s ? `${st.items_per_s.toFixed(1)} items/s` : "";
-      const eta = st.eta_s != null && st.remaining ? `, ETA ${Math.round(st.eta_s)} s` : "";
-      const run = st.running || (st.server_run && st.server_run.running) ? "running" : "paused";
+      const eta = running && st.eta_s != null && st.remaining ?
+        `, ETA ${Math.round(st.eta_s)} s` : "";
       $("upgrade-text").textContent =
-        `${pct} % (${st.done} of ${st.total} items on the new model) · ${run}` +
-        (rate ? ` · ${rate}${eta}` : "");
+        `${pct} % (${st.done} of ${st.total} items on the new model) · ` +
+        (running ? "running" : "paused: run `galleria upgrade run` or POST /v1/upgrade") +
+        (rate ? ` · last run ${rate}${eta}` : "");
+      if (!state.info || !state.info.upgrade) loadInfo();
       next = 1500;
     } else if (!$("upgrade").hidden) {
       $("upgrade").hidden = true;
@@ -92,7 +95,9 @@ function metaText(meta) {
 function render(resp, label) {
   const grid = $("results");
   grid.innerHTML = "";
-  const gen = typeof resp.generation === "object" ? JSON.stringify(resp.generation) : resp.generation;
+  const gen = typeof resp.generation === "object" ?
+    Object.entries(resp.generation).map(([s, g]) => `${short(s)}: ${g}`).join(", ") :
+    resp.generation;
   message(`${resp.results.length} results for ${label} · model ${short(resp.model)}` +
     (resp.merge ? ` (merging two models: ${resp.merge.rule})` : "") + ` · generation ${gen}`);
   resp.results.forEach((r, n) => {
