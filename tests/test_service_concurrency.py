@@ -30,9 +30,9 @@ from _service import ProcessServer, env, galleria_cmd
 
 pytest.importorskip("fastapi")
 
-from galleria.extract.job import index_images  # noqa: E402
-from galleria.service.audit import StoreRecorder, check_response  # noqa: E402
-from galleria.store.gallery import Gallery  # noqa: E402
+from galleria.extract.job import index_images
+from galleria.service.audit import StoreRecorder, check_response
+from galleria.store.gallery import Gallery
 
 TOKEN = "tok-concurrency-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -151,7 +151,7 @@ def test_answers_equal_brute_force_while_other_processes_index_remove_and_upgrad
                  "--commit-every", "4", "--batch-size", "4", "-q")
             _run("remove", str(g), "c000.png", "c001.png", "b000.png",
                  *[f"{i:03d}.png" for i in range(5)])
-            out, err = run.communicate(timeout=120)
+            _, err = run.communicate(timeout=120)
             assert run.returncode == 0, err
             cl.wait_for(10)
             _run("upgrade", "run", str(g), "-q")  # the late items
