@@ -236,6 +236,8 @@ def _corpus(photos, dim: int, model: str) -> list[tuple[str, dict, int]]:
         ("k = 'ten'", {"url": s, "files": {"image": ("c.jpg", jpg, "image/jpeg")},
                        "data": {"k": "ten"}}, 400),
         ("offset = -1", {"url": s, **js({"id": "coffee.jpg", "offset": -1})}, 400),
+        ("a pipeline the gallery lacks", {"url": s, **js({"id": "coffee.jpg",
+                                                          "pipeline": "local"})}, 422),
         ("image field that is not a file", {"url": s, "files": {"other": ("o", b"x")},
                                             "data": {"image": "text"}}, 400),
         ("batch that is not a list", {"url": s + "/batch", **js({"queries": "x"})}, 400),

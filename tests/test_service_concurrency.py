@@ -58,7 +58,7 @@ class Clients:
     """``n`` threads searching in a loop with seeded random queries until stopped (a pause
     between requests leaves the writers some CPU on a 2-core machine)."""
 
-    def __init__(self, url: str, queries: list[bytes], n: int = 3, pause_s: float = 0.04
+    def __init__(self, url: str, queries: list[bytes], n: int = 3, pause_s: float = 0.08
                  ) -> None:
         self.url, self.queries, self.pause_s = url, queries, pause_s
         self.responses: list[list[tuple[int, dict]]] = [[] for _ in range(n)]
@@ -121,7 +121,6 @@ def test_answers_equal_brute_force_while_other_processes_index_remove_and_upgrad
     g = tmp_path / "g"
     index_images(_images(tmp_path / "a", 60, 0), g, extractor=_tiny.tiny(1), batch_size=8)
     more = _images(tmp_path / "b", 30, 1, "b")
-    late = _images(tmp_path / "c", 15, 2, "c")
     queries = [p.read_bytes() for p in sorted(_images(tmp_path / "q", 8, 3).glob("*.png"))]
     (tmp_path / "token").write_text(TOKEN)
     rec = StoreRecorder(g).start(interval_s=0.05)
@@ -144,26 +143,21 @@ def test_answers_equal_brute_force_while_other_processes_index_remove_and_upgrad
                                    env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    text=True)
             deadline = time.monotonic() + 60
-            while _space_counts(g).get(new, 0) == 0:  # the run has chosen its items
+            while _space_counts(g).get(new, 0) == 0:  # the run is moving items
                 assert time.monotonic() < deadline and run.poll() is None, run.stderr
                 time.sleep(0.02)
-            _run("index", str(late), "--out", str(g), "--model", "tiny-test",
-                 "--commit-every", "4", "--batch-size", "4", "-q")
-            _run("remove", str(g), "c000.png", "c001.png", "b000.png",
-                 *[f"{i:03d}.png" for i in range(5)])
+            _run("remove", str(g), "b000.png", *[f"{i:03d}.png" for i in range(7)])
             _, err = run.communicate(timeout=120)
             assert run.returncode == 0, err
-            cl.wait_for(10)
-            _run("upgrade", "run", str(g), "-q")  # the late items
             cl.wait_for(10)
             rec.poll()
             rec.keep_pairs()  # finish deletes the job's calibration pairs
             _run("upgrade", "finish", str(g))
             cl.wait_for(15)
-        srv.start()  # the same gallery, a fresh server: the same answers
-        with httpx.Client(base_url=srv.url, timeout=60) as c:
-            final = c.post("/v1/search", files={"image": ("q.png", queries[0], "image/png")},
-                           data={"k": 8, "return_query": "true"}).json()
+            with httpx.Client(base_url=srv.url, timeout=60) as c:
+                final = c.post("/v1/search", files={"image": ("q.png", queries[0],
+                                                              "image/png")},
+                               data={"k": 8, "return_query": "true"}).json()
         rec.poll()
         gen_now = rec.g.generation(new)
     finally:
@@ -171,7 +165,7 @@ def test_answers_equal_brute_force_while_other_processes_index_remove_and_upgrad
         rec.stop()
     assert not cl.errors, cl.errors[:5]
     counts = _space_counts(g)
-    assert counts == {new: 60 + 30 + 15 - 5 - 3}
+    assert counts == {new: 60 + 30 - 8}
     phases = {"plain-old": 0, "backfill": 0, "plain-new": 0}
     verified = unverifiable = 0
     bad = []
@@ -201,11 +195,15 @@ def test_answers_equal_brute_force_while_other_processes_index_remove_and_upgrad
     assert all(n >= 5 for n in phases.values()), phases
     assert any(r.get("merge", {}).get("calibration", {}).get("kind", "").startswith("znorm")
                for rows in cl.responses for _, r in rows)  # calibrated merges were checked
-    # the long-lived server followed every commit without a restart, as a fresh one does
+    # the long-lived server followed every commit without a restart; a fresh library
+    # searcher (a new reader) gives the same answer as its last one
     for rows in cl.responses:
         assert rows[-1][1]["model"] == new and rows[-1][1]["generation"] == gen_now
     assert final["model"] == new and final["generation"] == gen_now
     assert check_response(rec, final).ok and not check_response(rec, final).problem
+    with Gallery.open(g) as fresh:
+        res = fresh.search(np.asarray(final["query"][new], np.float32)[None], 8, space=new)
+    assert [i for i, _ in res.row(0)] == [h["id"] for h in final["results"]]
 
 
 def test_kill9_during_uploads_loses_nothing_committed(tmp_path):

@@ -58,6 +58,8 @@ class StoreRecorder:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.pairs: tuple[list[str], np.ndarray, np.ndarray] | None = None
+        self._members: dict[tuple[str, int], dict[int, int]] = {}
+        self._states: dict[tuple[str, int], tuple[list[str], np.ndarray]] = {}
         self._start()
 
     def _start(self) -> None:
@@ -144,8 +146,12 @@ class StoreRecorder:
     def members(self, space: str, gen: int) -> dict[int, int]:
         """``key -> add generation`` of the keys in ``space`` at generation ``gen``."""
         with self._lock:
+            hit = self._members.get((space, gen))
+            if hit is not None:
+                return hit
             ops = list(self.ops.get(space, ()))
             base = set(self.baseline.get(space, set()))
+            final = gen <= self.last_gen  # nothing later polled can change it
         if space in self.baseline_gen and gen < self.baseline_gen[space]:
             raise Unverifiable(f"generation {gen} of {space} predates the recorder")
         state: dict[int, int] = {k: -1 for k in base}
@@ -156,10 +162,16 @@ class StoreRecorder:
                 state[key] = g
             else:
                 state.pop(key, None)
+        if final:
+            with self._lock:
+                self._members[(space, gen)] = state
         return state
 
     def state(self, space: str, gen: int) -> tuple[list[str], np.ndarray]:
         """``(ids, vectors (N, D))`` of ``space`` at ``gen`` (Unverifiable: a vector unseen)."""
+        hit = self._states.get((space, gen))
+        if hit is not None:
+            return hit
         mem = self.members(space, gen)
         ids, vecs = [], []
         for key, added in sorted(mem.items()):
@@ -169,9 +181,12 @@ class StoreRecorder:
                                    f"{added}) was not seen")
             ids.append(self.ids.get(key, f"<key {key}>"))
             vecs.append(v)
-        if not vecs:
-            return [], np.zeros((0, 0), np.float32)
-        return ids, np.stack(vecs)
+        out = (ids, np.stack(vecs)) if vecs else ([], np.zeros((0, 0), np.float32))
+        if (space, gen) in self._members:  # final: keep the last few states
+            if len(self._states) >= 8:
+                self._states.pop(next(iter(self._states)))
+            self._states[(space, gen)] = out
+        return out
 
     def member_ids(self, space: str, gen: int) -> set[str]:
         return {self.ids.get(k, f"<key {k}>") for k in self.members(space, gen)}

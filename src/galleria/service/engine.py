@@ -119,6 +119,15 @@ class ModelCache:
         with self._lock:
             return sorted(self._models)
 
+    def retain(self, keep: set[str]) -> list[str]:
+        """Forget models not in ``keep`` (e.g. the old model after an upgrade finished);
+        returns their fingerprints. Requests still using one keep their reference."""
+        with self._lock:
+            gone = [fp for fp in self._models if fp not in keep]
+            for fp in gone:
+                del self._models[fp]
+        return gone
+
 
 def share_models(searcher: Any, models: ModelCache) -> Any:
     """Give ``searcher`` the process's shared model instances (attributes ``*extractor``)."""
@@ -270,13 +279,20 @@ class Engine:
                 raise ServiceError(409, "empty_gallery",
                                    f"gallery {self.path.name} has no embedding space yet: add "
                                    "items first (POST /v1/items or `galleria index`)")
-            try:
-                s = open_searcher(self.gallery, pipeline=None if pipeline == "global"
-                                  else pipeline, rule=self.config.rule,
-                                  runtime=self.config.runtime, threads=self.config.threads)
-            except ImportError as exc:
-                raise unprocessable(f"pipeline {pipeline!r} is not available in this "
-                                    f"installation ({exc}); use pipeline=global") from exc
+            for attempt in range(3):
+                try:
+                    s = open_searcher(self.gallery, pipeline=None if pipeline == "global"
+                                      else pipeline, rule=self.config.rule,
+                                      runtime=self.config.runtime, threads=self.config.threads)
+                    break
+                except ImportError as exc:
+                    raise unprocessable(f"pipeline {pipeline!r} is not available in this "
+                                        f"installation ({exc}); use pipeline=global") from exc
+                except GalleriaError:  # the state changed while opening (a finish): again
+                    fresh = (*self.state_token(), self._calib_epoch)
+                    if attempt == 2 or fresh == token:
+                        raise
+                    token = fresh
             share_models(s, self.models)
             self._searchers[pipeline] = (token, s)
             log.info("searching %s with %s", pipeline, describe(s))
@@ -296,9 +312,13 @@ class Engine:
             if self._pairs_seen is not None and n != self._pairs_seen:
                 self._calib_epoch += 1  # more calibration pairs: the next search re-opens
             self._pairs_seen = n
+        reopened = False
         for pipeline, (tok, _) in list(self._searchers.items()):
             if tuple(tok[:-1]) != token or tok[-1] != self._calib_epoch:
                 self.searcher(pipeline)
+                reopened = True
+        if reopened:
+            self._drop_unused_models(st)
         spaces: list[str] = []
         for _, s in self._searchers.values():
             spaces += [sp for sp in searched_spaces(s) if sp not in spaces]
@@ -306,6 +326,22 @@ class Engine:
             self.gallery.views(spaces)
         self.refreshes += 1
         self._gauges(st)
+
+    def _drop_unused_models(self, st: UpgradeState | None) -> None:
+        """Keep the models of the current searchers, the spaces holding data and the
+        upgrade's new model; forget the others (memory stays flat over upgrades)."""
+        keep: set[str] = set()
+        for _, s in self._searchers.values():
+            for attr in ("extractor", "old_extractor", "new_extractor", "query_extractor"):
+                ext = getattr(s, attr, None)
+                if isinstance(ext, Extractor):
+                    keep.add(ext.fingerprint)
+        keep.update(sp.space for sp in self.gallery.spaces())
+        if st is not None:
+            keep.add(st.new_space)
+        gone = self.models.retain(keep)
+        if gone:
+            log.info("released models no longer used: %s", gone)
 
     def _gauges(self, st: UpgradeState | None) -> None:
         m = self.metrics
@@ -351,10 +387,15 @@ class Engine:
         """Answer queries (one search over all usable ones); per query a response or an
         ``{"error": ...}`` entry."""
         prepared = [self.prepare(s) for s in specs]
-        for _attempt in range(3):
+        for attempt in range(3):
             token, searcher = self.searcher(pipeline)
-            out = self._search_once(searcher, specs, prepared, k=k, offset=offset,
-                                    return_query=return_query)
+            try:
+                out = self._search_once(searcher, specs, prepared, k=k, offset=offset,
+                                        return_query=return_query)
+            except GalleriaError:  # e.g. the old space dropped by a finish meanwhile
+                if attempt == 2 or self.state_token() == tuple(token[:-1]):
+                    raise
+                continue
             if self.state_token() == tuple(token[:-1]):
                 return out
             log.info("search state changed during a search; answering again")
