@@ -441,7 +441,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
             return await writes.run(upgrades.start, model, model_options=mopts, **opts)
         if action == "run":
             lim = body.get("limit")
-            return upgrades.run(
+            return await writes.run(  # may load the new model: not on the event loop
+                upgrades.run,
                 limit=None if lim is None else parse_int(lim, "limit", 1, 10**9, 1),
                 batch_size=parse_int(body.get("batch_size"), "batch_size", 1, 256, 16),
                 commit_every=parse_int(body.get("commit_every"), "commit_every", 1, 4096, 64),

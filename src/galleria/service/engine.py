@@ -26,7 +26,7 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +72,6 @@ class ServiceConfig:
     threads: int | None = None
     rule: str = "auto"
     warm_up: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------- models

@@ -84,11 +84,6 @@ class WorkerPool:
         call = functools.partial(ctx.run, self._wrap, fn, *args, **kw)
         return await loop.run_in_executor(self._pool, call)
 
-    def submit_sync(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
-        """Run in the pool from a non-async thread and wait (used by tests)."""
-        self._admit()
-        return self._pool.submit(self._wrap, fn, *args, **kw).result()
-
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
