@@ -13,6 +13,7 @@ Commands (``galleria COMMAND --help`` for options)::
     galleria repair G                     restore the database, re-embed lost data, rebuild
     galleria fit-transform G --kind aesvc --dim 128 --out T [--apply]
     galleria export-onnx --model M --out F.onnx
+    galleria serve G [--port 8080]        search API + web UI (docs at /docs)
 """
 
 from __future__ import annotations
@@ -136,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     from galleria.cli.upgrade import add_upgrade_parser
 
     add_upgrade_parser(sub)
+
+    from galleria.cli.serve import add_serve_parser
+
+    add_serve_parser(sub)
 
     s = sub.add_parser("export-onnx", help="export an extractor to ONNX (+ .json sidecar)")
     add_model_args(s)

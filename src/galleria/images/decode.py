@@ -243,3 +243,43 @@ def content_hash(path: str | os.PathLike[str], *, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return HASH_PREFIX + h.hexdigest()
+
+
+def load_image_bytes(
+    data: bytes,
+    *,
+    name: str = "upload",
+    max_pixels: int | None = None,
+    min_side: int = MIN_SIDE,
+) -> Image.Image:
+    """Decode image bytes held in memory (an upload) like :func:`load_image`.
+
+    Args:
+        data: the encoded file.
+        name: how errors name the input.
+        max_pixels: refuse images with more pixels than this (checked from the
+            header, before decoding); default PIL's decompression-bomb limit.
+            A service passes its own, lower limit: no process-wide setting changes.
+
+    Raises:
+        ImageDecodeError: empty, not an image, truncated or corrupt, too many
+            pixels, or smaller than ``min_side``.
+    """
+    p = Path(name)
+    if not data:
+        raise ImageDecodeError(p, "empty file (0 bytes)")
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            w, h = probe.size
+    except UnidentifiedImageError as exc:
+        raise ImageDecodeError(p, "not an image (unrecognised format)") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(p, f"too many pixels ({exc})") from exc
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise ImageDecodeError(p, f"corrupt image data ({exc})") from exc
+    if limit is not None and w * h > limit:
+        raise ImageDecodeError(
+            p, f"too many pixels ({w}x{h} = {w * h} > {limit}; a decompression bomb?)")
+    img = _decode(p, io.BytesIO(data))
+    return _finish(p, img, None, min_side)

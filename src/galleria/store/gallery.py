@@ -542,7 +542,8 @@ class Gallery:
         The caller names the model that made the queries (``fingerprint``) or the
         space they belong to (``space``); when both are given they must agree (a
         CompatibilityError names both otherwise), so vectors of another model are
-        never compared. ``k`` is clamped to the space's size (the result has ``min(k, items)`` columns).
+        never compared. ``k`` is clamped to the space's size (the result has
+        ``min(k, items)`` columns).
         ``dim`` / ``funnel=(shortlist_dim, shortlist)``: adaptive-size search on a
         ``prefix`` index. Returns string ids (``None`` for missing results).
         """
