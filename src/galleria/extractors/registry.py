@@ -96,9 +96,13 @@ def _local(fn: str) -> Callable[..., Extractor]:
     return make
 
 
+_BUILTINS: list[bool] = []
+
+
 def _builtins() -> None:
-    if _REGISTRY:
+    if _BUILTINS:
         return
+    _BUILTINS.append(True)
     register_model(
         "effnet-lite0",
         dim=1280,
