@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 
 from galleria.cli import commands
-from galleria.cli.common import add_model_args, add_run_args, key_value
+from galleria.cli.common import add_model_args, add_ray_args, add_run_args, key_value
 from galleria.errors import GalleriaError
 
 
@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vectors per commit (the most work a crash can lose)")
     s.add_argument("--json", action="store_true", help="print the report as JSON")
     add_run_args(s)
+    add_ray_args(s)
     s.set_defaults(func=commands.cmd_index)
 
     s = sub.add_parser("search", help="search a gallery with query images")

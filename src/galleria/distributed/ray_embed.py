@@ -190,6 +190,8 @@ class RayEmbedder:
         self._pool: list[_Actor] = []
         self._want = 0
         self.stats = {"chunks": 0, "retried_chunks": 0, "lost_actors": 0, "started_actors": 0}
+        self.served: dict[str, int] = {}
+        """Chunks embedded per node id."""
 
     # ------------------------------------------------------------ pool
     def _target(self) -> int:
@@ -236,6 +238,26 @@ class RayEmbedder:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def warm(self, extractor: Extractor, *, timeout_s: float = 600.0) -> float:
+        """Start the pool for ``extractor`` and wait until every actor has built its model;
+        returns the seconds it took (benchmarks separate start-up from throughput)."""
+        import ray
+
+        from galleria.distributed.cluster import unwrap_task_error
+
+        t0 = time.perf_counter()
+        self._ensure_pool(extractor)
+        try:
+            for a, info in zip(self._pool, ray.get([a.ready for a in self._pool],
+                                                   timeout=timeout_s), strict=True):
+                a.up, a.node = True, info["node"]
+        except ray.exceptions.GetTimeoutError as exc:
+            raise ClusterError(f"the embedding workers did not start within {timeout_s:g} s "
+                               "(does the cluster have the CPUs asked for?)") from exc
+        except ray.exceptions.RayTaskError as exc:
+            raise unwrap_task_error(exc) from None
+        return time.perf_counter() - t0
 
     def nodes(self) -> list[str]:
         """Node ids of the actors that are up."""
@@ -298,6 +320,7 @@ class RayEmbedder:
                     except ray.exceptions.RayTaskError as exc:
                         raise unwrap_task_error(exc) from None
                     self.stats["chunks"] += 1
+                    self.served[actor.node] = self.served.get(actor.node, 0) + 1
                     if progress is not None:
                         progress.update(len(chunks[c]))
                     yield from batches
