@@ -42,8 +42,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
-import _common as C  # noqa: E402
-from _raycluster import ROOT, sim_cluster  # noqa: E402
+import _common as C
+from _raycluster import ROOT, sim_cluster
 
 
 def _items(limit: int | None) -> list[Any]:
@@ -324,7 +324,7 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     out["load_end"] = os.getloadavg()
     name = "ray-quick" if args.quick else "ray"
-    C.write_result(name, out, _markdown(out))
+    C.write_results(name, out, _markdown(out))
 
 
 def _markdown(r: dict[str, Any]) -> str:

@@ -180,15 +180,16 @@ def test_sharded_search_while_a_writer_commits(cluster, tmp_path):
             for b in range(10):
                 ids = [f"w{b}-{i}" for i in range(30)]
                 vecs = extra[b * 30 : (b + 1) * 30]
-                w.add(ids, vecs, space=space)
                 cur = dict(states[max(states)])
                 cur.update(zip(ids, vecs, strict=True))
+                w.add(ids, vecs, space=space)
+                states[w.generation(space)] = dict(cur)  # every commit's state
                 if b % 3 == 2:
                     gone = sorted(cur)[:5]
-                    w.remove(gone)
                     for i in gone:
                         cur.pop(i)
-                states[w.generation(space)] = cur
+                    w.remove(gone)
+                    states[w.generation(space)] = dict(cur)
                 time.sleep(0.05)
         finally:
             w.close()

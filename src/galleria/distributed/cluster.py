@@ -99,6 +99,7 @@ def connect(address: str, *, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
     """
     ray = require_ray()
     if ray.is_initialized():
+        _check_same_cluster(ray, address)
         return Session(address, owned=False)
     check_reachable(address, min(timeout_s, 10.0))
     opts: dict[str, Any] = {"address": address, "namespace": NAMESPACE,
@@ -128,6 +129,29 @@ def connect(address: str, *, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
                            f"{type(exc).__name__}: {exc}") from exc
     log.info("connected to the Ray cluster at %s", address)
     return Session(address, owned=True)
+
+
+def _check_same_cluster(ray: Any, address: str) -> None:
+    """A process talks to one Ray cluster: refuse another address than the connected one."""
+    want = parse_address(address)
+    try:
+        have = parse_address(ray.get_runtime_context().gcs_address)
+    except Exception:  # not knowable (client mode): trust the caller
+        return
+    if want is None or have is None or (want[1] == have[1] and (
+            want[0] == have[0] or _is_local(want[0]) or _is_local(have[0]))):
+        return
+    raise ClusterError(f"this process is already connected to the Ray cluster at "
+                       f"{have[0]}:{have[1]}; it cannot also use {address}")
+
+
+def _is_local(host: str) -> bool:
+    if host in ("localhost", "127.0.0.1", "::1"):
+        return True
+    try:
+        return host in socket.gethostbyname_ex(socket.gethostname())[2]
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
