@@ -208,12 +208,14 @@ def kill_worker(sim: Any, items: list[Any], out: Path, ref: dict[str, np.ndarray
     t0 = time.perf_counter()
     try:
         th.start()
-        rep = index_images(items, out, extractor=_ext(1), embedder=emb, batch_size=32)
+        rep = index_images(items, out, extractor=_ext(1), embedder=emb, batch_size=32,
+                           flush_every=64)
     finally:
         th.join(60)
         emb.close()
     first = {"embedded": rep.embedded, "seconds": round(time.perf_counter() - t0, 2),
-             **emb.stats, "killed_at": state.get("killed_at")}
+             **emb.stats, "killed_at": state.get("killed_at"),
+             "killed_mid_run": (state.get("killed_at") or len(items)) < len(items)}
     again = index_images(items, out, extractor=_ext(2))
     sim.add_node(1)
     return {"images": len(items), "run": first, "rerun_embedded": again.embedded,
@@ -228,7 +230,7 @@ def kill_driver(sim: Any, items: list[Any], out: Path, ref: dict[str, np.ndarray
     manifest.write_text("id,path\n" + "".join(f"{it.id},{it.path}\n" for it in items))
     code = ("import sys\nfrom galleria.distributed.ray_embed import ray_index_images\n"
             "ray_index_images(sys.argv[1], sys.argv[2], address=sys.argv[3], "
-            "model='effnet-lite0', threads=1, batch_size=32)\n")
+            "model='effnet-lite0', threads=1, batch_size=32, flush_every=64)\n")
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT / 'tests'}"}
     p = subprocess.Popen([sys.executable, "-c", code, str(manifest), str(out), sim.address],
                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -250,6 +252,7 @@ def kill_driver(sim: Any, items: list[Any], out: Path, ref: dict[str, np.ndarray
     rep = ray_index_images(manifest, out, address=sim.address, model="effnet-lite0",
                            threads=1, batch_size=32)
     return {"images": len(items), "killed": killed, "killed_at": state.get("killed_at"),
+            "killed_mid_run": killed and done < len(items),
             "stored_after_kill": done, "rerun_embedded": rep.embedded,
             "rerun_already_done": rep.already_done,
             "rerun_seconds": round(time.perf_counter() - t0, 2),
@@ -266,7 +269,7 @@ def main() -> None:
     ap.add_argument("--single", type=int, default=100, help="one-at-a-time queries")
     args = ap.parse_args()
     if args.quick:
-        args.limit, args.throughput, args.kill = args.limit or 300, 120, 160
+        args.limit, args.throughput, args.kill = args.limit or 300, 120, 300
         args.queries, args.single = 100, 20
     from galleria.search.searcher import Searcher
     from galleria.store.gallery import Gallery
@@ -352,11 +355,13 @@ def _markdown(r: dict[str, Any]) -> str:
         kw, kd = r3["kill_worker"], r3["kill_driver"]
         lines.append(f"| worker node killed at {kw['run']['killed_at']} stored | {kw['images']} |"
                      f" {kw['ids_equal']} | {kw['exactly_once']} | {kw['max_abs_diff']:.2e} | "
-                     f"run finished on the others: {kw['run']['lost_actors']} actors lost, "
+                     f"killed mid-run: {kw['run']['killed_mid_run']}; the run finished on the "
+                     f"other nodes: {kw['run']['lost_actors']} actors lost, "
                      f"{kw['run']['retried_chunks']} chunks re-run; re-run embedded "
                      f"{kw['rerun_embedded']} |")
         lines.append(f"| driver killed (SIGKILL) at {kd['killed_at']} stored | {kd['images']} | "
                      f"{kd['ids_equal']} | {kd['exactly_once']} | {kd['max_abs_diff']:.2e} | "
+                     f"killed mid-run: {kd['killed_mid_run']}; "
                      f"re-run embedded {kd['rerun_embedded']} = the rest "
                      f"({kd['rerun_already_done']} already there) |")
         s = r3["search"]
