@@ -4,6 +4,7 @@ Commands (``galleria COMMAND --help`` for options)::
 
     galleria models                       list extractors (dim, input size, source)
     galleria index SRC --model M --out G  embed a folder/manifest into gallery G
+                                          (--ray ADDRESS: embed on a Ray cluster)
     galleria search G IMAGE... -k K       search (--json, --html OUT)
     galleria eval --dataset NAME          official protocols on ../shared/datasets
     galleria eval --manifest CSV          your own labelled images
