@@ -259,6 +259,38 @@ def kill_driver(sim: Any, items: list[Any], out: Path, ref: dict[str, np.ndarray
             **_compare(out, ref, [it.id for it in items])}
 
 
+def committer(n: int, dim: int = 1280, batch: int = 512) -> dict[str, Any]:
+    """How fast the one committer stores vectors (gallery.add of real-size batches: segment
+    file + fsync + one transaction each), and what the id map of a shard costs per item."""
+    import tracemalloc
+
+    from galleria.store.gallery import Gallery
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-commit-"))
+    try:
+        g = Gallery.create(tmp / "g")
+        t0 = time.perf_counter()
+        for b in range(n // batch):
+            ids = [f"img/{b:06d}/{i:04d}.jpg" for i in range(batch)]
+            g.add(ids, x, space="synthetic-1280", meta=[{"path": f"/data/{i}"} for i in ids])
+        secs = time.perf_counter() - t0
+        g.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    tracemalloc.start()
+    m = {int(k): f"img/{k // 512:06d}/{k % 512:04d}.jpg" for k in range(100_000)}
+    id_bytes = tracemalloc.get_traced_memory()[0] / len(m)
+    tracemalloc.stop()
+    del m
+    return {"vectors": (n // batch) * batch, "dim": dim, "batch": batch,
+            "seconds": round(secs, 2), "vectors_per_s": round((n // batch) * batch / secs, 1),
+            "shard_id_map_bytes_per_item": round(id_bytes, 1),
+            "note": "synthetic unit vectors (the committer does not look at their values)"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small subsets (smoke run)")
@@ -267,7 +299,25 @@ def main() -> None:
     ap.add_argument("--kill", type=int, default=1500, help="images per failure run")
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--single", type=int, default=100, help="one-at-a-time queries")
+    ap.add_argument("--committer", type=int, default=0, metavar="N",
+                    help="only measure the committer with N synthetic vectors "
+                         "(-> results/ray-committer.*)")
     args = ap.parse_args()
+    if args.committer:
+        res = {"machine": C.machine_info(2), "load_start": os.getloadavg(),
+               **committer(args.committer)}
+        res["load_end"] = os.getloadavg()
+        C.write_results("ray-committer", res, (
+            "# The one committer: store write rate (synthetic vectors)\n\n"
+            "| vectors | dim | batch | seconds | vectors/s | shard id map, bytes/item | "
+            "load start / end |\n|---:|---:|---:|---:|---:|---:|---|\n"
+            f"| {res['vectors']} | {res['dim']} | {res['batch']} | {res['seconds']} | "
+            f"{res['vectors_per_s']} | {res['shard_id_map_bytes_per_item']} | "
+            f"{res['load_start'][0]:.2f} / {res['load_end'][0]:.2f} |\n\n"
+            "gallery.add of batches of synthetic unit vectors (segment file + fsync + one "
+            "SQLite transaction per batch, under the writer lock): the ceiling of one "
+            "driver process. Reproduce: `python benchmarks/bench_ray.py --committer 51200`.\n"))
+        return
     if args.quick:
         args.limit, args.throughput, args.kill = args.limit or 300, 120, 300
         args.queries, args.single = 100, 20

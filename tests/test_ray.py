@@ -152,13 +152,23 @@ def test_sharded_search_equals_single_process(cluster, smvs_gallery):
         _assert_same(res, plain.search(q, 10))
         info = s.refresh()
         assert sum(i["count"] for i in info) == 290 and all(i["loads"] == 1 for i in info)
+        # a shard's process dies: Ray restarts it, it reloads its slice, the search is retried
+        import ray
+
+        pid = info[0]["pid"]
+        ray.kill(s._actors[0], no_restart=False)
+        _assert_same(s.search(q, 10), plain.search(q, 10))
+        assert s.refresh()[0]["pid"] != pid
+        with pytest.raises(ClusterError, match="cannot place 2 shards"):
+            ShardedSearcher(g, 2, cpus_per_shard=4, ready_timeout_s=3)
     finally:
         s.close()
         g.close()
 
 
 def test_sharded_search_while_a_writer_commits(cluster, tmp_path):
-    """Every result equals brute force over the items committed at its generation."""
+    """Two threads search while a writer commits: every result equals brute force over
+    the items committed at the generation it reports."""
     rng = np.random.default_rng(7)
     g = Gallery.create(tmp_path / "g")
     space, dim = "synthetic-16", 16
@@ -195,25 +205,36 @@ def test_sharded_search_while_a_writer_commits(cluster, tmp_path):
             w.close()
             stop.set()
 
-    t = threading.Thread(target=writer)
     queries = unit(8)
+    checked: list[set[int]] = [set(), set()]
+    errors: list[BaseException] = []
+
+    def reader(n: int) -> None:  # two threads share the searcher
+        try:
+            deadline = time.monotonic() + 120
+            while (not stop.is_set() or not checked[n]) and time.monotonic() < deadline:
+                res = s.search(queries, 5)
+                gen = res.generation
+                wait = time.monotonic() + 5
+                while gen not in states and time.monotonic() < wait:
+                    time.sleep(0.01)  # the writer records the state just after its commit
+                ids = sorted(states[gen])
+                x = np.stack([states[gen][i] for i in ids])
+                top = np.argsort(-(queries @ x.T), axis=1, kind="stable")[:, :5]
+                assert (res.ids == np.asarray(ids, dtype=object)[top]).all(), gen
+                checked[n].add(gen)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer)] + [
+        threading.Thread(target=reader, args=(n,)) for n in range(2)]
     try:
-        t.start()
-        checked = set()
-        deadline = time.monotonic() + 120
-        while (not stop.is_set() or not checked) and time.monotonic() < deadline:
-            res = s.search(queries, 5)
-            gen = res.generation
-            deadline_state = time.monotonic() + 5
-            while gen not in states and time.monotonic() < deadline_state:
-                time.sleep(0.01)  # the writer records the state just after its commit
-            ids = sorted(states[gen])
-            x = np.stack([states[gen][i] for i in ids])
-            top = np.argsort(-(queries @ x.T), axis=1, kind="stable")[:, :5]
-            assert (res.ids == np.asarray(ids, dtype=object)[top]).all()
-            checked.add(gen)
-        t.join(30)
-        assert len(checked) >= 2
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(150)
+        assert not errors, errors
+        assert all(len(c) >= 2 for c in checked), checked
     finally:
         stop.set()
         s.close()

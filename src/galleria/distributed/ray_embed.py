@@ -36,6 +36,7 @@ with one ``ray.wait`` loop. Measured overhead against the single-process job:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -268,7 +269,9 @@ class RayEmbedder:
                  batch_size: int = 32, workers: int = 2,
                  progress: Progress | None = None) -> Iterator[Batch]:
         """Embed ``items`` on the cluster; yields one Batch per chunk, as chunks finish."""
-        items = list(items)
+        # workers do not share this process's working directory: ship absolute paths
+        items = [it if it.path.is_absolute() else dataclasses.replace(it, path=it.path.absolute())
+                 for it in items]
         if not items:
             return
         import ray

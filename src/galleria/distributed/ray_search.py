@@ -211,16 +211,20 @@ class ShardedSearcher:
                 f"cannot place {self.shards} shards of {cpus_per_shard:g} CPU "
                 f"({self.strategy}) on the cluster's {n_nodes} nodes within "
                 f"{ready_timeout_s:g} s; use fewer shards or less CPU per shard") from exc
-        cls = ray.remote(ShardWorker)
-        th = max(1, round(cpus_per_shard))
-        self._actors = [
-            cls.options(num_cpus=cpus_per_shard, max_restarts=3, max_task_retries=3,
-                        scheduling_strategy=PlacementGroupSchedulingStrategy(
-                            self._pg, placement_group_bundle_index=i)).remote(
-                os.path.abspath(str(gallery.path)), self.space, i, self.shards, th)
-            for i in range(self.shards)]
-        self.shard_info = self._call([a.refresh.remote() for a in self._actors],
-                                     ready_timeout_s)
+        try:
+            cls = ray.remote(ShardWorker)
+            th = max(1, round(cpus_per_shard))
+            self._actors = [
+                cls.options(num_cpus=cpus_per_shard, max_restarts=3, max_task_retries=3,
+                            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                                self._pg, placement_group_bundle_index=i)).remote(
+                    os.path.abspath(str(gallery.path)), self.space, i, self.shards, th)
+                for i in range(self.shards)]
+            self.shard_info = self._call([a.refresh.remote() for a in self._actors],
+                                         ready_timeout_s)
+        except BaseException:
+            self.close()
+            raise
         self.generation = max(s["generation"] for s in self.shard_info)
 
     # ------------------------------------------------------------ contract
@@ -322,6 +326,9 @@ class ShardedSearcher:
             except Exception as exc:
                 log.debug("remove placement group: %s", exc)
             self._pg = None
+        if getattr(self, "_owns_gallery", False):
+            self.gallery.close()
+            self._owns_gallery = False
         sess = getattr(self, "_session", None)
         if sess is not None:
             sess.close()
@@ -345,12 +352,19 @@ def open_sharded_searcher(gallery: Gallery | str | os.PathLike[str], address: st
     from galleria.distributed.cluster import connect
 
     timeout = float(kw.pop("connect_timeout_s", 30.0))
-    g = gallery if isinstance(gallery, Gallery) else Gallery.open(gallery, readonly=True)
     sess = connect(address, timeout_s=timeout)
+    try:
+        g = gallery if isinstance(gallery, Gallery) else Gallery.open(gallery, readonly=True)
+    except BaseException:
+        sess.close()
+        raise
     try:
         s = ShardedSearcher(g, shards, **kw)
     except BaseException:
         sess.close()
+        if g is not gallery:
+            g.close()
         raise
     s._session = sess  # type: ignore[attr-defined]
+    s._owns_gallery = not isinstance(gallery, Gallery)  # type: ignore[attr-defined]
     return s
