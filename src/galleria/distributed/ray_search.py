@@ -273,7 +273,11 @@ class ShardedSearcher:
             results.append(SearchResult(scores, keys))
             names.update((int(kk), i) for kk, i in zip(keys.reshape(-1), ids, strict=True)
                          if i is not None)
+        total = sum(int((keys != MISSING_KEY).any(axis=0).sum()) for _, keys, _, _ in parts)
         merged = merge_top(results, k)
+        if total < k:  # k is clamped to the gallery, as Gallery.search does
+            found = int((merged.ids != MISSING_KEY).any(axis=0).sum())
+            merged = merged.head(max(1, found))
         out = np.full(merged.ids.shape, None, dtype=object)
         flat, fk = out.reshape(-1), merged.ids.reshape(-1)
         for n, kk in enumerate(fk):
