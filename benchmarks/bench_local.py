@@ -129,15 +129,19 @@ def run_reference(tasks: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def run_quality(tasks: list[str]) -> dict[str, Any]:
+def run_quality(tasks: list[str], locals_: tuple[str, ...] = ("sift", "xfeat"),
+                skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``skip``: row labels (of :data:`ROWS`) left out of this run (cost)."""
     rows: list[dict[str, Any]] = []
     for task in tasks:
         out = evaluate_pipeline(task, pipeline="global", global_model=GLOBAL)
         rows.append({"label": f"global ({GLOBAL} GeM)", "local": None, "task": task,
                      "pipeline": "global", **_keep(out)})
         print(f"{task:<14} global              {out['metrics']}", flush=True)
-        for local in ("sift", "xfeat"):
+        for local in locals_:
             for label, pipeline, index, params in ROWS:
+                if label in skip:
+                    continue
                 pp = dict(params)
                 if task == "caltech101" and pipeline == "local+mds":
                     pp.update(CALTECH_MDS)
@@ -316,6 +320,10 @@ def main() -> None:
     ap.add_argument("--sections",
                     default="quality,reference,sensitivity,cost,scale,extract")
     ap.add_argument("--tasks", default=",".join(t for t, _ in TASKS))
+    ap.add_argument("--locals", default="sift,xfeat", help="local extractors (quality)")
+    ap.add_argument("--skip", default="",
+                    help="quality rows left out of this run, labels separated by ';' "
+                         "(earlier results of other rows are kept)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     threads = set_threads(args.threads)
@@ -329,9 +337,11 @@ def main() -> None:
     for section in args.sections.split(","):
         t0 = time.perf_counter()
         if section == "quality":
-            new = run_quality(args.tasks.split(","))
+            new = run_quality(args.tasks.split(","), tuple(args.locals.split(",")),
+                              tuple(s for s in args.skip.split(";") if s))
             old = payload.get("quality", {}).get("rows", [])
-            keep = [r for r in old if r["task"] not in set(args.tasks.split(","))]
+            done = {(r["task"], r["label"], r["local"]) for r in new["rows"]}
+            keep = [r for r in old if (r["task"], r["label"], r["local"]) not in done]
             payload["quality"] = {**new, "rows": keep + new["rows"]}
         elif section == "reference":
             q = payload.setdefault("quality", {"rows": []})

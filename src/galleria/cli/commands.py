@@ -201,7 +201,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
     with Gallery.open(args.gallery) as g:
         n = g.remove(args.ids)
         for sp in g.spaces():  # the index snapshot is a cache: a failure here loses nothing
-            if sp.kind != "global" or not sp.count:
+            if not sp.count:
                 continue
             try:
                 g.save_index(sp.space)

@@ -325,7 +325,7 @@ def _index_space(
     flush()
     _forget_stale_failures(gallery, space, items)
     gallery.compact(space)
-    if not local:
+    if gallery.count(space):  # local spaces too: their codebook is trained once, here
         try:
             gallery.save_index(space)
         except OSError as exc:  # the index is a cache: the next reader rebuilds it

@@ -424,6 +424,18 @@ class AsmkIndex(LocalIndex):
         out._segs = list(self._segs)  # immutable segments are shared
         return out
 
+    def empty_like(self) -> AsmkIndex:
+        """An empty index with this one's codebook (scores comparable with this index's)."""
+        from galleria.local.base import Rows
+
+        out = AsmkIndex.__new__(AsmkIndex)
+        out.__dict__.update(self.__dict__)  # parameters, codebook, quantizer (read-only)
+        out._rows = Rows()
+        out._nwords = np.zeros(0, np.int32)
+        out._segs = []
+        out._dead = 0
+        return out
+
     def nbytes(self) -> int:
         n = sum(s.offsets.nbytes + s.rows.nbytes + s.codes.nbytes for s in self._segs)
         n += self._nwords.nbytes + self._rows.row_key.nbytes

@@ -208,6 +208,23 @@ class CannIndex(LocalIndex):
         out._faiss = faiss.clone_index(self._faiss) if self._faiss is not None else None
         return out
 
+    def empty_like(self) -> CannIndex:
+        """An empty index with this one's trained FAISS structure (same parameters)."""
+        import faiss
+
+        from galleria.local.base import Rows
+
+        out = CannIndex.__new__(CannIndex)
+        out.__dict__.update(self.__dict__)
+        out._rows = Rows()
+        out._ndesc = np.zeros(0, np.int32)
+        if self._faiss is not None and self.index_spec == "flat":
+            out._faiss = faiss.IndexIDMap2(faiss.IndexFlatL2(self.dim))
+        elif self._faiss is not None:  # IVF: keeps the trained coarse quantizer and codes
+            out._faiss = faiss.clone_index(self._faiss)
+            out._faiss.reset()
+        return out
+
     def nbytes(self) -> int:
         import faiss
 

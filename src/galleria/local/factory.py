@@ -19,6 +19,17 @@ def _classes() -> dict[str, type[LocalIndex]]:
     return {"asmk": AsmkIndex, "cann": CannIndex}
 
 
+def local_index_kind(spec: str) -> str:
+    """The local index a local space's ``index_spec`` names (``exact``, the store's
+    default spec, means the default: ``asmk``)."""
+    s = str(spec).strip().lower()
+    if s in ("", "exact", "default"):
+        return "asmk"
+    if s not in LOCAL_INDEXES:
+        raise InputError(f"a local space is indexed by {' or '.join(LOCAL_INDEXES)}; got {spec!r}")
+    return s
+
+
 def create_local_index(kind: str, dim: int, *, fingerprint: str | None = None,
                        **params: Any) -> LocalIndex:
     """A new, untrained local index (``add`` trains it on its first batch)."""

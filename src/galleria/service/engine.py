@@ -280,8 +280,7 @@ class Engine:
                                    "items first (POST /v1/items or `galleria index`)")
             for attempt in range(3):
                 try:
-                    s = open_searcher(self.gallery, pipeline=None if pipeline == "global"
-                                      else pipeline, rule=self.config.rule,
+                    s = open_searcher(self.gallery, pipeline=pipeline, rule=self.config.rule,
                                       runtime=self.config.runtime, threads=self.config.threads)
                     break
                 except ImportError as exc:
