@@ -98,6 +98,8 @@ def cmd_index(args: argparse.Namespace) -> int:
         )
         for f in report.failures:
             print(f"  skipped {f.id}: {f.reason}")
+        for i in report.no_keypoints:
+            print(f"  no keypoints in {i} (a blank image): stored, never found by local search")
     return 0
 
 
