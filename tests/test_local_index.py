@@ -272,3 +272,30 @@ def test_asmk_encode_then_add_encoded_equals_add(data):
         assert np.allclose(a.score_rows(q), b.score_rows(q))
     with pytest.raises(InputError):
         b.add_encoded(np.array([99]), [(np.array([1, 1]), enc[0][1][:2])])
+
+
+@pytest.mark.parametrize("kind", ["asmk", "cann"])
+def test_empty_like_keeps_the_training_and_the_scores(kind, data):
+    """A store view's delta index (``empty_like``) keeps the base's training and never
+    sees its images; ASMK scores an image exactly as one index would."""
+    gallery, queries = data
+    base = _make(kind)
+    base.add(np.arange(20), gallery[:20])
+    delta = base.empty_like()
+    assert len(delta) == 0 and delta.is_trained and delta.params() == base.params()
+    delta.add(np.arange(20, 30), gallery[20:])
+    whole = _make(kind)
+    whole.add(np.arange(20), gallery[:20])
+    whole.add(np.arange(20, 30), gallery[20:])  # trained on the first 20, like base
+    got, ref = delta.search(queries, 10), whole.search(queries, 30)
+    for i in range(len(queries)):
+        want = {int(k): s for k, s in zip(ref.ids[i], ref.scores[i], strict=True) if k >= 20}
+        for k, s in zip(got.ids[i], got.scores[i], strict=True):
+            if k < 0:
+                continue
+            if kind == "asmk":  # per-image aggregation: the same score
+                assert s == pytest.approx(want[int(k)], abs=1e-5)
+            else:  # kNN votes among fewer descriptors: never lower (the pipelines search
+                # one folded index for that reason)
+                assert s >= want.get(int(k), 0.0) - 1e-6
+    assert len(base) == 20 and set(base.keys().tolist()) == set(range(20))
