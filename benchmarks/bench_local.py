@@ -197,11 +197,12 @@ def _base(task_name: str, local: str):
     return task, ext, idx, gal, qs, ex
 
 
-def run_sensitivity(local: str = "sift") -> dict[str, Any]:
+def run_sensitivity(local: str = "sift", tasks: tuple[str, ...] = ("smvs", "rparis250")
+                    ) -> dict[str, Any]:
     from galleria.eval.embed import task_embeddings
 
-    out: dict[str, Any] = {"mds": [], "cann": []}
-    for task_name in ("smvs", "rparis250"):
+    out: dict[str, Any] = {"mds": [], "cann": [], "tasks": list(tasks)}
+    for task_name in tasks:
         task, _, idx, _, qs, ex = _base(task_name, local)
         gq, gg = task_embeddings(task, create_extractor(GLOBAL))
         qb = QueryBatch(local=qs, vectors=gq, exclude=ex)
@@ -324,10 +325,15 @@ def main() -> None:
     ap.add_argument("--skip", default="",
                     help="quality rows left out of this run, labels separated by ';' "
                          "(earlier results of other rows are kept)")
+    ap.add_argument("--sens-tasks", default="smvs,rparis250",
+                    help="data sets of the MDS sensitivity sweep")
+    ap.add_argument("--name", default="local",
+                    help="results name (benchmarks/results/NAME.json/.md): a second run "
+                         "at the same time writes its own file")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     threads = set_threads(args.threads)
-    path = RESULTS_DIR / "local.json"
+    path = RESULTS_DIR / f"{args.name}.json"
     payload: dict[str, Any] = {}
     if path.is_file():
         import json
@@ -350,7 +356,8 @@ def main() -> None:
                                                       and r["task"] in tasks)]
             q["rows"] += run_reference(args.tasks.split(","))
         elif section == "sensitivity":
-            payload["sensitivity"] = run_sensitivity()
+            payload["sensitivity"] = run_sensitivity(
+                tasks=tuple(args.sens_tasks.split(",")))
         elif section in COST_SECTIONS:
             payload[section] = run_cost_section(section, threads=threads)
         else:
@@ -360,7 +367,7 @@ def main() -> None:
             "load_average_at_start": info["load_average_at_start"],
             "load_average_at_end": os.getloadavg(), "date": info["date"]}
         payload["machine"] = {**info, "load_average_at_end": os.getloadavg()}
-        write_results("local", payload, markdown(payload))
+        write_results(args.name, payload, markdown(payload))
         print(f"section {section} done in {time.perf_counter() - t0:.0f} s", flush=True)
 
 

@@ -62,8 +62,10 @@ def gallery_spaces(g: Gallery) -> tuple[str | None, str | None]:
 def best_pipeline(g: Gallery) -> str:
     """The pipeline a search uses when none is named: ``local+mds`` where the local
     index gives image-to-image similarities (ASMK), else ``local``; ``global``
-    without local features (benchmarks/results/local.md: local+mds > local >
-    global+sv > global on SMVS and RParis)."""
+    without local features. Chosen for the same-object case local features are
+    for (benchmarks/results/local.md: SMVS phone photos, R@1 ~99% local vs 18.5%
+    global); on landmarks (rparis250) the global model measured better: name
+    ``global`` there."""
     loc = gallery_spaces(g)[1]
     if loc is None:
         return "global"
