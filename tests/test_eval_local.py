@@ -10,6 +10,7 @@ from galleria.cli.main import main as cli
 
 
 @pytest.mark.shared
+@pytest.mark.slow  # ~2 min on a loaded 2-core machine (three pipelines, CANN flat)
 def test_eval_local_pipelines_on_oxford_affine(require_shared, capsys):
     require_shared("oxford_affine")
     args = ["eval", "-d", "oxford_affine", "--local", "sift", "--json", "-q", "--threads", "2"]
