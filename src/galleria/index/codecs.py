@@ -1,0 +1,236 @@
+"""Compressed codes for exact search: bf16 and int8, each with a proven error bound.
+
+A codec turns ``(N, D)`` float32 vectors into codes scored by a GEMM (torch:
+bf16 ``mm`` on oneDNN, int8 ``_int_mm`` on VNNI) and states, for every query
+``q`` and vector ``x``, a bound ``eps(q, x) >= |q . x - s_hat(q, x)|`` on the
+error of the approximate score ``s_hat``. The compressed index keeps every
+vector whose ``s_hat + eps`` can reach the k-th best exact score, so its results
+equal exact search whatever the data (no tuned constant).
+
+Scores: the GEMM writes ``z`` per (vector, query); ``s_hat = a_q * z + b_q``
+(``a_q > 0`` per query). Bound (all terms known per query / per vector):
+
+    eps(q, x) = e_x[q] * rnorm[x] + e_c[q] * cnorm[x] + e_z[q] * |z|
+
+* ``rnorm[x] = ||x - x~||`` (exact residual of the code, computed at encode time),
+* ``cnorm[x] = ||x~||``, the norm of the decoded vector,
+* with ``q~`` the quantised query and ``r_q = q - q~``:
+  ``q.x - q~.x~ = q~.r_x + r_q.x``, so ``|.| <= ||q~|| rnorm + ||r_q|| (cnorm + rnorm)``
+  (Cauchy-Schwarz), i.e. ``e_x = ||q~|| + ||r_q||``, ``e_c = ||r_q||`` plus the
+  float accumulation term ``gamma_D ||q~||`` (``gamma_D = D u / (1 - D u)``,
+  ``u = 2^-24``, valid for any summation order);
+* ``e_z``: rounding of the GEMM output: bf16 output (torch's CPU bf16 GEMM
+  returns bf16) loses up to ``2^-8 |z| / (1 - 2^-8)``; int8 sums are exact
+  integers. The int8 codec's terms differ slightly (see :class:`Int8Codec`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+_U32 = 2.0**-24
+
+
+@dataclass
+class QueryCodes:
+    """Quantised queries and their bound terms, all ``(m,)`` float64 unless noted."""
+
+    codes: Any  # torch tensor (m, D): bf16 or int8
+    a: np.ndarray  # s_hat = a * z + b
+    b: np.ndarray
+    e_x: np.ndarray
+    e_c: np.ndarray
+    e_z: np.ndarray
+
+
+def _norms(x: np.ndarray) -> np.ndarray:
+    x64 = x.astype(np.float64)
+    return np.sqrt(np.einsum("nd,nd->n", x64, x64))
+
+
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bit patterns (int16), round to nearest even (finite input)."""
+    b = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    r = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    return r.astype(np.uint16).view(np.int16)
+
+
+def bf16_values(bits: np.ndarray) -> np.ndarray:
+    """bf16 bit patterns (int16) -> float32 values."""
+    return (bits.view(np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+class Codec:
+    """Base: ``encode`` vectors, ``queries`` for a batch, ``fill`` one score block."""
+
+    name: ClassVar[str]
+    code_dtype: ClassVar[type]
+    #: dtype of the score block z the GEMM writes
+    score_dtype: ClassVar[type] = np.float32
+
+    def __init__(self, dim: int) -> None:
+        self.dim = int(dim)
+        self.gamma = dim * _U32 / (1 - dim * _U32)
+
+    def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(codes (N, D), aux (N, 3) float32 [rnorm, cnorm, scale])``."""
+        raise NotImplementedError
+
+    def decode(self, codes: np.ndarray, aux: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    state: np.ndarray | None = None  # fitted parameters saved with the index (if any)
+
+    def set_state(self, state: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def queries(self, q: np.ndarray) -> QueryCodes:
+        raise NotImplementedError
+
+    def gallery_tensor(self, codes: np.ndarray) -> Any:
+        """A torch view (no copy) of the code array."""
+        import torch
+
+        return torch.from_numpy(codes)
+
+    def fill(self, g: Any, aux: np.ndarray, qc: Any, r0: int, w: int, out: np.ndarray) -> None:
+        """Write the ``(w, m)`` block z of gallery rows ``[r0, r0 + w)`` into ``out``."""
+        raise NotImplementedError
+
+
+class Bf16Codec(Codec):
+    """bf16 codes (2 bytes per dimension), scored by torch's bf16 GEMM (oneDNN)."""
+
+    name = "bf16"
+    code_dtype = np.int16
+
+    def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        bits = bf16_bits(x)
+        dec = bf16_values(bits)
+        aux = np.empty((x.shape[0], 3), np.float32)
+        aux[:, 0] = _norms(x - dec) * (1 + 1e-6)  # float32 rounding of the stored norm
+        aux[:, 1] = _norms(dec) * (1 + 1e-6)
+        aux[:, 2] = 1.0
+        return bits, aux
+
+    def decode(self, codes: np.ndarray, aux: np.ndarray) -> np.ndarray:
+        return bf16_values(codes)
+
+    def queries(self, q: np.ndarray) -> QueryCodes:
+        import torch
+
+        bits = bf16_bits(q)
+        dec = bf16_values(bits)
+        nq, nr = _norms(dec), _norms(q - dec)
+        u = 2.0**-8
+        return QueryCodes(
+            codes=torch.from_numpy(bits).view(torch.bfloat16),
+            a=np.ones(q.shape[0]),
+            b=np.zeros(q.shape[0]),
+            e_x=nq + nr,
+            e_c=nr + self.gamma * nq,
+            e_z=np.full(q.shape[0], u / (1 - u) + 1e-7),
+        )
+
+    def gallery_tensor(self, codes: np.ndarray) -> Any:
+        import torch
+
+        return torch.from_numpy(codes).view(torch.bfloat16)
+
+    def fill(self, g: Any, aux: np.ndarray, qc: Any, r0: int, w: int, out: np.ndarray) -> None:
+        import torch
+
+        block = torch.mm(g[r0 : r0 + w], qc.T)  # (w, m) bf16
+        torch.from_numpy(out).copy_(block)
+
+
+class Int8Codec(Codec):
+    """int8 codes with one affine scale per dimension (like FAISS SQ8), torch ``_int_mm`` (VNNI).
+
+    ``x~_i = mu_i + sigma_i c_i`` (``c`` in [-127, 127]; ``mu``, ``sigma`` from the
+    first vectors added, or :meth:`fit`). The per-dimension scale folds into the
+    query, ``q'_i = sigma_i q_i``, quantised as ``q' ~ s_q c_q``: the GEMM's exact
+    int32 sums ``z = c_q . c_x`` rank the gallery with no per-row pass, and
+    ``s_hat = s_q z + q . mu``. Bound: ``q.x - s_hat = q.r_x + r_q'.c_x``, so
+    ``eps = ||q|| rnorm + ||r_q'|| ||c_x||`` (here ``cnorm`` is ``||c_x||``).
+    Vectors outside the fitted range are clipped: still exact (their residual
+    norm says so), only the bound grows.
+
+    Measured on EfficientNet-Lite2 1280-d embeddings (grown 100k): the bound is
+    the same as with one scale per vector (0.024 on average), and the per-row
+    scaling pass that would need disappears.
+    """
+
+    name = "int8"
+    code_dtype = np.int8
+    score_dtype = np.int32
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim)
+        self.mu: np.ndarray | None = None
+        self.sigma: np.ndarray | None = None
+
+    @property
+    def state(self) -> np.ndarray | None:
+        """``(2, D)`` float32 ``[mu, sigma]`` (saved with the index), or None before fitting."""
+        return None if self.mu is None else np.stack([self.mu, self.sigma]).astype(np.float32)
+
+    def set_state(self, state: np.ndarray) -> None:
+        self.mu = np.ascontiguousarray(state[0], np.float32)
+        self.sigma = np.ascontiguousarray(state[1], np.float32)
+
+    def fit(self, x: np.ndarray) -> None:
+        """Per-dimension ranges from ``x`` (widened by 5 % each side; +-max|x| below 256 rows)."""
+        if x.shape[0] < 256:
+            m = float(np.abs(x).max()) or 1.0
+            lo, hi = np.full(self.dim, -m), np.full(self.dim, m)
+        else:
+            lo, hi = x.min(axis=0).astype(np.float64), x.max(axis=0).astype(np.float64)
+            pad = 0.05 * (hi - lo)
+            lo, hi = lo - pad, hi + pad
+        sigma = np.maximum((hi - lo) / 254.0, 1e-12)
+        self.mu = ((hi + lo) / 2).astype(np.float32)
+        self.sigma = sigma.astype(np.float32)
+
+    def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.mu is None:
+            self.fit(x)
+        mu, sg = self.mu.astype(np.float64), self.sigma.astype(np.float64)
+        c = np.clip(np.rint((x - mu) / sg), -127, 127)
+        aux = np.empty((x.shape[0], 3), np.float32)
+        aux[:, 0] = _norms(x - (mu + sg * c)) * (1 + 1e-6)
+        aux[:, 1] = _norms(c) * (1 + 1e-6)
+        aux[:, 2] = 1.0
+        return c.astype(np.int8), aux
+
+    def decode(self, codes: np.ndarray, aux: np.ndarray) -> np.ndarray:
+        return (self.mu + self.sigma * codes.astype(np.float32)).astype(np.float32)
+
+    def queries(self, q: np.ndarray) -> QueryCodes:
+        import torch
+
+        q64 = q.astype(np.float64)
+        qp = q64 * self.sigma.astype(np.float64)
+        m = np.abs(qp).max(axis=1)
+        s = np.where(m > 0, m / 127.0, 1.0)
+        c = np.clip(np.rint(qp / s[:, None]), -127, 127)
+        rq = _norms(qp - s[:, None] * c)
+        return QueryCodes(
+            codes=torch.from_numpy(c.astype(np.int8)),
+            a=s,
+            b=q64 @ self.mu.astype(np.float64),
+            e_x=_norms(q64) * (1 + 1e-9),
+            e_c=rq * (1 + 1e-9),
+            e_z=np.full(q.shape[0], 1e-15),  # int32 sums are exact; float64 scaling
+        )
+
+    def fill(self, g: Any, aux: np.ndarray, qc: Any, r0: int, w: int, out: np.ndarray) -> None:
+        import torch
+
+        torch._int_mm(g[r0 : r0 + w], qc.T, out=torch.from_numpy(out))
+
+
+CODECS: dict[str, type[Codec]] = {c.name: c for c in (Bf16Codec, Int8Codec)}

@@ -1,0 +1,458 @@
+"""Exact search over a compressed copy: ``exact-bf16`` and ``exact-int8``.
+
+The scored copy is held compressed (bf16: 2 bytes per dimension; int8 with one
+scale per vector: 1 byte) and scanned by a GEMM (torch: oneDNN bf16, VNNI
+int8); a short list per query is re-scored exactly in float32 against the full
+vectors, which live outside RAM (a :class:`~galleria.index.vectors.VectorSource`
+attached by the gallery store, or a memory-mapped file the index owns). Results
+equal :class:`~galleria.index.exact.ExactIndex`: same top-k keys, float32
+scores (to float rounding), ties broken by key.
+
+Why exact: each codec bounds the error of every approximate score,
+``|q.x - s_hat(q, x)| <= eps(q, x)`` (see :mod:`galleria.index.codecs`).
+
+1. Scan (one pass, :func:`~galleria.index.topk.scan_window`): per query keep
+   every vector whose ``s_hat`` is within ``2 eps_max(q)`` of the final k-th
+   best ``s_hat`` (``eps_max`` = the bound with the gallery's largest residual
+   and code norms). The short list is therefore as long as the data needs: no
+   shortlist constant to tune.
+2. Re-score exactly, in two steps: the k best by ``s_hat`` first, which gives a
+   lower bound ``t`` on the true k-th best score; then every other candidate
+   with ``s_hat + eps >= t`` (per-vector ``eps``). The k-th best exact score
+   among them is ``t_k``.
+3. Proof of completeness: a vector left out has ``s_hat <= floor`` (the
+   window floor ``s_hat_k - 2 eps_max``), so its exact score is at most
+   ``floor + eps_max = s_hat_k - eps_max <= t_k``, with ``<`` guaranteed by a
+   relative margin: it cannot enter the top k. The index checks this per
+   query; it fails only when the memory cap on candidates was hit (e.g.
+   thousands of equal vectors), and such a query is answered by an exact
+   float32 scan over the vectors.
+
+Small galleries with an owned float32 file (``N * D <= 2^22``) are searched
+directly on the mapped float32 rows with the exact kernel: at that size the
+fixed cost of the compressed path (~100 us) would dominate, and the rows fit
+in cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from galleria.errors import FormatError, InputError
+from galleria.index.base import Index, as_keys, check_k, pad_result
+from galleria.index.codecs import CODECS, Codec
+from galleria.index.exact import DEFAULT_MAX_BATCH_BYTES, _read_npy, _write_npy, inner_product_topk
+from galleria.index.topk import MIN_BLOCK_ROWS, scan_window
+from galleria.index.vectors import MappedRows, VectorSource
+from galleria.types import SearchResult
+
+log = logging.getLogger(__name__)
+
+#: Owned float32 rows up to this many values are searched with the exact kernel.
+_SMALL_VALUES = 1 << 22
+#: Re-scoring works through this many bytes of gathered vectors at a time.
+_RESCORE_BYTES = 8 << 20
+
+
+class NoVectorSourceError(InputError):
+    """A compressed index saved without its float32 vectors needs ``attach_source``."""
+
+
+class _Table:
+    """Codes, per-row aux, keys and (optionally) owned float32 rows, with swap-remove."""
+
+    def __init__(self, codec: Codec, own: MappedRows | None) -> None:
+        d = codec.dim
+        self.codes = np.empty((0, d), codec.code_dtype)
+        self.aux = np.empty((0, 3), np.float32)
+        self.keys_ = np.empty((0,), np.int64)
+        self.rows: dict[int, int] = {}
+        self.n = 0
+        self.own = own
+
+    def add(self, keys: np.ndarray, codes: np.ndarray, aux: np.ndarray, x: np.ndarray) -> None:
+        need = self.n + keys.size
+        if need > self.codes.shape[0]:
+            cap = need if self.n == 0 else max(need, int(self.codes.shape[0] * 1.5) + 16)
+            for name in ("codes", "aux", "keys_"):
+                old = getattr(self, name)
+                grown = np.empty((cap, *old.shape[1:]), old.dtype)
+                grown[: self.n] = old[: self.n]
+                setattr(self, name, grown)
+        self.codes[self.n : need] = codes
+        self.aux[self.n : need] = aux
+        self.keys_[self.n : need] = keys
+        if self.own is not None:
+            self.own.append(x)
+        self.rows.update(zip(keys.tolist(), range(self.n, need), strict=True))
+        self.n = need
+
+    def remove(self, keys: np.ndarray) -> int:
+        get = self.rows.get
+        rows = np.fromiter((get(k, -1) for k in np.unique(keys).tolist()), np.int64)
+        rows = rows[rows >= 0]
+        if rows.size == 0:
+            return 0
+        n_after = self.n - rows.size
+        dead = np.zeros(rows.size, dtype=bool)  # over the tail [n_after, n)
+        dead[rows[rows >= n_after] - n_after] = True
+        holes = np.sort(rows[rows < n_after])
+        movers = n_after + np.flatnonzero(~dead)
+        for key in self.keys_[rows].tolist():
+            del self.rows[key]
+        if holes.size:
+            for arr in (self.codes, self.aux, self.keys_):
+                arr[holes] = arr[movers]
+            self.rows.update(zip(self.keys_[holes].tolist(), holes.tolist(), strict=True))
+        if self.own is not None:
+            self.own.move(holes, movers, n_after)
+        self.n = n_after
+        return int(rows.size)
+
+    def copy(self) -> _Table:
+        t = _Table.__new__(_Table)
+        t.codes, t.aux, t.keys_ = (a[: self.n].copy() for a in (self.codes, self.aux, self.keys_))
+        t.rows, t.n = dict(self.rows), self.n
+        t.own = None if self.own is None else self.own.copy()
+        return t
+
+
+class CompressedIndex(Index):
+    """Exact inner-product index over compressed codes with exact float32 re-scoring.
+
+    Args:
+        dim: vector dimension D.
+        fingerprint: model fingerprint of the vectors (checked on load).
+        max_batch_bytes: upper bound on one score block.
+        source: full-precision vectors by key (the gallery store's); without it the
+            index keeps its own float32 rows in a memory-mapped scratch file.
+        scratch_dir: folder for that scratch file (default: the system temp folder).
+    """
+
+    type_name: ClassVar[str]
+    codec_name: ClassVar[str]
+    format_version = 1
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        fingerprint: str | None = None,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+        source: VectorSource | None = None,
+        scratch_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        super().__init__(dim, fingerprint=fingerprint)
+        if isinstance(max_batch_bytes, bool) or int(max_batch_bytes) < 4 * MIN_BLOCK_ROWS:
+            raise InputError(f"max_batch_bytes must be >= {4 * MIN_BLOCK_ROWS}")
+        self.max_batch_bytes = int(max_batch_bytes)
+        self.scratch_dir = None if scratch_dir is None else os.fspath(scratch_dir)
+        self.codec = CODECS[self.codec_name](self.dim)
+        self._source: VectorSource | None = None
+        self._detached = False  # loaded without its vectors and no source attached yet
+        own = None if source is not None else MappedRows(self.dim, scratch_dir=self.scratch_dir)
+        self._table = _Table(self.codec, own)
+        if source is not None:
+            self.attach_source(source)
+        # largest rnorm / cnorm in the table: an upper bound (kept through removals)
+        self._rmax = 0.0
+        self._cmax = 0.0
+
+    @property
+    def spec(self) -> str:
+        return self.type_name
+
+    def params(self) -> dict[str, Any]:
+        return {"max_batch_bytes": self.max_batch_bytes}
+
+    def __len__(self) -> int:
+        return self._table.n
+
+    def keys(self) -> np.ndarray:
+        return self._table.keys_[: self._table.n].copy()
+
+    @property
+    def scored_bytes(self) -> int:
+        """Bytes of the scored (compressed) copy: codes plus per-vector terms."""
+        t = self._table
+        return int(t.codes[: t.n].nbytes + t.aux[: t.n].nbytes)
+
+    @property
+    def has_own_vectors(self) -> bool:
+        return self._table.own is not None
+
+    # -- vector source ----------------------------------------------------------------
+
+    def attach_source(self, source: VectorSource) -> None:
+        """Re-score against ``source`` from now on (drops the index's own float32 file).
+
+        ``source`` must return the vector of every key in the index (and of every
+        key added later) exactly as given to :meth:`add`.
+        """
+        if not callable(getattr(source, "get", None)):
+            raise InputError("a vector source needs a get(keys) -> (n, D) float32 method")
+        if int(getattr(source, "dim", self.dim)) != self.dim:
+            raise InputError(f"vector source has dim {source.dim}, index has {self.dim}")
+        self._source = source
+        self._table.own = None
+        self._detached = False
+
+    def detach_source(self) -> None:
+        """Forget the attached source (search then needs a new one)."""
+        self._source = None
+        self._detached = self._table.own is None
+
+    # -- updates ----------------------------------------------------------------------
+
+    def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+        x = self._vectors(vectors)
+        k = as_keys(keys, n=x.shape[0])
+        rows = self._table.rows
+        present = [key for key in k.tolist() if key in rows] if self._table.n else []
+        if present:
+            raise InputError(
+                f"{len(present)} key(s) already in the index, e.g. {present[:5]}; "
+                "remove them first to replace their vectors"
+            )
+        codes, aux = self.codec.encode(x)
+        self._table.add(k, codes, aux, x)
+        self._rmax = max(self._rmax, float(aux[:, 0].max()))
+        self._cmax = max(self._cmax, float(aux[:, 1].max()))
+
+    def remove(self, keys: np.ndarray) -> int:
+        return self._table.remove(as_keys(keys, unique=False))
+
+    def copy(self) -> CompressedIndex:
+        """An independent deep copy (codes and an owned float32 file copied; a source shared)."""
+        out = type(self).__new__(type(self))
+        out.__dict__.update(self.__dict__)
+        out.codec = copy.deepcopy(self.codec)
+        out._table = self._table.copy()
+        return out
+
+    # -- search -----------------------------------------------------------------------
+
+    def _fetch(self, rows: np.ndarray) -> np.ndarray:
+        """float32 vectors of table rows (sorted unique) from the owned file or the source."""
+        if self._table.own is not None:
+            return self._table.own.take(rows)
+        if self._source is None:
+            raise NoVectorSourceError(
+                f"this {self.type_name} index was saved without its float32 vectors: "
+                "attach the gallery's vectors with attach_source(source)"
+            )
+        keys = self._table.keys_[rows]
+        order = np.argsort(keys, kind="stable")
+        v = np.empty((rows.size, self.dim), np.float32)
+        v[order] = self._source.get(keys[order])
+        return v
+
+    def search(self, queries: np.ndarray, k: int) -> SearchResult:
+        k = check_k(k)
+        q = self._queries(queries)
+        t = self._table
+        n = t.n
+        if n == 0:
+            return SearchResult.empty(q.shape[0], k)
+        if self._detached:
+            self._fetch(np.zeros(1, np.int64))  # raises the clear error
+        if t.own is not None and n * self.dim <= _SMALL_VALUES:
+            s, r = inner_product_topk(q, t.own.rows, k, max_batch_bytes=self.max_batch_bytes)
+            return pad_result(s, t.keys_[r], k)
+        kk = min(k, n)
+        scores, rows = self._search_rows(q, kk)
+        return pad_result(scores, t.keys_[rows], k)
+
+    def _search_rows(self, q: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+        t, codec = self._table, self.codec
+        n, nq = t.n, q.shape[0]
+        qc = codec.queries(q)
+        # eps_max(q): the bound for any vector (largest rnorm and cnorm, largest |z|)
+        zmax = (np.linalg.norm(q, axis=1) * 1.01 + 1e-6) * self._cmax / qc.a
+        eps_max = qc.e_x * self._rmax + qc.e_c * self._cmax + qc.e_z * zmax + 1e-12
+        g = codec.gallery_tensor(t.codes[:n])
+        aux = t.aux[:n]
+
+        def prepare(q0: int, q1: int):
+            sub = qc.codes[q0:q1]
+
+            def fill(r0: int, w: int, out: np.ndarray) -> None:
+                codec.fill(g, aux, sub, r0, w, out)
+
+            return fill
+
+        # window 2 eps_max (z units): holds every vector whose s_hat + eps can reach s_k
+        slack = 2.0 * eps_max / qc.a * (1 + 1e-6)
+        qi, z, rows, floor = scan_window(prepare, n, nq, kk, slack, dtype=codec.score_dtype,
+                                         max_batch_bytes=self.max_batch_bytes)
+        if log.isEnabledFor(logging.DEBUG):
+            c = np.bincount(qi, minlength=nq)
+            log.debug("candidates per query: median %d, p90 %d, max %d; eps_max mean %.4g",
+                      np.median(c), np.percentile(c, 90), c.max(), eps_max.mean())
+        best_s, best_r, tk = self._rescore(q, qc, qi, z, rows, kk)
+        # proof of completeness: a vector left out has z <= floor, so q.x <= bound
+        bound = qc.a * floor + qc.b + eps_max
+        again = np.flatnonzero(~((bound < tk) | np.isneginf(floor)))
+        if again.size:  # only when the candidate cap was hit (pathological ties)
+            log.info("%d of %d queries exceeded the candidate cap: exact float32 scan",
+                     again.size, nq)
+            best_s[again], best_r[again] = self._brute(q[again], kk)
+        return best_s, best_r
+
+    def _brute(self, q: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-kk over every float32 vector, fetched block by block (the fallback)."""
+        n = self._table.n
+        step = max(1024, _RESCORE_BYTES * 8 // (4 * self.dim))
+        best_s = np.full((q.shape[0], kk), -np.inf, np.float32)
+        best_r = np.full((q.shape[0], kk), -1, np.int64)
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            s, r = inner_product_topk(q, self._fetch(np.arange(r0, r1)), kk)
+            cs = np.concatenate([best_s, s], 1)
+            cr = np.concatenate([best_r, r + r0], 1)
+            top = np.argsort(-cs, axis=1, kind="stable")[:, :kk]
+            best_s, best_r = np.take_along_axis(cs, top, 1), np.take_along_axis(cr, top, 1)
+        return self._order(best_s, best_r)
+
+    def _order(self, s: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Sort each row by score (best first), ties by key."""
+        keys = np.where(r >= 0, self._table.keys_[np.maximum(r, 0)], np.iinfo(np.int64).max)
+        o = np.lexsort((keys, -s.astype(np.float64)), axis=1)
+        return np.take_along_axis(s, o, 1), np.take_along_axis(r, o, 1)
+
+    def _rescore(self, q, qc, qi, z, rows, kk) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Exact top-kk of flat candidates (sorted by query, then z best first).
+
+        Returns ``(scores (Q, kk), rows (Q, kk), t_k (Q,))``, ``t_k`` = k-th best exact score.
+        """
+        nq = q.shape[0]
+        aux = self._table.aux
+        zf = z.astype(np.float64)
+        shat = qc.a[qi] * zf + qc.b[qi]
+        eps = (qc.e_x[qi] * aux[rows, 0] + qc.e_c[qi] * aux[rows, 1]
+               + qc.e_z[qi] * np.abs(zf) + 1e-12)
+        counts = np.bincount(qi, minlength=nq)
+        start = np.cumsum(counts) - counts
+        rank = np.arange(qi.size) - start[qi]
+        exact = np.full(qi.size, -np.inf, np.float32)
+        first = np.flatnonzero(rank < kk)  # the kk best s_hat of each query
+        exact[first] = self._exact_scores(q, qi[first], rows[first])
+        # t: k-th best exact among those kk, a lower bound on the true k-th best score
+        t = np.full(nq, np.inf)
+        np.minimum.at(t, qi[first], exact[first].astype(np.float64))
+        t[counts < kk] = -np.inf
+        need = np.flatnonzero((rank >= kk) & (shat + eps >= t[qi]))
+        exact[need] = self._exact_scores(q, qi[need], rows[need])
+        done = np.isfinite(exact)
+        qd, ed, rd = qi[done], exact[done], rows[done]
+        kd = self._table.keys_[rd]
+        o = np.lexsort((kd, -ed.astype(np.float64), qd))
+        qd, ed, rd = qd[o], ed[o], rd[o]
+        cnt = np.bincount(qd, minlength=nq)
+        rk = np.arange(qd.size) - (np.cumsum(cnt) - cnt)[qd]
+        sel = rk < kk
+        best_s = np.full((nq, kk), -np.inf, np.float32)
+        best_r = np.full((nq, kk), -1, np.int64)
+        best_s[qd[sel], rk[sel]] = ed[sel]
+        best_r[qd[sel], rk[sel]] = rd[sel]
+        return best_s, best_r, best_s[:, kk - 1].astype(np.float64)
+
+    def _exact_scores(self, q: np.ndarray, qi: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """float32 ``q[qi] . x[rows]``, gathering each needed vector once."""
+        vals = np.empty(qi.size, np.float32)
+        if qi.size == 0:
+            return vals
+        uniq, inv = np.unique(rows, return_inverse=True)
+        vecs = self._fetch(uniq)
+        step = max(1, _RESCORE_BYTES // (8 * self.dim))
+        for p0 in range(0, qi.size, step):
+            p1 = min(qi.size, p0 + step)
+            vals[p0:p1] = np.einsum("pd,pd->p", q[qi[p0:p1]], vecs[inv[p0:p1]])
+        return vals
+
+    # -- persistence ------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        t = self._table
+        writers = {
+            "codes": (".npy", _write_npy(t.codes[: t.n])),
+            "aux": (".npy", _write_npy(t.aux[: t.n])),
+            "keys": (".npy", _write_npy(t.keys_[: t.n])),
+        }
+        if self.codec.state is not None:
+            writers["codec"] = (".npy", _write_npy(self.codec.state))
+        if t.own is not None:
+            writers["vectors"] = (".npy", _write_npy(t.own.rows))
+        self._commit(path, writers, codec=self.codec_name,
+                     vectors="own" if t.own is not None else "source")
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        fingerprint: str | None = None,
+        dim: int | None = None,
+        source: VectorSource | None = None,
+        scratch_dir: str | os.PathLike[str] | None = None,
+    ) -> CompressedIndex:
+        """Load a saved index; without saved vectors, pass ``source`` (or attach it later)."""
+        header = cls._load_header(path, fingerprint=fingerprint, dim=dim)
+        p = Path(path)
+        files = header.get("files", {})
+        if header.get("codec") != cls.codec_name or not {"codes", "aux", "keys"} <= set(files):
+            raise FormatError(f"{p}/header.json: not a {cls.type_name} index (codec, files)")
+        n, d = int(header["ntotal"]), int(header["dim"])
+        params = header["params"]
+        index = cls(d, fingerprint=header.get("fingerprint"),
+                    max_batch_bytes=int(params.get("max_batch_bytes", DEFAULT_MAX_BATCH_BYTES)),
+                    scratch_dir=scratch_dir)
+        codes = _read_npy(p / files["codes"], dtype=index.codec.code_dtype, ndim=2)
+        aux = _read_npy(p / files["aux"], dtype=np.float32, ndim=2)
+        keys = _read_npy(p / files["keys"], dtype=np.int64, ndim=1)
+        if codes.shape != (n, d) or aux.shape != (n, 3) or keys.shape != (n,):
+            raise FormatError(f"{p}: arrays {codes.shape} / {aux.shape} / {keys.shape} do not "
+                              f"match the header (ntotal={n}, dim={d})")
+        if not np.isfinite(aux).all() or (aux < 0).any():
+            raise FormatError(f"{p}: damaged per-vector terms (aux)")
+        if "codec" in files:
+            state = _read_npy(p / files["codec"], dtype=np.float32, ndim=2)
+            if state.shape != (2, d) or not np.isfinite(state).all():
+                raise FormatError(f"{p}: damaged codec parameters {state.shape}")
+            index.codec.set_state(state)
+        elif n and index.codec.state is None and cls.codec_name == "int8":
+            raise FormatError(f"{p}: int8 codes saved without their scales")
+        t = index._table
+        t.codes, t.aux, t.keys_, t.n = codes, aux, as_keys(keys), n
+        t.rows = dict(zip(t.keys_.tolist(), range(n), strict=True))
+        if n:
+            index._rmax, index._cmax = float(aux[:, 0].max()), float(aux[:, 1].max())
+        if "vectors" in files:
+            t.own = MappedRows.open(p / files["vectors"], n=n, dim=d, scratch_dir=index.scratch_dir)
+        else:
+            t.own = None
+            index._detached = True
+        if source is not None:
+            index.attach_source(source)
+        index.generation = int(header.get("generation", 0))
+        return index
+
+
+class ExactBf16Index(CompressedIndex):
+    """Exact search scored on bf16 codes (half the memory of float32)."""
+
+    type_name = "exact-bf16"
+    codec_name = "bf16"
+
+
+class ExactInt8Index(CompressedIndex):
+    """Exact search scored on int8 codes with one scale per vector (a quarter of float32)."""
+
+    type_name = "exact-int8"
+    codec_name = "int8"
