@@ -13,7 +13,8 @@ Scores: the GEMM writes ``z`` per (vector, query); ``s_hat = a_q * z + b_q``
     eps(q, x) = e_x[q] * rnorm[x] + e_c[q] * cnorm[x] + e_z[q] * |z|
 
 * ``rnorm[x] = ||x - x~||`` (exact residual of the code, computed at encode time),
-* ``cnorm[x] = ||x~||``, the norm of the decoded vector,
+* ``cnorm[x] = ||x~||``, the norm of the decoded vector (the index keeps only the
+  largest of each over its vectors, so the scored copy is the codes alone),
 * with ``q~`` the quantised query and ``r_q = q - q~``:
   ``q.x - q~.x~ = q~.r_x + r_q.x``, so ``|.| <= ||q~|| rnorm + ||r_q|| (cnorm + rnorm)``
   (Cauchy-Schwarz), i.e. ``e_x = ||q~|| + ||r_q||``, ``e_c = ||r_q||`` plus the
@@ -75,11 +76,11 @@ class Codec:
         self.dim = int(dim)
         self.gamma = dim * _U32 / (1 - dim * _U32)
 
-    def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(codes (N, D), aux (N, 3) float32 [rnorm, cnorm, scale])``."""
+    def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(codes (N, D), rnorm (N,), cnorm (N,))`` (norms as float64 upper bounds)."""
         raise NotImplementedError
 
-    def decode(self, codes: np.ndarray, aux: np.ndarray) -> np.ndarray:
+    def decode(self, codes: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
     state: np.ndarray | None = None  # fitted parameters saved with the index (if any)
@@ -96,7 +97,7 @@ class Codec:
 
         return torch.from_numpy(codes)
 
-    def fill(self, g: Any, aux: np.ndarray, qc: Any, r0: int, w: int, out: np.ndarray) -> None:
+    def fill(self, g: Any, qc: Any, r0: int, w: int, out: np.ndarray) -> None:
         """Write the ``(w, m)`` block z of gallery rows ``[r0, r0 + w)`` into ``out``."""
         raise NotImplementedError
 
@@ -107,16 +108,12 @@ class Bf16Codec(Codec):
     name = "bf16"
     code_dtype = np.int16
 
-    def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         bits = bf16_bits(x)
         dec = bf16_values(bits)
-        aux = np.empty((x.shape[0], 3), np.float32)
-        aux[:, 0] = _norms(x - dec) * (1 + 1e-6)  # float32 rounding of the stored norm
-        aux[:, 1] = _norms(dec) * (1 + 1e-6)
-        aux[:, 2] = 1.0
-        return bits, aux
+        return bits, _norms(x.astype(np.float64) - dec) * (1 + 1e-9), _norms(dec) * (1 + 1e-9)
 
-    def decode(self, codes: np.ndarray, aux: np.ndarray) -> np.ndarray:
+    def decode(self, codes: np.ndarray) -> np.ndarray:
         return bf16_values(codes)
 
     def queries(self, q: np.ndarray) -> QueryCodes:
@@ -140,7 +137,7 @@ class Bf16Codec(Codec):
 
         return torch.from_numpy(codes).view(torch.bfloat16)
 
-    def fill(self, g: Any, aux: np.ndarray, qc: Any, r0: int, w: int, out: np.ndarray) -> None:
+    def fill(self, g: Any, qc: Any, r0: int, w: int, out: np.ndarray) -> None:
         import torch
 
         block = torch.mm(g[r0 : r0 + w], qc.T)  # (w, m) bf16
@@ -195,18 +192,15 @@ class Int8Codec(Codec):
         self.mu = ((hi + lo) / 2).astype(np.float32)
         self.sigma = sigma.astype(np.float32)
 
-    def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self.mu is None:
             self.fit(x)
         mu, sg = self.mu.astype(np.float64), self.sigma.astype(np.float64)
         c = np.clip(np.rint((x - mu) / sg), -127, 127)
-        aux = np.empty((x.shape[0], 3), np.float32)
-        aux[:, 0] = _norms(x - (mu + sg * c)) * (1 + 1e-6)
-        aux[:, 1] = _norms(c) * (1 + 1e-6)
-        aux[:, 2] = 1.0
-        return c.astype(np.int8), aux
+        rn = _norms(x - (mu + sg * c)) * (1 + 1e-9)
+        return c.astype(np.int8), rn, _norms(c) * (1 + 1e-9)
 
-    def decode(self, codes: np.ndarray, aux: np.ndarray) -> np.ndarray:
+    def decode(self, codes: np.ndarray) -> np.ndarray:
         return (self.mu + self.sigma * codes.astype(np.float32)).astype(np.float32)
 
     def queries(self, q: np.ndarray) -> QueryCodes:
@@ -227,7 +221,7 @@ class Int8Codec(Codec):
             e_z=np.full(q.shape[0], 1e-15),  # int32 sums are exact; float64 scaling
         )
 
-    def fill(self, g: Any, aux: np.ndarray, qc: Any, r0: int, w: int, out: np.ndarray) -> None:
+    def fill(self, g: Any, qc: Any, r0: int, w: int, out: np.ndarray) -> None:
         import torch
 
         torch._int_mm(g[r0 : r0 + w], qc.T, out=torch.from_numpy(out))

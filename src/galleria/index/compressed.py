@@ -65,28 +65,26 @@ class NoVectorSourceError(InputError):
 
 
 class _Table:
-    """Codes, per-row aux, keys and (optionally) owned float32 rows, with swap-remove."""
+    """Codes, keys and (optionally) owned float32 rows, with swap-remove."""
 
     def __init__(self, codec: Codec, own: MappedRows | None) -> None:
         d = codec.dim
         self.codes = np.empty((0, d), codec.code_dtype)
-        self.aux = np.empty((0, 3), np.float32)
         self.keys_ = np.empty((0,), np.int64)
         self.rows: dict[int, int] = {}
         self.n = 0
         self.own = own
 
-    def add(self, keys: np.ndarray, codes: np.ndarray, aux: np.ndarray, x: np.ndarray) -> None:
+    def add(self, keys: np.ndarray, codes: np.ndarray, x: np.ndarray) -> None:
         need = self.n + keys.size
         if need > self.codes.shape[0]:
             cap = need if self.n == 0 else max(need, int(self.codes.shape[0] * 1.5) + 16)
-            for name in ("codes", "aux", "keys_"):
+            for name in ("codes", "keys_"):
                 old = getattr(self, name)
                 grown = np.empty((cap, *old.shape[1:]), old.dtype)
                 grown[: self.n] = old[: self.n]
                 setattr(self, name, grown)
         self.codes[self.n : need] = codes
-        self.aux[self.n : need] = aux
         self.keys_[self.n : need] = keys
         if self.own is not None:
             self.own.append(x)
@@ -107,7 +105,7 @@ class _Table:
         for key in self.keys_[rows].tolist():
             del self.rows[key]
         if holes.size:
-            for arr in (self.codes, self.aux, self.keys_):
+            for arr in (self.codes, self.keys_):
                 arr[holes] = arr[movers]
             self.rows.update(zip(self.keys_[holes].tolist(), holes.tolist(), strict=True))
         if self.own is not None:
@@ -117,7 +115,7 @@ class _Table:
 
     def copy(self) -> _Table:
         t = _Table.__new__(_Table)
-        t.codes, t.aux, t.keys_ = (a[: self.n].copy() for a in (self.codes, self.aux, self.keys_))
+        t.codes, t.keys_ = self.codes[: self.n].copy(), self.keys_[: self.n].copy()
         t.rows, t.n = dict(self.rows), self.n
         t.own = None if self.own is None else self.own.copy()
         return t
@@ -179,9 +177,9 @@ class CompressedIndex(Index):
 
     @property
     def scored_bytes(self) -> int:
-        """Bytes of the scored (compressed) copy: codes plus per-vector terms."""
+        """Bytes of the scored (compressed) copy: the codes (nothing else per vector)."""
         t = self._table
-        return int(t.codes[: t.n].nbytes + t.aux[: t.n].nbytes)
+        return int(t.codes[: t.n].nbytes)
 
     @property
     def has_own_vectors(self) -> bool:
@@ -220,10 +218,12 @@ class CompressedIndex(Index):
                 f"{len(present)} key(s) already in the index, e.g. {present[:5]}; "
                 "remove them first to replace their vectors"
             )
-        codes, aux = self.codec.encode(x)
-        self._table.add(k, codes, aux, x)
-        self._rmax = max(self._rmax, float(aux[:, 0].max()))
-        self._cmax = max(self._cmax, float(aux[:, 1].max()))
+        codes, rnorm, cnorm = self.codec.encode(x)
+        self._table.add(k, codes, x)
+        # the bound uses the largest residual / code norm ever added (still valid after
+        # removals; recomputed exactly by rebuilding the index)
+        self._rmax = max(self._rmax, float(rnorm.max()))
+        self._cmax = max(self._cmax, float(cnorm.max()))
 
     def remove(self, keys: np.ndarray) -> int:
         return self._table.remove(as_keys(keys, unique=False))
@@ -277,13 +277,12 @@ class CompressedIndex(Index):
         zmax = (np.linalg.norm(q, axis=1) * 1.01 + 1e-6) * self._cmax / qc.a
         eps_max = qc.e_x * self._rmax + qc.e_c * self._cmax + qc.e_z * zmax + 1e-12
         g = codec.gallery_tensor(t.codes[:n])
-        aux = t.aux[:n]
 
         def prepare(q0: int, q1: int):
             sub = qc.codes[q0:q1]
 
             def fill(r0: int, w: int, out: np.ndarray) -> None:
-                codec.fill(g, aux, sub, r0, w, out)
+                codec.fill(g, sub, r0, w, out)
 
             return fill
 
@@ -306,25 +305,23 @@ class CompressedIndex(Index):
         return best_s, best_r
 
     def _brute(self, q: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-kk over every float32 vector, fetched block by block (the fallback)."""
-        n = self._table.n
-        step = max(1024, _RESCORE_BYTES * 8 // (4 * self.dim))
+        """Exact top-kk over every float32 vector, fetched block by block (the fallback).
+
+        Ties at the k-th place are resolved by key, as on the normal path.
+        """
+        t = self._table
+        step = max(1024, _RESCORE_BYTES // (4 * self.dim))
         best_s = np.full((q.shape[0], kk), -np.inf, np.float32)
         best_r = np.full((q.shape[0], kk), -1, np.int64)
-        for r0 in range(0, n, step):
-            r1 = min(n, r0 + step)
-            s, r = inner_product_topk(q, self._fetch(np.arange(r0, r1)), kk)
+        for r0 in range(0, t.n, step):
+            r1 = min(t.n, r0 + step)
+            s = q @ self._fetch(np.arange(r0, r1)).T
             cs = np.concatenate([best_s, s], 1)
-            cr = np.concatenate([best_r, r + r0], 1)
-            top = np.argsort(-cs, axis=1, kind="stable")[:, :kk]
-            best_s, best_r = np.take_along_axis(cs, top, 1), np.take_along_axis(cr, top, 1)
-        return self._order(best_s, best_r)
-
-    def _order(self, s: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Sort each row by score (best first), ties by key."""
-        keys = np.where(r >= 0, self._table.keys_[np.maximum(r, 0)], np.iinfo(np.int64).max)
-        o = np.lexsort((keys, -s.astype(np.float64)), axis=1)
-        return np.take_along_axis(s, o, 1), np.take_along_axis(r, o, 1)
+            cr = np.concatenate([best_r, np.broadcast_to(np.arange(r0, r1), s.shape)], 1)
+            keys = np.where(cr >= 0, t.keys_[np.maximum(cr, 0)], np.iinfo(np.int64).max)
+            o = np.lexsort((keys, -cs.astype(np.float64)), axis=1)[:, :kk]
+            best_s, best_r = np.take_along_axis(cs, o, 1), np.take_along_axis(cr, o, 1)
+        return best_s, best_r
 
     def _rescore(self, q, qc, qi, z, rows, kk) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Exact top-kk of flat candidates (sorted by query, then z best first).
@@ -332,10 +329,9 @@ class CompressedIndex(Index):
         Returns ``(scores (Q, kk), rows (Q, kk), t_k (Q,))``, ``t_k`` = k-th best exact score.
         """
         nq = q.shape[0]
-        aux = self._table.aux
         zf = z.astype(np.float64)
         shat = qc.a[qi] * zf + qc.b[qi]
-        eps = (qc.e_x[qi] * aux[rows, 0] + qc.e_c[qi] * aux[rows, 1]
+        eps = (qc.e_x[qi] * self._rmax + qc.e_c[qi] * self._cmax
                + qc.e_z[qi] * np.abs(zf) + 1e-12)
         counts = np.bincount(qi, minlength=nq)
         start = np.cumsum(counts) - counts
@@ -382,7 +378,6 @@ class CompressedIndex(Index):
         t = self._table
         writers = {
             "codes": (".npy", _write_npy(t.codes[: t.n])),
-            "aux": (".npy", _write_npy(t.aux[: t.n])),
             "keys": (".npy", _write_npy(t.keys_[: t.n])),
         }
         if self.codec.state is not None:
@@ -390,7 +385,8 @@ class CompressedIndex(Index):
         if t.own is not None:
             writers["vectors"] = (".npy", _write_npy(t.own.rows))
         self._commit(path, writers, codec=self.codec_name,
-                     vectors="own" if t.own is not None else "source")
+                     vectors="own" if t.own is not None else "source",
+                     bound={"rnorm_max": self._rmax, "cnorm_max": self._cmax})
 
     @classmethod
     def load(
@@ -406,7 +402,7 @@ class CompressedIndex(Index):
         header = cls._load_header(path, fingerprint=fingerprint, dim=dim)
         p = Path(path)
         files = header.get("files", {})
-        if header.get("codec") != cls.codec_name or not {"codes", "aux", "keys"} <= set(files):
+        if header.get("codec") != cls.codec_name or not {"codes", "keys"} <= set(files):
             raise FormatError(f"{p}/header.json: not a {cls.type_name} index (codec, files)")
         n, d = int(header["ntotal"]), int(header["dim"])
         params = header["params"]
@@ -414,13 +410,17 @@ class CompressedIndex(Index):
                     max_batch_bytes=int(params.get("max_batch_bytes", DEFAULT_MAX_BATCH_BYTES)),
                     scratch_dir=scratch_dir)
         codes = _read_npy(p / files["codes"], dtype=index.codec.code_dtype, ndim=2)
-        aux = _read_npy(p / files["aux"], dtype=np.float32, ndim=2)
         keys = _read_npy(p / files["keys"], dtype=np.int64, ndim=1)
-        if codes.shape != (n, d) or aux.shape != (n, 3) or keys.shape != (n,):
-            raise FormatError(f"{p}: arrays {codes.shape} / {aux.shape} / {keys.shape} do not "
-                              f"match the header (ntotal={n}, dim={d})")
-        if not np.isfinite(aux).all() or (aux < 0).any():
-            raise FormatError(f"{p}: damaged per-vector terms (aux)")
+        if codes.shape != (n, d) or keys.shape != (n,):
+            raise FormatError(f"{p}: arrays {codes.shape} / {keys.shape} do not match the "
+                              f"header (ntotal={n}, dim={d})")
+        bound = header.get("bound")
+        try:
+            rmax, cmax = float(bound["rnorm_max"]), float(bound["cnorm_max"])
+        except (TypeError, KeyError, ValueError) as exc:
+            raise FormatError(f"{p}/header.json: missing or malformed 'bound'") from exc
+        if not (np.isfinite([rmax, cmax]).all() and rmax >= 0 and cmax >= 0):
+            raise FormatError(f"{p}/header.json: damaged error bound {bound}")
         if "codec" in files:
             state = _read_npy(p / files["codec"], dtype=np.float32, ndim=2)
             if state.shape != (2, d) or not np.isfinite(state).all():
@@ -429,10 +429,9 @@ class CompressedIndex(Index):
         elif n and index.codec.state is None and cls.codec_name == "int8":
             raise FormatError(f"{p}: int8 codes saved without their scales")
         t = index._table
-        t.codes, t.aux, t.keys_, t.n = codes, aux, as_keys(keys), n
+        t.codes, t.keys_, t.n = codes, as_keys(keys), n
         t.rows = dict(zip(t.keys_.tolist(), range(n), strict=True))
-        if n:
-            index._rmax, index._cmax = float(aux[:, 0].max()), float(aux[:, 1].max())
+        index._rmax, index._cmax = rmax, cmax
         if "vectors" in files:
             t.own = MappedRows.open(p / files["vectors"], n=n, dim=d, scratch_dir=index.scratch_dir)
         else:
