@@ -84,6 +84,10 @@ class Codec:
         raise NotImplementedError
 
     state: np.ndarray | None = None  # fitted parameters saved with the index (if any)
+    needs_fit = False
+
+    def fit(self, x: np.ndarray) -> None:
+        """Fit parameters on ``(N, D)`` vectors (codecs that have any)."""
 
     def set_state(self, state: np.ndarray) -> None:
         raise NotImplementedError
@@ -174,6 +178,10 @@ class Int8Codec(Codec):
     def state(self) -> np.ndarray | None:
         """``(2, D)`` float32 ``[mu, sigma]`` (saved with the index), or None before fitting."""
         return None if self.mu is None else np.stack([self.mu, self.sigma]).astype(np.float32)
+
+    @property
+    def needs_fit(self) -> bool:  # type: ignore[override]
+        return self.mu is None
 
     def set_state(self, state: np.ndarray) -> None:
         self.mu = np.ascontiguousarray(state[0], np.float32)

@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 
 #: Owned float32 rows up to this many values are searched with the exact kernel.
 _SMALL_VALUES = 1 << 22
+#: Vectors are encoded in chunks of this many bytes of float64 temporaries.
+_ENCODE_BYTES = 32 << 20
 #: Re-scoring works through this many bytes of gathered vectors at a time.
 _RESCORE_BYTES = 8 << 20
 
@@ -218,12 +220,17 @@ class CompressedIndex(Index):
                 f"{len(present)} key(s) already in the index, e.g. {present[:5]}; "
                 "remove them first to replace their vectors"
             )
-        codes, rnorm, cnorm = self.codec.encode(x)
-        self._table.add(k, codes, x)
-        # the bound uses the largest residual / code norm ever added (still valid after
-        # removals; recomputed exactly by rebuilding the index)
-        self._rmax = max(self._rmax, float(rnorm.max()))
-        self._cmax = max(self._cmax, float(cnorm.max()))
+        if self.codec.needs_fit:  # int8 ranges: from (a sample of) the first vectors added
+            self.codec.fit(np.ascontiguousarray(x[:: max(1, x.shape[0] // 65536)]))
+        step = max(256, _ENCODE_BYTES // (8 * self.dim))  # bounded float64 temporaries
+        for c0 in range(0, k.size, step):
+            c1 = min(k.size, c0 + step)
+            codes, rnorm, cnorm = self.codec.encode(np.ascontiguousarray(x[c0:c1]))
+            self._table.add(k[c0:c1], codes, x[c0:c1])
+            # the bound uses the largest residual / code norm ever added (still valid
+            # after removals; exact again after a rebuild)
+            self._rmax = max(self._rmax, float(rnorm.max()))
+            self._cmax = max(self._cmax, float(cnorm.max()))
 
     def remove(self, keys: np.ndarray) -> int:
         return self._table.remove(as_keys(keys, unique=False))
