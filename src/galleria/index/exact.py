@@ -62,6 +62,41 @@ def _small_scores(queries: np.ndarray, vectors: np.ndarray) -> np.ndarray:
     return _VECDOT(vectors[None, :, :], queries[:, None, :])
 
 
+def _small_topk(scores: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``kk`` of each row of a small ``(Q, N)`` score matrix, best first.
+
+    A group-max bound instead of ``argpartition`` (45 us for 5k scores, against
+    ~8 us here): the ``kk`` largest maxima of 64-member groups are ``kk``
+    distinct scores, so the ``kk``-th of them bounds the ``kk``-th best score
+    from below; only the few scores above it are sorted.
+    """
+    q, n = scores.shape
+    length = n // 64
+    if length >= 2 * kk:
+        gmax = scores[:, : 64 * length].reshape(q, 64, length).max(axis=1)
+        thr = np.partition(gmax, length - kk, axis=1)[:, length - kk]
+    else:
+        thr = np.full(q, -np.inf, np.float32)
+    if q == 1:
+        row = scores[0]
+        idx = np.flatnonzero(row >= thr[0])
+        o = np.argsort(-row[idx], kind="stable")[:kk]
+        top = idx[o]
+        return row[top][None, :], top[None, :]
+    rr, cc = np.nonzero(scores >= thr[:, None])
+    vals = scores[rr, cc]
+    o = np.lexsort((cc, -vals, rr))
+    rr, cc, vals = rr[o], cc[o], vals[o]
+    counts = np.bincount(rr, minlength=q)
+    rank = np.arange(rr.size) - (np.cumsum(counts) - counts)[rr]
+    keep = rank < kk
+    out_s = np.empty((q, kk), np.float32)
+    out_r = np.empty((q, kk), np.int64)
+    out_s[rr[keep], rank[keep]] = vals[keep]
+    out_r[rr[keep], rank[keep]] = cc[keep]
+    return out_s, out_r
+
+
 def inner_product_topk(
     queries: np.ndarray,
     vectors: np.ndarray,
@@ -84,22 +119,14 @@ def inner_product_topk(
     q = queries.shape[0]
     n = vectors.shape[0]
     kk = min(k, n)
-    out_s = np.empty((q, kk), np.float32)
-    out_r = np.empty((q, kk), np.int64)
     if kk == 0:
-        return out_s, out_r
+        return np.empty((q, 0), np.float32), np.empty((q, 0), np.int64)
     if q * n <= _DIRECT_ELEMENTS:  # small problem: one product, no blocking overhead
         if q * n * queries.shape[1] <= _SINGLE_THREAD_MACS:
             scores = _small_scores(queries, vectors)
         else:
             scores = queries @ vectors.T
-        qi = np.arange(q)[:, None]  # fancy indexing: take_along_axis costs ~9 us a call
-        top = np.argpartition(scores, n - kk, axis=1)[:, n - kk :] if kk < n else None
-        vals = scores if top is None else scores[qi, top]
-        order = np.argsort(-vals, axis=1, kind="stable")
-        out_s[:] = vals[qi, order]
-        out_r[:] = order if top is None else top[qi, order]
-        return out_s, out_r
+        return _small_topk(scores, kk)
 
     def prepare(q0: int, q1: int):
         # transposed score block (gallery rows x queries): the GEMM is as fast or faster
