@@ -220,8 +220,8 @@ class CompressedIndex(Index):
                 f"{len(present)} key(s) already in the index, e.g. {present[:5]}; "
                 "remove them first to replace their vectors"
             )
-        if self.codec.needs_fit:  # int8 ranges: from (a sample of) the first vectors added
-            self.codec.fit(np.ascontiguousarray(x[:: max(1, x.shape[0] // 65536)]))
+        if self.codec.needs_fit:  # int8 ranges: from the first vectors added
+            self.codec.fit(x)
         step = max(256, _ENCODE_BYTES // (8 * self.dim))  # bounded float64 temporaries
         for c0 in range(0, k.size, step):
             c1 = min(k.size, c0 + step)
@@ -245,10 +245,11 @@ class CompressedIndex(Index):
 
     # -- search -----------------------------------------------------------------------
 
-    def _fetch(self, rows: np.ndarray) -> np.ndarray:
-        """float32 vectors of table rows (sorted unique) from the owned file or the source."""
+    def _fetch(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(vectors, pos)``: float32 vectors of the table rows ``rows`` (sorted, unique);
+        the vector of ``rows[j]`` is ``vectors[pos[j]]``."""
         if self._table.own is not None:
-            return self._table.own.take(rows)
+            return self._table.own.take(rows), np.arange(rows.size)
         if self._source is None:
             raise NoVectorSourceError(
                 f"this {self.type_name} index was saved without its float32 vectors: "
@@ -256,9 +257,9 @@ class CompressedIndex(Index):
             )
         keys = self._table.keys_[rows]
         order = np.argsort(keys, kind="stable")
-        v = np.empty((rows.size, self.dim), np.float32)
-        v[order] = self._source.get(keys[order])
-        return v
+        pos = np.empty_like(order)
+        pos[order] = np.arange(order.size)
+        return np.asarray(self._source.get(keys[order]), dtype=np.float32), pos
 
     def search(self, queries: np.ndarray, k: int) -> SearchResult:
         k = check_k(k)
@@ -322,7 +323,8 @@ class CompressedIndex(Index):
         best_r = np.full((q.shape[0], kk), -1, np.int64)
         for r0 in range(0, t.n, step):
             r1 = min(t.n, r0 + step)
-            s = q @ self._fetch(np.arange(r0, r1)).T
+            v, pos = self._fetch(np.arange(r0, r1))
+            s = q @ v[pos].T
             cs = np.concatenate([best_s, s], 1)
             cr = np.concatenate([best_r, np.broadcast_to(np.arange(r0, r1), s.shape)], 1)
             keys = np.where(cr >= 0, t.keys_[np.maximum(cr, 0)], np.iinfo(np.int64).max)
@@ -372,7 +374,8 @@ class CompressedIndex(Index):
         if qi.size == 0:
             return vals
         uniq, inv = np.unique(rows, return_inverse=True)
-        vecs = self._fetch(uniq)
+        vecs, pos = self._fetch(uniq)
+        inv = pos[inv]
         step = max(1, _RESCORE_BYTES // (8 * self.dim))
         for p0 in range(0, qi.size, step):
             p1 = min(qi.size, p0 + step)
@@ -430,9 +433,10 @@ class CompressedIndex(Index):
             raise FormatError(f"{p}/header.json: damaged error bound {bound}")
         if "codec" in files:
             state = _read_npy(p / files["codec"], dtype=np.float32, ndim=2)
-            if state.shape != (2, d) or not np.isfinite(state).all():
-                raise FormatError(f"{p}: damaged codec parameters {state.shape}")
-            index.codec.set_state(state)
+            try:
+                index.codec.set_state(state)
+            except ValueError as exc:
+                raise FormatError(f"{p}: {exc}") from exc
         elif n and index.codec.state is None and cls.codec_name == "int8":
             raise FormatError(f"{p}: int8 codes saved without their scales")
         t = index._table
