@@ -178,6 +178,20 @@ def _floor_of(values: np.ndarray, dt: np.dtype) -> np.ndarray:
     return np.clip(np.floor(values), info.min, info.max).astype(dt)
 
 
+def window_block_shape(q: int, n: int, max_batch_bytes: int, itemsize: int = 4) -> tuple[int, int]:
+    """Block shape of :func:`scan_window`: up to 1024 queries, >= 4096 rows, ~16 MB.
+
+    Profiled on 100k x 1280 (grown), 1000 queries, one thread, int8 and bf16 codes:
+    (1000, 4096) took 1.05 / 1.53 s CPU against 1.17-1.37 / 1.54-1.69 s for
+    (1000, 2048), (512, 8192), (256, 16384), (128, 32768) and (1000, 8192).
+    """
+    budget = max(int(max_batch_bytes), itemsize * GROUPS)
+    qb = max(1, min(q, 1024, budget // (itemsize * GROUPS)))
+    rows = max(4096, (16 << 20) // (itemsize * qb))
+    rows = min(rows, budget // (itemsize * qb), -(-n // GROUPS) * GROUPS)
+    return qb, max(GROUPS, rows // GROUPS * GROUPS)
+
+
 def scan_window(
     prepare: Callable[[int, int], BlockFill],
     n: int,
@@ -188,6 +202,7 @@ def scan_window(
     max_batch_bytes: int,
     dtype: type = np.float32,
     max_candidates: int | None = None,
+    block: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Every row whose score is >= (final k-th best score) - ``slack[q]``, per query.
 
@@ -197,6 +212,7 @@ def scan_window(
         slack: ``(nq,)`` float64 window width per query, in score units.
         max_candidates: cap on the candidates kept per query (memory guard); when a
             query exceeds it, its lowest candidates are dropped and its floor raised.
+        block: ``(query block, gallery block)`` override.
 
     Returns:
         ``(qi, scores, rows, floor)``: flat candidates sorted by query, then score
@@ -205,7 +221,7 @@ def scan_window(
     """
     dt = np.dtype(dtype)
     low = lowest(dt)
-    qb, width = block_shape(nq, n, k, max_batch_bytes, dt.itemsize)
+    qb, width = block or window_block_shape(nq, n, max_batch_bytes, dt.itemsize)
     length = width // GROUPS
     member = np.arange(GROUPS, dtype=np.int64) * length
     cap = max_candidates or max(64 * k, int(max_batch_bytes) // (20 * max(1, min(qb, nq))))
