@@ -117,6 +117,14 @@ class Method:
         return self._search(q, K)
 
 
+def _available_bytes() -> float:
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024.0
+    return float("inf")
+
+
 def timed(fn, budget_s: float) -> tuple[float, int]:
     """Seconds per call of ``fn`` (repeated while under ``budget_s``) and the call count."""
     t0 = time.perf_counter()
@@ -158,6 +166,12 @@ def measure(x: np.ndarray, q: np.ndarray, args, *, label: str, real: bool) -> li
     exact_ids = None
     for name in methods:
         gc.collect()
+        need = n * d * (4 if name == "exact" else 2) * 1.1  # the largest copies
+        if need > _available_bytes():
+            rows.append({**base, "method": name,
+                         "note": f"skipped: {need / 2**30:.1f} GB needed, "
+                                 f"{_available_bytes() / 2**30:.1f} GB available"})
+            continue
         try:
             m = Method(name, x, source)
         except Exception as exc:  # e.g. a quantizer this FAISS lacks
