@@ -45,6 +45,7 @@ class QueryCodes:
     e_x: np.ndarray
     e_c: np.ndarray
     e_z: np.ndarray
+    zmax: np.ndarray  # |z| <= zmax * (the gallery's largest cnorm), per query
 
 
 def _norms(x: np.ndarray) -> np.ndarray:
@@ -134,6 +135,7 @@ class Bf16Codec(Codec):
             e_x=nq + nr,
             e_c=nr + self.gamma * nq,
             e_z=np.full(q.shape[0], u / (1 - u) + 1e-7),
+            zmax=nq * (1 + 2 * u),  # times the largest ||x~|| (the index's cnorm max)
         )
 
     def gallery_tensor(self, codes: np.ndarray) -> Any:
@@ -247,6 +249,7 @@ class Int8Codec(Codec):
             e_x=_norms(q64) * (1 + 1e-9),
             e_c=_norms(r) * (1 + 1e-9),
             e_z=np.full(q.shape[0], 1e-15),  # int32 sums are exact; float64 scaling
+            zmax=np.zeros(q.shape[0]),  # e_z is (nearly) zero: z is an exact integer
         )
 
     def fill(self, g: Any, qc: Any, r0: int, w: int, out: np.ndarray) -> None:

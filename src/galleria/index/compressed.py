@@ -9,7 +9,10 @@ equal :class:`~galleria.index.exact.ExactIndex`: same top-k keys, float32
 scores (to float rounding), ties broken by key.
 
 Why exact: each codec bounds the error of every approximate score,
-``|q.x - s_hat(q, x)| <= eps(q, x)`` (see :mod:`galleria.index.codecs`).
+``|q.x - s_hat(q, x)| <= eps(q, x)`` (see :mod:`galleria.index.codecs`); the
+index adds the float32 rounding of the re-scored products themselves
+(``gamma_D ||q|| max ||x||``), so "exact" means: the float32 result of exact
+search, ties between equal float32 scores broken by key.
 
 1. Scan (one pass, :func:`~galleria.index.topk.scan_window`): per query keep
    every vector whose ``s_hat`` is within ``2 eps_max(q)`` of the final k-th
@@ -171,6 +174,7 @@ class CompressedIndex(Index):
         # largest rnorm / cnorm in the table: an upper bound (kept through removals)
         self._rmax = 0.0
         self._cmax = 0.0
+        self._xmax = 0.0
 
     @property
     def spec(self) -> str:
@@ -239,6 +243,8 @@ class CompressedIndex(Index):
             # after removals; exact again after a rebuild)
             self._rmax = max(self._rmax, float(rnorm.max()))
             self._cmax = max(self._cmax, float(cnorm.max()))
+            xc = x[c0:c1].astype(np.float64)
+            self._xmax = max(self._xmax, float(np.sqrt(np.einsum("nd,nd->n", xc, xc).max())))
 
     def remove(self, keys: np.ndarray) -> int:
         return self._table.remove(as_keys(keys, unique=False))
@@ -289,9 +295,11 @@ class CompressedIndex(Index):
         t, codec = self._table, self.codec
         n, nq = t.n, q.shape[0]
         qc = codec.queries(q)
-        # eps_max(q): the bound for any vector (largest rnorm and cnorm, largest |z|)
-        zmax = (np.linalg.norm(q, axis=1) * 1.01 + 1e-6) * self._cmax / qc.a
-        eps_max = qc.e_x * self._rmax + qc.e_c * self._cmax + qc.e_z * zmax + 1e-12
+        # eps_max(q): the bound for any vector (largest rnorm and cnorm, largest |z|),
+        # plus the float32 error of the re-scored exact products (gamma_D ||q|| ||x||)
+        qn = np.linalg.norm(q.astype(np.float64), axis=1)
+        e0 = self.codec.gamma * qn * self._xmax + 1e-12
+        eps_max = qc.e_x * self._rmax + qc.e_c * self._cmax + qc.e_z * qc.zmax * self._cmax + e0
         g = codec.gallery_tensor(t.codes[:n])
 
         def prepare(q0: int, q1: int):
@@ -310,7 +318,7 @@ class CompressedIndex(Index):
             c = np.bincount(qi, minlength=nq)
             log.debug("candidates per query: median %d, p90 %d, max %d; eps_max mean %.4g",
                       np.median(c), np.percentile(c, 90), c.max(), eps_max.mean())
-        best_s, best_r, tk = self._rescore(q, qc, qi, z, rows, kk)
+        best_s, best_r, tk = self._rescore(q, qc, qi, z, rows, kk, e0)
         # proof of completeness: a vector left out has z <= floor, so q.x <= bound
         bound = qc.a * floor + qc.b + eps_max
         again = np.flatnonzero(~((bound < tk) | np.isneginf(floor)))
@@ -340,7 +348,7 @@ class CompressedIndex(Index):
             best_s, best_r = np.take_along_axis(cs, o, 1), np.take_along_axis(cr, o, 1)
         return best_s, best_r
 
-    def _rescore(self, q, qc, qi, z, rows, kk) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _rescore(self, q, qc, qi, z, rows, kk, e0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Exact top-kk of flat candidates (sorted by query, then z best first).
 
         Returns ``(scores (Q, kk), rows (Q, kk), t_k (Q,))``, ``t_k`` = k-th best exact score.
@@ -349,7 +357,7 @@ class CompressedIndex(Index):
         zf = z.astype(np.float64)
         shat = qc.a[qi] * zf + qc.b[qi]
         eps = (qc.e_x[qi] * self._rmax + qc.e_c[qi] * self._cmax
-               + qc.e_z[qi] * np.abs(zf) + 1e-12)
+               + qc.e_z[qi] * np.abs(zf) + e0[qi])
         counts = np.bincount(qi, minlength=nq)
         start = np.cumsum(counts) - counts
         rank = np.arange(qi.size) - start[qi]
@@ -411,7 +419,8 @@ class CompressedIndex(Index):
             writers["vectors"] = (".npy", _write_npy(t.own.rows))
         self._commit(path, writers, codec=self.codec_name,
                      vectors="own" if t.own is not None else "source",
-                     bound={"rnorm_max": self._rmax, "cnorm_max": self._cmax})
+                     bound={"rnorm_max": self._rmax, "cnorm_max": self._cmax,
+                            "xnorm_max": self._xmax})
 
     @classmethod
     def load(
@@ -442,9 +451,10 @@ class CompressedIndex(Index):
         bound = header.get("bound")
         try:
             rmax, cmax = float(bound["rnorm_max"]), float(bound["cnorm_max"])
+            xmax = float(bound["xnorm_max"])
         except (TypeError, KeyError, ValueError) as exc:
             raise FormatError(f"{p}/header.json: missing or malformed 'bound'") from exc
-        if not (np.isfinite([rmax, cmax]).all() and rmax >= 0 and cmax >= 0):
+        if not (np.isfinite([rmax, cmax, xmax]).all() and min(rmax, cmax, xmax) >= 0):
             raise FormatError(f"{p}/header.json: damaged error bound {bound}")
         if "codec" in files:
             state = _read_npy(p / files["codec"], dtype=np.float32, ndim=2)
@@ -457,7 +467,7 @@ class CompressedIndex(Index):
         t = index._table
         t.codes, t.keys_, t.n = codes, as_keys(keys), n
         t.rows = dict(zip(t.keys_.tolist(), range(n), strict=True))
-        index._rmax, index._cmax = rmax, cmax
+        index._rmax, index._cmax, index._xmax = rmax, cmax, xmax
         if "vectors" in files:
             t.own = MappedRows.open(p / files["vectors"], n=n, dim=d, scratch_dir=index.scratch_dir)
         else:
