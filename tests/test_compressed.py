@@ -78,9 +78,9 @@ def test_codec_bound_holds_on_the_real_gemm(codec, d):
     codes, rnorm, cnorm = c.encode(x)
     qc = c.queries(q)
     g = c.gallery_tensor(codes)
-    z = np.empty((x.shape[0], q.shape[0]), c.score_dtype)
+    z = np.empty((q.shape[0], x.shape[0]), c.score_dtype)
     c.fill(g, qc.codes, 0, x.shape[0], z)
-    zf = z.astype(np.float64).T  # (Q, N)
+    zf = z.astype(np.float64)  # (Q, N)
     shat = qc.a[:, None] * zf + qc.b[:, None]
     eps = (qc.e_x[:, None] * rnorm[None, :] + qc.e_c[:, None] * cnorm[None, :]
            + qc.e_z[:, None] * np.abs(zf) + 1e-12)

@@ -103,7 +103,7 @@ class Codec:
         return torch.from_numpy(codes)
 
     def fill(self, g: Any, qc: Any, r0: int, w: int, out: np.ndarray) -> None:
-        """Write the ``(w, m)`` block z of gallery rows ``[r0, r0 + w)`` into ``out``."""
+        """Write the ``(m, w)`` block z of gallery rows ``[r0, r0 + w)`` into ``out``."""
         raise NotImplementedError
 
 
@@ -146,7 +146,7 @@ class Bf16Codec(Codec):
     def fill(self, g: Any, qc: Any, r0: int, w: int, out: np.ndarray) -> None:
         import torch
 
-        block = torch.mm(g[r0 : r0 + w], qc.T)  # (w, m) bf16
+        block = torch.mm(qc, g[r0 : r0 + w].T)  # (m, w) bf16
         torch.from_numpy(out).copy_(block)
 
 
@@ -255,7 +255,7 @@ class Int8Codec(Codec):
     def fill(self, g: Any, qc: Any, r0: int, w: int, out: np.ndarray) -> None:
         import torch
 
-        torch._int_mm(g[r0 : r0 + w], qc.T, out=torch.from_numpy(out))
+        torch._int_mm(qc, g[r0 : r0 + w].T, out=torch.from_numpy(out))
 
 
 CODECS: dict[str, type[Codec]] = {c.name: c for c in (Bf16Codec, Int8Codec)}

@@ -211,8 +211,14 @@ def scan_window(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Every row whose score is >= (final k-th best score) - ``slack[q]``, per query.
 
+    Unlike :func:`scan_topk`, blocks are ``(queries, rows)``: ``fill(r0, w, out)``
+    writes the ``(m, w)`` scores of rows ``[r0, r0 + w)`` into the C-contiguous
+    ``out`` (the int8 GEMM runs 25 % faster this way round: 25 vs 33 ms CPU for
+    1000 x 4096 x 1280). Groups of :data:`WINDOW_MEMBERS` members (stride
+    ``w / g``) are pruned as in :func:`scan_topk`, on contiguous rows.
+
     Args:
-        prepare: as for :func:`scan_topk`.
+        prepare: ``prepare(q0, q1) -> fill`` as above.
         k: the k of the search (``1 <= k <= n``).
         slack: ``(nq,)`` float64 window width per query, in score units.
         max_candidates: cap on the candidates kept per query (memory guard); when a
@@ -228,10 +234,7 @@ def scan_window(
     low = lowest(dt)
     qb, width = block or window_block_shape(nq, n, max_batch_bytes, dt.itemsize)
     g = WINDOW_MEMBERS
-    length = width // g
-    member = np.arange(g, dtype=np.int64) * length
     cap = max_candidates or max(64 * k, int(max_batch_bytes) // (20 * max(1, min(qb, nq))))
-    full = np.empty((width, min(qb, nq)), dt)
     out_q, out_s, out_r = [], [], []
     floor_all = np.full(nq, -np.inf)
     for q0 in range(0, nq, qb):
@@ -248,29 +251,37 @@ def scan_window(
         ps: list[np.ndarray] = []
         pr: list[np.ndarray] = []
         pooled, compact_at = 0, 8 * k * m
-        scores = full if m == full.shape[1] else np.empty((width, m), dt)
+        buf = np.empty((m, width), dt)
         for r0 in range(0, n, width):
             w = min(n, r0 + width) - r0
-            fill(r0, w, scores[:w])
-            if w < width:
-                scores[w:] = low
-            if length < 2 * k:
-                cc, rr = np.nonzero(scores[:w] >= fl_d[None, :])
-                o = np.argsort(rr, kind="stable")
-                rr, cols = rr[o], cc[o]
-                vals = scores[cols, rr]
+            scores = buf if w == width else np.empty((m, w), dt)
+            fill(r0, w, scores)
+            length = w // g
+            if length < 2 * k:  # too few groups to prune: threshold the whole block
+                rr, cols = np.nonzero(scores >= fl_d[:, None])
+                vals = scores[rr, cols]
             else:
-                gmax = np.ascontiguousarray(scores.reshape(g, length, m).max(axis=0).T)
+                # (m, length): max over the g members {j, j + length, ...} of group j
+                body = scores[:, : g * length].reshape(m, g, length)
+                gmax = body.max(axis=1)
                 kth = np.partition(gmax, length - k, axis=1)[:, length - k]
                 np.maximum(thr, kth, out=thr)  # k distinct scores reach kth
                 fl = np.maximum(fl, thr.astype(np.float64) - sl)
                 fl_d = _floor_of(fl, dt)
                 gr, gj = np.nonzero(gmax >= fl_d[:, None])
-                cm = gj[:, None] + member
-                v = scores[cm, gr[:, None]]
-                keep = (v >= fl_d[gr][:, None]) & (cm < w)
+                cm = gj[:, None] + np.arange(g, dtype=np.int64) * length  # (c, g) block rows
+                v = scores[gr[:, None], cm]
+                keep = v >= fl_d[gr][:, None]
                 rr = np.broadcast_to(gr[:, None], cm.shape)[keep]
                 cols, vals = cm[keep], v[keep]
+                if g * length < w:  # the tail rows outside the groups
+                    tr, tc = np.nonzero(scores[:, g * length :] >= fl_d[:, None])
+                    if tr.size:
+                        rr = np.concatenate([rr, tr])
+                        cols = np.concatenate([cols, tc + g * length])
+                        vals = np.concatenate([vals, scores[tr, tc + g * length]])
+                        o = np.argsort(rr, kind="stable")
+                        rr, cols, vals = rr[o], cols[o], vals[o]
             top = vals >= thr[rr]
             merge_topk(best_s, best_r, thr, rr[top], vals[top], cols[top] + r0)
             fl = np.maximum(fl, thr.astype(np.float64) - sl)
