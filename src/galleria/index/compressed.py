@@ -385,24 +385,33 @@ class CompressedIndex(Index):
         return best_s, best_r, best_s[:, kk - 1].astype(np.float64)
 
     def _exact_scores(self, q: np.ndarray, qi: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """float32 ``q[qi] . x[rows]`` (``qi`` sorted), gathering each needed vector once.
+        """float32 ``q[qi] . x[rows]`` (``qi`` sorted), a few queries at a time.
 
-        One ``np.vecdot`` per query over its gathered candidates (single-threaded BLAS
-        dots): 0.05 s CPU for 1000 queries x ~65 candidates x 1280-d, against 0.44 s
-        for one ``einsum`` over all (query, candidate) pairs. The score of a pair does
-        not depend on the batch it came in.
+        Each chunk of queries gathers its candidates' vectors once (at most
+        ``_RESCORE_BYTES``: small buffers are reused, while one large gather paid a
+        page fault per 4 KB of fresh memory, 1.7 s instead of 0.3 s for 143k x 1280)
+        and scores them with one ``np.vecdot`` per query (single-threaded BLAS dots:
+        0.05 s CPU for 1000 queries x ~65 candidates x 1280-d, against 0.44 s for an
+        ``einsum`` over all pairs). A pair's score does not depend on its batch.
         """
         vals = np.empty(qi.size, np.float32)
         if qi.size == 0:
             return vals
-        uniq, inv = np.unique(rows, return_inverse=True)
-        vecs, pos = self._fetch(uniq)
-        inv = pos[inv]
         cut = np.flatnonzero(np.diff(qi)) + 1
-        starts = np.concatenate([[0], cut]).tolist()
-        ends = [*cut.tolist(), qi.size]
-        for a, b in zip(starts, ends, strict=True):
-            vals[a:b] = _dot_rows(vecs[inv[a:b]], q[qi[a]])
+        starts = np.concatenate([[0], cut])
+        ends = np.concatenate([cut, [qi.size]])
+        per_chunk = max(1, _RESCORE_BYTES // (4 * self.dim))  # vectors gathered per chunk
+        i = 0
+        while i < starts.size:
+            j = int(np.searchsorted(ends, starts[i] + per_chunk, side="right"))
+            j = max(j, i + 1)
+            a, b = int(starts[i]), int(ends[j - 1])
+            uniq, inv = np.unique(rows[a:b], return_inverse=True)
+            vecs, pos = self._fetch(uniq)
+            inv = pos[inv]
+            for s0, s1 in zip(starts[i:j].tolist(), ends[i:j].tolist(), strict=True):
+                vals[s0:s1] = _dot_rows(vecs[inv[s0 - a : s1 - a]], q[qi[s0]])
+            i = j
         return vals
 
     # -- persistence ------------------------------------------------------------------
