@@ -169,8 +169,10 @@ class Int8Codec(Codec):
     norm enters the bound), only the bound grows.
 
     Measured on EfficientNet-Lite2 1280-d embeddings (grown 100k): per-dimension
-    scales give the same bound as one scale per vector (0.024 on average) and
-    need no per-row scaling pass over the score block.
+    scales gave the same bound as one scale per vector (0.024 on average, before
+    centring; 0.017 after) and need no per-row scaling pass over the score block.
+    The ranges come from all of the first vectors added: fitted on a 50 % sample
+    instead, one clipped outlier tripled the largest residual (0.0195 vs 0.0065).
     """
 
     name = "int8"
