@@ -199,6 +199,16 @@ class CompressedIndex(Index):
     def has_own_vectors(self) -> bool:
         return self._table.own is not None
 
+    @property
+    def source(self) -> VectorSource | None:
+        """The attached vector source (``None`` with own vectors or none attached)."""
+        return self._source
+
+    @property
+    def needs_source(self) -> bool:
+        """Loaded without its float32 vectors and no source attached yet."""
+        return self._detached
+
     # -- vector source ----------------------------------------------------------------
 
     def attach_source(self, source: VectorSource) -> None:
