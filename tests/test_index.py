@@ -155,6 +155,56 @@ def test_concurrent_search_matches_brute_force(spec, data):
 
 
 @pytest.mark.parametrize("spec", [*SPECS, "prefix"])
+def test_search_while_a_copy_is_modified(spec, data, monkeypatch):
+    """What a store view does: readers search an index while a copy of it is taken,
+    added to and removed from in another thread (the copy shares nothing mutable)."""
+    import threading
+
+    from galleria.index import compressed
+
+    monkeypatch.setattr(compressed, "_SMALL_VALUES", 0)  # the compressed scan, not rows
+    keys, x, q = data
+    index = create_index("prefix", DIM) if spec == "prefix" else make(spec)
+    index.add(keys[:1200], x[:1200])
+    expected = index.search(q, K)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    searches = [0]
+
+    def reader(seed: int) -> None:
+        r = np.random.default_rng(seed)
+        try:
+            while not stop.is_set():
+                lo = int(r.integers(0, q.shape[0]))
+                hi = int(r.integers(lo + 1, q.shape[0] + 1))
+                res = index.search(q[lo:hi], K)
+                np.testing.assert_array_equal(res.ids, expected.ids[lo:hi])
+                searches[0] += 1
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader, args=(s,)) for s in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for step in range(3):
+            dup = index.copy()
+            a = 1200 + 250 * step
+            dup.add(keys[a : a + 250], x[a : a + 250])
+            dup.remove(keys[step * 100 : step * 100 + 100])
+            live = np.r_[0 : step * 100, step * 100 + 100 : 1200, a : a + 250]
+            check_against_reference(dup, q, x[live], keys[live])
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a search thread hung"
+    assert not errors, errors[0]
+    assert searches[0] >= 3
+    np.testing.assert_array_equal(index.search(q, K).ids, expected.ids)
+
+
+@pytest.mark.parametrize("spec", [*SPECS, "prefix"])
 def test_copy_is_independent(spec, data):
     keys, x, q = data
     index = create_index("prefix", DIM) if spec == "prefix" else make(spec)

@@ -151,3 +151,36 @@ def test_readers_search_while_a_writer_commits(spec, tmp_path, monkeypatch):
     assert checked[0] >= 3
     assert_same(g.view(FP).search(q, K), exact_reference(g, q, K))
     g.close()
+
+
+@pytest.mark.parametrize("spec", ["exact-int8"])
+def test_cli_index_with_a_compressed_index(spec, tmp_path, require_shared, capsys):
+    """`galleria index --index exact-int8` of 60 real SMVS covers (effnet-lite0): the
+    gallery's index scores int8 codes, re-scores from the segment files, and answers
+    like exact search for every image as a query; `galleria search` works on it."""
+    import json
+
+    from galleria.cli.main import main as cli
+
+    smvs = require_shared("smvs_dvd_covers")
+    src = tmp_path / "src"
+    src.mkdir()
+    for p in sorted(smvs.rglob("*.jpg"))[:60]:
+        (src / p.name).symlink_to(p)
+    out = tmp_path / "g"
+    assert cli(["index", str(src), "--out", str(out), "--model", "effnet-lite0",
+                "--index", spec, "-q"]) == 0
+    capsys.readouterr()
+    g = Gallery.open(out)
+    fp = g.spaces()[0].space
+    v = g.view(fp)
+    assert v.spec == spec and isinstance(v.base.source, SegmentSource)
+    keys, x = g.load_vectors(fp)
+    ref = create_index("exact", x.shape[1])
+    ref.add(keys, x)
+    assert_same(v.search(x, K), ref.search(x, K))
+    g.close()
+    first = sorted(src.iterdir())[0]
+    assert cli(["search", str(out), str(first), "-k", "3", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res[0]["results"][0]["id"] == first.name
