@@ -37,6 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C
+import build_base_sets as B
 
 log = logging.getLogger("bench_search")
 
@@ -60,8 +61,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--specs", nargs="*", default=["HNSW32", "IVF"],
                    help="ANN factory strings; 'IVF' = IVF{2^round(log2 sqrt N)},Flat; "
                         "none: exact search only")
-    p.add_argument("--base-1280", type=Path, default=None,
-                   help="(M, 1280) .npy of real embeddings to grow the 1280-d galleries from")
     p.add_argument("--max-gb", type=float, default=18.0, help="skip configs estimated above")
     p.add_argument("--max-build-s", type=float, default=600.0,
                    help="skip an ANN index whose estimated build time exceeds this; build "
@@ -321,15 +320,13 @@ def main(argv: list[str] | None = None) -> int:
 
     root = args.datasets or datasets_root()
     notes: list[str] = []
-    x128, _, _ = C.roxford_lopq(root)
+    # real bases, built by build_base_sets.py from ../shared alone (cached in benchmarks/out)
+    x128 = B.real_base("lopq-128", root=root)
     t_start = time.perf_counter()
     rows: list[dict[str, Any]] = []
     if not args.skip_real:
         rows += run_real(root, args)
-    base_1280 = None
-    if args.base_1280 is not None:
-        base_1280 = np.load(args.base_1280).astype(np.float32)
-        notes.append(f"1280-d galleries grown from the real embeddings in {args.base_1280}")
+    base_1280 = B.real_base("lite2-1280", root=root) if 1280 in args.dims else None
     with tempfile.TemporaryDirectory(prefix="bench_search_") as td:
         for d in args.dims:
             for n in args.sizes:
@@ -339,10 +336,10 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 if d == 128:
                     gen = C.RealDerived(x128, seed=n)
-                    base = "ROxford LOPQ 128-d (real)"
+                    base = B.label("lopq-128", x128.shape[0])
                 elif base_1280 is not None and d == base_1280.shape[1]:
                     gen = C.RealDerived(base_1280, seed=n)
-                    base = f"real {d}-d embeddings ({args.base_1280.name})"
+                    base = B.label("lite2-1280", base_1280.shape[0])
                 else:
                     gen = C.RealDerived(x128, seed=n, lift_to=d)
                     base = f"ROxford LOPQ 128-d lifted to {d}-d (FALLBACK: no real {d}-d base)"

@@ -346,43 +346,29 @@ def readers(seconds: float) -> dict[str, Any]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--parts", default="bookkeeping,integrity,readers")
-    ap.add_argument("--n", type=int, default=300_000)
-    ap.add_argument("--dims", default="128,1280")
-    ap.add_argument("--queries", type=int, default=300)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reader-seconds", type=float, default=600)
-    args = ap.parse_args()
-    C.set_threads(args.threads)
-    info = C.machine_info(args.threads)
-    parts = args.parts.split(",")
-    payload: dict[str, Any] = {"machine": info, "args": vars(args)}
-    md = ["# Store v2 (`bench_store.py`)\n", C.machine_md(info)]
-    if "bookkeeping" in parts:
-        rows = bookkeeping(args.n, [int(d) for d in args.dims.split(",")], args.queries)
-        payload["bookkeeping"] = rows
+def _markdown(payload: dict[str, Any]) -> str:
+    args = payload["args"]
+    md = ["# Store v2 (`bench_store.py`)\n", C.machine_md(payload["machine"])]
+    for part, info in payload.get("part_machines", {}).items():
+        md.append(f"- {part}: measured {info.get('date')}, load "
+                  f"{info.get('load_average_at_start')} -> {info.get('load_average_at_end')}\n")
+    if "bookkeeping" in payload:
         md.append(f"\n## Search bookkeeping, one query at a time, k = 10 (synthetic vectors)\n\n"
-                  f"median over {args.queries} queries, interleaved\n\n")
-        md.append(C.md_table(rows, [("n", "items"), ("dim", "D"), ("data", "data"),
-                                    ("us_gallery_search", "Gallery.search us"),
-                                    ("us_index_search", "index alone us"),
-                                    ("us_bookkeeping", "bookkeeping us"),
-                                    ("bookkeeping_pct", "bookkeeping %"),
-                                    ("us_v1_count_per_search", "v1 per-search COUNT us"),
-                                    ("v1_count_pct_of_search", "v1 COUNT % of search")]))
-    if "integrity" in parts:
-        rows = integrity()
-        payload["integrity"] = rows
+                  f"median over {args['queries']} queries, interleaved\n\n")
+        md.append(C.md_table(payload["bookkeeping"], [
+            ("n", "items"), ("dim", "D"), ("data", "data"),
+            ("us_gallery_search", "Gallery.search us"), ("us_index_search", "index alone us"),
+            ("us_bookkeeping", "bookkeeping us"), ("bookkeeping_pct", "bookkeeping %"),
+            ("us_v1_count_per_search", "v1 per-search COUNT us"),
+            ("v1_count_pct_of_search", "v1 COUNT % of search")]))
+    if "integrity" in payload:
         md.append("\n## Integrity: what check, search and repair say\n\n")
-        md.append(C.md_table(rows, [("fault", "fault"), ("check", "`galleria check`"),
-                                    ("search", "search (fresh reader)"),
-                                    ("repair", "`galleria repair`"),
-                                    ("search_after_repair", "search after repair")]))
-    if "readers" in parts:
-        r = readers(args.reader_seconds)
-        payload["readers"] = r
+        md.append(C.md_table(payload["integrity"], [
+            ("fault", "fault"), ("check", "`galleria check`"),
+            ("search", "search (fresh reader)"), ("repair", "`galleria repair`"),
+            ("search_after_repair", "search after repair")]))
+    if "readers" in payload:
+        r = payload["readers"]
         md.append("\n## Readers during `galleria index --batch-size 1 --commit-every 1` "
                   "(500 real SMVS images)\n\n")
         if "skipped" in r:
@@ -395,8 +381,44 @@ def main() -> None:
                                   ("below_committed_before", "below what was committed"),
                                   ("coverage_decreases", "coverage decreases"),
                                   ("last_search_covered", "last search covered")]))
+    return "".join(md)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--parts", default="bookkeeping,integrity,readers",
+                    help="parts to run; the others are kept from an earlier store.json")
+    ap.add_argument("--n", type=int, default=300_000)
+    ap.add_argument("--dims", default="128,1280")
+    ap.add_argument("--queries", type=int, default=300)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reader-seconds", type=float, default=600)
+    args = ap.parse_args()
+    C.set_threads(args.threads)
+    info = C.machine_info(args.threads)
+    parts = args.parts.split(",")
+    old_path = C.RESULTS_DIR / "store.json"
+    payload: dict[str, Any] = {}
+    if old_path.exists():  # keep the parts not re-run (their machine record too)
+        old = json.loads(old_path.read_text())
+        payload = {k: old[k] for k in ("bookkeeping", "integrity", "readers") if k in old}
+        payload["part_machines"] = old.get("part_machines", {})
+        for k in payload:
+            if k != "part_machines" and k not in payload["part_machines"]:
+                payload["part_machines"][k] = old.get("machine", {})
+    payload.update({"machine": info, "args": vars(args)})
+    payload.setdefault("part_machines", {})
+    if "bookkeeping" in parts:
+        payload["bookkeeping"] = bookkeeping(args.n, [int(d) for d in args.dims.split(",")],
+                                             args.queries)
+    if "integrity" in parts:
+        payload["integrity"] = integrity()
+    if "readers" in parts:
+        payload["readers"] = readers(args.reader_seconds)
     info["load_average_at_end"] = os.getloadavg()
-    C.write_results("store", payload, "".join(md))
+    for p in parts:
+        payload["part_machines"][p] = info
+    C.write_results("store", payload, _markdown(payload))
 
 
 if __name__ == "__main__":

@@ -31,3 +31,26 @@ def test_bench_search_quick(require_shared, tmp_path):
     for r in ann:
         assert r.get("recall_galleria", 0) >= 0.95, r
     assert "galleria vs FAISS direct" in md and "## Machine" in md
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_bench_compressed_quick(require_shared, tmp_path):
+    import os
+
+    root = require_shared("oxford5k_lopq128").parent
+    require_shared("revisitop")
+    env = {**os.environ, "GALLERIA_BENCH_OUT": str(tmp_path / "out")}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_compressed.py"), "--quick",
+           "--dims", "128", "--results-dir", str(tmp_path)]
+    subprocess.run(cmd, check=True, timeout=900, capture_output=True,
+                   env={**env, "GALLERIA_DATASETS": str(root)})
+    result = json.loads((tmp_path / "compressed_quick.json").read_text())
+    assert not result["partial"]
+    rows = {(r["data"], r["method"]): r for r in result["rows"]}
+    for data in ("ROxford5k LOPQ (real, 70 queries)", "grown 128-d"):
+        for m in ("exact", "exact-bf16", "exact-int8"):
+            assert rows[(data, m)]["recall"] == 1.0, rows[(data, m)]
+            assert rows[(data, m)]["qps_batch"] > 0
+    assert rows[("grown 128-d", "exact-int8")]["scored_vs_flat"] == 0.25
+    assert "grown from 5063 real vectors" in (tmp_path / "compressed_quick.md").read_text()

@@ -26,6 +26,8 @@ ATOL = 1e-5
 # spec -> (params, exact?, min recall@10 against brute force)
 BACKENDS = {
     "exact": ({}, True, 1.0),
+    "exact-bf16": ({}, True, 1.0),
+    "exact-int8": ({}, True, 1.0),
     "Flat": ({}, True, 1.0),
     "IVF16,Flat": ({"nprobe": 16}, True, 1.0),  # all lists probed: exhaustive
     "HNSW32": ({"ef_search": 64}, False, 0.95),
@@ -106,6 +108,121 @@ def check_against_reference(index, q, x, keys, k=K) -> None:
 
 def _spec(index) -> str:
     return "exact" if isinstance(index, ExactIndex) else index.spec
+
+
+# the threaded and copy tests: a few threads search one unmodified index at once
+@pytest.mark.parametrize("spec", [*SPECS, "prefix"])
+def test_concurrent_search_matches_brute_force(spec, data):
+    import threading
+
+    keys, x, q = data
+    index = create_index("prefix", DIM) if spec == "prefix" else make(spec)
+    index.add(keys, x)
+    index.remove(keys[:7])  # tombstones too (HNSW)
+    live_x, live_k = x[7:], keys[7:]
+    ref_s, ref_ids = brute_force(q, live_x, live_k, K)
+    exact = spec == "prefix" or BACKENDS[spec][1]
+    expected = index.search(q, K)  # single-threaded answer of this index
+    rng = np.random.default_rng(7)
+    plans = [rng.integers(0, q.shape[0], size=(12, 2)) for _ in range(4)]
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(plans))
+
+    def worker(plan: np.ndarray) -> None:
+        try:
+            start.wait(timeout=30)
+            for i, j in plan:  # a mix of single queries and batches
+                lo, hi = min(i, j), max(i, j) + 1
+                res = index.search(q[lo:hi], K)
+                np.testing.assert_array_equal(res.ids, expected.ids[lo:hi])
+                np.testing.assert_allclose(res.scores, expected.scores[lo:hi], atol=ATOL)
+                if spec == "prefix":
+                    index.search(q[lo:hi], K, dim=16)  # fills the shared prefix cache
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(p,)) for p in plans]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a search thread hung"
+    assert not errors, errors[0]
+    if exact:
+        assert_exact(expected, ref_s, ref_ids)
+    else:
+        assert recall(expected.ids, ref_ids) >= BACKENDS[spec][2]
+
+
+@pytest.mark.parametrize("spec", [*SPECS, "prefix"])
+def test_search_while_a_copy_is_modified(spec, data, monkeypatch):
+    """What a store view does: readers search an index while a copy of it is taken,
+    added to and removed from in another thread (the copy shares nothing mutable)."""
+    import threading
+
+    from galleria.index import compressed
+
+    monkeypatch.setattr(compressed, "_SMALL_VALUES", 0)  # the compressed scan, not rows
+    keys, x, q = data
+    index = create_index("prefix", DIM) if spec == "prefix" else make(spec)
+    index.add(keys[:1200], x[:1200])
+    expected = index.search(q, K)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    searches = [0]
+
+    def reader(seed: int) -> None:
+        r = np.random.default_rng(seed)
+        try:
+            while not stop.is_set():
+                lo = int(r.integers(0, q.shape[0]))
+                hi = int(r.integers(lo + 1, q.shape[0] + 1))
+                res = index.search(q[lo:hi], K)
+                np.testing.assert_array_equal(res.ids, expected.ids[lo:hi])
+                searches[0] += 1
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader, args=(s,)) for s in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for step in range(3):
+            dup = index.copy()
+            a = 1200 + 250 * step
+            dup.add(keys[a : a + 250], x[a : a + 250])
+            dup.remove(keys[step * 100 : step * 100 + 100])
+            live = np.r_[0 : step * 100, step * 100 + 100 : 1200, a : a + 250]
+            check_against_reference(dup, q, x[live], keys[live])
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a search thread hung"
+    assert not errors, errors[0]
+    assert searches[0] >= 3
+    np.testing.assert_array_equal(index.search(q, K).ids, expected.ids)
+
+
+@pytest.mark.parametrize("spec", [*SPECS, "prefix"])
+def test_copy_is_independent(spec, data):
+    keys, x, q = data
+    index = create_index("prefix", DIM) if spec == "prefix" else make(spec)
+    index.add(keys[:1500], x[:1500])
+    index.generation = 3
+    before = index.search(q, K)
+    dup = index.copy()
+    assert type(dup) is type(index) and dup.generation == 3 and len(dup) == 1500
+    np.testing.assert_array_equal(dup.search(q, K).ids, before.ids)
+    # change the copy: the original is untouched
+    dup.remove(keys[:300])
+    dup.add(keys[1500:], x[1500:])
+    assert len(index) == 1500 and len(dup) == N - 300
+    np.testing.assert_array_equal(index.search(q, K).ids, before.ids)
+    assert not np.isin(dup.search(q, K).ids, keys[:300]).any()
+    # and the other way round
+    index.remove(keys[1000:1500])
+    assert len(dup) == N - 300 and np.isin(keys[1000:1500], dup.keys()).all()
 
 
 @pytest.mark.parametrize("spec", SPECS)

@@ -19,6 +19,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -241,6 +242,76 @@ def test_sharded_search_while_a_writer_commits(cluster, tmp_path):
         g.close()
 
 
+def test_serve_ray_answers_on_shards_and_backfills_locally_during_an_upgrade(
+        cluster, require_shared, tmp_path):
+    """`galleria serve --ray`: global search on 3 shards equals the single-process
+    searcher, follows new commits, and an upgrade switches the service to the local
+    backfill searcher (shards serve one space) and back to shards after finish; the
+    retired searchers' placement groups are released."""
+    import httpx
+    from ray.util import placement_group_table
+
+    from _service import thread_server
+    from galleria.service.engine import ServiceConfig
+    from galleria.upgrade.finish import finish_upgrade
+    from galleria.upgrade.job import run_upgrade, start_upgrade
+
+    items = _images(require_shared("smvs_dvd_covers"), 90)
+    out = tmp_path / "g"
+    index_images(items[:60], out, extractor=_tiny.tiny(3, dim=16))
+
+    def live_groups() -> int:
+        return sum(1 for v in placement_group_table().values() if v["state"] != "REMOVED")
+
+    before = live_groups()
+    cfg = ServiceConfig(gallery=out, ray=cluster.address, shards=3, refresh_interval_s=0.1)
+    with thread_server(cfg, timeout=120) as url, httpx.Client(base_url=url, timeout=60) as c:
+        plain = Searcher.open(out)
+
+        def check(ids: list[str], want: str) -> None:
+            for i in ids:
+                body = c.post("/v1/search", json={"id": i, "k": 5}).json()
+                assert body["searcher"] == want, body
+                if want == "ShardedSearcher":
+                    q = plain.gallery.get_vectors(plain.gallery.keys_of([i]),
+                                                  space=body["model"])
+                    ref = plain.search(q, 5)
+                    assert [h["id"] for h in body["results"]] == list(ref.ids[0]), i
+                    np.testing.assert_allclose([h["score"] for h in body["results"]],
+                                               ref.scores[0], atol=1e-5)
+                else:
+                    assert body["results"][0]["id"] == i
+
+        check([it.id for it in items[:10]], "ShardedSearcher")
+        index_images(items, out, extractor=_tiny.tiny(3, dim=16))  # 30 more, committed
+        body = c.post("/v1/search", json={"id": items[80].id, "k": 1}).json()
+        assert body["results"][0]["id"] == items[80].id  # the shards followed the log
+        check([it.id for it in items[75:85]], "ShardedSearcher")
+        assert live_groups() == before + 1
+        start_upgrade(out, "tiny-test", extractor=_tiny.tiny(5, dim=16))
+        run_upgrade(out, limit=40, extractor=_tiny.tiny(5, dim=16))
+        deadline = time.monotonic() + 30
+        while c.post("/v1/search", json={"id": items[0].id, "k": 5}).json()["searcher"] \
+                == "ShardedSearcher" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        check([it.id for it in items[:5]], "backfill")
+        run_upgrade(out, extractor=_tiny.tiny(5, dim=16))
+        finish_upgrade(out)
+        deadline = time.monotonic() + 30
+        while c.post("/v1/search", json={"id": items[0].id, "k": 5}).json()["searcher"] \
+                != "ShardedSearcher" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        plain.gallery.close()
+        plain = Searcher.open(out)
+        check([it.id for it in items[:10]], "ShardedSearcher")
+        plain.gallery.close()
+    # the server closed its searchers (current and retired): no placement group left
+    deadline = time.monotonic() + 30
+    while live_groups() > before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert live_groups() == before
+
+
 # ----------------------------------------------------------------- failures
 def _kill_when(path: Path, n: int, action, timeout: float = 120.0) -> bool:
     deadline = time.monotonic() + timeout
@@ -363,6 +434,14 @@ def test_unreachable_address_is_a_clear_error():
                        capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert r.returncode == 2 and f"cannot reach the Ray cluster at 127.0.0.1:{port}" in r.stderr
+    g = Gallery.create(Path(tempfile.mkdtemp()) / "g")  # serve --ray: the same, at start-up
+    g.close()
+    r = subprocess.run([sys.executable, "-m", "galleria.cli.main", "serve", str(g.path),
+                        "--port", "1", "--ray", f"127.0.0.1:{port}"],
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert r.returncode == 2 and f"cannot reach the Ray cluster at 127.0.0.1:{port}" in r.stderr
+    shutil.rmtree(g.path.parent)
 
 
 def test_missing_ray_is_a_clear_error():

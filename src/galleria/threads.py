@@ -1,17 +1,20 @@
 """Thread counts, chosen at entry points only (CLI, benchmarks, services).
 
 :func:`set_threads` sets torch's intra-op pool, FAISS's OpenMP pool, OpenCV's
-pool and every OpenBLAS loaded in the process (numpy's own included) to ``n``
-threads.
-Library code never calls it.
+pool (when installed) and every OpenBLAS loaded in the process (numpy's own
+included) to ``n`` threads.
+Library code never calls it (nor anything else that changes process-wide thread
+settings: small products in the exact kernel run in the calling thread through
+``np.vecdot`` instead of lowering the BLAS thread count, see
+``galleria.index.exact._small_scores``). OpenBLAS's ``openblas_set_num_threads_local``
+is no alternative in the pthreads build numpy bundles: it calls the global
+``openblas_set_num_threads`` (driver/others/openblas_set_num_threads.c).
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
-from collections.abc import Iterator
 from typing import Any
 
 
@@ -52,36 +55,6 @@ def _blas_fns() -> list[tuple[str, Any, Any]]:
     return _BLAS_FNS
 
 
-_NUMPY_BLAS: tuple[Any, Any] | bool | None = False
-
-
-def _numpy_blas() -> tuple[Any, Any] | None:
-    """(set, get) of the OpenBLAS numpy's matmul uses, or None (another BLAS)."""
-    global _NUMPY_BLAS
-    if _NUMPY_BLAS is False:
-        import numpy  # noqa: F401
-
-        found = [(s, g) for p, s, g in _blas_fns() if "numpy" in p]
-        _NUMPY_BLAS = found[0] if found else None
-    return _NUMPY_BLAS  # type: ignore[return-value]
-
-
-@contextlib.contextmanager
-def single_threaded_blas() -> Iterator[None]:
-    """Run the block's numpy BLAS calls on one thread (small products: waking the
-    pool costs more than the product, and far more when other processes keep the
-    cores busy; measured 33 us single-threaded vs 8 ms for a 5k x 128 mat-vec)."""
-    fns = _numpy_blas()
-    n = fns[1]() if fns is not None else 1
-    if n != 1:
-        fns[0](1)  # type: ignore[index]
-    try:
-        yield
-    finally:
-        if n != 1:
-            fns[0](n)  # type: ignore[index]
-
-
 def set_threads(n: int | None = None) -> int:
     """Use ``n`` compute threads (default ``$GALLERIA_THREADS`` or all cores); returns n."""
     n = n or int(os.environ.get("GALLERIA_THREADS", "0")) or (os.cpu_count() or 1)
@@ -105,8 +78,8 @@ def set_threads(n: int | None = None) -> int:
         pass
     import numpy  # noqa: F401  (load numpy's OpenBLAS so it is found below)
 
-    global _BLAS_FNS, _NUMPY_BLAS
-    _BLAS_FNS, _NUMPY_BLAS = None, False  # pick up libraries loaded since the last call
+    global _BLAS_FNS
+    _BLAS_FNS = None  # pick up libraries loaded since the last call
     for _, setter, _ in _blas_fns():
         setter(ctypes.c_int(n))
     return n

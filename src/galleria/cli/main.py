@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--update", action="store_true",
                    help="replace stored images whose id now names a different file")
     s.add_argument("--index", default=None,
-                   help="exact (default) or a FAISS factory string: HNSW32, IVF1024,PQ32 ...")
+                   help="exact (default), exact-bf16 / exact-int8 (compressed scan, exact "
+                        "results), prefix, or a FAISS factory string: HNSW32, IVF1024,PQ32 ...")
     s.add_argument("--nprobe", type=int, default=None)
     s.add_argument("--ef-search", type=int, default=None)
     s.add_argument("--rescore", type=int, default=None,

@@ -41,6 +41,11 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--runtime", default="auto", choices=["auto", "onnx", "torch"])
     s.add_argument("--refresh-interval", type=float, default=0.25,
                    help="seconds between background view refreshes (new commits)")
+    s.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="answer global searches on a Ray cluster: the index split into "
+                        "--shards shard actors (needs galleria[ray]; see docs/distributed.md)")
+    s.add_argument("--shards", type=int, default=2,
+                   help="number of search shards with --ray (default 2)")
     s.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     s.add_argument("--verbose", "-v", action="store_true")
@@ -71,6 +76,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.queue < 0 or args.max_upload_mb <= 0 or args.max_pixels < 1:
         raise InputError("--queue must be >= 0, --max-upload-mb and --max-pixels positive")
     token = read_token_file(args.token_file) if args.token_file else None
+    if args.shards < 1:
+        raise InputError(f"--shards must be >= 1; got {args.shards}")
     if args.token_reads and token is None:
         raise InputError("--token-reads needs --token-file")
     threads = set_threads(args.threads)  # the entry point chooses threads, once
@@ -79,7 +86,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         workers=args.workers, queue=args.queue,
         max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
         max_k=args.max_k, runtime=args.runtime, threads=threads, rule=args.rule,
-        refresh_interval_s=args.refresh_interval)
+        refresh_interval_s=args.refresh_interval, ray=args.ray, shards=args.shards)
     app = create_app(cfg)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"galleria serve: listening on {args.host}: reachable from other machines"

@@ -228,6 +228,16 @@ class ShardedSearcher:
         self.generation = max(s["generation"] for s in self.shard_info)
 
     # ------------------------------------------------------------ contract
+    @property
+    def extractor(self) -> Any:
+        """The query model (shared with the local searcher; a server may swap in its own
+        instance of the same fingerprint)."""
+        return self.local.extractor
+
+    @extractor.setter
+    def extractor(self, ext: Any) -> None:
+        self.local.extractor = ext
+
     def embed_images(self, images: Sequence[Image.Image]) -> Queries:
         return self.local.embed_images(images)
 
@@ -245,6 +255,8 @@ class ShardedSearcher:
         if options:
             raise InputError(f"sharded search takes no options {sorted(options)} (qe, dim "
                              "and funnel need plain search of one space)")
+        if not getattr(self, "_actors", None):
+            raise ClusterError("this sharded searcher is closed; open another one")
         k = check_k(k)
         q = Queries.of(queries, self.space)
         if self.space not in q:
@@ -311,6 +323,9 @@ class ShardedSearcher:
         except worker_lost_errors() as exc:
             raise ClusterError(f"a search shard was lost ({type(exc).__name__}) and could "
                                "not be restarted; open the searcher again") from exc
+        except getattr(ray.exceptions, "TaskPlacementGroupRemoved", ()) as exc:
+            raise ClusterError("this sharded searcher was closed while it searched; open "
+                               "another one") from exc
         except ray.exceptions.RayTaskError as exc:
             raise unwrap_task_error(exc) from None
 

@@ -16,6 +16,7 @@ cached until the index changes.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -105,10 +106,19 @@ class PrefixIndex(ExactIndex):
         self.shortlist_dim = int(shortlist_dim)
         self.shortlist = int(shortlist)
         self._prefix_cache: dict[int, np.ndarray] = {}
+        self._cache_lock = threading.Lock()  # concurrent searches fill the cache once
 
     def params(self) -> dict[str, Any]:
         return {**super().params(), "shortlist_dim": self.shortlist_dim,
                 "shortlist": self.shortlist}
+
+    def copy(self) -> PrefixIndex:
+        out = super().copy()
+        assert isinstance(out, PrefixIndex)
+        with self._cache_lock:  # cached prefixes are read-only arrays: shared
+            out._prefix_cache = dict(self._prefix_cache)
+        out._cache_lock = threading.Lock()
+        return out
 
     # mutations invalidate the cached prefixes
     def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
@@ -132,8 +142,12 @@ class PrefixIndex(ExactIndex):
             return self._table.vectors
         cached = self._prefix_cache.get(d)
         if cached is None:
-            cached = prefix(self._table.vectors, d)
-            self._prefix_cache[d] = cached
+            with self._cache_lock:
+                cached = self._prefix_cache.get(d)
+                if cached is None:
+                    cached = prefix(self._table.vectors, d)
+                    cached.flags.writeable = False
+                    self._prefix_cache[d] = cached
         return cached
 
     def search(self, queries: np.ndarray, k: int, *, dim: int | None = None) -> SearchResult:

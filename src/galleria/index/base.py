@@ -16,7 +16,10 @@ dim, ntotal, generation, and the names of its data files), then deletes the
 previous save's files. A crash at any point leaves the old header naming the
 old, complete files. ``load(dir, fingerprint=..., dim=...)`` checks the header
 and raises :class:`~galleria.errors.CompatibilityError` naming both values on a
-mismatch. Indexes are not safe for concurrent mutation from several threads.
+mismatch. Indexes are not safe for concurrent mutation from several threads, but
+``search`` is reentrant: any number of threads may search one index at once as long
+as nobody mutates it (no per-call state lives on the index). :meth:`Index.copy`
+gives an independent index to mutate instead.
 
 The shared checks for every public method live here (:func:`as_keys`,
 :func:`check_k`, :meth:`Index._queries`) so all backends reject the same bad
@@ -136,6 +139,14 @@ class Index(abc.ABC):
 
     @abc.abstractmethod
     def __len__(self) -> int: ...
+
+    @abc.abstractmethod
+    def copy(self) -> Index:
+        """An independent deep copy: changing either leaves the other as it was.
+
+        The store builds each new snapshot view on a copy while readers keep
+        searching the old index.
+        """
 
     @abc.abstractmethod
     def keys(self) -> np.ndarray:

@@ -30,79 +30,71 @@ import numpy as np
 
 from galleria.errors import FormatError, InputError
 from galleria.index.base import Index, as_keys, check_k, pad_result
+from galleria.index.topk import MIN_BLOCK_ROWS, scan_topk
 from galleria.io.atomic import atomic_open
-from galleria.threads import single_threaded_blas
 from galleria.types import SearchResult
 
 log = logging.getLogger(__name__)
 
 #: Default upper bound on the bytes of one score block.
 DEFAULT_MAX_BATCH_BYTES = 256 << 20
-#: Preferred score-block size. Profiled on a quiet machine (1000 queries, k=10, 2 threads,
-#: real-derived vectors): 8 MB gave 6.7k / 820 / 920 q/s at 100k x 128 / 1M x 128 /
-#: 100k x 1280 against 5.9k / 780 / 880 for 32 MB; 4 MB was slower again. (A variant that
-#: split the queries over two threads with single-threaded BLAS gained nothing here.)
-_CACHE_BLOCK_BYTES = 8 << 20
-_MIN_BLOCK_ROWS = 1024
 #: Up to this many scores, one unblocked product (per-call overhead matters more).
 _DIRECT_ELEMENTS = 1 << 16
 #: Up to this many multiply-adds, a single-threaded product.
 _SINGLE_THREAD_MACS = 1 << 22
-#: Group count g: a block of B columns is pruned through g-member groups of stride B/g.
-_GROUPS = 64
+_VECDOT = getattr(np, "vecdot", None)  # numpy >= 2.0
 
 
-def _block_shape(q: int, n: int, k: int, max_batch_bytes: int) -> tuple[int, int]:
-    """``(query block, gallery block)`` sizes for a ``(q, n)`` score matrix.
+def _small_scores(queries: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """``(Q, N)`` scores of a small product, in the calling thread.
 
-    The gallery block is a multiple of ``_GROUPS`` with at least ``4 * k`` groups
-    (so pruning works) unless the gallery is smaller; ``qb * rows * 4`` stays
-    within ``max_batch_bytes``.
+    Handing a small product to the BLAS thread pool costs more than the product
+    (and a whole time slice when other processes keep the cores busy). ``np.vecdot``
+    runs one single-threaded BLAS dot per row (OpenBLAS threads ``sdot`` only
+    beyond 10000 elements), as fast as single-threaded ``sgemv`` (measured 57 vs
+    54 us CPU for 1 x 4993 x 128) and without touching the process-wide BLAS
+    thread count; ``einsum`` (the fallback on numpy < 2) took 150 us.
     """
-    budget = max(int(max_batch_bytes), 4 * _MIN_BLOCK_ROWS)
-    min_rows = min(-(-n // _GROUPS) * _GROUPS, max(_MIN_BLOCK_ROWS, 4 * k * _GROUPS))
-    # queries per block: as many as keep a minimum-width block in cache (a large k needs
-    # wide blocks: top-200 over 1M x 32-d ran 2.5 s with 1000-query blocks of 204 MB,
-    # 1.2 s with 40-query blocks of 8 MB)
-    qb = max(1, min(q, _CACHE_BLOCK_BYTES // (4 * min_rows), budget // (4 * min_rows)))
-    rows = max(min(budget, _CACHE_BLOCK_BYTES) // (4 * qb), min_rows)
-    rows = min(rows, budget // (4 * qb), -(-n // _GROUPS) * _GROUPS)
-    rows = max(_GROUPS, rows // _GROUPS * _GROUPS)
-    return qb, rows
+    if _VECDOT is None:
+        return np.einsum("qd,nd->qn", queries, vectors)
+    if queries.shape[0] == 1:
+        return _VECDOT(vectors, queries[0])[None, :]
+    return _VECDOT(vectors[None, :, :], queries[:, None, :])
 
 
-def _merge(
-    best_s: np.ndarray,
-    best_r: np.ndarray,
-    thr: np.ndarray,
-    rows: np.ndarray,
-    vals: np.ndarray,
-    cols: np.ndarray,
-) -> None:
-    """Merge candidates ``(rows[i], vals[i], cols[i])`` (sorted by row) into the running top-k.
+def _small_topk(scores: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``kk`` of each row of a small ``(Q, N)`` score matrix, best first.
 
-    ``best_s``/``best_r`` are ``(m, k)``; ``thr`` (the k-th best score per query)
-    is updated in place.
+    A group-max bound instead of ``argpartition`` (45 us for 5k scores, against
+    ~8 us here): the ``kk`` largest maxima of 64-member groups are ``kk``
+    distinct scores, so the ``kk``-th of them bounds the ``kk``-th best score
+    from below; only the few scores above it are sorted.
     """
-    if rows.size == 0:
-        return
-    m, k = best_s.shape
-    counts = np.bincount(rows, minlength=m)
-    act = np.flatnonzero(counts)
-    slot = np.cumsum(counts > 0) - 1  # query -> row of the merge table
-    start = np.cumsum(counts) - counts
-    width = k + int(counts.max())
-    table_s = np.full((act.size, width), -np.inf, np.float32)
-    table_r = np.full((act.size, width), -1, np.int64)
-    table_s[:, :k] = best_s[act]
-    table_r[:, :k] = best_r[act]
-    pos = np.arange(rows.size) - start[rows] + k
-    table_s[slot[rows], pos] = vals
-    table_r[slot[rows], pos] = cols
-    top = np.argpartition(table_s, width - k, axis=1)[:, width - k :]
-    best_s[act] = np.take_along_axis(table_s, top, 1)
-    best_r[act] = np.take_along_axis(table_r, top, 1)
-    thr[act] = best_s[act].min(axis=1)
+    q, n = scores.shape
+    length = n // 64
+    if length >= 2 * kk:
+        gmax = scores[:, : 64 * length].reshape(q, 64, length).max(axis=1)
+        thr = np.partition(gmax, length - kk, axis=1)[:, length - kk]
+    else:
+        thr = np.full(q, -np.inf, np.float32)
+    if q == 1:
+        row = scores[0]
+        idx = np.flatnonzero(row >= thr[0])
+        o = np.argsort(-row[idx], kind="stable")[:kk]
+        top = idx[o]
+        return row[top][None, :], top[None, :]
+    rr, cc = np.nonzero(scores >= thr[:, None])
+    vals = scores[rr, cc]
+    o = np.lexsort((cc, -vals, rr))
+    rr, cc, vals = rr[o], cc[o], vals[o]
+    counts = np.bincount(rr, minlength=q)
+    rank = np.arange(rr.size) - (np.cumsum(counts) - counts)[rr]
+    keep = rank < kk
+    out_s = np.empty((q, kk), np.float32)
+    out_r = np.empty((q, kk), np.int64)
+    out_s[rr[keep], rank[keep]] = vals[keep]
+    out_r[rr[keep], rank[keep]] = cc[keep]
+    return out_s, out_r
 
 
 def inner_product_topk(
@@ -127,66 +119,27 @@ def inner_product_topk(
     q = queries.shape[0]
     n = vectors.shape[0]
     kk = min(k, n)
-    out_s = np.empty((q, kk), np.float32)
-    out_r = np.empty((q, kk), np.int64)
     if kk == 0:
-        return out_s, out_r
+        return np.empty((q, 0), np.float32), np.empty((q, 0), np.int64)
     if q * n <= _DIRECT_ELEMENTS:  # small problem: one product, no blocking overhead
         if q * n * queries.shape[1] <= _SINGLE_THREAD_MACS:
-            # one BLAS thread: handing off to the pool costs more than the product at
-            # this size (and a whole time slice when other processes keep the cores
-            # busy); single-threaded sgemv is 2x faster than einsum here
-            with single_threaded_blas():
-                scores = queries @ vectors.T
+            scores = _small_scores(queries, vectors)
         else:
             scores = queries @ vectors.T
-        qi = np.arange(q)[:, None]  # fancy indexing: take_along_axis costs ~9 us a call
-        top = np.argpartition(scores, n - kk, axis=1)[:, n - kk :] if kk < n else None
-        vals = scores if top is None else scores[qi, top]
-        order = np.argsort(-vals, axis=1, kind="stable")
-        out_s[:] = vals[qi, order]
-        out_r[:] = order if top is None else top[qi, order]
-        return out_s, out_r
-    qb, width = _block_shape(q, n, kk, max_batch_bytes)
-    length = width // _GROUPS
-    # transposed score block (gallery rows x queries): the GEMM is as fast or faster
-    # this way round, and the group maximum becomes 63 element-wise maxima of long
-    # contiguous slabs instead of millions of short reductions
-    buf = np.empty((width, qb), np.float32)
-    member = np.arange(_GROUPS, dtype=np.int64) * length  # offsets of a group's members
-    for q0 in range(0, q, qb):
-        q1 = min(q, q0 + qb)
-        m = q1 - q0
+        return _small_topk(scores, kk)
+
+    def prepare(q0: int, q1: int):
+        # transposed score block (gallery rows x queries): the GEMM is as fast or faster
+        # this way round, and the group maximum becomes 63 element-wise maxima of long
+        # contiguous slabs instead of millions of short reductions
         qblock_t = queries[q0:q1].T
-        best_s = np.full((m, kk), -np.inf, np.float32)
-        best_r = np.full((m, kk), -1, np.int64)
-        thr = np.full((m,), -np.inf, np.float32)
-        scores = buf[:, :m]  # (width, m)
-        for r0 in range(0, n, width):
-            w = min(n, r0 + width) - r0
-            np.matmul(vectors[r0 : r0 + w], qblock_t, out=scores[:w])
-            if w < width:
-                scores[w:] = -np.inf
-            if length < 2 * kk:  # too few groups to prune: merge the whole block
-                cc, rr = np.nonzero(scores[:w] >= thr[None, :])
-                o = np.argsort(rr, kind="stable")
-                _merge(best_s, best_r, thr, rr[o], scores[cc[o], rr[o]], cc[o] + r0)
-                continue
-            # (m, length): max over the g members {j, j + length, ...} of each group j
-            gmax = np.ascontiguousarray(scores.reshape(_GROUPS, length, m).max(axis=0).T)
-            # the kk largest group maxima are kk distinct scores: a lower bound on the k-th
-            kth = np.partition(gmax, length - kk, axis=1)[:, length - kk]
-            np.maximum(thr, kth, out=thr)
-            gr, gj = np.nonzero(gmax >= thr[:, None])
-            cols = gj[:, None] + member  # (c, g) block rows of each surviving group
-            vals = scores[cols, gr[:, None]]
-            keep = (vals >= thr[gr][:, None]) & (cols < w)
-            rr = np.broadcast_to(gr[:, None], cols.shape)[keep]
-            _merge(best_s, best_r, thr, rr, vals[keep], cols[keep] + r0)
-        order = np.argsort(-best_s, axis=1, kind="stable")
-        out_s[q0:q1] = np.take_along_axis(best_s, order, 1)
-        out_r[q0:q1] = np.take_along_axis(best_r, order, 1)
-    return out_s, out_r
+
+        def fill(r0: int, w: int, out: np.ndarray) -> None:
+            np.matmul(vectors[r0 : r0 + w], qblock_t, out=out)
+
+        return fill
+
+    return scan_topk(prepare, n, q, kk, max_batch_bytes=max_batch_bytes)
 
 
 class VectorTable:
@@ -288,6 +241,15 @@ class VectorTable:
                 "remove them first to replace their vectors"
             )
 
+    def copy(self) -> VectorTable:
+        """An independent copy of the live rows (no spare capacity)."""
+        out = VectorTable(self.dim)
+        out._vectors = self._vectors[: self._n].copy()
+        out._keys = self._keys[: self._n].copy()
+        out._rows = dict(self._rows)
+        out._n = self._n
+        return out
+
     def compact(self) -> None:
         """Release spare capacity."""
         if self._vectors.shape[0] != self._n:
@@ -333,8 +295,8 @@ class ExactIndex(Index):
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
     ) -> None:
         super().__init__(dim, fingerprint=fingerprint)
-        if isinstance(max_batch_bytes, bool) or int(max_batch_bytes) < 4 * _MIN_BLOCK_ROWS:
-            raise InputError(f"max_batch_bytes must be >= {4 * _MIN_BLOCK_ROWS}")
+        if isinstance(max_batch_bytes, bool) or int(max_batch_bytes) < 4 * MIN_BLOCK_ROWS:
+            raise InputError(f"max_batch_bytes must be >= {4 * MIN_BLOCK_ROWS}")
         self.max_batch_bytes = int(max_batch_bytes)
         self._table = VectorTable(self.dim)
 
@@ -358,6 +320,12 @@ class ExactIndex(Index):
         k = as_keys(keys, n=x.shape[0])
         self._table.check_new(k)
         self._table.add(k, x)
+
+    def copy(self) -> ExactIndex:
+        out = type(self).__new__(type(self))
+        out.__dict__.update(self.__dict__)
+        out._table = self._table.copy()
+        return out
 
     def remove(self, keys: np.ndarray) -> int:
         return self._table.remove(as_keys(keys, unique=False))

@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +145,7 @@ class FaissIndex(Index):
         self._next_label = 0
         self._tombstones: set[int] = set()
         self._selector_refs: tuple[Any, ...] | None = None
+        self._selector_lock = threading.Lock()  # concurrent searches build it once
         self._table: VectorTable | None = VectorTable(self.dim) if self._keeps_vectors() else None
 
     # -- construction -----------------------------------------------------------------
@@ -360,6 +362,24 @@ class FaissIndex(Index):
         if keys.size:
             self.add(keys, x)
 
+    def copy(self) -> FaissIndex:
+        """An independent deep copy (the FAISS index cloned, label maps copied)."""
+        faiss = _faiss()
+        out = type(self).__new__(type(self))
+        out.__dict__.update(self.__dict__)
+        try:
+            out.index_ = faiss.clone_index(self.index_)
+        except RuntimeError:  # a type the cloner does not know: round trip through bytes
+            out.index_ = faiss.deserialize_index(faiss.serialize_index(self.index_))
+        out._configure()
+        out.label_key_ = self.label_key_.copy()
+        out._key_label = dict(self._key_label)
+        out._tombstones = set(self._tombstones)
+        out._selector_refs = None
+        out._selector_lock = threading.Lock()
+        out._table = None if self._table is None else self._table.copy()
+        return out
+
     # -- search -----------------------------------------------------------------------
 
     def search(self, queries: np.ndarray, k: int) -> SearchResult:
@@ -413,21 +433,31 @@ class FaissIndex(Index):
         return d.astype(np.float32), i
 
     def _filter_params(self) -> Any:
-        """SearchParameters excluding tombstoned labels, or None if the index takes none."""
-        if self._selector_refs is not None:
+        """SearchParameters excluding tombstoned labels, or None if the index takes none.
+
+        Built once per set of tombstones and kept (with the C++ objects it points to)
+        until the next removal; searches running in parallel share it read-only.
+        """
+        refs = self._selector_refs
+        if refs is not None:
+            return refs[0]
+        with self._selector_lock:
+            if self._selector_refs is None:
+                self._selector_refs = self._build_filter()
             return self._selector_refs[0]
+
+    def _build_filter(self) -> tuple[Any, ...]:
         faiss = _faiss()
         inner = faiss.downcast_index(self.index_)
         if not isinstance(inner, faiss.IndexHNSW):
-            return None
+            return (None,)
         dead = np.fromiter(self._tombstones, np.int64, len(self._tombstones))
         batch = faiss.IDSelectorBatch(dead)
         sel = faiss.IDSelectorNot(batch)
         params = faiss.SearchParametersHNSW()
         params.efSearch = int(inner.hnsw.efSearch)
         params.sel = sel
-        self._selector_refs = (params, sel, batch)  # keep the C++ objects alive
-        return params
+        return (params, sel, batch)  # keep the C++ objects alive
 
     def _rescore(
         self, q: np.ndarray, labels: np.ndarray, k: int

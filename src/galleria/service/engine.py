@@ -39,6 +39,7 @@ from galleria.extract.spaces import extractor_from_space
 from galleria.extractors.base import Extractor
 from galleria.service.errors import ServiceError, not_found, unprocessable
 from galleria.service.metrics import Metrics
+from galleria.service.sharded import ShardPool, is_sharded
 from galleria.store.gallery import Gallery
 from galleria.types import MISSING_KEY, SearchResult
 from galleria.upgrade.state import FINISHING_KEY, STATE_KEY, UpgradeState, job_folder
@@ -72,6 +73,8 @@ class ServiceConfig:
     threads: int | None = None
     rule: str = "auto"
     warm_up: bool = True
+    ray: str | None = None  # Ray address: global search on shards (service/sharded.py)
+    shards: int = 2
 
 
 # ----------------------------------------------------------------- models
@@ -206,6 +209,7 @@ class Engine:
         self.models = ModelCache(self.path, runtime=config.runtime, threads=config.threads,
                                  warm_up=config.warm_up)
         self._searchers: dict[str, tuple[tuple[Any, ...], Any]] = {}
+        self.pool = ShardPool(config.ray, config.shards) if config.ray else None
         self._open_lock = threading.Lock()
         self._calib_epoch = 0
         self._pairs_seen: int | None = None
@@ -247,6 +251,10 @@ class Engine:
         self._stop.set()
         if self._refresher is not None:
             self._refresher.join(timeout=10)
+        if self.pool is not None:
+            for _, s in self._searchers.values():
+                self.pool.release(s)
+            self.pool.close()
         self.gallery.close()
 
     # --------------------------------------------------------------- state
@@ -280,8 +288,16 @@ class Engine:
                                    "items first (POST /v1/items or `galleria index`)")
             for attempt in range(3):
                 try:
-                    s = open_searcher(self.gallery, pipeline=pipeline, rule=self.config.rule,
-                                      runtime=self.config.runtime, threads=self.config.threads)
+                    if cur is not None and self.pool is not None:
+                        self.pool.release(cur[1])  # its shards hold the CPUs
+                    if self.pool is not None and self.pool.serves(pipeline, token):
+                        s = self.pool.open(self.gallery, runtime=self.config.runtime,
+                                           threads=self.config.threads)
+                    else:
+                        s = open_searcher(self.gallery, pipeline=pipeline,
+                                          rule=self.config.rule,
+                                          runtime=self.config.runtime,
+                                          threads=self.config.threads)
                     break
                 except ImportError as exc:
                     raise unprocessable(f"pipeline {pipeline!r} is not available in this "
@@ -319,7 +335,8 @@ class Engine:
             self._drop_unused_models(st)
         spaces: list[str] = []
         for _, s in self._searchers.values():
-            spaces += [sp for sp in searched_spaces(s) if sp not in spaces]
+            if not is_sharded(s):  # shards follow the change log themselves
+                spaces += [sp for sp in searched_spaces(s) if sp not in spaces]
         if spaces:
             self.gallery.views(spaces)
         self.refreshes += 1

@@ -494,8 +494,9 @@ class Gallery:
             cur = self._views.get(space)
             with self.db.read() as c:
                 new = reader.build_view(c, self.path, space, cur)
-            if merge:
-                new = reader.merge_view(new, force=True)
+                if merge:
+                    new = reader.merge_view(new, force=True, source=reader.source_factory(
+                        c, self.path, space, new.dim))
             self._views[space] = new
             return new
 

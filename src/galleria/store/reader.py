@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ import numpy as np
 from galleria.errors import CompatibilityError, FormatError
 from galleria.store.db import chunks
 from galleria.store.segments import check_file, open_array, unpack_local
+from galleria.store.source import ChainSource, space_source
 from galleria.store.views import IdMap, SpaceView, copy_index
 from galleria.types import LocalFeatures
 
@@ -189,8 +190,9 @@ def build_view(c: sqlite3.Connection, root: Path, space: str,
         logrows = c.execute("SELECT op, key FROM log WHERE space=? AND gen>? AND gen<=? "
                             "ORDER BY gen", (space, previous.generation, row.generation)).fetchall()
         if len(logrows) <= max(10_000, row.count // 2):
-            return merge_view(catch_up(c, root, row, previous, logrows))
-    return merge_view(fresh_view(c, root, row))
+            return merge_view(catch_up(c, root, row, previous, logrows),
+                              source=source_factory(c, root, space, row.dim))
+    return merge_view(fresh_view(c, root, row), source=source_factory(c, root, space, row.dim))
 
 
 def fresh_view(c: sqlite3.Connection, root: Path, row: SpaceRow, *,
@@ -200,16 +202,49 @@ def fresh_view(c: sqlite3.Connection, root: Path, row: SpaceRow, *,
     ids = id_map(c, row.space)
     if snap is not None:
         base, gen = snap
-        view = _view(row, base, gen, ids)
         logrows = c.execute("SELECT op, key FROM log WHERE space=? AND gen>? AND gen<=? "
                             "ORDER BY gen", (row.space, gen, row.generation)).fetchall()
+        if getattr(base, "needs_source", False) and not _attach_to_snapshot(c, root, row, base,
+                                                                            logrows):
+            return fresh_view(c, root, row, use_snapshot=False)
+        view = _view(row, base, gen, ids)
         return catch_up(c, root, row, view, logrows)
     keys, data = load_space(c, root, row)
     base = new_index(row)
+    if row.kind == "global" and hasattr(base, "attach_source"):
+        # a compressed index re-scores against the segment files (no second copy)
+        base.attach_source(space_source(c, root, row.space, row.dim))
     if len(keys):
         base.add(keys, data)
     base.generation = row.generation
     return _view(row, base, row.generation, ids)
+
+
+def _attach_to_snapshot(c: sqlite3.Connection, root: Path, row: SpaceRow, base: Any,
+                        logrows: Sequence[tuple[str, int]]) -> bool:
+    """Attach the store's vectors to a snapshot saved without them; False: rebuild instead.
+
+    The source describes the current state, so keys changed since the snapshot
+    (removed, or removed and added again with new vectors) are dropped from the
+    base first: the catch-up then adds their current vectors to the delta, which
+    is what a tombstone plus a delta entry would give.
+    """
+    touched = np.unique(np.array([int(k) for _, k in logrows], dtype=np.int64))
+    if touched.size:
+        base.remove(touched)
+    src = space_source(c, root, row.space, row.dim)
+    if len(base) and not np.isin(base.keys(), src.keys).all():
+        log.warning("saved %s index of %s has keys the store does not hold; rebuilding it",
+                    row.spec, row.space)
+        return False
+    base.attach_source(src)
+    return True
+
+
+def source_factory(c: sqlite3.Connection, root: Path, space: str, dim: int
+                   ) -> Callable[[], Any]:
+    """A callable building the store's vector source at ``c``'s state (when needed)."""
+    return lambda: space_source(c, root, space, dim)
 
 
 def new_index(row: SpaceRow) -> Any:
@@ -287,13 +322,23 @@ def _replace(prev: SpaceView, row: SpaceRow, removed: np.ndarray, delta: Any,
                      removed, delta, d_keys, d_data, ids, row.params)
 
 
-def merge_view(view: SpaceView, *, force: bool = False) -> SpaceView:
-    """Fold a large delta / many tombstones into a new base (built on a copy)."""
+def merge_view(view: SpaceView, *, force: bool = False,
+               source: Callable[[], Any] | None = None) -> SpaceView:
+    """Fold a large delta / many tombstones into a new base (built on a copy).
+
+    ``source()``: the store's vectors at the view's state, for a base that
+    re-scores against them (compressed indexes); without it, the old source
+    chained with the delta's vectors.
+    """
     if not (view.needs_merge or (force and (len(view.delta_keys) or len(view.removed)))):
         return view
     base = copy_index(view.base)
     if len(view.removed):
         base.remove(view.removed)
+    old_src = getattr(base, "source", None)
+    if old_src is not None and view.kind == "global":
+        base.attach_source(source() if source is not None else
+                           ChainSource(old_src, view.delta_keys, view.delta_data))
     if len(view.delta_keys):
         base.add(view.delta_keys, view.delta_data)
     base.generation = view.generation
