@@ -5,6 +5,11 @@ scikit-image ships; with ../shared/datasets it also indexes the 100 clean
 SMVS DVD-cover scans and searches them with the 400 phone photos of the same
 covers (the mobile-query case), reporting Recall@1.
 
+Both galleries hold local features (`--local sift`) next to the global model:
+each part compares the global result with local-feature search (`local+mds`)
+query by query on one HTML page, the right cover framed green (a wrong first
+result red). The SMVS part uses 100 phone photos (one per cover) to stay quick.
+
 Every step is a `galleria` CLI command (run in-process), printed before it runs.
 """
 
@@ -80,35 +85,68 @@ def smvs(root: Path, out: Path) -> tuple[Path, list[tuple[Path, str]]]:
     return manifest, queries
 
 
-def recall_at_1(gallery: Path, queries: list[tuple[Path, str]], k: int, html: Path) -> float:
-    """Search all queries through the CLI (JSON output) and compute Recall@1; write an
-    HTML page of the first 4 queries."""
+def search_json(gallery: Path, queries: list[Path], k: int, pipeline: str) -> list[dict]:
+    """``galleria search --json`` through the CLI (in-process) -> its JSON rows."""
     import contextlib
     import io
 
-    run(["search", str(gallery), *[str(q) for q, _ in queries[:4]], "-k", str(k),
-         "--html", str(html), "--quiet"])
-    buf = io.StringIO()
-    argv = ["search", str(gallery), *[str(q) for q, _ in queries], "-k", str(k), "--json",
-            "--quiet"]
-    print("$ galleria " + " ".join(argv[:3]) + f" ... ({len(queries)} queries) -k {k} --json",
-          flush=True)
     from galleria.cli.main import main
 
+    argv = ["search", str(gallery), *map(str, queries), "-k", str(k), "--pipeline", pipeline,
+            "--json", "--quiet"]
+    print("$ galleria " + " ".join(argv[:2]) + f" ... ({len(queries)} queries) -k {k} "
+          f"--pipeline {pipeline} --json", flush=True)
+    buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         code = main(argv)
     if code != 0:
         sys.exit("search failed")
-    results = json.loads(buf.getvalue())
+    return json.loads(buf.getvalue())
+
+
+def compare(gallery: Path, queries: list[tuple[Path, str]], k: int, html: Path,
+            pipelines: tuple[str, ...] = ("global", "local", "local+mds"), shown: int = 6
+            ) -> dict[str, float]:
+    """Recall@1 of each pipeline; an HTML page of the first ``shown`` queries with the
+    pipelines side by side and the right result marked."""
+    from galleria.search.html import write_pipelines_html
+    from galleria.store.gallery import Gallery
+    from galleria.types import SearchResult
+
     truth = {str(q): t for q, t in queries}
-    hits = [r["results"][0]["id"] == truth[r["query"]] for r in results if r["results"]]
-    return float(np.mean(hits))
+    recall, runs = {}, []
+    with Gallery.open(gallery, readonly=True) as g:
+        for pipeline in pipelines:
+            rows = search_json(gallery, [q for q, _ in queries], k, pipeline)
+            hits = [bool(r["results"]) and r["results"][0]["id"] == truth[r["query"]]
+                    for r in rows]
+            recall[pipeline] = float(np.mean(hits)) if hits else 0.0
+            page = [r for r in rows if r["query"] in {str(q) for q, _ in queries[:shown]}]
+            ids = np.array([[h["id"] for h in r["results"]] + [None] * (k - len(r["results"]))
+                            for r in page], dtype=object)
+            sc = np.array([[h["score"] for h in r["results"]] + [-np.inf] * (k - len(
+                r["results"])) for r in page], dtype=np.float32)
+            paths = [[(m or {}).get("path") for m in g.meta([i for i in row if i])]
+                     + [None] * sum(i is None for i in row) for row in ids.tolist()]
+            runs.append((f"{pipeline}  R@1 {100 * recall[pipeline]:.0f}%",
+                         SearchResult(sc, ids), paths))
+        qs = [r["query"] for r in page]
+    write_pipelines_html(html, qs, runs, truth=[truth[q] for q in qs],
+                         title=f"galleria: {gallery.name}, global vs local features")
+    return recall
+
+
+def _report(name: str, n: int, recall: dict[str, float], html: Path) -> None:
+    parts = ", ".join(f"{p} {100 * r:.1f}%" for p, r in recall.items())
+    print(f"{name}: {n} queries, Recall@1: {parts}  (page: {html})\n")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="demo-out", help="working folder (recreated)")
     ap.add_argument("--model", default="effnet-lite0")
+    ap.add_argument("--smvs-queries", type=int, default=100,
+                    help="phone photos searched in the SMVS part (one per cover; up to 400)")
     args = ap.parse_args()
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
@@ -117,11 +155,10 @@ def main() -> None:
     run(["models"])
     print("\n== 1. scikit-image sample photos (always available)")
     folder, pairs = skimage_photos(out)
-    run(["index", str(folder), "--model", args.model, "--out", str(out / "photos.gallery"),
-         "--quiet"])
-    r1 = recall_at_1(out / "photos.gallery", pairs, 5, out / "photos-results.html")
-    print(f"photos: {len(pairs)} distorted queries, Recall@1 = {100 * r1:.1f}%  "
-          f"(page: {out / 'photos-results.html'})\n")
+    run(["index", str(folder), "--model", args.model, "--local", "sift",
+         "--out", str(out / "photos.gallery"), "--quiet"])
+    html = out / "photos-results.html"
+    _report("photos", len(pairs), compare(out / "photos.gallery", pairs, 5, html), html)
 
     from galleria.eval.paths import datasets_root
 
@@ -130,14 +167,17 @@ def main() -> None:
         print("../shared/datasets not found: skipping the SMVS DVD-cover part "
               "(set GALLERIA_DATASETS to run it)")
         return
-    print("== 2. SMVS DVD covers: 100 clean scans, queried by 400 phone photos")
+    print("== 2. SMVS DVD covers: 100 clean scans, queried by phone photos of the same covers")
     manifest, queries = smvs(root / "smvs_dvd_covers", out)
-    run(["index", str(manifest), "--model", args.model, "--out", str(out / "smvs.gallery"),
-         "--quiet"])
-    r1 = recall_at_1(out / "smvs.gallery", queries[:400], 5, out / "smvs-results.html")
-    print(f"SMVS phone photo -> reference, Recall@1 = {100 * r1:.1f}%  "
-          f"(page: {out / 'smvs-results.html'})")
-    run(["eval", "--dataset", "ukbench56", "--model", args.model, "--quiet"])
+    run(["index", str(manifest), "--model", args.model, "--local", "sift",
+         "--out", str(out / "smvs.gallery"), "--quiet"])
+    by_cover: dict[str, list[tuple[Path, str]]] = {}
+    for q, t in queries:
+        by_cover.setdefault(t, []).append((q, t))
+    subset = [qs[i % len(qs)] for i, qs in enumerate(by_cover.values())][: args.smvs_queries]
+    html = out / "smvs-results.html"
+    recall = compare(out / "smvs.gallery", subset, 5, html)
+    _report("SMVS phone photo -> reference", len(subset), recall, html)
 
 
 if __name__ == "__main__":

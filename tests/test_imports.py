@@ -21,8 +21,9 @@ SRC = Path(galleria.__file__).parent
 ALLOWED_CYCLES = {
     frozenset({
         "galleria.extractors.adapters", "galleria.extractors.base",
-        "galleria.extractors.effnet", "galleria.extractors.opennsfw",
-        "galleria.extractors.registry", "galleria.extractors.torch_model",
+        "galleria.extractors.effnet", "galleria.extractors.local",
+        "galleria.extractors.opennsfw", "galleria.extractors.registry",
+        "galleria.extractors.torch_model",
     }): "the registry builds model families lazily; Extractor.__reduce__ rebuilds "
         "through the registry (pickle as config). All of it lazy, inside one package.",
 }

@@ -1,7 +1,8 @@
 """Thread counts, chosen at entry points only (CLI, benchmarks, services).
 
-:func:`set_threads` sets torch's intra-op pool, FAISS's OpenMP pool and every
-OpenBLAS loaded in the process (numpy's own included) to ``n`` threads.
+:func:`set_threads` sets torch's intra-op pool, FAISS's OpenMP pool, OpenCV's
+pool (when installed) and every OpenBLAS loaded in the process (numpy's own
+included) to ``n`` threads.
 Library code never calls it (nor anything else that changes process-wide thread
 settings: small products in the exact kernel run in the calling thread through
 ``np.vecdot`` instead of lowering the BLAS thread count, see
@@ -67,6 +68,12 @@ def set_threads(n: int | None = None) -> int:
         import faiss
 
         faiss.omp_set_num_threads(n)
+    except ImportError:
+        pass
+    try:  # OpenCV's own pool (SIFT, findHomography); only when OpenCV is installed
+        import cv2
+
+        cv2.setNumThreads(n)
     except ImportError:
         pass
     import numpy  # noqa: F401  (load numpy's OpenBLAS so it is found below)

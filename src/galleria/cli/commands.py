@@ -25,7 +25,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         print_json(
             {
                 "models": [
-                    {"name": s.name, "dim": s.dim, "input_size": s.input_size,
+                    {"name": s.name, "kind": s.kind, "dim": s.dim, "input_size": s.input_size,
                      "source": s.source, "description": s.description}
                     for s in specs
                 ],
@@ -34,9 +34,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         )
         return 0
     w = max(len(s.name) for s in specs)
-    print(f"{'name':<{w}}  {'dim':>5}  {'input':<8}  source")
+    print(f"{'name':<{w}}  {'kind':<6}  {'dim':>5}  {'input':<8}  source")
     for s in specs:
-        print(f"{s.name:<{w}}  {s.dim or '?':>5}  {s.input_size:<8}  {s.source}")
+        print(f"{s.name:<{w}}  {s.kind:<6}  {s.dim or '?':>5}  {s.input_size:<8}  {s.source}")
     print("\nfamilies loading your own weights (--checkpoint PATH):")
     for k, v in PREFIXES.items():
         print(f"  {k + ':':<8} {v}")
@@ -98,6 +98,8 @@ def cmd_index(args: argparse.Namespace) -> int:
         )
         for f in report.failures:
             print(f"  skipped {f.id}: {f.reason}")
+        for i in report.no_keypoints:
+            print(f"  no keypoints in {i} (a blank image): stored, never found by local search")
     return 0
 
 
@@ -201,7 +203,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
     with Gallery.open(args.gallery) as g:
         n = g.remove(args.ids)
         for sp in g.spaces():  # the index snapshot is a cache: a failure here loses nothing
-            if sp.kind != "global" or not sp.count:
+            if not sp.count:
                 continue
             try:
                 g.save_index(sp.space)

@@ -8,6 +8,7 @@ arguments and prints them.
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from galleria.cli.common import model_args, print_json, progress_bar
 
@@ -23,6 +24,8 @@ def run_eval_command(args: argparse.Namespace, *, threads: int) -> int:
         return 0
     task = manifest_task(args.manifest) if args.manifest else load_task(args.dataset)
     n = task.num_gallery + task.num_queries
+    if getattr(args, "local", None) or getattr(args, "pipeline", None):
+        return _run_pipeline_eval(args, task, n)
     with progress_bar(n, f"embed {task.name}", enabled=not args.quiet) as bar:
         out = evaluate_model(
             task,
@@ -46,4 +49,26 @@ def run_eval_command(args: argparse.Namespace, *, threads: int) -> int:
           f"{out['gallery']} gallery)  model={out['fingerprint']}  dim={out['dim']}")
     for k, v in out["metrics"].items():
         print(f"  {k:<10} {v:8.2f}")
+    return 0
+
+
+def _run_pipeline_eval(args: argparse.Namespace, task: Any, n: int) -> int:
+    """``galleria eval --local ... --pipeline ...`` (galleria.eval.local)."""
+    from galleria.eval.local import evaluate_pipeline
+
+    pipeline = args.pipeline or "local"
+    with progress_bar(n, f"local features {task.name}", enabled=not args.quiet) as bar:
+        out = evaluate_pipeline(
+            task, local=args.local or "sift", pipeline=pipeline, index=args.local_index,
+            index_params=dict(args.index_param) or None, global_model=args.model,
+            pipeline_params=dict(args.pipeline_param) or None, use_cache=not args.no_cache,
+            workers=args.workers, progress=bar)
+    if args.json:
+        print_json(out)
+        return 0
+    print(f"{out['dataset']} ({out['protocol']}, {out['queries']} queries, {out['gallery']} "
+          f"gallery)  pipeline={out['pipeline']}  model={out['fingerprint']}")
+    for k, v in out["metrics"].items():
+        print(f"  {k:<10} {v:8.2f}")
+    print(f"  search     {out['search_ms_per_query']:8.1f} ms/query")
     return 0

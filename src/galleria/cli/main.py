@@ -105,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="transform parameter KEY=VALUE (JSON value), repeatable; e.g. n_layers=1")
     s.add_argument("--no-cache", action="store_true", help="re-embed instead of using the cache")
     s.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    g = s.add_argument_group("local features (--model is then the global model)")
+    g.add_argument("--local", default=None, help="local extractor: sift | xfeat")
+    g.add_argument("--pipeline", default=None,
+                   help="global | global+sv | local | local+mds (default with --local: local)")
+    g.add_argument("--local-index", default="asmk", help="asmk (default) | cann")
+    g.add_argument("--index-param", type=key_value, action="append", default=[],
+                   help="local index parameter KEY=VALUE, e.g. codebook_size=4096, p0=0.5")
+    g.add_argument("--pipeline-param", type=key_value, action="append", default=[],
+                   help="pipeline parameter KEY=VALUE, e.g. shortlist=100, k=70, blend=0.19")
     add_run_args(s)
     s.set_defaults(func=commands.cmd_eval)
 

@@ -21,6 +21,7 @@ import numpy as np
 from galleria.extractors.base import Extractor
 from galleria.images.decode import ImageDecodeError, load_image_and_hash
 from galleria.images.sources import SourceItem
+from galleria.types import LocalFeatures
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +47,18 @@ class Embedder(Protocol):
 class Batch:
     """Items of one inference batch and their ``(B, D)`` embeddings.
 
-    ``hashes[i]`` is ``"sha256:<hex>"`` of ``items[i]``'s file bytes (computed
-    from the same read that decoded it; see
-    :func:`galleria.images.decode.load_image_and_hash`).
+    For a local extractor (``extractor.kind == "local"``) ``features`` holds one
+    :class:`~galleria.types.LocalFeatures` per item and ``vectors`` is empty
+    ``(0, D)``; for a global one ``features`` is ``None``. ``hashes[i]`` is
+    ``"sha256:<hex>"`` of ``items[i]``'s file bytes (computed from the same read
+    that decoded it; see :func:`galleria.images.decode.load_image_and_hash`).
     """
 
     items: list[SourceItem]
     vectors: np.ndarray
     failures: list[tuple[SourceItem, str]]
     hashes: list[str] = field(default_factory=list)
+    features: list[LocalFeatures] | None = None
 
 
 def file_content(path: str | os.PathLike[str]) -> tuple[str, int, int]:
@@ -95,6 +99,7 @@ def embed_stream(
         raise ValueError("batch_size must be positive")
     prefetch = prefetch or max(2 * batch_size, 4 * max(1, workers))
     nscales = len(extractor.scales)
+    local = extractor.kind == "local"
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode") as pool:
         pending: deque[tuple[SourceItem, Future[Any]]] = deque()
         it = iter(items)
@@ -105,6 +110,12 @@ def embed_stream(
         failed: list[tuple[SourceItem, str]] = []
 
         def flush() -> Batch:
+            if local:  # variable-sized inputs: a list per scale, not a stacked array
+                feats = (extractor.embed_prepared([[x[s] for x in ok_inputs]
+                                                   for s in range(nscales)])
+                         if ok_items else [])
+                return Batch(list(ok_items), np.zeros((0, extractor.dim), np.float32),
+                             list(failed), list(ok_hashes), feats)
             if ok_items:
                 per_scale = [np.stack([x[s] for x in ok_inputs]) for s in range(nscales)]
                 vecs = extractor.embed_prepared(per_scale)
@@ -148,6 +159,8 @@ def embed_items(
     **kw: Any,
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[SourceItem, str]]]:
     """Embed all items -> ``(vectors (N, D) with zero rows for failures, ok (N,), failures)``."""
+    if extractor.kind == "local":
+        raise TypeError("embed_items is for global extractors; use extract_local_items")
     index = {id(it): n for n, it in enumerate(items)}
     out = np.zeros((len(items), extractor.dim), np.float32)
     ok = np.zeros(len(items), dtype=bool)
@@ -158,3 +171,22 @@ def embed_items(
         ok[rows] = True
         failures.extend(batch.failures)
     return out, ok, failures
+
+
+def extract_local_items(
+    items: Sequence[SourceItem],
+    extractor: Extractor,
+    **kw: Any,
+) -> tuple[list[LocalFeatures | None], list[tuple[SourceItem, str]]]:
+    """Local features of all items -> ``(features (None for failures), failures)``."""
+    if extractor.kind != "local":
+        raise TypeError("extract_local_items needs a local extractor; use embed_items")
+    index = {id(it): n for n, it in enumerate(items)}
+    out: list[LocalFeatures | None] = [None] * len(items)
+    failures: list[tuple[SourceItem, str]] = []
+    for batch in embed_stream(items, extractor, **kw):
+        assert batch.features is not None
+        for it, f in zip(batch.items, batch.features, strict=True):
+            out[index[id(it)]] = f
+        failures.extend(batch.failures)
+    return out, failures

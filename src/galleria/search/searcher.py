@@ -144,11 +144,16 @@ def open_searcher(path: str | os.PathLike[str] | Gallery, *, space: str | None =
     """The searcher the gallery calls for: backfill during an upgrade, else plain.
 
     ``space`` forces plain search of that space; ``pipeline`` (``global``,
-    ``local``, ``global+sv``, ``local+mds``) chooses a local-feature pipeline when
-    the gallery holds local features.
+    ``local``, ``global+sv``, ``local+mds``) chooses a local-feature pipeline;
+    ``None``: the best the gallery supports (``local+mds`` when it holds local
+    features in an ASMK index, ``global`` when it has none).
     """
     g = path if isinstance(path, Gallery) else Gallery.open(path)
-    if space is None and pipeline in (None, "global"):
+    if pipeline is None and space is None:
+        from galleria.search.gallery_pipeline import best_pipeline
+
+        pipeline = best_pipeline(g)  # "global" unless the gallery holds local features
+    if space is None and pipeline == "global":
         from galleria.upgrade.state import active_upgrade
 
         if active_upgrade(g) is not None:
@@ -159,4 +164,7 @@ def open_searcher(path: str | os.PathLike[str] | Gallery, *, space: str | None =
         from galleria.search.pipelines import open_pipeline
 
         return open_pipeline(g, pipeline, runtime=runtime, threads=threads)
+    if space is None and g.primary_space is None and any(s.kind == "local" for s in g.spaces()):
+        raise InputError(f"gallery {g.path} holds local features only: search it with "
+                         "pipeline local or local+mds")
     return Searcher.open(g, space=space, runtime=runtime, threads=threads)

@@ -294,8 +294,8 @@ class Engine:
                         s = self.pool.open(self.gallery, runtime=self.config.runtime,
                                            threads=self.config.threads)
                     else:
-                        s = open_searcher(self.gallery, pipeline=None if pipeline == "global"
-                                          else pipeline, rule=self.config.rule,
+                        s = open_searcher(self.gallery, pipeline=pipeline,
+                                          rule=self.config.rule,
                                           runtime=self.config.runtime,
                                           threads=self.config.threads)
                     break

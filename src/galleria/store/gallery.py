@@ -453,9 +453,15 @@ class Gallery:
         """Choose the index of a space (``exact``, ``exact-bf16``, ``prefix``, FAISS ...)."""
         self._check_writable()
         space = self._resolve_space(space)
-        from galleria.index.factory import create_index
+        info = self.space_info(space)
+        if info.kind == "local":
+            from galleria.local.factory import create_local_index, local_index_kind
 
-        create_index(spec, self.space_info(space).dim, **params)  # validate early
+            create_local_index(local_index_kind(spec), info.dim, **params)  # validate early
+        else:
+            from galleria.index.factory import create_index
+
+            create_index(spec, info.dim, **params)  # validate early
         with self.db.write() as c:
             c.execute("UPDATE spaces SET index_spec=?, index_params=? WHERE space=?",
                       (spec, json.dumps(params), space))

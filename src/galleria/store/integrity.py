@@ -246,7 +246,7 @@ def repair(g: Gallery, *, reembed: Reembed | None = None) -> RepairReport:
         if lost:
             rep.lost[space] = lost
     for s in g.spaces():
-        if s.count and s.kind == "global":
+        if s.count:
             g.build_index(s.space, save=True)
             rep.rebuilt_indexes.append(s.space)
     with contextlib.suppress(GalleriaError, OSError):

@@ -248,6 +248,11 @@ def source_factory(c: sqlite3.Connection, root: Path, space: str, dim: int
 
 
 def new_index(row: SpaceRow) -> Any:
+    if row.kind == "local":
+        from galleria.local.factory import create_local_index, local_index_kind
+
+        return create_local_index(local_index_kind(row.spec), row.dim, fingerprint=row.space,
+                                  **row.params)
     from galleria.index.factory import create_index
 
     return create_index(row.spec, row.dim, fingerprint=row.space, **row.params)

@@ -1,0 +1,189 @@
+"""``galleria eval --local sift|xfeat --pipeline P``: local pipelines on a task.
+
+One call of :func:`evaluate_pipeline` is one row of the local benchmark: the
+task's local features (cached, :mod:`galleria.eval.local_features`), global
+embeddings where the pipeline needs them (cached, :mod:`galleria.eval.embed`),
+the local index built on the gallery side (cached too: training a codebook is
+the slow part), the pipeline of :mod:`galleria.search.pipelines`, and the task's
+official metrics on the full ranking. Gallery item ``g`` has key ``g``; a query
+that is a gallery item is excluded from its own ranking when the protocol
+excludes it (everything but UKBench).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+
+from galleria.cache import cache_dir
+from galleria.errors import FormatError, InputError
+from galleria.eval.datasets import RetrievalTask, load_task
+from galleria.eval.embed import task_embeddings
+from galleria.eval.local_features import task_local_features
+from galleria.extract.embed import Progress
+from galleria.extractors.registry import create_extractor, model_kind
+from galleria.fingerprint import digest, slug
+from galleria.index.exact import ExactIndex
+from galleria.local.base import LocalIndex
+from galleria.local.factory import create_local_index, load_local_index
+from galleria.search.pipelines import PIPELINES, QueryBatch, make_pipeline
+from galleria.types import LocalFeatures
+
+log = logging.getLogger(__name__)
+
+PIPELINE_PARAMS = {
+    "global+sv": ("shortlist", "matcher", "ratio", "threshold", "max_iters"),
+    "local+mds": ("k", "candidates", "p", "dim", "max_iter", "blend"),
+}
+
+
+def build_local_index(
+    kind: str, gallery: list[LocalFeatures], *, dim: int, fingerprint: str,
+    params: dict[str, Any] | None = None, cache_key: str | None = None,
+) -> LocalIndex:
+    """A local index over ``gallery`` (keys ``0..G-1``), from the cache when possible."""
+    params = dict(params or {})
+    folder = None
+    if cache_key is not None:
+        tag = digest(kind, params, fingerprint, cache_key)
+        folder = cache_dir("local-index") / f"{kind}-{slug(fingerprint)}-{tag}"
+        if (folder / "header.json").is_file():
+            try:
+                idx = load_local_index(folder, fingerprint=fingerprint, dim=dim)
+                if len(idx) == len(gallery):
+                    return idx
+            except FormatError as exc:
+                log.warning("ignoring unreadable cached index %s: %s", folder, exc)
+    idx = create_local_index(kind, dim, fingerprint=fingerprint, **params)
+    idx.add(np.arange(len(gallery), dtype=np.int64), gallery)
+    if folder is not None:
+        idx.save(folder)
+    return idx
+
+
+def evaluate_pipeline(
+    task: str | RetrievalTask,
+    *,
+    local: str = "sift",
+    pipeline: str = "local",
+    index: str = "asmk",
+    index_params: dict[str, Any] | None = None,
+    similarity_index: str | None = "asmk",
+    global_model: str = "effnet-lite0",
+    pipeline_params: dict[str, Any] | None = None,
+    local_options: dict[str, Any] | None = None,
+    use_cache: bool = True,
+    workers: int = 2,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Evaluate one pipeline on a task; returns the ``galleria eval`` JSON object.
+
+    Args:
+        local: local extractor (``sift``, ``xfeat``), ``local_options`` its options.
+        pipeline: one of :data:`~galleria.search.pipelines.PIPELINES`.
+        index: local index searched (``asmk``, ``cann``), ``index_params`` its options.
+        similarity_index: index giving image-to-image similarities for ``local+mds``
+            (``asmk``; the same object when ``index`` is ``asmk`` with the same params).
+        global_model: global extractor for ``global``, ``global+sv`` and the blend.
+        pipeline_params: options of the pipeline (``shortlist``, ``k``, ``p`` ...).
+    """
+    t0 = time.perf_counter()
+    if pipeline not in PIPELINES:
+        raise InputError(f"unknown pipeline {pipeline!r}; known: {', '.join(PIPELINES)}")
+    if model_kind(local) != "local":
+        raise InputError(f"{local!r} is not a local extractor (see `galleria models`)")
+    if isinstance(task, str):
+        task = load_task(task)
+    if task.vectors_loader is not None:
+        raise InputError(f"task {task.name!r} has descriptors only, no images for local features")
+    pparams = dict(pipeline_params or {})
+    allowed = PIPELINE_PARAMS.get(pipeline, ())
+    unknown = sorted(set(pparams) - set(allowed))
+    if unknown:
+        raise InputError(f"pipeline {pipeline!r} takes {list(allowed)}; unknown: {unknown}")
+    needs_global = pipeline in ("global", "global+sv") or bool(pparams.get("blend"))
+    needs_local = pipeline != "global"
+
+    g_vecs = q_vecs = None
+    global_fp = None
+    if needs_global:
+        gext = create_extractor(global_model)
+        q_vecs, g_vecs = task_embeddings(task, gext, use_cache=use_cache, workers=workers)
+        global_fp = gext.fingerprint
+    ext = create_extractor(local, **(local_options or {}))
+    gal: list[LocalFeatures] = []
+    qs: list[LocalFeatures] = []
+    if needs_local:
+        packed, g_rows, q_rows = task_local_features(task, ext, use_cache=use_cache,
+                                                     workers=workers, progress=progress)
+        gal = [packed[int(i)] for i in g_rows]
+        qs = [packed[int(i)] for i in q_rows]
+    t_embed = time.perf_counter() - t0
+
+    G = task.num_gallery
+    exclude = (np.where(task.query_gallery_index >= 0, task.query_gallery_index, -1)
+               if task.exclude_self else None)
+    queries = QueryBatch(vectors=q_vecs, local=qs if needs_local else None, exclude=exclude)
+    cache_key = digest(task.name, G, [len(f) for f in gal]) if use_cache else None
+    parts: dict[str, Any] = {}
+    info: dict[str, Any] = {}
+    if pipeline in ("global", "global+sv"):
+        gidx = ExactIndex(int(g_vecs.shape[1]))
+        gidx.add(np.arange(G), g_vecs)
+        parts["index"] = gidx
+    t_build = time.perf_counter()
+    if pipeline == "global+sv":
+        parts["fetch_local"] = lambda keys: [gal[int(k)] for k in keys]
+    if pipeline in ("local", "local+mds"):
+        if index == "cann":
+            from galleria.local.cann import PRESETS
+
+            index_params = {**PRESETS.get(local, {}), **(index_params or {})}
+        lidx = build_local_index(index, gal, dim=ext.dim, fingerprint=ext.fingerprint,
+                                 params=index_params, cache_key=cache_key)
+        parts["index"] = lidx
+        info["index"] = {"type": lidx.type_name, "params": lidx.params(),
+                         "bytes_per_image": round(lidx.nbytes() / max(G, 1))}
+        if pipeline == "local+mds":
+            if similarity_index in (None, index):
+                sim = lidx
+            else:
+                sim = build_local_index(similarity_index, gal, dim=ext.dim,
+                                        fingerprint=ext.fingerprint, cache_key=cache_key)
+            parts["similarity"] = sim
+            if pparams.get("blend"):
+                assert g_vecs is not None
+                gv = g_vecs
+                parts["fetch_vectors"] = lambda keys: gv[np.asarray(keys, np.int64)]
+            info["similarity_index"] = sim.type_name
+    t_build = time.perf_counter() - t_build
+    pipe = make_pipeline(pipeline, **parts, **pparams)
+    t1 = time.perf_counter()
+    res = pipe.search(queries, G)
+    t_search = time.perf_counter() - t1
+    metrics = task.evaluate(res.ids)
+    return {
+        "dataset": task.name,
+        "protocol": task.protocol,
+        "model": local if needs_local else global_model,
+        "pipeline": pipeline,
+        "local": ({"model": local, "fingerprint": ext.fingerprint, "config": ext.config(),
+                   "keypoints_per_image": round(float(np.mean([len(f) for f in gal])), 1)}
+                  if needs_local else None),
+        "global_model": global_model if needs_global else None,
+        "global_fingerprint": global_fp,
+        "fingerprint": ext.fingerprint if needs_local else global_fp,
+        "dim": ext.dim if needs_local else int(g_vecs.shape[1]),
+        "queries": task.num_queries,
+        "gallery": G,
+        "pipeline_params": pipe.params() if hasattr(pipe, "params") else {},
+        **info,
+        "metrics": {k: round(float(v), 4) for k, v in metrics.items()},
+        "seconds": round(time.perf_counter() - t0, 2),
+        "embed_seconds": round(t_embed, 2),
+        "index_seconds": round(t_build, 2),
+        "search_ms_per_query": round(1000 * t_search / max(task.num_queries, 1), 2),
+    }

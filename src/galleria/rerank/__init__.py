@@ -1,0 +1,1 @@
+"""Re-rankers: MDS similarity embeddings (pure cores; pipelines in galleria.search.pipelines)."""

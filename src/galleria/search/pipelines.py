@@ -1,0 +1,306 @@
+"""Search pipelines over arrays: ``global``, ``global+sv``, ``local``, ``local+mds``.
+
+Each pipeline is a small object holding parameters around pure cores
+(:mod:`galleria.local.matching`, :mod:`galleria.rerank.mds`) and returns one
+:class:`~galleria.types.SearchResult` of int64 keys. Inputs are a
+:class:`QueryBatch` (global vectors and/or local features of the query
+images) plus, where a pipeline re-ranks, callables that fetch gallery data by
+key; nothing here knows about the gallery store.
+
+``global``
+    the global index alone.
+``global+sv``
+    the global top ``shortlist`` (100) re-ranked by spatial verification: MAGSAC++
+    homography inliers of mutual-NN (or ratio-test) descriptor matches;
+    score = inliers + a fraction from the global score (ties keep the global
+    order); the rest keep the global order below.
+``local``
+    the local index (ASMK or CANN) alone.
+``local+mds``
+    local search, then MDS re-ranking (METHODS.md section 5): the query and its
+    top ``candidates`` results are embedded by SMACOF from their local
+    similarities (query-to-image from the search, image-to-image from a
+    :meth:`~galleria.local.base.LocalIndex.pairwise`-capable index, ASMK), and
+    the top ``k`` are re-ranked by cosine in that embedding, optionally blended
+    with a global descriptor score; results past ``k`` keep the local order.
+
+Scores of re-ranked pipelines are monotone in the returned order but are not
+similarities of one scale across pipelines.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from galleria.errors import InputError
+from galleria.local.base import LocalIndex
+from galleria.local.matching import MATCHERS, verify_pairs
+from galleria.rerank.mds import PAPER_P, mds_rerank_scores, scaled_defaults
+from galleria.types import MISSING_KEY, LocalFeatures, SearchResult
+
+log = logging.getLogger(__name__)
+
+PIPELINES = ("global", "global+sv", "local", "local+mds")
+
+FetchLocal = Callable[[np.ndarray], Sequence[LocalFeatures]]
+"""``keys (n,) -> n LocalFeatures`` of gallery images."""
+FetchVectors = Callable[[np.ndarray], np.ndarray]
+"""``keys (n,) -> (n, D)`` global vectors of gallery images."""
+
+
+class VectorIndex(Protocol):
+    def search(self, queries: np.ndarray, k: int) -> SearchResult: ...
+
+
+@dataclass(frozen=True)
+class QueryBatch:
+    """``Q`` query images.
+
+    Attributes:
+        vectors: ``(Q, D)`` global embeddings (``global``, ``global+sv``, blend).
+        local: ``Q`` LocalFeatures (``global+sv``, ``local``, ``local+mds``).
+        exclude: ``(Q,)`` int64, a key to leave out of each query's results
+            (the query itself in leave-one-out evaluation), ``-1`` for none.
+    """
+
+    vectors: np.ndarray | None = None
+    local: Sequence[LocalFeatures] | None = None
+    exclude: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        if self.vectors is not None:
+            return int(np.asarray(self.vectors).shape[0])
+        return len(self.local) if self.local is not None else 0
+
+    def need_vectors(self, who: str) -> np.ndarray:
+        if self.vectors is None:
+            raise InputError(f"the {who} pipeline needs global query vectors")
+        return np.asarray(self.vectors, np.float32)
+
+    def need_local(self, who: str) -> list[LocalFeatures]:
+        if self.local is None:
+            raise InputError(f"the {who} pipeline needs local query features")
+        return list(self.local)
+
+    def excluded(self) -> np.ndarray:
+        q = len(self)
+        if self.exclude is None:
+            return np.full(q, MISSING_KEY, np.int64)
+        e = np.asarray(self.exclude, np.int64).reshape(-1)
+        if e.shape != (q,):
+            raise InputError(f"exclude must have one key per query ({q}); got {e.shape}")
+        return e
+
+
+def _drop_excluded(res: SearchResult, exclude: np.ndarray, k: int) -> SearchResult:
+    """Remove each row's excluded key and keep ``k`` columns (padding as needed)."""
+    if not (exclude >= 0).any():
+        return res.head(k) if res.k >= k else _pad(res, k)
+    out = SearchResult.empty(len(res), k)
+    for i in range(len(res)):
+        keep = res.ids[i] != exclude[i] if exclude[i] >= 0 else np.ones(res.k, bool)
+        ids, sc = res.ids[i][keep][:k], res.scores[i][keep][:k]
+        out.ids[i, : ids.size], out.scores[i, : ids.size] = ids, sc
+    return out
+
+
+def _pad(res: SearchResult, k: int) -> SearchResult:
+    out = SearchResult.empty(len(res), k)
+    out.ids[:, : res.k], out.scores[:, : res.k] = res.ids, res.scores
+    return out
+
+
+def _wanted(exclude: np.ndarray, k: int) -> int:
+    return k + int((exclude >= 0).any())
+
+
+class GlobalPipeline:
+    """``global``: the global index alone."""
+
+    name = "global"
+
+    def __init__(self, index: VectorIndex) -> None:
+        self.index = index
+
+    def search(self, queries: QueryBatch, k: int) -> SearchResult:
+        ex = queries.excluded()
+        res = self.index.search(queries.need_vectors(self.name), _wanted(ex, k))
+        return _drop_excluded(res, ex, k)
+
+
+class GlobalSVPipeline:
+    """``global+sv``: global shortlist re-ranked by MAGSAC++ homography inliers.
+
+    Args:
+        index: global index (``search((Q, D), k)``).
+        fetch_local: local features of gallery images by key.
+        shortlist: global results verified per query.
+        matcher: ``mutual``, ``ratio`` or ``mutual+ratio``; ``ratio``: Lowe's ratio.
+        threshold: MAGSAC threshold (pixels); ``max_iters``: its iteration cap.
+    """
+
+    name = "global+sv"
+
+    def __init__(self, index: VectorIndex, fetch_local: FetchLocal, *, shortlist: int = 100,
+                 matcher: str = "mutual", ratio: float = 0.8, threshold: float = 6.0,
+                 max_iters: int = 2000) -> None:
+        if matcher not in MATCHERS:
+            raise InputError(f"matcher must be one of {MATCHERS}; got {matcher!r}")
+        if shortlist < 1:
+            raise InputError("shortlist must be >= 1")
+        self.index, self.fetch_local = index, fetch_local
+        self.shortlist, self.matcher, self.ratio = int(shortlist), matcher, float(ratio)
+        self.threshold, self.max_iters = float(threshold), int(max_iters)
+
+    def params(self) -> dict[str, Any]:
+        return {"shortlist": self.shortlist, "matcher": self.matcher, "ratio": self.ratio,
+                "threshold": self.threshold, "max_iters": self.max_iters}
+
+    def search(self, queries: QueryBatch, k: int) -> SearchResult:
+        ex = queries.excluded()
+        vecs = queries.need_vectors(self.name)
+        width = max(k, self.shortlist)
+        res = _drop_excluded(self.index.search(vecs, _wanted(ex, width)), ex, width)
+        return self.rerank(queries, res, k)
+
+    def rerank(self, queries: QueryBatch, result: SearchResult, k: int) -> SearchResult:
+        """Re-rank a global ``result`` (best first, scores = cosine) -> ``(Q, k)``."""
+        local = queries.need_local(self.name)
+        if len(local) != len(result):
+            raise InputError(f"{len(local)} query features for {len(result)} result rows")
+        out = SearchResult.empty(len(result), k)
+        for i in range(len(result)):
+            ids, g = result.ids[i], result.scores[i].astype(np.float64)
+            valid = ids >= 0
+            ids, g = ids[valid], g[valid]
+            frac = (np.clip(g, -1.0, 1.0) + 1.0) / 2.001  # in [0, 1): keeps the global order
+            head = min(self.shortlist, ids.size)
+            inl = verify_pairs(local[i], list(self.fetch_local(ids[:head])), method=self.matcher,
+                               ratio=self.ratio, threshold=self.threshold,
+                               max_iters=self.max_iters)
+            score = frac - 1.0
+            score[:head] = inl + frac[:head]
+            order = np.argsort(-score, kind="stable")[:k]
+            out.ids[i, : order.size] = ids[order]
+            out.scores[i, : order.size] = score[order]
+        return out
+
+
+class LocalPipeline:
+    """``local``: the local index (ASMK or CANN) alone."""
+
+    name = "local"
+
+    def __init__(self, index: LocalIndex) -> None:
+        self.index = index
+
+    def search(self, queries: QueryBatch, k: int) -> SearchResult:
+        ex = queries.excluded()
+        res = self.index.search(queries.need_local(self.name), _wanted(ex, k))
+        return _drop_excluded(res, ex, k)
+
+
+class LocalMDSPipeline:
+    """``local+mds``: local search re-ranked by an on-the-fly MDS embedding.
+
+    Args:
+        index: the local index searched.
+        similarity: index giving image-to-image similarities (``pairwise``);
+            default ``index`` (an ASMK index has it).
+        k: results re-ranked; ``candidates``: results embedded (>= k). ``None``:
+            the paper's 700 / 1,600 scaled to the gallery size
+            (:func:`~galleria.rerank.mds.scaled_defaults`).
+        p: exponent of ``D = 1 - S^p`` (paper: 0.01).
+        dim: embedding dimension; ``max_iter``: SMACOF iterations.
+        blend: weight of the global score (paper: 0.19); needs ``fetch_vectors``
+            and query vectors.
+        fetch_vectors: global vectors of gallery images by key.
+    """
+
+    name = "local+mds"
+
+    def __init__(self, index: LocalIndex, *, similarity: LocalIndex | None = None,
+                 k: int | None = None, candidates: int | None = None, p: float = PAPER_P,
+                 dim: int = 32, max_iter: int = 100, blend: float = 0.0,
+                 fetch_vectors: FetchVectors | None = None) -> None:
+        if blend and fetch_vectors is None:
+            raise InputError("blend > 0 needs fetch_vectors (global vectors of the gallery)")
+        if not 0.0 <= blend <= 1.0:
+            raise InputError(f"blend must be in [0, 1]; got {blend}")
+        self.index = index
+        self.similarity = similarity if similarity is not None else index
+        self.k, self.candidates = k, candidates
+        self.p, self.dim, self.max_iter = float(p), int(dim), int(max_iter)
+        self.blend, self.fetch_vectors = float(blend), fetch_vectors
+
+    def sizes(self) -> tuple[int, int]:
+        """``(k, candidates)`` in effect for the current gallery size."""
+        dk, dc = scaled_defaults(len(self.index))
+        k = self.k if self.k is not None else dk
+        c = self.candidates if self.candidates is not None else max(dc, k)
+        return int(k), int(max(c, k))
+
+    def params(self) -> dict[str, Any]:
+        k, c = self.sizes()
+        return {"k": k, "candidates": c, "p": self.p, "dim": self.dim,
+                "max_iter": self.max_iter, "blend": self.blend}
+
+    def search(self, queries: QueryBatch, k: int) -> SearchResult:
+        ex = queries.excluded()
+        local = queries.need_local(self.name)
+        width = max(k, self.sizes()[1])
+        res = _drop_excluded(self.index.search(local, _wanted(ex, width)), ex, width)
+        return self.rerank(queries, res, k)
+
+    def rerank(self, queries: QueryBatch, result: SearchResult, k: int) -> SearchResult:
+        """Re-rank a local ``result`` (best first, scores = local similarities) -> ``(Q, k)``."""
+        vecs = queries.need_vectors(self.name) if self.blend else None
+        kr, cand = self.sizes()
+        out = SearchResult.empty(len(result), k)
+        for i in range(len(result)):
+            ids, s = result.ids[i], result.scores[i].astype(np.float64)
+            valid = (ids >= 0) & np.isfinite(s)
+            ids, s = ids[valid], s[valid]
+            n_emb = min(cand, ids.size)
+            n_re = min(kr, n_emb)
+            if n_re >= 2:
+                emb = ids[:n_emb]
+                pair = self.similarity.pairwise(emb)
+                glob = None
+                if vecs is not None:
+                    assert self.fetch_vectors is not None
+                    glob = np.asarray(self.fetch_vectors(emb), np.float32) @ vecs[i]
+                new = mds_rerank_scores(s[:n_emb], pair, p=self.p, dim=self.dim,
+                                        max_iter=self.max_iter, global_scores=glob,
+                                        blend=self.blend)[:n_re].astype(np.float64)
+                order = np.argsort(-new, kind="stable")
+                ids = np.concatenate([ids[:n_re][order], ids[n_re:]])
+                tail = s[n_re:]
+                top = np.max(tail) if tail.size else 0.0
+                # past k: the local order, below every re-ranked score
+                s = np.concatenate([new[order], new.min() - 1.0 - (top - tail)])
+            m = min(k, ids.size)
+            out.ids[i, :m], out.scores[i, :m] = ids[:m], s[:m]
+        return out
+
+
+def make_pipeline(name: str, **parts: Any) -> Any:
+    """Build a pipeline by name from its parts (see each class for the arguments)."""
+    classes = {"global": GlobalPipeline, "global+sv": GlobalSVPipeline,
+               "local": LocalPipeline, "local+mds": LocalMDSPipeline}
+    if name not in classes:
+        raise InputError(f"unknown pipeline {name!r}; known: {', '.join(PIPELINES)}")
+    return classes[name](**parts)
+
+
+def open_pipeline(gallery: Any, name: str | None = None, **kw: Any) -> Any:
+    """A searcher running pipeline ``name`` over a gallery (``None``: the best it supports);
+    see :func:`galleria.search.gallery_pipeline.open_pipeline`."""
+    from galleria.search.gallery_pipeline import open_pipeline as _open
+
+    return _open(gallery, name, **kw)

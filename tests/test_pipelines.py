@@ -1,0 +1,121 @@
+"""Pipelines over arrays: exclusion, spatial re-ranking, MDS re-ranking bookkeeping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from galleria.errors import InputError
+from galleria.index.exact import ExactIndex
+from galleria.local.asmk import AsmkIndex
+from galleria.rerank.mds import mds_rerank_scores
+from galleria.search.pipelines import (
+    GlobalPipeline,
+    GlobalSVPipeline,
+    LocalMDSPipeline,
+    LocalPipeline,
+    QueryBatch,
+    make_pipeline,
+)
+from galleria.types import LocalFeatures
+
+D = 32
+H = np.array([[0.95, 0.05, 15.0], [-0.04, 1.05, -8.0], [5e-5, 2e-5, 1.0]])
+
+
+def _unit(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _feats(pts, desc):
+    kp = np.c_[pts, np.ones((len(pts), 2))].astype(np.float32)
+    return LocalFeatures(kp, desc, (500, 500))
+
+
+@pytest.fixture()
+def scene(rng):
+    """12 gallery images: 3 objects x 4 views (a homography each), plus queries."""
+    gallery, labels = [], []
+    objects = []
+    for o in range(3):
+        pts = rng.uniform(0, 500, (150, 2))
+        desc = _unit(rng.standard_normal((150, D)))
+        objects.append((pts, desc))
+        for v in range(4):
+            h = np.eye(3) + (v + 1) * (H - np.eye(3)) / 2
+            p = np.c_[pts, np.ones(150)] @ h.T
+            gallery.append(_feats(p[:, :2] / p[:, 2:], _unit(desc + 0.1 * rng.standard_normal(
+                desc.shape))))
+            labels.append(o)
+    queries = [_feats(pts, _unit(desc + 0.1 * rng.standard_normal(desc.shape)))
+               for pts, desc in objects]
+    return gallery, np.array(labels), queries
+
+
+def test_local_pipeline_and_exclusion(scene):
+    gallery, labels, queries = scene
+    idx = AsmkIndex(D, codebook_size=8, multiple_assignment=1)
+    idx.add(np.arange(12), gallery)
+    pipe = LocalPipeline(idx)
+    res = pipe.search(QueryBatch(local=queries), 4)
+    assert [set(labels[r].tolist()) for r in res.ids] == [{0}, {1}, {2}]
+    ex = pipe.search(QueryBatch(local=gallery[:2], exclude=np.array([0, -1])), 12)
+    assert 0 not in ex.ids[0] and ex.ids[0, -1] == -1 and 1 in ex.ids[1]
+    with pytest.raises(InputError):
+        pipe.search(QueryBatch(vectors=np.ones((1, 4), np.float32)), 3)
+    with pytest.raises(InputError):
+        make_pipeline("nope")
+
+
+def test_spatial_verification_lifts_the_true_views_over_the_global_order(scene, rng):
+    gallery, labels, queries = scene
+    # global vectors that prefer the wrong objects for query 0
+    vecs = _unit(rng.standard_normal((12, 8)))
+    q = _unit(vecs[4:5] + vecs[8:9])
+    gidx = ExactIndex(8)
+    gidx.add(np.arange(12), vecs)
+    glob = GlobalPipeline(gidx).search(QueryBatch(vectors=q), 12)
+    assert labels[glob.ids[0, 0]] != 0
+    fetched = []
+
+    def fetch(keys):
+        fetched.append(np.asarray(keys).copy())
+        return [gallery[int(k)] for k in keys]
+
+    sv = GlobalSVPipeline(gidx, fetch, shortlist=12, threshold=4.0)
+    res = sv.search(QueryBatch(vectors=q, local=queries[:1]), 12)
+    assert set(labels[res.ids[0, :4]].tolist()) == {0}
+    assert (np.diff(res.scores[0]) <= 0).all() and res.scores[0, 3] > 20  # inliers
+    assert fetched[0].size == 12
+    short = GlobalSVPipeline(gidx, fetch, shortlist=3).search(
+        QueryBatch(vectors=q, local=queries[:1]), 12)
+    assert set(short.ids[0, 3:].tolist()) == set(glob.ids[0, 3:].tolist())  # tail unchanged
+    with pytest.raises(InputError):
+        sv.search(QueryBatch(vectors=q), 3)
+
+
+def test_mds_pipeline_reorders_only_its_top_k(scene, rng):
+    gallery, _, queries = scene
+    idx = AsmkIndex(D, codebook_size=8, multiple_assignment=1)
+    idx.add(np.arange(12), gallery)
+    base = LocalPipeline(idx).search(QueryBatch(local=queries), 12)
+    pipe = LocalMDSPipeline(idx, k=6, candidates=10, p=0.5, dim=4)
+    assert pipe.sizes() == (6, 10) and pipe.params()["k"] == 6
+    res = pipe.search(QueryBatch(local=queries), 12)
+    for i in range(3):
+        assert set(res.ids[i, :6].tolist()) == set(base.ids[i, :6].tolist())
+        assert res.ids[i, 6:].tolist() == base.ids[i, 6:].tolist()
+        assert (np.diff(res.scores[i]) <= 0).all()
+        emb = base.ids[i, :10]  # the core on the same inputs gives the same order
+        new = mds_rerank_scores(base.scores[i, :10], idx.pairwise(emb), p=0.5, dim=4)[:6]
+        assert res.ids[i, :6].tolist() == emb[:6][np.argsort(-new, kind="stable")].tolist()
+    auto = LocalMDSPipeline(idx)
+    assert auto.sizes() == (5, 10)  # the paper's 700 / 1600 scaled to 12 images, floors
+    vecs = _unit(rng.standard_normal((12, 8)))
+    with pytest.raises(InputError):
+        LocalMDSPipeline(idx, blend=0.2)
+    bl = LocalMDSPipeline(idx, k=6, blend=0.19, fetch_vectors=lambda k: vecs[k])
+    out = bl.search(QueryBatch(local=queries, vectors=vecs[[0, 4, 8]]), 5)
+    assert out.ids.shape == (3, 5) and (out.ids >= 0).all()
+    with pytest.raises(InputError):
+        bl.search(QueryBatch(local=queries), 5)  # blend without query vectors
