@@ -65,15 +65,52 @@ def _all_features(paths: list[Path], local: str, threads: int) -> PackedFeatures
     folder = cache_dir("local-features") / f"all-{slug(ext.fingerprint)}-{key}"
     if (folder / "header.json").is_file():
         return load_packed(folder, fingerprint=ext.fingerprint)[0]
-    items = [SourceItem(id=str(i), path=p) for i, p in enumerate(paths)]
     t0 = time.perf_counter()
-    feats, failures = extract_local_items(items, ext, workers=threads, batch_size=16)
+    feats = _from_task_caches(paths, ext)  # the quality section's per-task caches
+    todo = [i for i, f in enumerate(feats) if f is None]
+    print(f"{local}: {len(paths) - len(todo)} images from the task caches, {len(todo)} to "
+          "extract", flush=True)
+    items = [SourceItem(id=str(i), path=paths[i]) for i in todo]
+    got, failures = extract_local_items(items, ext, workers=threads, batch_size=16)
     if failures:
         raise RuntimeError(f"{len(failures)} images failed: {failures[:3]}")
+    for i, f in zip(todo, got, strict=True):
+        feats[i] = f
     packed = pack(feats, dim=ext.dim)  # type: ignore[arg-type]
     save_packed(folder, packed, fingerprint=ext.fingerprint,
                 extra={"key": key, "seconds": round(time.perf_counter() - t0, 1)})
     return packed
+
+
+def _from_task_caches(paths: list[Path], ext: Any) -> list[Any]:
+    """Features of ``paths`` found in the per-task caches of
+    :func:`galleria.eval.local_features.task_local_features` (same extractor, whole
+    image, no crop); ``None`` where no cache holds the image. A cache is used only when
+    its key matches the task's image list (as that function checks)."""
+    import ast
+    import json
+
+    from galleria.eval.embed import _items
+
+    out: list[Any] = [None] * len(paths)
+    want = {str(p): i for i, p in enumerate(paths)}
+    for folder in sorted(cache_dir("local-features").glob(f"*-{slug(ext.fingerprint)}-*")):
+        try:
+            head = json.loads((folder / "header.json").read_text())
+            items, _, _ = _items(load_task(head["task"]))
+        except Exception:  # not a task cache, or its data set is not here
+            continue
+        ident = [(str(it.path), None if it.bbox is None else [float(v) for v in it.bbox])
+                 for it in items]
+        canon = sorted(set(map(repr, ident)))
+        if head.get("key") != digest(canon, ext.fingerprint):
+            continue
+        feats = load_packed(folder, fingerprint=ext.fingerprint)[0].to_list()
+        for row, c in enumerate(canon):
+            path, bbox = ast.literal_eval(c)
+            if bbox is None and path in want and out[want[path]] is None:
+                out[want[path]] = feats[row]
+    return out
 
 
 def _all_vectors(paths: list[Path], threads: int) -> np.ndarray:

@@ -106,7 +106,7 @@ def test_saved_local_index_is_reused_and_checked(local_gallery):
                         (sp.space,))
         assert snap is not None and "asmk" in snap[0]
         from galleria.errors import CompatibilityError
-        from galleria.index.factory import load_index
+        from galleria.store.views import load_any_index as load_index
 
         idx = load_index(g.path / snap[0], fingerprint=sp.space, dim=sp.dim)
         assert len(idx) == sp.count

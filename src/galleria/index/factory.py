@@ -60,10 +60,6 @@ def load_index(
     """Load an index saved with ``save(path)``; checks fingerprint and dim when given."""
     kind = read_header_type(path)
     cls = _TYPES.get(kind)
-    if cls is None and kind in ("asmk", "cann"):  # local-feature indexes (lazy: no cycle)
-        from galleria.local.factory import load_local_index
-
-        return load_local_index(path, fingerprint=fingerprint, dim=dim)
     if cls is None:
         known = sorted(_TYPES)
         raise FormatError(f"{path} holds an index of unknown type {kind!r} (known: {known})")

@@ -296,11 +296,3 @@ def make_pipeline(name: str, **parts: Any) -> Any:
     if name not in classes:
         raise InputError(f"unknown pipeline {name!r}; known: {', '.join(PIPELINES)}")
     return classes[name](**parts)
-
-
-def open_pipeline(gallery: Any, name: str | None = None, **kw: Any) -> Any:
-    """A searcher running pipeline ``name`` over a gallery (``None``: the best it supports);
-    see :func:`galleria.search.gallery_pipeline.open_pipeline`."""
-    from galleria.search.gallery_pipeline import open_pipeline as _open
-
-    return _open(gallery, name, **kw)

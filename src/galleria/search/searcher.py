@@ -161,7 +161,7 @@ def open_searcher(path: str | os.PathLike[str] | Gallery, *, space: str | None =
 
             return BackfillSearcher.open(g, rule=rule, runtime=runtime, threads=threads)
     if pipeline not in (None, "global"):
-        from galleria.search.pipelines import open_pipeline
+        from galleria.search.gallery_pipeline import open_pipeline
 
         return open_pipeline(g, pipeline, runtime=runtime, threads=threads)
     if space is None and g.primary_space is None and any(s.kind == "local" for s in g.spaces()):

@@ -24,7 +24,7 @@ from galleria.errors import CompatibilityError, FormatError
 from galleria.store.db import chunks
 from galleria.store.segments import check_file, open_array, unpack_local
 from galleria.store.source import ChainSource, space_source
-from galleria.store.views import IdMap, SpaceView, copy_index
+from galleria.store.views import IdMap, SpaceView, copy_index, load_any_index
 from galleria.types import LocalFeatures
 
 log = logging.getLogger(__name__)
@@ -363,10 +363,8 @@ def _load_snapshot(c: sqlite3.Connection, root: Path, row: SpaceRow) -> tuple[An
             log.warning("saved index %s is damaged (%s: %s); rebuilding it from the store",
                         path, name, problem)
             return None
-    from galleria.index.factory import load_index
-
     try:
-        idx = load_index(path, fingerprint=row.space, dim=row.dim)
+        idx = load_any_index(path, fingerprint=row.space, dim=row.dim)
     except (FormatError, CompatibilityError, OSError, ValueError) as exc:
         log.warning("saved index %s unreadable (%s); rebuilding it from the store", path, exc)
         return None

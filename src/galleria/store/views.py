@@ -13,6 +13,7 @@ sees a half-applied commit and no search path ever mutates an index.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -184,14 +185,27 @@ def merge_top(parts: list[SearchResult], k: int) -> SearchResult:
     return SearchResult(np.ascontiguousarray(s, np.float32), np.ascontiguousarray(i))
 
 
+def load_any_index(path: str | os.PathLike[str], *, fingerprint: str | None = None,
+                   dim: int | None = None) -> Any:
+    """Load a saved global (``galleria.index``) or local-feature (``galleria.local``)
+    index, dispatching on the type in its header; checks fingerprint and dim."""
+    from galleria.index.base import read_header_type
+
+    if read_header_type(path) in ("asmk", "cann"):
+        from galleria.local.factory import load_local_index
+
+        return load_local_index(path, fingerprint=fingerprint, dim=dim)
+    from galleria.index.factory import load_index
+
+    return load_index(path, fingerprint=fingerprint, dim=dim)
+
+
 def copy_index(idx: Any) -> Any:
     """An independent copy of an index (``idx.copy()``, else a save/load round trip)."""
     if hasattr(idx, "copy"):
         return idx.copy()
-    from galleria.index.factory import load_index
-
     with tempfile.TemporaryDirectory(prefix="galleria-copy-") as tmp:
         idx.save(tmp)
-        out = load_index(tmp)
+        out = load_any_index(tmp)
     out.generation = idx.generation
     return out
