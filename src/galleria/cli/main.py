@@ -11,6 +11,7 @@ Commands (``galleria COMMAND --help`` for options)::
     galleria remove G ID...               delete items
     galleria fit-transform G --kind aesvc --dim 128 --out T [--apply]
     galleria export-onnx --model M --out F.onnx
+    galleria fusion train --gallery-models M1,M2 --images CSV --out F   fused gallery + light query
 """
 
 from __future__ import annotations
@@ -110,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     from galleria.cli.upgrade import add_upgrade_parser
 
     add_upgrade_parser(sub)
+
+    from galleria.cli.fusion import add_fusion_parser
+
+    add_fusion_parser(sub)
 
     s = sub.add_parser("export-onnx", help="export an extractor to ONNX (+ .json sidecar)")
     add_model_args(s)
