@@ -137,5 +137,5 @@ def test_checkpoint_of_other_members_or_dims_is_refused(tmp_path):
     other.specs[1] = InputSpec("b", "b@2", "global", 24)
     with pytest.raises(CompatibilityError, match=r"b@1.*b@2"):
         fit_fusion(other, short, checkpoint=ckpt)
-    with pytest.raises(CompatibilityError, match="d=32.*d=16"):
+    with pytest.raises(CompatibilityError, match=r"d=32.*d=16"):
         fit_fusion(synthetic(), FusionRecipe(**{**short.to_dict(), "d": 16}), checkpoint=ckpt)

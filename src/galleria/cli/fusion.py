@@ -100,7 +100,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay, patience=args.patience,
         val_fraction=args.val_fraction, seed=args.seed,
     )
-    members = [m for m in args.gallery_models.split(",") if m.strip()]
+    from galleria.fusion.members import split_members
+
+    members = split_members(args.gallery_models)
     report = train_from_manifest(
         args.images, args.out, gallery_models=members, label_column=args.label_column,
         recipe=recipe, work=args.work, top_n=args.top_n, threads=threads,

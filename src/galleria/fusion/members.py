@@ -119,6 +119,20 @@ def packed_from_config(config: dict[str, Any], *, root: str | None, runtime: str
     return ext
 
 
+def split_members(text: str) -> list[str]:
+    """``"a,b,{json, with commas}"`` -> member names (commas inside braces do not split)."""
+    out, depth, cur = [], 0, []
+    for ch in text:
+        depth += (ch == "{") - (ch == "}")
+        if ch == "," and depth == 0:
+            out.append("".join(cur).strip())
+            cur = []
+        else:
+            cur.append(ch)
+    out.append("".join(cur).strip())
+    return [m for m in out if m]
+
+
 def member_config(name: str) -> dict[str, Any]:
     """A command-line member name (or JSON config) -> an extractor config."""
     name = name.strip()

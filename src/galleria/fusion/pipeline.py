@@ -14,14 +14,15 @@ view part or one epoch):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from galleria.errors import InputError
+from galleria.errors import GalleriaError, InputError
 from galleria.fingerprint import digest
 from galleria.fusion.data import compute_views, fill_features, load_features, manifest_labels
 from galleria.fusion.members import DEFAULT_TOP_N, build_member, input_spec
@@ -62,7 +63,6 @@ def train_from_manifest(
         A JSON-able report (counts, seconds per step, training summary, fingerprint).
     """
     from galleria.images.sources import list_source
-    from galleria.store.gallery import Gallery
 
     recipe = recipe or FusionRecipe()
     if not gallery_models:
@@ -71,6 +71,35 @@ def train_from_manifest(
     items = list_source(images)
     work_dir = Path(work) if work is not None else Path(f"{os.fspath(out)}.work")
     work_dir.mkdir(parents=True, exist_ok=True)
+    with _work_lock(work_dir):
+        return _train(items, out, work_dir, gallery_models, label_column, recipe, top_n,
+                      threads, batch_size, workers, progress, t0, images)
+
+
+@contextlib.contextmanager
+def _work_lock(work_dir: Path) -> Iterator[None]:
+    """One trainer per work folder (a second one is refused; the lock dies with its process)."""
+    import fcntl
+
+    fh = open(work_dir / ".lock", "a+")  # noqa: SIM115 - held for the whole run
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise GalleriaError(
+                f"another `galleria fusion train` is using {work_dir}; wait for it or pass "
+                "another --work / --out") from None
+        yield
+    finally:
+        fh.close()
+
+
+def _train(items: list[Any], out: str | os.PathLike[str], work_dir: Path,
+           gallery_models: Sequence[str], label_column: str | None, recipe: FusionRecipe,
+           top_n: int, threads: int | None, batch_size: int, workers: int,
+           progress: Callable[..., Any] | None, t0: float, images: Any) -> dict[str, Any]:
+    from galleria.store.gallery import Gallery
+
     members = [build_member(n, threads=threads, top_n=top_n) for n in gallery_models]
     specs = [input_spec(m) for m in members]
     if len({s.fingerprint for s in specs}) != len(specs):
