@@ -43,7 +43,8 @@ def ukbench(require_shared, tmp_path_factory):
 
 ARGS = ["--gallery-models", '{"type": "effnet-lite0", "size": 160},opennsfw-r50',
         "--dim", "64", "--layers", "1", "--heads", "4", "--views", "2", "--epochs", "8",
-        "--momentum", "0.9", "--batch", "8", "--val-fraction", "0.3", "-q", "--threads", "2"]
+        "--min-steps", "0", "--momentum", "0.9", "--batch", "8", "--val-fraction", "0.3",
+        "-q", "--threads", "2"]
 
 
 def test_fusion_train_index_and_query(ukbench, capsys):

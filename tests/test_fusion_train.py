@@ -40,7 +40,7 @@ def synthetic(n_classes=12, per=8, seed=0, noise_dim=None):
 
 
 RECIPE = FusionRecipe(d=32, layers=1, heads=4, train_blocks=0, n_views=2, epochs=6,
-                      batch_size=16, patience=10, val_fraction=0.25, lr=2e-3)
+                      min_steps=0, batch_size=16, patience=10, val_fraction=0.25, lr=2e-3)
 
 
 def test_split_holds_out_whole_classes():

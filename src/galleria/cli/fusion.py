@@ -57,6 +57,9 @@ def add_fusion_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "only)")
     g.add_argument("--views", type=int, default=d.n_views, help="query views per image")
     g.add_argument("--epochs", type=int, default=d.epochs)
+    g.add_argument("--min-steps", type=int, default=d.min_steps,
+                   help="small sets train more epochs, up to this many steps")
+    g.add_argument("--warmup", type=float, default=d.warmup, help="warm-up share of the steps")
     g.add_argument("--batch", type=int, default=d.batch_size, help="images per step")
     g.add_argument("--lr", type=float, default=d.lr)
     g.add_argument("--query-lr", type=float, default=d.query_lr)
@@ -96,7 +99,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         d=args.dim, mixer=args.mixer, layers=args.layers, heads=args.heads,
         momentum=args.momentum, margin=args.margin, scale=args.scale, schedule=args.schedule,
         query_model=args.query_model, train_blocks=args.train_blocks, n_views=args.views,
-        epochs=args.epochs, batch_size=args.batch, lr=args.lr, query_lr=args.query_lr,
+        epochs=args.epochs, min_steps=args.min_steps, warmup=args.warmup,
+        batch_size=args.batch, lr=args.lr, query_lr=args.query_lr,
         weight_decay=args.weight_decay, patience=args.patience,
         val_fraction=args.val_fraction, seed=args.seed,
     )
