@@ -186,7 +186,8 @@ def main() -> int:
         same_ids = sorted(da) == sorted(db)
         diff = max(float(np.abs(da[i] - db[i]).max()) for i in da) if same_ids else None
         q = np.stack([db[p] for p in task.query_paths])
-        ra, rb = a.search(q, 10), b.search(q, 10)
+        ra = a.search(q, 10, space=a.primary_space)
+        rb = b.search(q, 10, space=b.primary_space)
         report["finished_vs_fresh"] = {
             "spaces": [[s.space for s in a.spaces()], [s.space for s in b.spaces()]],
             "primary": [a.primary_space, b.primary_space],

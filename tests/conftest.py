@@ -74,3 +74,16 @@ def photos(tmp_path_factory) -> Path:
         img = getattr(data, name)()
         Image.fromarray(img).save(root / f"{name}.jpg", quality=92)
     return root
+
+
+@pytest.fixture(scope="session")
+def photos_gallery(photos, tmp_path_factory) -> Path:
+    """Five of the ``photos`` indexed with effnet-lite0 (``rocket.jpg`` is left out, to be
+    uploaded); copy it before writing to it."""
+    from galleria.extract.job import index_images
+    from galleria.images.sources import list_source
+
+    items = [it for it in list_source(photos) if it.id != "rocket.jpg"]
+    out = tmp_path_factory.mktemp("photos-gallery") / "g"
+    index_images(items, out, model="effnet-lite0", batch_size=8)
+    return out

@@ -76,9 +76,11 @@ def test_gallery_prefix_and_funnel(tmp_path, data):
     g = Gallery.create(tmp_path / "g")
     g.add([f"{i}" for i in range(500)], x, space="nested@1")
     with pytest.raises(InputError, match="prefix"):
-        g.search(q, 3, dim=8)
+        g.search(q, 3, dim=8, space="nested@1")
     g.set_index_spec("prefix", "nested@1", shortlist_dim=8, shortlist=64)
     rows, _ = brute_prefix(q, x, 8, 3)
-    assert g.search(q, 3, dim=8).ids.tolist() == [[str(r) for r in row] for row in rows]
-    assert g.search(q, 3, funnel=(8, 500)).ids.tolist() == g.search(q, 3).ids.tolist()
+    sp = "nested@1"
+    assert g.search(q, 3, dim=8, space=sp).ids.tolist() == [[str(r) for r in row] for row in rows]
+    assert (g.search(q, 3, funnel=(8, 500), space=sp).ids.tolist()
+            == g.search(q, 3, space=sp).ids.tolist())
     g.close()

@@ -28,7 +28,7 @@ def _bad_files(folder: Path) -> dict[str, str]:
     (folder / "zero.jpg").write_bytes(b"")
     (folder / "readme.txt").write_text("this is not an image")
     Image.new("RGB", (1, 1), (200, 10, 10)).save(folder / "pixel.png")
-    return {"corrupt.jpg": "corrupt", "zero.jpg": "empty", "readme.txt": "not an image",
+    return {"corrupt.jpg": "truncated", "zero.jpg": "empty", "readme.txt": "not an image",
             "pixel.png": "too small"}
 
 
@@ -93,7 +93,7 @@ def test_kill9_then_rerun_indexes_every_image_exactly_once(tmp_path, photos):
         assert g.count() == done_at_kill
         first = g.ids()[0]
         key = g.keys_of([first])
-        assert g.search(g.get_vectors(key), 1).ids[0, 0] == first
+        assert g.search(g.get_vectors(key), 1, space=g.primary_space).ids[0, 0] == first
     rerun = subprocess.run([*cmd[:-1], "--json"], env=env, capture_output=True, text=True,
                            timeout=600)
     assert rerun.returncode == 0, rerun.stderr
@@ -159,7 +159,7 @@ def test_query_from_other_model_or_dimension_is_refused(tmp_path, photos):
     assert other.fingerprint in str(ei.value) and g.primary_space in str(ei.value)
     q = other.embed_images([Image.open(photos / "chelsea.jpg").convert("RGB")])
     with pytest.raises(CompatibilityError) as ei:
-        g.search(q, 3)
+        g.search(q, 3, space=g.primary_space)
     assert "1024" in str(ei.value) and "1280" in str(ei.value)
     lite2 = create_extractor("effnet-lite2")
     q2 = lite2.embed_images([Image.open(photos / "chelsea.jpg").convert("RGB")])

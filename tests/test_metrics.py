@@ -7,6 +7,7 @@ import pytest
 
 from galleria.errors import InputError
 from galleria.eval import metrics as M
+from galleria.eval import revisitop
 from galleria.types import SearchResult
 
 # --------------------------------------------------------------------------- #
@@ -105,7 +106,7 @@ def test_compute_ap_reference_value():
 def test_junk_removal_reference_value():
     pos = np.array([0, 2, 6, 10, 20])
     junk = np.array([1, 8, 9, 30])
-    np.testing.assert_array_equal(M._remove_junk(pos, junk), [0, 1, 5, 7, 17])
+    np.testing.assert_array_equal(revisitop._remove_junk(pos, junk), [0, 1, 5, 7, 17])
     # the same through compute_map on a full ranking of 40 items
     ranking = np.arange(40)[None, :]
     m, _, _, _ = M.compute_map(ranking, [{"ok": pos, "junk": junk}])

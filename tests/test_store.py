@@ -118,7 +118,9 @@ def test_crash_between_array_write_and_commit_leaves_store_consistent(gal, monke
     def boom(*a, **k):
         raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(gal, "_upsert_items", boom)
+    import galleria.store.writes as writes
+
+    monkeypatch.setattr(writes, "_upsert_items", boom)
     with pytest.raises(RuntimeError):
         gal.add(["b"], vecs(1, seed=2), space=FP_A)
     monkeypatch.undo()
@@ -131,13 +133,13 @@ def test_crash_between_array_write_and_commit_leaves_store_consistent(gal, monke
 
 
 def test_compaction_preserves_vectors(gal, monkeypatch):
-    import galleria.store.gallery as mod
+    import galleria.store.writes as mod
 
     monkeypatch.setattr(mod, "COMPACT_SEGMENTS", 3)
     x = vecs(40)
     for i in range(10):
         gal.add([str(4 * i + j) for j in range(4)], x[4 * i : 4 * i + 4], space=FP_A)
-    n = gal._conn.execute("SELECT COUNT(*) FROM segments").fetchone()[0]
+    n = gal.db.one("SELECT COUNT(*) FROM segments")[0]
     assert n <= 4
     keys, v = gal.load_vectors(FP_A)
     order = np.argsort([int(i) for i in gal.ids_of(keys)])

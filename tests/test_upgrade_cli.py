@@ -141,7 +141,8 @@ def test_kill9_resume_search_finish(folder, tmp_path):
         diff = max(float(np.abs(da[i] - db[i]).max()) for i in da)
         assert diff < 1e-5
         q = np.stack([db["c01.jpg"], db["c22.jpg"]])
-        assert a.search(q, N).ids.tolist() == b.search(q, N).ids.tolist()
+        ra, rb = a.search(q, N, space=a.primary_space), b.search(q, N, space=b.primary_space)
+        assert ra.ids.tolist() == rb.ids.tolist()
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):

@@ -253,7 +253,8 @@ def test_finish_equals_a_fresh_index_of_the_new_model(old_gallery, images, tmp_p
         assert g1.primary_space == g2.primary_space == state.new_space
         assert g1.get_setting("upgrade") is None and not (old_gallery / "upgrade").exists()
         assert g1.meta(g1.ids()) == g2.meta(g1.ids())
-        r1, r2 = g1.search(q, 10), g2.search(q, 10)
+        r1 = g1.search(q, 10, space=state.new_space)
+        r2 = g2.search(q, 10, space=state.new_space)
         assert r1.ids.tolist() == r2.ids.tolist()
         np.testing.assert_allclose(r1.scores, r2.scores, atol=1e-6)
     with pytest.raises(UpgradeError, match="no upgrade in progress"):

@@ -25,3 +25,11 @@ class MissingDependencyError(GalleriaError, ImportError):
 
 class DatasetMissingError(GalleriaError, FileNotFoundError):
     """A data set under ../shared/datasets (or GALLERIA_DATASETS) is not present."""
+
+
+class StorageError(GalleriaError, OSError):
+    """The disk refused a write (full, read-only, I/O error); nothing half-written is kept."""
+
+
+class BusyError(GalleriaError):
+    """Another writer holds the gallery for longer than the caller is willing to wait."""

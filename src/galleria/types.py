@@ -29,6 +29,9 @@ class SearchResult:
 
     scores: np.ndarray
     ids: np.ndarray
+    generation: int | dict[str, int] | None = None
+    """The committed store generation the result was computed at (per space when a
+    search spans several spaces, e.g. during a backfill); ``None`` when unknown."""
 
     def __post_init__(self) -> None:
         if self.scores.ndim != 2 or self.scores.shape != self.ids.shape:
@@ -50,7 +53,7 @@ class SearchResult:
 
     def head(self, k: int) -> SearchResult:
         """The first ``k`` columns."""
-        return SearchResult(self.scores[:, :k], self.ids[:, :k])
+        return SearchResult(self.scores[:, :k], self.ids[:, :k], self.generation)
 
     def row(self, q: int) -> list[tuple[object, float]]:
         """Results of query ``q`` as ``[(id, score), ...]`` without missing entries."""

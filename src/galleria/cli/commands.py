@@ -55,11 +55,17 @@ def cmd_index(args: argparse.Namespace) -> int:
                      "rescore": args.rescore}.items()
         if v is not None
     }
-    with progress_bar(len(items), "index", enabled=not args.quiet) as bar:
+    margs = model_args(args)
+    if margs["model"] is None and args.local is None:
+        margs["model"] = "effnet-lite0"
+    explicit = Path(args.src).suffix.lower() == ".csv"
+    passes = (1 if margs["model"] else 0) + (1 if args.local else 0)
+    with progress_bar(len(items) * passes, "index", enabled=not args.quiet) as bar:
         report = index_images(
             items,
             args.out,
-            **model_args(args),
+            **margs,
+            local=args.local,
             threads=threads,
             index=args.index,
             index_params=params or None,
@@ -69,14 +75,18 @@ def cmd_index(args: argparse.Namespace) -> int:
             limit=args.limit,
             flush_every=args.commit_every,
             progress=bar,
+            id_prefix=args.id_prefix,
+            update=args.update,
+            explicit_ids=explicit,
         )
     if args.json:
         print_json(report.to_dict())
     else:
+        extra = f", {len(report.updated)} updated" if report.updated else ""
         print(
-            f"{report.gallery}: {report.embedded} embedded, {report.already_done} already "
+            f"{report.gallery}: {report.embedded} embedded{extra}, {report.already_done} already "
             f"there, {len(report.failures)} skipped, in {report.seconds:.1f} s "
-            f"({report.images_per_s:.1f} img/s) [{report.space}]"
+            f"({report.images_per_s:.1f} img/s) [{', '.join(report.spaces)}]"
         )
         for f in report.failures:
             print(f"  skipped {f.id}: {f.reason}")
@@ -85,10 +95,12 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from galleria.errors import InputError
+    from galleria.search.searcher import open_searcher
 
     setup_logging(args.verbose)
     threads = set_threads(args.threads)
-    searcher = _open_searcher(args, threads)
+    if args.k <= 0:
+        raise InputError(f"-k must be a positive integer; got {args.k}")
     funnel = None
     if args.funnel:
         try:
@@ -96,9 +108,19 @@ def cmd_search(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise InputError(f"--funnel takes DIM:N (e.g. 32:200), got {args.funnel!r}") from exc
         funnel = (sd, n)
-    queries, res, fails = searcher.search_paths(args.images, args.k, qe=args.qe,
-                                                qe_alpha=args.qe_alpha, dim=args.dim,
-                                                funnel=funnel)
+    searcher = open_searcher(args.gallery, space=args.space, pipeline=args.pipeline,
+                             runtime=args.runtime, threads=threads)
+    opts: dict[str, Any] = {}
+    if args.qe:
+        opts.update(qe=args.qe, qe_alpha=args.qe_alpha)
+    if args.dim is not None:
+        opts["dim"] = args.dim
+    if funnel is not None:
+        opts["funnel"] = funnel
+    if opts and type(searcher).__name__ != "Searcher":
+        raise InputError("--dim/--funnel/--qe need plain search of one space (not available "
+                         "during an upgrade or with a local pipeline)")
+    queries, res, fails = searcher.search_paths(args.images, args.k, **opts)
     for f in fails:
         print(f"galleria search: cannot read query {f.path}: {f.reason}", file=sys.stderr)
     out: list[dict[str, Any]] = []
@@ -130,41 +152,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 1 if fails and not out else 0
 
 
-def _open_searcher(args: argparse.Namespace, threads: int) -> Any:
-    """A plain Searcher, or the backfill searcher while an upgrade is in progress
-    (so `galleria search` keeps seeing every item during a model upgrade)."""
-    from galleria.search.searcher import Searcher
-    from galleria.store.gallery import Gallery
-    from galleria.upgrade.job import active_upgrade
-
-    if args.space is None:
-        with Gallery.open(args.gallery, readonly=True) as g:
-            upgrading = active_upgrade(g) is not None
-        if upgrading:
-            if args.dim or args.funnel or args.qe:
-                from galleria.errors import InputError
-
-                raise InputError("--dim/--funnel/--qe are not available while an upgrade runs")
-            from galleria.upgrade.search import BackfillSearcher
-
-            return _BackfillAdapter(BackfillSearcher.open(args.gallery, rule="auto",
-                                                          runtime=args.runtime, threads=threads))
-    return Searcher.open(args.gallery, space=args.space, runtime=args.runtime, threads=threads)
-
-
-class _BackfillAdapter:
-    """Gives a BackfillSearcher the Searcher call used by cmd_search."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.gallery = inner.gallery
-
-    def search_paths(self, paths: Any, k: int, **_: Any) -> Any:
-        return self.inner.search_paths(paths, k)
-
-
 def cmd_info(args: argparse.Namespace) -> int:
     from galleria.store.gallery import Gallery
+    from galleria.upgrade.state import FINISHING_KEY, STATE_KEY
 
     with Gallery.open(args.gallery, readonly=True) as g:
         data = {
@@ -172,11 +162,14 @@ def cmd_info(args: argparse.Namespace) -> int:
             "items": len(g),
             "primary_space": g.primary_space,
             "spaces": [
-                {"space": s.space, "dim": s.dim, "count": s.count,
+                {"space": s.space, "kind": s.kind, "dim": s.dim, "count": s.count,
                  "index": g.index_spec(s.space), "model": s.info.get("name"),
                  "failures": len(g.failures(s.space))}
                 for s in g.spaces()
             ],
+            "upgrade": "in progress" if g.get_setting(STATE_KEY) else (
+                "clean-up interrupted: run `galleria upgrade finish`"
+                if g.get_setting(FINISHING_KEY) else None),
         }
     if args.json:
         print_json(data)
@@ -184,21 +177,86 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"{data['path']}: {data['items']} items")
         for s in data["spaces"]:
             mark = "*" if s["space"] == data["primary_space"] else " "
-            print(f" {mark} {s['space']}  dim={s['dim']} vectors={s['count']} "
+            print(f" {mark} {s['space']}  {s['kind']} dim={s['dim']} items={s['count']} "
                   f"index={s['index']} failures={s['failures']}")
+        if data["upgrade"]:
+            print(f"  upgrade: {data['upgrade']}")
     return 0
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
+    import logging
+
+    from galleria.errors import GalleriaError
     from galleria.store.gallery import Gallery
 
     with Gallery.open(args.gallery) as g:
         n = g.remove(args.ids)
-        for sp in g.spaces():
-            g.index(sp.space)
-            g.save_index(sp.space)
+        for sp in g.spaces():  # the index snapshot is a cache: a failure here loses nothing
+            if sp.kind != "global" or not sp.count:
+                continue
+            try:
+                g.save_index(sp.space)
+            except (GalleriaError, OSError) as exc:
+                logging.getLogger("galleria.cli").warning(
+                    "removed, but could not save the index of %s (%s); the next search "
+                    "rebuilds it", sp.space, exc)
     print(f"removed {n} vectors")
     return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from galleria.store.gallery import Gallery
+
+    with Gallery.open(args.gallery, readonly=True) as g:
+        rep = g.check(deep=not args.quick)
+    if args.json:
+        print_json(rep.to_dict())
+    else:
+        print(f"{rep.gallery}: {rep.items} items, {rep.segments} segments, "
+              f"{rep.snapshots} index snapshots checked: "
+              f"{'sound' if rep.ok else f'{len(rep.problems)} problems'}")
+        for p in rep.problems:
+            held = f"; holds {p.n_items} items: {', '.join(p.items[:5])}" if p.n_items else ""
+            print(f"  {p.what}: {p.path}: {p.problem}{held}")
+        if not rep.ok:
+            print(f"run `galleria repair {rep.gallery}` to repair")
+    return 0 if rep.ok else 1
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    from galleria.extract.repair import repair
+    from galleria.store.gallery import Gallery
+    from galleria.store.integrity import restore_database
+
+    setup_logging(args.verbose)
+    threads = set_threads(args.threads)
+    restored = restore_database(args.gallery)
+    with Gallery.open(args.gallery) as g:
+        with progress_bar(None, "repair", enabled=not args.quiet) as bar:
+            rep = repair(g, reembed=not args.no_reembed, runtime=args.runtime,
+                         threads=threads, progress=bar)
+        rep.restored_database = restored
+        after = g.check(deep=True)
+    out = {**rep.to_dict(), "sound_after": after.ok,
+           "remaining": [p.to_dict() for p in after.problems]}
+    if args.json:
+        print_json(out)
+    else:
+        if restored:
+            print(restored)
+        for f in rep.dropped_segments:
+            print(f"  took damaged {f} out of the store")
+        for sp, n in rep.reembedded.items():
+            print(f"  re-embedded {n} items of {sp}")
+        for sp, ids in rep.lost.items():
+            print(f"  {len(ids)} items of {sp} are lost (their images are gone too): "
+                  f"{', '.join(ids[:5])}; `galleria remove` them or restore the images")
+        for f in rep.dropped_snapshots:
+            print(f"  dropped damaged index file {f}")
+        print(f"{rep.gallery}: rebuilt {len(rep.rebuilt_indexes)} indexes; "
+              f"{'sound' if after.ok else f'{len(after.problems)} problems remain'}")
+    return 0 if after.ok or all(p.what == "lost" for p in after.problems) else 1
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:
@@ -217,7 +275,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from galleria.eval.run import run_eval_command
+    from galleria.cli.eval import run_eval_command
 
     setup_logging(args.verbose)
     threads = set_threads(args.threads)

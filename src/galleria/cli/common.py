@@ -42,7 +42,8 @@ def _default(obj: Any) -> Any:
 
 def add_model_args(p: argparse.ArgumentParser, *, default: str | None = "effnet-lite0") -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", "-m", default=default, help="extractor (see `galleria models`)")
+    g.add_argument("--model", "-m", default=default,
+                   help="extractor (see `galleria models`; default effnet-lite0)")
     g.add_argument("--pooling", default=None, help="gem (default), gem<p>, mean")
     g.add_argument("--scales", type=float, nargs="+", default=[1.0],
                    help="multi-scale factors, e.g. 1 0.707 1.414")

@@ -9,9 +9,12 @@ Commands (``galleria COMMAND --help`` for options)::
     galleria eval --manifest CSV          your own labelled images
     galleria info G                       spaces, counts, failures, index
     galleria remove G ID...               delete items
+    galleria check G                      verify every file against its checksum
+    galleria repair G                     restore the database, re-embed lost data, rebuild
     galleria fit-transform G --kind aesvc --dim 128 --out T [--apply]
     galleria export-onnx --model M --out F.onnx
     galleria fusion train --gallery-models M1,M2 --images CSV --out F   fused gallery + light query
+    galleria serve G [--port 8080]        search API + web UI (docs at /docs)
 """
 
 from __future__ import annotations
@@ -41,7 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("index", help="embed a folder or manifest into a gallery (resumable)")
     s.add_argument("src", help="image folder or CSV manifest (column 'path', optional 'id')")
     s.add_argument("--out", "-o", required=True, help="gallery folder (created or resumed)")
-    add_model_args(s)
+    add_model_args(s, default=None)
+    s.add_argument("--local", default=None,
+                   help="also (or only, without --model) store local features: sift, xfeat")
+    s.add_argument("--id-prefix", default=None,
+                   help="prefix every id (index two folders whose file names collide)")
+    s.add_argument("--update", action="store_true",
+                   help="replace stored images whose id now names a different file")
     s.add_argument("--index", default=None,
                    help="exact (default) or a FAISS factory string: HNSW32, IVF1024,PQ32 ...")
     s.add_argument("--nprobe", type=int, default=None)
@@ -62,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("gallery")
     s.add_argument("images", nargs="+")
     s.add_argument("-k", type=int, default=10)
+    s.add_argument("--pipeline", default=None,
+                   help="global | global+sv | local | local+mds (default: the best the "
+                        "gallery supports)")
     s.add_argument("--json", action="store_true", help="print results as JSON")
     s.add_argument("--html", default=None, help="write a page with thumbnails to this file")
     s.add_argument("--qe", type=int, default=0, help="alpha query expansion over the top QE")
@@ -104,6 +116,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("ids", nargs="+")
     s.set_defaults(func=commands.cmd_remove)
 
+    s = sub.add_parser("check", help="verify a gallery's files against their checksums")
+    s.add_argument("gallery")
+    s.add_argument("--quick", action="store_true", help="sizes only (no hashing)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=commands.cmd_check)
+
+    s = sub.add_parser("repair", help="restore the database, re-embed lost data, rebuild indexes")
+    s.add_argument("gallery")
+    s.add_argument("--no-reembed", action="store_true",
+                   help="do not re-embed items from their images (mark them lost)")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--runtime", default="auto", choices=["auto", "onnx", "torch"])
+    add_run_args(s)
+    s.set_defaults(func=commands.cmd_repair)
+
     from galleria.cli.transform import add_transform_parser
 
     add_transform_parser(sub)
@@ -115,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     from galleria.cli.fusion import add_fusion_parser
 
     add_fusion_parser(sub)
+
+    from galleria.cli.serve import add_serve_parser
+
+    add_serve_parser(sub)
 
     s = sub.add_parser("export-onnx", help="export an extractor to ONNX (+ .json sidecar)")
     add_model_args(s)

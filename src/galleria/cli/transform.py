@@ -21,7 +21,14 @@ def add_transform_parser(sub: Any) -> None:
                    help="center, pca, pca-whiten, pca-whiten-reg, aesvc, ss2d, ssd, matryoshka")
     s.add_argument("--dim", type=int, default=None, help="output dimension (max for nested)")
     s.add_argument("--out", "-o", required=True, help="folder to save the fitted transform")
-    s.add_argument("--space", default=None, help="space to fit on (default: primary)")
+    s.add_argument("--space", default=None,
+                   help="space to fit on (default: the model's own space under the primary)")
+    s.add_argument("--stack", action="store_true",
+                   help="allow fitting on a space that is itself a transform output "
+                   "(saved only: a stacked transform cannot be applied)")
+    s.add_argument("--replace", action="store_true",
+                   help="with --apply: replace the gallery's existing transformed space of "
+                   "the same base (it is dropped once the new space is complete)")
     s.add_argument("--sample", type=int, default=None, help="fit on a random sample of N")
     s.add_argument("--param", type=key_value, action="append", default=[],
                    help="extra transform parameter KEY=VALUE (JSON value), repeatable")
@@ -44,14 +51,23 @@ def cmd_fit_transform(args: argparse.Namespace) -> int:
 
     from galleria.store.gallery import Gallery
     from galleria.transforms.analysis import cosine_similarity_stats, plot_similarity_histograms
-    from galleria.transforms.attach import add_transformed_space, fit_on_gallery
+    from galleria.transforms.attach import (
+        add_transformed_space,
+        check_can_apply,
+        fit_on_gallery,
+        fit_space,
+    )
 
     setup_logging(args.verbose)
     set_threads(args.threads)
     progress = None if args.quiet or not sys.stderr.isatty() else tqdm
     with Gallery.open(args.gallery) as g:
-        info = g.space_info(args.space)
-        tr, stats = fit_on_gallery(g, args.kind, dim=args.dim, space=info.space,
+        primary = g.primary_space
+        space = fit_space(g, args.space, stack=args.stack)
+        info = g.space_info(space)
+        if args.apply:  # refuse before a possibly long fit: stacking, or a second transform
+            check_can_apply(g, space, replace=args.replace)
+        tr, stats = fit_on_gallery(g, args.kind, dim=args.dim, space=space, stack=args.stack,
                                    sample=args.sample, progress=progress, **dict(args.param))
         tr.save(args.out)
         _, x = g.load_vectors(info.space)
@@ -65,15 +81,22 @@ def cmd_fit_transform(args: argparse.Namespace) -> int:
                 {"raw": x, f"{args.kind} {tr.output_dim_}-d": tr.transform(
                     x, fingerprint=info.space)}, args.histogram)
         if args.apply:
+            stats["replaced"] = check_can_apply(g, space, replace=args.replace,
+                                                output_fingerprint=tr.output_fingerprint)
             stats["new_space"] = add_transformed_space(g, tr, args.out, space=info.space,
-                                                       index=args.index)
+                                                       index=args.index, replace=args.replace)
     if args.json:
         print_json(stats)
     else:
+        if args.space is None and stats["input_fingerprint"] != primary:
+            print(f"the primary space is a transform output: fitted on the model's space "
+                  f"{stats['input_fingerprint']}")
         print(f"fitted {args.kind} ({stats['output_dim']}-d) on {stats['fitted_on']} vectors in "
               f"{stats['fit_seconds']} s -> {args.out}")
         print(f"cosine-similarity variance {stats['cosine_variance_before']:.5f} -> "
               f"{stats['cosine_variance_after']:.5f}")
         if args.apply:
             print(f"gallery now searches {stats['new_space']}")
+            for old in stats["replaced"]:
+                print(f"replaced (dropped) {old}")
     return 0

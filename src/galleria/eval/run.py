@@ -3,11 +3,12 @@
 Every row of a benchmark table is one call of :func:`evaluate_model` (or one
 ``galleria eval`` command): data set, model, pooling/scales, post-processing
 (alpha-QE, DBA) and an optional transform fitted on the gallery side only.
+This module returns numbers; the command line (arguments, printing) is
+:mod:`galleria.cli.eval`.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from galleria.eval.datasets import TASKS, RetrievalTask, load_task, manifest_task
+from galleria.eval.datasets import RetrievalTask, load_task
 from galleria.eval.embed import task_embeddings
 from galleria.eval.protocols import evaluate_embeddings
 from galleria.extract.embed import Progress
@@ -113,41 +114,6 @@ def evaluate_model(
         "seconds": round(time.perf_counter() - t0, 2),
         "embed_seconds": round(t_embed, 2),
     }
-
-
-def run_eval_command(args: argparse.Namespace, *, threads: int) -> int:
-    from galleria.cli.common import model_args, print_json, progress_bar
-
-    if args.list:
-        for name, desc in TASKS.items():
-            print(f"{name:<16} {desc}")
-        return 0
-    task = manifest_task(args.manifest) if args.manifest else load_task(args.dataset)
-    n = task.num_gallery + task.num_queries
-    with progress_bar(n, f"embed {task.name}", enabled=not args.quiet) as bar:
-        out = evaluate_model(
-            task,
-            **model_args(args),
-            threads=threads,
-            qe=args.qe,
-            qe_alpha=args.qe_alpha,
-            dba=args.dba,
-            transform=args.transform,
-            dim=args.dim,
-            transform_params=dict(args.param) or None,
-            use_cache=not args.no_cache,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            progress=bar,
-        )
-    if args.json:
-        print_json(out)
-        return 0
-    print(f"{out['dataset']} ({out['protocol']}, {out['queries']} queries, "
-          f"{out['gallery']} gallery)  model={out['fingerprint']}  dim={out['dim']}")
-    for k, v in out["metrics"].items():
-        print(f"  {k:<10} {v:8.2f}")
-    return 0
 
 
 def summarize(results: list[dict[str, Any]], keys: Sequence[str]) -> np.ndarray:

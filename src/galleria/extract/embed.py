@@ -3,22 +3,23 @@
 Decoding and preprocessing run in a thread pool with a bounded number of
 images in flight (PIL releases the GIL while decoding); inference runs on the
 caller's thread in batches. Unusable inputs are returned as failures, never
-raised.
+raised; so are items that listing marked with a ``problem`` (not opened).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
 from galleria.extractors.base import Extractor
-from galleria.images.decode import ImageDecodeError, load_image
+from galleria.images.decode import ImageDecodeError, load_image_and_hash
 from galleria.images.sources import SourceItem
 
 log = logging.getLogger(__name__)
@@ -30,17 +31,36 @@ class Progress(Protocol):
 
 @dataclass(frozen=True)
 class Batch:
-    """Items of one inference batch and their ``(B, D)`` embeddings."""
+    """Items of one inference batch and their ``(B, D)`` embeddings.
+
+    ``hashes[i]`` is ``"sha256:<hex>"`` of ``items[i]``'s file bytes (computed
+    from the same read that decoded it; see
+    :func:`galleria.images.decode.load_image_and_hash`).
+    """
 
     items: list[SourceItem]
     vectors: np.ndarray
     failures: list[tuple[SourceItem, str]]
+    hashes: list[str] = field(default_factory=list)
 
 
-def _prepare(extractor: Extractor, item: SourceItem) -> tuple[np.ndarray, ...] | str:
+def file_content(path: str | os.PathLike[str]) -> tuple[str, int, int]:
+    """``("sha256:<hex>", size, mtime_ns)`` of a file (what an item's identity records)."""
+    from galleria.images.decode import content_hash
+
+    st = os.stat(path)
+    return content_hash(path), int(st.st_size), int(st.st_mtime_ns)
+
+
+def _prepare(
+    extractor: Extractor, item: SourceItem
+) -> tuple[tuple[np.ndarray, ...], str] | str:
+    """``(network inputs per scale, content hash)``, or the reason the item is unusable."""
+    if item.problem is not None:  # found while listing (bad name, broken link...)
+        return item.problem
     try:
-        img = load_image(item.path, bbox=item.bbox)
-        return extractor.prepare(img)
+        img, digest = load_image_and_hash(item.path, bbox=item.bbox)
+        return extractor.prepare(img), digest
     except ImageDecodeError as exc:
         return exc.reason
     except Exception as exc:  # a user's odd file must not stop a long job
@@ -68,6 +88,7 @@ def embed_stream(
         exhausted = False
         ok_items: list[SourceItem] = []
         ok_inputs: list[tuple[np.ndarray, ...]] = []
+        ok_hashes: list[str] = []
         failed: list[tuple[SourceItem, str]] = []
 
         def flush() -> Batch:
@@ -76,7 +97,7 @@ def embed_stream(
                 vecs = extractor.embed_prepared(per_scale)
             else:
                 vecs = np.zeros((0, extractor.dim), np.float32)
-            return Batch(list(ok_items), vecs, list(failed))
+            return Batch(list(ok_items), vecs, list(failed), list(ok_hashes))
 
         while True:
             while not exhausted and len(pending) < prefetch:
@@ -94,13 +115,15 @@ def embed_stream(
                 failed.append((item, res))
             else:
                 ok_items.append(item)
-                ok_inputs.append(res)
+                ok_inputs.append(res[0])
+                ok_hashes.append(res[1])
             if progress is not None:
                 progress.update(1)
             if len(ok_items) >= batch_size:
                 yield flush()
                 ok_items.clear()
                 ok_inputs.clear()
+                ok_hashes.clear()
                 failed.clear()
         if ok_items or failed:
             yield flush()

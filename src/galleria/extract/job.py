@@ -1,10 +1,15 @@
 """``galleria index``: embed a folder or manifest into a gallery, resumably.
 
-Each flush writes a vector array and commits it with its item rows in one
-SQLite transaction, so after ``kill -9`` the same call skips what is stored
-and embeds the rest: every image ends up exactly once. Unusable images are
-recorded as failures (with the reason) and skipped; they are retried on the
-next run.
+Each flush commits one segment of vectors (or local features) with its item
+rows in one transaction, so after ``kill -9`` the same call skips what is
+stored and embeds the rest: every image ends up exactly once. Unusable images
+are recorded as failures (with the reason) and retried on the next run.
+
+Item identity: an item records the SHA-256 of the image its data came from.
+Re-running on a changed file re-embeds it (reported as *updated*); a second
+source whose ids collide with different images already in the gallery is
+refused with the first conflicts and the options that resolve them
+(``id_prefix``, ``update``), never reported as "already there".
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from galleria.extract.embed import Progress, embed_stream
+from galleria.errors import InputError
+from galleria.extract.embed import Progress, embed_stream, file_content
+from galleria.extract.spaces import space_info
 from galleria.extractors.base import Extractor
 from galleria.extractors.registry import create_extractor
 from galleria.images.sources import SourceItem, list_source
@@ -31,7 +38,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class IndexReport:
-    """What one run of :func:`index_images` did."""
+    """What one run of :func:`index_images` did (summed over its spaces)."""
 
     gallery: str
     space: str
@@ -40,6 +47,8 @@ class IndexReport:
     embedded: int
     failures: list[Failure] = field(default_factory=list)
     seconds: float = 0.0
+    updated: list[str] = field(default_factory=list)
+    spaces: list[str] = field(default_factory=list)
 
     @property
     def images_per_s(self) -> float:
@@ -47,15 +56,12 @@ class IndexReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "gallery": self.gallery,
-            "space": self.space,
-            "total": self.total,
-            "already_done": self.already_done,
-            "embedded": self.embedded,
-            "failed": len(self.failures),
+            "gallery": self.gallery, "space": self.space, "spaces": self.spaces,
+            "total": self.total, "already_done": self.already_done,
+            "embedded": self.embedded, "updated": len(self.updated),
+            "updated_ids": self.updated[:100], "failed": len(self.failures),
             "failures": [f.to_dict() for f in self.failures],
-            "seconds": round(self.seconds, 3),
-            "images_per_s": round(self.images_per_s, 2),
+            "seconds": round(self.seconds, 3), "images_per_s": round(self.images_per_s, 2),
         }
 
 
@@ -67,58 +73,77 @@ def _meta(item: SourceItem) -> dict[str, Any]:
     return meta
 
 
-def recipe(extractor: Extractor, name: str, options: dict[str, Any]) -> dict[str, Any]:
-    """What a space records so the same extractor can be rebuilt for queries."""
-    info = extractor.info().to_dict()
-    opts = {k: v for k, v in options.items() if k not in ("runtime", "threads") and v is not None}
-    info["recipe"] = {"model": name, **opts}
-    return info
+# ------------------------------------------------------------------ identity
+@dataclass
+class Identity:
+    """How the source's items relate to what the gallery already holds."""
+
+    new: list[SourceItem] = field(default_factory=list)
+    unchanged: list[SourceItem] = field(default_factory=list)
+    updated: list[SourceItem] = field(default_factory=list)
+    conflicts: list[tuple[SourceItem, str]] = field(default_factory=list)
 
 
-def extractor_from_space(
-    info: dict[str, Any],
-    *,
-    root: str | os.PathLike[str] | None = None,
-    runtime: str = "auto",
-    threads: int | None = None,
-) -> Extractor:
-    """Rebuild the extractor (and transform) recorded by :func:`recipe`; check the fingerprint.
+def resolve_identity(gallery: Gallery, items: Sequence[SourceItem], *, explicit_ids: bool,
+                     update: bool) -> Identity:
+    """Sort ``items`` into new / unchanged / updated / conflicting (same id, other image).
 
-    ``root``: the gallery folder, against which a recorded transform path resolves.
+    A changed file at the recorded path is *updated*. Another file under a known
+    id is *updated* when the ids were given explicitly (a manifest's ``id``
+    column) or ``update`` is set, else a *conflict*. Unchanged files are
+    recognised by size + mtime, else by their SHA-256.
     """
-    from galleria.errors import CompatibilityError, FormatError
+    out = Identity()
+    recs = gallery.contents([it.id for it in items])
+    metas = dict(zip(recs, gallery.meta(list(recs)), strict=True)) if recs else {}
+    for it in items:
+        rec = recs.get(it.id)
+        if rec is None:
+            out.new.append(it)
+            continue
+        stored = (metas.get(it.id) or {}).get("path")
+        here = str(it.path.resolve())
+        try:
+            st = os.stat(it.path)
+        except OSError:
+            out.unchanged.append(it)  # cannot compare; the item keeps its data
+            continue
+        h, size, mtime = rec
+        if stored == here and (h is None or (size == st.st_size and mtime == st.st_mtime_ns)):
+            out.unchanged.append(it)
+            continue
+        try:
+            now = file_content(it.path)[0]
+        except OSError:
+            out.unchanged.append(it)
+            continue
+        if h is None or now == h:
+            out.unchanged.append(it)
+        elif stored == here or explicit_ids or update:
+            out.updated.append(it)
+        else:
+            out.conflicts.append((it, str(stored)))
+    return out
 
-    rec = dict(info.get("recipe") or {})
-    if "model" not in rec:
-        raise FormatError("this space records no model recipe; pass query vectors instead")
-    name = rec.pop("model")
-    tr_path = rec.pop("transform", None)
-    tr_dim = rec.pop("transform_dim", None)
-    rec.pop("base_fingerprint", None)
-    if "scales" in rec:
-        rec["scales"] = tuple(rec["scales"])
-    ext = create_extractor(name, runtime=runtime, threads=threads, **rec)
-    if tr_path is not None:
-        from galleria.extractors.transformed import TransformedExtractor
-        from galleria.transforms.registry import load_transform
 
-        path = Path(root or ".") / tr_path
-        ext = TransformedExtractor(ext, load_transform(path, fingerprint=ext.fingerprint),
-                                   dim=tr_dim)
-    if info.get("fingerprint") and ext.fingerprint != info["fingerprint"]:
-        raise CompatibilityError(
-            f"the installed model {name!r} has fingerprint {ext.fingerprint!r} but the "
-            f"gallery was built with {info['fingerprint']!r} (different weights or settings)"
-        )
-    return ext
+def _conflict_error(gallery: Gallery, conflicts: list[tuple[SourceItem, str]]) -> InputError:
+    shown = "; ".join(f"{it.id!r}: {it.path} vs stored {stored}" for it, stored in conflicts[:5])
+    return InputError(
+        f"{len(conflicts)} ids of this source already name different images in "
+        f"{gallery.path} ({shown}{' ...' if len(conflicts) > 5 else ''}). Index the source "
+        "under its own ids with --id-prefix PREFIX/ (e.g. the folder name), or replace the "
+        "stored images with --update")
 
 
+# ------------------------------------------------------------------ entry
 def index_images(
     src: str | os.PathLike[str] | Sequence[SourceItem],
     out: str | os.PathLike[str],
     *,
-    model: str = "effnet-lite0",
+    model: str | None = "effnet-lite0",
     extractor: Extractor | None = None,
+    local: str | None = None,
+    local_extractor: Extractor | None = None,
     transform: str | os.PathLike[str] | None = None,
     pooling: str | None = None,
     scales: Sequence[float] = (1.0,),
@@ -134,55 +159,107 @@ def index_images(
     flush_every: int = 512,
     limit: int | None = None,
     progress: Progress | None = None,
+    id_prefix: str | None = None,
+    update: bool = False,
+    explicit_ids: bool | None = None,
 ) -> IndexReport:
     """Embed every image of ``src`` (a folder, a ``.csv`` manifest or items) into ``out``.
 
     Args:
         src: folder (ids = relative paths), manifest, or a list of SourceItem.
         out: gallery folder (created if needed; resumed if it exists).
-        model: registry name (see ``galleria models``); or pass ``extractor``.
+        model: registry name of the global model (``None``: no global model), or
+            pass ``extractor``.
+        local: registry name of a local-feature extractor (``sift``, ``xfeat``), or
+            pass ``local_extractor``; global and local data can live in one gallery.
         transform: a saved transform (``galleria fit-transform``) applied to every
-            embedding; it is copied into the gallery and applied to queries too.
-        index: ``exact`` or a FAISS factory string for the space's index.
-        flush_every: vectors buffered before a commit (the most work a crash loses).
-        limit: stop after this many new images (for tests and trial runs).
-        progress: object with ``update(n)`` called per image processed.
+            global embedding; copied into the gallery and applied to queries too.
+        index: index spec of the global space (``exact``, ``exact-bf16``, FAISS...).
+        flush_every: items buffered before a commit (the most work a crash loses).
+        limit: stop after this many new images (trial runs, tests).
+        id_prefix: prepended to every id (index two folders with the same file names).
+        update: replace stored images whose id now names another file.
+        explicit_ids: the ids were chosen by the user (manifest ``id`` column): a
+            different file under a known id is an update, not a conflict.
 
     Returns:
-        IndexReport with counts, failures (id, path, reason) and throughput.
+        IndexReport with counts, updates, failures (id, path, reason) and throughput.
     """
     t0 = time.perf_counter()
+    if isinstance(flush_every, bool) or int(flush_every) <= 0:
+        raise InputError(f"commit size must be a positive integer; got {flush_every!r}")
+    if isinstance(batch_size, bool) or int(batch_size) <= 0:
+        raise InputError(f"batch size must be a positive integer; got {batch_size!r}")
+    from_manifest = isinstance(src, (str, os.PathLike)) and Path(src).suffix.lower() == ".csv"
     items = list(src) if not isinstance(src, (str, os.PathLike)) else list_source(src)
-    options: dict[str, Any] = {"pooling": pooling, "scales": list(scales),
-                               "checkpoint": checkpoint, "size": size, "resize": resize}
-    if extractor is None:
+    if id_prefix:
+        items = [SourceItem(id=f"{id_prefix}{it.id}", path=it.path, meta=it.meta, bbox=it.bbox)
+                 for it in items]
+    if explicit_ids is None:
+        explicit_ids = from_manifest
+    extractors: list[Extractor] = []
+    if extractor is not None:
+        extractors.append(extractor)
+    elif model is not None:
         extra = {k: v for k, v in (("size", size), ("resize", resize)) if v is not None}
-        extractor = create_extractor(
-            model, pooling=pooling, scales=scales, checkpoint=checkpoint,
-            runtime=runtime, threads=threads, **extra,
-        )
-        name = model
-    else:
-        name = extractor.name
+        extractors.append(create_extractor(model, pooling=pooling, scales=scales,
+                                           checkpoint=checkpoint, runtime=runtime,
+                                           threads=threads, **extra))
+    if local_extractor is not None:
+        extractors.append(local_extractor)
+    elif local is not None:
+        extractors.append(create_extractor(local, runtime=runtime, threads=threads))
+    if not extractors:
+        raise InputError("nothing to index with: give a global model, a local extractor or both")
     gallery = Gallery.open_or_create(out)
     try:
-        return _index_into(
-            gallery, items, extractor, name=name, options=options, transform=transform,
-            index=index, index_params=index_params, batch_size=batch_size, workers=workers,
-            flush_every=flush_every, limit=limit, progress=progress, t0=t0,
-        )
+        ident = resolve_identity(gallery, items, explicit_ids=explicit_ids, update=update)
+        if ident.conflicts:
+            raise _conflict_error(gallery, ident.conflicts)
+        report = IndexReport(gallery=str(gallery.path), space="", total=len(items),
+                             already_done=0, embedded=0, updated=[it.id for it in ident.updated])
+        for n, ext in enumerate(extractors):
+            if n == 0 and transform is not None and ext.kind == "global":
+                ext = _with_transform(gallery, ext, transform)
+            _index_space(gallery, items, ident, ext, report,
+                         index=index if ext.kind == "global" else None,
+                         index_params=index_params, batch_size=batch_size, workers=workers,
+                         flush_every=flush_every, limit=limit, progress=progress)
+        report.space = report.spaces[0]
+        report.seconds = time.perf_counter() - t0
+        try:
+            gallery.backup()
+        except OSError as exc:
+            log.warning("could not back up the database: %s", exc)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        write_json(Path(gallery.path) / "reports" / f"index-{stamp}-{os.getpid()}.json",
+                   report.to_dict())
+        return report
     finally:
         gallery.close()
 
 
-def _index_into(
+def _with_transform(gallery: Gallery, ext: Extractor, transform: str | os.PathLike[str]
+                    ) -> Extractor:
+    from galleria.extractors.transformed import TransformedExtractor
+    from galleria.transforms.attach import copy_into_gallery
+    from galleria.transforms.registry import load_transform
+
+    tr = load_transform(transform, fingerprint=ext.fingerprint)
+    probe = TransformedExtractor(ext, tr)
+    rel = copy_into_gallery(gallery, transform, probe.fingerprint)
+    out = TransformedExtractor(ext, tr, transform_path=rel)
+    out.base_space = ext.fingerprint  # type: ignore[attr-defined]
+    return out
+
+
+def _index_space(
     gallery: Gallery,
     items: list[SourceItem],
+    ident: Identity,
     extractor: Extractor,
+    report: IndexReport,
     *,
-    name: str,
-    options: dict[str, Any],
-    transform: str | os.PathLike[str] | None,
     index: str | None,
     index_params: dict[str, Any] | None,
     batch_size: int,
@@ -190,73 +267,78 @@ def _index_into(
     flush_every: int,
     limit: int | None,
     progress: Progress | None,
-    t0: float,
-) -> IndexReport:
-    info = None
-    if transform is not None:
-        from galleria.extractors.transformed import TransformedExtractor
-        from galleria.transforms.attach import copy_into_gallery
-        from galleria.transforms.registry import load_transform
-
-        tr = load_transform(transform, fingerprint=extractor.fingerprint)
-        base_fp = extractor.fingerprint
-        extractor = TransformedExtractor(extractor, tr)
-        info = recipe(extractor, name, options)
-        info["recipe"].update({
-            "transform": copy_into_gallery(gallery, transform, extractor.fingerprint),
-            "transform_dim": extractor.dim, "base_fingerprint": base_fp})
+) -> None:
     space = extractor.fingerprint
-    gallery.register_space(space, extractor.dim, info or recipe(extractor, name, options))
-    if index is not None:
-        if gallery.count(space) and index != gallery.index_spec(space):
-            log.info("changing the index of %s to %s", space, index)
-        if index != gallery.index_spec(space) or index_params:
-            gallery.set_index_spec(index, space, **(index_params or {}))
+    gallery.register_space(space, extractor.dim, space_info(extractor), kind=extractor.kind)
+    report.spaces.append(space)
+    if index is not None and (index != gallery.index_spec(space) or index_params):
+        gallery.set_index_spec(index, space, **(index_params or {}))
+    updated = {it.id for it in ident.updated}
     done = gallery.has([it.id for it in items], space)
-    todo = [it for it, d in zip(items, done, strict=True) if not d]
+    todo = [it for it, d in zip(items, done, strict=True) if not d or it.id in updated]
     if limit is not None:
-        todo = todo[: max(0, limit)]
-    if progress is not None and done.any():
-        progress.update(int(done.sum()))
-    report = IndexReport(
-        gallery=str(gallery.path), space=space, total=len(items),
-        already_done=int(done.sum()), embedded=0,
-    )
-    buf_items: list[SourceItem] = []
-    buf_vecs: list[np.ndarray] = []
+        todo = todo[: max(0, int(limit))]
+    n_done = len(items) - len([it for it, d in zip(items, done, strict=True) if not d])
+    n_done -= len([it for it, d in zip(items, done, strict=True) if d and it.id in updated])
+    report.already_done += n_done
+    if progress is not None and n_done:
+        progress.update(n_done)
+    buf: list[tuple[SourceItem, Any, tuple[str, int, int]]] = []
     fails: list[Failure] = []
+    local = extractor.kind == "local"
 
     def flush() -> None:
-        if buf_items:
-            gallery.add(
-                [it.id for it in buf_items],
-                np.concatenate(buf_vecs),
-                space=space,
-                meta=[_meta(it) for it in buf_items],
-            )
-            report.embedded += len(buf_items)
-            buf_items.clear()
-            buf_vecs.clear()
+        if buf:
+            ids = [b[0].id for b in buf]
+            metas = [_meta(b[0]) for b in buf]
+            contents = [b[2] for b in buf]
+            if local:
+                gallery.add_local(ids, [b[1] for b in buf], space=space, meta=metas,
+                                  contents=contents, replace=True)
+            else:
+                gallery.add(ids, np.stack([b[1] for b in buf]), space=space, meta=metas,
+                            contents=contents, replace=True)
+            report.embedded += len(buf)
+            buf.clear()
         if fails:
             gallery.record_failures(space, fails)
             report.failures.extend(fails)
             fails.clear()
 
-    for batch in embed_stream(
-        todo, extractor, batch_size=batch_size, workers=workers, progress=progress
-    ):
-        buf_items.extend(batch.items)
-        buf_vecs.append(batch.vectors)
-        fails.extend(Failure(it.id, str(it.path), why) for it, why in batch.failures)
+    for batch in embed_stream(todo, extractor, batch_size=batch_size, workers=workers,
+                              progress=progress):
+        data = getattr(batch, "features", None) if local else None
+        rows = data if data is not None else batch.vectors
+        for n, it in enumerate(batch.items):
+            buf.append((it, rows[n], _content(it, batch.hashes[n])))
         for it, why in batch.failures:
             log.warning("skipped %s: %s", it.path, why)
-        if len(buf_items) >= flush_every:
+            fails.append(Failure(it.id, str(it.path), why))
+        if len(buf) >= flush_every:
             flush()
     flush()
-    gallery.compact(space)  # merges small arrays; drops arrays orphaned by a crash
-    gallery.index(space)
-    gallery.save_index(space)
-    report.seconds = time.perf_counter() - t0
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    write_json(Path(gallery.path) / "reports" / f"index-{stamp}.json", report.to_dict())
-    return report
+    _forget_stale_failures(gallery, space, items)
+    gallery.compact(space)
+    if not local:
+        try:
+            gallery.save_index(space)
+        except OSError as exc:  # the index is a cache: the next reader rebuilds it
+            log.warning("could not save the index of %s: %s", space, exc)
+
+
+def _content(item: SourceItem, digest: str) -> tuple[str, int | None, int | None]:
+    try:
+        st = os.stat(item.path)
+    except OSError:
+        return digest, None, None
+    return digest, int(st.st_size), int(st.st_mtime_ns)
+
+
+def _forget_stale_failures(gallery: Gallery, space: str, items: list[SourceItem]) -> None:
+    """Failures of files that are no longer in the source folder are dropped."""
+    here = {it.id for it in items}
+    roots = {str(it.path.resolve().parent) for it in items}
+    stale = [f.id for f in gallery.failures(space) if f.id not in here
+             and (not Path(f.path).exists()) and any(f.path.startswith(r) for r in roots)]
+    if stale:
+        gallery.clear_failures(space, stale)

@@ -88,9 +88,13 @@ def _opennsfw(**kw: Any) -> Extractor:
     return opennsfw.create(**kw)
 
 
+_BUILTINS: list[bool] = []
+
+
 def _builtins() -> None:
-    if _REGISTRY:
+    if _BUILTINS:
         return
+    _BUILTINS.append(True)
     register_model(
         "effnet-lite0",
         dim=1280,

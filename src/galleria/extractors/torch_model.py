@@ -124,11 +124,12 @@ class TorchExtractor(Extractor):
         self._module: Any = None
         self._sessions: dict[float, Any] = {}
         self._lock = threading.Lock()
+        self._module_lock = threading.Lock()
 
     @property
     def module(self) -> Any:
         """The torch embedding module (backbone + pooling + L2), built on first use."""
-        with self._lock:
+        with self._module_lock:
             if self._module is None:
                 self._module = embedding_module(self._backbone_factory(), self.pooling)
             return self._module
@@ -184,8 +185,12 @@ class TorchExtractor(Extractor):
         if self.runtime == "onnx":
             sess = self._sessions.get(scale)
             if sess is None:
-                sess = ort_session(self.onnx_path(scale), threads=self.threads)
-                self._sessions[scale] = sess
+                with self._lock:  # two first calls from two threads build one session
+                    sess = self._sessions.get(scale)
+                    if sess is None:
+                        path = self.onnx_path(scale)
+                        sess = ort_session(path, threads=self.threads)
+                        self._sessions[scale] = sess
             return sess.run(None, {"images": batch})[0]
         torch = _torch()
         with torch.inference_mode():
@@ -219,12 +224,16 @@ class OnnxExtractor(Extractor):
         self.output_name = output_name
         self.threads = threads
         self._sessions: dict[float, Any] = {}
+        self._lock = threading.Lock()
 
     def _embed_scale(self, batch: np.ndarray, scale: float) -> np.ndarray:
         sess = self._sessions.get(scale)
         if sess is None:
-            sess = ort_session(self.graphs[scale], threads=self.threads)
-            self._sessions[scale] = sess
+            with self._lock:  # two first calls from two threads build one session
+                sess = self._sessions.get(scale)
+                if sess is None:
+                    sess = ort_session(self.graphs[scale], threads=self.threads)
+                    self._sessions[scale] = sess
         outs = [self.output_name] if self.output_name else None
         return sess.run(outs, {self.input_name: batch})[0]
 

@@ -24,10 +24,11 @@ class TransformedExtractor(Extractor):
     def __init__(self, base: Extractor, transform: Any, *, dim: int | None = None,
                  transform_path: str | None = None) -> None:
         fitted_on = getattr(transform, "input_fingerprint_", None)
-        if fitted_on is not None and fitted_on != base.fingerprint:
+        if fitted_on != base.fingerprint:  # unknown (None) is refused too: see check_fingerprint
+            what = (f"embeddings of {fitted_on!r}" if fitted_on is not None
+                    else "embeddings of an unknown model (fitted without a fingerprint)")
             raise CompatibilityError(
-                f"the transform was fitted on embeddings of {fitted_on!r}, but the model "
-                f"is {base.fingerprint!r}"
+                f"the transform was fitted on {what}, but the model is {base.fingerprint!r}"
             )
         self.base = base
         self.transform = transform

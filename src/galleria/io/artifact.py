@@ -43,7 +43,8 @@ def load_header(
     except ValueError as exc:
         raise FormatError(f"{p} is not valid JSON: {exc}") from exc
     if not isinstance(header, dict) or header.get("type") != type:
-        got = header.get("type") if isinstance(header, dict) else type(header).__name__
+        # (``type`` is the parameter here: name the JSON value's class another way)
+        got = header.get("type") if isinstance(header, dict) else header.__class__.__name__
         raise FormatError(f"{p} holds a {got!r} artifact, expected {type!r}")
     version = header.get("format_version")
     if version != format_version:
@@ -54,8 +55,22 @@ def load_header(
 
 
 def check_fingerprint(expected: str | None, got: str | None, *, what: str) -> None:
-    """Raise CompatibilityError naming both fingerprints when they differ."""
-    if expected is not None and got is not None and expected != got:
+    """Refuse an artifact made for another model.
+
+    ``expected`` is the fingerprint the caller's data comes from; ``None`` means
+    the caller does not know it, and nothing is checked. ``got`` is what the
+    artifact recorded. When a fingerprint is expected the artifact must record
+    the same one: a different one, or none at all (an artifact made without a
+    fingerprint cannot vouch for any model), is a CompatibilityError naming both.
+    """
+    if expected is None or expected == got:
+        return
+    if got is None:
         raise CompatibilityError(
-            f"{what}: model fingerprint mismatch: expected {expected!r}, got {got!r}"
+            f"{what}: records no model fingerprint (None), expected {expected!r}; it was made "
+            "without one, so it cannot be checked against the model (re-create it with "
+            "the model's fingerprint)"
         )
+    raise CompatibilityError(
+        f"{what}: model fingerprint mismatch: expected {expected!r}, got {got!r}"
+    )

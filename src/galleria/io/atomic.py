@@ -1,21 +1,37 @@
 """Atomic writes: write to a temporary file beside the target, fsync, rename.
 
 A crash at any moment leaves either the old file or the new one, never a
-half-written file.
+half-written file. The temporary file is created with ``O_CREAT | O_EXCL`` and
+mode ``0o666`` under a random name, so the kernel applies the process umask
+(nothing here reads or changes the umask, a process-wide setting other threads
+depend on). A full disk (``ENOSPC``, ``EDQUOT``, or numpy's short write) is a
+:class:`~galleria.errors.StorageError` naming the file; the temporary file is
+removed and the target is unchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
-import tempfile
+import re
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+
+from galleria.errors import StorageError
+
+_DISK_FULL = {errno.ENOSPC, *([errno.EDQUOT] if hasattr(errno, "EDQUOT") else [])}
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")  # ndarray.tofile, no errno
+_CREATE_FLAGS = (
+    os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -31,36 +47,90 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _create_temp(target: Path) -> tuple[int, Path]:
+    """A new, empty file beside ``target``: ``.<name>.<random>.tmp``, mode ``0o666 & ~umask``."""
+    for _ in range(8):
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(8)}.tmp"
+        try:
+            return os.open(tmp, _CREATE_FLAGS, 0o666), tmp
+        except FileExistsError:  # 64 random bits taken: try another name
+            continue
+    raise FileExistsError(f"could not create a temporary file beside {target}")
+
+
+_SQLITE_FULL = 13
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` means the device or the quota is full.
+
+    Recognises ``OSError`` ``ENOSPC`` / ``EDQUOT``, numpy's short write
+    (``"N requested and M written"``, no errno) and SQLite's ``SQLITE_FULL``
+    (``sqlite3.OperationalError: database or disk is full``).
+    """
+    if getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL or (
+        type(exc).__module__ == "sqlite3" and "database or disk is full" in str(exc)
+    ):
+        return True
+    if not isinstance(exc, OSError):
+        return False
+    if exc.errno in _DISK_FULL:
+        return True
+    return exc.errno is None and bool(_SHORT_WRITE.search(str(exc)))
+
+
+def disk_full_error(target: str | os.PathLike[str], exc: BaseException,
+                    nbytes: int | None = None) -> StorageError:
+    """The :class:`StorageError` for a full disk writing ``target`` (raise it ``from exc``)."""
+    quota = isinstance(exc, OSError) and exc.errno == getattr(errno, "EDQUOT", -1)
+    what = "disk quota exceeded" if quota else "disk full"
+    size = f"{nbytes} bytes" if nbytes is not None else "data"
+    return StorageError(
+        f"{what} while writing {size} to {target} ({exc}): free disk space and re-run; "
+        "nothing was committed (the file is unchanged, the partial copy was removed)"
+    )
+
+
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
-    """Open a temporary file that replaces ``path`` atomically when the block exits cleanly."""
+def atomic_open(
+    path: str | os.PathLike[str], mode: str = "wb", *, size: int | None = None
+) -> Iterator[IO[Any]]:
+    """Open a temporary file that replaces ``path`` atomically when the block exits cleanly.
+
+    Args:
+        path: the target file (its folder is created if needed).
+        mode: ``"wb"`` or ``"w"`` (UTF-8 text).
+        size: bytes the caller will write, if known (only for the disk-full message).
+
+    Raises:
+        StorageError: the disk or quota filled up; nothing replaced ``path``.
+    """
     if mode not in ("wb", "w"):
         raise ValueError("atomic_open supports 'wb' and 'w'")
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; use the usual mode
+    fd, tmp = _create_temp(target)
+    fh: IO[Any] | None = None
     try:
-        with os.fdopen(fd, mode) as fh:
+        fh = os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {}))
+        with fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
         _fsync_dir(target.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as exc:
+        if fh is None:
+            os.close(fd)
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if is_disk_full(exc):
+            raise disk_full_error(target, exc, size) from exc
         raise
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    with atomic_open(path, "wb") as fh:
+    with atomic_open(path, "wb", size=len(data)) as fh:
         fh.write(data)
 
 

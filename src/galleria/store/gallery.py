@@ -1,35 +1,32 @@
-"""A gallery on disk: items keyed by stable string ids, their vectors in one or more
-embedding spaces (one per model fingerprint), and a search index per space.
+"""A gallery on disk: items keyed by stable string ids, their data in one or more
+spaces (one per model fingerprint; global vectors or per-item local features),
+and a search index per space.
 
 Layout of a gallery folder::
 
     gallery.json             header {type: gallery, format_version, ...}
-    gallery.sqlite           items, spaces, segments, vectors, change log, failures
-    segments/<space>/*.npy   vector arrays (append-only, compacted in place)
-    indexes/<space>/CURRENT  name of the live index folder (swapped atomically)
+    gallery.sqlite           items, spaces, segments, change log, snapshots, failures
+    gallery.sqlite.backup    copy of the database after the last finished job
+    write.lock               the writer lock (see store/lock.py)
+    segments/<space>/*.npy   immutable data arrays (checksummed in the database)
+    indexes/<space>/<name>/  saved index snapshots (checksummed in the database)
 
-Crash safety: a vector array is written (tmp + fsync + rename) before the
-SQLite transaction that references it commits; an uncommitted array is an
-orphan that :meth:`Gallery.compact` deletes. An index folder is complete before
-``CURRENT`` points to it. After any crash the store is consistent and each
-(item, space) pair holds at most one vector.
-
-Two models at once: vectors of different fingerprints live side by side (an
-upgrade moves items from one space to another in single transactions);
-``primary_space`` is the one searched by default.
+Readers never see a half-written state: data files are complete before the
+transaction that references them commits; a reader searches an immutable
+:class:`~galleria.store.views.SpaceView` and picks up newer commits on its next
+search (one indexed read tells it the generation changed). Writers serialise on
+the writer lock (store/writes.py). Damage to any file is detected from the
+sizes and SHA-256 sums in the database: ``galleria check`` / ``galleria repair``
+(store/integrity.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import shutil
-import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,30 +37,27 @@ import numpy as np
 from galleria.errors import CompatibilityError, FormatError, InputError
 from galleria.fingerprint import slug
 from galleria.io.artifact import load_header, make_header, save_header
-from galleria.io.atomic import read_json, write_json, write_npy
-from galleria.store.schema import FORMAT_VERSION, SCHEMA
-from galleria.types import MISSING_KEY, SearchResult
-from galleria.validate import as_embeddings
+from galleria.store import reader, writes
+from galleria.store.db import Database, chunks
+from galleria.store.lock import WriterLock
+from galleria.store.schema import DB, FORMAT_VERSION, HEADER, SCHEMA
+from galleria.store.views import SpaceView
+from galleria.types import MISSING_KEY, LocalFeatures, SearchResult
 
 log = logging.getLogger(__name__)
 
-HEADER = "gallery.json"
-DB = "gallery.sqlite"
-COMPACT_SEGMENTS = 64
-"""Merge a space's small vector arrays once it has more than this many."""
-LARGE_SEGMENT = 1 << 16
-"""Arrays with at least this many rows are left alone by compaction (tiered merging)."""
 
 
 @dataclass(frozen=True)
 class SpaceInfo:
-    """One embedding space of a gallery."""
+    """One space of a gallery."""
 
     space: str
     slug: str
     dim: int
     count: int
     info: dict[str, Any]
+    kind: str = "global"
 
 
 @dataclass(frozen=True)
@@ -77,14 +71,21 @@ class Failure:
 
 
 class Gallery:
-    """Open with :meth:`create`, :meth:`open` or :meth:`open_or_create`."""
+    """Open with :meth:`create`, :meth:`open` or :meth:`open_or_create`.
 
-    def __init__(self, path: Path, conn: sqlite3.Connection, *, readonly: bool) -> None:
+    One object may be shared by the threads of a process: each thread gets its
+    own database connection, writes serialise on the writer lock and searches
+    run on immutable views.
+    """
+
+    def __init__(self, path: Path, db: Database, *, readonly: bool) -> None:
         self.path = path
-        self._conn = conn
+        self.db = db
         self.readonly = readonly
-        self._indexes: dict[str, Any] = {}
-        self._lock = threading.RLock()
+        self.writer_lock = WriterLock(path)
+        self._views: dict[str, SpaceView] = {}
+        self._refresh_locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
 
     # ------------------------------------------------------------------ open
     @classmethod
@@ -97,40 +98,47 @@ class Gallery:
         p.mkdir(parents=True, exist_ok=True)
         from galleria import __version__
 
-        conn = _connect(p / DB)
-        with conn:
-            conn.executescript(SCHEMA)
-        save_header(
-            p / HEADER,
-            make_header(
-                type="gallery",
-                format_version=FORMAT_VERSION,
-                params={},
-                fingerprint=None,
-                created=time.time(),
-                galleria_version=__version__,
-            ),
-        )
-        return cls(p, conn, readonly=False)
+        db = Database(p / DB)
+        db.conn().executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
+        save_header(p / HEADER, make_header(
+            type="gallery", format_version=FORMAT_VERSION, params={}, fingerprint=None,
+            created=time.time(), galleria_version=__version__))
+        return cls(p, db, readonly=False)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, readonly: bool = False) -> Gallery:
         p = Path(path)
         if not (p / HEADER).is_file():
             raise FormatError(f"{p} is not a galleria gallery (no {HEADER})")
-        load_header(p / HEADER, type="gallery", format_version=FORMAT_VERSION)
+        header = load_header(p / HEADER, type="gallery", format_version=FORMAT_VERSION)
+        del header
         if not (p / DB).is_file():
-            raise FormatError(f"{p / DB} is missing")
-        conn = _connect(p / DB, readonly=readonly)
-        return cls(p, conn, readonly=readonly)
+            raise FormatError(f"{p / DB} is missing; run `galleria repair {p}` to restore "
+                              "it from its backup")
+        if (p / DB).stat().st_size == 0:
+            raise FormatError(f"{p / DB} is empty (damaged); run `galleria repair {p}`")
+        db = Database(p / DB, readonly=readonly)
+        if db.one("SELECT name FROM sqlite_master WHERE type='table' AND name='spaces'") is None:
+            db.close()
+            raise FormatError(f"{p / DB} holds no gallery tables (damaged); run "
+                              f"`galleria repair {p}`")
+        return cls(p, db, readonly=readonly)
 
     @classmethod
     def open_or_create(cls, path: str | os.PathLike[str]) -> Gallery:
+        """Open ``path``, or create it; safe when several processes race to create it."""
         p = Path(path)
-        return cls.open(p) if (p / HEADER).exists() else cls.create(p)
+        if (p / HEADER).exists():
+            return cls.open(p)
+        if p.exists() and not p.is_dir():
+            raise InputError(f"{p} exists and is not a folder")
+        p.mkdir(parents=True, exist_ok=True)
+        with WriterLock(p).hold():  # the first process creates, the others open
+            return cls.open(p) if (p / HEADER).exists() else cls.create(p)
 
     def close(self) -> None:
-        self._conn.close()
+        self.db.close()
+        self._views.clear()
 
     def __enter__(self) -> Gallery:
         return self
@@ -143,21 +151,19 @@ class Gallery:
 
     # -------------------------------------------------------------- settings
     def get_setting(self, key: str, default: Any = None) -> Any:
-        row = self._conn.execute("SELECT value FROM settings WHERE key=?", (key,)).fetchone()
+        row = self.db.one("SELECT value FROM settings WHERE key=?", (key,))
         return json.loads(row[0]) if row else default
 
     def set_setting(self, key: str, value: Any) -> None:
         self._check_writable()
-        with self._tx() as c:
-            c.execute(
-                "INSERT INTO settings(key, value) VALUES(?, ?) "
-                "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-                (key, json.dumps(value)),
-            )
+        with self.db.write() as c:
+            c.execute("INSERT INTO settings(key, value) VALUES(?, ?) "
+                      "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                      (key, json.dumps(value)))
 
     def delete_setting(self, key: str) -> None:
         self._check_writable()
-        with self._tx() as c:
+        with self.db.write() as c:
             c.execute("DELETE FROM settings WHERE key=?", (key,))
 
     @property
@@ -170,85 +176,68 @@ class Gallery:
         self.set_setting("primary_space", space)
 
     # ---------------------------------------------------------------- spaces
-    def register_space(self, space: str, dim: int, info: dict[str, Any] | None = None) -> None:
-        """Declare an embedding space (idempotent; a different dim is an error)."""
-        self._check_writable()
-        row = self._conn.execute("SELECT dim FROM spaces WHERE space=?", (space,)).fetchone()
-        if row is not None:
-            if int(row[0]) != int(dim):
-                raise CompatibilityError(
-                    f"space {space!r} has dimension {row[0]}, got vectors of dimension {dim}"
-                )
-            if info:
-                with self._tx() as c:
-                    c.execute("UPDATE spaces SET info=? WHERE space=?", (json.dumps(info), space))
-            return
-        with self._tx() as c:
-            c.execute(
-                "INSERT INTO spaces(space, slug, dim, info, created) VALUES(?, ?, ?, ?, ?)",
-                (space, slug(space), int(dim), json.dumps(info or {}), time.time()),
-            )
-            if self._setting_in(c, "primary_space") is None:
-                c.execute(
-                    "INSERT INTO settings(key, value) VALUES('primary_space', ?)",
-                    (json.dumps(space),),
-                )
+    def register_space(self, space: str, dim: int, info: dict[str, Any] | None = None, *,
+                       kind: str = "global") -> None:
+        """Declare a space (idempotent; another dim or kind is an error).
 
-    def drop_space(self, space: str, *, force: bool = False) -> int:
-        """Delete a space: its vectors (only with ``force`` when it still holds some),
-        arrays, change log, failures, index and settings. Returns vectors deleted.
-
-        Items left without any vector are deleted too. If ``space`` was the
-        primary space, the oldest remaining space becomes primary.
+        ``info`` records how its data is made (``{"config": extractor.config(), ...}``;
+        local spaces also ``descriptor_dtype``). ``kind``: ``global`` or ``local``.
         """
         self._check_writable()
-        self.space_info(space)
-        n = self.count(space)
-        if n and not force:
-            raise InputError(f"space {space!r} still holds {n} vectors (pass force=True)")
-        with self._lock:
-            with self._tx() as c:
-                files = [r[0] for r in c.execute(
-                    "SELECT file FROM segments WHERE space=?", (space,))]
-                c.execute("DELETE FROM vectors WHERE space=?", (space,))
-                c.execute("DELETE FROM segments WHERE space=?", (space,))
-                c.execute("DELETE FROM log WHERE space=?", (space,))
-                c.execute("DELETE FROM failures WHERE space=?", (space,))
-                c.execute("DELETE FROM settings WHERE key IN (?, ?)",
-                          (f"index_spec:{space}", f"index_params:{space}"))
-                c.execute("DELETE FROM spaces WHERE space=?", (space,))
-                c.execute("DELETE FROM items WHERE NOT EXISTS "
-                          "(SELECT 1 FROM vectors v WHERE v.key = items.key)")
-                if self._setting_in(c, "primary_space") == space:
-                    row = c.execute("SELECT space FROM spaces ORDER BY created").fetchone()
-                    if row is None:
-                        c.execute("DELETE FROM settings WHERE key='primary_space'")
-                    else:
-                        c.execute("UPDATE settings SET value=? WHERE key='primary_space'",
-                                  (json.dumps(row[0]),))
-            self._indexes.pop(space, None)
-            self._drop_saved_index(space)
-        for f in files:
-            with contextlib.suppress(FileNotFoundError):
-                (self.path / f).unlink()
-        shutil.rmtree(self.path / "segments" / slug(space), ignore_errors=True)
-        return n
+        if kind not in ("global", "local"):
+            raise InputError(f"kind must be global or local, not {kind!r}")
+        if isinstance(dim, bool) or int(dim) <= 0:
+            raise InputError(f"dim must be a positive integer; got {dim!r}")
+        with self.db.write() as c:
+            row = c.execute("SELECT dim, kind FROM spaces WHERE space=?", (space,)).fetchone()
+            if row is not None:
+                if int(row[0]) != int(dim) or row[1] != kind:
+                    raise CompatibilityError(
+                        f"space {space!r} holds {row[1]} data of dimension {row[0]}; got {kind} "
+                        f"data of dimension {dim}")
+                if info:
+                    c.execute("UPDATE spaces SET info=? WHERE space=?", (json.dumps(info), space))
+                return
+            c.execute("INSERT INTO spaces(space, slug, dim, kind, info, created) "
+                      "VALUES(?, ?, ?, ?, ?, ?)",
+                      (space, slug(space), int(dim), kind, json.dumps(info or {}), time.time()))
+            if kind == "global" and c.execute(
+                    "SELECT 1 FROM settings WHERE key='primary_space'").fetchone() is None:
+                c.execute("INSERT INTO settings(key, value) VALUES('primary_space', ?)",
+                          (json.dumps(space),))
+
+    def update_space_info(self, space: str, **fields: Any) -> None:
+        """Merge ``fields`` into the space's recorded info."""
+        info = {**self.space_info(space).info, **fields}
+        with self.db.write() as c:
+            c.execute("UPDATE spaces SET info=? WHERE space=?", (json.dumps(info), space))
+
+    def drop_space(self, space: str, *, force: bool = False) -> int:
+        """Delete a space with its data (only with ``force`` when it still holds some),
+        index snapshot and settings. Items left without data are deleted. If ``space``
+        was primary, the oldest remaining global space becomes primary.
+        """
+        from galleria.store.integrity import drop_space
+
+        self._check_writable()
+        return drop_space(self, space, force=force)
 
     def spaces(self) -> list[SpaceInfo]:
-        rows = self._conn.execute(
-            "SELECT s.space, s.slug, s.dim, s.info, "
-            "(SELECT COUNT(*) FROM vectors v WHERE v.space = s.space) "
-            "FROM spaces s ORDER BY s.created"
-        ).fetchall()
-        return [SpaceInfo(r[0], r[1], int(r[2]), int(r[4]), json.loads(r[3])) for r in rows]
+        rows = self.db.all("SELECT space, slug, dim, count, info, kind FROM spaces "
+                           "ORDER BY created")
+        return [SpaceInfo(r[0], r[1], int(r[2]), int(r[3]), json.loads(r[4]), r[5]) for r in rows]
 
     def space_info(self, space: str | None = None) -> SpaceInfo:
         space = self._resolve_space(space)
-        for s in self.spaces():
-            if s.space == space:
-                return s
-        known = [s.space for s in self.spaces()]
-        raise CompatibilityError(f"gallery {self.path} has no space {space!r}; it has {known}")
+        r = self.db.one("SELECT space, slug, dim, count, info, kind FROM spaces WHERE space=?",
+                        (space,))
+        if r is None:
+            known = [s.space for s in self.spaces()]
+            raise CompatibilityError(f"gallery {self.path} has no space {space!r}; it has {known}")
+        return SpaceInfo(r[0], r[1], int(r[2]), int(r[3]), json.loads(r[4]), r[5])
+
+    def has_space(self, space: str) -> bool:
+        return self.db.one("SELECT 1 FROM spaces WHERE space=?", (space,)) is not None
 
     def _resolve_space(self, space: str | None) -> str:
         if space is not None:
@@ -260,49 +249,40 @@ class Gallery:
 
     # ----------------------------------------------------------------- items
     def __len__(self) -> int:
-        return int(self._conn.execute("SELECT COUNT(*) FROM items").fetchone()[0])
+        return int(self.db.one("SELECT COUNT(*) FROM items")[0])  # type: ignore[index]
 
     def count(self, space: str | None = None) -> int:
-        space = self._resolve_space(space)
-        return int(
-            self._conn.execute("SELECT COUNT(*) FROM vectors WHERE space=?", (space,)).fetchone()[0]
-        )
+        """Items with data in ``space`` (kept in the space row: no scan)."""
+        return self.space_info(space).count
+
+    def generation(self, space: str) -> int:
+        r = self.db.one("SELECT generation FROM spaces WHERE space=?", (space,))
+        return int(r[0]) if r else 0
 
     def ids(self, space: str | None = None) -> list[str]:
-        """Item ids, in key order; with ``space``, only items that have a vector there."""
+        """Item ids in key order; with ``space``, only items that have data there."""
         if space is None:
-            rows = self._conn.execute("SELECT id FROM items ORDER BY key")
-        else:
-            rows = self._conn.execute(
-                "SELECT i.id FROM items i JOIN vectors v ON v.key = i.key "
-                "WHERE v.space=? ORDER BY i.key",
-                (space,),
-            )
-        return [r[0] for r in rows]
+            return [r[0] for r in self.db.all("SELECT id FROM items ORDER BY key")]
+        return [r[0] for r in self.db.all(
+            "SELECT i.id FROM items i JOIN vectors v ON v.key = i.key WHERE v.space=? "
+            "ORDER BY i.key", (space,))]
 
     def has(self, ids: Sequence[str], space: str) -> np.ndarray:
-        """``(N,)`` bool: which ids already have a vector in ``space``."""
-        present = set()
-        for chunk in _chunks(list(ids), 500):
-            q = ",".join("?" * len(chunk))
-            present.update(
-                r[0]
-                for r in self._conn.execute(
-                    f"SELECT i.id FROM items i JOIN vectors v ON v.key=i.key "
-                    f"WHERE v.space=? AND i.id IN ({q})",
-                    (space, *chunk),
-                )
-            )
+        """``(N,)`` bool: which ids already have data in ``space``."""
+        present: set[str] = set()
+        for ch in chunks(list(ids)):
+            q = ",".join("?" * len(ch))
+            present.update(r[0] for r in self.db.all(
+                f"SELECT i.id FROM items i JOIN vectors v ON v.key=i.key "
+                f"WHERE v.space=? AND i.id IN ({q})", (space, *ch)))
         return np.array([i in present for i in ids], dtype=bool)
 
     def keys_of(self, ids: Sequence[str]) -> np.ndarray:
         """int64 keys of ids (-1 for unknown ids)."""
         found: dict[str, int] = {}
-        for chunk in _chunks(list(ids), 500):
-            q = ",".join("?" * len(chunk))
-            found.update(
-                self._conn.execute(f"SELECT id, key FROM items WHERE id IN ({q})", chunk).fetchall()
-            )
+        for ch in chunks([i for i in ids if isinstance(i, str)]):
+            q = ",".join("?" * len(ch))
+            found.update(self.db.all(f"SELECT id, key FROM items WHERE id IN ({q})", ch))
         return np.array([found.get(i, MISSING_KEY) for i in ids], dtype=np.int64)
 
     def ids_of(self, keys: np.ndarray) -> np.ndarray:
@@ -310,13 +290,9 @@ class Gallery:
         keys = np.asarray(keys, dtype=np.int64)
         uniq = [int(k) for k in np.unique(keys) if k != MISSING_KEY]
         found: dict[int, str] = {}
-        for chunk in _chunks(uniq, 500):
-            q = ",".join("?" * len(chunk))
-            found.update(
-                self._conn.execute(
-                    f"SELECT key, id FROM items WHERE key IN ({q})", chunk
-                ).fetchall()
-            )
+        for ch in chunks(uniq):
+            q = ",".join("?" * len(ch))
+            found.update(self.db.all(f"SELECT key, id FROM items WHERE key IN ({q})", ch))
         out = np.empty(keys.shape, dtype=object)
         flat = out.reshape(-1)
         for n, k in enumerate(keys.reshape(-1)):
@@ -325,587 +301,298 @@ class Gallery:
 
     def meta(self, ids: Sequence[str]) -> list[dict[str, Any] | None]:
         found: dict[str, dict[str, Any]] = {}
-        for chunk in _chunks(list(ids), 500):
-            q = ",".join("?" * len(chunk))
-            for i, m in self._conn.execute(f"SELECT id, meta FROM items WHERE id IN ({q})", chunk):
+        for ch in chunks(list(ids)):
+            q = ",".join("?" * len(ch))
+            for i, m in self.db.all(f"SELECT id, meta FROM items WHERE id IN ({q})", ch):
                 found[i] = json.loads(m)
         return [found.get(i) for i in ids]
 
-    # --------------------------------------------------------------- vectors
-    def add(
-        self,
-        ids: Sequence[str],
-        vectors: np.ndarray,
-        *,
-        space: str,
-        meta: Sequence[dict[str, Any] | None] | None = None,
-        info: dict[str, Any] | None = None,
-        replace: bool = False,
-        drop_spaces: Sequence[str] = (),
-    ) -> np.ndarray:
+    def contents(self, ids: Sequence[str]) -> dict[str, tuple[str | None, int | None, int | None]]:
+        """``id -> (content hash, file size, mtime_ns)`` recorded for known ids."""
+        out = {}
+        for ch in chunks(list(ids)):
+            q = ",".join("?" * len(ch))
+            for i, h, s, m in self.db.all(
+                    f"SELECT id, content, fsize, fmtime FROM items WHERE id IN ({q})", ch):
+                out[i] = (h, s, m)
+        return out
+
+    # ------------------------------------------------------------------ writes
+    def add(self, ids: Sequence[str], vectors: np.ndarray, *, space: str,
+            meta: Sequence[dict[str, Any] | None] | None = None,
+            info: dict[str, Any] | None = None, replace: bool = False,
+            drop_spaces: Sequence[str] = (), only_if_in: str | None = None,
+            contents: Sequence[writes.Content | None] | None = None) -> np.ndarray:
         """Store ``(N, D)`` vectors of ``space`` for ``ids``; returns their int64 keys.
 
         Args:
-            ids: stable item ids (new items are created).
-            vectors: L2-normalised embeddings made by the model ``space`` names.
-            space: the model fingerprint of the vectors.
-            meta: per-item metadata (stored for new items, merged for existing).
-            info: model description recorded with a new space.
-            replace: overwrite an existing vector of (item, space); otherwise
-                that is an error.
-            drop_spaces: in the same transaction, delete the items' vectors in
-                these spaces (an upgrade moves items between spaces this way, so an
-                item is never in both and never in neither).
+            ids: stable item ids (strings; new items are created).
+            vectors: finite, L2-normalised embeddings made by the model ``space`` names.
+            space: the model fingerprint (registered on first use with ``info``).
+            meta: per-item metadata (merged into what is stored).
+            replace: overwrite existing data of (item, space); otherwise an error.
+            drop_spaces: in the same transaction, delete the items' data in these
+                spaces (an upgrade moves items this way: never in both, never in neither).
+            only_if_in: skip items that no longer have data in that space (key -1).
+            contents: per item ``(content hash, file size, mtime_ns)`` of its image.
         """
         self._check_writable()
-        ids = [str(i) for i in ids]
-        if not ids:
-            raise InputError("add() needs at least one id")
-        if len(set(ids)) != len(ids):
-            raise InputError("add() got duplicate ids in one call")
-        x = as_embeddings(vectors, name="vectors")
-        if x.shape[0] != len(ids):
-            raise InputError(f"{len(ids)} ids but {x.shape[0]} vectors")
-        if meta is not None and len(meta) != len(ids):
-            raise InputError(f"{len(ids)} ids but {len(meta)} metadata entries")
-        self.register_space(space, x.shape[1], info)
-        with self._lock:
-            seg_file = self._new_segment_file(space)
-            write_npy(self.path / seg_file, x)
-            try:
-                with self._tx() as c:
-                    keys = self._upsert_items(c, ids, meta)
-                    cur = c.execute(
-                        "INSERT INTO segments(space, file, n) VALUES(?, ?, ?)",
-                        (space, seg_file, len(ids)),
-                    )
-                    seg = int(cur.lastrowid or 0)
-                    existing = self._existing(c, keys, space)
-                    if existing and not replace:
-                        names = [ids[n] for n, k in enumerate(keys) if int(k) in existing][:5]
-                        raise InputError(
-                            f"{len(existing)} items already have a vector in {space!r} "
-                            f"(e.g. {names}); pass replace=True to overwrite"
-                        )
-                    if existing:
-                        c.executemany(
-                            "INSERT INTO log(space, op, key) VALUES(?, 'del', ?)",
-                            [(space, k) for k in existing],
-                        )
-                    c.executemany(
-                        "INSERT OR REPLACE INTO vectors(key, space, segment, row) "
-                        "VALUES(?, ?, ?, ?)",
-                        [(int(k), space, seg, n) for n, k in enumerate(keys)],
-                    )
-                    c.executemany(
-                        "INSERT INTO log(space, op, key) VALUES(?, 'add', ?)",
-                        [(space, int(k)) for k in keys],
-                    )
-                    for other in drop_spaces:
-                        if other == space:
-                            raise InputError("drop_spaces must not contain the target space")
-                        self._delete_vectors(c, keys, other)
-                    c.executemany(
-                        "DELETE FROM failures WHERE id=? AND space=?", [(i, space) for i in ids]
-                    )
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    (self.path / seg_file).unlink()
-                raise
-        self._maybe_compact(space)
-        return keys
+        x = np.asarray(vectors)
+        if not self.has_space(space):
+            if x.ndim != 2:
+                raise InputError(f"vectors must have shape (N, D); got shape {x.shape}")
+            self.register_space(space, x.shape[1], info)
+        return writes.add_vectors(self, ids, vectors, space=space, meta=meta, replace=replace,
+                                  drop_spaces=drop_spaces, only_if_in=only_if_in,
+                                  contents=contents)
+
+    def add_local(self, ids: Sequence[str], features: Sequence[LocalFeatures], *, space: str,
+                  meta: Sequence[dict[str, Any] | None] | None = None, replace: bool = False,
+                  contents: Sequence[writes.Content | None] | None = None,
+                  drop_spaces: Sequence[str] = (), only_if_in: str | None = None) -> np.ndarray:
+        """Store per-item local features (one :class:`LocalFeatures` per id) of a local space."""
+        self._check_writable()
+        return writes.add_local(self, ids, features, space=space, meta=meta, replace=replace,
+                                contents=contents, drop_spaces=drop_spaces,
+                                only_if_in=only_if_in)
 
     def remove(self, ids: Sequence[str], *, space: str | None = None) -> int:
-        """Remove items (all their vectors), or only their vectors in ``space``.
+        """Remove items (all their data), or only their data in ``space``.
 
-        Returns how many (item, space) vectors were deleted. Items left with no
-        vector are deleted. Unknown ids are ignored.
+        Returns how many (item, space) entries were deleted; unknown ids are ignored.
         """
         self._check_writable()
-        keys = [int(k) for k in self.keys_of(list(ids)) if k != MISSING_KEY]
-        if not keys:
-            return 0
-        spaces = [space] if space is not None else [s.space for s in self.spaces()]
-        removed = 0
-        with self._lock, self._tx() as c:
-            for sp in spaces:
-                removed += self._delete_vectors(c, np.array(keys), sp)
-            for chunk in _chunks(keys, 500):
-                q = ",".join("?" * len(chunk))
-                c.execute(
-                    f"DELETE FROM items WHERE key IN ({q}) AND NOT EXISTS "
-                    f"(SELECT 1 FROM vectors v WHERE v.key = items.key)",
-                    chunk,
-                )
-        return removed
+        return writes.remove(self, ids, space=space)
 
-    def get_vectors(self, keys: np.ndarray, *, space: str | None = None) -> np.ndarray:
-        """``(N, D)`` vectors of int64 keys in ``space`` (error for a key without one)."""
-        try:
-            return self._get_vectors(keys, space)
-        except FileNotFoundError:  # a concurrent compaction replaced an array: read again
-            return self._get_vectors(keys, space)
+    def compact(self, space: str | None = None, *, orphan_age_s: float = 600.0) -> int:
+        """Merge small segment files; retired files past their grace period and files a
+        crash left unreferenced (older than ``orphan_age_s``) are deleted."""
+        self._check_writable()
+        n = 0
+        for sp in ([space] if space else [s.space for s in self.spaces()]):
+            n += writes.compact_space(self, sp)
+        return n + writes.sweep(self, orphan_age_s=orphan_age_s)
 
-    def _get_vectors(self, keys: np.ndarray, space: str | None) -> np.ndarray:
-        space = self._resolve_space(space)
-        dim = self.space_info(space).dim
-        keys = np.asarray(keys, dtype=np.int64).reshape(-1)
-        loc: dict[int, tuple[str, int]] = {}
-        for chunk in _chunks([int(k) for k in keys], 500):
-            q = ",".join("?" * len(chunk))
-            for k, f, r in self._conn.execute(
-                f"SELECT v.key, s.file, v.row FROM vectors v JOIN segments s "
-                f"ON s.segment = v.segment WHERE v.space=? AND v.key IN ({q})",
-                (space, *chunk),
-            ):
-                loc[int(k)] = (f, int(r))
-        missing = [int(k) for k in keys if int(k) not in loc]
-        if missing:
-            raise InputError(f"{len(missing)} keys have no vector in {space!r}: {missing[:5]}")
-        out = np.empty((len(keys), dim), dtype=np.float32)
-        cache: dict[str, np.ndarray] = {}
-        for n, k in enumerate(keys):
-            f, r = loc[int(k)]
-            if f not in cache:
-                cache[f] = np.load(self.path / f, mmap_mode="r")
-            out[n] = cache[f][r]
-        return out
-
-    def iter_vectors(
-        self, space: str | None = None, *, batch: int = 65536
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield ``(keys (n,), vectors (n, D))`` of every item in ``space``, by segment."""
-        space = self._resolve_space(space)
-        segs = self._conn.execute(
-            "SELECT segment, file FROM segments WHERE space=? ORDER BY segment", (space,)
-        ).fetchall()
-        keys_buf: list[np.ndarray] = []
-        vec_buf: list[np.ndarray] = []
-        size = 0
-        for seg, f in segs:
-            rows = np.array(
-                self._conn.execute(
-                    "SELECT key, row FROM vectors WHERE segment=? ORDER BY row", (seg,)
-                ).fetchall(),
-                dtype=np.int64,
-            ).reshape(-1, 2)
-            if not len(rows):
-                continue
-            arr = np.load(self.path / f, mmap_mode="r")
-            keys_buf.append(rows[:, 0])
-            vec_buf.append(np.asarray(arr[rows[:, 1]], dtype=np.float32))
-            size += len(rows)
-            if size >= batch:
-                yield np.concatenate(keys_buf), np.concatenate(vec_buf)
-                keys_buf, vec_buf, size = [], [], 0
-        if size:
-            yield np.concatenate(keys_buf), np.concatenate(vec_buf)
-
-    def load_vectors(self, space: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """All ``(keys (N,), vectors (N, D))`` of ``space`` (sorted by key)."""
-        space = self._resolve_space(space)
-        dim = self.space_info(space).dim
-        parts = list(self.iter_vectors(space))
-        if not parts:
-            return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
-        keys = np.concatenate([p[0] for p in parts])
-        vecs = np.concatenate([p[1] for p in parts])
-        order = np.argsort(keys, kind="stable")
-        return keys[order], vecs[order]
-
-    # -------------------------------------------------------------- failures
     def record_failures(self, space: str, failures: Sequence[Failure]) -> None:
         self._check_writable()
-        with self._tx() as c:
+        with self.db.write() as c:
             c.executemany(
                 "INSERT OR REPLACE INTO failures(id, space, path, reason, at) VALUES(?,?,?,?,?)",
-                [(f.id, space, f.path, f.reason, time.time()) for f in failures],
-            )
+                [(f.id, space, f.path, f.reason, time.time()) for f in failures])
+
+    def clear_failures(self, space: str, ids: Sequence[str] | None = None) -> int:
+        """Forget failures of ``space`` (all, or of ``ids``); returns how many."""
+        self._check_writable()
+        with self.db.write() as c:
+            if ids is None:
+                return c.execute("DELETE FROM failures WHERE space=?", (space,)).rowcount
+            return sum(c.execute("DELETE FROM failures WHERE space=? AND id=?", (space, i)
+                                 ).rowcount for i in ids)
 
     def failures(self, space: str | None = None) -> list[Failure]:
         space = self._resolve_space(space)
-        return [
-            Failure(*r)
-            for r in self._conn.execute(
-                "SELECT id, path, reason FROM failures WHERE space=? ORDER BY id", (space,)
-            )
-        ]
+        return [Failure(*r) for r in self.db.all(
+            "SELECT id, path, reason FROM failures WHERE space=? ORDER BY id", (space,))]
 
-    # --------------------------------------------------------------- indexes
+    # ------------------------------------------------------------------- reads
+    def get_vectors(self, keys: np.ndarray, *, space: str | None = None) -> np.ndarray:
+        """``(N, D)`` vectors of int64 keys in a global space (error for a key without one)."""
+        space = self._resolve_space(space)
+        with self.db.read() as c:
+            row = reader.space_row(c, space, self.path)
+            if row.kind != "global":
+                raise InputError(f"space {space!r} holds local features: use get_local")
+            return reader.fetch(c, self.path, row, np.asarray(keys))
+
+    def get_local(self, keys: np.ndarray, *, space: str) -> list[LocalFeatures]:
+        """Local features of int64 keys in a local space, in the order of ``keys``."""
+        with self.db.read() as c:
+            row = reader.space_row(c, space, self.path)
+            if row.kind != "local":
+                raise InputError(f"space {space!r} holds global vectors: use get_vectors")
+            return reader.fetch(c, self.path, row, np.asarray(keys))  # type: ignore[no-any-return]
+
+    def load_vectors(self, space: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """All ``(keys (N,), vectors (N, D))`` of a global space (sorted by key), verified."""
+        space = self._resolve_space(space)
+        with self.db.read() as c:
+            row = reader.space_row(c, space, self.path)
+            if row.kind != "global":
+                raise InputError(f"space {space!r} holds local features: use iter_local")
+            return reader.load_space(c, self.path, row)  # type: ignore[no-any-return]
+
+    def iter_vectors(self, space: str | None = None, *, batch: int = 65536
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(keys (n,), vectors (n, D))`` batches of every item of a global space, from one
+        consistent snapshot (read once, then yielded in key order)."""
+        keys, vecs = self.load_vectors(space)
+        for s in range(0, len(keys), batch):
+            yield keys[s : s + batch], vecs[s : s + batch]
+
+    def iter_local(self, space: str, *, batch: int = 4096
+                   ) -> Iterator[tuple[np.ndarray, list[LocalFeatures]]]:
+        """``(keys (n,), features)`` batches of every item of a local space, one snapshot."""
+        with self.db.read() as c:
+            row = reader.space_row(c, space, self.path)
+            if row.kind != "local":
+                raise InputError(f"space {space!r} holds global vectors: use iter_vectors")
+            keys = np.array([r[0] for r in c.execute(
+                "SELECT key FROM vectors WHERE space=? ORDER BY key", (space,))], np.int64)
+            for s in range(0, len(keys), batch):
+                yield keys[s : s + batch], reader.fetch(c, self.path, row, keys[s : s + batch])
+
+    # ------------------------------------------------------------ indexes/views
     def index_spec(self, space: str | None = None) -> str:
         space = self._resolve_space(space)
-        return str(self.get_setting(f"index_spec:{space}", "exact"))
+        r = self.db.one("SELECT index_spec FROM spaces WHERE space=?", (space,))
+        if r is None:
+            raise CompatibilityError(f"gallery {self.path} has no space {space!r}")
+        return str(r[0])
 
     def set_index_spec(self, spec: str, space: str | None = None, **params: Any) -> None:
-        """Choose the index of a space (``exact`` or a FAISS factory string)."""
+        """Choose the index of a space (``exact``, ``exact-bf16``, ``prefix``, FAISS ...)."""
+        self._check_writable()
         space = self._resolve_space(space)
         from galleria.index.factory import create_index
 
         create_index(spec, self.space_info(space).dim, **params)  # validate early
-        self.set_setting(f"index_spec:{space}", spec)
-        self.set_setting(f"index_params:{space}", params)
-        with self._lock:
-            self._indexes.pop(space, None)
-        self._drop_saved_index(space)
+        with self.db.write() as c:
+            c.execute("UPDATE spaces SET index_spec=?, index_params=? WHERE space=?",
+                      (spec, json.dumps(params), space))
 
-    def generation(self, space: str) -> int:
-        row = self._conn.execute("SELECT MAX(gen) FROM log WHERE space=?", (space,)).fetchone()
-        return int(row[0] or 0)
-
-    def index(self, space: str | None = None) -> Any:
-        """The live index of ``space``, loaded or built, and brought up to date."""
+    def view(self, space: str | None = None, *, refresh: bool = True) -> SpaceView:
+        """The current view of ``space`` (refreshed to the latest commit unless told not to)."""
         space = self._resolve_space(space)
-        with self._lock:
-            idx = self._indexes.get(space)
-            if idx is None:
-                idx = self._load_saved_index(space)
-            idx = self._build_index(space) if idx is None else self._catch_up(space, idx)
-            self._indexes[space] = idx
-            return idx
+        cur = self._views.get(space)
+        if cur is not None and not refresh:
+            return cur
+        return self.refresh(space)
 
-    def build_index(self, space: str | None = None, *, save: bool = True) -> Any:
-        """Rebuild the index of ``space`` from all its vectors (and save it)."""
+    def refresh(self, space: str | None = None, *, merge: bool = False) -> SpaceView:
+        """Bring the view of ``space`` to the latest commit (on a copy; one swap).
+
+        Cheap when nothing changed (one indexed read). Threads refreshing the same
+        space wait for one another; searches on the older view are not disturbed.
+        """
         space = self._resolve_space(space)
-        with self._lock:
-            idx = self._build_index(space)
-            self._indexes[space] = idx
-            if save and not self.readonly:
-                self.save_index(space)
-            return idx
+        cur = self._views.get(space)
+        if cur is not None and not merge:
+            r = self.db.one("SELECT generation, index_spec, index_params FROM spaces "
+                            "WHERE space=?", (space,))
+            if r is not None and int(r[0]) == cur.generation and r[1] == cur.spec \
+                    and json.loads(r[2]) == cur.params:
+                return cur
+        with self._guard:
+            lock = self._refresh_locks.setdefault(space, threading.Lock())
+        with lock:
+            cur = self._views.get(space)
+            with self.db.read() as c:
+                new = reader.build_view(c, self.path, space, cur)
+            if merge:
+                new = reader.merge_view(new, force=True)
+            self._views[space] = new
+            return new
+
+    def views(self, spaces: Sequence[str]) -> dict[str, SpaceView]:
+        """Views of several spaces at ONE committed state (spaces that do not exist are
+        left out): a search over two spaces (a backfill) never sees an item in both
+        or in neither while a writer moves items between them."""
+        with self._guard:
+            locks = [self._refresh_locks.setdefault(s, threading.Lock()) for s in sorted(spaces)]
+        for lk in locks:
+            lk.acquire()
+        try:
+            out: dict[str, SpaceView] = {}
+            with self.db.read() as c:
+                present = {r[0] for r in c.execute("SELECT space FROM spaces")}
+                for s in spaces:
+                    if s in present:
+                        out[s] = reader.build_view(c, self.path, s, self._views.get(s))
+            self._views.update(out)
+            return out
+        finally:
+            for lk in reversed(locks):
+                lk.release()
+
+    def index(self, space: str | None = None) -> SpaceView:
+        """The current view of ``space`` (its index is ``view.base`` + delta)."""
+        return self.view(space)
+
+    def build_index(self, space: str | None = None, *, save: bool = True) -> SpaceView:
+        """Rebuild the index of ``space`` from all its data (and save it)."""
+        space = self._resolve_space(space)
+        with self.db.read() as c:
+            row = reader.space_row(c, space, self.path)
+            v = reader.fresh_view(c, self.path, row, use_snapshot=False)
+        self._views[space] = v
+        if save and not self.readonly:
+            self.save_index(space)
+        return v
 
     def save_index(self, space: str | None = None) -> Path:
-        """Write the live index of ``space`` to a new folder, then point CURRENT at it."""
+        """Save the current index of ``space`` as a checksummed snapshot."""
         self._check_writable()
-        space = self._resolve_space(space)
-        with self._lock:
-            idx = self.index(space)
-            base = self._index_root(space)
-            name = f"{idx.type_name}-g{idx.generation}-{uuid.uuid4().hex[:8]}"
-            idx.save(base / name)
-            write_json(base / "CURRENT", {"folder": name, "generation": idx.generation})
-            for old in base.iterdir():
-                if old.is_dir() and old.name != name:
-                    shutil.rmtree(old, ignore_errors=True)
-            return base / name
+        return writes.save_index(self, self._resolve_space(space))
 
-    def search(
-        self,
-        queries: np.ndarray,
-        k: int = 10,
-        *,
-        space: str | None = None,
-        fingerprint: str | None = None,
-        dim: int | None = None,
-        funnel: tuple[int, int] | None = None,
-    ) -> SearchResult:
-        """Top-``k`` items for ``(Q, D)`` query vectors in ``space`` -> string ids.
+    def search(self, queries: np.ndarray, k: int = 10, *, fingerprint: str | None = None,
+               space: str | None = None, dim: int | None = None,
+               funnel: tuple[int, int] | None = None) -> SearchResult:
+        """Top-``k`` items for ``(Q, D)`` query vectors made by model ``fingerprint``.
 
-        ``fingerprint``: the model that made the queries; it must be the space's
-        (a CompatibilityError names both otherwise). ``dim`` searches the first
-        ``dim`` coordinates; ``funnel=(shortlist_dim, shortlist)`` shortlists with a
-        small prefix and re-scores with the full vectors. Both need a ``prefix``
-        index (nested embeddings: ss2d, matryoshka, pca).
+        The caller names the model that made the queries (``fingerprint``) or the
+        space they belong to (``space``); when both are given they must agree (a
+        CompatibilityError names both otherwise), so vectors of another model are
+        never compared. ``k`` is clamped to the space's size (the result has
+        ``min(k, items)`` columns).
+        ``dim`` / ``funnel=(shortlist_dim, shortlist)``: adaptive-size search on a
+        ``prefix`` index. Returns string ids (``None`` for missing results).
         """
-        space = self._resolve_space(space if space is not None else fingerprint)
-        info = self.space_info(space)
-        if fingerprint is not None and fingerprint != space:
+        from galleria.index.base import check_k
+        from galleria.validate import as_embeddings
+
+        k = check_k(k)
+        if fingerprint is None and space is None:
+            raise InputError("name the model that made the query vectors (fingerprint=...) or "
+                             f"the space to search (space=...); {self.path} has "
+                             f"{[sp.space for sp in self.spaces()]}")
+        space = space if space is not None else fingerprint
+        fingerprint = fingerprint if fingerprint is not None else space
+        if fingerprint != space:
             raise CompatibilityError(
                 f"query vectors come from model {fingerprint!r} but the gallery space "
-                f"searched holds vectors of {space!r}"
-            )
+                f"searched holds vectors of {space!r}")
+        view = self.view(space)
+        if view.kind != "global":
+            raise InputError(f"space {space!r} holds local features; search it with a "
+                             "local pipeline (galleria.search)")
         q = np.asarray(queries)
-        if (q.ndim == 2 and q.shape[1] != info.dim) or (q.ndim == 1 and q.shape[0] != info.dim):
-            got = q.shape[-1]
+        got = q.shape[-1] if q.ndim in (1, 2) else None
+        if got != view.dim:
             raise CompatibilityError(
                 f"query vectors have dimension {got} but space {space!r} holds vectors "
-                f"of dimension {info.dim}"
-            )
-        q = as_embeddings(q, name="queries", dim=info.dim)
-        if k <= 0:
-            raise InputError(f"k must be positive, got {k}")
-        idx = self.index(space)
-        if dim is not None or funnel is not None:
-            if not hasattr(idx, "funnel_search"):
-                raise InputError(
-                    f"the index of {space!r} is {self.index_spec(space)!r}; prefix and funnel "
-                    "search need a 'prefix' index (galleria index ... --index prefix)"
-                )
-            if funnel is not None:
-                res = idx.funnel_search(q, k, shortlist_dim=funnel[0], shortlist=funnel[1],
-                                        rescore_dim=dim)
-            else:
-                res = idx.search(q, k, dim=dim)
-        else:
-            res = idx.search(q, k)
-        return SearchResult(res.scores, self.ids_of(res.ids))
+                f"of dimension {view.dim}")
+        q = as_embeddings(q, name="queries", dim=view.dim)
+        if (dim is not None or funnel is not None) and not hasattr(view.base, "funnel_search"):
+            raise InputError(
+                f"the index of {space!r} is {view.spec!r}; prefix and funnel search need a "
+                "'prefix' index (galleria index ... --index prefix)")
+        # k is clamped to the space: a result has min(k, items) columns (k = 1e9 allocates
+        # nothing extra)
+        return view.search_ids(q, max(1, min(k, view.count)), dim=dim, funnel=funnel)
 
-    # --------------------------------------------------------------- upkeep
-    def compact(self, space: str | None = None, *, orphan_age_s: float = 600.0) -> int:
-        """Merge small vector arrays and delete orphaned ones; returns files removed.
+    # ------------------------------------------------------------- integrity
+    def check(self, *, deep: bool = True) -> Any:
+        """Verify every file against the database (see :func:`galleria.store.integrity.check`)."""
+        from galleria.store.integrity import check
 
-        An orphan is an array no committed row refers to (left by a crash between
-        writing it and committing); only orphans older than ``orphan_age_s`` are
-        deleted, so a concurrent writer's fresh array is never touched.
-        """
-        self._check_writable()
-        spaces = [space] if space else [s.space for s in self.spaces()]
-        removed = 0
-        for sp in spaces:
-            removed += self._compact_space(sp)
-        removed += self._delete_orphans(orphan_age_s)
-        return removed
+        return check(self, deep=deep)
 
-    # ------------------------------------------------------------- internals
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            else:
-                self._conn.execute("COMMIT")
+    def backup(self) -> Path:
+        """Copy the database to ``gallery.sqlite.backup`` (atomically), for ``repair``."""
+        from galleria.store.integrity import backup
+
+        return backup(self)
 
     def _check_writable(self) -> None:
         if self.readonly:
             raise InputError(f"gallery {self.path} is open read-only")
-
-    @staticmethod
-    def _setting_in(c: sqlite3.Connection, key: str) -> Any:
-        row = c.execute("SELECT value FROM settings WHERE key=?", (key,)).fetchone()
-        return json.loads(row[0]) if row else None
-
-    def _new_segment_file(self, space: str) -> str:
-        folder = Path("segments") / slug(space)
-        (self.path / folder).mkdir(parents=True, exist_ok=True)
-        return (folder / f"{time.time_ns():x}-{uuid.uuid4().hex[:8]}.npy").as_posix()
-
-    def _upsert_items(
-        self,
-        c: sqlite3.Connection,
-        ids: list[str],
-        meta: Sequence[dict[str, Any] | None] | None,
-    ) -> np.ndarray:
-        now = time.time()
-        c.executemany(
-            "INSERT OR IGNORE INTO items(id, meta, added) VALUES(?, ?, ?)",
-            [(i, json.dumps((meta[n] if meta else None) or {}), now) for n, i in enumerate(ids)],
-        )
-        if meta is not None:
-            for n, i in enumerate(ids):
-                if meta[n]:
-                    old = json.loads(
-                        c.execute("SELECT meta FROM items WHERE id=?", (i,)).fetchone()[0]
-                    )
-                    old.update(meta[n])  # type: ignore[arg-type]
-                    c.execute("UPDATE items SET meta=? WHERE id=?", (json.dumps(old), i))
-        found: dict[str, int] = {}
-        for chunk in _chunks(ids, 500):
-            q = ",".join("?" * len(chunk))
-            rows = c.execute(f"SELECT id, key FROM items WHERE id IN ({q})", chunk).fetchall()
-            found.update(rows)
-        return np.array([found[i] for i in ids], dtype=np.int64)
-
-    @staticmethod
-    def _existing(c: sqlite3.Connection, keys: np.ndarray, space: str) -> set[int]:
-        out: set[int] = set()
-        for chunk in _chunks([int(k) for k in keys], 500):
-            q = ",".join("?" * len(chunk))
-            out.update(
-                r[0]
-                for r in c.execute(
-                    f"SELECT key FROM vectors WHERE space=? AND key IN ({q})", (space, *chunk)
-                )
-            )
-        return out
-
-    def _delete_vectors(self, c: sqlite3.Connection, keys: np.ndarray, space: str) -> int:
-        existing = self._existing(c, keys, space)
-        if not existing:
-            return 0
-        ks = sorted(existing)
-        for chunk in _chunks(ks, 500):
-            q = ",".join("?" * len(chunk))
-            c.execute(f"DELETE FROM vectors WHERE space=? AND key IN ({q})", (space, *chunk))
-        c.executemany(
-            "INSERT INTO log(space, op, key) VALUES(?, 'del', ?)", [(space, k) for k in ks]
-        )
-        return len(ks)
-
-    def _maybe_compact(self, space: str) -> None:
-        n = self._conn.execute("SELECT COUNT(*) FROM segments WHERE space=?", (space,)).fetchone()
-        if int(n[0]) > COMPACT_SEGMENTS:
-            self._compact_space(space)
-
-    def _compact_space(self, space: str) -> int:
-        with self._lock:
-            dropped = self._drop_empty_segments(space)
-            segs = self._conn.execute(
-                "SELECT segment, file FROM segments WHERE space=? AND n<? ORDER BY segment",
-                (space, LARGE_SEGMENT),
-            ).fetchall()
-            if len(segs) <= 1:
-                return dropped
-            removed_files = [f for _, f in segs]
-            old = [s for s, _ in segs]
-            new_file = self._new_segment_file(space)
-            # read and rewrite under the write lock: no concurrent move/replace can race
-            with self._tx() as c:
-                keys, vecs = self._segment_vectors(old)
-                if len(keys):
-                    write_npy(self.path / new_file, vecs)
-                    seg = int(
-                        c.execute(
-                            "INSERT INTO segments(space, file, n) VALUES(?, ?, ?)",
-                            (space, new_file, len(keys)),
-                        ).lastrowid
-                        or 0
-                    )
-                    c.executemany(
-                        "UPDATE vectors SET segment=?, row=? WHERE key=? AND space=?",
-                        [(seg, n, int(k), space) for n, k in enumerate(keys)],
-                    )
-                    c.execute(
-                        f"DELETE FROM segments WHERE segment IN ({','.join('?' * len(old))})",
-                        old,
-                    )
-                c.execute(
-                    "DELETE FROM segments WHERE space=? AND segment NOT IN "
-                    "(SELECT DISTINCT segment FROM vectors WHERE space=?)",
-                    (space, space),
-                )
-            for f in removed_files:
-                with contextlib.suppress(FileNotFoundError):
-                    (self.path / f).unlink()
-            return dropped + len(removed_files)
-
-    def _segment_vectors(self, segments: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        keys: list[np.ndarray] = []
-        vecs: list[np.ndarray] = []
-        for seg in segments:
-            f = self._conn.execute("SELECT file FROM segments WHERE segment=?", (seg,)).fetchone()
-            rows = np.array(
-                self._conn.execute(
-                    "SELECT key, row FROM vectors WHERE segment=? ORDER BY row", (seg,)
-                ).fetchall(),
-                dtype=np.int64,
-            ).reshape(-1, 2)
-            if len(rows):
-                arr = np.load(self.path / f[0], mmap_mode="r")
-                keys.append(rows[:, 0])
-                vecs.append(np.asarray(arr[rows[:, 1]], dtype=np.float32))
-        if not keys:
-            return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
-        return np.concatenate(keys), np.concatenate(vecs)
-
-    def _drop_empty_segments(self, space: str) -> int:
-        with self._tx() as c:
-            rows = c.execute(
-                "SELECT segment, file FROM segments WHERE space=? AND segment NOT IN "
-                "(SELECT DISTINCT segment FROM vectors WHERE space=?)",
-                (space, space),
-            ).fetchall()
-            c.executemany("DELETE FROM segments WHERE segment=?", [(r[0],) for r in rows])
-        for _, f in rows:
-            with contextlib.suppress(FileNotFoundError):
-                (self.path / f).unlink()
-        return len(rows)
-
-    def _delete_orphans(self, min_age_s: float = 0.0) -> int:
-        known = {r[0] for r in self._conn.execute("SELECT file FROM segments")}
-        removed = 0
-        root = self.path / "segments"
-        if not root.is_dir():
-            return 0
-        now = time.time()
-        for f in root.rglob("*"):
-            if not f.is_file():
-                continue
-            rel = f.relative_to(self.path).as_posix()
-            if rel in known:
-                continue
-            if now - f.stat().st_mtime < min_age_s:
-                continue
-            f.unlink()
-            removed += 1
-        return removed
-
-    def _index_root(self, space: str) -> Path:
-        return self.path / "indexes" / slug(space)
-
-    def _drop_saved_index(self, space: str) -> None:
-        shutil.rmtree(self._index_root(space), ignore_errors=True)
-
-    def _load_saved_index(self, space: str) -> Any:
-        from galleria.index.factory import load_index
-
-        cur = self._index_root(space) / "CURRENT"
-        if not cur.is_file():
-            return None
-        try:
-            folder = self._index_root(space) / read_json(cur)["folder"]
-            return load_index(folder, fingerprint=space, dim=self.space_info(space).dim)
-        except (FormatError, KeyError, ValueError, OSError) as exc:
-            log.warning("index of %s unreadable (%s); rebuilding from the store", space, exc)
-            return None
-
-    def _build_index(self, space: str) -> Any:
-        from galleria.index.factory import create_index
-
-        info = self.space_info(space)
-        params = self.get_setting(f"index_params:{space}", {}) or {}
-        gen = self.generation(space)
-        idx = create_index(self.index_spec(space), info.dim, fingerprint=space, **params)
-        keys, vecs = self.load_vectors(space)
-        if len(keys):
-            idx.add(keys, vecs)
-        idx.generation = gen
-        return idx
-
-    def _catch_up(self, space: str, idx: Any) -> Any:
-        gen = self.generation(space)
-        if idx.generation == gen:
-            return idx
-        if idx.generation > gen:
-            log.warning("index of %s is ahead of the store; rebuilding", space)
-            return self._build_index(space)
-        rows = self._conn.execute(
-            "SELECT op, key FROM log WHERE space=? AND gen>? ORDER BY gen",
-            (space, idx.generation),
-        ).fetchall()
-        if len(rows) > max(1000, len(idx) // 2):
-            return self._build_index(space)
-        # net effect per key: the last op wins; deletes first, then adds
-        last: dict[int, str] = {}
-        for op, key in rows:
-            last[int(key)] = op
-        touched = np.array(sorted(last), dtype=np.int64)
-        if len(touched):
-            idx.remove(touched)
-        adds = np.array([k for k, op in last.items() if op == "add"], dtype=np.int64)
-        if len(adds):
-            present = self._existing(self._conn, adds, space)
-            adds = np.array(sorted(present), dtype=np.int64)
-            if len(adds):
-                idx.add(adds, self.get_vectors(adds, space=space))
-        idx.generation = gen
-        return idx
-
-
-def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
-    if readonly:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
-                               check_same_thread=False, timeout=30)
-    else:
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA foreign_keys=ON")
-    return conn
-
-
-def _chunks(seq: Sequence[Any], n: int) -> Iterator[list[Any]]:
-    for i in range(0, len(seq), n):
-        yield list(seq[i : i + n])

@@ -12,9 +12,10 @@ float32 embeddings for cosine search:
   ``normalize(f(normalize(X)))``; nested transforms accept ``dim`` (a prefix size);
 - ``output_fingerprint`` chains the input model's fingerprint:
   ``<model fp>|<kind>@<digest(model fp, params, learned state)>``;
-- ``save(dir)`` writes ``header.json`` and ``state.safetensors`` (no pickle),
-  ``load(dir)`` (or :func:`galleria.transforms.registry.load_transform`) rebuilds
-  the object from its parameters and state and checks the digest.
+- ``save(dir)`` writes ``header.json`` and a safetensors state (no pickle;
+  :mod:`galleria.io.estimator`), ``load(dir)`` (or
+  :func:`galleria.transforms.registry.load_transform`) rebuilds the object from
+  its parameters and state and checks the digest.
 
 Input rows are L2-normalised before fitting and before transforming: the
 transforms live in cosine geometry, and the step is a no-op for the
@@ -24,7 +25,6 @@ L2-normalised embeddings galleria stores.
 from __future__ import annotations
 
 import abc
-import inspect
 import logging
 import os
 from pathlib import Path
@@ -34,8 +34,15 @@ import numpy as np
 
 from galleria.errors import CompatibilityError, FormatError, InputError
 from galleria.fingerprint import chain, digest, make_fingerprint
-from galleria.io.artifact import load_header, make_header, save_header
-from galleria.io.atomic import write_bytes
+from galleria.io.artifact import check_fingerprint
+from galleria.io.estimator import (
+    HEADER_FILE,
+    STATE_FILE,
+    build,
+    keyword_params,
+    read_saved,
+    save_estimator,
+)
 from galleria.validate import as_embeddings, l2_normalize
 
 if TYPE_CHECKING:  # torch is imported only by the trained transforms
@@ -44,8 +51,8 @@ if TYPE_CHECKING:  # torch is imported only by the trained transforms
 logger = logging.getLogger(__name__)
 
 ARTIFACT_TYPE = "transform"
-HEADER_FILE = "header.json"
-STATE_FILE = "state.safetensors"
+
+__all__ = ["ARTIFACT_TYPE", "HEADER_FILE", "STATE_FILE", "NotFittedError", "Transform"]
 
 T = TypeVar("T", bound="Transform")
 
@@ -71,12 +78,7 @@ class Transform(abc.ABC):
     # ---------------------------------------------------------------- params
     @classmethod
     def _param_names(cls) -> list[str]:
-        sig = inspect.signature(cls.__init__)
-        return [
-            p.name
-            for p in sig.parameters.values()
-            if p.name != "self" and p.kind is inspect.Parameter.KEYWORD_ONLY
-        ]
+        return keyword_params(cls)
 
     def get_params(self) -> dict[str, Any]:
         """The constructor parameters, as passed (scikit-learn convention)."""
@@ -267,28 +269,21 @@ class Transform(abc.ABC):
         return fp if d == self.output_dim_ else f"{fp}#d{d}"
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write ``header.json`` + ``state.safetensors`` into directory ``path`` (atomically)."""
-        from safetensors.numpy import save as st_save
-
+        """Write ``header.json`` + the safetensors state into directory ``path`` (atomically)."""
         self._check_fitted()
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        state = {k: np.ascontiguousarray(v) for k, v in self._get_state().items()}
-        write_bytes(out / STATE_FILE, st_save(state))
-        header = make_header(
+        return save_estimator(
+            path,
             type=ARTIFACT_TYPE,
             format_version=self.format_version,
+            kind=self.kind,
             params=self.json_params(),
             fingerprint=self.input_fingerprint_,
-            kind=self.kind,
+            state=self._get_state(),
             output_fingerprint=self.output_fingerprint,
             input_dim=self.input_dim_,
             output_dim=self.output_dim_,
-            state_file=STATE_FILE,
             info=self._get_info(),
         )
-        save_header(out / HEADER_FILE, header)  # header last: its presence marks a complete save
-        return out
 
     @classmethod
     def load(cls: type[T], path: str | os.PathLike[str], *, fingerprint: str | None = None) -> T:
@@ -297,25 +292,20 @@ class Transform(abc.ABC):
         Args:
             path: the directory given to ``save``.
             fingerprint: if given, the model fingerprint the caller's embeddings
-                come from; a different fitted fingerprint raises CompatibilityError.
+                come from; a transform fitted on another model, or fitted without
+                a fingerprint, raises CompatibilityError
+                (:func:`galleria.io.artifact.check_fingerprint`).
         """
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file
-
         p = Path(path)
-        header = load_header(p / HEADER_FILE, type=ARTIFACT_TYPE, format_version=cls.format_version)
-        if cls.kind and header.get("kind") != cls.kind:
-            raise FormatError(f"{p} holds a {header.get('kind')!r} transform, not {cls.kind!r}")
+        header, state = read_saved(
+            p, type=ARTIFACT_TYPE, format_version=cls.format_version, kind=cls.kind or None
+        )
+        obj = build(cls, header["params"], where=p)
         try:
-            obj = cls(**header["params"])
-        except TypeError as exc:
-            raise FormatError(f"{p}: parameters do not fit {cls.__name__}: {exc}") from exc
-        try:
-            state = load_file(str(p / header.get("state_file", STATE_FILE)))
-        except (OSError, SafetensorError) as exc:
-            raise FormatError(f"{p}: cannot read transform state: {exc}") from exc
-        obj.input_dim_ = int(header["input_dim"])
-        obj.output_dim_ = int(header["output_dim"])
+            obj.input_dim_ = int(header["input_dim"])
+            obj.output_dim_ = int(header["output_dim"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FormatError(f"{p}: incomplete transform header: {exc!r}") from exc
         obj.input_fingerprint_ = header.get("fingerprint")
         obj._set_info(header.get("info") or {})
         obj._set_state(state)
@@ -324,9 +314,5 @@ class Transform(abc.ABC):
                 f"{p}: state does not match its header (output fingerprint "
                 f"{obj.output_fingerprint!r} != {header.get('output_fingerprint')!r})"
             )
-        if fingerprint is not None and obj.input_fingerprint_ not in (None, fingerprint):
-            raise CompatibilityError(
-                f"transform at {p} was fitted on model {obj.input_fingerprint_!r}, "
-                f"not {fingerprint!r}"
-            )
+        check_fingerprint(fingerprint, obj.input_fingerprint_, what=f"transform at {p}")
         return obj

@@ -80,10 +80,11 @@ def load_transform(path: str | os.PathLike[str], *, fingerprint: str | None = No
         raise FormatError(f"{header_path} is missing: not a saved galleria transform")
     try:
         header = read_json(header_path)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         raise FormatError(f"{header_path} is not valid JSON: {exc}") from exc
     if not isinstance(header, dict) or header.get("type") != ARTIFACT_TYPE:
-        raise FormatError(f"{header_path} does not describe a transform")
+        got = header.get("type") if isinstance(header, dict) else header.__class__.__name__
+        raise FormatError(f"{header_path} holds a {got!r} artifact, not a transform")
     kind = str(header.get("kind"))
     if kind not in _CLASSES:
         raise FormatError(f"{header_path}: unknown transform kind {kind!r}")

@@ -7,16 +7,9 @@ backward-compatible-training baseline) and ``search`` (:class:`BackfillSearcher`
 search while the backfill runs). See docs/upgrade.md.
 """
 
-from galleria.upgrade.job import (
-    UpgradeError,
-    UpgradeState,
-    UpgradeStatus,
-    active_upgrade,
-    finish_upgrade,
-    run_upgrade,
-    start_upgrade,
-    upgrade_status,
-)
+from galleria.upgrade.finish import UpgradeStatus, finish_upgrade, upgrade_status
+from galleria.upgrade.job import run_upgrade, start_upgrade
+from galleria.upgrade.state import UpgradeError, UpgradeState, active_upgrade
 
 __all__ = [
     "UpgradeError",

@@ -24,7 +24,7 @@ two steps on labelled paired embeddings (e.g. Caltech-101 train):
    "influence loss" plus the new model's own loss).
 
 Queries ``h(new(q))`` then search old vectors. The head is saved like psi
-(:class:`galleria.upgrade.psi.CrossModelMap`) with both fingerprints.
+(:class:`galleria.upgrade.crossmap.CrossModelMap`) with both fingerprints.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from galleria.errors import InputError
-from galleria.upgrade.psi import CrossModelMap, _mlp, _weights_of, encode_labels
+from galleria.upgrade.crossmap import CrossModelMap, build_mlp, encode_labels, mlp_weights
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class BCTHead(CrossModelMap):
         class Model(nn.Module):
             def __init__(self) -> None:
                 super().__init__()
-                self.head = _mlp(dims)
+                self.head = build_mlp(dims)
                 self.new_cls = nn.Linear(dims[-1], n_classes, bias=False)
 
         model = seeded_init(self.seed + 1, Model)
@@ -157,7 +157,7 @@ class BCTHead(CrossModelMap):
             return l_old + lam * l_new, parts
 
         r2 = train(model, loss, [n, y], config=config, progress=progress, desc="bct head")
-        self.weights_ = _weights_of(model.head)
+        self.weights_ = mlp_weights(model.head)
         with torch.no_grad():
             acc_old = float(
                 (cosine_logits(torch.from_numpy(o), frozen).argmax(1).numpy() == y).mean()

@@ -45,20 +45,11 @@ from typing import Any
 import numpy as np
 
 from galleria.errors import InputError
-from galleria.extract.embed import embed_items
-from galleria.extract.job import extractor_from_space
+from galleria.extract.queries import Queries, QueryFailure, embed_with, search_paths
+from galleria.extract.spaces import extractor_from_space
 from galleria.extractors.base import Extractor
-from galleria.images.sources import SourceItem
-from galleria.search.searcher import QueryFailure
 from galleria.store.gallery import Gallery
 from galleria.types import SearchResult
-from galleria.upgrade.job import (
-    UpgradeError,
-    UpgradeState,
-    load_pairs,
-    require_upgrade,
-    transform_path,
-)
 from galleria.upgrade.merge import (
     Calibration,
     CohortNorm,
@@ -66,7 +57,9 @@ from galleria.upgrade.merge import (
     fit_calibration,
     merge_results,
 )
+from galleria.upgrade.pairs import load_pairs
 from galleria.upgrade.psi import CrossModelMap, load_cross_map
+from galleria.upgrade.state import UpgradeError, UpgradeState, require_upgrade, transform_path
 from galleria.validate import as_embeddings, l2_normalize
 
 log = logging.getLogger(__name__)
@@ -208,9 +201,11 @@ class BackfillSearcher:
         needs_old = rule in OLD_MODEL_RULES
         needs_new = rule != "old-only"
         old_ext = (extractor_from_space(gallery.space_info(state.old_space).info,
-                                        runtime=runtime, threads=threads) if needs_old else None)
+                                        root=gallery.path, runtime=runtime, threads=threads,
+                                        query=True) if needs_old else None)
         new_ext = (extractor_from_space(gallery.space_info(state.new_space).info,
-                                        runtime=runtime, threads=threads) if needs_new else None)
+                                        root=gallery.path, runtime=runtime, threads=threads,
+                                        query=True) if needs_new else None)
         the_map = None
         if rule in TRANSFORM_OF_RULE:
             p = Path(psi) if psi is not None else transform_path(
@@ -271,13 +266,16 @@ class BackfillSearcher:
         nq = len(qo)
         self.cost.queries += nq
         t = time.perf_counter()
-        old_res = self._search_part(qo, k, old_space)
+        # both parts from one committed state: an item moving meanwhile is in exactly one
+        views = self.gallery.views([old_space, new_space])
+        old_res = self._search_part(qo, k, views.get(old_space))
         if self.rule == "old-only":
             self.cost.add_ms("search", time.perf_counter() - t)
-            return old_res
+            return SearchResult(old_res.scores, old_res.ids,
+                                {sp: v.generation for sp, v in views.items()})
         if len(qn) != nq:
             raise InputError(f"{nq} old-side queries but {len(qn)} new-side queries")
-        new_res = self._search_part(qn, k, new_space)
+        new_res = self._search_part(qn, k, views.get(new_space))
         self.cost.add_ms("search", time.perf_counter() - t)
         t = time.perf_counter()
         if isinstance(self.calibration, CohortNorm):
@@ -287,53 +285,65 @@ class BackfillSearcher:
             maps = [self.calibration.old, self.calibration.new]
         out = merge_results([old_res, new_res], k, maps=maps)
         self.cost.add_ms("merge", time.perf_counter() - t)
-        return out
+        return SearchResult(out.scores, out.ids, {sp: v.generation for sp, v in views.items()})
 
-    def _search_part(self, q: np.ndarray, k: int, space: str) -> SearchResult:
-        if not self.gallery.count(space):
+    def _search_part(self, q: np.ndarray, k: int, view: Any) -> SearchResult:
+        if view is None or not view.count:
             return SearchResult.empty(len(q), k, object_ids=True)
+        if q.shape[1] != view.dim:
+            raise InputError(f"queries have dimension {q.shape[1]}, space {view.space!r} "
+                             f"holds {view.dim}")
         self.cost.index_searches += len(q)
-        return self.gallery.search(q, k, space=space, fingerprint=space)
+        kk = min(k, view.count)
+        res = view.search_ids(q, kk)
+        if kk < k:
+            pad = SearchResult.empty(len(q), k, object_ids=True)
+            pad.scores[:, :kk], pad.ids[:, :kk] = res.scores, res.ids
+            return pad
+        return res
+
+    # ------------------------------------------------------------- contract
+    def search(self, queries: Any, k: int = 10, **_: Any) -> SearchResult:
+        """The searcher contract: ``queries`` holds data per space (``Queries``)."""
+        q = Queries.of(queries)
+        return self.search_vectors(new_queries=q.data.get(self.state.new_space),
+                                   old_queries=q.data.get(self.state.old_space), k=k)
 
     def embed_paths(
         self, paths: Sequence[str | os.PathLike[str]], *, batch_size: int = 16, workers: int = 2
-    ) -> tuple[dict[str, np.ndarray], list[int], list[QueryFailure]]:
-        """Embed query images with the models the rule needs.
-
-        Returns ``({"old": (Q', D_old), "new": (Q', D_new)}, positions of the
-        usable queries, failures)``.
-        """
-        items = [SourceItem(id=str(p), path=Path(p)) for p in paths]
+    ) -> tuple[Queries, list[int], list[QueryFailure]]:
+        """Embed query images with the models the rule needs -> ``Queries`` keyed by space."""
         need_old, need_new = self.needs()
-        out: dict[str, np.ndarray] = {}
-        ok_all = np.ones(len(items), dtype=bool)
-        fails: dict[str, QueryFailure] = {}
-        for role, ext, need in (("old", self.old_extractor, need_old),
-                                ("new", self.new_extractor, need_new)):
+        exts: dict[str, Extractor] = {}
+        for role, ext, need, space in (("old", self.old_extractor, need_old, self.state.old_space),
+                                       ("new", self.new_extractor, need_new, self.state.new_space)):
             if not need:
                 continue
             if ext is None:
                 raise UpgradeError(f"rule {self.rule!r} needs the {role} model")
-            t = time.perf_counter()
-            vecs, ok, bad = embed_items(items, ext, batch_size=batch_size, workers=workers)
-            self.cost.add_ms(f"embed_{role}", time.perf_counter() - t)
-            self.cost.forward_passes[role] = self.cost.forward_passes.get(role, 0) + int(ok.sum())
-            out[role] = vecs
-            ok_all &= ok
-            for it, why in bad:
-                fails[str(it.path)] = QueryFailure(str(it.path), why)
-        good = [n for n, o in enumerate(ok_all) if o]
-        return {r: v[good] for r, v in out.items()}, good, list(fails.values())
+            exts[space] = ext
+        t = time.perf_counter()
+        q, good, fails = embed_with(exts, paths, batch_size=batch_size, workers=workers)
+        self.cost.add_ms("embed", time.perf_counter() - t)
+        for space in exts:
+            role = "old" if space == self.state.old_space else "new"
+            self.cost.forward_passes[role] = self.cost.forward_passes.get(role, 0) + len(good)
+        return q, good, fails
+
+    def embed_images(self, images: Sequence[Any]) -> Queries:
+        need_old, need_new = self.needs()
+        out = {}
+        if need_old and self.old_extractor is not None:
+            out[self.state.old_space] = self.old_extractor.embed_images(list(images))
+        if need_new and self.new_extractor is not None:
+            out[self.state.new_space] = self.new_extractor.embed_images(list(images))
+        return Queries(out)
 
     def search_paths(
-        self, paths: Sequence[str | os.PathLike[str]], k: int = 10
+        self, paths: Sequence[str | os.PathLike[str]], k: int = 10, **kw: Any
     ) -> tuple[list[str], SearchResult | None, list[QueryFailure]]:
         """Search with image files -> (usable query paths, their results, failures)."""
-        emb, good, fails = self.embed_paths(paths)
-        if not good:
-            return [], None, fails
-        res = self.search_vectors(new_queries=emb.get("new"), old_queries=emb.get("old"), k=k)
-        return [str(paths[n]) for n in good], res, fails
+        return search_paths(self, paths, k)
 
 
 def fuse_queries(

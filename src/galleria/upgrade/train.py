@@ -20,15 +20,16 @@ import numpy as np
 from galleria.cache import cache_dir
 from galleria.errors import InputError
 from galleria.extract.embed import Progress, embed_items
-from galleria.extract.job import extractor_from_space
+from galleria.extract.spaces import extractor_from_space
 from galleria.extractors.base import Extractor
 from galleria.fingerprint import digest, slug
-from galleria.images.sources import SourceItem, list_source
+from galleria.images.sources import SourceItem, list_source, split_problems
 from galleria.io.atomic import read_json, write_json, write_npy
 from galleria.store.gallery import Gallery
 from galleria.upgrade.bct import BCTHead
-from galleria.upgrade.job import attach_transform, job_folder, load_pairs, require_upgrade
+from galleria.upgrade.pairs import load_pairs
 from galleria.upgrade.psi import CrossModelMap, ReverseTransform
+from galleria.upgrade.state import attach_transform, job_folder, require_upgrade
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,9 @@ def train_transform(
                 raise InputError(f"the job has collected only {len(old)} pairs; run more first")
         else:
             assert images is not None
-            items = list_source(images)
+            items, skipped = split_problems(list_source(images))
+            for it in skipped:
+                log.warning("training images: skipped %s: %s", it.path, it.problem)
             if split_column is not None:
                 items = [it for it in items if it.meta.get(split_column) == split]
             if label_column is not None:
@@ -136,10 +139,12 @@ def train_transform(
                     )
             if len(items) < 8:
                 raise InputError(f"only {len(items)} training images selected")
-            old_ext = extractor_from_space(gallery.space_info(state.old_space).info,
-                                           runtime=runtime, threads=threads)
-            new_ext = extractor_from_space(gallery.space_info(state.new_space).info,
-                                           runtime=runtime, threads=threads)
+            old_ext = extractor_from_space(
+                gallery.space_info(state.old_space).info, root=gallery.path, runtime=runtime,
+                threads=threads)
+            new_ext = extractor_from_space(
+                gallery.space_info(state.new_space).info, root=gallery.path, runtime=runtime,
+                threads=threads)
             old, ok_o = embed_cached(items, old_ext, batch_size=batch_size, workers=workers,
                                      progress=progress)
             new, ok_n = embed_cached(items, new_ext, batch_size=batch_size, workers=workers,

@@ -1,0 +1,49 @@
+"""``galleria eval``: parse the command's arguments, run :func:`evaluate_model`, print.
+
+The evaluation itself (:mod:`galleria.eval.run`) takes plain values and returns
+a dict of numbers; this module is the only place that reads ``argparse``
+arguments and prints them.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from galleria.cli.common import model_args, print_json, progress_bar
+
+
+def run_eval_command(args: argparse.Namespace, *, threads: int) -> int:
+    """Run ``galleria eval`` with parsed ``args``; returns the exit code."""
+    from galleria.eval.datasets import TASKS, load_task, manifest_task
+    from galleria.eval.run import evaluate_model
+
+    if args.list:
+        for name, desc in TASKS.items():
+            print(f"{name:<16} {desc}")
+        return 0
+    task = manifest_task(args.manifest) if args.manifest else load_task(args.dataset)
+    n = task.num_gallery + task.num_queries
+    with progress_bar(n, f"embed {task.name}", enabled=not args.quiet) as bar:
+        out = evaluate_model(
+            task,
+            **model_args(args),
+            threads=threads,
+            qe=args.qe,
+            qe_alpha=args.qe_alpha,
+            dba=args.dba,
+            transform=args.transform,
+            dim=args.dim,
+            transform_params=dict(args.param) or None,
+            use_cache=not args.no_cache,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            progress=bar,
+        )
+    if args.json:
+        print_json(out)
+        return 0
+    print(f"{out['dataset']} ({out['protocol']}, {out['queries']} queries, "
+          f"{out['gallery']} gallery)  model={out['fingerprint']}  dim={out['dim']}")
+    for k, v in out["metrics"].items():
+        print(f"  {k:<10} {v:8.2f}")
+    return 0

@@ -1,0 +1,90 @@
+"""``galleria serve GALLERY``: the search service and web UI (service/app.py).
+
+Wired in cli/main.py with one line: ``add_serve_parser(sub)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from galleria.cli.common import set_threads, setup_logging
+
+
+def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
+    s = subparsers.add_parser(
+        "serve", help="serve a gallery over HTTP (search API + web UI)",
+        description="Serve GALLERY: POST /v1/search, /v1/items, /v1/upgrade ..., the web UI at "
+                    "/ and the API docs at /docs. Binds 127.0.0.1 unless --host says otherwise.")
+    s.add_argument("gallery")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--token-file", default=None,
+                   help="file holding the bearer token that writes need")
+    s.add_argument("--token-reads", action="store_true",
+                   help="searches and reads need the token too")
+    s.add_argument("--workers", type=int, default=2,
+                   help="threads decoding, embedding and searching (default 2)")
+    s.add_argument("--queue", type=int, default=32,
+                   help="requests waiting for a worker before the server answers 503 (default 32)")
+    s.add_argument("--threads", type=int, default=None,
+                   help="compute threads of the models and BLAS (default: all cores)")
+    s.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload (MiB)")
+    s.add_argument("--max-pixels", type=int, default=40_000_000,
+                   help="largest image accepted, in pixels (decompression bombs are refused)")
+    s.add_argument("--max-k", type=int, default=1000)
+    s.add_argument("--rule", default="auto",
+                   help="merge rule during an upgrade (default: the job's, see galleria upgrade)")
+    s.add_argument("--runtime", default="auto", choices=["auto", "onnx", "torch"])
+    s.add_argument("--refresh-interval", type=float, default=0.25,
+                   help="seconds between background view refreshes (new commits)")
+    s.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--verbose", "-v", action="store_true")
+    s.set_defaults(func=cmd_serve)
+    return s
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from galleria.errors import InputError, MissingDependencyError
+
+    setup_logging(args.verbose)
+    try:
+        import uvicorn
+
+        from galleria.service.app import create_app
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"galleria serve needs the service extra: pip install 'galleria[service]' ({exc})"
+        ) from exc
+    from galleria.service.auth import read_token_file
+    from galleria.service.engine import ServiceConfig
+
+    if not 0 < args.port < 65536:
+        raise InputError(f"--port must be between 1 and 65535; got {args.port}")
+    for name in ("workers", "max_k"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.queue < 0 or args.max_upload_mb <= 0 or args.max_pixels < 1:
+        raise InputError("--queue must be >= 0, --max-upload-mb and --max-pixels positive")
+    token = read_token_file(args.token_file) if args.token_file else None
+    if args.token_reads and token is None:
+        raise InputError("--token-reads needs --token-file")
+    threads = set_threads(args.threads)  # the entry point chooses threads, once
+    cfg = ServiceConfig(
+        gallery=Path(args.gallery), token=token, token_reads=args.token_reads,
+        workers=args.workers, queue=args.queue,
+        max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
+        max_k=args.max_k, runtime=args.runtime, threads=threads, rule=args.rule,
+        refresh_interval_s=args.refresh_interval)
+    app = create_app(cfg)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"galleria serve: listening on {args.host}: reachable from other machines"
+              f"{'' if token else ' and writes need no token (use --token-file)'}",
+              file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                access_log=args.verbose, timeout_graceful_shutdown=10)
+    return 0

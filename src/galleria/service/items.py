@@ -1,0 +1,271 @@
+"""Item writes and reads of the service: upload, delete, metadata, thumbnails.
+
+An upload is decoded (refused with a 4xx if it is not a usable image), its
+bytes saved under ``<gallery>/uploads/`` (content-addressed, written
+atomically *before* the commit, so an item's stored image always exists), then
+embedded with the extractor of each space the item belongs in and committed
+through :meth:`Gallery.add` (one transaction per space, under the store's
+writer lock, like ``galleria index``). A ``kill -9`` at any point leaves
+either the committed item or, at worst, an unreferenced upload file.
+
+Which spaces: the primary space and every other space holding data; during an
+online upgrade the *new* space instead of the old one (the item is then never
+in both; an older copy in the old space is dropped in the same transaction);
+during a shadow upgrade the old space (the next ``upgrade run`` adds the new
+vector).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from galleria.errors import GalleriaError
+from galleria.service.engine import Engine, public_meta
+from galleria.service.errors import ServiceError, bad_request, from_galleria, not_found
+from galleria.types import MISSING_KEY
+
+UPLOADS = "uploads"
+MAX_ID_CHARS = 1024
+
+
+def check_item_id(item_id: Any) -> str:
+    """An item id from a client: a non-empty UTF-8 string without control characters."""
+    if not isinstance(item_id, str) or not item_id:
+        raise bad_request("the item id must be a non-empty string", "bad_id")
+    if len(item_id) > MAX_ID_CHARS:
+        raise bad_request(f"the item id is longer than {MAX_ID_CHARS} characters", "bad_id")
+    try:
+        item_id.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad_request("the item id is not valid UTF-8 (an unpaired surrogate)",
+                          "bad_id") from None
+    if any(ord(c) < 32 or ord(c) == 127 for c in item_id):
+        raise bad_request("the item id contains control characters", "bad_id")
+    return item_id
+
+
+def check_metadata(raw: Any, limit: int) -> dict[str, Any]:
+    """Client metadata: a JSON object of at most ``limit`` bytes (no key ``path``)."""
+    if raw is None or raw == "":
+        return {}
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise bad_request(f"metadata is not valid JSON: {exc}", "bad_json") from exc
+    if not isinstance(raw, dict):
+        raise bad_request("metadata must be a JSON object", "bad_metadata")
+    size = len(json.dumps(raw))
+    if size > limit:
+        raise bad_request(f"metadata is {size} bytes; the limit is {limit}", "bad_metadata")
+    if "path" in raw:
+        raise bad_request("metadata key 'path' is reserved (the server records where it "
+                          "stored the image)", "bad_metadata")
+    return raw
+
+
+def target_spaces(engine: Engine) -> tuple[list[str], list[str]]:
+    """``(spaces to embed a new item into, spaces to drop it from)``."""
+    g = engine.gallery
+    token = engine.state_token()
+    primary = token[0]
+    st = engine.upgrade_state(token)
+    spaces = [s for s in g.spaces() if s.count > 0 or s.space == primary]
+    names = [s.space for s in spaces]
+    drop: list[str] = []
+    if st is not None:
+        if st.mode == "online":
+            names = [n for n in names if n != st.old_space]
+            if st.new_space not in names:
+                names.insert(0, st.new_space)
+            drop = [st.old_space]
+        else:
+            names = [n for n in names if n != st.new_space]
+    return names, drop
+
+
+def add_item(engine: Engine, item_id: str, data: bytes, *, filename: str = "upload",
+             metadata: dict[str, Any] | None = None, replace: bool = False) -> dict[str, Any]:
+    """Decode, store, embed and commit one uploaded image (see the module docstring)."""
+    from galleria.images.decode import load_image_bytes
+
+    g = engine.gallery
+    item_id = check_item_id(item_id)
+    try:
+        img = load_image_bytes(data, name=filename, max_pixels=engine.config.max_pixels)
+    except GalleriaError as exc:
+        raise from_galleria(exc) from exc
+    exists = int(g.keys_of([item_id])[0]) != MISSING_KEY
+    if exists and not replace:
+        raise ServiceError(409, "exists", f"item {item_id!r} already exists; send "
+                           "replace=true to replace its image")
+    names, drop = target_spaces(engine)
+    if not names:
+        raise ServiceError(409, "empty_gallery",
+                           "the gallery has no embedding space yet: create it with "
+                           "`galleria index` first (it records the model)")
+    path = save_upload(engine.path, data)
+    st = path.stat()
+    digest = "sha256:" + path.stem
+    meta = {**(metadata or {}), "path": str(path), "filename": filename[:255],
+            "uploaded": round(time.time(), 3)}
+    done: dict[str, int] = {}
+    try:
+        for sp in names:
+            info = g.space_info(sp)
+            ext = engine.models.for_space(info.info, query=False)
+            other = [d for d in drop if d != sp]
+            if info.kind == "local":
+                g.add_local([item_id], ext.embed_images([img]), space=sp, meta=[meta],
+                            contents=[(digest, st.st_size, st.st_mtime_ns)], replace=True,
+                            drop_spaces=other)
+            else:
+                vec = ext.embed_images([img])
+                g.add([item_id], vec, space=sp, meta=[meta],
+                      contents=[(digest, st.st_size, st.st_mtime_ns)], replace=True,
+                      drop_spaces=other)
+            done[sp] = g.generation(sp)
+    except GalleriaError as exc:
+        raise from_galleria(exc) from exc
+    return {"id": item_id, "replaced": exists, "spaces": list(done), "generation": done,
+            "image_size": list(img.size)}
+
+
+def save_upload(root: Path, data: bytes) -> Path:
+    """Write the upload's bytes to ``uploads/<hh>/<sha256>.<ext>`` (atomic; idempotent)."""
+    from galleria.io.atomic import write_bytes
+
+    h = hashlib.sha256(data).hexdigest()
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt = (im.format or "img").lower()
+    except Exception:
+        fmt = "img"
+    ext = {"jpeg": "jpg", "tiff": "tif"}.get(fmt, fmt)
+    path = root / UPLOADS / h[:2] / f"{h}.{ext}"
+    if not path.exists() or path.stat().st_size != len(data):
+        write_bytes(path, data)
+    return path
+
+
+def remove_item(engine: Engine, item_id: str) -> dict[str, Any]:
+    g = engine.gallery
+    item_id = check_item_id(item_id)
+    if int(g.keys_of([item_id])[0]) == MISSING_KEY:
+        raise not_found(f"no item {item_id!r} in this gallery")
+    try:
+        n = g.remove([item_id])
+    except GalleriaError as exc:
+        raise from_galleria(exc) from exc
+    return {"id": item_id, "removed": True, "entries": n,
+            "generation": {sp.space: g.generation(sp.space) for sp in g.spaces()}}
+
+
+def get_item(engine: Engine, item_id: str) -> dict[str, Any]:
+    g = engine.gallery
+    item_id = check_item_id(item_id)
+    row = g.db.one("SELECT key, meta, added, content FROM items WHERE id=?", (item_id,))
+    if row is None:
+        raise not_found(f"no item {item_id!r} in this gallery")
+    spaces = [r[0] for r in g.db.all("SELECT space FROM vectors WHERE key=? ORDER BY space",
+                                     (int(row[0]),))]
+    meta = json.loads(row[1])
+    path = meta.get("path")
+    return {"id": item_id, "metadata": public_meta(meta), "spaces": spaces,
+            "added": row[2], "content": row[3],
+            "has_image": bool(path) and Path(path).is_file()}
+
+
+class ThumbnailCache:
+    """JPEG thumbnails by (id, content hash, size), least recently used out past a byte budget."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = int(max_bytes)
+        self._data: OrderedDict[tuple[str, str, int], bytes] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple[str, str, int]) -> bytes | None:
+        with self._lock:
+            v = self._data.get(key)
+            if v is not None:
+                self._data.move_to_end(key)
+                self.hits += 1
+            else:
+                self.misses += 1
+            return v
+
+    def put(self, key: tuple[str, str, int], value: bytes) -> None:
+        if len(value) > self.max_bytes:
+            return
+        with self._lock:
+            old = self._data.pop(key, None)
+            if old is not None:
+                self._bytes -= len(old)
+            self._data[key] = value
+            self._bytes += len(value)
+            while self._bytes > self.max_bytes:
+                _, v = self._data.popitem(last=False)
+                self._bytes -= len(v)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+
+THUMB_SIZES = (64, 128, 256, 512)
+
+
+def thumbnail(engine: Engine, cache: ThumbnailCache, item_id: str, size: int
+              ) -> tuple[bytes, str]:
+    """``(JPEG bytes, ETag)`` of an item's image, at most ``size`` pixels a side."""
+    from galleria.images.decode import load_image
+
+    if size not in THUMB_SIZES:
+        raise bad_request(f"size must be one of {list(THUMB_SIZES)}; got {size}", "bad_size")
+    item_id = check_item_id(item_id)
+    row = engine.gallery.db.one("SELECT meta, content FROM items WHERE id=?", (item_id,))
+    if row is None:
+        raise not_found(f"no item {item_id!r} in this gallery")
+    meta = json.loads(row[0])
+    content = row[1] or ""
+    key = (item_id, content, size)
+    etag = '"' + hashlib.sha1(repr(key).encode()).hexdigest()[:16] + '"'
+    hit = cache.get(key)
+    if hit is not None:
+        return hit, etag
+    path = meta.get("path")
+    if not path:
+        raise not_found(f"item {item_id!r} has no stored image")
+    try:
+        img = load_image(path, bbox=_bbox(meta.get("bbox")), min_side=1)
+    except GalleriaError as exc:
+        raise not_found(f"the image of item {item_id!r} is not available: {exc}") from exc
+    img.thumbnail((size, size), Image.Resampling.LANCZOS if size <= 128 else
+                  Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=85)
+    data = buf.getvalue()
+    cache.put(key, data)
+    return data, etag
+
+
+def _bbox(b: Any) -> tuple[float, float, float, float] | None:
+    if isinstance(b, (list, tuple)) and len(b) == 4:
+        return tuple(float(v) for v in b)  # type: ignore[return-value]
+    return None
+
+
+__all__ = ["ThumbnailCache", "add_item", "check_item_id", "check_metadata", "get_item",
+           "remove_item", "save_upload", "target_spaces", "thumbnail"]

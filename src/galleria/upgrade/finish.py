@@ -1,0 +1,220 @@
+"""Status and finish of an upgrade.
+
+``finish_upgrade`` switches search to the new model in ONE transaction (primary
+space = new, job record replaced by a ``finishing`` marker), then cleans up
+(drops the old space, compacts, saves the new index, deletes the job folder).
+Killed at any point, search still answers: before the switch through the
+backfill searcher (every item is in the new space already), after it with the
+new model alone; the next ``finish`` completes an interrupted clean-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from galleria.errors import GalleriaError
+from galleria.io.atomic import write_json
+from galleria.store.gallery import Failure, Gallery
+from galleria.upgrade.pairs import PairStore
+from galleria.upgrade.state import (
+    FINISHING_KEY,
+    PROGRESS_KEY,
+    STATE_KEY,
+    UpgradeError,
+    UpgradeState,
+    job_folder,
+    lock_held,
+    require_upgrade,
+)
+
+log = logging.getLogger(__name__)
+
+
+
+
+@dataclass
+class UpgradeStatus:
+    """Where the backfill stands; see :func:`upgrade_status`."""
+
+    gallery: str
+    state: UpgradeState
+    total: int
+    done: int
+    remaining: int
+    failed: list[Failure]
+    in_both: int
+    in_neither: int
+    rate: float | None
+    eta_s: float | None
+    running: bool
+    pairs: int
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.total if self.total else 1.0
+
+    @property
+    def consistent(self) -> bool:
+        """Every item in exactly one space (online mode) / at least the old one (shadow)."""
+        if self.state.mode == "online":
+            return self.in_both == 0 and self.in_neither == 0
+        return self.in_neither == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "gallery": self.gallery,
+            "old_space": self.state.old_space,
+            "new_space": self.state.new_space,
+            "new_model": self.state.new_model,
+            "mode": self.state.mode,
+            "order": self.state.order,
+            "seed": self.state.seed,
+            "total": self.total,
+            "done": self.done,
+            "remaining": self.remaining,
+            "fraction": round(self.fraction, 6),
+            "failed": len(self.failed),
+            "failures": [f.to_dict() for f in self.failed[:50]],
+            "items_per_s": None if self.rate is None else round(self.rate, 3),
+            "eta_s": None if self.eta_s is None else round(self.eta_s, 1),
+            "running": self.running,
+            "in_both_spaces": self.in_both,
+            "in_neither_space": self.in_neither,
+            "consistent": self.consistent,
+            "calibration_pairs": self.pairs,
+            "transforms": dict(self.state.transforms),
+        }
+
+
+def upgrade_status(gallery_path: str | os.PathLike[str]) -> UpgradeStatus:
+    """Fraction done, throughput of the latest run, ETA, failures, and a consistency check."""
+    with Gallery.open(gallery_path, readonly=True) as gallery:
+        state = require_upgrade(gallery)
+        all_ids = gallery.ids()
+        old_ids = set(gallery.ids(state.old_space))
+        new_ids = set(gallery.ids(state.new_space))
+        remaining = [i for i in all_ids if i in old_ids and i not in new_ids]
+        rem_set = set(remaining)
+        failed = [f for f in gallery.failures(state.new_space) if f.id in rem_set]
+        in_both = len(old_ids & new_ids)
+        in_neither = sum(1 for i in all_ids if i not in old_ids and i not in new_ids)
+        runs = (gallery.get_setting(PROGRESS_KEY) or {}).get("runs", [])
+        rate = None
+        running = False
+        if runs:
+            last = runs[-1]
+            span = float(last["last"]) - float(last["started"])
+            if last["moved"] > 0 and span > 0:
+                rate = float(last["moved"]) / span
+            running = not last.get("finished") and time.time() - float(last["last"]) < 600
+            running = running and lock_held(gallery)
+        todo = len(remaining) - len(failed)
+        eta = todo / rate if rate and todo else (0.0 if not todo else None)
+        return UpgradeStatus(
+            gallery=str(gallery.path), state=state, total=len(all_ids),
+            done=len(all_ids) - len(remaining), remaining=len(remaining), failed=failed,
+            in_both=in_both, in_neither=in_neither, rate=rate, eta_s=eta, running=running,
+            pairs=PairStore(job_folder(gallery) / "pairs").count(),
+        )
+
+
+# --------------------------------------------------------------------------- #
+# finish
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class FinishReport:
+    gallery: str
+    old_space: str
+    new_space: str
+    items: int
+    dropped_failed: list[str]
+    seconds: float
+    resumed: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def finish_upgrade(gallery_path: str | os.PathLike[str], *, force: bool = False) -> FinishReport:
+    """At 100 %: switch search to the new model, then drop the old space entirely.
+
+    Afterwards the gallery holds the same items and vectors as a fresh
+    ``galleria index`` of the new model, and no trace of the job. Safe to kill at
+    any point (see the module docstring); run it again to complete.
+
+    Raises:
+        UpgradeError: items are still pending (run first), or some items could
+            not be re-embedded and ``force`` is not set (``force`` removes them).
+    """
+    t0 = time.perf_counter()
+    with Gallery.open(gallery_path) as gallery:
+        marker = gallery.get_setting(FINISHING_KEY)
+        if marker and gallery.get_setting(STATE_KEY) is None:
+            state = UpgradeState.from_dict(marker["job"])
+            _clean_up(gallery, state)
+            return FinishReport(str(gallery.path), state.old_space, state.new_space,
+                                len(gallery), list(marker.get("dropped", [])),
+                                time.perf_counter() - t0, resumed=True)
+        state = require_upgrade(gallery)
+        if lock_held(gallery):
+            raise UpgradeError("an `upgrade run` is still working on this gallery; wait or stop it")
+        old, new = state.old_space, state.new_space
+        new_ids = set(gallery.ids(new))
+        remaining = [i for i in gallery.ids(old) if i not in new_ids] \
+            if gallery.has_space(old) else []
+        failures = {f.id: f for f in gallery.failures(new)}
+        failed = [i for i in remaining if i in failures]
+        pending = len(remaining) - len(failed)
+        total = len(gallery)
+        if pending:
+            raise UpgradeError(
+                f"the backfill is at {100.0 * (total - len(remaining)) / max(total, 1):.1f} %: "
+                f"{pending} of {total} items are still in the old space; run "
+                "`galleria upgrade run` until it reaches 100 % before finishing")
+        if failed and not force:
+            shown = "; ".join(f"{i}: {failures[i].reason}" for i in failed[:5])
+            raise UpgradeError(
+                f"{len(failed)} items could not be re-embedded with the new model ({shown}); "
+                "fix them and run `galleria upgrade run --retry-failed`, or finish with "
+                "--force to remove them from the gallery")
+        if failed:
+            log.warning("removing %d items that could not be re-embedded", len(failed))
+            gallery.remove(failed)
+        # the switch: one transaction
+        with gallery.db.write() as c:
+            c.execute("INSERT OR REPLACE INTO settings(key, value) VALUES('primary_space', ?)",
+                      (json.dumps(new),))
+            c.execute("INSERT OR REPLACE INTO settings(key, value) VALUES(?, ?)",
+                      (FINISHING_KEY, json.dumps({"job": state.to_dict(), "dropped": failed,
+                                                  "at": time.time()})))
+            c.execute("DELETE FROM settings WHERE key IN (?, ?)", (STATE_KEY, PROGRESS_KEY))
+        _clean_up(gallery, state)
+        report = FinishReport(str(gallery.path), old, new, len(gallery), failed,
+                              time.perf_counter() - t0)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        write_json(Path(gallery.path) / "reports" / f"upgrade-finish-{stamp}.json",
+                   {**report.to_dict(), "job": state.to_dict()})
+        return report
+
+
+def _clean_up(gallery: Gallery, state: UpgradeState) -> None:
+    """After the switch: drop the old space, tidy the new one, forget the job."""
+    old, new = state.old_space, state.new_space
+    if gallery.has_space(old):
+        gallery.drop_space(old, force=True)
+    gallery.compact(new)
+    gallery.build_index(new, save=True)
+    shutil.rmtree(job_folder(gallery), ignore_errors=True)
+    with contextlib.suppress(GalleriaError, OSError):
+        gallery.backup()
+    gallery.delete_setting(FINISHING_KEY)  # the last step: until here, finish resumes
