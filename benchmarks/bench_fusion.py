@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fusion_data as fd
 from _common import machine_info, machine_md, set_threads, write_results
 from galleria.cache import cache_dir
+from galleria.fusion.train import FusionRecipe
 from galleria.io.atomic import read_json, write_json
 
 log = logging.getLogger("bench_fusion")
@@ -66,6 +67,7 @@ RUNS: dict[str, dict[str, Any]] = {
     "inst-disc": {"labels": "instance"},
     "with-ms": {"members": fd.MEMBERS},
     "whiten-only": {"train_blocks": -1},
+    "last-block": {"train_blocks": 1},
 }
 RECIPE_KEYS = {"d", "mixer", "layers", "heads", "momentum", "schedule", "train_blocks",
                "n_views", "epochs", "lr", "query_lr", "batch_size", "patience"}
@@ -111,7 +113,7 @@ class Data:
             t1 = time.perf_counter()
             fd.fill(self.work, self.items, [self.exts[n]])
             out[f"features_{n}_s"] = round(time.perf_counter() - t1, 1)
-        for tb in (1, -1):
+        for tb in (FusionRecipe().train_blocks, -1, 1):
             for tr in (self.c_tr, self.s_tr):
                 self.views(tr.name, tr.items, 4, tb)
             for ev in self.evs:

@@ -43,8 +43,8 @@ def ukbench(require_shared, tmp_path_factory):
 
 ARGS = ["--gallery-models", '{"type": "effnet-lite0", "size": 160},opennsfw-r50',
         "--dim", "64", "--layers", "1", "--heads", "4", "--views", "2", "--epochs", "8",
-        "--min-steps", "0", "--momentum", "0.9", "--batch", "8", "--val-fraction", "0.3",
-        "-q", "--threads", "2"]
+        "--min-steps", "0", "--lr", "1e-3", "--momentum", "0.9", "--batch", "8",
+        "--val-fraction", "0.3", "-q", "--threads", "2"]
 
 
 def test_fusion_train_index_and_query(ukbench, capsys):
@@ -66,31 +66,49 @@ def test_fusion_train_index_and_query(ukbench, capsys):
     assert rc == 0 and again["fingerprint"] == report["fingerprint"]
     assert again["resumed_from"] == len(model.training["history"])
 
-    # index the other 7 objects through the mixer, query them with the light model
-    from galleria.extract.job import index_images
-
-    cfgs = configs(str(out))
-    g_ext = extractor_from_config(cfgs["config"], threads=2)
-    rep = index_images(test, tmp / "G", extractor=g_ext)
-    assert rep.space == model.fingerprint and rep.embedded == 28
+    # `galleria index --fusion`: the other 7 objects through the members and the mixer
     from galleria.images.sources import read_manifest
-    from galleria.store.gallery import Gallery
+    from galleria.search.searcher import open_searcher
 
+    g_dir = tmp / "G"
+    rc = main(["index", str(test), "--fusion", str(out), "--out", str(g_dir), "-q", "--json",
+               "--threads", "2"])
+    rep = json.loads(capsys.readouterr().out)
+    assert rc == 0 and rep["space"] == model.fingerprint and rep["embedded"] == 28
     items = read_manifest(test)
-    gal = Gallery.open(tmp / "G")
-    keys = gal.keys_of([it.id for it in items])
-    g = gal.get_vectors(keys, space=model.fingerprint)
-    gal.close()
-    q_ext = extractor_from_config(cfgs["query_config"], threads=2,
-                                  fingerprint=model.fingerprint)
+    searcher = open_searcher(g_dir, threads=2)
+    info = searcher.gallery.space_info(model.fingerprint).info
+    assert info["config"]["type"] == "fusion-gallery"
+    assert info["query_config"]["type"] == "fusion-query"
+    assert type(searcher.extractor).__name__ == "FusionQueryExtractor"
+    g = searcher.gallery.get_vectors(searcher.gallery.keys_of([it.id for it in items]),
+                                     space=model.fingerprint)
+    # the fused vectors are the mixer on the members' own embeddings
+    g_ext = extractor_from_config(configs(str(out))["config"], threads=2)
     from PIL import Image
 
-    q = q_ext.embed_images([Image.open(it.path).convert("RGB") for it in items])
+    imgs = [Image.open(it.path).convert("RGB") for it in items]
+    np.testing.assert_allclose(g[:4], g_ext.embed_images(imgs[:4]), atol=1e-5)
+    q_ext = extractor_from_config(configs(str(out))["query_config"], threads=2,
+                                  fingerprint=model.fingerprint)
+    q = q_ext.embed_images(imgs)
     labels = np.array([it.meta["group"] for it in items])
     ns_asym = ukbench_ns_score(q @ g.T, labels)
     ns_sym = ukbench_ns_score(g @ g.T, labels)
     # 20 training images: a smoke test, not a benchmark (random ranking: 0.57, self only: 1)
     assert ns_sym >= 3.0 and ns_asym >= 2.0, (ns_sym, ns_asym)
+
+    # `galleria search G q.jpg`: the light model embeds the query (one pass), same ranking
+    rc = main(["search", str(g_dir), str(items[0].path), str(items[5].path), "-k", "4",
+               "--json", "--threads", "2"])
+    rows = json.loads(capsys.readouterr().out)
+    assert rc == 0 and len(rows) == 2
+    for row, qi in zip(rows, (0, 5), strict=True):
+        order = np.argsort(-(q[qi] @ g.T), kind="stable")[:4]
+        assert [r["id"] for r in row["results"]] == [items[j].id for j in order]
+        np.testing.assert_allclose([r["score"] for r in row["results"]],
+                                   (q[qi] @ g.T)[order], atol=1e-4)
+    searcher.gallery.close()
 
 
 def test_second_trainer_on_the_same_work_folder_is_refused(ukbench):

@@ -147,3 +147,57 @@ def test_extractors_from_two_threads_at_once(saved, images):
         assert not errors and all(not t.is_alive() for t in threads)
         for v in out.values():
             np.testing.assert_allclose(v, ref, atol=1e-5)
+
+
+def test_index_fusion_then_search_with_the_light_model(saved, photos, tmp_path, capsys):
+    """``galleria index --fusion F`` copies F into the gallery, records the light model as the
+    space's query_config; ``galleria search`` embeds queries with it; other models are refused."""
+    import json
+    import shutil
+
+    from galleria.cli.main import main
+    from galleria.extract.queries import Queries
+    from galleria.search.searcher import Searcher, open_searcher
+
+    g_dir = tmp_path / "G"
+    rc = main(["index", str(photos), "--fusion", str(saved), "--out", str(g_dir), "-q",
+               "--json", "--threads", "1"])
+    rep = json.loads(capsys.readouterr().out)
+    fp = FusionModel.load(saved).fingerprint
+    assert rc == 0 and rep["space"] == fp and rep["embedded"] == len(list(photos.iterdir()))
+    moved = tmp_path / "moved" / "G"  # the gallery carries its fusion model
+    shutil.copytree(g_dir, moved)
+    shutil.rmtree(g_dir)
+    s = open_searcher(moved, threads=1)
+    info = s.gallery.space_info(fp).info
+    assert info["config"] == {"type": "fusion-gallery", "model": info["config"]["model"]}
+    assert (moved / info["config"]["model"] / "query.onnx").is_file()
+    assert info["query_config"] == {"type": "fusion-query", "model": info["config"]["model"]}
+    assert type(s.extractor).__name__ == "FusionQueryExtractor" and s.extractor.fingerprint == fp
+    files = sorted(photos.iterdir())
+    q = extractor_from_config(configs(str(saved))["query_config"], threads=1).embed_images(
+        [Image.open(f).convert("RGB") for f in files[:2]])
+    ids = s.gallery.ids(fp)
+    g = s.gallery.get_vectors(s.gallery.keys_of(ids), space=fp)
+    rc = main(["search", str(moved), str(files[0]), str(files[1]), "-k", "3", "--json",
+               "--threads", "1"])
+    rows = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    for row, qv in zip(rows, q, strict=True):
+        order = np.argsort(-(g @ qv), kind="stable")[:3]
+        assert [r["id"] for r in row["results"]] == [ids[j] for j in order]
+    # queries from any other model are refused, naming both
+    other = create_extractor("effnet-lite0", runtime="onnx")
+    with pytest.raises(CompatibilityError, match=rf"{other.fingerprint}.*{fp}"):
+        Searcher(s.gallery, other, space=fp)
+    with pytest.raises(CompatibilityError, match=fp):
+        s.search(Queries({other.fingerprint: other.embed_images([Image.open(files[0])])}))
+    from galleria.errors import GalleriaError
+
+    with pytest.raises(GalleriaError, match="1280"):
+        s.search(np.ones((1, 1280), np.float32) / np.sqrt(1280))
+    # --fusion with --model is refused
+    assert main(["index", str(photos), "--fusion", str(saved), "--model", "effnet-lite0",
+                 "--out", str(tmp_path / "G2"), "-q"]) != 0
+    assert "--fusion" in capsys.readouterr().err
+    s.gallery.close()

@@ -4,6 +4,7 @@ Commands (``galleria COMMAND --help`` for options)::
 
     galleria models                       list extractors (dim, input size, source)
     galleria index SRC --model M --out G  embed a folder/manifest into gallery G
+    galleria index SRC --fusion F --out G a fused gallery (queries: F's light model)
     galleria search G IMAGE... -k K       search (--json, --html OUT)
     galleria eval --dataset NAME          official protocols on ../shared/datasets
     galleria eval --manifest CSV          your own labelled images
@@ -47,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(s, default=None)
     s.add_argument("--local", default=None,
                    help="also (or only, without --model) store local features: sift, xfeat")
+    s.add_argument("--fusion", default=None, metavar="F",
+                   help="a fusion model folder (galleria fusion train): embed through every "
+                        "member and the mixer; queries then use its light model")
     s.add_argument("--id-prefix", default=None,
                    help="prefix every id (index two folders whose file names collide)")
     s.add_argument("--update", action="store_true",

@@ -13,12 +13,23 @@ Both carry the fusion model's fingerprint (the space's). Paths in a config
 resolve against ``root`` (the gallery folder) when relative. Members are rebuilt
 from their recorded configs and must have their recorded fingerprints: other
 installed weights are refused, naming both.
+
+``galleria index SRC --fusion F --out G`` copies ``F`` into ``G/fusion/<slug>``
+(:func:`attach_to_gallery`; the gallery stays searchable when ``F`` moves) and
+indexes through :func:`gallery_extractor`. The gallery extractor exposes its
+light model as ``query_extractor``; the space records that model's config as
+``query_config`` (:func:`galleria.extract.spaces.space_info`), so searchers
+embed queries with the light model in one pass.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import threading
+import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -68,10 +79,28 @@ class FusionGalleryExtractor(Extractor):
         )
         self.runtime = "mixed"
         self._lock = threading.Lock()
+        self._query: FusionQueryExtractor | None = None
 
     @property
     def fingerprint(self) -> str:  # type: ignore[override]
         return self.model.fingerprint
+
+    @property
+    def query_extractor(self) -> FusionQueryExtractor | None:
+        """The light query model of the same fusion model (``None`` when built without a
+        config: it could not be recorded). A space indexed by this extractor records its
+        config as ``query_config``."""
+        if self._config is None:
+            return None
+        if self._query is None:
+            ex = self._exec_options or {}
+            cfg = {"type": "fusion-query", "model": self._config["model"]}
+            q = FusionQueryExtractor(self.model, runtime=_exec(ex.get("runtime", "auto")),
+                                     threads=ex.get("threads"))
+            q.set_config(cfg, root=self._config_root, runtime=ex.get("runtime", "auto"),
+                         threads=ex.get("threads"))
+            self._query = q
+        return self._query
 
     def info(self) -> ModelInfo:
         return ModelInfo(name=self.name, dim=self.dim, input_size=self.preprocessing.size,
@@ -183,6 +212,48 @@ def query_from_config(config: dict[str, Any], *, root: str | None, runtime: str,
     ext = FusionQueryExtractor(model, runtime=_exec(runtime), threads=threads)
     ext.set_config(config, root=root, runtime=runtime, threads=threads)
     return ext
+
+
+def attach_to_gallery(model_dir: str | os.PathLike[str], gallery_dir: str | os.PathLike[str]
+                      ) -> str:
+    """Copy the fusion model folder into ``<gallery>/fusion/<slug>``; its relative path.
+
+    The model is loaded (and so checked) first; a copy already there is reused.
+    The gallery folder is created if needed (the gallery itself is not).
+    """
+    from galleria.fingerprint import slug
+    from galleria.fusion.model import HEADER_FILE, MIXER_FILE, ONNX_FILE, QUERY_FILE
+
+    model = FusionModel.load(model_dir)
+    rel = Path("fusion") / slug(model.fingerprint)
+    dest = Path(gallery_dir) / rel
+    if dest.is_dir():
+        FusionModel.load(dest, fingerprint=model.fingerprint)
+        return rel.as_posix()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        for f in (MIXER_FILE, QUERY_FILE, ONNX_FILE, HEADER_FILE):
+            shutil.copy2(Path(model_dir) / f, tmp / f)
+        FusionModel.load(tmp, fingerprint=model.fingerprint)
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return rel.as_posix()
+
+
+def gallery_extractor(model_dir: str | os.PathLike[str], gallery_dir: str | os.PathLike[str],
+                      *, runtime: str = "auto", threads: int | None = None
+                      ) -> FusionGalleryExtractor:
+    """The fused-gallery extractor for indexing into ``gallery_dir`` (model copied in)."""
+    from galleria.extractors.registry import extractor_from_config
+
+    rel = attach_to_gallery(model_dir, gallery_dir)
+    return extractor_from_config(  # type: ignore[return-value]
+        {"type": "fusion-gallery", "model": rel}, root=str(gallery_dir), runtime=runtime,
+        threads=threads)
 
 
 def configs(model_path: str) -> dict[str, dict[str, Any]]:
