@@ -33,3 +33,10 @@ class StorageError(GalleriaError, OSError):
 
 class BusyError(GalleriaError):
     """Another writer holds the gallery for longer than the caller is willing to wait."""
+
+
+class ClusterError(GalleriaError):
+    """A compute cluster (Ray) cannot be reached, or lost the workers a job needed.
+
+    The work a job committed before is kept; running the same command again does the rest.
+    """

@@ -11,6 +11,7 @@ from galleria.cli.common import (
     model_args,
     print_json,
     progress_bar,
+    ray_embedding,
     set_threads,
     setup_logging,
 )
@@ -71,26 +72,38 @@ def cmd_index(args: argparse.Namespace) -> int:
         margs["model"] = "effnet-lite0"
     explicit = Path(args.src).suffix.lower() == ".csv"
     passes = (1 if margs["model"] or extractor else 0) + (1 if args.local else 0)
-    with progress_bar(len(items) * passes, "index", enabled=not args.quiet) as bar:
-        report = index_images(
-            items,
-            args.out,
-            **margs,
-            extractor=extractor,
-            local=args.local,
-            threads=threads,
-            index=args.index,
-            index_params=params or None,
-            transform=args.transform,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            limit=args.limit,
-            flush_every=args.commit_every,
-            progress=bar,
-            id_prefix=args.id_prefix,
-            update=args.update,
-            explicit_ids=explicit,
-        )
+    if extractor is not None and getattr(args, "ray", None):
+        from galleria.errors import InputError
+
+        raise InputError("--fusion with --ray is not supported yet: the fusion gallery "
+                         "extractor runs every member model in this process; drop --ray")
+    remote = ray_embedding(args)
+    try:
+        with progress_bar(len(items) * passes, "index", enabled=not args.quiet) as bar:
+            report = index_images(
+                items,
+                args.out,
+                **margs,
+                extractor=extractor,
+                local=args.local,
+                threads=threads,
+                index=args.index,
+                index_params=params or None,
+                transform=args.transform,
+                batch_size=args.batch_size,
+                workers=args.workers,
+                limit=args.limit,
+                flush_every=args.commit_every,
+                progress=bar,
+                id_prefix=args.id_prefix,
+                update=args.update,
+                explicit_ids=explicit,
+                embedder=None if remote is None else remote[1],
+            )
+    finally:
+        if remote is not None:
+            remote[1].close()
+            remote[0].close()
     if args.json:
         print_json(report.to_dict())
     else:

@@ -71,6 +71,31 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--verbose", "-v", action="store_true", help="debug logging")
 
 
+def add_ray_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Ray cluster (pip install 'galleria[ray]')")
+    g.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="decode and embed on the Ray cluster at ADDRESS (host:port of the head "
+                        "node, or auto); this process commits. Image paths must be readable "
+                        "on every node")
+    g.add_argument("--ray-actors", type=int, default=None,
+                   help="embedding actors (default: one per CPU of the cluster)")
+    g.add_argument("--ray-cpus", type=float, default=1.0, help="CPUs per embedding actor")
+    g.add_argument("--ray-import", action="append", default=[], metavar="MODULE",
+                   help="module each worker imports first (registers your own extractors)")
+
+
+def ray_embedding(args: argparse.Namespace) -> Any:
+    """``(session, RayEmbedder)`` for ``--ray``, or ``None`` without it."""
+    if not getattr(args, "ray", None):
+        return None
+    from galleria.distributed.cluster import connect
+    from galleria.distributed.ray_embed import RayEmbedder
+
+    sess = connect(args.ray)
+    return sess, RayEmbedder(actors=args.ray_actors, cpus_per_actor=args.ray_cpus,
+                             imports=args.ray_import)
+
+
 def setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING,

@@ -4,6 +4,7 @@ Commands (``galleria COMMAND --help`` for options)::
 
     galleria models                       list extractors (dim, input size, source)
     galleria index SRC --model M --out G  embed a folder/manifest into gallery G
+                                          (--ray ADDRESS: embed on a Ray cluster)
     galleria index SRC --fusion F --out G a fused gallery (queries: F's light model)
     galleria search G IMAGE... -k K       search (--json, --html OUT)
     galleria eval --dataset NAME          official protocols on ../shared/datasets
@@ -25,7 +26,7 @@ import sys
 from collections.abc import Sequence
 
 from galleria.cli import commands
-from galleria.cli.common import add_model_args, add_run_args, key_value
+from galleria.cli.common import add_model_args, add_ray_args, add_run_args, key_value
 from galleria.errors import GalleriaError
 
 
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vectors per commit (the most work a crash can lose)")
     s.add_argument("--json", action="store_true", help="print the report as JSON")
     add_run_args(s)
+    add_ray_args(s)
     s.set_defaults(func=commands.cmd_index)
 
     s = sub.add_parser("search", help="search a gallery with query images")

@@ -3,7 +3,7 @@
 Subcommands::
 
     galleria upgrade start INDEX --new-model M      create the job (new space registered)
-    galleria upgrade run INDEX [--limit N]          re-embed in batches (Ctrl-C / kill -9 safe)
+    galleria upgrade run INDEX [--limit N] [--ray A] re-embed in batches (Ctrl-C / kill -9 safe)
     galleria upgrade status INDEX                   fraction done, rate, ETA, failures
     galleria upgrade search INDEX IMAGE... --rule R search during the backfill
     galleria upgrade train-transform INDEX ...      train psi (new -> old) for the psi rules
@@ -19,7 +19,15 @@ import argparse
 import sys
 from typing import Any
 
-from galleria.cli.common import add_run_args, print_json, progress_bar, set_threads, setup_logging
+from galleria.cli.common import (
+    add_ray_args,
+    add_run_args,
+    print_json,
+    progress_bar,
+    ray_embedding,
+    set_threads,
+    setup_logging,
+)
 
 
 def add_upgrade_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -59,6 +67,7 @@ def add_upgrade_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--commit-every", type=int, default=256,
                    help="items per transaction (the most a crash loses)")
     s.add_argument("--retry-failed", action="store_true", help="retry images that failed")
+    add_ray_args(s)
     s.add_argument("--runtime", default="auto", choices=["auto", "onnx", "torch"])
     s.add_argument("--json", action="store_true")
     add_run_args(s)
@@ -152,13 +161,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     threads = set_threads(args.threads)
     st = upgrade_status(args.gallery)
     total = st.total if args.limit is None else min(st.total, st.done + args.limit)
-    with progress_bar(total, "upgrade", enabled=not args.quiet) as bar:
-        bar.update(st.done)
-        report = run_upgrade(
-            args.gallery, limit=args.limit, order=args.order, runtime=args.runtime,
-            threads=threads, batch_size=args.batch_size, workers=args.workers,
-            commit_every=args.commit_every, retry_failed=args.retry_failed, progress=bar,
-        )
+    remote = ray_embedding(args)
+    try:
+        with progress_bar(total, "upgrade", enabled=not args.quiet) as bar:
+            bar.update(st.done)
+            report = run_upgrade(
+                args.gallery, limit=args.limit, order=args.order, runtime=args.runtime,
+                threads=threads, batch_size=args.batch_size, workers=args.workers,
+                commit_every=args.commit_every, retry_failed=args.retry_failed, progress=bar,
+                embedder=None if remote is None else remote[1],
+            )
+    finally:
+        if remote is not None:
+            remote[1].close()
+            remote[0].close()
     if args.json:
         print_json(report.to_dict())
     else:

@@ -29,6 +29,19 @@ class Progress(Protocol):
     def update(self, n: int = 1) -> Any: ...
 
 
+class Embedder(Protocol):
+    """Where a job's embeddings are computed: :func:`embed_stream` (this process) or a
+    distributed one (:class:`galleria.distributed.ray_embed.RayEmbedder`).
+
+    Yields :class:`Batch` objects that together hold every item exactly once (as an
+    embedded item or a failure), in any order; ``progress.update(n)`` per item.
+    """
+
+    def __call__(self, items: Sequence[SourceItem], extractor: Extractor, *,
+                 batch_size: int = 32, workers: int = 2,
+                 progress: Progress | None = None) -> Iterable[Batch]: ...
+
+
 @dataclass(frozen=True)
 class Batch:
     """Items of one inference batch and their ``(B, D)`` embeddings.

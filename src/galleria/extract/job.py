@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from galleria.errors import InputError
-from galleria.extract.embed import Progress, embed_stream, file_content
+from galleria.extract.embed import Embedder, Progress, embed_stream, file_content
 from galleria.extract.spaces import space_info
 from galleria.extractors.base import Extractor
 from galleria.extractors.registry import create_extractor
@@ -162,6 +162,7 @@ def index_images(
     id_prefix: str | None = None,
     update: bool = False,
     explicit_ids: bool | None = None,
+    embedder: Embedder | None = None,
 ) -> IndexReport:
     """Embed every image of ``src`` (a folder, a ``.csv`` manifest or items) into ``out``.
 
@@ -181,6 +182,9 @@ def index_images(
         update: replace stored images whose id now names another file.
         explicit_ids: the ids were chosen by the user (manifest ``id`` column): a
             different file under a known id is an update, not a conflict.
+        embedder: where embeddings are computed (default :func:`embed_stream`, in this
+            process); :class:`galleria.distributed.ray_embed.RayEmbedder` computes them
+            on a Ray cluster. Identity, commits and failures are the same either way.
 
     Returns:
         IndexReport with counts, updates, failures (id, path, reason) and throughput.
@@ -224,7 +228,8 @@ def index_images(
             _index_space(gallery, items, ident, ext, report,
                          index=index if ext.kind == "global" else None,
                          index_params=index_params, batch_size=batch_size, workers=workers,
-                         flush_every=flush_every, limit=limit, progress=progress)
+                         flush_every=flush_every, limit=limit, progress=progress,
+                         embedder=embedder or embed_stream)
         report.space = report.spaces[0]
         report.seconds = time.perf_counter() - t0
         try:
@@ -267,6 +272,7 @@ def _index_space(
     flush_every: int,
     limit: int | None,
     progress: Progress | None,
+    embedder: Embedder = embed_stream,
 ) -> None:
     space = extractor.fingerprint
     gallery.register_space(space, extractor.dim, space_info(extractor), kind=extractor.kind)
@@ -305,8 +311,8 @@ def _index_space(
             report.failures.extend(fails)
             fails.clear()
 
-    for batch in embed_stream(todo, extractor, batch_size=batch_size, workers=workers,
-                              progress=progress):
+    for batch in embedder(todo, extractor, batch_size=batch_size, workers=workers,
+                          progress=progress):
         data = getattr(batch, "features", None) if local else None
         rows = data if data is not None else batch.vectors
         for n, it in enumerate(batch.items):

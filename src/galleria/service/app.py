@@ -21,6 +21,7 @@ Handlers parse and validate on the event loop (cheap) and run everything else
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -268,6 +269,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
              summary="Prometheus metrics (galleria_ prefix)")
     async def metrics_text(request: Request) -> PlainTextResponse:
         guard(request, write=False)
+        await asyncio.to_thread(engine.update_gauges)
         text = metrics.render()
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 

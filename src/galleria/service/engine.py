@@ -342,6 +342,11 @@ class Engine:
         if gone:
             log.info("released models no longer used: %s", gone)
 
+    def update_gauges(self) -> None:
+        """Gallery gauges as of now (``/metrics`` calls it, so a scrape never reports a
+        size the background refresher has not caught up with yet)."""
+        self._gauges(self.upgrade_state(self.state_token()))
+
     def _gauges(self, st: UpgradeState | None) -> None:
         m = self.metrics
         m.clear_gauge("galleria_space_items")

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from galleria.errors import CompatibilityError, GalleriaError, InputError
-from galleria.extract.embed import Progress, embed_stream
+from galleria.extract.embed import Embedder, Progress, embed_stream
 from galleria.extract.spaces import extractor_from_space, space_info
 from galleria.extractors.base import Extractor
 from galleria.extractors.registry import create_extractor
@@ -282,6 +282,7 @@ def run_upgrade(
     retry_failed: bool = False,
     save_every_s: float = 120.0,
     progress: Progress | None = None,
+    embedder: Embedder | None = None,
 ) -> RunReport:
     """Re-embed pending items with the new model and move them, batch by batch.
 
@@ -294,6 +295,9 @@ def run_upgrade(
         retry_failed: also retry items whose image failed before.
         save_every_s: save both spaces' indexes at most this often (a cache only).
         progress: ``update(n)`` per processed image.
+        embedder: where embeddings are computed (default :func:`embed_stream`, in this
+            process; :class:`galleria.distributed.ray_embed.RayEmbedder`: on a Ray
+            cluster). What is pending, the commits and the failures are the same.
 
     Returns:
         RunReport; ``interrupted`` is True after Ctrl-C (everything committed
@@ -312,7 +316,8 @@ def run_upgrade(
             return _run(gallery, state, order=order, limit=limit, extractor=extractor,
                         runtime=runtime, threads=threads, batch_size=batch_size,
                         workers=workers, commit_every=commit_every, retry_failed=retry_failed,
-                        save_every_s=save_every_s, progress=progress, t0=t0)
+                        save_every_s=save_every_s, progress=progress, t0=t0,
+                        embedder=embedder or embed_stream)
     finally:
         gallery.close()
 
@@ -333,6 +338,7 @@ def _run(
     save_every_s: float,
     progress: Progress | None,
     t0: float,
+    embedder: Embedder = embed_stream,
 ) -> RunReport:
     old, new = state.old_space, state.new_space
     if extractor is None:
@@ -404,8 +410,8 @@ def _run(
                     fails.append(it)
                 else:
                     items.append(it)
-            for batch in embed_stream(items, extractor, batch_size=batch_size, workers=workers,
-                                      progress=progress):
+            for batch in embedder(items, extractor, batch_size=batch_size, workers=workers,
+                                  progress=progress):
                 buf_ids.extend(it.id for it in batch.items)
                 buf_vecs.append(batch.vectors)
                 for it, why in batch.failures:
