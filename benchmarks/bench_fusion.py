@@ -106,14 +106,15 @@ class Data:
         self.specs = {n: input_spec(e) for n, e in self.exts.items()}
         self._views: dict[tuple[str, int, int], tuple[dict[str, int], np.ndarray]] = {}
 
-    def prepare(self) -> dict[str, float]:
+    def prepare(self, train_blocks: tuple[int, ...] = (0,)) -> dict[str, float]:
+        """Fill the member features and the query views of ``train_blocks`` splits."""
         t = time.perf_counter()
         out = {}
         for n in fd.MEMBERS:
             t1 = time.perf_counter()
             fd.fill(self.work, self.items, [self.exts[n]])
             out[f"features_{n}_s"] = round(time.perf_counter() - t1, 1)
-        for tb in (FusionRecipe().train_blocks, -1, 1):
+        for tb in train_blocks:
             for tr in (self.c_tr, self.s_tr):
                 self.views(tr.name, tr.items, 4, tb)
             for ev in self.evs:
@@ -542,7 +543,9 @@ def main() -> None:
         "on held-out *training* classes (20 %).")
     prep_f = work / "prepare.json"
     if "prepare" in phases:
-        res["prepare"] = data.prepare() if not prep_f.is_file() else read_json(prep_f)
+        tbs = tuple(sorted({int(RUNS[r].get("train_blocks", FusionRecipe().train_blocks))
+                            for r in args.runs.split(",")}))
+        res["prepare"] = data.prepare(tbs) if not prep_f.is_file() else read_json(prep_f)
         write_json(prep_f, res["prepare"])
     base_f = work / "baselines.json"
     if "baselines" in phases or "runs" in phases:

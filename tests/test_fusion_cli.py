@@ -47,6 +47,8 @@ ARGS = ["--gallery-models", '{"type": "effnet-lite0", "size": 160},opennsfw-r50'
         "--val-fraction", "0.3", "-q", "--threads", "2"]
 
 
+@pytest.mark.slow  # ~20 s idle, ~65 s on the loaded 2-core machine; the photos e2e in
+# test_fusion_model.py covers index --fusion / search in the default suite
 def test_fusion_train_index_and_query(ukbench, capsys):
     train, test, tmp = ukbench
     out = tmp / "F"

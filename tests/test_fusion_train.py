@@ -22,6 +22,15 @@ from galleria.fusion.train import FusionRecipe, TrainingData, fit_fusion, split_
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Training tests run torch on one thread, restored afterwards (a process-wide setting)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def synthetic(n_classes=12, per=8, seed=0, noise_dim=None):
     """Two member features that each see half of a class code; views carry the class too."""
     rng = np.random.default_rng(seed)
@@ -52,7 +61,6 @@ def test_split_holds_out_whole_classes():
 
 
 def test_training_improves_held_out_retrieval():
-    torch.set_num_threads(1)
     res = fit_fusion(synthetic(n_classes=64, per=4), RECIPE)
     first, best = res.history[0], max(res.history, key=lambda h: h.score)
     assert best.val_asym > first.val_asym + 0.005  # held-out classes, query -> fused gallery
@@ -69,8 +77,9 @@ WORKER = textwrap.dedent("""
     ckpt, out, hold = sys.argv[1], sys.argv[2], sys.argv[3] == "hold"
     def on_epoch(rec):
         if hold and rec.epoch == 2:
-            print("ready", flush=True)
-            time.sleep(0.3)  # the kill lands in epoch 3, after epoch 2's checkpoint
+            print("ready", flush=True)  # the kill lands in epoch 3 or just after it
+        if hold and rec.epoch == 3:
+            time.sleep(60)  # never reaches epoch 4, however loaded the machine is
     res = fit_fusion(synthetic(), RECIPE, checkpoint=None if ckpt == "-" else ckpt,
                      on_epoch=on_epoch)
     state = {{**{{"m." + k: v for k, v in res.mixer.state_dict().items()}},
@@ -101,7 +110,7 @@ def test_resume_after_kill_9_gives_the_uninterrupted_result(tmp_path):
             if not line and p.poll() is not None:
                 break
         assert "ready" in line, p.stderr.read()
-        time.sleep(0.5)
+        time.sleep(0.05)
         p.send_signal(signal.SIGKILL)
         p.wait(timeout=30)
     finally:
@@ -129,7 +138,6 @@ def test_resume_after_kill_9_gives_the_uninterrupted_result(tmp_path):
 
 
 def test_checkpoint_of_other_members_or_dims_is_refused(tmp_path):
-    torch.set_num_threads(1)
     ckpt = tmp_path / "ck.safetensors"
     short = FusionRecipe(**{**RECIPE.to_dict(), "epochs": 1})
     fit_fusion(synthetic(), short, checkpoint=ckpt)
