@@ -212,7 +212,7 @@ def run_one(data: Data, tname: str, rname: str, spec: dict[str, Any], base: dict
                       labels.astype(np.int64))
     ckpt = data.work / "runs" / f"{tname}-{rname}.ckpt.safetensors"
     ckpt.parent.mkdir(parents=True, exist_ok=True)
-    res = fit_fusion(td, recipe, checkpoint=ckpt)
+    res = fit_fusion(td, recipe, checkpoint=ckpt, checkpoint_seconds=120)
     out: dict[str, Any] = {"members": list(members), "noise": noise, "recipe": recipe.to_dict(),
                            "labels": spec.get("labels", "class/instance"),
                            "train": res.summary(), "eval": {}}

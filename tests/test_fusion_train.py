@@ -147,3 +147,14 @@ def test_checkpoint_of_other_members_or_dims_is_refused(tmp_path):
         fit_fusion(other, short, checkpoint=ckpt)
     with pytest.raises(CompatibilityError, match=r"d=32.*d=16"):
         fit_fusion(synthetic(), FusionRecipe(**{**short.to_dict(), "d": 16}), checkpoint=ckpt)
+
+
+def test_checkpoint_seconds_skips_epoch_writes_but_keeps_the_end(tmp_path):
+    ckpt = tmp_path / "ck.safetensors"
+    seen = []
+    recipe = FusionRecipe(**{**RECIPE.to_dict(), "epochs": 3})
+    fit_fusion(synthetic(), recipe, checkpoint=ckpt, checkpoint_seconds=1e9,
+               on_epoch=lambda rec: seen.append(ckpt.is_file()))
+    assert seen == [False, False, False] and ckpt.is_file()  # only the stage's end
+    again = fit_fusion(synthetic(), recipe, checkpoint=ckpt)
+    assert again.resumed_from == 3

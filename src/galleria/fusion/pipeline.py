@@ -49,6 +49,7 @@ def train_from_manifest(
     batch_size: int = 32,
     workers: int = 2,
     progress: Callable[..., Any] | None = None,
+    checkpoint_seconds: float = 60.0,
 ) -> dict[str, Any]:
     """Train a fusion model on the images of ``images`` (folder or CSV manifest) into ``out``.
 
@@ -58,6 +59,8 @@ def train_from_manifest(
             discrimination (one class per image, phone-like views).
         work: cache folder (features, views, checkpoint); default ``<out>.work``.
         progress: tqdm-like factory ``progress(total=, desc=, unit=)``.
+        checkpoint_seconds: least time between two training checkpoints (a kill loses at
+            most this much training; see :func:`galleria.fusion.train.fit_fusion`).
 
     Returns:
         A JSON-able report (counts, seconds per step, training summary, fingerprint).
@@ -73,7 +76,7 @@ def train_from_manifest(
     work_dir.mkdir(parents=True, exist_ok=True)
     with _work_lock(work_dir):
         return _train(items, out, work_dir, gallery_models, label_column, recipe, top_n,
-                      threads, batch_size, workers, progress, t0, images)
+                      threads, batch_size, workers, progress, t0, images, checkpoint_seconds)
 
 
 @contextlib.contextmanager
@@ -97,7 +100,8 @@ def _work_lock(work_dir: Path) -> Iterator[None]:
 def _train(items: list[Any], out: str | os.PathLike[str], work_dir: Path,
            gallery_models: Sequence[str], label_column: str | None, recipe: FusionRecipe,
            top_n: int, threads: int | None, batch_size: int, workers: int,
-           progress: Callable[..., Any] | None, t0: float, images: Any) -> dict[str, Any]:
+           progress: Callable[..., Any] | None, t0: float, images: Any,
+           checkpoint_seconds: float) -> dict[str, Any]:
     from galleria.store.gallery import Gallery
 
     members = [build_member(n, threads=threads, top_n=top_n) for n in gallery_models]
@@ -150,7 +154,7 @@ def _train(items: list[Any], out: str | os.PathLike[str], work_dir: Path,
 
     data = TrainingData(specs, feats, views, labels)
     result = fit_fusion(data, recipe, checkpoint=work_dir / "checkpoint.safetensors",
-                        progress=progress)
+                        progress=progress, checkpoint_seconds=checkpoint_seconds)
     training = {**result.summary(), "labels": label_column or "instance discrimination",
                 "images": len(items), "manifest": os.fspath(images)}
     model = FusionModel(
