@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_TYPE = "fusion-checkpoint"
 CHECKPOINT_VERSION = 1
 SCHEDULES = ("joint", "two-stage")
+PATIENCE_STEPS = 32
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,8 @@ class FusionRecipe:
         lr: AdamW learning rate of the mixer, the classifier and the whitening layer.
         query_lr: learning rate of the trained trunk blocks and the head.
         weight_decay: AdamW weight decay.
-        patience: evaluations without improvement before stopping.
+        patience: epochs without improvement before stopping (counted after the warm-up;
+            an epoch shorter than 32 steps counts as a fraction of one).
         val_fraction: held-out share of the classes (or images) for early stopping.
         seed: fixes the split, the initialisation and every draw.
     """
@@ -453,6 +455,11 @@ def fit_fusion(
 
     n_epochs = max(recipe.epochs, math.ceil(recipe.min_steps / steps_per_epoch))
     per_stage = n_epochs * steps_per_epoch
+    # patience is counted in units of ~PATIENCE_STEPS steps, and not during the warm-up:
+    # on SMVS (3 steps per epoch) 5 epochs of patience stopped training at epoch 6, in
+    # the warm-up, keeping epoch 1's weights
+    patience = recipe.patience * max(1, math.ceil(PATIENCE_STEPS / steps_per_epoch))
+    warm_epochs = math.ceil(recipe.warmup * per_stage / steps_per_epoch)
     bar = progress(total=len(stages) * per_stage, desc="fusion train", unit="step") \
         if progress else None
     try:
@@ -530,9 +537,9 @@ def fit_fusion(
                     best_score, bad = score, 0
                     best = _state(run.modules_state())
                     result.best_epoch[stage] = epoch
-                else:
+                elif epoch > warm_epochs:
                     bad += 1
-                    stopped = bad >= recipe.patience and views_val is not None
+                    stopped = bad >= patience and views_val is not None
                 result.stopped_early[stage] = stopped
                 if stopped and bar is not None:
                     bar.update((n_epochs - epoch) * steps_per_epoch)
