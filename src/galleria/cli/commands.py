@@ -57,10 +57,26 @@ def cmd_index(args: argparse.Namespace) -> int:
         if v is not None
     }
     margs = model_args(args)
-    if margs["model"] is None and args.local is None:
+    extractor = None
+    if getattr(args, "fusion", None):
+        if margs["model"] is not None or args.transform:
+            from galleria.errors import InputError
+
+            raise InputError("--fusion embeds with the fusion model's members and mixer; "
+                             "drop --model / --transform")
+        from galleria.fusion.extractor import gallery_extractor
+
+        extractor = gallery_extractor(args.fusion, args.out, runtime=margs["runtime"],
+                                      threads=threads)
+    elif margs["model"] is None and args.local is None:
         margs["model"] = "effnet-lite0"
     explicit = Path(args.src).suffix.lower() == ".csv"
-    passes = (1 if margs["model"] else 0) + (1 if args.local else 0)
+    passes = (1 if margs["model"] or extractor else 0) + (1 if args.local else 0)
+    if extractor is not None and getattr(args, "ray", None):
+        from galleria.errors import InputError
+
+        raise InputError("--fusion with --ray is not supported yet: the fusion gallery "
+                         "extractor runs every member model in this process; drop --ray")
     remote = ray_embedding(args)
     try:
         with progress_bar(len(items) * passes, "index", enabled=not args.quiet) as bar:
@@ -68,6 +84,7 @@ def cmd_index(args: argparse.Namespace) -> int:
                 items,
                 args.out,
                 **margs,
+                extractor=extractor,
                 local=args.local,
                 threads=threads,
                 index=args.index,

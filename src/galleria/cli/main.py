@@ -5,6 +5,7 @@ Commands (``galleria COMMAND --help`` for options)::
     galleria models                       list extractors (dim, input size, source)
     galleria index SRC --model M --out G  embed a folder/manifest into gallery G
                                           (--ray ADDRESS: embed on a Ray cluster)
+    galleria index SRC --fusion F --out G a fused gallery (queries: F's light model)
     galleria search G IMAGE... -k K       search (--json, --html OUT)
     galleria eval --dataset NAME          official protocols on ../shared/datasets
     galleria eval --manifest CSV          your own labelled images
@@ -14,6 +15,7 @@ Commands (``galleria COMMAND --help`` for options)::
     galleria repair G                     restore the database, re-embed lost data, rebuild
     galleria fit-transform G --kind aesvc --dim 128 --out T [--apply]
     galleria export-onnx --model M --out F.onnx
+    galleria fusion train --gallery-models M1,M2 --images CSV --out F   fused gallery + light query
     galleria serve G [--port 8080]        search API + web UI (docs at /docs)
 """
 
@@ -47,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(s, default=None)
     s.add_argument("--local", default=None,
                    help="also (or only, without --model) store local features: sift, xfeat")
+    s.add_argument("--fusion", default=None, metavar="F",
+                   help="a fusion model folder (galleria fusion train): embed through every "
+                        "member and the mixer; queries then use its light model")
     s.add_argument("--id-prefix", default=None,
                    help="prefix every id (index two folders whose file names collide)")
     s.add_argument("--update", action="store_true",
@@ -149,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     from galleria.cli.upgrade import add_upgrade_parser
 
     add_upgrade_parser(sub)
+
+    from galleria.cli.fusion import add_fusion_parser
+
+    add_fusion_parser(sub)
 
     from galleria.cli.serve import add_serve_parser
 

@@ -21,7 +21,13 @@ log = logging.getLogger(__name__)
 
 def space_info(extractor: Extractor, *, query_extractor: Extractor | None = None
                ) -> dict[str, Any]:
-    """The ``info`` a space records for data made by ``extractor``."""
+    """The ``info`` a space records for data made by ``extractor``.
+
+    ``query_extractor`` (default: the extractor's own ``query_extractor`` attribute,
+    e.g. a fused gallery's light model) embeds the queries of an asymmetric space.
+    """
+    if query_extractor is None:
+        query_extractor = getattr(extractor, "query_extractor", None)
     info: dict[str, Any] = {**extractor.info().to_dict(), "kind": extractor.kind}
     try:
         info["config"] = extractor.config()

@@ -45,6 +45,9 @@ _REGISTRY: dict[str, ModelSpec] = {}
 #: ``function(config, *, root, runtime, threads) -> Extractor`` (imported lazily).
 CONFIG_BUILDERS: dict[str, str] = {
     "transformed": "galleria.extractors.transformed:from_config",
+    "fusion-gallery": "galleria.fusion.extractor:gallery_from_config",
+    "fusion-query": "galleria.fusion.extractor:query_from_config",
+    "packed-local": "galleria.fusion.members:packed_from_config",
 }
 
 

@@ -1,0 +1,141 @@
+"""``galleria fusion``: train an asymmetric feature-fusion model (rich fused gallery,
+light query model).
+
+Subcommands::
+
+    galleria fusion train --gallery-models M1,M2[,sift] --query-model effnet-lite0 \\
+        --images MANIFEST [--label-column C] --out F      (resumable: rerun the same command)
+    galleria fusion info F                                 members, recipe, fingerprint
+
+Wired in cli/main.py with ``from galleria.cli.fusion import add_fusion_parser;
+add_fusion_parser(sub)``. ``F`` is then used by ``galleria index SRC --fusion F``
+(the fused gallery) and the searcher embeds queries with its light model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from typing import Any
+
+from galleria.cli.common import add_run_args, print_json, set_threads, setup_logging
+
+
+def add_fusion_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``fusion`` with its subcommands to the main parser's ``subparsers``."""
+    from galleria.fusion.pipeline import DEFAULT_MEMBERS
+    from galleria.fusion.train import FusionRecipe
+
+    d = FusionRecipe()
+    fu = subparsers.add_parser(
+        "fusion", help="train a fused gallery + light query model (asymmetric feature fusion)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = fu.add_subparsers(dest="fusion_command", required=True)
+    s = sub.add_parser("train", help="train a fusion model from a folder or manifest (resumable)")
+    s.add_argument("--gallery-models", default=",".join(DEFAULT_MEMBERS),
+                   help="comma-separated member extractors (registry names, effnet-lite2-ms, "
+                        "local: sift/xfeat)")
+    s.add_argument("--query-model", default=d.query_model, choices=["effnet-lite0"])
+    s.add_argument("--images", required=True, help="folder or CSV manifest of training images")
+    s.add_argument("--label-column", default=None,
+                   help="manifest column with class/instance labels (default: instance "
+                        "discrimination with phone-like views)")
+    s.add_argument("--out", "-o", required=True, help="fusion model folder to write")
+    s.add_argument("--work", default=None, help="cache folder (default: OUT.work)")
+    g = s.add_argument_group("recipe")
+    g.add_argument("--dim", type=int, default=d.d, help="fused vector dimension d")
+    g.add_argument("--mixer", default=d.mixer, choices=["transformer", "mlp"])
+    g.add_argument("--layers", type=int, default=d.layers, help="transformer layers C")
+    g.add_argument("--heads", type=int, default=d.heads)
+    g.add_argument("--momentum", type=float, default=d.momentum)
+    g.add_argument("--margin", type=float, default=d.margin)
+    g.add_argument("--scale", type=float, default=d.scale)
+    g.add_argument("--schedule", default=d.schedule, choices=["joint", "two-stage"])
+    g.add_argument("--train-blocks", type=int, default=d.train_blocks,
+                   help="trained MBConv blocks at the end of the query trunk (-1: whitening "
+                        "only)")
+    g.add_argument("--views", type=int, default=d.n_views, help="query views per image")
+    g.add_argument("--epochs", type=int, default=d.epochs)
+    g.add_argument("--min-steps", type=int, default=d.min_steps,
+                   help="small sets train more epochs, up to this many steps")
+    g.add_argument("--warmup", type=float, default=d.warmup, help="warm-up share of the steps")
+    g.add_argument("--batch", type=int, default=d.batch_size, help="images per step")
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--query-lr", type=float, default=d.query_lr)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--patience", type=int, default=d.patience)
+    g.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--top-n", type=int, default=64, help="descriptors kept per local member")
+    s.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_run_args(s)
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("info", help="describe a fusion model folder")
+    s.add_argument("model")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_info)
+    return fu
+
+
+def _progress(enabled: bool) -> Any:
+    import os
+    import sys
+
+    from tqdm import tqdm
+
+    show = enabled and (os.environ.get("GALLERIA_PROGRESS") == "1" or sys.stderr.isatty())
+    return functools.partial(tqdm, disable=not show, dynamic_ncols=True)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from galleria.fusion.pipeline import train_from_manifest
+    from galleria.fusion.train import FusionRecipe
+
+    setup_logging(args.verbose)
+    threads = set_threads(args.threads)
+    recipe = FusionRecipe(
+        d=args.dim, mixer=args.mixer, layers=args.layers, heads=args.heads,
+        momentum=args.momentum, margin=args.margin, scale=args.scale, schedule=args.schedule,
+        query_model=args.query_model, train_blocks=args.train_blocks, n_views=args.views,
+        epochs=args.epochs, min_steps=args.min_steps, warmup=args.warmup,
+        batch_size=args.batch, lr=args.lr, query_lr=args.query_lr,
+        weight_decay=args.weight_decay, patience=args.patience,
+        val_fraction=args.val_fraction, seed=args.seed,
+    )
+    from galleria.fusion.members import split_members
+
+    members = split_members(args.gallery_models)
+    report = train_from_manifest(
+        args.images, args.out, gallery_models=members, label_column=args.label_column,
+        recipe=recipe, work=args.work, top_n=args.top_n, threads=threads,
+        batch_size=args.batch_size, workers=args.workers, progress=_progress(not args.quiet),
+    )
+    if args.json:
+        print_json(report)
+    else:
+        print(f"{report['out']}: fusion model {report['fingerprint']}")
+        print(f"  {report['images']} images ({len(report['skipped'])} skipped), "
+              f"{report['classes']} training classes, {report['n_val']} held out")
+        print(f"  features {report['features_seconds']} s, views {report['views_seconds']} s, "
+              f"training {report['train_seconds']} s (best epoch {report['best_epoch']})")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from galleria.fusion.model import FusionModel
+
+    m = FusionModel.load(args.model)
+    h = m.header()
+    if args.json:
+        print_json(h)
+        return 0
+    print(f"{args.model}: {m.fingerprint} (d = {m.dim})")
+    for mem, spec in zip(m.members, m.specs, strict=True):
+        print(f"  member {spec.name:<16} {spec.kind:<6} {spec.stored_dim:>6}-d  "
+              f"{mem['fingerprint']}")
+    qp = m.query_params
+    print(f"  query  {qp['model']} (trained blocks: {qp['train_blocks']}) -> {m.dim}-d, ONNX")
+    print(f"  mixer  {m.mixer_params}")
+    return 0

@@ -1,0 +1,263 @@
+"""The two extractors of a fusion model, built from configs (``registry.CONFIG_BUILDERS``).
+
+``{"type": "fusion-gallery", "model": F}``
+    runs every member extractor and the mixer on an image batch -> ``(B, d)``.
+    ``prepare(img)`` returns the members' prepared inputs one after the other
+    (one slot per member scale) and ``embed_prepared`` splits them again, so it
+    satisfies the global extractor contract (``embed_stream``, ``index_images``).
+``{"type": "fusion-query", "model": F}``
+    the light query model: one ONNX Runtime pass (``runtime="torch"`` runs the
+    same network in torch) -> ``(B, d)``.
+
+Both carry the fusion model's fingerprint (the space's). Paths in a config
+resolve against ``root`` (the gallery folder) when relative. Members are rebuilt
+from their recorded configs and must have their recorded fingerprints: other
+installed weights are refused, naming both.
+
+``galleria index SRC --fusion F --out G`` copies ``F`` into ``G/fusion/<slug>``
+(:func:`attach_to_gallery`; the gallery stays searchable when ``F`` moves) and
+indexes through :func:`gallery_extractor`. The gallery extractor exposes its
+light model as ``query_extractor``; the space records that model's config as
+``query_config`` (:func:`galleria.extract.spaces.space_info`), so searchers
+embed queries with the light model in one pass.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from galleria.errors import CompatibilityError
+from galleria.extractors.base import Extractor, ModelInfo
+from galleria.extractors.pooling import Pooling
+from galleria.fusion.model import FusionModel
+from galleria.validate import l2_normalize
+
+
+def _model(config: dict[str, Any], root: str | None) -> tuple[FusionModel, str]:
+    from galleria.errors import FormatError
+    from galleria.extractors.registry import resolve_path
+
+    if "model" not in config:
+        raise FormatError(f"a {config.get('type')} config needs 'model' (the fusion folder): "
+                          f"{config!r}")
+    path = resolve_path(str(config["model"]), root)
+    return FusionModel.load(path), str(config["model"])
+
+
+def _lite_preprocessing() -> Any:
+    from galleria.extractors import effnet
+    from galleria.extractors.preprocessing import Preprocessing
+
+    return Preprocessing(size=(224, 224), resize="squash", crop_pct=0.875,
+                         mean=effnet.LITE_MEAN, std=effnet.LITE_STD)
+
+
+class FusionGalleryExtractor(Extractor):
+    """Every member + the mixer; ``(B, d)`` L2-normalised fused gallery vectors."""
+
+    def __init__(self, model: FusionModel, members: Sequence[Extractor]) -> None:
+        from galleria.fusion.members import input_spec
+
+        model.check_members([input_spec(m) for m in members])
+        self.model = model
+        self.members = list(members)
+        self._slots = [len(m.scales) for m in self.members]
+        super().__init__(
+            name="fusion-gallery", dim=model.dim, preprocessing=members[0].preprocessing,
+            pooling=Pooling("model"), scales=(1.0,) * sum(self._slots),
+            weights_id=model.fingerprint,
+            source="fused: " + " + ".join(m.name for m in self.members),
+        )
+        self.runtime = "mixed"
+        self._lock = threading.Lock()
+        self._query: FusionQueryExtractor | None = None
+
+    @property
+    def fingerprint(self) -> str:  # type: ignore[override]
+        return self.model.fingerprint
+
+    @property
+    def query_extractor(self) -> FusionQueryExtractor | None:
+        """The light query model of the same fusion model (``None`` when built without a
+        config: it could not be recorded). A space indexed by this extractor records its
+        config as ``query_config``."""
+        if self._config is None:
+            return None
+        if self._query is None:
+            ex = self._exec_options or {}
+            cfg = {"type": "fusion-query", "model": self._config["model"]}
+            q = FusionQueryExtractor(self.model, runtime=_exec(ex.get("runtime", "auto")),
+                                     threads=ex.get("threads"))
+            q.set_config(cfg, root=self._config_root, runtime=ex.get("runtime", "auto"),
+                         threads=ex.get("threads"))
+            self._query = q
+        return self._query
+
+    def info(self) -> ModelInfo:
+        return ModelInfo(name=self.name, dim=self.dim, input_size=self.preprocessing.size,
+                         source=self.source, pooling="fusion", scales=(1.0,),
+                         runtime=self.runtime, fingerprint=self.fingerprint)
+
+    def prepare(self, img: Image.Image) -> tuple[np.ndarray, ...]:
+        out: list[np.ndarray] = []
+        for m in self.members:
+            out.extend(m.prepare(img))
+        return tuple(out)
+
+    def member_features(self, per_slot: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Batched prepared inputs -> one ``(B, stored_dim)`` array per member."""
+        if len(per_slot) != len(self.scales):
+            raise ValueError(f"expected {len(self.scales)} input slots, got {len(per_slot)}")
+        feats, at = [], 0
+        for m, k in zip(self.members, self._slots, strict=True):
+            feats.append(m.embed_prepared(per_slot[at:at + k]))
+            at += k
+        return feats
+
+    def embed_prepared(self, per_scale: Sequence[np.ndarray]) -> np.ndarray:
+        feats = self.member_features(per_scale)
+        with self._lock:  # the mixer module is shared; torch modules are not re-entrant-safe
+            return self.model.mix(feats)
+
+    def _embed_scale(self, batch: np.ndarray, scale: float) -> np.ndarray:  # pragma: no cover
+        raise NotImplementedError("FusionGalleryExtractor embeds through embed_prepared")
+
+
+class FusionQueryExtractor(Extractor):
+    """The light query model of a fusion model (ONNX Runtime, or torch)."""
+
+    def __init__(self, model: FusionModel, *, runtime: str = "onnx",
+                 threads: int | None = None) -> None:
+        if runtime not in ("onnx", "torch"):
+            raise ValueError(f"runtime must be onnx or torch, got {runtime!r}")
+        self.model = model
+        qp = model.query_params
+        super().__init__(
+            name="fusion-query", dim=model.dim, preprocessing=_lite_preprocessing(),
+            pooling=Pooling("model"), scales=(1.0,), weights_id=model.fingerprint,
+            source=f"{qp['model']} query model (blocks trained: {qp['train_blocks']}) of "
+                   f"{model.fingerprint}",
+        )
+        self.runtime = runtime
+        self.threads = threads
+        self._session: Any = None
+        self._net: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def fingerprint(self) -> str:  # type: ignore[override]
+        return self.model.fingerprint
+
+    def info(self) -> ModelInfo:
+        return ModelInfo(name=self.name, dim=self.dim, input_size=self.preprocessing.size,
+                         source=self.source, pooling="gem3+whitening", scales=(1.0,),
+                         runtime=self.runtime, fingerprint=self.fingerprint)
+
+    def _embed_scale(self, batch: np.ndarray, scale: float) -> np.ndarray:
+        if self.runtime == "onnx":
+            with self._lock:
+                if self._session is None:
+                    from galleria.extractors.torch_model import ort_session
+
+                    self._session = ort_session(self.model.onnx_path, threads=self.threads)
+            return self._session.run(None, {"images": batch})[0]
+        import torch
+
+        from galleria.fusion.query_model import QueryNet
+
+        with self._lock:
+            if self._net is None:
+                self._net = QueryNet(self.model.trunk(), self.model.tail).eval()
+            with torch.inference_mode():
+                return l2_normalize(self._net(torch.from_numpy(batch)).numpy())
+
+
+def _exec(runtime: str) -> str:
+    return "onnx" if runtime == "auto" else runtime
+
+
+def gallery_from_config(config: dict[str, Any], *, root: str | None, runtime: str,
+                        threads: int | None) -> FusionGalleryExtractor:
+    """Rebuild ``{"type": "fusion-gallery", "model": F}`` (members from their configs)."""
+    from galleria.extractors.registry import extractor_from_config
+
+    model, _ = _model(config, root)
+    members = []
+    for m in model.members:
+        try:
+            members.append(extractor_from_config(m["config"], root=root, runtime=runtime,
+                                                 threads=threads, fingerprint=m["fingerprint"]))
+        except CompatibilityError as exc:
+            raise CompatibilityError(
+                f"fusion model {model.fingerprint}: member {m['config'].get('type')!r} cannot be "
+                f"rebuilt as trained: {exc}") from exc
+    ext = FusionGalleryExtractor(model, members)
+    ext.set_config(config, root=root, runtime=runtime, threads=threads)
+    return ext
+
+
+def query_from_config(config: dict[str, Any], *, root: str | None, runtime: str,
+                      threads: int | None) -> FusionQueryExtractor:
+    """Rebuild ``{"type": "fusion-query", "model": F}``."""
+    model, _ = _model(config, root)
+    ext = FusionQueryExtractor(model, runtime=_exec(runtime), threads=threads)
+    ext.set_config(config, root=root, runtime=runtime, threads=threads)
+    return ext
+
+
+def attach_to_gallery(model_dir: str | os.PathLike[str], gallery_dir: str | os.PathLike[str]
+                      ) -> str:
+    """Copy the fusion model folder into ``<gallery>/fusion/<slug>``; its relative path.
+
+    The model is loaded (and so checked) first; a copy already there is reused.
+    The gallery folder is created if needed (the gallery itself is not).
+    """
+    from galleria.fingerprint import slug
+    from galleria.fusion.model import HEADER_FILE, MIXER_FILE, ONNX_FILE, QUERY_FILE
+
+    model = FusionModel.load(model_dir)
+    rel = Path("fusion") / slug(model.fingerprint)
+    dest = Path(gallery_dir) / rel
+    if dest.is_dir():
+        FusionModel.load(dest, fingerprint=model.fingerprint)
+        return rel.as_posix()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        for f in (MIXER_FILE, QUERY_FILE, ONNX_FILE, HEADER_FILE):
+            shutil.copy2(Path(model_dir) / f, tmp / f)
+        FusionModel.load(tmp, fingerprint=model.fingerprint)
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return rel.as_posix()
+
+
+def gallery_extractor(model_dir: str | os.PathLike[str], gallery_dir: str | os.PathLike[str],
+                      *, runtime: str = "auto", threads: int | None = None
+                      ) -> FusionGalleryExtractor:
+    """The fused-gallery extractor for indexing into ``gallery_dir`` (model copied in)."""
+    from galleria.extractors.registry import extractor_from_config
+
+    rel = attach_to_gallery(model_dir, gallery_dir)
+    return extractor_from_config(  # type: ignore[return-value]
+        {"type": "fusion-gallery", "model": rel}, root=str(gallery_dir), runtime=runtime,
+        threads=threads)
+
+
+def configs(model_path: str) -> dict[str, dict[str, Any]]:
+    """The two configs of a fusion model folder, as a space records them:
+    ``{"config": fusion-gallery config, "query_config": fusion-query config}``."""
+    return {"config": {"type": "fusion-gallery", "model": str(model_path)},
+            "query_config": {"type": "fusion-query", "model": str(model_path)}}

@@ -1,0 +1,217 @@
+"""The gallery-side mixer: several frozen features of one image -> one compact vector.
+
+AFF (METHODS.md section 3, paper eqs. 3-8): K global features ``g_i (D_i,)`` and
+M local feature sets ``l_i (n_i, d_i)`` are each projected by their own linear
+layer to ``d``, stacked into a sequence ``F (N, d)``, a learnable fusion token is
+prepended and C post-LN transformer layers (multi-head self-attention, GELU MLP
+of width ``2d``) process it; the output fusion token is the gallery vector.
+
+Inputs are a list of tensors in the order of the :class:`InputSpec` list:
+``(B, D_i)`` for a global input, ``(B, n_i, d_i)`` for a local set whose padding
+rows are all-zero (masked out of the attention; see
+:func:`galleria.fusion.data.pack_local`). There is no positional or type
+embedding (as in the paper): the output does not change when the local rows of a
+set are permuted, nor when the inputs are reordered together with their
+projections.
+
+:class:`MLPMixer` is the paper's simple baseline (Fig. 4a): concatenation (local
+sets mean-pooled) followed by two fully-connected layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from galleria.errors import CompatibilityError, InputError
+
+MIXER_KINDS = ("transformer", "mlp")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One mixer input: a member model's feature.
+
+    Attributes:
+        name: the member's display name (e.g. ``effnet-lite2``).
+        fingerprint: the member extractor's fingerprint (the feature-store space).
+        kind: ``global`` (one ``(D,)`` vector per image) or ``local`` (a set of at most
+            ``top_n`` descriptors of dimension ``dim``).
+        dim: ``D`` (global) or the descriptor dimension ``d_i`` (local).
+        top_n: descriptors kept per image (local); 1 for a global input.
+    """
+
+    name: str
+    fingerprint: str
+    kind: str
+    dim: int
+    top_n: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("global", "local"):
+            raise InputError(f"input kind must be global or local, not {self.kind!r}")
+        if self.dim < 1 or self.top_n < 1:
+            raise InputError(f"input {self.name!r}: dim and top_n must be >= 1")
+
+    @property
+    def stored_dim(self) -> int:
+        """Width of the stored (packed) vector: ``dim`` or ``top_n * dim``."""
+        return self.dim * (self.top_n if self.kind == "local" else 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> InputSpec:
+        return cls(**{k: d[k] for k in ("name", "fingerprint", "kind", "dim", "top_n")})
+
+
+def check_inputs(trained: Sequence[InputSpec], given: Sequence[InputSpec]) -> None:
+    """Raise :class:`CompatibilityError` naming both lists unless they match exactly."""
+    def show(specs: Sequence[InputSpec]) -> str:
+        return ", ".join(f"{s.fingerprint} ({s.kind}, {s.stored_dim}-d)" for s in specs)
+
+    a = [(s.fingerprint, s.kind, s.dim, s.top_n) for s in trained]
+    b = [(s.fingerprint, s.kind, s.dim, s.top_n) for s in given]
+    if a != b:
+        raise CompatibilityError(
+            f"this mixer was trained for the member features [{show(trained)}] but was given "
+            f"[{show(given)}]; train a fusion model for these members (galleria fusion train)"
+        )
+
+
+def _split_tokens(spec: InputSpec, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One input batch -> ``(B, n, dim)`` rows and ``(B, n)`` padding mask (True = pad)."""
+    if spec.kind == "global":
+        if x.ndim != 2 or x.shape[1] != spec.dim:
+            raise InputError(f"input {spec.name!r}: expected (B, {spec.dim}), got {tuple(x.shape)}")
+        return x[:, None, :], torch.zeros(x.shape[0], 1, dtype=torch.bool, device=x.device)
+    if x.ndim != 3 or x.shape[2] != spec.dim or x.shape[1] > spec.top_n:
+        raise InputError(
+            f"input {spec.name!r}: expected (B, <= {spec.top_n}, {spec.dim}), got {tuple(x.shape)}"
+        )
+    return x, x.abs().sum(dim=2) == 0
+
+
+class TransformerMixer(nn.Module):
+    """Per-input projections, a fusion token and ``layers`` post-LN transformer layers.
+
+    Args:
+        specs: the inputs, in order.
+        d: output (and token) dimension.
+        layers: number of transformer layers (C).
+        heads: attention heads (must divide ``d``).
+        dropout: dropout inside the layers (0: the training is then fully determined
+            by the seed and the data order).
+    """
+
+    def __init__(self, specs: Sequence[InputSpec], *, d: int = 512, layers: int = 4,
+                 heads: int = 8, dropout: float = 0.0) -> None:
+        super().__init__()
+        if not specs:
+            raise InputError("a mixer needs at least one input")
+        if d % heads:
+            raise InputError(f"heads ({heads}) must divide d ({d})")
+        self.specs = list(specs)
+        self.d = int(d)
+        self.proj = nn.ModuleList(nn.Linear(s.dim, d) for s in specs)
+        self.token = nn.Parameter(torch.randn(1, 1, d) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            d, heads, dim_feedforward=2 * d, dropout=dropout, activation="gelu",
+            batch_first=True, norm_first=False,
+        )
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+    def forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Inputs (see the module docstring) -> ``(B, d)`` fusion-token outputs (not normalised)."""
+        if len(inputs) != len(self.specs):
+            raise InputError(f"mixer takes {len(self.specs)} inputs, got {len(inputs)}")
+        b = inputs[0].shape[0]
+        tokens = [self.token.expand(b, -1, -1)]
+        pads = [torch.zeros(b, 1, dtype=torch.bool, device=self.token.device)]
+        for spec, x, proj in zip(self.specs, inputs, self.proj, strict=True):
+            rows, pad = _split_tokens(spec, x)
+            tokens.append(proj(rows))
+            pads.append(pad)
+        z = self.encoder(torch.cat(tokens, dim=1), src_key_padding_mask=torch.cat(pads, dim=1))
+        return z[:, 0]
+
+
+class MLPMixer(nn.Module):
+    """Baseline: concatenate the inputs (local sets mean-pooled), two linear layers (GELU)."""
+
+    def __init__(self, specs: Sequence[InputSpec], *, d: int = 512, hidden: int | None = None
+                 ) -> None:
+        super().__init__()
+        if not specs:
+            raise InputError("a mixer needs at least one input")
+        self.specs = list(specs)
+        self.d = int(d)
+        width = sum(s.dim for s in specs)
+        self.net = nn.Sequential(nn.Linear(width, hidden or 2 * d), nn.GELU(),
+                                 nn.Linear(hidden or 2 * d, d))
+
+    def forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        if len(inputs) != len(self.specs):
+            raise InputError(f"mixer takes {len(self.specs)} inputs, got {len(inputs)}")
+        parts = []
+        for spec, x in zip(self.specs, inputs, strict=True):
+            rows, pad = _split_tokens(spec, x)
+            keep = (~pad).to(rows.dtype)[:, :, None]
+            parts.append((rows * keep).sum(1) / keep.sum(1).clamp_min(1.0))
+        return self.net(torch.cat(parts, dim=1))
+
+
+def build_mixer(kind: str, specs: Sequence[InputSpec], *, d: int, layers: int = 4,
+                heads: int = 8) -> nn.Module:
+    """``kind`` is ``transformer`` (the AFF mixer) or ``mlp`` (the baseline)."""
+    if kind == "transformer":
+        return TransformerMixer(specs, d=d, layers=layers, heads=heads)
+    if kind == "mlp":
+        return MLPMixer(specs, d=d)
+    raise InputError(f"mixer kind must be one of {MIXER_KINDS}, not {kind!r}")
+
+
+def as_mixer_inputs(specs: Sequence[InputSpec], stored: Sequence[np.ndarray]
+                    ) -> list[torch.Tensor]:
+    """Stored ``(B, stored_dim)`` arrays -> mixer input tensors (local sets unpacked)."""
+    out = []
+    for spec, x in zip(specs, stored, strict=True):
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        if t.ndim != 2 or t.shape[1] != spec.stored_dim:
+            raise InputError(f"input {spec.name!r}: stored vectors must be (B, "
+                             f"{spec.stored_dim}), got {tuple(t.shape)}")
+        if spec.kind == "local":
+            t = t.reshape(t.shape[0], spec.top_n, spec.dim)
+            t = torch.nn.functional.normalize(t, dim=2)  # packing scaled the rows; zero rows stay 0
+        out.append(t)
+    return out
+
+
+@torch.no_grad()
+def mix(mixer: nn.Module, stored: Sequence[np.ndarray], *, batch: int = 256) -> np.ndarray:
+    """Stored member features (one ``(N, stored_dim)`` array per input) -> ``(N, d)`` L2-normalised.
+
+    The mixer runs in eval mode; nothing is changed on it.
+    """
+    specs = mixer.specs  # type: ignore[attr-defined]
+    if len(stored) != len(specs):
+        raise InputError(f"mixer takes {len(specs)} inputs, got {len(stored)}")
+    n = int(stored[0].shape[0])
+    if any(int(x.shape[0]) != n for x in stored):
+        raise InputError(f"inputs have different row counts: {[x.shape[0] for x in stored]}")
+    was = mixer.training
+    mixer.eval()
+    outs = []
+    try:
+        for s in range(0, n, batch):
+            ins = as_mixer_inputs(specs, [x[s:s + batch] for x in stored])
+            outs.append(torch.nn.functional.normalize(mixer(ins), dim=1).numpy())
+    finally:
+        mixer.train(was)
+    return np.concatenate(outs) if outs else np.zeros((0, mixer.d), np.float32)  # type: ignore[attr-defined]
