@@ -49,7 +49,7 @@ def queries(photos, tmp_path_factory):
 
 def test_local_only_gallery_default_pipeline(local_gallery, queries, capsys):
     with Gallery.open(local_gallery, readonly=True) as g:
-        assert best_pipeline(g) == "local+mds"
+        assert best_pipeline(g) == "local"
         assert g.primary_space is None
     for pipeline in (None, "local", "local+mds"):
         argv = [str(local_gallery), str(queries / "cat.jpg"), "-k", "3"]
@@ -139,4 +139,4 @@ def test_smvs_every_pipeline(require_shared, tmp_path, capsys):
         if pipeline != "global":
             assert right == 1.0, (pipeline, top)
     with Gallery.open(g, readonly=True) as gal:
-        assert best_pipeline(gal) == "local+mds"
+        assert best_pipeline(gal) == "local"

@@ -60,24 +60,18 @@ def gallery_spaces(g: Gallery) -> tuple[str | None, str | None]:
 
 
 def best_pipeline(g: Gallery) -> str:
-    """The pipeline a search uses when none is named: ``local+mds`` where the local
-    index gives image-to-image similarities (ASMK) and the features are sift, else
-    ``local``; ``global``
-    without local features. Chosen for the same-object case local features are
-    for (benchmarks/results/local.md: SMVS phone photos, R@1 ~99% local vs 18.5%
-    global); on landmarks (rparis250) the global model measured better: name
-    ``global`` there."""
-    loc = gallery_spaces(g)[1]
-    if loc is None:
-        return "global"
-    from galleria.local.factory import local_index_kind
+    """The pipeline a search uses when none is named: ``local`` when the gallery holds
+    local features, ``global`` without them.
 
-    if local_index_kind(g.index_spec(loc)) != "asmk":
-        return "local"
-    # measured: MDS re-ranking helps sift (SMVS mAP 94.1 -> 95.2) and hurts xfeat
-    # (46.2 -> 18.9), whose binarised similarities are too weak to embed
-    name = str(g.space_info(loc).info.get("name", ""))
-    return "local" if name.startswith("xfeat") else "local+mds"
+    Measured (benchmarks/results/local.md): on SMVS phone photos local search gets
+    R@1 ~99 % against 18.5 % for the global model. MDS re-ranking (``local+mds``)
+    helps sift on the 500-image SMVS gallery (mAP 94.1 -> 95.2) but not with xfeat
+    (46.2 -> 18.9), not on rparis250, and not on the 11.4k-image gallery of every
+    shared image (phone-photo R@1 95 % with ASMK alone, far lower after MDS), so it
+    is never the default: name it. On landmarks the global model measured better:
+    name ``global`` there.
+    """
+    return "global" if gallery_spaces(g)[1] is None else "local"
 
 
 class PipelineSearcher:
