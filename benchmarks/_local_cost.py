@@ -152,7 +152,7 @@ def _r1(res: Any, qrows: np.ndarray, group: np.ndarray) -> float:
     return float(100 * np.mean([group[t] == group[q] for t, q in zip(top, qrows, strict=True)]))
 
 
-def run_cost(threads: int) -> dict[str, Any]:
+def run_cost(threads: int, locals_: tuple[str, ...] = ("sift", "xfeat")) -> dict[str, Any]:
     paths = all_images()
     n = len(paths)
     qrows, group = _smvs_queries(paths)
@@ -167,7 +167,7 @@ def run_cost(threads: int) -> dict[str, Any]:
                         1000 * sec / qrows.size, "bytes_per_image": vecs.shape[1] * 4 + 8,
                         "R@1": _r1(res, qrows, group)})
     print("cost global", out["rows"][-1], flush=True)
-    for local in ("sift", "xfeat"):
+    for local in locals_:
         packed = _all_features(paths, local, threads)
         ext = create_extractor(local)
         feats = packed.to_list()
@@ -235,9 +235,10 @@ def run_extract(threads: int) -> dict[str, Any]:
     return {"rows": rows, "images": "100 SMVS (640 px) + 100 rparis250 (1024 px)"}
 
 
-def run_cost_section(section: str, *, threads: int) -> dict[str, Any]:
+def run_cost_section(section: str, *, threads: int,
+                     locals_: tuple[str, ...] = ("sift", "xfeat")) -> dict[str, Any]:
     if section == "cost":
-        return run_cost(threads)
+        return run_cost(threads, locals_)
     if section == "extract":
         out = run_extract(threads)
         set_threads(threads)

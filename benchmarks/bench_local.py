@@ -330,6 +330,8 @@ def main() -> None:
     ap.add_argument("--name", default="local",
                     help="results name (benchmarks/results/NAME.json/.md): a second run "
                          "at the same time writes its own file")
+    ap.add_argument("--cost-locals", default="sift,xfeat",
+                    help="local extractors of the cost section (all ~11k shared images)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     threads = set_threads(args.threads)
@@ -359,7 +361,8 @@ def main() -> None:
             payload["sensitivity"] = run_sensitivity(
                 tasks=tuple(args.sens_tasks.split(",")))
         elif section in COST_SECTIONS:
-            payload[section] = run_cost_section(section, threads=threads)
+            payload[section] = run_cost_section(
+                section, threads=threads, locals_=tuple(args.cost_locals.split(",")))
         else:
             raise SystemExit(f"unknown section {section!r}")
         payload.setdefault("section_info", {})[section] = {
