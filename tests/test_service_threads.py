@@ -90,7 +90,7 @@ def test_upgrade_over_http_cancel_resume_finish_without_restart(tiny_gallery):
         old = before["model"]
         r = c.post("/v1/upgrade", headers=AUTH, json={
             "action": "start", "new_model": "tiny-test",
-            "model_options": {"seed": 2, "dim": 16, "delay": 0.05}})
+            "model_options": {"seed": 2, "dim": 16, "delay": 0.3}})
         assert r.status_code == 200, r.text
         new = r.json()["started"]["new_space"]
         again = c.post("/v1/upgrade", headers=AUTH, json={"action": "start",
