@@ -4,9 +4,8 @@
 pool (when installed) and every OpenBLAS loaded in the process (numpy's own
 included) to ``n`` threads.
 Library code never calls it (nor anything else that changes process-wide thread
-settings: small products in the exact kernel run in the calling thread through
-``np.vecdot`` instead of lowering the BLAS thread count, see
-``galleria.index.exact._small_scores``). OpenBLAS's ``openblas_set_num_threads_local``
+settings: the kernels use the BLAS with whatever thread count the entry point
+chose). OpenBLAS's ``openblas_set_num_threads_local``
 is no alternative in the pthreads build numpy bundles: it calls the global
 ``openblas_set_num_threads`` (driver/others/openblas_set_num_threads.c).
 """
