@@ -43,7 +43,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fusion_data as fd
-from _common import machine_info, machine_md, set_threads, write_results
+from _common import machine_info, set_threads, write_results
+from _fusion_report import report, verdicts
 from galleria.cache import cache_dir
 from galleria.fusion.train import FusionRecipe
 from galleria.io.atomic import read_json, write_json
@@ -55,6 +56,10 @@ NOISE_DIM = 1024
 #: name -> overrides of the default recipe / data (members, labels, noise)
 RUNS: dict[str, dict[str, Any]] = {
     "default": {},
+    "paper": {"anchor": False, "distill": 0.0, "query_init": "pca"},
+    "no-distill": {"distill": 0.0},
+    "distill-1": {"distill": 1.0},
+    "no-anchor": {"anchor": False},
     "mlp": {"mixer": "mlp"},
     "single-best": {"members": "best"},
     "momentum-0": {"momentum": 0.0},
@@ -70,10 +75,22 @@ RUNS: dict[str, dict[str, Any]] = {
     "last-block": {"train_blocks": 1},
 }
 RECIPE_KEYS = {"d", "mixer", "layers", "heads", "momentum", "schedule", "train_blocks", "min_steps",
-               "n_views", "epochs", "lr", "query_lr", "batch_size", "patience"}
+               "n_views", "epochs", "lr", "query_lr", "batch_size", "patience", "anchor",
+               "distill", "query_init"}
 
 
 # ----------------------------------------------------------------------------- helpers
+def _recipe_text(r: FusionRecipe) -> str:
+    blocks = {-1: "whitening only", 0: "head convolution + whitening"}.get(
+        r.train_blocks, f"last {r.train_blocks} MBConv block(s), head and whitening")
+    return (f"d = {r.d}, {r.mixer} mixer C = {r.layers}"
+            f"{', anchored on the PCA of the concatenation' if r.anchor else ''}, ArcFace m "
+            f"{r.margin}, s {r.scale:g}, momentum {r.momentum}, {r.schedule} training"
+            f"{f', distillation weight {r.distill:g}' if r.distill else ''}; light query: "
+            f"{r.query_model} trunk ({blocks} trained, start: {r.query_init}) + GeM + "
+            "whitening, ONNX")
+
+
 def noise_features(ids: list[str], dim: int = NOISE_DIM) -> np.ndarray:
     """A fixed pure-noise 'feature' per image (i.i.d. Gaussian, seeded by the id)."""
     out = np.empty((len(ids), dim), np.float32)
@@ -236,8 +253,7 @@ def run_one(data: Data, tname: str, rname: str, spec: dict[str, Any], base: dict
             members=[{"config": data.exts[m].config(), "fingerprint": data.specs[m].fingerprint}
                      for m in members],
             specs=td.specs, mixer=res.mixer,
-            mixer_params={"kind": recipe.mixer, "d": recipe.d, "layers": recipe.layers,
-                          "heads": recipe.heads},
+            mixer_params=recipe.mixer_params(),
             tail=res.tail,
             query_params={"model": "effnet-lite0", "train_blocks": recipe.train_blocks,
                           "d": recipe.d, "size": 224,
@@ -257,16 +273,24 @@ def runs(data: Data, base: dict[str, Any], names: list[str], sets: list[str],
         for rname in names:
             tag = f"{tname}-{rname}" + (f"-min{ms}" if ms is not None else "")
             f = data.work / "runs" / f"{tag}.json"
+            spec = RUNS[rname] if ms is None else {**RUNS[rname], "min_steps": ms}
+            want = FusionRecipe(**{k: v for k, v in spec.items() if k in RECIPE_KEYS}).to_dict()
             if f.is_file():
-                out.setdefault(tname, {})[rname] = read_json(f)
-                continue
+                cached = read_json(f)
+                if cached.get("recipe") == want:
+                    out.setdefault(tname, {})[rname] = cached
+                    continue
+                # made with another recipe (an earlier default): train again from scratch
+                log.info("cached %s was trained with another recipe: retraining", tag)
+                for stale in (f, data.work / "runs" / f"{tag}.ckpt.safetensors",
+                              data.work / "onnx_end_to_end.json"):
+                    stale.unlink(missing_ok=True)
             if not train:
                 log.info("no result for %s (--report-only): left out", tag)
                 continue
             t = time.perf_counter()
             log.info("run %s / %s", tname, rname)
             save = data.work / "models" / f"{tname}-{rname}" if rname == "default" else None
-            spec = RUNS[rname] if ms is None else {**RUNS[rname], "min_steps": ms}
             r = run_one(data, tname, tag, spec, base, save_to=save)
             r["seconds"] = round(time.perf_counter() - t, 1)
             r["load_end"] = os.getloadavg()
@@ -379,161 +403,6 @@ def onnx_end_to_end(data: Data, model_dir: Path) -> dict[str, Any]:
     return {"eval": evaluate(ev, q, g), "queries": int(ok.sum())}
 
 
-# ----------------------------------------------------------------------------- report
-MAIN_COLS = [("caltech", "caltech101-disjoint", "mAP@R"), ("caltech", "caltech101-disjoint", "R@1"),
-             ("smvs", "smvs-disjoint", "mAP"), ("smvs", "smvs-disjoint", "R@1"),
-             ("smvs", "smvs-ref-disjoint", "R@1")]
-TRANSFER_COLS = [("rparis250", "M_mAP"), ("rparis250", "H_mAP"), ("ukbench56", "N-S")]
-
-
-def _f(v: Any) -> str:
-    return "" if v is None else (f"{v:.2f}" if isinstance(v, float) and abs(v) < 5 else f"{v:.1f}")
-
-
-def _cells(get: Any, cols: list[tuple[str, str, str]]) -> list[str]:
-    out = []
-    for tname, ev, metric in cols:
-        try:
-            out.append(_f(get(tname, ev)[metric]))
-        except (KeyError, TypeError):
-            out.append("")
-    return out
-
-
-def report(res: dict[str, Any]) -> str:
-    from _common import markdown_table
-
-    base, rr = res["baselines"], res["runs"]
-
-    def b(row: str) -> Any:
-        return lambda t, e: base[t][e][row]
-
-    def r(run: str, kind: str) -> Any:
-        return lambda t, e: rr[t][run]["eval"][e][kind]
-
-    head = ["row", "kind", "Caltech mAP@R", "Caltech R@1", "SMVS mAP", "SMVS R@1",
-            "SMVS phone->ref R@1"]
-    rows = [[m, "symmetric, single feature", *_cells(b(m), MAIN_COLS)] for m in fd.MEMBERS]
-    rows += [["concatenation (3 members, 3584-d)", "symmetric", *_cells(b("concat"), MAIN_COLS)],
-             ["concatenation + PCA to 512", "symmetric", *_cells(b("concat+pca"), MAIN_COLS)],
-             ["MLP mixer (trained)", "symmetric", *_cells(r("mlp", "sym"), MAIN_COLS)],
-             ["best single member, projected (trained)", "symmetric",
-              *_cells(r("single-best", "sym"), MAIN_COLS)],
-             ["**fused: transformer mixer (AFF)**", "symmetric",
-              *_cells(r("default", "sym"), MAIN_COLS)],
-             ["**light query -> fused gallery (AFF)**", "asymmetric",
-              *_cells(r("default", "asym"), MAIN_COLS)],
-             ["light query -> best single member", "asymmetric",
-              *_cells(r("single-best", "asym"), MAIN_COLS)],
-             ["light query -> MLP mixer", "asymmetric", *_cells(r("mlp", "asym"), MAIN_COLS)],
-             ["effnet-lite0 -> effnet-lite0 (raw)", "light symmetric",
-              *_cells(b("effnet-lite0"), MAIN_COLS)],
-             ["trained light query -> itself", "light symmetric",
-              *_cells(r("default", "light-sym"), MAIN_COLS)]]
-    md = ["# Asymmetric feature fusion (real data, disjoint classes / covers)\n",
-          res["setup"] + "\n", "## Main table\n", markdown_table(head, rows)]
-    abl = ["run", "what changes", "Caltech sym", "Caltech asym", "SMVS sym", "SMVS asym",
-           "SMVS ref asym", "train s (Caltech)", "best epoch (Caltech)"]
-    arows = []
-    for name, spec in RUNS.items():
-        if name not in rr.get("caltech", {}) and name not in rr.get("smvs", {}):
-            continue
-        cells = []
-        for t, e, m, k in (("caltech", "caltech101-disjoint", "mAP@R", "sym"),
-                           ("caltech", "caltech101-disjoint", "mAP@R", "asym"),
-                           ("smvs", "smvs-disjoint", "mAP", "sym"),
-                           ("smvs", "smvs-disjoint", "mAP", "asym"),
-                           ("smvs", "smvs-ref-disjoint", "R@1", "asym")):
-            try:
-                cells.append(_f(rr[t][name]["eval"][e][k][m]))
-            except KeyError:
-                cells.append("")
-        c = rr.get("caltech", {}).get(name, {})
-        arows.append([name, json.dumps(spec) if spec else "AFF default recipe", *cells,
-                      _f(c.get("train", {}).get("seconds")),
-                      str(c.get("train", {}).get("best_epoch", ""))])
-    md += ["## Ablations (Caltech mAP@R, SMVS mAP, SMVS phone->ref R@1)\n",
-           markdown_table(abl, arows)]
-    trows = [[m, "untrained", *_cells(lambda t, e, m=m: base["caltech"][e][m],
-                                      [("caltech", e, k) for e, k in TRANSFER_COLS])]
-             for m in fd.MEMBERS]
-    trows.append(["concatenation", "untrained",
-                  *_cells(lambda t, e: base["caltech"][e]["concat"],
-                          [("caltech", e, k) for e, k in TRANSFER_COLS])])
-    for t in ("caltech", "smvs"):
-        cols = [(t, e, k) for e, k in TRANSFER_COLS]
-        trows += [[f"concatenation + PCA (fit on {t})", "untrained", *_cells(b("concat+pca"),
-                                                                             cols)],
-                  [f"fused (trained on {t})", "symmetric", *_cells(r("default", "sym"), cols)],
-                  [f"light query -> fused (trained on {t})", "asymmetric",
-                   *_cells(r("default", "asym"), cols)],
-                  [f"light query -> single (trained on {t})", "asymmetric",
-                   *_cells(r("single-best", "asym"), cols)]]
-    md += ["## Transfer (never trained on): rparis250 M/H mAP, UKBench56 N-S\n",
-           markdown_table(["row", "kind", "rparis M", "rparis H", "UKBench N-S"], trows)]
-    if "speed" in res:
-        sp = res["speed"]
-        names = list(sp["query_ms"]["1"])
-        md += ["## Cost\n", "ms per query (decoded 640-px photo in, vector out, batch 1, best "
-               "of 5 interleaved rounds):\n",
-               markdown_table(["model", "1 thread", "2 threads", "CPU ms, 1 thread",
-                               "CPU ms, 2 threads"],
-                              [[n, _f(sp["query_ms"]["1"][n]), _f(sp["query_ms"]["2"][n]),
-                                _f(sp.get("query_cpu_ms", {}).get("1", {}).get(n)),
-                                _f(sp.get("query_cpu_ms", {}).get("2", {}).get(n))]
-                               for n in names]),
-               f"Load average while timing: {sp.get('load_during')} (other sessions on the "
-               "2 cores: wall times are inflated and noisy; the CPU clock counts this "
-               "process's threads only).\n",
-               "Gallery side, ms per image (embed_stream, 2 decoding threads, batches of 32):\n",
-               markdown_table(["gallery model", "ms / image"],
-                              [[k, _f(v)] for k, v in sp["gallery_ms_per_image"].items()])]
-    if "cli" in res:
-        c = res["cli"]
-        rep = c["report"]
-        md += [f"Training time, default recipe on 2 cores: `{c['command']}`: **{c['wall_s']} s** "
-               f"wall (member features {rep['features_seconds']} s, query views "
-               f"{rep['views_seconds']} s, training {rep['train_seconds']} s); fingerprint "
-               f"{rep['fingerprint']}.\n"]
-    md += ["## Targets\n", "\n".join(f"- {v}" for v in res.get("verdicts", [])) + "\n",
-           "## Machine\n", machine_md(res["machine"])]
-    return "\n".join(md)
-
-
-def verdicts(res: dict[str, Any]) -> list[str]:
-    base, rr = res["baselines"], res["runs"]
-    out = []
-    for t, e, m in (("caltech", "caltech101-disjoint", "mAP@R"), ("smvs", "smvs-disjoint", "mAP")):
-        if "default" not in rr.get(t, {}):
-            continue
-        fused = rr[t]["default"]["eval"][e]["sym"][m]
-        singles = {k: base[t][e][k][m] for k in fd.MEMBERS}
-        concat = max(base[t][e]["concat"][m], base[t][e]["concat+pca"][m])
-        best = max(singles, key=singles.get)  # type: ignore[arg-type]
-        out.append(f"{e}: fused {fused:.1f} vs best single {best} {singles[best]:.1f} and "
-                   f"concatenation {concat:.1f} -> "
-                   f"{'met' if fused > singles[best] and fused > concat else 'NOT met'}")
-        asym = rr[t]["default"]["eval"][e]["asym"][m]
-        light = base[t][e]["effnet-lite0"][m]
-        single_asym = rr[t].get("single-best", {}).get("eval", {}).get(e, {}).get("asym", {})
-        sa = single_asym.get(m)
-        sa_txt = f"{sa:.1f}" if sa is not None else "(not run)"
-        out.append(f"{e}: light query -> fused {asym:.1f} vs light symmetric {light:.1f} and "
-                   f"light query -> single {sa_txt} -> "
-                   f"{'met' if asym > light and (sa is None or asym > sa) else 'NOT met'}")
-        if "noise" in rr[t]:
-            n_s = rr[t]["noise"]["eval"][e]["sym"][m]
-            n_a = rr[t]["noise"]["eval"][e]["asym"][m]
-            out.append(f"{e}: + pure-noise input: fused {fused:.1f} -> {n_s:.1f}, asymmetric "
-                       f"{asym:.1f} -> {n_a:.1f} (target: at most 1 point lost) -> "
-                       f"{'met' if fused - n_s <= 1.0 and asym - n_a <= 1.0 else 'NOT met'}")
-    if "cli" in res:
-        w = res["cli"]["wall_s"]
-        out.append(f"training time of the default recipe: {w / 60:.1f} min (target < 60) -> "
-                   f"{'met' if w < 3600 else 'NOT met'}")
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default=None)
@@ -559,10 +428,9 @@ def main() -> None:
         "labels). Evaluation on the other classes / covers only: Caltech-101 1525 test -> 3040 "
         "train images of 51 classes; SMVS 200 phone photos -> the 250 images of 50 covers "
         "(self excluded) and -> their 50 references. Same split for every row. Members: "
-        "effnet-lite2, opennsfw-r50, effnet-lite0 (GeM); d = 512, C = 4, ArcFace m 0.3, s 32, "
-        "momentum 0.99, joint training; light query: effnet-lite0 trunk (last MBConv block, "
-        "head and whitening trained) + GeM + whitening, ONNX. Trained rows are early-stopped "
-        "on held-out *training* classes (20 %).")
+        f"{', '.join(BASE_MEMBERS)} (GeM). Default recipe: {_recipe_text(FusionRecipe())}. "
+        "Trained rows are early-stopped on held-out *training* classes (20 %); epoch 0 (the "
+        "untrained start) is a candidate.")
     prep_f = work / "prepare.json"
     if "prepare" in phases:
         tbs = tuple(sorted({int(RUNS[r].get("train_blocks", FusionRecipe().train_blocks))
@@ -599,7 +467,7 @@ def main() -> None:
     res["verdicts"] = verdicts(res) if "runs" in res else []
     res["machine"]["load_average_at_end"] = os.getloadavg()
     if "runs" in res:
-        _, mpath = write_results("fusion", res, report(res))
+        _, mpath = write_results("fusion", res, report(res, RUNS))
         print(mpath.read_text())
 
 

@@ -123,7 +123,8 @@ def test_training_with_a_local_input_learns():
     specs = [InputSpec("g", "g@1", "global", 8), InputSpec("l", "l@1", "local", dd, top_n)]
     data = TrainingData(specs, [glob, packed], views, y)
     recipe = FusionRecipe(d=32, layers=1, heads=4, train_blocks=0, n_views=2, epochs=5,
-                          min_steps=0, batch_size=16, patience=10, val_fraction=0.25, lr=2e-3)
+                          min_steps=0, batch_size=16, patience=10, val_fraction=0.25, lr=2e-3,
+                          anchor=False, distill=0.0, query_init="pca")  # training does it all
     res = fit_fusion(data, recipe)
     best = max(res.history, key=lambda h: h.score)
     # held-out classes: only the local rows carry them (the global input alone is at chance)

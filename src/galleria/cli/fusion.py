@@ -24,7 +24,7 @@ from galleria.cli.common import add_run_args, print_json, set_threads, setup_log
 def add_fusion_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``fusion`` with its subcommands to the main parser's ``subparsers``."""
     from galleria.fusion.pipeline import DEFAULT_MEMBERS
-    from galleria.fusion.train import FusionRecipe
+    from galleria.fusion.train import QUERY_INITS, FusionRecipe
 
     d = FusionRecipe()
     fu = subparsers.add_parser(
@@ -67,6 +67,14 @@ def add_fusion_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--patience", type=int, default=d.patience)
     g.add_argument("--val-fraction", type=float, default=d.val_fraction)
     g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--anchor", action=argparse.BooleanOptionalAction, default=d.anchor,
+                   help="start the mixer from a PCA of the concatenated member features "
+                        "(a fixed anchor plus the gated mixer)")
+    g.add_argument("--distill", type=float, default=d.distill,
+                   help="weight of the query-to-gallery cosine term (0: ArcFace terms only)")
+    g.add_argument("--query-init", default=d.query_init, choices=list(QUERY_INITS),
+                   help="query whitening start: PCA of its features, or regressed on the "
+                        "untrained mixer's output")
     g.add_argument("--top-n", type=int, default=64, help="descriptors kept per local member")
     s.add_argument("--json", action="store_true", help="print the report as JSON")
     add_run_args(s)
@@ -102,7 +110,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         epochs=args.epochs, min_steps=args.min_steps, warmup=args.warmup,
         batch_size=args.batch, lr=args.lr, query_lr=args.query_lr,
         weight_decay=args.weight_decay, patience=args.patience,
-        val_fraction=args.val_fraction, seed=args.seed,
+        val_fraction=args.val_fraction, seed=args.seed, anchor=args.anchor,
+        distill=args.distill, query_init=args.query_init,
     )
     from galleria.fusion.members import split_members
 

@@ -16,6 +16,14 @@ projections.
 
 :class:`MLPMixer` is the paper's simple baseline (Fig. 4a): concatenation (local
 sets mean-pooled) followed by two fully-connected layers.
+
+:class:`AnchoredMixer` (galleria's variant, ``anchor=True``) adds either mixer to
+a fixed linear *anchor*, ``out = A (concat - mu) + gate * mixer(inputs)`` with
+``A`` the top-``d`` principal components of the training images' concatenated
+features and ``gate`` a learned scalar starting at 0: training starts from the
+concatenation + PCA baseline instead of a random projection, and (with a
+held-out split) early stopping keeps the start unless a trained epoch scores
+better on the held-out classes.
 """
 
 from __future__ import annotations
@@ -142,6 +150,16 @@ class TransformerMixer(nn.Module):
         return z[:, 0]
 
 
+def concat_inputs(specs: Sequence[InputSpec], inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``(B, sum dim_i)``: the inputs side by side, each local set mean-pooled over its rows."""
+    parts = []
+    for spec, x in zip(specs, inputs, strict=True):
+        rows, pad = _split_tokens(spec, x)
+        keep = (~pad).to(rows.dtype)[:, :, None]
+        parts.append((rows * keep).sum(1) / keep.sum(1).clamp_min(1.0))
+    return torch.cat(parts, dim=1)
+
+
 class MLPMixer(nn.Module):
     """Baseline: concatenate the inputs (local sets mean-pooled), two linear layers (GELU)."""
 
@@ -159,22 +177,70 @@ class MLPMixer(nn.Module):
     def forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         if len(inputs) != len(self.specs):
             raise InputError(f"mixer takes {len(self.specs)} inputs, got {len(inputs)}")
-        parts = []
-        for spec, x in zip(self.specs, inputs, strict=True):
-            rows, pad = _split_tokens(spec, x)
-            keep = (~pad).to(rows.dtype)[:, :, None]
-            parts.append((rows * keep).sum(1) / keep.sum(1).clamp_min(1.0))
-        return self.net(torch.cat(parts, dim=1))
+        return self.net(concat_inputs(self.specs, inputs))
+
+
+class AnchoredMixer(nn.Module):
+    """``A (concat(inputs) - mu) + gate * inner(inputs)`` (see the module docstring).
+
+    ``mu (W,)`` and ``A (d, W)`` (``W = sum dim_i``) are buffers, not trained: they
+    are set once by :meth:`set_anchor` (PCA of the training features) and saved
+    with the weights. ``gate`` starts at 0, so a new mixer outputs the anchor.
+    """
+
+    def __init__(self, inner: nn.Module, specs: Sequence[InputSpec], *, d: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.specs = list(specs)
+        self.d = int(d)
+        width = sum(s.dim for s in self.specs)
+        self.register_buffer("anchor_mean", torch.zeros(width))
+        self.register_buffer("anchor_proj", torch.zeros(self.d, width))
+        self.register_buffer("anchor_fitted", torch.zeros((), dtype=torch.bool))
+        self.gate = nn.Parameter(torch.zeros(()))
+
+    @torch.no_grad()
+    def set_anchor(self, features: Sequence[np.ndarray]) -> None:
+        """Fit the anchor: top-``d`` principal components of the concatenated ``features``.
+
+        ``features``: stored member features of the training images, one ``(N,
+        stored_dim)`` array per input. Components beyond the data's rank stay 0.
+        """
+        from galleria.transforms.linear import learn_pca
+
+        x = concat_inputs(self.specs, as_mixer_inputs(self.specs, features)).double().numpy()
+        mean, _, comps = learn_pca(x)
+        # as the concatenation + PCA baseline (galleria.transforms "pca"): the first d
+        # eigenvectors, those beyond the data's rank included (an orthonormal completion)
+        k = min(self.d, comps.shape[0])
+        proj = np.zeros((self.d, x.shape[1]))
+        proj[:k] = comps[:k]
+        self.anchor_mean.copy_(torch.from_numpy(mean.astype(np.float32)))
+        self.anchor_proj.copy_(torch.from_numpy(proj.astype(np.float32)))
+        self.anchor_fitted.fill_(True)
+
+    def forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        if len(inputs) != len(self.specs):
+            raise InputError(f"mixer takes {len(self.specs)} inputs, got {len(inputs)}")
+        if not bool(self.anchor_fitted):
+            raise InputError("this anchored mixer's anchor was never fitted (set_anchor)")
+        base = (concat_inputs(self.specs, inputs) - self.anchor_mean) @ self.anchor_proj.T
+        return base + self.gate * self.inner(inputs)
 
 
 def build_mixer(kind: str, specs: Sequence[InputSpec], *, d: int, layers: int = 4,
-                heads: int = 8) -> nn.Module:
-    """``kind`` is ``transformer`` (the AFF mixer) or ``mlp`` (the baseline)."""
+                heads: int = 8, anchor: bool = False) -> nn.Module:
+    """``kind`` is ``transformer`` (the AFF mixer) or ``mlp`` (the baseline).
+
+    ``anchor``: wrap it in an :class:`AnchoredMixer` (its anchor still to be fitted).
+    """
     if kind == "transformer":
-        return TransformerMixer(specs, d=d, layers=layers, heads=heads)
-    if kind == "mlp":
-        return MLPMixer(specs, d=d)
-    raise InputError(f"mixer kind must be one of {MIXER_KINDS}, not {kind!r}")
+        inner: nn.Module = TransformerMixer(specs, d=d, layers=layers, heads=heads)
+    elif kind == "mlp":
+        inner = MLPMixer(specs, d=d)
+    else:
+        raise InputError(f"mixer kind must be one of {MIXER_KINDS}, not {kind!r}")
+    return AnchoredMixer(inner, specs, d=d) if anchor else inner
 
 
 def as_mixer_inputs(specs: Sequence[InputSpec], stored: Sequence[np.ndarray]

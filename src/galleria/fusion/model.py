@@ -61,7 +61,7 @@ class FusionModel:
         members: per member ``{"config": ext.config(), "fingerprint": fp}``, in input order.
         specs: the mixer inputs (one per member).
         mixer: the trained mixer module.
-        mixer_params: ``{"kind", "d", "layers", "heads"}`` (rebuilds the module).
+        mixer_params: ``{"kind", "d", "layers", "heads"[, "anchor"]}`` (rebuilds the module).
         tail: the trained query tail.
         query_params: ``{"model", "train_blocks", "d", "size", "weights_id"}``.
         recipe: the training recipe (recorded).
@@ -186,7 +186,7 @@ class FusionModel:
             if not (p / f).is_file():
                 raise FormatError(f"{p / f} is missing: an incomplete fusion model folder")
         mixer = build_mixer(mp["kind"], specs, d=int(mp["d"]), layers=int(mp.get("layers", 4)),
-                            heads=int(mp.get("heads", 8)))
+                            heads=int(mp.get("heads", 8)), anchor=bool(mp.get("anchor", False)))
         mixer.load_state_dict(load_file(str(p / MIXER_FILE)))
         tail = _empty_tail(qp)
         tail.load_state_dict(load_file(str(p / QUERY_FILE)))

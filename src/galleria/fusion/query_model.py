@@ -167,6 +167,42 @@ def init_whitening(tail: QueryTail, pooled: np.ndarray, *, shrink: float = 1.0) 
     tail.whiten.bias.copy_(torch.from_numpy((-(w @ mu)).astype(np.float32)))
 
 
+@torch.no_grad()
+def init_regression(tail: QueryTail, pooled: np.ndarray, targets: np.ndarray, *,
+                    ridge: float = 1e-3) -> float:
+    """Initialise ``tail.whiten`` as the ridge regression of ``targets`` on ``pooled``.
+
+    Args:
+        pooled: ``(M, 1280)`` pooled head features of training views (the whitening
+            layer's input, unnormalised).
+        targets: ``(M, d)`` what each view should map to (the mixer's L2-normalised
+            output on its image).
+        ridge: ``lambda`` relative to the mean eigenvalue of the features' covariance.
+
+    Returns:
+        the mean cosine between the fitted outputs and the targets (on these rows).
+    """
+    x = np.asarray(pooled, np.float64)
+    t = np.asarray(targets, np.float64)
+    if x.ndim != 2 or t.ndim != 2 or x.shape[0] != t.shape[0]:
+        raise InputError(f"pooled {x.shape} and targets {t.shape} must be (M, D) and (M, d)")
+    if t.shape[1] != tail.whiten.out_features or x.shape[1] != tail.whiten.in_features:
+        raise InputError(f"regression to ({tail.whiten.in_features} -> "
+                         f"{tail.whiten.out_features}) given {x.shape} -> {t.shape}")
+    mx, mt = x.mean(0), t.mean(0)
+    xc, tc = x - mx, t - mt
+    gram = xc.T @ xc
+    lam = ridge * max(float(np.trace(gram)) / gram.shape[0], 1e-12)
+    w = np.linalg.solve(gram + lam * np.eye(gram.shape[0]), xc.T @ tc)  # (D, d)
+    b = mt - mx @ w
+    tail.whiten.weight.copy_(torch.from_numpy(w.T.astype(np.float32)))
+    tail.whiten.bias.copy_(torch.from_numpy(b.astype(np.float32)))
+    fit = x @ w + b
+    cos = (fit * t).sum(1) / np.maximum(np.linalg.norm(fit, axis=1) * np.linalg.norm(t, axis=1),
+                                        1e-12)
+    return float(cos.mean())
+
+
 def export_onnx(trunk: Trunk, tail: QueryTail, path: str | os.PathLike[str], size: int = 224
                 ) -> None:
     """Write trunk + tail as one ONNX graph ``images (B,3,S,S) -> embedding (B,d)``, atomically."""

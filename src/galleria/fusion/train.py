@@ -40,19 +40,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from galleria.errors import CompatibilityError, FormatError, InputError
+from galleria.errors import CompatibilityError, InputError
 from galleria.eval.metrics import retrieval_metrics
 from galleria.fingerprint import digest
 from galleria.fusion.arcface import arcface_loss, momentum_update_
+from galleria.fusion.checkpoint import load_checkpoint, load_opt_state, save_checkpoint
 from galleria.fusion.mixer import InputSpec, as_mixer_inputs, build_mixer, check_inputs, mix
-from galleria.fusion.query_model import QueryTail, build, check_train_blocks, init_whitening
-from galleria.io.atomic import write_bytes
+from galleria.fusion.query_model import QueryTail, build, check_train_blocks
+from galleria.fusion.start import initialise, views_tensor
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_TYPE = "fusion-checkpoint"
-CHECKPOINT_VERSION = 1
 SCHEDULES = ("joint", "two-stage")
+QUERY_INITS = ("pca", "regress")
+#: learning rate of an anchored mixer's gate, relative to ``lr``
+GATE_LR_FACTOR = 10.0
 PATIENCE_STEPS = 32
 
 
@@ -88,6 +90,15 @@ class FusionRecipe:
             an epoch shorter than 32 steps counts as a fraction of one).
         val_fraction: held-out share of the classes (or images) for early stopping.
         seed: fixes the split, the initialisation and every draw.
+        anchor: wrap the mixer in :class:`galleria.fusion.mixer.AnchoredMixer` (a fixed
+            PCA of the concatenated training features plus the gated mixer): training
+            starts from the concatenation + PCA baseline.
+        distill: weight of ``1 - cos(q, g_mix)`` (the query's embedding against the
+            mixer's, stopped gradient, same image) added to the loss; 0: the paper's
+            loss alone.
+        query_init: ``pca`` (PCA-whitening of the clean views' pooled features) or
+            ``regress`` (ridge regression of the untrained mixer's output on the pooled
+            features of every training view: the query starts in the gallery's space).
     """
 
     d: int = 512
@@ -111,6 +122,9 @@ class FusionRecipe:
     patience: int = 5
     val_fraction: float = 0.2
     seed: int = 0
+    anchor: bool = True
+    distill: float = 4.0
+    query_init: str = "regress"
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -122,9 +136,31 @@ class FusionRecipe:
         if not 0.0 <= self.val_fraction < 1.0:
             raise InputError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         check_train_blocks(self.train_blocks)
+        if self.query_init not in QUERY_INITS:
+            raise InputError(f"query_init must be one of {QUERY_INITS}, not {self.query_init!r}")
+        if not self.distill >= 0.0:
+            raise InputError(f"distill must be >= 0, got {self.distill}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FusionRecipe:
+        """Inverse of :meth:`to_dict`; a recipe recorded before a field existed gets the
+        value that field's behaviour had then (``_EARLIER``)."""
+        return cls(**{**_EARLIER, **d})
+
+    def mixer_params(self) -> dict[str, Any]:
+        """What :func:`galleria.fusion.mixer.build_mixer` needs to rebuild the mixer."""
+        p: dict[str, Any] = {"kind": self.mixer, "d": self.d, "layers": self.layers,
+                             "heads": self.heads}
+        if self.anchor:
+            p["anchor"] = True
+        return p
+
+
+#: fields added after the first release, at the values that reproduce the behaviour before
+_EARLIER: dict[str, Any] = {"anchor": False, "distill": 0.0, "query_init": "pca"}
 
 
 @dataclass
@@ -167,16 +203,20 @@ class TrainingData:
 
 @dataclass
 class EpochRecord:
+    """One epoch (epoch 0: the untrained start, no losses) of one stage; mean losses."""
+
     stage: str
     epoch: int
-    loss: float
-    loss_mix: float
-    loss_query: float
+    loss: float | None
+    loss_mix: float | None
+    loss_query: float | None
     val_sym: float | None
     val_asym: float | None
     score: float
     seconds: float
     cpu_seconds: float = 0.0
+    loss_distill: float | None = 0.0
+    gate: float | None = None
 
 
 @dataclass
@@ -196,9 +236,11 @@ class FitResult:
     n_val: int = 0
     n_classes: int = 0
     resumed_from: int | None = None
+    init: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
-        return {"best_epoch": self.best_epoch, "stopped_early": self.stopped_early,
+        return {"init": self.init, "best_epoch": self.best_epoch,
+                "stopped_early": self.stopped_early,
                 "seconds": round(self.seconds, 2), "cpu_seconds": round(self.cpu_seconds, 2),
                 "n_train": self.n_train, "n_val": self.n_val,
                 "n_classes": self.n_classes, "resumed_from": self.resumed_from,
@@ -228,10 +270,6 @@ def split_train_val(labels: np.ndarray, val_fraction: float, seed: int
     return train, val
 
 
-def _views_tensor(views: np.ndarray, rows: np.ndarray, which: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(views[rows, which], dtype=np.float32))
-
-
 @torch.no_grad()
 def embed_views(tail: QueryTail, views: np.ndarray, *, view: int = 0, batch: int = 128
                 ) -> np.ndarray:
@@ -242,7 +280,7 @@ def embed_views(tail: QueryTail, views: np.ndarray, *, view: int = 0, batch: int
     try:
         for s in range(0, views.shape[0], batch):
             rows = np.arange(s, min(s + batch, views.shape[0]))
-            q = tail(_views_tensor(views, rows, np.full(len(rows), view)))
+            q = tail(views_tensor(views, rows, np.full(len(rows), view)))
             out.append(torch.nn.functional.normalize(q, dim=1).numpy())
     finally:
         tail.train(was)
@@ -268,7 +306,7 @@ class _Run:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(recipe.seed)
             self.mixer = build_mixer(recipe.mixer, data.specs, d=recipe.d, layers=recipe.layers,
-                                     heads=recipe.heads)
+                                     heads=recipe.heads, anchor=recipe.anchor)
             w = torch.randn(n_classes, recipe.d)
             self.w_mix = torch.nn.Parameter(torch.nn.functional.normalize(w, dim=1))
             self.w_q = self.w_mix.detach().clone()
@@ -291,8 +329,12 @@ class _Run:
     def optimizer(self, recipe: FusionRecipe, stage: str) -> torch.optim.Optimizer:
         groups = []
         if stage in ("joint", "mixer"):
-            groups.append({"params": [*self.mixer.parameters(), self.w_mix],
-                           "lr": recipe.lr, "base_lr": recipe.lr})
+            gate = [p for n, p in self.mixer.named_parameters() if n == "gate"]
+            rest = [p for n, p in self.mixer.named_parameters() if n != "gate"]
+            groups.append({"params": [*rest, self.w_mix], "lr": recipe.lr, "base_lr": recipe.lr})
+            if gate:  # one scalar: AdamW moves it ~lr per step; no decay pulling it shut
+                groups.append({"params": gate, "lr": GATE_LR_FACTOR * recipe.lr,
+                               "base_lr": GATE_LR_FACTOR * recipe.lr, "weight_decay": 0.0})
         if stage in ("joint", "query"):
             trunk_params = [p for n, p in self.tail.named_parameters()
                             if not n.startswith("whiten")]
@@ -304,57 +346,17 @@ class _Run:
         return torch.optim.AdamW(groups, weight_decay=recipe.weight_decay)
 
 
-def _opt_state(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], str]:
-    sd = opt.state_dict()
-    tensors = {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            tensors[f"opt.{pid}.{k}"] = torch.as_tensor(v).detach().clone().contiguous()
-    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
-    return tensors, json.dumps(groups)
-
-
-def _load_opt_state(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: str
-                    ) -> None:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for k, v in tensors.items():
-        if k.startswith("opt."):
-            _, pid, name = k.split(".", 2)
-            state.setdefault(int(pid), {})[name] = v.clone()
-    opt.load_state_dict({"state": state, "param_groups": json.loads(groups)})
-
-
-def _save_checkpoint(path: Path, run: _Run, opt: torch.optim.Optimizer,
-                     best: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    from safetensors.torch import save
-
-    tensors = {f"cur.{k}": v.detach().contiguous() for k, v in run.modules_state().items()}
-    tensors.update({f"best.{k}": v for k, v in best.items()})
-    ot, groups = _opt_state(opt)
-    tensors.update(ot)
-    md = {"type": CHECKPOINT_TYPE, "format_version": str(CHECKPOINT_VERSION),
-          "meta": json.dumps(meta), "opt_groups": groups}
-    write_bytes(path, save(tensors, metadata=md))
-
-
-def _load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            md = fh.metadata() or {}
-        tensors = load_file(str(path))
-    except Exception as exc:  # a truncated or foreign file
-        raise FormatError(f"{path} is not a readable fusion checkpoint: {exc}") from exc
-    if md.get("type") != CHECKPOINT_TYPE or md.get("format_version") != str(CHECKPOINT_VERSION):
-        raise FormatError(f"{path} is not a fusion checkpoint (version {CHECKPOINT_VERSION})")
-    return tensors, md
-
-
-def _describe(specs: Sequence[InputSpec], recipe: dict[str, Any]) -> str:
+def _describe(specs: Sequence[InputSpec], recipe: dict[str, Any], other: dict[str, Any]
+              ) -> str:
     members = ", ".join(f"{s.name} {s.fingerprint} ({s.stored_dim}-d)" for s in specs)
-    return f"members [{members}], d={recipe.get('d')}, mixer={recipe.get('mixer')}"
+    diff = {k: recipe.get(k) for k in sorted(set(recipe) | set(other))
+            if recipe.get(k) != other.get(k)}
+    return f"members [{members}], recipe {diff or '(same)'}"
+
+
+def _gate(mixer: torch.nn.Module) -> float | None:
+    g = getattr(mixer, "gate", None)
+    return None if g is None else round(float(g.detach()), 5)
 
 
 # ----------------------------------------------------------------------------- training
@@ -397,13 +399,7 @@ def fit_fusion(
             return build(recipe.query_model, recipe.train_blocks, recipe.d)[1]
 
     run = _Run(data, recipe, n_classes, build_tail)
-    # whitening init: PCA of the clean training views' pooled features
-    with torch.no_grad():
-        pooled = np.concatenate([
-            run.tail.pooled(_views_tensor(data.views, train_rows[s:s + 128],
-                                          np.zeros(len(train_rows[s:s + 128]), np.int64))).numpy()
-            for s in range(0, len(train_rows), 128)])
-    init_whitening(run.tail, pooled)
+    init_info = initialise(run.mixer, run.tail, data, recipe, train_rows)
 
     stages = ["joint"] if recipe.schedule == "joint" else ["mixer", "query"]
     feats_train = [f[train_rows] for f in data.features]
@@ -416,27 +412,30 @@ def fit_fusion(
     key = {"data": data.digest(), "recipe": recipe.to_dict()}
 
     result = FitResult(mixer=run.mixer, tail=run.tail, w_mix=run.w_mix, recipe=recipe,
-                       n_train=len(train_rows), n_val=len(val_rows), n_classes=n_classes)
+                       n_train=len(train_rows), n_val=len(val_rows), n_classes=n_classes,
+                       init=init_info)
     ckpt = Path(checkpoint) if checkpoint is not None else None
     resume: dict[str, Any] | None = None
     tensors: dict[str, torch.Tensor] = {}
     groups = ""
     if ckpt is not None and ckpt.is_file():
-        tensors, md = _load_checkpoint(ckpt)
+        tensors, md = load_checkpoint(ckpt)
         resume, groups = json.loads(md["meta"]), md["opt_groups"]
         old = [InputSpec.from_dict(s) for s in resume["specs"]]
         if resume["key"] != key:
             raise CompatibilityError(
-                f"{ckpt} was written for {_describe(old, resume['key']['recipe'])} but this run "
-                f"trains {_describe(data.specs, recipe.to_dict())} (or the data differ); delete "
+                f"{ckpt} was written for "
+                f"{_describe(old, resume['key']['recipe'], recipe.to_dict())} but this run trains "
+                f"{_describe(data.specs, recipe.to_dict(), resume['key']['recipe'])} (or the data "
+                "differ); delete "
                 "the checkpoint or train into another --out"
             )
         check_inputs(old, data.specs)
         result.history = [EpochRecord(**h) for h in resume["history"]]
         result.best_epoch = dict(resume["best_epoch"])
         result.stopped_early = dict(resume["stopped_early"])
-        result.resumed_from = len(result.history)
-        log.info("resuming %s after %d epochs", ckpt, len(result.history))
+        result.resumed_from = sum(1 for h in result.history if h.epoch > 0)  # epochs trained
+        log.info("resuming %s after %d epochs", ckpt, result.resumed_from)
 
     last_save = [time.monotonic()]
 
@@ -451,7 +450,7 @@ def fit_fusion(
                 "stage_epoch": epoch, "stage_done": done, "best_score": best_score, "bad": bad,
                 "stopped": stopped, "history": [asdict(h) for h in result.history],
                 "best_epoch": result.best_epoch, "stopped_early": result.stopped_early}
-        _save_checkpoint(ckpt, run, opt, best, meta)
+        save_checkpoint(ckpt, run, opt, best, meta)
 
     n_epochs = max(recipe.epochs, math.ceil(recipe.min_steps / steps_per_epoch))
     per_stage = n_epochs * steps_per_epoch
@@ -477,18 +476,27 @@ def fit_fusion(
                     if bar is not None:
                         bar.update(per_stage)
                     continue
-                _load_opt_state(opt, tensors, groups)
+                load_opt_state(opt, tensors, groups)
                 best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
                 best_score, bad = float(resume["best_score"]), int(resume["bad"])
                 stopped, epoch = bool(resume["stopped"]), int(resume["stage_epoch"])
                 if bar is not None:
                     bar.update(epoch * steps_per_epoch)
+            if epoch == 0 and views_val is not None:  # the start is a candidate too (epoch 0)
+                sym, asym = _validate(run, stage, inst, feats_val, views_val, y_val,
+                                      data.views.shape[1])
+                if sym is not None or asym is not None:
+                    best_score = float(np.nanmean(np.array([sym, asym], dtype=float)))
+                    result.best_epoch[stage] = 0
+                    result.history.append(EpochRecord(stage, 0, None, None, None, sym, asym,
+                                                      best_score, 0.0, loss_distill=None,
+                                                      gate=_gate(run.mixer)))
             while epoch < n_epochs and not stopped:
                 te, ce = time.perf_counter(), time.process_time()
                 rng = np.random.default_rng([recipe.seed, si, epoch])
                 order = rng.permutation(len(train_rows))
                 which = rng.integers(0, data.views.shape[1], size=len(train_rows))
-                sums = np.zeros(3)
+                sums = np.zeros(4)
                 run.mixer.train(stage != "query")
                 run.tail.train(stage != "mixer")
                 for i in range(steps_per_epoch):
@@ -498,17 +506,25 @@ def fit_fusion(
                         g["lr"] = g["base_lr"] * (1.0 - t) * ramp
                     idx = order[i * batch:(i + 1) * batch]
                     yb = torch.from_numpy(y_train[idx])
-                    loss_m = loss_q = torch.zeros(())
+                    loss_m = loss_q = loss_d = torch.zeros(())
+                    g_mix = None
                     if stage != "query":
                         g_mix = run.mixer(as_mixer_inputs(data.specs,
                                                           [f[idx] for f in feats_train]))
                         loss_m = arcface_loss(g_mix, run.w_mix, yb, margin=recipe.margin,
                                               scale=recipe.scale)
                     if stage != "mixer":
-                        q = run.tail(_views_tensor(views_train, idx, which[idx]))
+                        q = run.tail(views_tensor(views_train, idx, which[idx]))
                         w = run.w_q if stage == "joint" else run.w_mix.detach()
                         loss_q = arcface_loss(q, w, yb, margin=recipe.margin, scale=recipe.scale)
-                    loss = loss_m + loss_q
+                        if recipe.distill > 0:
+                            if g_mix is None:
+                                with torch.no_grad():
+                                    g_mix = run.mixer(as_mixer_inputs(
+                                        data.specs, [f[idx] for f in feats_train]))
+                            loss_d = recipe.distill * (1.0 - torch.nn.functional.cosine_similarity(
+                                q, g_mix.detach(), dim=1)).mean()
+                    loss = loss_m + loss_q + loss_d
                     if not torch.isfinite(loss):
                         raise InputError(f"fusion training diverged (loss {float(loss)}) at "
                                          f"{stage} epoch {epoch + 1}; lower the learning rate")
@@ -517,7 +533,8 @@ def fit_fusion(
                     opt.step()
                     if stage == "joint":
                         momentum_update_(run.w_q, run.w_mix, recipe.momentum)
-                    sums += [float(loss.detach()), float(loss_m.detach()), float(loss_q.detach())]
+                    sums += [float(loss.detach()), float(loss_m.detach()), float(loss_q.detach()),
+                             float(loss_d.detach())]
                     if bar is not None:
                         bar.update(1)
                 epoch += 1
@@ -525,8 +542,10 @@ def fit_fusion(
                                       data.views.shape[1])
                 parts = [v for v in (sym, asym) if v is not None]
                 score = float(np.mean(parts)) if parts else -float(sums[0] / steps_per_epoch)
-                rec = EpochRecord(stage, epoch, *(sums / steps_per_epoch).tolist(), sym, asym,
-                                  score, time.perf_counter() - te, time.process_time() - ce)
+                mean = (sums / steps_per_epoch).tolist()
+                rec = EpochRecord(stage, epoch, *mean[:3], sym, asym, score,
+                                  time.perf_counter() - te, time.process_time() - ce,
+                                  loss_distill=mean[3], gate=_gate(run.mixer))
                 result.history.append(rec)
                 log.info("fusion %s epoch %d: loss %.4f (mix %.4f, query %.4f) val sym %s "
                          "asym %s (%.1fs)", stage, epoch, rec.loss, rec.loss_mix, rec.loss_query,
