@@ -87,3 +87,14 @@ def photos_gallery(photos, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("photos-gallery") / "g"
     index_images(items, out, model="effnet-lite0", batch_size=8)
     return out
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """Training tests run torch on one thread, restored afterwards (a process-wide setting)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

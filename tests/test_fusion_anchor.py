@@ -18,12 +18,7 @@ from test_fusion_train import RECIPE, synthetic
 SPECS = [InputSpec("a", "a@1", "global", 12), InputSpec("b", "b@1", "global", 7)]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _features(rng, n=40):

@@ -26,13 +26,7 @@ from galleria.types import LocalFeatures
 cv2 = pytest.importorskip("cv2")
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Training tests run torch on one thread, restored afterwards (a process-wide setting)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class RootSift(Extractor):

@@ -22,13 +22,7 @@ from galleria.fusion.train import FusionRecipe, TrainingData, fit_fusion, split_
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Training tests run torch on one thread, restored afterwards (a process-wide setting)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def synthetic(n_classes=12, per=8, seed=0, noise_dim=None):

@@ -485,8 +485,9 @@ def fit_fusion(
             if epoch == 0 and views_val is not None:  # the start is a candidate too (epoch 0)
                 sym, asym = _validate(run, stage, inst, feats_val, views_val, y_val,
                                       data.views.shape[1])
-                if sym is not None or asym is not None:
-                    best_score = float(np.nanmean(np.array([sym, asym], dtype=float)))
+                start = _score(sym, asym)
+                if start is not None:
+                    best_score = start
                     result.best_epoch[stage] = 0
                     result.history.append(EpochRecord(stage, 0, None, None, None, sym, asym,
                                                       best_score, 0.0, loss_distill=None,
@@ -540,8 +541,9 @@ def fit_fusion(
                 epoch += 1
                 sym, asym = _validate(run, stage, inst, feats_val, views_val, y_val,
                                       data.views.shape[1])
-                parts = [v for v in (sym, asym) if v is not None]
-                score = float(np.mean(parts)) if parts else -float(sums[0] / steps_per_epoch)
+                score = _score(sym, asym)
+                if score is None:  # no held-out split: the training loss decides
+                    score = -float(sums[0] / steps_per_epoch)
                 mean = (sums / steps_per_epoch).tolist()
                 rec = EpochRecord(stage, epoch, *mean[:3], sym, asym, score,
                                   time.perf_counter() - te, time.process_time() - ce,
@@ -575,6 +577,12 @@ def fit_fusion(
     result.seconds = time.perf_counter() - t0
     result.cpu_seconds = time.process_time() - c0
     return result
+
+
+def _score(sym: float | None, asym: float | None) -> float | None:
+    """Early-stopping score: the mean of the held-out mAPs measured (None: neither)."""
+    parts = [v for v in (sym, asym) if v is not None]
+    return float(np.mean(parts)) if parts else None
 
 
 def _validate(run: _Run, stage: str, inst: bool, feats_val: list[np.ndarray],
