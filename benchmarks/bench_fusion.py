@@ -53,22 +53,29 @@ log = logging.getLogger("bench_fusion")
 BASE_MEMBERS = ("effnet-lite2", "opennsfw-r50", "effnet-lite0")
 NOISE_DIM = 1024
 
+#: the previous default (stop 15): anchored on the PCA of the concatenation, the query
+#: regressed on it; the ablations measured against it keep it as their base
+PREV = {"anchor_kind": "pca", "select_inputs": False, "query_init": "regress",
+        "query_norm": False}
 #: name -> overrides of the default recipe / data (members, labels, noise)
 RUNS: dict[str, dict[str, Any]] = {
     "default": {},
-    "paper": {"anchor": False, "distill": 0.0, "query_init": "pca"},
-    "no-distill": {"distill": 0.0},
-    "distill-1": {"distill": 1.0},
-    "no-anchor": {"anchor": False},
-    "mlp": {"mixer": "mlp"},
-    "single-best": {"members": "best"},
-    "momentum-0": {"momentum": 0.0},
-    "two-stage": {"schedule": "two-stage"},
-    "C1": {"layers": 1},
-    "C2": {"layers": 2},
-    "d256": {"d": 256},
-    "d1024": {"d": 1024},
+    "no-select": {"select_inputs": False},
     "noise": {"noise": True},
+    "pca-anchor": PREV,
+    "paper": {**PREV, "anchor": False, "distill": 0.0, "query_init": "pca"},
+    "no-distill": {**PREV, "distill": 0.0},
+    "distill-1": {**PREV, "distill": 1.0},
+    "no-anchor": {**PREV, "anchor": False},
+    "mlp": {**PREV, "mixer": "mlp"},
+    "single-best": {**PREV, "members": "best"},
+    "momentum-0": {**PREV, "momentum": 0.0},
+    "two-stage": {**PREV, "schedule": "two-stage"},
+    "C1": {**PREV, "layers": 1},
+    "C2": {**PREV, "layers": 2},
+    "d256": {**PREV, "d": 256},
+    "d1024": {**PREV, "d": 1024},
+    "pca-anchor-noise": {**PREV, "noise": True},
     "inst-disc": {"labels": "instance"},
     "with-ms": {"members": fd.MEMBERS},
     "whiten-only": {"train_blocks": -1},
@@ -76,15 +83,24 @@ RUNS: dict[str, dict[str, Any]] = {
 }
 RECIPE_KEYS = {"d", "mixer", "layers", "heads", "momentum", "schedule", "train_blocks", "min_steps",
                "n_views", "epochs", "lr", "query_lr", "batch_size", "patience", "anchor",
-               "distill", "query_init"}
+               "anchor_kind", "select_inputs", "distill", "query_init", "query_norm"}
 
 
 # ----------------------------------------------------------------------------- helpers
+_ANCHOR_TEXT = {
+    ("lw", True): ", anchored on the learned whitening of the concatenation (inputs selected "
+                  "and shrinkage chosen on held-out training classes)",
+    ("lw", False): ", anchored on the learned whitening of the concatenation",
+    ("pca", False): ", anchored on the PCA of the concatenation",
+    ("pca", True): ", anchored on the PCA of the concatenation (inputs selected)",
+}
+
+
 def _recipe_text(r: FusionRecipe) -> str:
     blocks = {-1: "whitening only", 0: "head convolution + whitening"}.get(
         r.train_blocks, f"last {r.train_blocks} MBConv block(s), head and whitening")
     return (f"d = {r.d}, {r.mixer} mixer C = {r.layers}"
-            f"{', anchored on the PCA of the concatenation' if r.anchor else ''}, ArcFace m "
+            f"{_ANCHOR_TEXT[(r.anchor_kind, r.select_inputs)] if r.anchor else ''}, ArcFace m "
             f"{r.margin}, s {r.scale:g}, momentum {r.momentum}, {r.schedule} training"
             f"{f', distillation weight {r.distill:g}' if r.distill else ''}; light query: "
             f"{r.query_model} trunk ({blocks} trained, start: {r.query_init}) + GeM + "
@@ -255,10 +271,7 @@ def run_one(data: Data, tname: str, rname: str, spec: dict[str, Any], base: dict
             specs=td.specs, mixer=res.mixer,
             mixer_params=recipe.mixer_params(),
             tail=res.tail,
-            query_params={"model": "effnet-lite0", "train_blocks": recipe.train_blocks,
-                          "d": recipe.d, "size": 224,
-                          "weights_id": query_weights_id("effnet-lite0"),
-                          "pooling": {"kind": "gem", "p": 3.0, "eps": 1e-6}},
+            query_params=recipe.query_params(query_weights_id(recipe.query_model)),
             recipe=recipe.to_dict(), training=res.summary()).save(save_to)
     return out
 
@@ -277,7 +290,7 @@ def runs(data: Data, base: dict[str, Any], names: list[str], sets: list[str],
             want = FusionRecipe(**{k: v for k, v in spec.items() if k in RECIPE_KEYS}).to_dict()
             if f.is_file():
                 cached = read_json(f)
-                if cached.get("recipe") == want:
+                if FusionRecipe.from_dict(cached.get("recipe", {})).to_dict() == want:
                     out.setdefault(tname, {})[rname] = cached
                     continue
                 # made with another recipe (an earlier default): train again from scratch

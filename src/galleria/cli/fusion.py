@@ -68,13 +68,22 @@ def add_fusion_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--val-fraction", type=float, default=d.val_fraction)
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--anchor", action=argparse.BooleanOptionalAction, default=d.anchor,
-                   help="start the mixer from a PCA of the concatenated member features "
-                        "(a fixed anchor plus the gated mixer)")
+                   help="start the mixer from a closed-form linear fusion of the member "
+                        "features (a fixed anchor plus the gated mixer)")
+    g.add_argument("--anchor-kind", default=d.anchor_kind, choices=["lw", "pca"],
+                   help="the anchor: learned whitening (shrinkage chosen on held-out "
+                        "classes) or PCA of the concatenation")
+    g.add_argument("--select-inputs", action=argparse.BooleanOptionalAction,
+                   default=d.select_inputs,
+                   help="drop member inputs whose removal raises the held-out score")
+    g.add_argument("--query-norm", action=argparse.BooleanOptionalAction, default=d.query_norm,
+                   help="L2-normalise the query's pooled features before its whitening")
     g.add_argument("--distill", type=float, default=d.distill,
                    help="weight of the query-to-gallery cosine term (0: ArcFace terms only)")
     g.add_argument("--query-init", default=d.query_init, choices=list(QUERY_INITS),
-                   help="query whitening start: PCA of its features, or regressed on the "
-                        "untrained mixer's output")
+                   help="query whitening start: PCA of its features, regressed on the "
+                        "untrained mixer's output, or the anchor of the predicted "
+                        "concatenation (predict)")
     g.add_argument("--top-n", type=int, default=64, help="descriptors kept per local member")
     s.add_argument("--json", action="store_true", help="print the report as JSON")
     add_run_args(s)
@@ -111,7 +120,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         batch_size=args.batch, lr=args.lr, query_lr=args.query_lr,
         weight_decay=args.weight_decay, patience=args.patience,
         val_fraction=args.val_fraction, seed=args.seed, anchor=args.anchor,
-        distill=args.distill, query_init=args.query_init,
+        anchor_kind=args.anchor_kind, select_inputs=args.select_inputs,
+        distill=args.distill, query_init=args.query_init, query_norm=args.query_norm,
     )
     from galleria.fusion.members import split_members
 

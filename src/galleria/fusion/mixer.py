@@ -19,9 +19,10 @@ sets mean-pooled) followed by two fully-connected layers.
 
 :class:`AnchoredMixer` (galleria's variant, ``anchor=True``) adds either mixer to
 a fixed linear *anchor*, ``out = A (concat - mu) + gate * mixer(inputs)`` with
-``A`` the top-``d`` principal components of the training images' concatenated
-features and ``gate`` a learned scalar starting at 0: training starts from the
-concatenation + PCA baseline instead of a random projection, and (with a
+``A`` a closed-form projection of the training images' concatenated features
+(:mod:`galleria.fusion.anchor`: PCA, or learned whitening with input selection on
+held-out classes) and ``gate`` a learned scalar starting at 0: training starts from
+that linear fusion instead of a random projection, and (with a
 held-out split) early stopping keeps the start unless a trained epoch scores
 better on the held-out classes.
 """
@@ -204,19 +205,23 @@ class AnchoredMixer(nn.Module):
         """Fit the anchor: top-``d`` principal components of the concatenated ``features``.
 
         ``features``: stored member features of the training images, one ``(N,
-        stored_dim)`` array per input. Components beyond the data's rank stay 0.
+        stored_dim)`` array per input. Components beyond the data's rank are kept (as the
+        concatenation + PCA baseline). Other anchors: :meth:`set_projection`.
         """
-        from galleria.transforms.linear import learn_pca
+        from galleria.fusion.anchor import pca_projection
 
         x = concat_inputs(self.specs, as_mixer_inputs(self.specs, features)).double().numpy()
-        mean, _, comps = learn_pca(x)
-        # as the concatenation + PCA baseline (galleria.transforms "pca"): the first d
-        # eigenvectors, those beyond the data's rank included (an orthonormal completion)
-        k = min(self.d, comps.shape[0])
-        proj = np.zeros((self.d, x.shape[1]))
-        proj[:k] = comps[:k]
-        self.anchor_mean.copy_(torch.from_numpy(mean.astype(np.float32)))
-        self.anchor_proj.copy_(torch.from_numpy(proj.astype(np.float32)))
+        self.set_projection(*pca_projection(x, self.d))
+
+    @torch.no_grad()
+    def set_projection(self, mean: np.ndarray, proj: np.ndarray) -> None:
+        """Anchor ``proj (d, W) @ (concat - mean (W,))`` (:mod:`galleria.fusion.anchor`)."""
+        width = self.anchor_mean.shape[0]
+        if np.shape(mean) != (width,) or np.shape(proj) != (self.d, width):
+            raise InputError(f"anchor of this mixer is ({self.d}, {width}); got mean "
+                             f"{np.shape(mean)} and projection {np.shape(proj)}")
+        self.anchor_mean.copy_(torch.from_numpy(np.asarray(mean, np.float32)))
+        self.anchor_proj.copy_(torch.from_numpy(np.asarray(proj, np.float32)))
         self.anchor_fitted.fill_(True)
 
     def forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:

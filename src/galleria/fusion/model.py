@@ -63,7 +63,8 @@ class FusionModel:
         mixer: the trained mixer module.
         mixer_params: ``{"kind", "d", "layers", "heads"[, "anchor"]}`` (rebuilds the module).
         tail: the trained query tail.
-        query_params: ``{"model", "train_blocks", "d", "size", "weights_id"}``.
+        query_params: ``{"model", "train_blocks", "d", "size", "weights_id", "pooling",
+            "normalize"}`` (:meth:`galleria.fusion.train.FusionRecipe.query_params`).
         recipe: the training recipe (recorded).
         training: a JSON summary of the training run (recorded, not fingerprinted).
     """
@@ -226,4 +227,5 @@ def _empty_tail(qp: dict[str, Any]) -> QueryTail:
         raise FormatError(f"unknown query model {qp['model']!r}")
     net = EfficientNet.from_name(arch, image_size=None)
     return QueryTail(net, int(qp["train_blocks"]), int(qp["d"]),
-                     Pooling(**qp.get("pooling", {"kind": "gem", "p": 3.0})))
+                     Pooling(**qp.get("pooling", {"kind": "gem", "p": 3.0})),
+                     normalize=bool(qp.get("normalize", False)))

@@ -162,9 +162,7 @@ def _train(items: list[Any], out: str | os.PathLike[str], work_dir: Path,
         specs=specs, mixer=result.mixer,
         mixer_params=recipe.mixer_params(),
         tail=result.tail,
-        query_params={"model": recipe.query_model, "train_blocks": recipe.train_blocks,
-                      "d": recipe.d, "size": 224, "weights_id": wid,
-                      "pooling": {"kind": "gem", "p": 3.0, "eps": 1e-6}},
+        query_params=recipe.query_params(wid),
         recipe=recipe.to_dict(), training=training,
     )
     model.save(out, trunk=trunk)

@@ -85,11 +85,14 @@ class QueryTail(nn.Module):
     """Trained part: MBConv blocks ``[split, 16)``, head, GeM, whitening; output ``(B, d)``.
 
     ``forward`` returns the whitened vector, not normalised (ArcFace normalises;
-    :class:`QueryNet` normalises for retrieval).
+    :class:`QueryNet` normalises for retrieval). ``normalize``: L2-normalise the pooled
+    features before the whitening layer (models trained before it existed: False).
     """
 
-    def __init__(self, net: Any, train_blocks: int, d: int, pooling: Pooling) -> None:
+    def __init__(self, net: Any, train_blocks: int, d: int, pooling: Pooling,
+                 normalize: bool = False) -> None:
         super().__init__()
+        self.normalize = bool(normalize)
         tb = check_train_blocks(train_blocks)
         self.train_blocks = tb
         self.pooling = pooling
@@ -107,12 +110,13 @@ class QueryTail(nn.Module):
         return self
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
-        """Cached trunk output -> ``(B, 1280)`` GeM-pooled head features."""
-        if not self.has_head:
-            return x
-        for b in self.blocks:
-            x = b(x)
-        return pool_torch(self.head(x), self.pooling)
+        """Cached trunk output -> ``(B, 1280)`` GeM-pooled head features (L2-normalised when
+        ``normalize``): the whitening layer's input."""
+        if self.has_head:
+            for b in self.blocks:
+                x = b(x)
+            x = pool_torch(self.head(x), self.pooling)
+        return nn.functional.normalize(x, dim=1) if self.normalize else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.whiten(self.pooled(x))
@@ -130,15 +134,16 @@ class QueryNet(nn.Module):
         return nn.functional.normalize(self.tail(self.trunk(x)), dim=1)
 
 
-def build(variant: str, train_blocks: int, d: int, *, pooling: Pooling | None = None
-          ) -> tuple[Trunk, QueryTail]:
-    """Pretrained trunk and tail (the tail's whitening layer randomly initialised)."""
+def build(variant: str, train_blocks: int, d: int, *, pooling: Pooling | None = None,
+          normalize: bool = False) -> tuple[Trunk, QueryTail]:
+    """Pretrained trunk and tail (the tail's whitening layer randomly initialised;
+    ``normalize``: see :class:`QueryTail`)."""
     if d < 1:
         raise InputError(f"d must be >= 1, got {d}")
     pooling = pooling or Pooling("gem", 3.0)
     net = _net(variant)
     trunk = Trunk(net, train_blocks, pooling)
-    tail = QueryTail(copy.deepcopy(net), train_blocks, d, pooling)
+    tail = QueryTail(copy.deepcopy(net), train_blocks, d, pooling, normalize)
     return trunk, tail
 
 

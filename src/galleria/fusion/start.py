@@ -1,11 +1,12 @@
 """How a fusion training run starts (deterministic, from the training rows alone).
 
-* The anchored mixer's anchor: the PCA of the concatenated member features
-  (:meth:`galleria.fusion.mixer.AnchoredMixer.set_anchor`).
-* The query's whitening layer: a PCA-whitening of its pooled features (the
-  paper's start), or the ridge regression of the untrained mixer's output on the
-  pooled features of every training view (``query_init="regress"``), so the light
-  query starts in the gallery's space.
+* The anchored mixer's anchor (:mod:`galleria.fusion.anchor`): the PCA of the
+  concatenated member features, or learned whitening with input selection, chosen on
+  the held-out training classes (the rows early stopping watches; never fitted on).
+* The query's whitening layer: a PCA-whitening of its pooled features (the paper's
+  start), the ridge regression of the untrained mixer's output on the pooled features
+  of every training view (``regress``), or the anchor applied to the concatenation
+  predicted from the query's features (``predict``, chosen with the anchor).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from galleria.fusion.mixer import mix
+from galleria.fusion.anchor import choose_start
+from galleria.fusion.mixer import as_mixer_inputs, concat_inputs, mix
 from galleria.fusion.query_model import QueryTail, init_regression, init_whitening
 
 log = logging.getLogger("galleria.fusion.train")
@@ -30,29 +32,84 @@ def views_tensor(views: np.ndarray, rows: np.ndarray, which: np.ndarray) -> torc
 
 def _pooled(tail: QueryTail, views: np.ndarray, rows: np.ndarray, which: np.ndarray
             ) -> np.ndarray:
-    """``(len(rows), 1280)`` pooled head features of ``views[rows, which]``."""
+    """``(len(rows), 1280)`` pooled head features of ``views[rows, which]`` (the whitening
+    layer's input)."""
     with torch.no_grad():
         return np.concatenate([
             tail.pooled(views_tensor(views, rows[s:s + 128], which[s:s + 128])).numpy()
             for s in range(0, len(rows), 128)])
 
 
+def _all_views(tail: QueryTail, views: np.ndarray) -> np.ndarray:
+    """``(N, V, 1280)`` float64 L2-normalised pooled features of every cached view."""
+    n, n_v = views.shape[:2]
+    rows, which = np.repeat(np.arange(n), n_v), np.tile(np.arange(n_v), n)
+    p = _pooled(tail, views, rows, which).astype(np.float64)
+    p /= np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12)
+    return p.reshape(n, n_v, -1)
+
+
+def _mixer_columns(mixer: nn.Module, features: list[np.ndarray]) -> list[np.ndarray]:
+    """Each input as the anchor sees it (local sets mean-pooled), ``(N, W_i)`` float64."""
+    specs = mixer.specs  # type: ignore[attr-defined]
+    out = []
+    for spec, f in zip(specs, features, strict=True):
+        t = as_mixer_inputs([spec], [f])
+        out.append(concat_inputs([spec], t).double().numpy())
+    return out
+
+
+def _own_input(mixer: nn.Module, recipe: Any, dim: int) -> int | None:
+    """Index of the mixer input that is the query model's own (global, same-width) feature."""
+    for i, s in enumerate(mixer.specs):  # type: ignore[attr-defined]
+        if s.name == recipe.query_model and s.kind == "global" and s.dim == dim:
+            return i
+    return None
+
+
 def initialise(mixer: nn.Module, tail: QueryTail, data: Any, recipe: Any,
-               train_rows: np.ndarray) -> dict[str, Any]:
-    """Deterministic start of a run: the mixer's anchor (PCA), then the query's whitening.
+               train_rows: np.ndarray, val_rows: np.ndarray | None = None) -> dict[str, Any]:
+    """Deterministic start of a run: the mixer's anchor, then the query's whitening.
 
     Args:
         mixer, tail: the new modules (changed in place).
         data: the :class:`~galleria.fusion.train.TrainingData`.
-        recipe: the :class:`~galleria.fusion.train.FusionRecipe` (``anchor``, ``query_init``).
-        train_rows: the rows trained on (the held-out rows are never looked at).
+        recipe: the :class:`~galleria.fusion.recipe.FusionRecipe`.
+        train_rows: the rows trained on; ``val_rows``: the held-out rows, used only to
+            choose between closed-form candidates (as early stopping chooses epochs).
 
     Returns:
-        what the start measured (``query_init_cosine``: mean cosine of the regressed
-        query to its target over the training views).
+        what the start chose and measured (JSON-able).
     """
     info: dict[str, Any] = {}
-    if recipe.anchor:
+    val = np.zeros(0, np.int64) if val_rows is None else np.asarray(val_rows)
+    closed_form = recipe.anchor and (recipe.anchor_kind != "pca" or recipe.select_inputs
+                                     or recipe.query_init == "predict")
+    if closed_form:
+        rows = np.concatenate([train_rows, val])
+        predict = recipe.query_init == "predict"
+        pooled = _all_views(tail, data.views[rows]) if predict else None
+        cols = _mixer_columns(mixer, [f[rows] for f in data.features])
+        n_tr = len(train_rows)
+        st = choose_start(
+            cols, np.asarray(data.labels)[rows], np.arange(n_tr), np.arange(n_tr, len(rows)),
+            d=recipe.d, kind=recipe.anchor_kind, select=recipe.select_inputs, pooled=pooled,
+            own=_own_input(mixer, recipe, tail.whiten.in_features) if predict else None,
+            inst=data.instance_discrimination,
+            names=[s.name for s in mixer.specs])  # type: ignore[attr-defined]
+        mixer.set_projection(st.mu, st.proj)  # type: ignore[operator]
+        info["start"] = st.info([s.name for s in mixer.specs])  # type: ignore[attr-defined]
+        log.info("anchor %s (alpha %s), inputs kept %s, held-out %s", st.kind, st.alpha,
+                 info["start"]["kept_inputs"], st.val.get("score"))
+        if predict:
+            if not tail.normalize:
+                raise ValueError("query_init 'predict' needs a tail that normalises its "
+                                 "pooled features (query_norm)")
+            with torch.no_grad():
+                tail.whiten.weight.copy_(torch.from_numpy(st.query_w.astype(np.float32)))
+                tail.whiten.bias.copy_(torch.from_numpy(st.query_b.astype(np.float32)))
+            return info
+    elif recipe.anchor:
         mixer.set_anchor([f[train_rows] for f in data.features])  # type: ignore[operator]
     if recipe.query_init == "pca":
         init_whitening(tail, _pooled(tail, data.views, train_rows,

@@ -46,121 +46,17 @@ from galleria.fingerprint import digest
 from galleria.fusion.arcface import arcface_loss, momentum_update_
 from galleria.fusion.checkpoint import load_checkpoint, load_opt_state, save_checkpoint
 from galleria.fusion.mixer import InputSpec, as_mixer_inputs, build_mixer, check_inputs, mix
-from galleria.fusion.query_model import QueryTail, build, check_train_blocks
+from galleria.fusion.query_model import QueryTail, build
+from galleria.fusion.recipe import QUERY_INITS, SCHEDULES, FusionRecipe
 from galleria.fusion.start import initialise, views_tensor
+
+__all__ = ["QUERY_INITS", "SCHEDULES", "FusionRecipe", "TrainingData", "fit_fusion"]
 
 log = logging.getLogger(__name__)
 
-SCHEDULES = ("joint", "two-stage")
-QUERY_INITS = ("pca", "regress")
 #: learning rate of an anchored mixer's gate, relative to ``lr``
 GATE_LR_FACTOR = 10.0
 PATIENCE_STEPS = 32
-
-
-@dataclass(frozen=True)
-class FusionRecipe:
-    """Hyper-parameters of :func:`fit_fusion` (all recorded in the artifact).
-
-    Attributes:
-        d: dimension of the fused (and query) vectors.
-        mixer: ``transformer`` (AFF) or ``mlp`` (baseline).
-        layers, heads: transformer layers (C) and attention heads.
-        momentum: ``a`` of the classifier momentum update (0: W_q copies W_mix).
-        margin, scale: ArcFace margin and scale.
-        schedule: ``joint`` or ``two-stage``.
-        query_model: the light query network.
-        train_blocks: trained MBConv blocks at the end of the query trunk (-1: only
-            the whitening layer, 0: head convolution + whitening). Default 0: measured on
-            this 2-core machine, a batch of 64 through the trainable tail takes 0.05-0.1 s
-            forward + backward with 0 blocks and 1.5-2.5 s with 1 block (the eager
-            depthwise convolutions); the ablation table measures what the extra block buys.
-        n_views: trunk views per training image (view 0 clean, others augmented).
-        epochs: most epochs (per stage); the learning rates decay linearly to 0 over them.
-        warmup: share of the steps over which the learning rates ramp up linearly first
-            (post-LN transformers diverge without it: measured on Caltech-101, AdamW at
-            1e-3 without warm-up collapsed the held-out mAP from 0.81 to 0.15 in one epoch).
-        min_steps: small data sets get more epochs, up to this many steps per stage (the
-            momentum classifier and the warm-up need a few hundred steps).
-        batch_size: images per step.
-        lr: AdamW learning rate of the mixer, the classifier and the whitening layer.
-        query_lr: learning rate of the trained trunk blocks and the head.
-        weight_decay: AdamW weight decay.
-        patience: epochs without improvement before stopping (counted after the warm-up;
-            an epoch shorter than 32 steps counts as a fraction of one).
-        val_fraction: held-out share of the classes (or images) for early stopping.
-        seed: fixes the split, the initialisation and every draw.
-        anchor: wrap the mixer in :class:`galleria.fusion.mixer.AnchoredMixer` (a fixed
-            PCA of the concatenated training features plus the gated mixer): training
-            starts from the concatenation + PCA baseline.
-        distill: weight of ``1 - cos(q, g_mix)`` (the query's embedding against the
-            mixer's, stopped gradient, same image) added to the loss; 0: the paper's
-            loss alone.
-        query_init: ``pca`` (PCA-whitening of the clean views' pooled features) or
-            ``regress`` (ridge regression of the untrained mixer's output on the pooled
-            features of every training view: the query starts in the gallery's space).
-    """
-
-    d: int = 512
-    mixer: str = "transformer"
-    layers: int = 4
-    heads: int = 8
-    momentum: float = 0.99
-    margin: float = 0.3
-    scale: float = 32.0
-    schedule: str = "joint"
-    query_model: str = "effnet-lite0"
-    train_blocks: int = 0
-    n_views: int = 4
-    epochs: int = 30
-    min_steps: int = 600
-    batch_size: int = 64
-    lr: float = 1e-4
-    query_lr: float = 1e-4
-    warmup: float = 0.05
-    weight_decay: float = 0.01
-    patience: int = 5
-    val_fraction: float = 0.2
-    seed: int = 0
-    anchor: bool = True
-    distill: float = 4.0
-    query_init: str = "regress"
-
-    def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise InputError(f"schedule must be one of {SCHEDULES}, not {self.schedule!r}")
-        if not 0.0 <= self.momentum < 1.0:
-            raise InputError(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.epochs < 1 or self.batch_size < 2 or self.n_views < 1 or self.patience < 1:
-            raise InputError("epochs, n_views and patience must be >= 1, batch_size >= 2")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise InputError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        check_train_blocks(self.train_blocks)
-        if self.query_init not in QUERY_INITS:
-            raise InputError(f"query_init must be one of {QUERY_INITS}, not {self.query_init!r}")
-        if not self.distill >= 0.0:
-            raise InputError(f"distill must be >= 0, got {self.distill}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> FusionRecipe:
-        """Inverse of :meth:`to_dict`; a recipe recorded before a field existed gets the
-        value that field's behaviour had then (``_EARLIER``)."""
-        return cls(**{**_EARLIER, **d})
-
-    def mixer_params(self) -> dict[str, Any]:
-        """What :func:`galleria.fusion.mixer.build_mixer` needs to rebuild the mixer."""
-        p: dict[str, Any] = {"kind": self.mixer, "d": self.d, "layers": self.layers,
-                             "heads": self.heads}
-        if self.anchor:
-            p["anchor"] = True
-        return p
-
-
-#: fields added after the first release, at the values that reproduce the behaviour before
-_EARLIER: dict[str, Any] = {"anchor": False, "distill": 0.0, "query_init": "pca"}
 
 
 @dataclass
@@ -396,10 +292,11 @@ def fit_fusion(
     inst = data.instance_discrimination
     if build_tail is None:
         def build_tail() -> QueryTail:
-            return build(recipe.query_model, recipe.train_blocks, recipe.d)[1]
+            return build(recipe.query_model, recipe.train_blocks, recipe.d,
+                         normalize=recipe.query_norm)[1]
 
     run = _Run(data, recipe, n_classes, build_tail)
-    init_info = initialise(run.mixer, run.tail, data, recipe, train_rows)
+    init_info = initialise(run.mixer, run.tail, data, recipe, train_rows, val_rows)
 
     stages = ["joint"] if recipe.schedule == "joint" else ["mixer", "query"]
     feats_train = [f[train_rows] for f in data.features]
