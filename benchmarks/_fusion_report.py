@@ -47,22 +47,32 @@ def report(res: dict[str, Any], run_specs: dict[str, dict[str, Any]]) -> str:
     rows = [[m, "symmetric, single feature", *_cells(b(m), MAIN_COLS)] for m in fd.MEMBERS]
     rows += [["concatenation (3 members, 3584-d)", "symmetric", *_cells(b("concat"), MAIN_COLS)],
              ["concatenation + PCA to 512", "symmetric", *_cells(b("concat+pca"), MAIN_COLS)],
-             ["MLP mixer (trained)", "symmetric", *_cells(r("mlp", "sym"), MAIN_COLS)],
-             ["best single member, projected (trained)", "symmetric",
+             ["concatenation + learned whitening to 512 (closed form, supervised)", "symmetric",
+              *_cells(b("concat+lw"), MAIN_COLS)],
+             ["MLP mixer (trained, default recipe)", "symmetric",
+              *_cells(r("mlp", "sym"), MAIN_COLS)],
+             ["best single member, projected (trained, default recipe)", "symmetric",
               *_cells(r("single-best", "sym"), MAIN_COLS)],
              ["fused: transformer mixer, paper recipe (no anchor, no distillation)",
               "symmetric", *_cells(r("paper", "sym"), MAIN_COLS)],
-             ["**fused: transformer mixer, default recipe (anchored)**", "symmetric",
-              *_cells(r("default", "sym"), MAIN_COLS)],
+             ["fused: transformer mixer, PCA-anchored (previous default)", "symmetric",
+              *_cells(r("pca-anchor", "sym"), MAIN_COLS)],
+             ["**fused: transformer mixer, default recipe (learned-whitening anchor)**",
+              "symmetric", *_cells(r("default", "sym"), MAIN_COLS)],
              ["light query -> fused, paper recipe", "asymmetric",
               *_cells(r("paper", "asym"), MAIN_COLS)],
+             ["light query -> fused, PCA-anchored (previous default)", "asymmetric",
+              *_cells(r("pca-anchor", "asym"), MAIN_COLS)],
              ["**light query -> fused gallery, default recipe**", "asymmetric",
               *_cells(r("default", "asym"), MAIN_COLS)],
-             ["light query -> best single member", "asymmetric",
+             ["light query -> best single member (default recipe)", "asymmetric",
               *_cells(r("single-best", "asym"), MAIN_COLS)],
-             ["light query -> MLP mixer", "asymmetric", *_cells(r("mlp", "asym"), MAIN_COLS)],
+             ["light query -> MLP mixer (default recipe)", "asymmetric",
+              *_cells(r("mlp", "asym"), MAIN_COLS)],
              ["effnet-lite0 -> effnet-lite0 (raw)", "light symmetric",
               *_cells(b("effnet-lite0"), MAIN_COLS)],
+             ["effnet-lite0 + learned whitening -> itself (same training data)",
+              "light symmetric", *_cells(b("effnet-lite0+lw"), MAIN_COLS)],
              ["trained light query -> itself", "light symmetric",
               *_cells(r("default", "light-sym"), MAIN_COLS)]]
     md = ["# Asymmetric feature fusion (real data, disjoint classes / covers)\n",
@@ -99,6 +109,8 @@ def report(res: dict[str, Any], run_specs: dict[str, dict[str, Any]]) -> str:
         cols = [(t, e, k) for e, k in TRANSFER_COLS]
         trows += [[f"concatenation + PCA (fit on {t})", "untrained", *_cells(b("concat+pca"),
                                                                              cols)],
+                  [f"concatenation + learned whitening (fit on {t})", "supervised, closed form",
+                   *_cells(b("concat+lw"), cols)],
                   [f"fused (trained on {t})", "symmetric", *_cells(r("default", "sym"), cols)],
                   [f"light query -> fused (trained on {t})", "asymmetric",
                    *_cells(r("default", "asym"), cols)],
@@ -150,12 +162,16 @@ def verdicts(res: dict[str, Any]) -> list[str]:
                    f"{'met' if fused > singles[best] and fused > concat else 'NOT met'}")
         asym = rr[t]["default"]["eval"][e]["asym"][m]
         light = base[t][e]["effnet-lite0"][m]
+        light_lw = base[t][e].get("effnet-lite0+lw", {}).get(m)
         single_asym = rr[t].get("single-best", {}).get("eval", {}).get(e, {}).get("asym", {})
         sa = single_asym.get(m)
         sa_txt = f"{sa:.1f}" if sa is not None else "(not run)"
         out.append(f"{e}: light query -> fused {asym:.1f} vs light symmetric {light:.1f} and "
                    f"light query -> single {sa_txt} -> "
-                   f"{'met' if asym > light and (sa is None or asym > sa) else 'NOT met'}")
+                   f"{'met' if asym > light and (sa is None or asym > sa) else 'NOT met'}"
+                   + (f" (and vs effnet-lite0 + learned whitening -> itself {light_lw:.1f}: "
+                      f"{'above' if asym > light_lw else 'below'})" if light_lw is not None
+                      else ""))
         if "noise" in rr[t]:
             n_s = rr[t]["noise"]["eval"][e]["sym"][m]
             n_a = rr[t]["noise"]["eval"][e]["asym"][m]

@@ -12,6 +12,7 @@ from galleria.fusion.anchor import (
     _Chooser,
     _map,
     _nrm,
+    _ridge,
     choose_start,
     learned_whitening,
     pca_projection,
@@ -93,20 +94,65 @@ def test_selection_drops_a_pure_noise_input_and_the_anchor_ignores_it():
     assert keep_all.keep == [0, 1, 2]
 
 
-def test_query_map_keeps_the_own_block_exact():
+def test_learned_whitening_is_the_generalised_eigenproblem():
+    from scipy.linalg import eigh
+
+    rng = np.random.default_rng(4)
+    y = np.repeat(np.arange(12), 5)
+    x = rng.standard_normal((60, 9)) + rng.standard_normal((12, 9))[y]
+    _, p = learned_whitening(x, y, 4, 0.2)
+    xc = x - x.mean(0)
+    means = np.stack([x[y == c].mean(0) for c in range(12)])
+    w = x - means[y]
+    s_w, s_t = w.T @ w / 60, xc.T @ xc / 60
+    s_w = 0.8 * s_w + 0.2 * np.trace(s_w) / 9 * np.eye(9)
+    c2 = (p @ s_w @ p.T)[0, 0]
+    np.testing.assert_allclose(p @ s_w @ p.T, c2 * np.eye(4), atol=1e-8 * c2)
+    want = eigh(s_t, s_w, eigvals_only=True)[::-1][:4]
+    np.testing.assert_allclose(np.diag(p @ s_t @ p.T) / c2, want, rtol=1e-8)
+    out = np.linalg.norm(xc @ p.T, axis=1).mean()  # scaled to the centred rows' mean norm
+    np.testing.assert_allclose(out, np.linalg.norm(xc, axis=1).mean(), rtol=1e-10)
+
+
+def test_query_map_keeps_the_own_block_exact_and_predicts_the_others():
     feats, y = _inputs(np.random.default_rng(1))
     tr, va = np.arange(100), np.arange(100, 150)
     pooled = np.stack([feats[0], _nrm(feats[0] + 0.05)], axis=1)  # (N, 2 views, 20)
-    ch = _Chooser(feats[:1], y, tr, va, pooled, 0, "lw", 8, False)
-    mu, p = ch.anchor([0], 0.3)
-    for _, _, a, b in ch.query_maps(mu, p, [0], (0.1, 10.0), (0.5, 1.0)):
-        np.testing.assert_allclose(a, p, atol=1e-12)  # no other block to predict
-        np.testing.assert_allclose(feats[0] @ a.T + b, (feats[0] - mu) @ p.T, atol=1e-10)
+    ch = _Chooser(feats[:2], y, tr, va, pooled, 0, "lw", 8, False)
+    mu, p = ch.anchor([0, 1], 0.3)
+    x0 = feats[0]
+    w, b = _ridge(pooled[tr].reshape(-1, 20), np.repeat(feats[1][tr], 2, axis=0), 0.1)
+    maps = {(r, lam): (a, c) for r, lam, a, c in ch.query_maps(mu, p, [0, 1], (0.1,), (0.0, 1.0))}
+    a, c = maps[(0.1, 0.0)]  # lam 0: own block exact, the other at its training mean
+    want = (np.hstack([x0, np.tile(feats[1][tr].mean(0), (150, 1))]) - mu) @ p.T
+    np.testing.assert_allclose(x0 @ a.T + c, want, atol=1e-9)
+    a, c = maps[(0.1, 1.0)]  # lam 1: the other block is the ridge prediction
+    want = (np.hstack([x0, x0 @ w + b]) - mu) @ p.T
+    np.testing.assert_allclose(x0 @ a.T + c, want, atol=1e-9)
     st = choose_start(feats[:2], y, tr, va, d=8, pooled=pooled, own=0)
-    assert st.query_w.shape == (8, 20) and st.ridge in (0.1, 1.0, 10.0)
     q = _nrm(feats[0][va] @ st.query_w.T + st.query_b)  # query -> fused gallery, held out
     g = _nrm((np.hstack(feats[:2])[va] - st.mu) @ st.proj.T)
     assert _map(q, g, y[va], False) > 0.5
+    with pytest.raises(InputError, match="own input"):
+        choose_start(feats[:2], y, tr, va, d=8, pooled=pooled, own=1)  # 14-d, not 20-d
+
+
+def test_instance_labels_score_an_augmented_view_and_no_split_uses_defaults():
+    feats, _ = _inputs(np.random.default_rng(2))
+    n = len(feats[0])
+    rng = np.random.default_rng(5)
+    pooled = np.stack([feats[0], _nrm(feats[0] + 0.3 * rng.standard_normal(feats[0].shape))], 1)
+    st = choose_start(feats, np.arange(n), np.arange(100), np.arange(100, n), d=8,
+                      pooled=pooled, own=0, inst=True)
+    assert st.kind == "pca" and st.alpha is None  # no within-class scatter: PCA
+    assert st.val["query_view"] == 1 and st.val["sym"] is None
+    assert 0 in st.keep  # the own input is what the augmented view can be matched by
+    y = np.repeat(np.arange(30), 5)
+    st0 = choose_start(feats, y, np.arange(n), np.zeros(0, int), d=8, pooled=pooled, own=0)
+    assert (st0.alpha, st0.ridge, st0.lam, st0.keep) == (0.6, 1.0, 1.0, [0, 1, 2])
+    m = build_mixer("mlp", [InputSpec("a", "a@1", "global", 20)], d=8, anchor=True)
+    with pytest.raises(InputError, match="anchor of this mixer"):
+        m.set_projection(np.zeros(20), np.zeros((8, 21)))
 
 
 def test_default_recipe_starts_from_the_closed_form_and_drops_noise():

@@ -23,6 +23,7 @@ from galleria.cli.common import add_run_args, print_json, set_threads, setup_log
 
 def add_fusion_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``fusion`` with its subcommands to the main parser's ``subparsers``."""
+    from galleria.fusion.anchor import ANCHOR_KINDS
     from galleria.fusion.pipeline import DEFAULT_MEMBERS
     from galleria.fusion.train import QUERY_INITS, FusionRecipe
 
@@ -70,7 +71,7 @@ def add_fusion_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--anchor", action=argparse.BooleanOptionalAction, default=d.anchor,
                    help="start the mixer from a closed-form linear fusion of the member "
                         "features (a fixed anchor plus the gated mixer)")
-    g.add_argument("--anchor-kind", default=d.anchor_kind, choices=["lw", "pca"],
+    g.add_argument("--anchor-kind", default=d.anchor_kind, choices=list(ANCHOR_KINDS),
                    help="the anchor: learned whitening (shrinkage chosen on held-out "
                         "classes) or PCA of the concatenation")
     g.add_argument("--select-inputs", action=argparse.BooleanOptionalAction,

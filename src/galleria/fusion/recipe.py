@@ -109,8 +109,10 @@ class FusionRecipe:
         if self.anchor_kind not in ANCHOR_KINDS:
             raise InputError(f"anchor_kind must be one of {ANCHOR_KINDS}, not "
                              f"{self.anchor_kind!r}")
-        if self.query_init == "predict" and not self.anchor:
-            raise InputError("query_init 'predict' needs an anchored mixer (anchor=True)")
+        if self.query_init == "predict" and not (self.anchor and self.query_norm):
+            raise InputError("query_init 'predict' needs an anchored mixer (anchor) and "
+                             "normalised query pooling (query_norm); use query_init "
+                             "'regress' or 'pca' without them")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -59,11 +59,27 @@ def _mixer_columns(mixer: nn.Module, features: list[np.ndarray]) -> list[np.ndar
     return out
 
 
-def _own_input(mixer: nn.Module, recipe: Any, dim: int) -> int | None:
-    """Index of the mixer input that is the query model's own (global, same-width) feature."""
+#: median cosine between the query's clean view and a member's feature of the same image
+#: above which that member counts as the query model's own feature
+OWN_COSINE = 0.9
+
+
+def _own_input(mixer: nn.Module, recipe: Any, cols: list[np.ndarray], pooled: np.ndarray,
+               train: np.ndarray) -> int | None:
+    """Index of the mixer input that is the query model's own feature: same model name,
+    global, same width, and measured to agree with the query's clean view (median cosine
+    >= OWN_COSINE on the training rows; a member at another size or pooling may not)."""
+    dim = pooled.shape[2]
     for i, s in enumerate(mixer.specs):  # type: ignore[attr-defined]
         if s.name == recipe.query_model and s.kind == "global" and s.dim == dim:
-            return i
+            f = cols[i][train]
+            f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+            cos = float(np.median((f * pooled[train, 0]).sum(1)))
+            if cos >= OWN_COSINE:
+                return i
+            log.info("input %s is not the query's own feature here (median cosine %.3f to "
+                     "its clean view): predicted like the others", s.name, cos)
+    log.info("no mixer input is the query model's own feature: every block is predicted")
     return None
 
 
@@ -91,10 +107,12 @@ def initialise(mixer: nn.Module, tail: QueryTail, data: Any, recipe: Any,
         pooled = _all_views(tail, data.views[rows]) if predict else None
         cols = _mixer_columns(mixer, [f[rows] for f in data.features])
         n_tr = len(train_rows)
+        own = (_own_input(mixer, recipe, cols, pooled, np.arange(n_tr))
+               if pooled is not None else None)
         st = choose_start(
             cols, np.asarray(data.labels)[rows], np.arange(n_tr), np.arange(n_tr, len(rows)),
             d=recipe.d, kind=recipe.anchor_kind, select=recipe.select_inputs, pooled=pooled,
-            own=_own_input(mixer, recipe, tail.whiten.in_features) if predict else None,
+            own=own,
             inst=data.instance_discrimination,
             names=[s.name for s in mixer.specs])  # type: ignore[attr-defined]
         mixer.set_projection(st.mu, st.proj)  # type: ignore[operator]
@@ -102,9 +120,6 @@ def initialise(mixer: nn.Module, tail: QueryTail, data: Any, recipe: Any,
         log.info("anchor %s (alpha %s), inputs kept %s, held-out %s", st.kind, st.alpha,
                  info["start"]["kept_inputs"], st.val.get("score"))
         if predict:
-            if not tail.normalize:
-                raise ValueError("query_init 'predict' needs a tail that normalises its "
-                                 "pooled features (query_norm)")
             with torch.no_grad():
                 tail.whiten.weight.copy_(torch.from_numpy(st.query_w.astype(np.float32)))
                 tail.whiten.bias.copy_(torch.from_numpy(st.query_b.astype(np.float32)))

@@ -296,6 +296,9 @@ def fit_fusion(
                          normalize=recipe.query_norm)[1]
 
     run = _Run(data, recipe, n_classes, build_tail)
+    if run.tail.normalize != recipe.query_norm:
+        raise InputError(f"the query tail normalises its pooled features: {run.tail.normalize},"
+                         f" the recipe's query_norm: {recipe.query_norm}")
     init_info = initialise(run.mixer, run.tail, data, recipe, train_rows, val_rows)
 
     stages = ["joint"] if recipe.schedule == "joint" else ["mixer", "query"]
@@ -319,7 +322,8 @@ def fit_fusion(
         tensors, md = load_checkpoint(ckpt)
         resume, groups = json.loads(md["meta"]), md["opt_groups"]
         old = [InputSpec.from_dict(s) for s in resume["specs"]]
-        if resume["key"] != key:
+        if {**resume["key"], "recipe": FusionRecipe.from_dict(resume["key"]["recipe"]).to_dict()
+            } != key:
             raise CompatibilityError(
                 f"{ckpt} was written for "
                 f"{_describe(old, resume['key']['recipe'], recipe.to_dict())} but this run trains "
