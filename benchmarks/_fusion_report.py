@@ -31,7 +31,18 @@ def _cells(get: Any, cols: list[tuple[str, str, str]]) -> list[str]:
     return out
 
 
-def report(res: dict[str, Any], run_specs: dict[str, dict[str, Any]]) -> str:
+def _what(spec: dict[str, Any], prev: dict[str, Any] | None) -> str:
+    if not spec:
+        return "default recipe"
+    if prev and all(spec.get(k) == v for k, v in prev.items()):
+        rest = {k: v for k, v in spec.items() if k not in prev}
+        return "previous default (PCA anchor, regress)" + (f" + {json.dumps(rest)}" if rest
+                                                            else "")
+    return json.dumps(spec)
+
+
+def report(res: dict[str, Any], run_specs: dict[str, dict[str, Any]],
+           prev: dict[str, Any] | None = None) -> str:
     from _common import markdown_table
 
     base, rr = res["baselines"], res["runs"]
@@ -94,7 +105,7 @@ def report(res: dict[str, Any], run_specs: dict[str, dict[str, Any]]) -> str:
             except KeyError:
                 cells.append("")
         c = rr.get("caltech", {}).get(name, {})
-        arows.append([name, json.dumps(spec) if spec else "default recipe", *cells,
+        arows.append([name, _what(spec, prev), *cells,
                       _f(c.get("train", {}).get("seconds")),
                       str(c.get("train", {}).get("best_epoch", ""))])
     md += ["## Ablations (Caltech mAP@R, SMVS mAP, SMVS phone->ref R@1)\n",
@@ -147,6 +158,16 @@ def report(res: dict[str, Any], run_specs: dict[str, dict[str, Any]]) -> str:
     return "\n".join(md)
 
 
+def _gate_of(train: dict[str, Any]) -> str:
+    """The gate of the kept epoch (from the run's history), as text."""
+    hist = train.get("history") or []
+    best = (train.get("best_epoch") or {}).get("joint")
+    for h in hist:
+        if h.get("epoch") == best and h.get("gate") is not None:
+            return f"{h['gate']:.3f}"
+    return "n/a"
+
+
 def verdicts(res: dict[str, Any]) -> list[str]:
     base, rr = res["baselines"], res["runs"]
     out = []
@@ -160,6 +181,12 @@ def verdicts(res: dict[str, Any]) -> list[str]:
         out.append(f"{e}: fused {fused:.1f} vs best single {best} {singles[best]:.1f} and "
                    f"concatenation {concat:.1f} -> "
                    f"{'met' if fused > singles[best] and fused > concat else 'NOT met'}")
+        start = base[t][e].get("concat+lw", {}).get(m)
+        tr = rr[t]["default"].get("train", {})
+        if start is not None:
+            out.append(f"{e}: what training adds to the closed-form start: fused {fused:.1f} vs "
+                       f"concatenation + learned whitening {start:.1f} (best epoch "
+                       f"{tr.get('best_epoch')}, gate {_gate_of(tr)})")
         asym = rr[t]["default"]["eval"][e]["asym"][m]
         light = base[t][e]["effnet-lite0"][m]
         light_lw = base[t][e].get("effnet-lite0+lw", {}).get(m)

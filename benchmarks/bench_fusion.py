@@ -225,10 +225,12 @@ def baselines(data: Data, d: int = 512) -> dict[str, Any]:
 
 
 def lw_baselines(data: Data, base: dict[str, Any], d: int = 512) -> bool:
-    """Closed-form supervised rows (learned whitening, shrinkage chosen on the same held-out
-    training classes as the trained runs): of the concatenation (= the default recipe's
-    start when every input is kept, gate 0) and of effnet-lite0 alone (a trained light
-    symmetric baseline). Adds the missing rows to ``base``; True when it added any."""
+    """Closed-form supervised rows (learned whitening fitted on the trained runs' training
+    rows, shrinkage chosen on the same held-out training classes by the symmetric score
+    alone): of the concatenation (the default recipe's start has the same form; its
+    shrinkage is chosen on the mean of the symmetric and asymmetric scores, so it can
+    differ) and of effnet-lite0 alone (a trained light symmetric baseline). Adds the
+    missing rows to ``base``; True when it added any."""
     from galleria.fusion.anchor import choose_start
     from galleria.fusion.train import split_train_val
 
@@ -524,7 +526,7 @@ def main() -> None:
     res["verdicts"] = verdicts(res) if "runs" in res else []
     res["machine"]["load_average_at_end"] = os.getloadavg()
     if "runs" in res:
-        _, mpath = write_results("fusion", res, report(res, RUNS))
+        _, mpath = write_results("fusion", res, report(res, RUNS, PREV))
         print(mpath.read_text())
 
 
