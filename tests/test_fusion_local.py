@@ -122,8 +122,9 @@ def test_training_with_a_local_input_learns():
     res = fit_fusion(data, recipe)
     best = max(res.history, key=lambda h: h.score)
     # held-out classes: only the local rows carry them (the global input alone is at chance)
-    from galleria.fusion.train import _map, split_train_val
+    from galleria.fusion.anchor import held_out_map
+    from galleria.fusion.train import split_train_val
 
     _, val = split_train_val(y, 0.25, 0)
-    chance = _map(glob[val], glob[val], y[val], True)
+    chance = held_out_map(glob[val], glob[val], y[val], True)
     assert chance < 0.25 and best.val_sym > 0.5, (chance, best.val_sym)

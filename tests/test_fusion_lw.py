@@ -10,10 +10,10 @@ import pytest
 from galleria.errors import InputError
 from galleria.fusion.anchor import (
     _Chooser,
-    _map,
     _nrm,
     _ridge,
     choose_start,
+    held_out_map,
     learned_whitening,
     pca_projection,
 )
@@ -49,7 +49,7 @@ def test_learned_whitening_carries_to_unseen_classes_where_pca_does_not():
     for name, (mu, p) in {"pca": pca_projection(x, 8),
                           "lw": learned_whitening(x, y, 8, 0.1)}.items():
         g = _nrm((xt - mu) @ p.T)
-        scores[name] = _map(g, g, y_t, True)
+        scores[name] = held_out_map(g, g, y_t, True)
     assert scores["lw"] > scores["pca"] + 0.3, scores
 
 
@@ -132,7 +132,7 @@ def test_query_map_keeps_the_own_block_exact_and_predicts_the_others():
     st = choose_start(feats[:2], y, tr, va, d=8, pooled=pooled, own=0)
     q = _nrm(feats[0][va] @ st.query_w.T + st.query_b)  # query -> fused gallery, held out
     g = _nrm((np.hstack(feats[:2])[va] - st.mu) @ st.proj.T)
-    assert _map(q, g, y[va], False) > 0.5
+    assert held_out_map(q, g, y[va], False) > 0.5
     with pytest.raises(InputError, match="own input"):
         choose_start(feats[:2], y, tr, va, d=8, pooled=pooled, own=1)  # 14-d, not 20-d
 

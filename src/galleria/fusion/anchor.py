@@ -57,7 +57,10 @@ def _nrm(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def _map(q: np.ndarray, g: np.ndarray, labels: np.ndarray, exclude_self: bool) -> float:
+def held_out_map(q: np.ndarray, g: np.ndarray, labels: np.ndarray, exclude_self: bool
+                 ) -> float:
+    """mAP of ``(Q, d)`` queries against ``(G, d)`` gallery rows sharing ``labels``
+    (``exclude_self``: query i is gallery row i and does not count)."""
     qgi = np.arange(len(q)) if exclude_self else None
     return float(retrieval_metrics(q @ g.T, labels, labels, metrics=("mAP",),
                                    query_gallery_index=qgi)["mAP"])
@@ -258,13 +261,13 @@ class _Chooser:
         mu, proj = self.anchor(keep, alpha)
         g = _nrm((self.x[self.va] - mu) @ proj.T)
         yv = self.y[self.va]
-        sym = None if self.inst else _map(g, g, yv, True)
+        sym = None if self.inst else held_out_map(g, g, yv, True)
         best: tuple[Any, ...] = (None, None, None, None)
         asym = None
         if self.pooled is not None:
             q_in = self.pooled[self.va, self.view]
             for r, lam, a, b in self.query_maps(mu, proj, keep, ridges, lams):
-                s = _map(_nrm(q_in @ a.T + b), g, yv, not self.inst)
+                s = held_out_map(_nrm(q_in @ a.T + b), g, yv, not self.inst)
                 if asym is None or s > asym:
                     asym, best = s, (r, lam, a, b)
         parts = [v for v in (sym, asym) if v is not None]

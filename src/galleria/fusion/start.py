@@ -40,11 +40,11 @@ def _pooled(tail: QueryTail, views: np.ndarray, rows: np.ndarray, which: np.ndar
             for s in range(0, len(rows), 128)])
 
 
-def _all_views(tail: QueryTail, views: np.ndarray) -> np.ndarray:
-    """``(N, V, 1280)`` float64 L2-normalised pooled features of every cached view."""
-    n, n_v = views.shape[:2]
-    rows, which = np.repeat(np.arange(n), n_v), np.tile(np.arange(n_v), n)
-    p = _pooled(tail, views, rows, which).astype(np.float64)
+def _all_views(tail: QueryTail, views: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``(len(rows), V, 1280)`` float64 L2-normalised pooled features of every cached view
+    of ``views[rows]`` (read in batches, never copied whole)."""
+    n, n_v = len(rows), views.shape[1]
+    p = _pooled(tail, views, np.repeat(rows, n_v), np.tile(np.arange(n_v), n)).astype(np.float64)
     p /= np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12)
     return p.reshape(n, n_v, -1)
 
@@ -104,7 +104,7 @@ def initialise(mixer: nn.Module, tail: QueryTail, data: Any, recipe: Any,
     if closed_form:
         rows = np.concatenate([train_rows, val])
         predict = recipe.query_init == "predict"
-        pooled = _all_views(tail, data.views[rows]) if predict else None
+        pooled = _all_views(tail, data.views, rows) if predict else None
         cols = _mixer_columns(mixer, [f[rows] for f in data.features])
         n_tr = len(train_rows)
         own = (_own_input(mixer, recipe, cols, pooled, np.arange(n_tr))

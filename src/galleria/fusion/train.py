@@ -41,8 +41,8 @@ import numpy as np
 import torch
 
 from galleria.errors import CompatibilityError, InputError
-from galleria.eval.metrics import retrieval_metrics
 from galleria.fingerprint import digest
+from galleria.fusion.anchor import held_out_map
 from galleria.fusion.arcface import arcface_loss, momentum_update_
 from galleria.fusion.checkpoint import load_checkpoint, load_opt_state, save_checkpoint
 from galleria.fusion.mixer import InputSpec, as_mixer_inputs, build_mixer, check_inputs, mix
@@ -181,13 +181,6 @@ def embed_views(tail: QueryTail, views: np.ndarray, *, view: int = 0, batch: int
     finally:
         tail.train(was)
     return np.concatenate(out)
-
-
-def _map(q: np.ndarray, g: np.ndarray, labels: np.ndarray, exclude_self: bool) -> float:
-    scores = q @ g.T
-    qgi = np.arange(len(q)) if exclude_self else None
-    return float(retrieval_metrics(scores, labels, labels, metrics=("mAP",),
-                                   query_gallery_index=qgi)["mAP"])
 
 
 def _state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -493,9 +486,9 @@ def _validate(run: _Run, stage: str, inst: bool, feats_val: list[np.ndarray],
     if views_val is None:
         return None, None
     g_val = mix(run.mixer, feats_val)
-    sym = _map(g_val, g_val, y_val, True) if not inst and stage != "query" else None
+    sym = held_out_map(g_val, g_val, y_val, True) if not inst and stage != "query" else None
     asym = None
     if stage != "mixer":
         q_val = embed_views(run.tail, views_val, view=1 if inst and n_views > 1 else 0)
-        asym = _map(q_val, g_val, y_val, not inst)
+        asym = held_out_map(q_val, g_val, y_val, not inst)
     return sym, asym
