@@ -9,7 +9,7 @@ API is used (``open_or_create``, ``register_space``, ``has``, ``add``, ``keys_of
 
 *Query views* are the frozen query trunk's outputs on ``n_views`` views of each
 training image: view 0 is the clean image, views 1.. are phone-like
-augmentations (:mod:`galleria.fusion.augment`), each fixed by ``(seed, view,
+augmentations (:mod:`galleria.images.augment`), each fixed by ``(seed, view,
 item id)``. They are cached as float16 arrays in parts of ``part_size`` images
 (``part-00000.npy`` ..., written atomically; a rerun computes only missing parts)
 under a folder named by a digest of everything that determines them.
@@ -32,7 +32,7 @@ from galleria.errors import InputError
 from galleria.extract.embed import Progress, embed_stream
 from galleria.extractors.base import Extractor
 from galleria.fingerprint import digest
-from galleria.fusion.augment import PhoneAugment, phone_view
+from galleria.images.augment import PhoneAugment, phone_view
 from galleria.images.decode import load_image
 from galleria.images.sources import SourceItem
 from galleria.io.atomic import read_json, write_json, write_npy

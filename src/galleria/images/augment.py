@@ -29,6 +29,7 @@ class PhoneAugment:
         blur: largest Gaussian blur radius in pixels of a 224-px image (applied to half
             the views).
         jpeg: ``(lowest, highest)`` JPEG quality (applied to 70 % of the views).
+        downscale: see the field (applied after the photometric changes, before JPEG).
     """
 
     min_area: float = 0.45
@@ -40,10 +41,14 @@ class PhoneAugment:
     color_cast: float = 0.08
     blur: float = 1.5
     jpeg: tuple[int, int] = (25, 85)
+    downscale: float = 1.0
+    """Smallest final scale of the view (a uniform draw in ``[downscale, 1]``; 1: none)."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["jpeg"] = list(self.jpeg)
+        if self.downscale == 1.0:  # views made before the option existed keep their key
+            del d["downscale"]
         return d
 
 
@@ -105,11 +110,12 @@ def jpeg(img: Image.Image, quality: int) -> Image.Image:
 
 
 def phone_view(img: Image.Image, rng: np.random.Generator, aug: PhoneAugment | None = None,
-               *, work_side: int = 320) -> Image.Image:
-    """One phone-like view of an RGB image (downscaled to ``work_side`` first for speed)."""
+               *, work_side: int | None = 320) -> Image.Image:
+    """One phone-like view of an RGB image (downscaled to ``work_side`` first for speed;
+    ``None``: kept at its size)."""
     aug = aug or PhoneAugment()
     img = img.convert("RGB")
-    if max(img.size) > work_side:
+    if work_side is not None and max(img.size) > work_side:
         f = work_side / max(img.size)
         img = img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))),
                          Image.Resampling.BILINEAR)
@@ -119,6 +125,10 @@ def phone_view(img: Image.Image, rng: np.random.Generator, aug: PhoneAugment | N
     if rng.random() < 0.5 and aug.blur > 0:
         radius = rng.uniform(0.3, aug.blur) * max(img.size) / 224
         img = img.filter(ImageFilter.GaussianBlur(radius))
+    if aug.downscale < 1.0:
+        f = rng.uniform(aug.downscale, 1.0)
+        img = img.resize((max(8, round(img.width * f)), max(8, round(img.height * f))),
+                         Image.Resampling.BILINEAR)
     if rng.random() < 0.7:
         img = jpeg(img, int(rng.integers(aug.jpeg[0], aug.jpeg[1] + 1)))
     return img
