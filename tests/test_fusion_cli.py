@@ -69,8 +69,8 @@ def test_fusion_train_index_and_query(ukbench, capsys):
     assert again["resumed_from"] == sum(h["epoch"] > 0 for h in model.training["history"])
 
     # `galleria index --fusion`: the other 7 objects through the members and the mixer
+    from galleria.decision import open_searcher
     from galleria.images.sources import read_manifest
-    from galleria.search.searcher import open_searcher
 
     g_dir = tmp / "G"
     rc = main(["index", str(test), "--fusion", str(out), "--out", str(g_dir), "-q", "--json",

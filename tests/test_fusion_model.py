@@ -156,8 +156,9 @@ def test_index_fusion_then_search_with_the_light_model(saved, photos, tmp_path, 
     import shutil
 
     from galleria.cli.main import main
+    from galleria.decision import open_searcher
     from galleria.extract.queries import Queries
-    from galleria.search.searcher import Searcher, open_searcher
+    from galleria.search.searcher import PlainSearcher
 
     g_dir = tmp_path / "G"
     rc = main(["index", str(photos), "--fusion", str(saved), "--out", str(g_dir), "-q",
@@ -189,7 +190,7 @@ def test_index_fusion_then_search_with_the_light_model(saved, photos, tmp_path, 
     # queries from any other model are refused, naming both
     other = create_extractor("effnet-lite0", runtime="onnx")
     with pytest.raises(CompatibilityError, match=rf"{other.fingerprint}.*{fp}"):
-        Searcher(s.gallery, other, space=fp)
+        PlainSearcher(s.gallery, other, space=fp)
     with pytest.raises(CompatibilityError, match=fp):
         s.search(Queries({other.fingerprint: other.embed_images([Image.open(files[0])])}))
     from galleria.errors import GalleriaError

@@ -149,13 +149,13 @@ def test_cli_errors_are_clear(tmp_path, photos, capsys):
 def test_query_from_other_model_or_dimension_is_refused(tmp_path, photos):
     from galleria.errors import CompatibilityError
     from galleria.extractors.registry import create_extractor
-    from galleria.search.searcher import Searcher
+    from galleria.search.searcher import PlainSearcher
 
     index_images(photos, tmp_path / "g", model="effnet-lite0")
     g = Gallery.open(tmp_path / "g")
     other = create_extractor("opennsfw-r50")
     with pytest.raises(CompatibilityError) as ei:
-        Searcher(g, other)
+        PlainSearcher(g, other)
     assert other.fingerprint in str(ei.value) and g.primary_space in str(ei.value)
     q = other.embed_images([Image.open(photos / "chelsea.jpg").convert("RGB")])
     with pytest.raises(CompatibilityError) as ei:

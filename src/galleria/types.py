@@ -55,6 +55,15 @@ class SearchResult:
         """The first ``k`` columns."""
         return SearchResult(self.scores[:, :k], self.ids[:, :k], self.generation)
 
+    def pad(self, k: int) -> SearchResult:
+        """Exactly ``k`` columns: the first ``k``, or padded with ``-inf`` and missing
+        ids (``-1`` for int64 keys, ``None`` for string ids)."""
+        if self.k >= k:
+            return self.head(k) if self.k > k else self
+        out = SearchResult.empty(len(self), k, object_ids=self.ids.dtype == object)
+        out.scores[:, : self.k], out.ids[:, : self.k] = self.scores, self.ids
+        return SearchResult(out.scores, out.ids, self.generation)
+
     def row(self, q: int) -> list[tuple[object, float]]:
         """Results of query ``q`` as ``[(id, score), ...]`` without missing entries."""
         out = []
@@ -72,6 +81,12 @@ class SearchResult:
         else:
             ids = np.full((q, k), MISSING_KEY, dtype=np.int64)
         return SearchResult(scores, ids)
+
+
+def clamp_k(k: int, n: int) -> int:
+    """The number of result columns for ``k`` asked over ``n`` items: ``min(k, n)``, at
+    least 1 (a search of an empty set still answers one missing column)."""
+    return max(1, min(int(k), int(n)))
 
 
 @dataclass(frozen=True)

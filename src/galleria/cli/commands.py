@@ -121,8 +121,8 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from galleria.decision import open_searcher
     from galleria.errors import InputError
-    from galleria.search.searcher import open_searcher
 
     setup_logging(args.verbose)
     threads = set_threads(args.threads)
@@ -144,9 +144,6 @@ def cmd_search(args: argparse.Namespace) -> int:
         opts["dim"] = args.dim
     if funnel is not None:
         opts["funnel"] = funnel
-    if opts and type(searcher).__name__ != "Searcher":
-        raise InputError("--dim/--funnel/--qe need plain search of one space (not available "
-                         "during an upgrade or with a local pipeline)")
     queries, res, fails = searcher.search_paths(args.images, args.k, **opts)
     for f in fails:
         print(f"galleria search: cannot read query {f.path}: {f.reason}", file=sys.stderr)

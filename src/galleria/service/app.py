@@ -74,7 +74,10 @@ class SearchResponse(BaseModel):
                     "during an upgrade)")
     k: int
     offset: int
-    searcher: str
+    searcher: str = Field(description="plain | backfill | pipeline | sharded")
+    pipeline: str = Field(description="the pipeline that answered (global, local, ...)")
+    reason: str = Field(description="why it answered: asked, tuned, gallery spaces, upgrade "
+                                    "in progress, ...")
     merge: dict[str, Any] | None = Field(None, description="during an upgrade: the merge rule "
                                                "and calibration that combined both spaces")
 
@@ -88,7 +91,8 @@ class SearchJSON(BaseModel):
     id: str | None = Field(None, description="search with an item of the gallery")
     k: int = Field(10, ge=1)
     offset: int = Field(0, ge=0)
-    pipeline: str = "global"
+    pipeline: str | None = Field(None, description="global, global+sv, local, local+mds; "
+                                                   "default: the gallery's (as the CLI)")
     return_query: bool = False
 
 

@@ -75,11 +75,10 @@ def check_metadata(raw: Any, limit: int) -> dict[str, Any]:
 
 def target_spaces(engine: Engine) -> tuple[list[str], list[str]]:
     """``(spaces to embed a new item into, spaces to drop it from)``."""
-    g = engine.gallery
-    token = engine.state_token()
-    primary = token[0]
-    st = engine.upgrade_state(token)
-    spaces = [s for s in g.spaces() if s.count > 0 or s.space == primary]
+    state = engine.gallery.state()
+    primary = state.primary
+    st = engine.upgrade_state(state)
+    spaces = [s for s in state.spaces if s.count > 0 or s.space == primary]
     names = [s.space for s in spaces]
     drop: list[str] = []
     if st is not None:
@@ -173,15 +172,12 @@ def remove_item(engine: Engine, item_id: str) -> dict[str, Any]:
 def get_item(engine: Engine, item_id: str) -> dict[str, Any]:
     g = engine.gallery
     item_id = check_item_id(item_id)
-    row = g.db.one("SELECT key, meta, added, content FROM items WHERE id=?", (item_id,))
-    if row is None:
+    rec = g.item(item_id)
+    if rec is None:
         raise not_found(f"no item {item_id!r} in this gallery")
-    spaces = [r[0] for r in g.db.all("SELECT space FROM vectors WHERE key=? ORDER BY space",
-                                     (int(row[0]),))]
-    meta = json.loads(row[1])
-    path = meta.get("path")
-    return {"id": item_id, "metadata": public_meta(meta), "spaces": spaces,
-            "added": row[2], "content": row[3],
+    path = rec.meta.get("path")
+    return {"id": item_id, "metadata": public_meta(rec.meta), "spaces": list(rec.spaces),
+            "added": rec.added, "content": rec.content,
             "has_image": bool(path) and Path(path).is_file()}
 
 
@@ -235,11 +231,11 @@ def thumbnail(engine: Engine, cache: ThumbnailCache, item_id: str, size: int
     if size not in THUMB_SIZES:
         raise bad_request(f"size must be one of {list(THUMB_SIZES)}; got {size}", "bad_size")
     item_id = check_item_id(item_id)
-    row = engine.gallery.db.one("SELECT meta, content FROM items WHERE id=?", (item_id,))
-    if row is None:
+    rec = engine.gallery.item(item_id)
+    if rec is None:
         raise not_found(f"no item {item_id!r} in this gallery")
-    meta = json.loads(row[0])
-    content = row[1] or ""
+    meta = rec.meta
+    content = rec.content or ""
     key = (item_id, content, size)
     etag = '"' + hashlib.sha1(repr(key).encode()).hexdigest()[:16] + '"'
     hit = cache.get(key)

@@ -50,9 +50,11 @@ def parse_bool(value: Any, name: str) -> bool:
     raise bad_request(f"{name} must be true or false; got {value!r}", "bad_option")
 
 
-def parse_pipeline(value: Any) -> str:
+def parse_pipeline(value: Any) -> str | None:
+    """A pipeline name; ``None`` (absent, empty or ``auto``): the gallery's default, as
+    the CLI and the Python API choose it."""
     if value is None or value == "" or value == "auto":
-        return "global"
+        return None
     if not isinstance(value, str) or len(value) > 40:
         raise bad_request("pipeline must be a name such as 'global'", "bad_option")
     return value

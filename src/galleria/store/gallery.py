@@ -22,6 +22,7 @@ sizes and SHA-256 sums in the database: ``galleria check`` / ``galleria repair``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -37,15 +38,15 @@ import numpy as np
 from galleria.errors import CompatibilityError, FormatError, InputError
 from galleria.fingerprint import slug
 from galleria.io.artifact import load_header, make_header, save_header
-from galleria.store import reader, writes
-from galleria.store.db import Database, chunks
+from galleria.store import items, reader, writes
+from galleria.store.db import Database
 from galleria.store.lock import WriterLock
 from galleria.store.schema import DB, FORMAT_VERSION, HEADER, SCHEMA
-from galleria.store.views import SpaceView
-from galleria.types import MISSING_KEY, LocalFeatures, SearchResult
+from galleria.store.state import GalleryState, read_state
+from galleria.store.views import KeyFilter, SpaceView
+from galleria.types import LocalFeatures, SearchResult, clamp_k
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,25 @@ class Gallery:
         with self.db.write() as c:
             c.execute("DELETE FROM settings WHERE key=?", (key,))
 
+    def update_settings(self, values: dict[str, Any] | None = None,
+                        delete: Sequence[str] = ()) -> None:
+        """Set ``values`` and delete ``delete`` in ONE transaction (readers see all or none)."""
+        self._check_writable()
+        if "primary_space" in (values or {}):
+            self.space_info((values or {})["primary_space"])
+        with self.db.write() as c:
+            for k, v in (values or {}).items():
+                c.execute("INSERT INTO settings(key, value) VALUES(?, ?) "
+                          "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                          (k, json.dumps(v)))
+            for k in delete:
+                c.execute("DELETE FROM settings WHERE key=?", (k,))
+
+    def state(self) -> GalleryState:
+        """Spaces, primary space and settings at one committed state (one read)."""
+        with self.db.read() as c:
+            return read_state(c, self.path)
+
     @property
     def primary_space(self) -> str | None:
         """The space searched when none is named (the first one registered)."""
@@ -259,63 +279,45 @@ class Gallery:
         r = self.db.one("SELECT generation FROM spaces WHERE space=?", (space,))
         return int(r[0]) if r else 0
 
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[items.Snapshot]:
+        """Lookups at one committed state: ``with g.snapshot() as s: s.item(id) ...``."""
+        with self.db.read() as c:
+            yield items.Snapshot(c, self.path)
+
     def ids(self, space: str | None = None) -> list[str]:
         """Item ids in key order; with ``space``, only items that have data there."""
-        if space is None:
-            return [r[0] for r in self.db.all("SELECT id FROM items ORDER BY key")]
-        return [r[0] for r in self.db.all(
-            "SELECT i.id FROM items i JOIN vectors v ON v.key = i.key WHERE v.space=? "
-            "ORDER BY i.key", (space,))]
+        with self.db.read() as c:
+            return items.ids(c, space)
+
+    def item(self, item_id: str) -> items.ItemRecord | None:
+        """An item's key, metadata, content hash and spaces (``None`` if unknown)."""
+        with self.db.read() as c:
+            return items.item(c, item_id)
 
     def has(self, ids: Sequence[str], space: str) -> np.ndarray:
         """``(N,)`` bool: which ids already have data in ``space``."""
-        present: set[str] = set()
-        for ch in chunks(list(ids)):
-            q = ",".join("?" * len(ch))
-            present.update(r[0] for r in self.db.all(
-                f"SELECT i.id FROM items i JOIN vectors v ON v.key=i.key "
-                f"WHERE v.space=? AND i.id IN ({q})", (space, *ch)))
-        return np.array([i in present for i in ids], dtype=bool)
+        with self.db.read() as c:
+            return items.has(c, ids, space)
 
     def keys_of(self, ids: Sequence[str]) -> np.ndarray:
         """int64 keys of ids (-1 for unknown ids)."""
-        found: dict[str, int] = {}
-        for ch in chunks([i for i in ids if isinstance(i, str)]):
-            q = ",".join("?" * len(ch))
-            found.update(self.db.all(f"SELECT id, key FROM items WHERE id IN ({q})", ch))
-        return np.array([found.get(i, MISSING_KEY) for i in ids], dtype=np.int64)
+        with self.db.read() as c:
+            return items.keys_of(c, ids)
 
     def ids_of(self, keys: np.ndarray) -> np.ndarray:
         """Object array of ids for int64 keys, ``None`` for -1 or unknown keys (any shape)."""
-        keys = np.asarray(keys, dtype=np.int64)
-        uniq = [int(k) for k in np.unique(keys) if k != MISSING_KEY]
-        found: dict[int, str] = {}
-        for ch in chunks(uniq):
-            q = ",".join("?" * len(ch))
-            found.update(self.db.all(f"SELECT key, id FROM items WHERE key IN ({q})", ch))
-        out = np.empty(keys.shape, dtype=object)
-        flat = out.reshape(-1)
-        for n, k in enumerate(keys.reshape(-1)):
-            flat[n] = found.get(int(k))
-        return out
+        with self.db.read() as c:
+            return items.ids_of(c, keys)
 
     def meta(self, ids: Sequence[str]) -> list[dict[str, Any] | None]:
-        found: dict[str, dict[str, Any]] = {}
-        for ch in chunks(list(ids)):
-            q = ",".join("?" * len(ch))
-            for i, m in self.db.all(f"SELECT id, meta FROM items WHERE id IN ({q})", ch):
-                found[i] = json.loads(m)
-        return [found.get(i) for i in ids]
+        with self.db.read() as c:
+            return items.metas(c, ids)
 
     def contents(self, ids: Sequence[str]) -> dict[str, tuple[str | None, int | None, int | None]]:
         """``id -> (content hash, file size, mtime_ns)`` recorded for known ids."""
-        out = {}
-        for ch in chunks(list(ids)):
-            q = ",".join("?" * len(ch))
-            for i, h, s, m in self.db.all(
-                    f"SELECT id, content, fsize, fmtime FROM items WHERE id IN ({q})", ch):
-                out[i] = (h, s, m)
-        return out
+        with self.db.read() as c:
+            return items.contents(c, ids)
 
     # ------------------------------------------------------------------ writes
     def add(self, ids: Sequence[str], vectors: np.ndarray, *, space: str,
@@ -521,6 +523,19 @@ class Gallery:
             for lk in reversed(locks):
                 lk.release()
 
+    def shard_view(self, space: str, keys_filter: KeyFilter) -> SpaceView:
+        """The view of one shard of ``space`` (the items ``keys_filter`` selects) at the
+        latest commit: built from the data, then derived by the change log like every
+        view (on a copy, swapped in; nobody mutates a published view)."""
+        slot = f"{space}#{keys_filter.shard}/{keys_filter.shards}"
+        with self._guard:
+            lock = self._refresh_locks.setdefault(slot, threading.Lock())
+        with lock, self.db.read() as c:
+            new = reader.build_view(c, self.path, space, self._views.get(slot),
+                                    keys_filter=keys_filter)
+            self._views[slot] = new
+            return new
+
     def index(self, space: str | None = None) -> SpaceView:
         """The current view of ``space`` (its index is ``view.base`` + delta)."""
         return self.view(space)
@@ -585,7 +600,7 @@ class Gallery:
                 "'prefix' index (galleria index ... --index prefix)")
         # k is clamped to the space: a result has min(k, items) columns (k = 1e9 allocates
         # nothing extra)
-        return view.search_ids(q, max(1, min(k, view.count)), dim=dim, funnel=funnel)
+        return view.search_ids(q, clamp_k(k, view.count), dim=dim, funnel=funnel)
 
     # ------------------------------------------------------------- integrity
     def check(self, *, deep: bool = True) -> Any:

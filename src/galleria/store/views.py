@@ -78,6 +78,23 @@ def _sorted_table(keys: np.ndarray, ids: Sequence[str] | np.ndarray
 
 
 @dataclass(frozen=True)
+class KeyFilter:
+    """The keys of one shard: ``key % shards == shard`` (balanced as a gallery grows,
+    since keys are handed out in insertion order)."""
+
+    shards: int
+    shard: int
+
+    def __post_init__(self) -> None:
+        if self.shards < 1 or not 0 <= self.shard < self.shards:
+            raise ValueError(f"shard {self.shard} of {self.shards} does not exist")
+
+    def sql(self, column: str = "key") -> tuple[str, tuple[int, int]]:
+        """A SQL condition (to append with AND) and its parameters."""
+        return f"{column} % ? = ?", (self.shards, self.shard)
+
+
+@dataclass(frozen=True)
 class SpaceView:
     """One space of a gallery at one committed generation (immutable).
 
@@ -93,6 +110,7 @@ class SpaceView:
         delta: index of what was added since (``None`` when empty).
         delta_keys / delta_data: the delta's contents (to derive the next delta).
         ids: key -> id map.
+        keys_filter: the shard this view holds (``None``: every item).
     """
 
     space: str
@@ -108,6 +126,7 @@ class SpaceView:
     delta_data: Any
     ids: IdMap
     params: dict[str, Any] = field(default_factory=dict)
+    keys_filter: KeyFilter | None = None
 
     def __len__(self) -> int:
         return self.count
