@@ -141,6 +141,11 @@ def test_sharded_search_equals_single_process(cluster, smvs_gallery):
         nodes = {i["node"] for i in s.shard_info}
         assert len(nodes) == 3 and sum(i["count"] for i in s.shard_info) == 250
         plain = PlainSearcher.open(g)
+        from PIL import Image
+
+        from _contract import assert_conforms
+
+        assert_conforms(s, [Image.open(it.path).convert("RGB") for it in items[240:243]], 250)
         q, good, fails = s.embed_paths([it.path for it in items[240:260]])
         assert len(good) == 20 and not fails
         for k in (1, 10, 300):

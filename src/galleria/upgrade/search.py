@@ -304,8 +304,12 @@ class BackfillSearcher(Searcher):
         # both parts from one committed state: an item moving meanwhile is in exactly one
         views = self.gallery.views([old_space, new_space])
         old_res = self._search_part(qo, k, views.get(old_space))
+        # k is clamped to the items searched, as every searcher does
+        kk = clamp_k(k, sum(v.count for v in views.values()))
         if self.rule == "old-only":
             self.cost.add_ms("search", time.perf_counter() - t)
+            ov = views.get(old_space)
+            old_res = old_res.head(clamp_k(k, ov.count if ov is not None else 0))
             return SearchResult(old_res.scores, old_res.ids,
                                 {sp: v.generation for sp, v in views.items()})
         if len(qn) != nq:
@@ -320,6 +324,7 @@ class BackfillSearcher(Searcher):
             maps = [self.calibration.old, self.calibration.new]
         out = merge_results([old_res, new_res], k, maps=maps)
         self.cost.add_ms("merge", time.perf_counter() - t)
+        out = out.head(kk)
         return SearchResult(out.scores, out.ids, {sp: v.generation for sp, v in views.items()})
 
     def _search_part(self, q: np.ndarray, k: int, view: Any) -> SearchResult:
