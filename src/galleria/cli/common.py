@@ -62,6 +62,18 @@ def model_args(args: argparse.Namespace) -> dict[str, Any]:
             "runtime": args.runtime}
 
 
+def model_spec(args: argparse.Namespace, name: str | None = None) -> Any:
+    """The :class:`~galleria.extractors.spec.ModelSpec` the model options of
+    :func:`add_model_args` describe (``None`` without a model name)."""
+    from galleria.extractors.spec import ModelSpec  # CLI start-up: registry loads torch lazily
+
+    name = name if name is not None else args.model
+    if name is None:
+        return None
+    return ModelSpec.of(name, pooling=args.pooling, scales=args.scales,
+                        checkpoint=args.checkpoint, size=args.size, resize=args.resize)
+
+
 def add_run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("execution")
     g.add_argument("--threads", type=int, default=None, help="compute threads (default: all)")

@@ -344,9 +344,8 @@ class Gallery:
             if x.ndim != 2:
                 raise InputError(f"vectors must have shape (N, D); got shape {x.shape}")
             self.register_space(space, x.shape[1], info)
-        return writes.add_vectors(self, ids, vectors, space=space, meta=meta, replace=replace,
-                                  drop_spaces=drop_spaces, only_if_in=only_if_in,
-                                  contents=contents)
+        return writes.add_vectors(self, ids, vectors, space=space, meta=meta, contents=contents,
+                                  rules=writes.AddRules(replace, drop_spaces, only_if_in))
 
     def add_local(self, ids: Sequence[str], features: Sequence[LocalFeatures], *, space: str,
                   meta: Sequence[dict[str, Any] | None] | None = None, replace: bool = False,
@@ -354,9 +353,8 @@ class Gallery:
                   drop_spaces: Sequence[str] = (), only_if_in: str | None = None) -> np.ndarray:
         """Store per-item local features (one :class:`LocalFeatures` per id) of a local space."""
         self._check_writable()
-        return writes.add_local(self, ids, features, space=space, meta=meta, replace=replace,
-                                contents=contents, drop_spaces=drop_spaces,
-                                only_if_in=only_if_in)
+        return writes.add_local(self, ids, features, space=space, meta=meta, contents=contents,
+                                rules=writes.AddRules(replace, drop_spaces, only_if_in))
 
     def remove(self, ids: Sequence[str], *, space: str | None = None) -> int:
         """Remove items (all their data), or only their data in ``space``.
