@@ -71,7 +71,7 @@ class IndexReport:
 
 def _meta(item: SourceItem) -> dict[str, Any]:
     """What an item records: its image path (absolute), crop box and manifest columns."""
-    meta: dict[str, Any] = {"path": str(item.path.resolve()), **item.meta}
+    meta: dict[str, Any] = {"path": _real(item.path), **item.meta}
     if item.bbox is not None:
         meta["bbox"] = list(item.bbox)
     return meta
@@ -106,7 +106,7 @@ def resolve_identity(gallery: Gallery, items: Sequence[SourceItem], *, explicit_
             out.new.append(it)
             continue
         stored = (metas.get(it.id) or {}).get("path")
-        here = str(it.path.resolve())
+        here = _real(it.path)
         try:
             st = os.stat(it.path)
         except OSError:
@@ -349,11 +349,18 @@ def _content(item: SourceItem, digest: str) -> tuple[str, int | None, int | None
     return digest, int(st.st_size), int(st.st_mtime_ns)
 
 
+def _real(path: Path) -> str:
+    """The absolute path with symbolic links resolved; never raises (a link loop is left
+    as it is, where ``Path.resolve`` raises RuntimeError)."""
+    return os.path.realpath(path)
+
+
 def _forget_stale_failures(gallery: Gallery, space: str, items: list[SourceItem]) -> None:
     """Failures of files that are no longer in the source folder are dropped."""
     here = {it.id for it in items}
-    roots = {str(it.path.resolve().parent) for it in items}
+    roots = tuple({os.path.join(_real(it.path.parent), "") for it in items} |
+                  {os.path.join(os.path.abspath(it.path.parent), "") for it in items})
     stale = [f.id for f in gallery.failures(space) if f.id not in here
-             and (not Path(f.path).exists()) and any(f.path.startswith(r) for r in roots)]
+             and not os.path.lexists(f.path) and os.path.abspath(f.path).startswith(roots)]
     if stale:
         gallery.clear_failures(space, stale)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import math
+import numbers
 import os
 import stat
 from collections.abc import Iterator
@@ -26,7 +28,7 @@ from typing import IO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from galleria.errors import GalleriaError
+from galleria.errors import GalleriaError, InputError
 
 MIN_SIDE = 8
 """Images smaller than this (in either side) are rejected as unusable."""
@@ -151,11 +153,48 @@ def _check_pixels(p: Path, im: Image.Image) -> None:
         )
 
 
+BBox = tuple[float, float, float, float]
+
+
+def parse_bbox(value: object) -> BBox | None:
+    """A crop box as stored or sent: ``None``, or four finite numbers ``x1, y1, x2, y2``
+    (pixels) with ``x1 < x2`` and ``y1 < y2`` -> a float tuple.
+
+    The one rule for crop boxes (manifests, item metadata from the API, stored
+    records read by ``upgrade run``, ``repair`` and thumbnails).
+
+    Raises:
+        InputError: anything else, saying what a crop box must be.
+    """
+    if value is None:
+        return None
+    rule = ("a crop box is four finite numbers [x1, y1, x2, y2] in pixels with x1 < x2 and "
+            "y1 < y2")
+    if not isinstance(value, (list, tuple)) or len(value) != 4:
+        raise InputError(f"{rule}; got {_short(value)}")
+    out = []
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+            raise InputError(f"{rule}; got {_short(value)}")
+        out.append(float(v))
+    if not (out[0] < out[2] and out[1] < out[3]):
+        raise InputError(f"{rule}; got {_short(value)} (not ordered)")
+    return (out[0], out[1], out[2], out[3])
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _finish(
     p: Path, img: Image.Image, bbox: tuple[float, float, float, float] | None, min_side: int
 ) -> Image.Image:
     if bbox is not None:
-        x1, y1, x2, y2 = (float(v) for v in bbox)
+        try:
+            x1, y1, x2, y2 = parse_bbox(bbox)  # type: ignore[misc]
+        except InputError as exc:
+            raise ImageDecodeError(p, str(exc)) from None
         w, h = img.size
         box = (max(0, round(x1)), max(0, round(y1)), min(w, round(x2)), min(h, round(y2)))
         if box[2] <= box[0] or box[3] <= box[1]:

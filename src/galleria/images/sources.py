@@ -16,6 +16,7 @@ failure records like any unusable image. :func:`split_problems` separates them.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import os
 import stat
@@ -151,7 +152,16 @@ def _file_problem(p: Path) -> str | None:
     """Why the directory entry ``p`` cannot be an image file, or None."""
     try:
         st = p.stat()
-    except FileNotFoundError:
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            try:
+                target = os.readlink(p)
+            except OSError:
+                target = "?"
+            return (f"symbolic link loop (it points to {_printable(target)!r}, which leads back "
+                    "to itself)")
+        if not isinstance(exc, FileNotFoundError):
+            return f"cannot be read ({exc.strerror or exc})"
         if p.is_symlink():
             try:
                 target = os.readlink(p)
@@ -159,8 +169,6 @@ def _file_problem(p: Path) -> str | None:
                 target = "?"
             return f"broken symbolic link (its target {_printable(target)!r} does not exist)"
         return "vanished while listing"
-    except OSError as exc:
-        return f"cannot be read ({exc.strerror or exc})"
     if stat.S_ISREG(st.st_mode):
         return None
     return "not a regular file (a device, FIFO or socket)"

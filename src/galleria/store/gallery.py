@@ -293,7 +293,7 @@ class Gallery:
     def item(self, item_id: str) -> items.ItemRecord | None:
         """An item's key, metadata, content hash and spaces (``None`` if unknown)."""
         with self.db.read() as c:
-            return items.item(c, item_id)
+            return items.item(c, item_id, self.path)
 
     def has(self, ids: Sequence[str], space: str) -> np.ndarray:
         """``(N,)`` bool: which ids already have data in ``space``."""
@@ -311,8 +311,10 @@ class Gallery:
             return items.ids_of(c, keys)
 
     def meta(self, ids: Sequence[str]) -> list[dict[str, Any] | None]:
+        """Items' metadata (``None`` for unknown ids); ``path``, the item's image, is
+        absolute (a path recorded relative to the gallery is resolved against it)."""
         with self.db.read() as c:
-            return items.metas(c, ids)
+            return items.metas(c, ids, self.path)
 
     def contents(self, ids: Sequence[str]) -> dict[str, tuple[str | None, int | None, int | None]]:
         """``id -> (content hash, file size, mtime_ns)`` recorded for known ids."""
