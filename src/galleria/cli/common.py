@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from typing import Any
 
 
@@ -113,6 +114,17 @@ def setup_logging(verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    quiet_decoder_warnings()
+
+
+def quiet_decoder_warnings() -> None:
+    """Hide PIL's ``DecompressionBombWarning`` (at the CLI entry point only: warning
+    filters are process-wide). galleria refuses every image over the pixel limit with
+    its own reason (``too many pixels ...``, in the job's report), so PIL's raw warning
+    about the same image only adds a confusing line."""
+    from PIL import Image
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def key_value(text: str) -> tuple[str, Any]:

@@ -26,7 +26,13 @@ import sys
 from collections.abc import Sequence
 
 from galleria.cli import commands
-from galleria.cli.common import add_model_args, add_ray_args, add_run_args, key_value
+from galleria.cli.common import (
+    add_model_args,
+    add_ray_args,
+    add_run_args,
+    key_value,
+    quiet_decoder_warnings,
+)
 from galleria.errors import GalleriaError
 
 
@@ -173,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet_decoder_warnings()
     try:
         return int(args.func(args) or 0)
     except GalleriaError as exc:

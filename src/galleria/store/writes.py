@@ -29,6 +29,7 @@ import numpy as np
 
 from galleria.errors import CompatibilityError, InputError, StorageError
 from galleria.fingerprint import slug
+from galleria.ids import id_problem
 from galleria.store.db import chunks
 from galleria.store.segments import WrittenFile, file_digest, pack_local, write_array
 from galleria.types import MISSING_KEY, LocalFeatures
@@ -55,18 +56,13 @@ Content = tuple[str, int | None, int | None]
 
 # ------------------------------------------------------------------ checks
 def check_ids(ids: Sequence[Any]) -> list[str]:
-    """Item ids as strings: non-empty ``str``, valid UTF-8, unique within the call."""
+    """Item ids as strings (the rule of :mod:`galleria.ids`), unique within the call."""
     out: list[str] = []
     for i in ids:
-        if not isinstance(i, str):
-            raise InputError(f"item ids must be strings; got {i!r} ({type(i).__name__})")
-        if not i:
-            raise InputError("item ids must not be empty")
-        try:
-            i.encode("utf-8")
-        except UnicodeEncodeError:
-            raise InputError(f"item id {i!r} is not valid UTF-8 (a file name in another "
-                             "encoding?); give it a UTF-8 id") from None
+        why = id_problem(i)
+        if why is not None:
+            raise InputError(f"{why}; give the item another id" if isinstance(i, str)
+                             else f"{why} ({i!r})")
         out.append(i)
     if not out:
         raise InputError("at least one id is needed")
