@@ -25,7 +25,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,12 +51,14 @@ def _tick(what: str) -> None:
             pass
 
 
-def install(kill_at: int, count_file: str = "") -> None:
-    """Count (and kill at) the points of this process (see the module docstring)."""
+def install(kill_at: int, count_file: str = "") -> Callable[[], None]:
+    """Count (and kill at) the points of this process (see the module docstring);
+    returns a function that removes the wrappers again."""
     import galleria.store.db as dbm
 
     _state.update(n=0, kill_at=int(kill_at), count_file=count_file)
     orig_write = dbm.Database.write
+    undo: list[tuple[Any, str, Any]] = [(dbm.Database, "write", orig_write)]
 
     @contextlib.contextmanager
     def write(self: Any) -> Iterator[Any]:
@@ -69,6 +71,7 @@ def install(kill_at: int, count_file: str = "") -> None:
 
     def wrap(mod: Any, name: str) -> None:
         f = getattr(mod, name)
+        undo.append((mod, name, f))
 
         def g(*a: Any, **k: Any) -> Any:
             _tick(name)
@@ -78,6 +81,27 @@ def install(kill_at: int, count_file: str = "") -> None:
 
     for mod, name in ((os, "replace"), (os, "rename"), (os, "unlink"), (shutil, "rmtree")):
         wrap(mod, name)
+
+    def uninstall() -> None:
+        for obj, name, f in reversed(undo):
+            setattr(obj, name, f)
+        _state.update(n=0, kill_at=0, count_file="")
+
+    return uninstall
+
+
+def count_in_process(args: Sequence[str]) -> tuple[int, int]:
+    """Run ``galleria args...`` in this process, counting its points (no kill);
+    returns ``(exit code, points)``. Faster than a subprocess; the same points."""
+    from galleria.cli.main import main as galleria_main
+
+    register_test_models()
+    uninstall = install(0)
+    try:
+        rc = galleria_main(list(args))
+        return rc, int(_state["n"])
+    finally:
+        uninstall()
 
 
 def env() -> dict[str, str]:
@@ -173,9 +197,30 @@ def silent_losses(path: str | os.PathLike[str]) -> int:
         con.close()
 
 
-def audit(path: str | os.PathLike[str], reference: dict[str, dict[str, np.ndarray]], *,
+Contents = dict[str, dict[str, np.ndarray]]
+
+
+def _spaces_of(c: Contents) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for entries in c.values():
+        for i in entries:
+            out[i] = out.get(i, 0) + 1
+    return out
+
+
+def _same(a: np.ndarray | None, b: np.ndarray, atol: float) -> bool:
+    return a is not None and a.shape == b.shape and bool(np.allclose(a, b, atol=atol))
+
+
+def audit(path: str | os.PathLike[str], reference: Contents, *, start: Contents | None = None,
           atol: float = 1e-5) -> Audit:
-    """Compare the gallery at ``path`` with ``reference`` (see :class:`Audit`)."""
+    """Compare the gallery at ``path`` with ``reference`` (see :class:`Audit`).
+
+    With ``start`` (the state before the command), the gallery may be anywhere
+    between the two (a killed command): every stored entry must equal the start's or
+    the reference's, no item may be in more spaces than in either, and an item both
+    hold must still be somewhere. Without it, the gallery must equal ``reference``.
+    """
     from galleria.store.gallery import Gallery
 
     a = Audit()
@@ -185,33 +230,48 @@ def audit(path: str | os.PathLike[str], reference: dict[str, dict[str, np.ndarra
     a.problems = [f"{p.what}: {p.problem}" for p in rep.problems]
     a.silent = silent_losses(path)
     got = contents(path)
-    where_ref: dict[str, int] = {}
-    where_got: dict[str, int] = {}
-    for entries in reference.values():
-        for i in entries:
-            where_ref[i] = where_ref.get(i, 0) + 1
-    for entries in got.values():
-        for i in entries:
-            where_got[i] = where_got.get(i, 0) + 1
-    for sp, entries in reference.items():
-        mine = got.get(sp, {})
-        for i, x in entries.items():
-            if i not in mine:
-                a.lost += 1
-            elif mine[i].shape != x.shape or not np.allclose(mine[i], x, atol=atol):
-                a.wrong += 1
+    where_ref, where_got = _spaces_of(reference), _spaces_of(got)
+    if start is None:
+        for sp, entries in reference.items():
+            mine = got.get(sp, {})
+            for i, x in entries.items():
+                if i not in mine:
+                    a.lost += 1
+                elif not _same(mine[i], x, atol):
+                    a.wrong += 1
+        for sp, entries in got.items():
+            ref = reference.get(sp, {})
+            a.wrong += sum(1 for i in entries if i not in ref and i not in where_ref)
+        a.duplicated = sum(max(0, n - where_ref.get(i, 0)) for i, n in where_got.items()
+                           if i in where_ref)
+        return a
+    where_start = _spaces_of(start)
     for sp, entries in got.items():
-        ref = reference.get(sp, {})
-        a.wrong += sum(1 for i in entries if i not in ref and i not in where_ref)
-    a.duplicated = sum(max(0, n - where_ref.get(i, 0)) for i, n in where_got.items()
-                       if i in where_ref)
+        for i, x in entries.items():
+            if not (_same(reference.get(sp, {}).get(i), x, atol)
+                    or _same(start.get(sp, {}).get(i), x, atol)):
+                a.wrong += 1
+    a.duplicated = sum(max(0, n - max(where_ref.get(i, 0), where_start.get(i, 0)))
+                       for i, n in where_got.items())
+    a.lost = sum(1 for i in where_ref if i in where_start and i not in where_got)
     return a
+
+
+def register_test_models() -> None:
+    """The tiny test extractors (tests/_tiny.py) and ``tiny-b``, a second seeded
+    projection (the new model of the kill matrix's upgrades)."""
+    import _tiny
+    from galleria.extractors.registry import _REGISTRY, register_model
+
+    if "tiny-b" not in _REGISTRY:
+        register_model("tiny-b", dim=12, input_size="8x8", source="tests",
+                       description="second test projection")(
+            lambda **_: _tiny.Tiny(seed=2, dim=12))
 
 
 def main(argv: Sequence[str]) -> int:
     kill_at, count_file, *args = argv
-    import _tiny  # noqa: F401  (registers the tiny test extractors)
-
+    register_test_models()
     install(int(kill_at), count_file)
     from galleria.cli.main import main as galleria_main
 

@@ -66,7 +66,9 @@ def cmd_fit_transform(args: argparse.Namespace) -> int:
         space = fit_space(g, args.space, stack=args.stack)
         info = g.space_info(space)
         if args.apply:  # refuse before a possibly long fit: stacking, or a second transform
-            check_can_apply(g, space, replace=args.replace)
+            # (a transformed space that is not primary is an apply killed before it
+            # finished: the check after the fit lets the same transform complete it)
+            check_can_apply(g, space, replace=args.replace or primary == space)
         tr, stats = fit_on_gallery(g, args.kind, dim=args.dim, space=space, stack=args.stack,
                                    sample=args.sample, progress=progress, **dict(args.param))
         tr.save(args.out)
