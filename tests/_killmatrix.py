@@ -166,6 +166,20 @@ def _with_fusion(work: Path, images: Path) -> None:
     _fusion_model(work)
 
 
+def _lite0_gallery(work: Path, images: Path) -> None:
+    from galleria.extract.job import index_images
+
+    index_images(images, work / "g", model="effnet-lite0", runtime="torch", threads=1,
+                 flush_every=7)
+
+
+def _lite0_upgrading(work: Path, images: Path) -> None:
+    from galleria.upgrade.job import start_upgrade
+
+    _lite0_gallery(work, images)
+    start_upgrade(work / "g", "effnet-lite2", runtime="torch", threads=1, seed=3)
+
+
 def _has_tune() -> str | None:
     from galleria.cli.main import build_parser
 
@@ -198,7 +212,23 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("HTTP add/delete", _indexed, lambda w: [
         "serve", str(w / "g"), "--workers", "1", "--log-level", "warning"], http=True),
     Scenario("tune", _indexed, lambda w: ["tune", str(w / "g")], available=_has_tune),
+    # the same store paths with real models (slow: the benchmark runs them)
+    Scenario("index global (effnet-lite0)", _nothing, lambda w: [
+        "index", str(w / "src"), "--out", str(w / "g"), "--model", "effnet-lite0",
+        "--runtime", "torch", "--threads", "1", "--commit-every", "5", "--batch-size", "4",
+        "-q"], slow=True),
+    Scenario("upgrade run (effnet-lite0 -> effnet-lite2)", _lite0_upgrading, lambda w: [
+        "upgrade", "run", str(w / "g"), "--runtime", "torch", "--threads", "1",
+        "--commit-every", "4", "--batch-size", "4", "-q"], slow=True),
 ]}
+MODELS = {name: ("effnet-lite0 members (untrained mixer)" if "fusion" in name else
+                 "effnet-lite0 -> effnet-lite2" if "lite2" in name else
+                 "effnet-lite0" if "lite0" in name else
+                 "tiny-local (test)" if "local" in name else
+                 "tiny-test -> tiny-b (test)" if "upgrade" in name else "tiny-test (test)")
+          for name in SCENARIOS}
+"""The model(s) each scenario embeds with (the tiny ones are seeded random projections
+of an 8x8 thumbnail, tests/_tiny.py)."""
 
 
 # ---------------------------------------------------------------- HTTP client
