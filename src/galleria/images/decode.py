@@ -20,6 +20,7 @@ import io
 import math
 import numbers
 import os
+import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,11 +115,12 @@ def _open(p: Path) -> Iterator[IO[bytes]]:
             raise ImageDecodeError(p, _os_reason(p, exc)) from exc
 
 
-def _decode(p: Path, source: IO[bytes]) -> Image.Image:
-    """Decode an open image file (or bytes buffer) to oriented RGB."""
+def _decode(p: Path, source: IO[bytes], limit: int | None = None) -> Image.Image:
+    """Decode an open image file (or bytes buffer) to oriented RGB (``limit``: most pixels,
+    default PIL's decompression-bomb limit)."""
     try:
         with Image.open(source) as im:
-            _check_pixels(p, im)
+            _check_pixels(p, im, limit)
             im.load()
             img = ImageOps.exif_transpose(im) or im
             img = to_rgb(img)
@@ -127,7 +129,7 @@ def _decode(p: Path, source: IO[bytes]) -> Image.Image:
     except UnidentifiedImageError as exc:
         raise ImageDecodeError(p, "not an image (unrecognised format)") from exc
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(p, f"too many pixels ({exc})") from exc
+        raise _too_many(p, exc, limit) from exc
     except OSError as exc:
         if exc.errno is not None:  # an error of the file system, not of the data
             raise ImageDecodeError(p, _os_reason(p, exc)) from exc
@@ -139,18 +141,28 @@ def _decode(p: Path, source: IO[bytes]) -> Image.Image:
         raise ImageDecodeError(p, f"corrupt image data ({exc})") from exc
 
 
-def _check_pixels(p: Path, im: Image.Image) -> None:
-    """Refuse images above PIL's decompression-bomb limit before decoding them.
+def _check_pixels(p: Path, im: Image.Image, limit: int | None = None) -> None:
+    """Refuse images above ``limit`` pixels (default PIL's decompression-bomb limit)
+    before decoding them.
 
     (Checked here rather than by turning PIL's warning into an error: changing
     the warning filters is process-wide and races with other decoding threads.)
     """
-    limit = Image.MAX_IMAGE_PIXELS
+    limit = Image.MAX_IMAGE_PIXELS if limit is None else int(limit)
     w, h = im.size
     if limit is not None and w * h > limit:
         raise ImageDecodeError(
             p, f"too many pixels ({w}x{h} = {w * h} > {limit}; a decompression bomb?)"
         )
+
+
+def _too_many(p: Path, exc: Exception, limit: int | None) -> ImageDecodeError:
+    """PIL refused an image at open (over twice its own limit): galleria's reason, with
+    the limit that applies here, not PIL's."""
+    limit = Image.MAX_IMAGE_PIXELS if limit is None else int(limit)
+    m = re.search(r"\((\d+) pixels\)", str(exc))
+    n = f"{int(m.group(1))} " if m else "more "
+    return ImageDecodeError(p, f"too many pixels ({n}> {limit}; a decompression bomb?)")
 
 
 BBox = tuple[float, float, float, float]
@@ -258,7 +270,7 @@ def load_image_and_hash(
         except UnidentifiedImageError as exc:
             raise ImageDecodeError(p, "not an image (unrecognised format)") from exc
         except Image.DecompressionBombError as exc:
-            raise ImageDecodeError(p, f"too many pixels ({exc})") from exc
+            raise _too_many(p, exc, None) from exc
         except (OSError, ValueError, SyntaxError, EOFError) as exc:
             if isinstance(exc, OSError) and exc.errno is not None:
                 raise
@@ -314,11 +326,11 @@ def load_image_bytes(
     except UnidentifiedImageError as exc:
         raise ImageDecodeError(p, "not an image (unrecognised format)") from exc
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(p, f"too many pixels ({exc})") from exc
+        raise _too_many(p, exc, limit) from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageDecodeError(p, f"corrupt image data ({exc})") from exc
     if limit is not None and w * h > limit:
         raise ImageDecodeError(
             p, f"too many pixels ({w}x{h} = {w * h} > {limit}; a decompression bomb?)")
-    img = _decode(p, io.BytesIO(data))
+    img = _decode(p, io.BytesIO(data), limit)
     return _finish(p, img, None, min_side)

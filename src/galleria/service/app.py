@@ -44,6 +44,7 @@ from galleria.service.auth import Auth
 from galleria.service.context import ServiceContext
 from galleria.service.engine import Engine, ServiceConfig
 from galleria.service.errors import ServiceError, bad_request, error_response, from_galleria
+from galleria.service.guard import Guard
 from galleria.service.items import ThumbnailCache
 from galleria.service.limits import BodyLimit, WorkerPool
 from galleria.service.metrics import Metrics
@@ -181,6 +182,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    app.add_middleware(BodyLimit, limit=config.max_upload_bytes + 2**20)
+    app.add_middleware(Guard, gallery=config.gallery)  # JSON 500s on kept connections
+    app.add_middleware(BodyLimit, upload_limit=config.max_upload_bytes)
     app.add_middleware(MetricsMiddleware, metrics=ctx.metrics)  # outermost: counts 413s too
     return app

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from typing import Any
 
 from galleria.service.engine import QuerySpec, ServiceConfig
 from galleria.service.errors import ServiceError, bad_request
-from galleria.service.items import check_item_id
+from galleria.service.limits import mib
+from galleria.service.validation import check_item_id, loads
 
 QUERY_KEYS = ("image_base64", "embedding", "embeddings", "id")
 
@@ -67,8 +67,8 @@ def decode_base64(text: Any, limit: int) -> bytes:
     if text.startswith("data:"):
         text = text.partition(",")[2]
     if len(text) > limit * 4 // 3 + 8:
-        raise ServiceError(413, "too_large", f"the image is larger than the limit of {limit} "
-                           "bytes")
+        raise ServiceError(413, "too_large", f"the image is larger than the upload limit of "
+                           f"{mib(limit)} (galleria serve --max-upload-mb)")
     try:
         data = base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError) as exc:
@@ -79,12 +79,10 @@ def decode_base64(text: Any, limit: int) -> bytes:
 
 
 def parse_json_body(body: bytes) -> dict[str, Any]:
+    """A request's JSON object (bounded depth, no NaN: :func:`validation.loads`)."""
     if not body.strip():
         raise bad_request("the request body is empty; send a JSON object", "bad_json")
-    try:
-        obj = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise bad_request(f"the body is not valid JSON: {exc}", "bad_json") from exc
+    obj = loads(body)
     if not isinstance(obj, dict):
         raise bad_request(f"the body must be a JSON object, not {type(obj).__name__}",
                           "bad_json")
