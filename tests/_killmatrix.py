@@ -412,9 +412,9 @@ def run_point(scenario: Scenario, point: int, work: Path, images: Path, cache: P
     t = time.perf_counter()
     start_state(scenario, work, images, cache)
     killed, failures = _run(scenario, work, point, work / "kill.txt")
-    if (work / "g" / "gallery.sqlite").exists():
+    if (work / "g" / "gallery.json").exists():
         after = _faults.audit(work / "g", ref.ref, start=ref.start)
-    else:  # killed before the gallery existed: nothing to call sound
+    else:  # killed before the gallery was complete (no header yet): nothing is sound
         after = _faults.Audit(sound=False)
     _, again = _clean(scenario, work, work / "again.txt", in_process)
     final = _faults.audit(work / "g", ref.ref)
