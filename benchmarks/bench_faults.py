@@ -64,8 +64,10 @@ def real_images(dst: Path, n: int) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=24, help="images in each start state")
-    ap.add_argument("--points", type=int, default=40,
+    ap.add_argument("--points", type=int, default=12,
                     help="kill points per command (all of them when it has fewer)")
+    ap.add_argument("--slow-points", type=int, default=4,
+                    help="kill points of the real-model rows (each point embeds twice)")
     ap.add_argument("--scenarios", nargs="*", default=None, help="rows to run (names)")
     ap.add_argument("--synthetic", action="store_true", help="seeded random images")
     ap.add_argument("--seed", type=int, default=1)
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default=None, help="scratch folder (default: a temp folder)")
     args = ap.parse_args(argv)
     if args.quick:
-        args.points = min(args.points, 3)
+        args.points = args.slow_points = min(args.points, 3)
     names = args.scenarios or [n for n, s in km.SCENARIOS.items()
                                if not (args.quick and s.slow)]
     info = _common.machine_info(threads=1)
@@ -95,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             ref = km.reference(sc, work / "ref", images, cache, in_process=not sc.http)
             shutil.rmtree(work / "ref", ignore_errors=True)
-            points = km.seeded_points(ref.points, args.points, args.seed)
+            points = km.seeded_points(ref.points, args.slow_points if sc.slow else args.points,
+                                      args.seed)
             res = []
             for p in points:
                 r = km.run_point(sc, p, work / "k", images, cache, ref, in_process=not sc.http)
