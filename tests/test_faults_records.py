@@ -177,3 +177,24 @@ def test_cli_prints_no_raw_decompression_bomb_warning(tmp_path):
     rep = json.loads(out.stdout)
     (f,) = rep["failures"]
     assert f["id"] == "huge.png" and f["reason"].startswith("too many pixels")
+
+
+def test_image_paths_recorded_relative_to_the_gallery_and_resolved(tmp_path, monkeypatch):
+    from galleria.store.images import record_path, resolve_image_path
+
+    g = tmp_path / "g3.gallery"
+    (g / "uploads" / "ab").mkdir(parents=True)
+    f = g / "uploads" / "ab" / "x.png"
+    f.write_bytes(b"x")
+    assert record_path(g, f) == "uploads/ab/x.png"
+    assert record_path(g, tmp_path / "other.png") == str(tmp_path / "other.png")
+    assert resolve_image_path(g, None) is None
+    assert resolve_image_path(g, "/abs/photo.jpg") == "/abs/photo.jpg"
+    monkeypatch.chdir(tmp_path)
+    assert resolve_image_path("g3.gallery", "uploads/ab/x.png") == str(f)
+    assert resolve_image_path("g3.gallery", "g3.gallery/uploads/ab/x.png") == str(f)  # <= 0.2
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert resolve_image_path(g, "g3.gallery/uploads/ab/x.png") == str(f)  # by its tail
+    assert resolve_image_path(g, "gone/y.png") == str(g / "gone" / "y.png")

@@ -46,7 +46,7 @@ def resolve_image_path(root: str | os.PathLike[str], stored: str | None) -> str 
         return stored
     base = Path(os.path.abspath(root))
     first = base / stored
-    if first.is_file():
+    if stored.startswith(UPLOADS + "/") or first.is_file():  # no stat for what uploads record
         return str(first)
     legacy = Path(os.path.abspath(stored))  # relative to the working directory (<= 0.2)
     if legacy.is_file():
