@@ -335,8 +335,9 @@ def repair(g: Gallery, *, reembed: Reembed | None = None) -> RepairReport:
                     _recount(c, p.space)
                     rep.recounted.append(p.space)
     todo: dict[str, list[int]] = {}
-    for space, key in g.db.all("SELECT space, key FROM lost ORDER BY space, key"):
-        todo.setdefault(space, []).append(int(key))
+    for space, key, why in g.db.all("SELECT space, key, reason FROM lost ORDER BY space, key"):
+        if reembed is not None or why == PENDING:  # without re-embedding, older reasons stay
+            todo.setdefault(space, []).append(int(key))
     for space, keys in todo.items():
         if not g.has_space(space):
             continue
