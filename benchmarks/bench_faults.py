@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import shutil
 import sys
@@ -73,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="3 points, no real-model rows")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temp folder)")
+    ap.add_argument("--resume", default=None, metavar="JSONL",
+                    help="rows already measured (the run appends each command's row and "
+                         "points to this file; the commands it holds are not run again)")
     args = ap.parse_args(argv)
     if args.quick:
         args.points = args.slow_points = min(args.points, 3)
@@ -86,8 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     cache = work / "cache"
     rows: list[dict[str, Any]] = []
     details: list[dict[str, Any]] = []
+    done_before: set[str] = set()
+    if args.resume and Path(args.resume).exists():
+        for line in Path(args.resume).read_text().splitlines():
+            rec = json.loads(line)
+            (rows if "tried" in rec or "skipped" in rec else details).append(rec)
+            if "tried" in rec:
+                done_before.add(rec["command"])
     try:
         for name in names:
+            if name in done_before:
+                continue
             sc = km.SCENARIOS[name]
             why = sc.available()
             if why is not None:
@@ -125,6 +138,12 @@ def main(argv: list[str] | None = None) -> int:
                 "all_ok": all(r.ok for r in res),
                 "seconds": round(time.perf_counter() - t, 1)})
             print(rows[-1], flush=True)
+            if args.resume:
+                with open(args.resume, "a") as fh:
+                    for d in details:
+                        if d["command"] == name:
+                            fh.write(json.dumps(d) + "\n")
+                    fh.write(json.dumps(rows[-1]) + "\n")
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -135,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             ("dishonest_check", "`check` sound but not"),
             ("mid_state_wrong", "bad state after kill"), ("rerun_failed", "re-run failed"),
             ("seconds", "s")]
+    order = {n: i for i, n in enumerate(km.SCENARIOS)}
+    rows.sort(key=lambda r: order.get(r["command"], 99))
     done = [r for r in rows if "skipped" not in r]
     md = [f"# Kill matrix ({'synthetic' if args.synthetic else 'real SMVS'} images, "
           f"{args.n} per start state)\n",

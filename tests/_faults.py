@@ -164,7 +164,9 @@ class Audit:
 
 def contents(path: str | os.PathLike[str]) -> dict[str, dict[str, np.ndarray]]:
     """``space -> {id: data}`` of a gallery (global: the vector; local: keypoints and
-    descriptors side by side), read through the public API."""
+    descriptors side by side), read through the public API; items whose data cannot be
+    read (a damaged segment) are left out."""
+    from galleria.errors import FormatError
     from galleria.store.gallery import Gallery
 
     out: dict[str, dict[str, np.ndarray]] = {}
@@ -173,14 +175,27 @@ def contents(path: str | os.PathLike[str]) -> dict[str, dict[str, np.ndarray]]:
             with g.snapshot() as snap:
                 keys = snap.space_keys(sp.space)
             ids = [str(i) for i in g.ids_of(keys)]
-            if sp.kind == "global":
-                data = list(g.get_vectors(keys, space=sp.space)) if len(keys) else []
-            else:
-                data = [np.concatenate([f.keypoints.astype(np.float32).ravel(),
-                                        np.asarray(f.descriptors, np.float32).ravel()])
-                        for f in g.get_local(keys, space=sp.space)]
-            out[sp.space] = dict(zip(ids, data, strict=True))
+            try:
+                data = _read(g, sp, keys)
+            except FormatError:  # a damaged start state: what can still be read, key by key
+                data = []
+                for k in keys:
+                    try:
+                        data += _read(g, sp, np.array([k]))
+                    except FormatError:
+                        data.append(None)
+            out[sp.space] = {i: x for i, x in zip(ids, data, strict=True) if x is not None}
     return out
+
+
+def _read(g: Any, sp: Any, keys: np.ndarray) -> list[np.ndarray]:
+    if not len(keys):
+        return []
+    if sp.kind == "global":
+        return list(g.get_vectors(keys, space=sp.space))
+    return [np.concatenate([f.keypoints.astype(np.float32).ravel(),
+                            np.asarray(f.descriptors, np.float32).ravel()])
+            for f in g.get_local(keys, space=sp.space)]
 
 
 def silent_losses(path: str | os.PathLike[str]) -> int:
