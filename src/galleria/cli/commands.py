@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from galleria.cli.common import (
+    json_default,
     model_args,
     print_json,
     progress_bar,
@@ -68,10 +70,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
         extractor = gallery_extractor(args.fusion, args.out, runtime=margs["runtime"],
                                       threads=threads)
-    elif margs["model"] is None and args.local is None:
-        margs["model"] = "effnet-lite0"
     explicit = Path(args.src).suffix.lower() == ".csv"
-    passes = (1 if margs["model"] or extractor else 0) + (1 if args.local else 0)
     if extractor is not None and getattr(args, "ray", None):
         from galleria.errors import InputError
 
@@ -79,7 +78,8 @@ def cmd_index(args: argparse.Namespace) -> int:
                          "extractor runs every member model in this process; drop --ray")
     remote = ray_embedding(args)
     try:
-        with progress_bar(len(items) * passes, "index", enabled=not args.quiet) as bar:
+        # the job sets the total once it knows the spaces (the gallery's recipe)
+        with progress_bar(len(items), "index", enabled=not args.quiet) as bar:
             report = index_images(
                 items,
                 args.out,
@@ -99,6 +99,7 @@ def cmd_index(args: argparse.Namespace) -> int:
                 update=args.update,
                 explicit_ids=explicit,
                 embedder=None if remote is None else remote[1],
+                add_space=args.add_space,
             )
     finally:
         if remote is not None:
@@ -164,8 +165,9 @@ def cmd_search(args: argparse.Namespace) -> int:
             paths.append([(m or {}).get("path") for m in metas])
         write_results_html(args.html, queries, res, paths,
                            title=f"galleria: {Path(args.gallery).name}")
-    if args.json:
-        print_json(out)
+    if args.json:  # JSON Lines: one object per query, one line each
+        for row in out:
+            print(json.dumps(row, default=json_default))
     else:
         for row in out:
             print(row["query"])

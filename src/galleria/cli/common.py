@@ -26,11 +26,12 @@ def progress_bar(total: int | None, desc: str, *, enabled: bool = True) -> Any:
 
 
 def print_json(obj: Any) -> None:
-    json.dump(obj, sys.stdout, indent=2, default=_default)
+    json.dump(obj, sys.stdout, indent=2, default=json_default)
     sys.stdout.write("\n")
 
 
-def _default(obj: Any) -> Any:
+def json_default(obj: Any) -> Any:
+    """JSON for numpy values (and anything else as its text)."""
     import numpy as np
 
     if isinstance(obj, np.generic):

@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prefix every id (index two folders whose file names collide)")
     s.add_argument("--update", action="store_true",
                    help="replace stored images whose id now names a different file")
+    s.add_argument("--add-space", action="store_true",
+                   help="on an existing gallery, add the space of --model / --local / "
+                        "--transform / --fusion even though the gallery does not have it "
+                        "(without it, an existing gallery embeds with its own models and "
+                        "another model is refused)")
     s.add_argument("--index", default=None,
                    help="exact (default), exact-bf16 / exact-int8 (compressed scan, exact "
                         "results), prefix, or a FAISS factory string: HNSW32, IVF1024,PQ32 ...")
