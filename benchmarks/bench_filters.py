@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
-from build_base_sets import grown  # noqa: E402
+import _common as C
+from build_base_sets import grown
 
 log = logging.getLogger("bench_filters")
 
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                 _, plan = search_filtered(g, qb, k, space="space", where=where)
 
                 def cold(where=where):
-                    g.payload_cache.__init__()  # noqa: PLC2801 (drop every cached key set)
+                    g.payload_cache.__init__()
                     g.match_keys(where)
 
                 units = {

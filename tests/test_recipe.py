@@ -7,22 +7,19 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).parent))
-import _tiny  # noqa: E402  (registers tiny-test / tiny-local)
-
-from galleria.cli.main import main as cli  # noqa: E402
-from galleria.errors import CompatibilityError, InputError  # noqa: E402
-from galleria.extract.job import index_images  # noqa: E402
-from galleria.extract.recipe import recipe_spaces  # noqa: E402
-from galleria.store.gallery import Gallery  # noqa: E402
-from galleria.store.state import GalleryState, SpaceState  # noqa: E402
+import _tiny  # registers tiny-test / tiny-local
+from galleria.cli.main import main as cli
+from galleria.errors import CompatibilityError, InputError
+from galleria.extract.job import index_images
+from galleria.extract.recipe import recipe_spaces
+from galleria.store.gallery import Gallery
+from galleria.store.state import GalleryState, SpaceState
 
 
 def _folder(root: Path, n: int, seed: int) -> Path:
