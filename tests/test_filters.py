@@ -400,3 +400,58 @@ def test_concurrent_writers_and_scrollers_stay_consistent(tmp_path):
 def test_filter_json_round_trip_is_stable():
     f = parse_where(["label=cat,dog", "year=2000..2010", "taken>=2021-05-01", "ok!=true"])
     assert json.loads(json.dumps(to_json(f))) == to_json(parse_filter(to_json(f)))
+
+
+# ------------------------------------------------------------ CLI and searcher
+def test_manifest_payloads_where_items_and_min_score_from_the_cli(tmp_path, capsys):
+    import _tiny  # registers tiny-test
+    from PIL import Image
+
+    from galleria.cli.main import main as cli
+    from galleria.decision import open_searcher
+    from galleria.extract.job import index_images
+
+    rng = np.random.default_rng(0)
+    rows = ["path,label,year,tags:list,taken"]
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(
+            tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,{['cat', 'dog', 'bird'][i % 3]},{2000 + i},"
+                    f"{'a|b' if i % 2 else 'c'},2021-0{1 + i % 9}-15")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    g = tmp_path / "g"
+    index_images(tmp_path / "m.csv", g, extractor=_tiny.tiny(3))
+    with Gallery.open(g) as gal:
+        assert gal.meta(["4.png"])[0] | {"path": None} == {
+            "path": None, "label": "dog", "year": 2004, "tags": ["c"], "taken": "2021-05-15"}
+        assert gal.payload_fields()["taken"] == {"date": 12}
+    capsys.readouterr()
+    assert cli(["items", str(g), "--where", "label=cat", "--where", "year>=2003",
+                "--json"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [r["id"] for r in lines[:-1]] == ["3.png", "6.png", "9.png"]
+    assert lines[-1] == {"next_cursor": None} and "path" not in lines[0]["metadata"]
+    assert cli(["items", str(g), "--where", "tags=a", "--count"]) == 0
+    assert capsys.readouterr().out.strip() == "6"
+    assert cli(["items", str(g), "--limit", "5"]) == 0
+    out = capsys.readouterr().out
+    cursor = out.split("--cursor ")[1].strip()
+    assert cli(["items", str(g), "--limit", "5", "--cursor", cursor, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["id"] == "5.png"
+    s = open_searcher(g)
+    x = s.gallery.get_vectors(s.gallery.keys_of(["7.png"]))
+    res = s.search(x, 12, where="label=dog OR taken>=2021-08-01")
+    got = [i for i in res.ids[0] if i is not None]
+    assert got[0] == "7.png" and sorted(got) == ["1.png", "10.png", "4.png", "7.png", "8.png"]
+    cut = s.search(x, 12, min_score=0.999)
+    assert [i for i in cut.ids[0] if i is not None] == ["7.png"]
+    assert np.isneginf(cut.scores[0, 1:]).all()
+    assert cli(["search", str(g), str(tmp_path / "7.png"), "--where", "label=dog",
+                "--where", "year<2005", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out.splitlines()[0])["results"]
+    assert [h["id"] for h in hits] == ["4.png", "1.png"] or \
+        sorted(h["id"] for h in hits) == ["1.png", "4.png"]
+    assert cli(["search", str(g), str(tmp_path / "7.png"), "--where", "colour=red"]) == 2
+    assert "no item has a field 'colour'" in capsys.readouterr().err
+    assert cli(["info", str(g)]) == 0
+    assert "filterable fields (--where): label (string)" in capsys.readouterr().out

@@ -145,6 +145,12 @@ def cmd_search(args: argparse.Namespace) -> int:
         opts["dim"] = args.dim
     if funnel is not None:
         opts["funnel"] = funnel
+    if args.where:
+        from galleria.filters import parse_where
+
+        opts["where"] = parse_where(args.where)
+    if args.min_score is not None:
+        opts["min_score"] = args.min_score
     queries, res, fails = searcher.search_paths(args.images, args.k, **opts)
     for f in fails:
         print(f"galleria search: cannot read query {f.path}: {f.reason}", file=sys.stderr)
@@ -193,6 +199,7 @@ def cmd_info(args: argparse.Namespace) -> int:
                  "failures": len(g.failures(s.space))}
                 for s in g.spaces()
             ],
+            "payload_fields": g.payload_fields(),
             "upgrade": "in progress" if g.get_setting(STATE_KEY) else (
                 "clean-up interrupted: run `galleria upgrade finish`"
                 if g.get_setting(FINISHING_KEY) else None),
@@ -207,6 +214,35 @@ def cmd_info(args: argparse.Namespace) -> int:
                   f"index={s['index']} failures={s['failures']}")
         if data["upgrade"]:
             print(f"  upgrade: {data['upgrade']}")
+        if data["payload_fields"]:
+            shown = ", ".join(f"{f} ({'/'.join(sorted(t))})"
+                              for f, t in sorted(data["payload_fields"].items()))
+            print(f"  filterable fields (--where): {shown}")
+    return 0
+
+
+def cmd_items(args: argparse.Namespace) -> int:
+    from galleria.filters import parse_where
+    from galleria.store.gallery import Gallery
+    from galleria.store.listing import record_dict
+
+    where = parse_where(args.where) if args.where else None
+    with Gallery.open(args.gallery, readonly=True) as g:
+        if args.count:
+            n = g.count_items(where, space=args.space)
+            print(json.dumps({"count": n}) if args.json else n)
+            return 0
+        page = g.list_items(where, space=args.space, cursor=args.cursor, limit=args.limit)
+    if args.json:
+        for r in page.items:
+            print(json.dumps(record_dict(r), default=json_default))
+        print(json.dumps({"next_cursor": page.next_cursor}))
+        return 0
+    for r in page.items:
+        meta = {k: v for k, v in r.meta.items() if k != "path"}
+        print(f"{r.id}  {json.dumps(meta, default=json_default)}")
+    if page.next_cursor:
+        print(f"more: --cursor {page.next_cursor}")
     return 0
 
 

@@ -125,3 +125,13 @@ def key_value(text: str) -> tuple[str, Any]:
         return key.replace("-", "_"), json.loads(value)
     except json.JSONDecodeError:
         return key.replace("-", "_"), value
+
+
+WHERE_HELP = ("keep only items whose metadata satisfies EXPR: label=cat, label=cat,dog (any "
+              "of), label!=cat, year>=2010, year=2000..2010, taken<2021-05-01, "
+              "'label=cat OR year<2000', or a JSON filter '{\"must\": [...]}'; repeat "
+              "--where for conditions that must all hold (docs/filters.md)")
+
+
+def add_where_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--where", action="append", default=[], metavar="EXPR", help=WHERE_HELP)

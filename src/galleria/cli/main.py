@@ -26,7 +26,13 @@ import sys
 from collections.abc import Sequence
 
 from galleria.cli import commands
-from galleria.cli.common import add_model_args, add_ray_args, add_run_args, key_value
+from galleria.cli.common import (
+    add_model_args,
+    add_ray_args,
+    add_run_args,
+    add_where_arg,
+    key_value,
+)
 from galleria.errors import GalleriaError
 
 
@@ -95,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="search the first DIM coordinates (nested embeddings, prefix index)")
     s.add_argument("--funnel", default=None, metavar="DIM:N",
                    help="shortlist N candidates with a DIM prefix, re-score them in full")
+    add_where_arg(s)
+    s.add_argument("--min-score", type=float, default=None, metavar="S",
+                   help="leave out results scoring below S (cosine similarity, -1..1)")
     s.add_argument("--runtime", default="auto", choices=["auto", "onnx", "torch"])
     add_run_args(s)
     s.set_defaults(func=commands.cmd_search)
@@ -131,6 +140,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("gallery")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=commands.cmd_info)
+
+    s = sub.add_parser("items", help="list, scroll or count items, with a payload filter",
+                       description="List the items of a gallery in insertion order, a page at "
+                                   "a time (--cursor continues where the last page ended), or "
+                                   "count them (--count); --where keeps only those whose "
+                                   "metadata satisfies a filter.")
+    s.add_argument("gallery", help="the gallery folder")
+    add_where_arg(s)
+    s.add_argument("--limit", type=int, default=20, help="items per page (1..10000, default 20)")
+    s.add_argument("--cursor", default=None,
+                   help="continue after the page that printed this cursor")
+    s.add_argument("--count", action="store_true", help="print how many items match, only")
+    s.add_argument("--space", default=None,
+                   help="only items holding data in this space (a fingerprint; see info)")
+    s.add_argument("--json", action="store_true",
+                   help="print JSON Lines: one item per line, then {\"next_cursor\": ...}")
+    s.set_defaults(func=commands.cmd_items)
 
     s = sub.add_parser("remove", help="remove items by id")
     s.add_argument("gallery")

@@ -7,10 +7,10 @@ match (``m``) out of the space's ``n``:
   store's segment files and scan just those (an exact top-k over the subset,
   whatever the space's index). Cost grows with ``m``, not ``n``.
 - **post-filter** (``m`` large): search the space's index for ``k' =
-  ceil(OVERFETCH * k * n / m) + OVERFETCH_SLACK`` results and keep the matching
-  ones. When fewer than ``k`` of a query's ``k'`` results match, ``k'`` grows
-  (x4) and the search runs again, at most :data:`MAX_ROUNDS` times, then the
-  pre-filter answers. With an exact index the result equals the pre-filter's:
+  (k + 3 sqrt(k) + 3) n / m + 16`` results (:func:`overfetch`) and keep the
+  matching ones. A query with fewer than ``k`` matching among its ``k'`` is
+  searched again with 4x as many (only those queries), at most
+  :data:`MAX_ROUNDS` rounds in all, then the pre-filter answers it. With an exact index the result equals the pre-filter's:
   the matching items among the global top-``k'`` are the top matching items.
   Cost is one index search (for an exact index about the unfiltered cost).
 
@@ -27,6 +27,7 @@ and a sorted key set (pure apart from the two callables it is given);
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -35,7 +36,8 @@ import numpy as np
 
 from galleria.errors import InputError
 from galleria.index.exact import inner_product_topk
-from galleria.store import items, payloads, reader
+from galleria.store import items, payloads
+from galleria.store.source import SegmentSource, space_source
 from galleria.store.views import SpaceView
 from galleria.types import MISSING_KEY, SearchResult, clamp_k
 
@@ -46,7 +48,6 @@ PREFILTER_MIN = 2_000
 """At most this many matching items: always scan them (pre-filter)."""
 PREFILTER_FRACTION = 0.02
 """... or at most this fraction of the space (measured crossover, bench_filters.py)."""
-OVERFETCH = 1.5
 OVERFETCH_SLACK = 16
 MAX_ROUNDS = 3
 STRATEGIES = ("auto", "pre", "post")
@@ -80,9 +81,11 @@ class FilterPlan:
 
 
 def overfetch(k: int, matching: int, total: int) -> int:
-    """Results a post-filter asks the index for, first round."""
+    """Results a post-filter asks the index for, first round: enough that ``k`` of them
+    match with high probability when matching items are spread like the others
+    (``k + 3 sqrt(k) + 3`` expected matches: a binomial margin of about 3 sigma)."""
     frac = max(matching, 1) / max(total, 1)
-    return min(total, math.ceil(OVERFETCH * k / frac) + OVERFETCH_SLACK)
+    return min(total, math.ceil((k + 3 * math.sqrt(k) + 3) / frac) + OVERFETCH_SLACK)
 
 
 def choose_strategy(matching: int, total: int, k: int) -> tuple[str, str]:
@@ -127,14 +130,42 @@ def filtered_topk(view: SpaceView, queries: np.ndarray, k: int, allowed: np.ndar
     if how == "empty" or total == 0:
         return SearchResult.empty(nq, k), FilterPlan("empty", 0, total, 0, 0, why)
     if how == "post":
-        kp = overfetch(k, m, total)
-        for rnd in range(1, MAX_ROUNDS + 1):
-            res = view.search(queries, kp)
-            ok = (res.ids != MISSING_KEY) & np.isin(res.ids, allowed)
-            if int(ok.sum(axis=1).min()) >= k or kp >= total:
-                return _first_k(res, ok, k), FilterPlan("post", m, total, kp, rnd, why)
-            kp = min(total, kp * 4)
-        why = f"{why}; fewer than k matched after {MAX_ROUNDS} rounds: scanned instead"
+        return _post_filter(view, queries, k, allowed, vectors_of, why)
+    return _pre_filter(queries, k, allowed, vectors_of, total, why)
+
+
+def _post_filter(view: SpaceView, queries: np.ndarray, k: int, allowed: np.ndarray,
+                 vectors_of: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+                 why: str) -> tuple[SearchResult, FilterPlan]:
+    """Over-fetch, keep the matching; rows with fewer than ``k`` matches search again
+    with 4x the results (only those rows), then fall back to the scan."""
+    total, m = view.count, int(allowed.size)
+    kp = overfetch(k, m, total)
+    res = view.search(queries, kp)
+    ok = (res.ids != MISSING_KEY) & np.isin(res.ids, allowed)
+    out = _first_k(res, ok, k)
+    scores, ids = out.scores.copy(), out.ids.copy()
+    short = np.flatnonzero(ok.sum(axis=1) < k) if kp < total else np.zeros(0, np.int64)
+    rounds = 1
+    while short.size and rounds < MAX_ROUNDS:
+        rounds += 1
+        kp = min(total, kp * 4)
+        sub = view.search(queries[short], kp)
+        okk = (sub.ids != MISSING_KEY) & np.isin(sub.ids, allowed)
+        part = _first_k(sub, okk, k)
+        scores[short], ids[short] = part.scores, part.ids
+        short = short[okk.sum(axis=1) < k] if kp < total else np.zeros(0, np.int64)
+    if short.size:  # matches cluster away from these queries: scan the matching items
+        part, _ = _pre_filter(queries[short], k, allowed, vectors_of, total, why)
+        scores[short], ids[short] = part.scores, part.ids
+        why = f"{why}; {short.size} queries scanned after {MAX_ROUNDS} rounds"
+    return SearchResult(scores, ids), FilterPlan("post", m, total, kp, rounds, why)
+
+
+def _pre_filter(queries: np.ndarray, k: int, allowed: np.ndarray,
+                vectors_of: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+                total: int, why: str) -> tuple[SearchResult, FilterPlan]:
+    nq = queries.shape[0]
     keys, vecs = vectors_of(allowed)
     if keys.size == 0:
         return SearchResult.empty(nq, k), FilterPlan("empty", 0, total, 0, 0, why)
@@ -153,6 +184,32 @@ def _first_k(res: SearchResult, ok: np.ndarray, k: int) -> SearchResult:
     return SearchResult(s, i).pad(k)
 
 
+class SourceCache:
+    """The store's vectors of a space as a :class:`~galleria.store.source.SegmentSource`
+    (key -> segment row, segment files memory-mapped), kept per space generation: the
+    pre-filter's data without a database read per search."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[str, tuple[int, SegmentSource]] = {}
+
+    def get(self, g: Gallery, space: str, dim: int) -> tuple[int, SegmentSource]:
+        """``(generation, source)`` of ``space`` at its latest commit."""
+        with g.db.read() as c:
+            row = c.execute("SELECT generation FROM spaces WHERE space=?", (space,)).fetchone()
+            if row is None:
+                raise InputError(f"gallery {g.path} has no space {space!r}")
+            gen = int(row[0])
+            with self._lock:
+                cur = self._entries.get(space)
+            if cur is not None and cur[0] == gen:
+                return cur
+            src = space_source(c, g.path, space, dim)
+        with self._lock:
+            self._entries[space] = (gen, src)
+        return gen, src
+
+
 def search_filtered(g: Gallery, queries: np.ndarray, k: int, *, space: str, where: Any,
                     strategy: str = "auto") -> tuple[SearchResult, FilterPlan]:
     """Top-``k`` items of ``space`` satisfying ``where``, with string ids (see the module
@@ -166,14 +223,10 @@ def search_filtered(g: Gallery, queries: np.ndarray, k: int, *, space: str, wher
     generation: dict[str, int] = {"gen": view.generation}
 
     def vectors_of(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        with g.db.read() as c:
-            row = reader.space_row(c, space, g.path)
-            generation["gen"] = row.generation
-            present = np.array(sorted(items.Snapshot(c, g.path).present(space, keys.tolist())),
-                               np.int64)
-            vecs = reader.fetch(c, g.path, row, present) if present.size else \
-                np.zeros((0, view.dim), np.float32)
-        return present, vecs
+        gen, src = g.filter_sources.get(g, space, view.dim)
+        generation["gen"] = gen
+        present = np.intersect1d(keys, src.keys, assume_unique=True)
+        return present, src.get(present)
 
     kk = clamp_k(k, view.count)
     res, plan = filtered_topk(view, queries, kk, allowed, vectors_of, strategy=strategy)

