@@ -16,6 +16,8 @@ Commands (``galleria COMMAND --help`` for options)::
     galleria fit-transform G --kind aesvc --dim 128 --out T [--apply]
     galleria export-onnx --model M --out F.onnx
     galleria fusion train --gallery-models M1,M2 --images CSV --out F   fused gallery + light query
+    galleria dedup G [--html OUT]         near-duplicate groups (copies, crops, re-encodes)
+    galleria items G --where EXPR         list / count items whose metadata matches
     galleria serve G [--port 8080]        search API + web UI (docs at /docs)
 """
 
@@ -189,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     from galleria.cli.fusion import add_fusion_parser
 
     add_fusion_parser(sub)
+
+    from galleria.cli.dedup import add_dedup_parser
+
+    add_dedup_parser(sub)
 
     from galleria.cli.serve import add_serve_parser
 
