@@ -404,9 +404,9 @@ def test_filter_json_round_trip_is_stable():
 
 # ------------------------------------------------------------ CLI and searcher
 def test_manifest_payloads_where_items_and_min_score_from_the_cli(tmp_path, capsys):
-    import _tiny  # registers tiny-test
     from PIL import Image
 
+    import _tiny  # registers tiny-test
     from galleria.cli.main import main as cli
     from galleria.decision import open_searcher
     from galleria.extract.job import index_images

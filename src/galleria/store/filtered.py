@@ -10,8 +10,9 @@ match (``m``) out of the space's ``n``:
   (k + 3 sqrt(k) + 3) n / m + 16`` results (:func:`overfetch`) and keep the
   matching ones. A query with fewer than ``k`` matching among its ``k'`` is
   searched again with 4x as many (only those queries), at most
-  :data:`MAX_ROUNDS` rounds in all, then the pre-filter answers it. With an exact index the result equals the pre-filter's:
-  the matching items among the global top-``k'`` are the top matching items.
+  :data:`MAX_ROUNDS` rounds in all, then the pre-filter answers it. With an
+  exact index the result equals the pre-filter's: the matching items among the
+  global top-``k'`` are the top matching items.
   Cost is one index search (for an exact index about the unfiltered cost).
 
 The rule is ``pre-filter when m <= max(PREFILTER_MIN, PREFILTER_FRACTION * n)``,
