@@ -207,7 +207,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print_json(data)
     else:
-        print(f"{data['path']}: {data['items']} items")
+        print(f"{data['path']}: {data['items']} items (* = the space searched by default)")
         for s in data["spaces"]:
             mark = "*" if s["space"] == data["primary_space"] else " "
             print(f" {mark} {s['space']}  {s['kind']} dim={s['dim']} items={s['count']} "

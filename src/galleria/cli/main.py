@@ -1,6 +1,6 @@
-"""``galleria`` — index, search and evaluate image galleries.
+"""galleria -- index, search and evaluate image galleries.
 
-Commands (``galleria COMMAND --help`` for options)::
+Commands (galleria COMMAND --help for the options of each):
 
     galleria models                       list extractors (dim, input size, source)
     galleria index SRC --model M --out G  embed a folder/manifest into gallery G
@@ -33,6 +33,7 @@ from galleria.cli.common import (
     add_ray_args,
     add_run_args,
     add_where_arg,
+    fill_common_help,
     key_value,
 )
 from galleria.errors import GalleriaError
@@ -54,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("index", help="embed a folder or manifest into a gallery (resumable)")
     s.add_argument("src", help="image folder or CSV manifest (column 'path', optional 'id')")
     s.add_argument("--out", "-o", required=True, help="gallery folder (created or resumed)")
-    add_model_args(s, default=None)
+    add_model_args(s, default=None, model_help=(
+        "global model (see `galleria models`). A new gallery: default effnet-lite0. An "
+        "existing gallery embeds with its own models; another one needs --add-space"))
     s.add_argument("--local", default=None,
                    help="also (or only, without --model) store local features: sift, xfeat")
     s.add_argument("--fusion", default=None, metavar="F",
@@ -72,8 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--index", default=None,
                    help="exact (default), exact-bf16 / exact-int8 (compressed scan, exact "
                         "results), prefix, or a FAISS factory string: HNSW32, IVF1024,PQ32 ...")
-    s.add_argument("--nprobe", type=int, default=None)
-    s.add_argument("--ef-search", type=int, default=None)
+    s.add_argument("--nprobe", type=int, default=None,
+                   help="IVF indexes: inverted lists searched per query (more: slower, "
+                        "higher recall)")
+    s.add_argument("--ef-search", type=int, default=None,
+                   help="HNSW indexes: candidate list size during search (more: slower, "
+                        "higher recall)")
     s.add_argument("--rescore", type=int, default=None,
                    help="re-score k*RESCORE ANN candidates exactly")
     s.add_argument("--transform", default=None,
@@ -88,13 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=commands.cmd_index)
 
     s = sub.add_parser("search", help="search a gallery with query images")
-    s.add_argument("gallery")
-    s.add_argument("images", nargs="+")
-    s.add_argument("-k", type=int, default=10)
+    s.add_argument("gallery", help="the gallery folder")
+    s.add_argument("images", nargs="+", help="query image files (one result list each)")
+    s.add_argument("-k", type=int, default=10, help="results per query (default %(default)s)")
     s.add_argument("--pipeline", default=None,
                    help="global | global+sv | local | local+mds (default: the best the "
                         "gallery supports)")
-    s.add_argument("--json", action="store_true", help="print results as JSON")
+    s.add_argument("--json", action="store_true",
+                   help="print JSON Lines: one object {\"query\": path, \"results\": [{\"id\", "
+                        "\"score\"}, ...]} per query image, one per line")
     s.add_argument("--html", default=None, help="write a page with thumbnails to this file")
     s.add_argument("--qe", type=int, default=0, help="alpha query expansion over the top QE")
     s.add_argument("--qe-alpha", type=float, default=3.0)
@@ -106,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_where_arg(s)
     s.add_argument("--min-score", type=float, default=None, metavar="S",
                    help="leave out results scoring below S (cosine similarity, -1..1)")
-    s.add_argument("--runtime", default="auto", choices=["auto", "onnx", "torch"])
+    s.add_argument("--runtime", default="auto", choices=["auto", "onnx", "torch"],
+                   help="where the query model runs: auto (default), onnx or torch")
     add_run_args(s)
     s.set_defaults(func=commands.cmd_search)
 
@@ -161,8 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=commands.cmd_items)
 
     s = sub.add_parser("remove", help="remove items by id")
-    s.add_argument("gallery")
-    s.add_argument("ids", nargs="+")
+    s.add_argument("gallery", help="the gallery folder")
+    s.add_argument("ids", nargs="+", help="ids of the items to remove (as listed by "
+                                          "`galleria items`)")
     s.set_defaults(func=commands.cmd_remove)
 
     s = sub.add_parser("check", help="verify a gallery's files against their checksums")
@@ -202,8 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("export-onnx", help="export an extractor to ONNX (+ .json sidecar)")
     add_model_args(s)
-    s.add_argument("--out", "-o", required=True)
+    s.add_argument("--out", "-o", required=True,
+                   help="the .onnx file to write (a .json sidecar records the preprocessing)")
     s.set_defaults(func=commands.cmd_export_onnx)
+    fill_common_help(p)
     return p
 
 

@@ -1,7 +1,4 @@
-"""``galleria serve GALLERY``: the search service and web UI (service/app.py).
-
-Wired in cli/main.py with one line: ``add_serve_parser(sub)``.
-"""
+"""``galleria serve GALLERY``: the search service and web UI (service/app.py)."""
 
 from __future__ import annotations
 
@@ -18,16 +15,17 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         "serve", help="serve a gallery over HTTP (search API + web UI)",
         description="Serve GALLERY: POST /v1/search, /v1/items, /v1/upgrade ..., the web UI at "
                     "/ and the API docs at /docs. Binds 127.0.0.1 unless --host says otherwise.")
-    s.add_argument("gallery")
+    s.add_argument("gallery", help="the gallery folder to serve")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only)")
-    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--port", type=int, default=8080, help="TCP port (default %(default)s)")
     s.add_argument("--token-file", default=None,
                    help="file holding the bearer token that writes need")
     s.add_argument("--token-reads", action="store_true",
                    help="searches and reads need the token too")
-    s.add_argument("--workers", type=int, default=2,
-                   help="threads decoding, embedding and searching (default 2)")
+    s.add_argument("--request-threads", type=int, default=2,
+                   help="threads answering requests: decoding, embedding and searching "
+                        "(default 2; one per core is right)")
     s.add_argument("--queue", type=int, default=32,
                    help="requests waiting for a worker before the server answers 503 (default 32)")
     s.add_argument("--threads", type=int, default=None,
@@ -35,10 +33,12 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload (MiB)")
     s.add_argument("--max-pixels", type=int, default=40_000_000,
                    help="largest image accepted, in pixels (decompression bombs are refused)")
-    s.add_argument("--max-k", type=int, default=1000)
+    s.add_argument("--max-k", type=int, default=1000,
+                   help="largest k a search may ask for (400 beyond; default %(default)s)")
     s.add_argument("--rule", default="auto",
                    help="merge rule during an upgrade (default: the job's, see galleria upgrade)")
-    s.add_argument("--runtime", default="auto", choices=["auto", "onnx", "torch"])
+    s.add_argument("--runtime", default="auto", choices=["auto", "onnx", "torch"],
+                   help="where the models run: auto (default), onnx or torch")
     s.add_argument("--refresh-interval", type=float, default=0.25,
                    help="seconds between background view refreshes (new commits)")
     s.add_argument("--ray", default=None, metavar="ADDRESS",
@@ -47,8 +47,10 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--shards", type=int, default=2,
                    help="number of search shards with --ray (default 2)")
     s.add_argument("--log-level", default="info",
-                   choices=["critical", "error", "warning", "info", "debug"])
-    s.add_argument("--verbose", "-v", action="store_true")
+                   choices=["critical", "error", "warning", "info", "debug"],
+                   help="the server's log level (default %(default)s)")
+    s.add_argument("--verbose", "-v", action="store_true",
+                   help="debug logging, and one log line per request")
     s.set_defaults(func=cmd_serve)
     return s
 
@@ -70,7 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise InputError(f"--port must be between 1 and 65535; got {args.port}")
-    for name in ("workers", "max_k"):
+    for name in ("request_threads", "max_k"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1")
     if args.queue < 0 or args.max_upload_mb <= 0 or args.max_pixels < 1:
@@ -83,7 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     threads = set_threads(args.threads)  # the entry point chooses threads, once
     cfg = ServiceConfig(
         gallery=Path(args.gallery), token=token, token_reads=args.token_reads,
-        workers=args.workers, queue=args.queue,
+        workers=args.request_threads, queue=args.queue,
         max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
         max_k=args.max_k, runtime=args.runtime, threads=threads, rule=args.rule,
         refresh_interval_s=args.refresh_interval, ray=args.ray, shards=args.shards)

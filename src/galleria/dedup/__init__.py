@@ -12,7 +12,7 @@ The rule and its thresholds: :mod:`galleria.dedup.core`; the HTML page:
 """
 
 from galleria.dedup.core import DedupConfig, calibrated_threshold, candidate_pairs, decide, groups
-from galleria.dedup.run import DedupReport, find_duplicates
+from galleria.dedup.run import Candidates, DedupReport, find_duplicates, score_candidates
 
-__all__ = ["DedupConfig", "DedupReport", "calibrated_threshold", "candidate_pairs", "decide",
-           "find_duplicates", "groups"]
+__all__ = ["Candidates", "DedupConfig", "DedupReport", "calibrated_threshold",
+           "candidate_pairs", "decide", "find_duplicates", "groups", "score_candidates"]

@@ -76,17 +76,30 @@ ProgressFactory = Callable[[str, int], Any]
 """``(description, total) -> a progress bar`` (``update(n)``, ``close()``)."""
 
 
-def find_duplicates(gallery: Gallery, config: DedupConfig | None = None, *,
-                    progress: ProgressFactory | None = None) -> DedupReport:
-    """Near-duplicate groups of ``gallery`` (see :mod:`galleria.dedup.core`).
+@dataclass
+class Candidates:
+    """Candidate pairs with what the rule needs: ``pairs (P, 2)`` int64 keys (``a < b``),
+    ``scores (P,)`` cosine, ``inliers (P,)`` (``-1``: not verified; ``None`` without
+    local features) and ``ids`` (key -> item id)."""
 
-    Args:
-        gallery: an open gallery with a global space (its primary space is used).
-        config: the rule (defaults: :class:`DedupConfig`); thresholds a calibration
-            recorded in the gallery replace the defaults (not values given here).
-        progress: makes the progress bars: one over the items searched, one over the
-            candidate pairs verified.
-    """
+    pairs: np.ndarray
+    scores: np.ndarray
+    inliers: np.ndarray | None
+    ids: dict[int, str]
+    items: int
+    space: str
+    local_space: str | None
+    config: DedupConfig
+    thresholds_from: str
+    seconds: dict[str, float]
+
+
+def score_candidates(gallery: Gallery, config: DedupConfig | None = None, *,
+                     progress: ProgressFactory | None = None) -> Candidates:
+    """Candidate pairs of ``gallery`` from its global index, verified with its local
+    features when it has them (stage 1 of :mod:`galleria.dedup.core`; :func:`decide`
+    is stage 2). Thresholds a calibration recorded in the gallery replace the
+    defaults."""
     config = config or DedupConfig()
     t0 = time.perf_counter()
     state = gallery.state()
@@ -108,46 +121,66 @@ def find_duplicates(gallery: Gallery, config: DedupConfig | None = None, *,
     floor = config.candidate if use_local else config.threshold
     view = gallery.view(prim.space)
     k = min(config.k + 1, view.count)
-    all_pairs, all_scores = [], []
+    found_a, found_b, found_s = [], [], []
     n_items = 0
     bar = progress("dedup: search", view.count) if progress is not None else None
     for keys, vecs in gallery.iter_vectors(prim.space, batch=BATCH):
         res = view.search(vecs, k)
-        p, s = candidate_pairs(keys, res.ids, res.scores, floor)
-        all_pairs.append(p)
-        all_scores.append(s)
+        p, sc = candidate_pairs(keys, res.ids, res.scores, floor)
+        found_a.append(p[:, 0])
+        found_b.append(p[:, 1])
+        found_s.append(sc)
         n_items += len(keys)
         if bar is not None:
             bar.update(len(keys))
     if bar is not None:
         bar.close()
-    pairs, scores = candidate_pairs(  # one pair per unordered couple across batches
-        np.concatenate([p[:, 0] for p in all_pairs]) if all_pairs else np.zeros(0, np.int64),
-        np.concatenate([p[:, 1] for p in all_pairs])[:, None] if all_pairs
-        else np.zeros((0, 1), np.int64),
-        np.concatenate(all_scores)[:, None] if all_scores else np.zeros((0, 1), np.float32),
-        floor)
+    if found_a:  # one pair per unordered couple across batches
+        pairs, scores = candidate_pairs(np.concatenate(found_a), np.concatenate(found_b)[:, None],
+                                        np.concatenate(found_s)[:, None], floor)
+    else:
+        pairs, scores = np.zeros((0, 2), np.int64), np.zeros(0, np.float32)
     t_cand = time.perf_counter()
     inliers = _verify(gallery, local, pairs, scores, config, progress) if use_local else None
     t_ver = time.perf_counter()
-    dup = decide(scores, inliers, config)
-    key_groups = groups(pairs[dup])
-    id_of = {int(k_): str(i) for k_, i in zip(
-        np.unique(pairs.reshape(-1)).tolist(), gallery.ids_of(np.unique(pairs.reshape(-1))),
-        strict=True)} if pairs.size else {}
+    uniq = np.unique(pairs.reshape(-1))
+    ids = {int(k_): str(i) for k_, i in zip(uniq.tolist(), gallery.ids_of(uniq), strict=True)}
+    return Candidates(pairs, scores, inliers, ids, n_items, prim.space,
+                      local if use_local else None, config, source,
+                      {"candidates": t_cand - t0, "verify": t_ver - t_cand})
+
+
+def find_duplicates(gallery: Gallery, config: DedupConfig | None = None, *,
+                    progress: ProgressFactory | None = None) -> DedupReport:
+    """Near-duplicate groups of ``gallery`` (see :mod:`galleria.dedup.core`).
+
+    Args:
+        gallery: an open gallery with a global space (its primary space is used).
+        config: the rule (defaults: :class:`DedupConfig`); thresholds a calibration
+            recorded in the gallery replace the defaults (not values given here).
+        progress: makes the progress bars: one over the items searched, one over the
+            candidate pairs verified.
+    """
+    t0 = time.perf_counter()
+    c = score_candidates(gallery, config, progress=progress)
+    return report_of(c, decide(c.scores, c.inliers, c.config), gallery=str(gallery.path),
+                     seconds={**c.seconds, "total": time.perf_counter() - t0})
+
+
+def report_of(c: Candidates, dup: np.ndarray, *, gallery: str,
+              seconds: dict[str, float]) -> DedupReport:
+    """The report of candidates ``c`` under the decisions ``dup`` ``(P,)`` bool."""
     report = DedupReport(
-        gallery=str(gallery.path), space=prim.space, local_space=local if use_local else None,
-        config=config, thresholds_from=source, items=n_items, candidates=len(pairs),
-        verified=int(0 if inliers is None else (scores < config.sure).sum()),
-        groups=[[id_of[x] for x in g] for g in key_groups])
-    for (a, b), s, d, n in zip(pairs.tolist(), scores.tolist(), dup.tolist(),
-                               (inliers.tolist() if inliers is not None else [None] * len(pairs)),
-                               strict=True):
+        gallery=gallery, space=c.space, local_space=c.local_space, config=c.config,
+        thresholds_from=c.thresholds_from, items=c.items, candidates=len(c.pairs),
+        verified=int(0 if c.inliers is None else (c.inliers >= 0).sum()),
+        groups=[[c.ids[x] for x in g] for g in groups(c.pairs[dup])], seconds=seconds)
+    inl = c.inliers.tolist() if c.inliers is not None else [None] * len(c.pairs)
+    for (a, b), sc, d, n in zip(c.pairs.tolist(), c.scores.tolist(), dup.tolist(), inl,
+                                strict=True):
         if d:
-            report.pairs.append({"a": id_of[a], "b": id_of[b], "score": round(float(s), 5),
+            report.pairs.append({"a": c.ids[a], "b": c.ids[b], "score": round(float(sc), 5),
                                  "inliers": None if n is None else int(n)})
-    report.seconds = {"candidates": t_cand - t0, "verify": t_ver - t_cand,
-                      "total": time.perf_counter() - t0}
     return report
 
 
