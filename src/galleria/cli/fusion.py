@@ -9,7 +9,6 @@ from typing import Any
 
 from galleria.cli.common import add_run_args, print_json, set_threads, setup_logging
 
-
 DESCRIPTION = """Train an asymmetric feature-fusion model: a fused gallery (several member
 models and a mixer) searched with a light query model.
 

@@ -19,7 +19,6 @@ from galleria.cli.common import (
     setup_logging,
 )
 
-
 DESCRIPTION = """Move a live gallery to a new model while search keeps serving (online
 backfilling):
 
