@@ -1,6 +1,6 @@
 """AE-SVC: an autoencoder whose latent is decorrelated, unit-variance and mean-centred.
 
-Method (METHODS.md section 1; Omama et al., "Exploiting Distribution
+Method (docs/methods.md; Omama et al., "Exploiting Distribution
 Constraints for Scalable and Efficient Image Retrieval"): an autoencoder
 ``enc: R^D -> R^d``, ``dec: R^d -> R^D`` (3 linear layers each side, ReLU,
 hidden width ``(D + d) // 2``) trained on unlabeled embeddings with, for a
