@@ -1,4 +1,4 @@
-"""The two extractors of a fusion model, built from configs (config types of ``galleria.extractors.registry``).
+"""The two extractors of a fusion model, built from their configs (a config type).
 
 ``{"type": "fusion-gallery", "model": F}``
     runs every member extractor and the mixer on an image batch -> ``(B, d)``.

@@ -23,6 +23,7 @@ import os
 import shutil
 import sqlite3
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -307,8 +308,12 @@ def _reembed(g: Gallery, space: str, keys: list[int], reembed: Reembed | None
 def backup(g: Gallery) -> Path:
     """Copy the database into ``gallery.sqlite.backup`` (consistent, atomic)."""
     target = g.path / BACKUP
-    tmp = g.path / f".{BACKUP}.tmp"
-    tmp.unlink(missing_ok=True)
+    # a name of its own: processes finishing jobs at once never write one file
+    tmp = g.path / f".{BACKUP}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    for old in g.path.glob(f".{BACKUP}.*.tmp"):  # left by a killed backup
+        with contextlib.suppress(OSError):
+            if time.time() - old.stat().st_mtime > 3600:
+                old.unlink()
     dst = sqlite3.connect(tmp)
     try:
         g.db.conn().backup(dst)
