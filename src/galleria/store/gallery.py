@@ -564,6 +564,12 @@ class Gallery:
         with self.db.read() as c:
             return payloads.fields(c, self.payload_cache)
 
+    def bind_filter(self, where: Any) -> Any:
+        """``where`` (any filter form) checked against the gallery's fields, values typed
+        (an InputError naming the fields there are, for an unknown one)."""
+        with self.db.read() as c:
+            return payloads.bound(c, payloads.check_where(where), self.payload_cache)
+
     def match_keys(self, where: Any) -> np.ndarray:
         """Sorted int64 keys of the items satisfying the filter ``where``."""
         with self.db.read() as c:
