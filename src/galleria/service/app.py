@@ -214,9 +214,8 @@ def create_multi_app(configs: dict[str, ServiceConfig], *, single: bool = False)
     app.include_router(ops.router)
     app.include_router(gallery.top)
     per_gallery = (search.router, items.router, gallery.router)
-    if only is not None:
-        for r in per_gallery:
-            app.include_router(r, prefix="/v1")
+    for r in per_gallery:  # with several galleries these answer 404 naming them
+        app.include_router(r, prefix="/v1")
     if not single:
         for r in per_gallery:
             app.include_router(r, prefix="/v1/galleries/{gallery}",
