@@ -85,6 +85,8 @@ class ServiceContext:
         check_fields(body.keys(), SEARCH_KEYS, "search request")
         if kind == "multipart":
             src = {**params, **{k: v for k, v in body.items() if isinstance(v, str)}}
+            if len(body.getlist("where")) > 1:  # several conditions, all must hold
+                src["where"] = [w for w in body.getlist("where") if isinstance(w, str)]
             opts = search_options(src, cfg)
             if body.get("image") is not None:
                 data, fname = await self.file_bytes(body.get("image"), "image")
