@@ -129,7 +129,6 @@ def choose_sources(pool: dict[str, list[dict[str, Any]]],
 def build_set(name: str, base: list[dict[str, Any]], n_planted: int, seed: int,
               ext: Any, local: Any, work: Path) -> dict[str, Any]:
     """A gallery of ``base`` + copies of ``n_planted`` of them; ground truth."""
-    from galleria.extract.job import index_images
     from galleria.extract.spaces import space_info
     from galleria.store.gallery import Gallery
 
@@ -148,9 +147,7 @@ def build_set(name: str, base: list[dict[str, Any]], n_planted: int, seed: int,
         meta = [{"path": r["path"], "set": r["task"]} for r in chunk]
         g.add(ids, np.stack([r["vec"] for r in chunk]), space=ext.fingerprint, meta=meta)
         g.add_local(ids, [r["feat"] for r in chunk], space=local.fingerprint)
-    g.save_index(ext.fingerprint)
-    g.save_index(local.fingerprint)
-    g.close()
+    g.save_index(ext.fingerprint)  # (no local index: dedup reads features, not ASMK)
     planted = np.sort(rng.choice(len(base), n_planted, replace=False))
     rows = ["path,id,planted_from,copy"]
     kinds_of: dict[str, str] = {}
@@ -169,8 +166,18 @@ def build_set(name: str, base: list[dict[str, Any]], n_planted: int, seed: int,
             group.append(cid)
         gt.append(group)
     (folder / "copies.csv").write_text("\n".join(rows) + "\n")
-    rep = index_images(folder / "copies.csv", folder / "g", batch_size=16)  # the recipe
-    assert rep.embedded == len(kinds_of), rep.to_dict()
+    # the copies embedded with the gallery's own extractors (what `galleria index` into
+    # this gallery does, without training the ASMK index dedup does not use)
+    from galleria.images.decode import load_image
+
+    cids = list(kinds_of)
+    for s in range(0, len(cids), 32):
+        part = cids[s : s + 32]
+        imgs = [load_image(folder / c) for c in part]
+        meta = [{"path": str(folder / c), "set": "copy"} for c in part]
+        g.add(part, ext.embed_images(imgs), space=ext.fingerprint, meta=meta)
+        g.add_local(part, local.embed_images(imgs), space=local.fingerprint)
+    g.close()
     # natural duplicates: pixel-identical base images
     by_hash: dict[str, list[str]] = {}
     for r in base:
@@ -271,6 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="effnet-lite0")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tune-base", type=int, default=1500, help="Caltech train images in tune")
+    p.add_argument("--tune-planted", type=int, default=200, help="sources copied in tune")
+    p.add_argument("--eval-caltech", type=int, default=1500, help="Caltech test images in eval")
+    p.add_argument("--eval-planted", type=int, default=300, help="sources copied in eval")
+    p.add_argument("--scale-planted", type=int, default=500, help="sources copied in scale")
     p.add_argument("--work", type=Path, default=OUT / "dedup")
     p.add_argument("--results-dir", type=Path, default=None)
     args = p.parse_args(argv)
@@ -293,10 +305,10 @@ def main(argv: list[str] | None = None) -> int:
         return r["split"] == "test"
 
     specs = {
-        "tune": ({"caltech101": (train, 1500)}, 200),
-        "eval": ({"caltech101": (test, 1500), "smvs": (None, None),
-                  "rparis250": (None, None), "ukbench56": (None, None)}, 300),
-        "scale": ({t: (None, None) for t in TASKS}, 500),
+        "tune": ({"caltech101": (train, args.tune_base)}, args.tune_planted),
+        "eval": ({"caltech101": (test, args.eval_caltech), "smvs": (None, None),
+                  "rparis250": (None, None), "ukbench56": (None, None)}, args.eval_planted),
+        "scale": ({t: (None, None) for t in TASKS}, args.scale_planted),
     }
     out: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()},
                            "defaults": DedupConfig().to_dict(), "sets": {}}
@@ -343,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         out["sets"][name] = res
     info["load_average_at_end"] = list(os.getloadavg())
     out["machine"] = info
-    C.write_results("dedup", out, render(out), results_dir=args.results_dir)
+    name = "dedup" if "tune" in sections else "dedup-" + "-".join(sections)
+    C.write_results(name, out, render(out), results_dir=args.results_dir)
     print(render(out))
     return 0
 

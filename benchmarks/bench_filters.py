@@ -92,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--work", type=Path, default=None, help="gallery folder (default: a temp)")
+    p.add_argument("--selectivities", type=float, nargs="+", default=list(SELECTIVITIES),
+                   help="fractions of the items the filters match")
+    p.add_argument("--forms", nargs="+", default=["equality", "range"],
+                   choices=["equality", "range"], help="filter forms measured")
     p.add_argument("--quick", action="store_true", help="20k x 128, fewer rounds")
     p.add_argument("--results-dir", type=Path, default=None)
     args = p.parse_args(argv)
@@ -126,10 +130,12 @@ def main(argv: list[str] | None = None) -> int:
             "single": lambda: [g.search(q, k, space="space") for q in q1],
         }, rounds=args.rounds)
         rows: list[dict[str, Any]] = []
-        for s in SELECTIVITIES:
+        for s in args.selectivities:
+            if s not in SELECTIVITIES:
+                raise SystemExit(f"selectivity {s} is not one of {SELECTIVITIES}")
             for form, where in (("equality", f"{_flag(s)}=true"),
                                 ("range", f"year<{round(s * YEARS)}")):
-                if form == "range" and s * YEARS < 1:
+                if form not in args.forms or (form == "range" and s * YEARS < 1):
                     continue
                 keys = g.match_keys(where)
                 matching = int(keys.size)
