@@ -154,7 +154,8 @@ def ensure_on(db: Any) -> None:
             if current(c):
                 return
         with db.write() as c:
-            ensure(c)
+            if ensure(c):
+                log.info("%s: built the payload index from the items' metadata", db.path)
     except GalleriaError as exc:
         log.warning("payload index not built (%s); filters use the slower reference "
                     "evaluator", exc)
