@@ -397,7 +397,7 @@ def main() -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     slog = open(work / "server.log", "a")  # noqa: SIM115
-    server = subprocess.Popen(galleria("serve", str(g), "--port", str(port), "--workers",
+    server = subprocess.Popen(galleria("serve", str(g), "--port", str(port), "--request-threads",
                                        str(args.workers), "--queue", "64", "--log-level",
                                        "warning"), env=env(), stdout=slog, stderr=slog)
     import httpx

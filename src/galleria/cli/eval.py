@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from galleria.cli.common import model_spec, print_json, progress_bar
+from galleria.cli.common import model_spec, print_json, progress_bar, progress_factory
 
 
 def run_eval_command(args: argparse.Namespace, *, threads: int) -> int:
@@ -32,7 +32,8 @@ def run_eval_command(args: argparse.Namespace, *, threads: int) -> int:
             transform=args.transform, dim=args.dim, transform_params=dict(args.param) or None,
             use_cache=not args.no_cache, batch_size=args.batch_size, workers=args.workers,
             runtime=args.runtime, threads=threads)
-        out = evaluate_model(task, config, progress=bar)
+        out = evaluate_model(task, config, progress=bar,
+                             fit_progress=progress_factory(enabled=not args.quiet))
     if args.json:
         print_json(out)
         return 0

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from galleria.cli.common import key_value, print_json, set_threads, setup_logging
+from galleria.cli.common import (
+    key_value,
+    print_json,
+    progress_factory,
+    set_threads,
+    setup_logging,
+)
 
 
 def add_transform_parser(sub: Any) -> None:
@@ -45,10 +51,6 @@ def add_transform_parser(sub: Any) -> None:
 
 
 def cmd_fit_transform(args: argparse.Namespace) -> int:
-    import sys
-
-    from tqdm import tqdm
-
     from galleria.store.gallery import Gallery
     from galleria.transforms.analysis import cosine_similarity_stats, plot_similarity_histograms
     from galleria.transforms.attach import (
@@ -60,7 +62,7 @@ def cmd_fit_transform(args: argparse.Namespace) -> int:
 
     setup_logging(args.verbose)
     set_threads(args.threads)
-    progress = None if args.quiet or not sys.stderr.isatty() else tqdm
+    progress = progress_factory(enabled=not args.quiet)
     with Gallery.open(args.gallery) as g:
         primary = g.primary_space
         space = fit_space(g, args.space, stack=args.stack)

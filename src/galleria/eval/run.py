@@ -82,8 +82,12 @@ class EvalConfig:
 
 
 def evaluate_model(task: str | RetrievalTask, config: EvalConfig | None = None, *,
-                   progress: Progress | None = None, **fields: Any) -> dict[str, Any]:
+                   progress: Progress | None = None, fit_progress: Any = None,
+                   **fields: Any) -> dict[str, Any]:
     """Evaluate one configuration; returns ``{dataset, model, fingerprint, metrics, ...}``.
+
+    ``progress``: updated per image embedded; ``fit_progress``: a tqdm-like factory for
+    training a transform (AE-SVC, SS2D...).
 
     ``fields`` override ``config`` (``evaluate_model("smvs", model="effnet-lite2",
     scales=(1, 0.707))``: see :meth:`EvalConfig.of`).
@@ -110,7 +114,7 @@ def evaluate_model(task: str | RetrievalTask, config: EvalConfig | None = None, 
     if transform is not None:
         tr = create_transform(transform, dim=dim, **(cfg.transform_params or {}))
         t1 = time.perf_counter()
-        tr.fit(gallery, fingerprint=fingerprint)
+        tr.fit(gallery, fingerprint=fingerprint, progress=fit_progress)
         fit_s = time.perf_counter() - t1
         gallery = tr.transform(gallery, fingerprint=fingerprint, dim=dim)
         queries = tr.transform(queries, fingerprint=fingerprint, dim=dim)

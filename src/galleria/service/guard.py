@@ -31,14 +31,15 @@ log = logging.getLogger(__name__)
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
-def server_paths(gallery: str | os.PathLike[str]) -> list[tuple[str, str]]:
-    """``(text, replacement)`` pairs: the gallery folder's spellings and the working
+def server_paths(*galleries: str | os.PathLike[str]) -> list[tuple[str, str]]:
+    """``(text, replacement)`` pairs: each gallery folder's spellings and the working
     directory, longest first."""
-    g = str(gallery)
-    pairs = {os.path.abspath(g): "<gallery>", str(Path(g).resolve()): "<gallery>",
-             os.getcwd(): "<server>"}
-    if not os.path.isabs(g) and g not in (".", "") and len(g) > 2:
-        pairs.setdefault(g.rstrip("/"), "<gallery>")
+    pairs = {os.getcwd(): "<server>"}
+    for gallery in galleries:
+        g = str(gallery)
+        pairs.update({os.path.abspath(g): "<gallery>", str(Path(g).resolve()): "<gallery>"})
+        if not os.path.isabs(g) and g not in (".", "") and len(g) > 2:
+            pairs.setdefault(g.rstrip("/"), "<gallery>")
     return sorted(pairs.items(), key=lambda kv: -len(kv[0]))
 
 
@@ -69,9 +70,9 @@ def _body(status: int, code: str, message: str) -> bytes:
 class Guard:
     """ASGI middleware (see the module docstring)."""
 
-    def __init__(self, app: Any, gallery: str | os.PathLike[str]) -> None:
+    def __init__(self, app: Any, galleries: list[str | os.PathLike[str]]) -> None:
         self.app = app
-        self.paths = server_paths(gallery)
+        self.paths = server_paths(*galleries)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":

@@ -242,5 +242,67 @@ def _printable(text: str) -> str:
     return "".join(c for c in str(text) if c.isprintable())
 
 
-__all__ = ["ThumbnailCache", "add_item", "check_item_id", "check_metadata", "get_item",
-           "remove_item", "save_upload", "target_spaces", "thumbnail"]
+FULL_MAX_SIDE = 4096
+
+
+def full_image(engine: Engine, item_id: str) -> tuple[bytes, str]:
+    """``(JPEG bytes, ETag)`` of an item's image at full size (EXIF orientation and its crop
+    box applied; at most ``FULL_MAX_SIDE`` pixels a side)."""
+    from galleria.images.decode import load_image
+
+    item_id = check_item_id(item_id)
+    rec = engine.gallery.item(item_id)
+    if rec is None:
+        raise not_found(f"no item {item_id!r} in this gallery")
+    path = rec.meta.get("path")
+    if not path:
+        raise not_found(f"item {item_id!r} has no stored image")
+    try:
+        img = load_image(path, bbox=_bbox(rec.meta.get("bbox")), min_side=1)
+    except GalleriaError as exc:
+        raise not_found(f"the image of item {item_id!r} is not available: {exc}") from exc
+    if max(img.size) > FULL_MAX_SIDE:
+        img.thumbnail((FULL_MAX_SIDE, FULL_MAX_SIDE), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=92)
+    etag = '"' + hashlib.sha1(repr((item_id, rec.content, "full")).encode()).hexdigest()[:16] \
+        + '"'
+    return buf.getvalue(), etag
+
+
+def list_page(engine: Engine, *, where: Any = None, cursor: str | None = None,
+              limit: int = 50, count: bool = False, space: str | None = None
+              ) -> dict[str, Any]:
+    """One page of items (insertion order) matching ``where``; ``count``: the total too."""
+    g = engine.gallery
+    try:
+        if where is not None:
+            where = g.bind_filter(where)
+        page = g.list_items(where, space=space, cursor=cursor, limit=limit)
+        out = page.to_dict(public=True)
+        if count:
+            out["count"] = g.count_items(where, space=space)
+    except GalleriaError as exc:
+        raise bad_request(str(exc), "bad_listing") from exc
+    return out
+
+
+def count(engine: Engine, *, where: Any = None, space: str | None = None) -> dict[str, Any]:
+    g = engine.gallery
+    try:
+        if where is not None:
+            where = g.bind_filter(where)
+        return {"count": g.count_items(where, space=space)}
+    except GalleriaError as exc:
+        raise bad_request(str(exc), "bad_filter") from exc
+
+
+def _bbox(b: Any) -> tuple[float, float, float, float] | None:
+    if isinstance(b, (list, tuple)) and len(b) == 4:
+        return tuple(float(v) for v in b)  # type: ignore[return-value]
+    return None
+
+
+__all__ = ["ThumbnailCache", "add_item", "check_item_id", "check_metadata", "count",
+           "full_image", "get_item", "list_page", "remove_item", "save_upload",
+           "target_spaces", "thumbnail"]

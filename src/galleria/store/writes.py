@@ -30,6 +30,7 @@ import numpy as np
 from galleria.errors import CompatibilityError, InputError, StorageError
 from galleria.fingerprint import slug
 from galleria.ids import id_problem
+from galleria.store import payloads
 from galleria.store.db import chunks
 from galleria.store.segments import WrittenFile, file_digest, pack_local, write_array
 from galleria.types import MISSING_KEY, LocalFeatures
@@ -116,13 +117,16 @@ def _upsert_items(c: sqlite3.Connection, ids: list[str],
         for i, k, m in c.execute(f"SELECT id, key, meta FROM items WHERE id IN ({q})", ch):
             found[i] = (int(k), m)
     upd_meta = []
+    typed: list[tuple[int, dict[str, Any]]] = []
     for n, i in enumerate(ids):
         if meta is not None and meta[n]:
             old = json.loads(found[i][1])
             old.update(meta[n])  # type: ignore[arg-type]
             upd_meta.append((json.dumps(old), i))
+            typed.append((found[i][0], old))
     if upd_meta:
         c.executemany("UPDATE items SET meta=? WHERE id=?", upd_meta)
+        payloads.write(c, typed)  # the typed, indexed copy, in the same transaction
     if contents is not None:
         c.executemany("UPDATE items SET content=?, fsize=?, fmtime=? WHERE id=?",
                       [(ct[0], ct[1], ct[2], i) for i, ct in zip(ids, contents, strict=True)
