@@ -18,7 +18,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from galleria.extract.recipe import Recipe, check_explicit, recipe_extractor, re
 from galleria.extract.spaces import space_info
 from galleria.extractors.base import Extractor
 from galleria.extractors.registry import create_extractor
+from galleria.extractors.spec import ModelSpec
 from galleria.images.sources import SourceItem, list_source
 from galleria.io.atomic import write_json
 from galleria.store.gallery import Failure, Gallery
@@ -151,95 +152,148 @@ def _conflict_error(gallery: Gallery, conflicts: list[tuple[SourceItem, str]]) -
         "stored images with --update")
 
 
-# ------------------------------------------------------------------ entry
-def index_images(
-    src: str | os.PathLike[str] | Sequence[SourceItem],
-    out: str | os.PathLike[str],
-    *,
-    model: str | None = None,
-    extractor: Extractor | None = None,
-    local: str | None = None,
-    local_extractor: Extractor | None = None,
-    transform: str | os.PathLike[str] | None = None,
-    pooling: str | None = None,
-    scales: Sequence[float] = (1.0,),
-    checkpoint: str | None = None,
-    size: int | None = None,
-    resize: str | None = None,
-    runtime: str = "auto",
-    threads: int | None = None,
-    index: str | None = None,
-    index_params: dict[str, Any] | None = None,
-    batch_size: int = 32,
-    workers: int = 2,
-    flush_every: int = 512,
-    limit: int | None = None,
-    progress: Progress | None = None,
-    id_prefix: str | None = None,
-    update: bool = False,
-    explicit_ids: bool | None = None,
-    embedder: Embedder | None = None,
-    add_space: bool = False,
-) -> IndexReport:
-    """Embed every image of ``src`` (a folder, a ``.csv`` manifest or items) into ``out``.
+# ------------------------------------------------------------------ options
+_MODEL_OPTIONS = ("pooling", "scales", "checkpoint", "size", "resize")
 
-    Args:
-        src: folder (ids = relative paths), manifest, or a list of SourceItem.
-        out: gallery folder (created if needed; resumed if it exists). An existing
-            gallery embeds with its own recipe (:mod:`galleria.extract.recipe`): the
-            model, transform, fusion model and local features of its spaces.
-        model: registry name of the global model, or pass ``extractor``. A new gallery
-            without any model given uses ``effnet-lite0``; on an existing gallery a
-            model is only needed to add a space (with ``add_space``).
-        local: registry name of a local-feature extractor (``sift``, ``xfeat``), or
-            pass ``local_extractor``; global and local data can live in one gallery.
-        transform: a saved transform (``galleria fit-transform``) applied to every
-            global embedding; copied into the gallery and applied to queries too.
+
+@dataclass(frozen=True)
+class IndexOptions:
+    """How one ``index`` run embeds and commits (every field has a working default).
+
+    Attributes:
         index: index spec of the global space (``exact``, ``exact-bf16``, FAISS...).
+        index_params: its parameters (``nprobe``, ``ef_search``, ``rescore``).
+        batch_size: images per forward pass.
+        workers: image decoding threads.
         flush_every: items buffered before a commit (the most work a crash loses).
         limit: stop after this many new images (trial runs, tests).
         id_prefix: prepended to every id (index two folders with the same file names).
         update: replace stored images whose id now names another file.
         explicit_ids: the ids were chosen by the user (manifest ``id`` column): a
-            different file under a known id is an update, not a conflict.
+            different file under a known id is an update, not a conflict (``None``:
+            true for a ``.csv`` manifest).
+        add_space: on an existing gallery, add the space of the model given even though
+            the gallery does not have it (otherwise a CompatibilityError naming both).
+        runtime: ``auto`` / ``torch`` / ``onnx``... (how models run, not which).
+        threads: intra-op threads of the models (``None``: the runtime's default).
+    """
+
+    index: str | None = None
+    index_params: dict[str, Any] | None = None
+    batch_size: int = 32
+    workers: int = 2
+    flush_every: int = 512
+    limit: int | None = None
+    id_prefix: str | None = None
+    update: bool = False
+    explicit_ids: bool | None = None
+    add_space: bool = False
+    runtime: str = "auto"
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("flush_every", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                what = "commit size" if name == "flush_every" else "batch size"
+                raise InputError(f"{what} must be a positive integer; got {v!r}")
+
+    @classmethod
+    def of(cls, options: IndexOptions | None = None, **fields: Any) -> IndexOptions:
+        """``options`` with ``fields`` replaced (unknown names: a TypeError naming them)."""
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise TypeError(f"index_images() got unexpected options {unknown}; known: "
+                            f"{sorted(known | set(_MODEL_OPTIONS))}")
+        return replace(options or cls(), **fields)
+
+
+# ------------------------------------------------------------------ steps
+def source_items(src: str | os.PathLike[str] | Sequence[SourceItem], options: IndexOptions
+                 ) -> tuple[list[SourceItem], bool]:
+    """``(items, ids chosen by the user)``: the items of a folder, manifest or list,
+    with ``options.id_prefix`` applied."""
+    from_manifest = isinstance(src, (str, os.PathLike)) and Path(src).suffix.lower() == ".csv"
+    items = list(src) if not isinstance(src, (str, os.PathLike)) else list_source(src)
+    if options.id_prefix:
+        items = [SourceItem(id=f"{options.id_prefix}{it.id}", path=it.path, meta=it.meta,
+                            bbox=it.bbox) for it in items]
+    explicit = from_manifest if options.explicit_ids is None else bool(options.explicit_ids)
+    return items, explicit
+
+
+def given_extractors(model: str | ModelSpec | Extractor | None,
+                     local: str | Extractor | None, options: IndexOptions) -> list[Extractor]:
+    """The extractors the caller named, built once here (none: the gallery's recipe)."""
+    out: list[Extractor] = []
+    if isinstance(model, Extractor):
+        out.append(model)
+    elif model is not None:
+        out.append(ModelSpec.of(model).build(runtime=options.runtime, threads=options.threads))
+    if isinstance(local, Extractor):
+        out.append(local)
+    elif local is not None:
+        out.append(create_extractor(local, runtime=options.runtime, threads=options.threads))
+    return out
+
+
+# ------------------------------------------------------------------ entry
+def index_images(
+    src: str | os.PathLike[str] | Sequence[SourceItem],
+    out: str | os.PathLike[str],
+    *,
+    model: str | ModelSpec | Extractor | None = None,
+    local: str | Extractor | None = None,
+    transform: str | os.PathLike[str] | None = None,
+    options: IndexOptions | None = None,
+    progress: Progress | None = None,
+    embedder: Embedder | None = None,
+    **fields: Any,
+) -> IndexReport:
+    """Embed every image of ``src`` (a folder, a ``.csv`` manifest or items) into ``out``.
+
+    The steps (each a function of this module): :func:`source_items` (items and ids),
+    :func:`given_extractors` (the models named, built once), the plan (a new gallery:
+    the models given, ``effnet-lite0`` when none; an existing gallery: its own recipe,
+    :mod:`galleria.extract.recipe`), then one embed-and-commit pass per space.
+
+    Args:
+        src: folder (ids = relative paths), manifest, or a list of SourceItem.
+        out: gallery folder (created if needed; resumed if it exists).
+        model: the global model: a registry name, a :class:`ModelSpec` or an extractor.
+            On an existing gallery a model is only needed to add a space
+            (``add_space``).
+        local: a local-feature extractor (``sift``, ``xfeat``) or its name; global and
+            local data can live in one gallery.
+        transform: a saved transform (``galleria fit-transform``) applied to every
+            global embedding; copied into the gallery and applied to queries too.
+        options: an :class:`IndexOptions` (how the run embeds and commits).
+        progress: a progress bar (tqdm-like); its total is set once the plan is known.
         embedder: where embeddings are computed (default :func:`embed_stream`, in this
             process); :class:`galleria.distributed.ray_embed.RayEmbedder` computes them
             on a Ray cluster. Identity, commits and failures are the same either way.
-        add_space: on an existing gallery, add the space of the model given even though
-            the gallery does not have it (otherwise a CompatibilityError naming both).
+        **fields: :class:`IndexOptions` fields, and the model options of a model given
+            by name (``pooling``, ``scales``, ``checkpoint``, ``size``, ``resize``);
+            ``extractor=`` / ``local_extractor=`` are accepted for ``model`` / ``local``.
 
     Returns:
         IndexReport with counts, updates, failures (id, path, reason) and throughput.
     """
     t0 = time.perf_counter()
-    if isinstance(flush_every, bool) or int(flush_every) <= 0:
-        raise InputError(f"commit size must be a positive integer; got {flush_every!r}")
-    if isinstance(batch_size, bool) or int(batch_size) <= 0:
-        raise InputError(f"batch size must be a positive integer; got {batch_size!r}")
-    from_manifest = isinstance(src, (str, os.PathLike)) and Path(src).suffix.lower() == ".csv"
-    items = list(src) if not isinstance(src, (str, os.PathLike)) else list_source(src)
-    if id_prefix:
-        items = [SourceItem(id=f"{id_prefix}{it.id}", path=it.path, meta=it.meta, bbox=it.bbox)
-                 for it in items]
-    if explicit_ids is None:
-        explicit_ids = from_manifest
-    explicit: list[Extractor] = []
-    if extractor is not None:
-        explicit.append(extractor)
-    elif model is not None:
-        extra = {k: v for k, v in (("size", size), ("resize", resize)) if v is not None}
-        explicit.append(create_extractor(model, pooling=pooling, scales=scales,
-                                         checkpoint=checkpoint, runtime=runtime,
-                                         threads=threads, **extra))
-    if local_extractor is not None:
-        explicit.append(local_extractor)
-    elif local is not None:
-        explicit.append(create_extractor(local, runtime=runtime, threads=threads))
+    model = fields.pop("extractor", None) or model
+    local = fields.pop("local_extractor", None) or local
+    mopts = {k: fields.pop(k) for k in _MODEL_OPTIONS if k in fields}
+    if isinstance(model, str):
+        model = ModelSpec.of(model, **mopts)
+    opts = IndexOptions.of(options, **fields)
+    items, explicit_ids = source_items(src, opts)
+    explicit = given_extractors(model, local, opts)
     if transform is not None and not any(e.kind == "global" for e in explicit):
         raise InputError("--transform applies to a global model: give --model too")
     gallery = Gallery.open_or_create(out)
     try:
-        ident = resolve_identity(gallery, items, explicit_ids=explicit_ids, update=update)
+        ident = resolve_identity(gallery, items, explicit_ids=explicit_ids, update=opts.update)
         if ident.conflicts:
             raise _conflict_error(gallery, ident.conflicts)
         report = IndexReport(gallery=str(gallery.path), space="", total=len(items),
@@ -247,20 +301,16 @@ def index_images(
         # during an online upgrade, an image already in the old space is left to the
         # upgrade run -- unless a model was named (re-indexing with the new model on
         # purpose: the run then adopts those items)
-        plan, recipe = _plan(gallery, list(explicit), transform, add_space=add_space,
-                             runtime=runtime, threads=threads)
+        plan, recipe = _plan(gallery, list(explicit), transform, add_space=opts.add_space,
+                             runtime=opts.runtime, threads=opts.threads)
         report.recipe = recipe.reason if recipe is not None else "the models given"
         _set_total(progress, len(items) * len(plan))
         columns = infer_columns([it.meta for it in items])
         for ext, keep_info in plan:
-            _index_space(gallery, items, ident, ext, report,
-                         index=index if ext.kind == "global" else None,
-                         index_params=index_params, batch_size=batch_size, workers=workers,
-                         flush_every=flush_every, limit=limit, progress=progress,
+            done_if_in = recipe.done_if_in if recipe is not None and not explicit else ()
+            _index_space(gallery, items, ident, ext, report, opts, progress=progress,
                          embedder=embedder or embed_stream, keep_info=keep_info,
-                         done_if_in=recipe.done_if_in if recipe is not None and not explicit
-                         else (),
-                         columns=columns)
+                         done_if_in=done_if_in, columns=columns)
         report.space = report.spaces[0]
         report.embedded = len(report._embedded_ids)
         report.seconds = time.perf_counter() - t0
@@ -350,13 +400,8 @@ def _index_space(
     ident: Identity,
     extractor: Extractor,
     report: IndexReport,
+    opts: IndexOptions,
     *,
-    index: str | None,
-    index_params: dict[str, Any] | None,
-    batch_size: int,
-    workers: int,
-    flush_every: int,
-    limit: int | None,
     progress: Progress | None,
     embedder: Embedder = embed_stream,
     keep_info: bool = False,
@@ -371,8 +416,9 @@ def _index_space(
     gallery.register_space(space, extractor.dim, None if keep_info else space_info(extractor),
                            kind=extractor.kind)
     report.spaces.append(space)
-    if index is not None and (index != gallery.index_spec(space) or index_params):
-        gallery.set_index_spec(index, space, **(index_params or {}))
+    index = opts.index if extractor.kind == "global" else None
+    if index is not None and (index != gallery.index_spec(space) or opts.index_params):
+        gallery.set_index_spec(index, space, **(opts.index_params or {}))
     updated = {it.id for it in ident.updated}
     ids_all = [it.id for it in items]
     done = gallery.has(ids_all, space)
@@ -380,8 +426,8 @@ def _index_space(
     for other in drop:
         done |= gallery.has(ids_all, other)
     todo = [it for it, d in zip(items, done, strict=True) if not d or it.id in updated]
-    if limit is not None:
-        todo = todo[: max(0, int(limit))]
+    if opts.limit is not None:
+        todo = todo[: max(0, int(opts.limit))]
     n_done = len(items) - len([it for it, d in zip(items, done, strict=True) if not d])
     n_done -= len([it for it, d in zip(items, done, strict=True) if d and it.id in updated])
     report.already_done += n_done
@@ -416,7 +462,7 @@ def _index_space(
             report.failures.extend(f for f in fails if f.id not in seen)  # once per image
             fails.clear()
 
-    for batch in embedder(todo, extractor, batch_size=batch_size, workers=workers,
+    for batch in embedder(todo, extractor, batch_size=opts.batch_size, workers=opts.workers,
                           progress=progress):
         data = getattr(batch, "features", None) if local else None
         rows = data if data is not None else batch.vectors
@@ -425,7 +471,7 @@ def _index_space(
         for it, why in batch.failures:
             log.warning("skipped %s: %s", it.path, why)
             fails.append(Failure(it.id, str(it.path), why))
-        if len(buf) >= flush_every:
+        if len(buf) >= opts.flush_every:
             flush()
     flush()
     _forget_stale_failures(gallery, space, items)

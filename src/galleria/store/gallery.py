@@ -29,7 +29,6 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,37 +37,16 @@ import numpy as np
 from galleria.errors import CompatibilityError, FormatError, InputError
 from galleria.fingerprint import slug
 from galleria.io.artifact import load_header, make_header, save_header
-from galleria.store import filtered, items, listing, payloads, reader, writes
+from galleria.store import filtered, items, listing, payloads, query, reader, writes
 from galleria.store.db import Database
+from galleria.store.items import Failure, SpaceInfo
 from galleria.store.lock import WriterLock
 from galleria.store.schema import DB, FORMAT_VERSION, HEADER, SCHEMA
 from galleria.store.state import GalleryState, read_state
 from galleria.store.views import KeyFilter, SpaceView
-from galleria.types import LocalFeatures, SearchResult, clamp_k
+from galleria.types import LocalFeatures, SearchResult
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SpaceInfo:
-    """One space of a gallery."""
-
-    space: str
-    slug: str
-    dim: int
-    count: int
-    info: dict[str, Any]
-    kind: str = "global"
-
-
-@dataclass(frozen=True)
-class Failure:
-    id: str
-    path: str
-    reason: str
-
-    def to_dict(self) -> dict[str, str]:
-        return {"id": self.id, "path": self.path, "reason": self.reason}
 
 
 class Gallery:
@@ -401,30 +379,31 @@ class Gallery:
             "SELECT id, path, reason FROM failures WHERE space=? ORDER BY id", (space,))]
 
     # ------------------------------------------------------------------- reads
+    def _row(self, c: Any, space: str, kind: str, instead: str) -> reader.SpaceRow:
+        row = reader.space_row(c, space, self.path)
+        if row.kind != kind:
+            held = "local features" if row.kind == "local" else "global vectors"
+            raise InputError(f"space {space!r} holds {held}: use {instead}")
+        return row
+
     def get_vectors(self, keys: np.ndarray, *, space: str | None = None) -> np.ndarray:
         """``(N, D)`` vectors of int64 keys in a global space (error for a key without one)."""
         space = self._resolve_space(space)
         with self.db.read() as c:
-            row = reader.space_row(c, space, self.path)
-            if row.kind != "global":
-                raise InputError(f"space {space!r} holds local features: use get_local")
+            row = self._row(c, space, "global", "get_local")
             return reader.fetch(c, self.path, row, np.asarray(keys))
 
     def get_local(self, keys: np.ndarray, *, space: str) -> list[LocalFeatures]:
         """Local features of int64 keys in a local space, in the order of ``keys``."""
         with self.db.read() as c:
-            row = reader.space_row(c, space, self.path)
-            if row.kind != "local":
-                raise InputError(f"space {space!r} holds global vectors: use get_vectors")
+            row = self._row(c, space, "local", "get_vectors")
             return reader.fetch(c, self.path, row, np.asarray(keys))  # type: ignore[no-any-return]
 
     def load_vectors(self, space: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """All ``(keys (N,), vectors (N, D))`` of a global space (sorted by key), verified."""
         space = self._resolve_space(space)
         with self.db.read() as c:
-            row = reader.space_row(c, space, self.path)
-            if row.kind != "global":
-                raise InputError(f"space {space!r} holds local features: use iter_local")
+            row = self._row(c, space, "global", "iter_local")
             return reader.load_space(c, self.path, row)  # type: ignore[no-any-return]
 
     def iter_vectors(self, space: str | None = None, *, batch: int = 65536
@@ -439,9 +418,7 @@ class Gallery:
                    ) -> Iterator[tuple[np.ndarray, list[LocalFeatures]]]:
         """``(keys (n,), features)`` batches of every item of a local space, one snapshot."""
         with self.db.read() as c:
-            row = reader.space_row(c, space, self.path)
-            if row.kind != "local":
-                raise InputError(f"space {space!r} holds global vectors: use iter_vectors")
+            row = self._row(c, space, "local", "iter_vectors")
             keys = np.array([r[0] for r in c.execute(
                 "SELECT key FROM vectors WHERE space=? ORDER BY key", (space,))], np.int64)
             for s in range(0, len(keys), batch):
@@ -494,9 +471,7 @@ class Gallery:
             if r is not None and int(r[0]) == cur.generation and r[1] == cur.spec \
                     and json.loads(r[2]) == cur.params:
                 return cur
-        with self._guard:
-            lock = self._refresh_locks.setdefault(space, threading.Lock())
-        with lock:
+        with self._lock(space):
             cur = self._views.get(space)
             with self.db.read() as c:
                 new = reader.build_view(c, self.path, space, cur)
@@ -510,11 +485,9 @@ class Gallery:
         """Views of several spaces at ONE committed state (spaces that do not exist are
         left out): a search over two spaces (a backfill) never sees an item in both
         or in neither while a writer moves items between them."""
-        with self._guard:
-            locks = [self._refresh_locks.setdefault(s, threading.Lock()) for s in sorted(spaces)]
-        for lk in locks:
-            lk.acquire()
-        try:
+        with contextlib.ExitStack() as stack:
+            for s in sorted(spaces):
+                stack.enter_context(self._lock(s))
             out: dict[str, SpaceView] = {}
             with self.db.read() as c:
                 present = {r[0] for r in c.execute("SELECT space FROM spaces")}
@@ -523,22 +496,22 @@ class Gallery:
                         out[s] = reader.build_view(c, self.path, s, self._views.get(s))
             self._views.update(out)
             return out
-        finally:
-            for lk in reversed(locks):
-                lk.release()
 
     def shard_view(self, space: str, keys_filter: KeyFilter) -> SpaceView:
         """The view of one shard of ``space`` (the items ``keys_filter`` selects) at the
         latest commit: built from the data, then derived by the change log like every
         view (on a copy, swapped in; nobody mutates a published view)."""
         slot = f"{space}#{keys_filter.shard}/{keys_filter.shards}"
-        with self._guard:
-            lock = self._refresh_locks.setdefault(slot, threading.Lock())
-        with lock, self.db.read() as c:
+        with self._lock(slot), self.db.read() as c:
             new = reader.build_view(c, self.path, space, self._views.get(slot),
                                     keys_filter=keys_filter)
             self._views[slot] = new
             return new
+
+    def _lock(self, slot: str) -> threading.Lock:
+        """The lock of one view slot (threads refreshing the same view wait for one another)."""
+        with self._guard:
+            return self._refresh_locks.setdefault(slot, threading.Lock())
 
     def index(self, space: str | None = None) -> SpaceView:
         """The current view of ``space`` (its index is ``view.base`` + delta)."""
@@ -592,54 +565,10 @@ class Gallery:
     def search(self, queries: np.ndarray, k: int = 10, *, fingerprint: str | None = None,
                space: str | None = None, dim: int | None = None,
                funnel: tuple[int, int] | None = None, where: Any = None) -> SearchResult:
-        """Top-``k`` items for ``(Q, D)`` query vectors made by model ``fingerprint``.
-
-        The caller names the model that made the queries (``fingerprint``) or the
-        space they belong to (``space``); when both are given they must agree (a
-        CompatibilityError names both otherwise), so vectors of another model are
-        never compared. ``k`` is clamped to the space's size (the result has
-        ``min(k, items)`` columns).
-        ``dim`` / ``funnel=(shortlist_dim, shortlist)``: adaptive-size search on a
-        ``prefix`` index. ``where``: only items satisfying this payload filter
-        (store/filtered.py: exact; pre- or post-filter by how many match). Returns
-        string ids (``None`` for missing results).
-        """
-        from galleria.index.base import check_k
-        from galleria.validate import as_embeddings
-
-        k = check_k(k)
-        if fingerprint is None and space is None:
-            raise InputError("name the model that made the query vectors (fingerprint=...) or "
-                             f"the space to search (space=...); {self.path} has "
-                             f"{[sp.space for sp in self.spaces()]}")
-        space = space if space is not None else fingerprint
-        fingerprint = fingerprint if fingerprint is not None else space
-        if fingerprint != space:
-            raise CompatibilityError(
-                f"query vectors come from model {fingerprint!r} but the gallery space "
-                f"searched holds vectors of {space!r}")
-        view = self.view(space)
-        if view.kind != "global":
-            raise InputError(f"space {space!r} holds local features; search it with a "
-                             "local pipeline (galleria.search)")
-        q = np.asarray(queries)
-        got = q.shape[-1] if q.ndim in (1, 2) else None
-        if got != view.dim:
-            raise CompatibilityError(
-                f"query vectors have dimension {got} but space {space!r} holds vectors "
-                f"of dimension {view.dim}")
-        q = as_embeddings(q, name="queries", dim=view.dim)
-        if where is not None:
-            if dim is not None or funnel is not None:
-                raise InputError("a filter (where) does not combine with dim / funnel search")
-            return filtered.search_filtered(self, q, k, space=space, where=where)[0]
-        if (dim is not None or funnel is not None) and not hasattr(view.base, "funnel_search"):
-            raise InputError(
-                f"the index of {space!r} is {view.spec!r}; prefix and funnel search need a "
-                "'prefix' index (galleria index ... --index prefix)")
-        # k is clamped to the space: a result has min(k, items) columns (k = 1e9 allocates
-        # nothing extra)
-        return view.search_ids(q, clamp_k(k, view.count), dim=dim, funnel=funnel)
+        """Top-``k`` items for ``(Q, D)`` query vectors made by model ``fingerprint`` (or of
+        ``space``); see :func:`galleria.store.query.search`."""
+        return query.search(self, queries, k, fingerprint=fingerprint, space=space, dim=dim,
+                            funnel=funnel, where=where)
 
     # ------------------------------------------------------------- integrity
     def check(self, *, deep: bool = True) -> Any:

@@ -21,6 +21,30 @@ from galleria.types import MISSING_KEY
 
 
 @dataclass(frozen=True)
+class SpaceInfo:
+    """One space of a gallery."""
+
+    space: str
+    slug: str
+    dim: int
+    count: int
+    info: dict[str, Any]
+    kind: str = "global"
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An image a job could not use: its id, path and the reason."""
+
+    id: str
+    path: str
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"id": self.id, "path": self.path, "reason": self.reason}
+
+
+@dataclass(frozen=True)
 class ItemRecord:
     """One item as stored: its key, metadata, when it was added, the content hash of its
     image and the spaces holding its data."""
