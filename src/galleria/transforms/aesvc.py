@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -179,6 +180,27 @@ def numpy_to_state(module: nn.Module, state: dict[str, np.ndarray], prefix: str)
     module.load_state_dict(sub, strict=True)
 
 
+@dataclass(frozen=True)
+class AESVCLoss:
+    """The AE-SVC loss (see the module docstring).
+
+    Attributes:
+        w_rec, w_cov, w_var, w_mean: loss weights (paper: 25 / 1 / 15 / 1).
+        cov_diagonal: whether the covariance penalty includes the diagonal.
+        cov_reduction: ``"per_dim"`` (default, divided by ``d``) or ``"sum"``.
+    """
+
+    w_rec: float = 25.0
+    w_cov: float = 1.0
+    w_var: float = 15.0
+    w_mean: float = 1.0
+    cov_diagonal: bool = False
+    cov_reduction: str = "per_dim"
+
+
+_LOSS_KEYS = tuple(f.name for f in fields(AESVCLoss))
+
+
 class AESVC(Transform):
     """Autoencoder with strong variance constraints; output ``normalize(enc(x))``.
 
@@ -186,9 +208,8 @@ class AESVC(Transform):
         dim: latent size ``d`` (default ``min(D, 256)``).
         hidden: hidden width (default ``(D + d) // 2``).
         n_layers: linear layers on each side (3 in the paper).
-        w_rec, w_cov, w_var, w_mean: loss weights (paper: 25 / 1 / 15 / 1).
-        cov_diagonal: whether the covariance penalty includes the diagonal.
-        cov_reduction: ``"per_dim"`` (default, divided by ``d``) or ``"sum"``.
+        loss: the loss (:class:`AESVCLoss`; flat keywords such as ``w_var=10`` are
+            accepted too, and headers store them flat).
         input_scale: ``"sqrt_dim"`` (default), ``"none"`` or ``"standardize"``;
             see the module docstring.
         train: training (:class:`~galleria.train.config.TrainConfig`; default
@@ -211,26 +232,39 @@ class AESVC(Transform):
         dim: int | None = None,
         hidden: int | None = None,
         n_layers: int = 3,
-        w_rec: float = 25.0,
-        w_cov: float = 1.0,
-        w_var: float = 15.0,
-        w_mean: float = 1.0,
-        cov_diagonal: bool = False,
-        cov_reduction: str = "per_dim",
+        loss: AESVCLoss | None = None,
         input_scale: str = "sqrt_dim",
         train: TrainConfig | None = None,
+        **flat: Any,
     ) -> None:
+        folded = self.params_from({"loss": loss, "train": train, **flat})
+        unknown = sorted(set(folded) - {"loss", "train"})
+        if unknown:
+            raise TypeError(f"AESVC() got unexpected parameters {unknown}")
         self.dim = dim
         self.hidden = hidden
         self.n_layers = n_layers
-        self.w_rec = w_rec
-        self.w_cov = w_cov
-        self.w_var = w_var
-        self.w_mean = w_mean
-        self.cov_diagonal = cov_diagonal
-        self.cov_reduction = cov_reduction
+        self.loss = folded["loss"]
         self.input_scale = input_scale
-        self.train = self.params_from({"train": train})["train"]
+        self.train = folded["train"]
+
+    @classmethod
+    def params_from(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """Constructor keywords from flat ones: loss weights fold into ``loss``, training
+        options into ``train``."""
+        out = super().params_from({k: v for k, v in params.items() if k not in _LOSS_KEYS})
+        flat = {k: v for k, v in params.items() if k in _LOSS_KEYS}
+        base = out.pop("loss", None) or AESVCLoss()
+        if isinstance(base, dict):
+            base = AESVCLoss(**base)
+        out["loss"] = replace(base, **flat) if flat else base
+        return out
+
+    def json_params(self) -> dict[str, Any]:
+        """Header params: the loss written flat (``w_rec``...), as every saved transform."""
+        params = super().json_params()
+        params.update(asdict(params.pop("loss")))
+        return params
 
     def train_config(self) -> TrainConfig:
         return self.train
@@ -257,10 +291,7 @@ class AESVC(Transform):
             self.in_scale_ = np.full(D, s, np.float32)
         model = seeded_init(self.train.seed, self._build)
         assert isinstance(model, AutoEncoder)
-        weights = {
-            "w_rec": self.w_rec, "w_cov": self.w_cov, "w_var": self.w_var, "w_mean": self.w_mean,
-            "cov_diagonal": self.cov_diagonal, "cov_reduction": self.cov_reduction,
-        }
+        weights = asdict(self.loss)
 
         def loss_fn(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
             z, x_hat = model(x)
