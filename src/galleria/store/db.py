@@ -89,26 +89,31 @@ class Database:
         return self.execute(sql, params).fetchall()
 
     @contextlib.contextmanager
-    def read(self) -> Iterator[sqlite3.Connection]:
-        """A read transaction: every SELECT inside sees one committed state."""
-        c = self.conn()
-        if c.in_transaction:  # nested in this thread's own transaction
-            yield c
-            return
+    def _transaction(self, c: sqlite3.Connection, begin: str) -> Iterator[None]:
+        """``begin`` on ``c``; a failure inside rolls back (SQLite errors translated)."""
         try:
-            c.execute("BEGIN")
+            c.execute(begin)
         except sqlite3.Error as exc:
             raise translate(exc, self.path) from exc
         try:
-            yield c
+            yield
         except sqlite3.Error as exc:
             _rollback(c)
             raise translate(exc, self.path) from exc
         except BaseException:
             _rollback(c)
             raise
-        else:
-            _rollback(c)  # nothing to commit; ends the snapshot
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction: every SELECT inside sees one committed state."""
+        c = self.conn()
+        if c.in_transaction:  # nested in this thread's own transaction
+            yield c
+            return
+        with self._transaction(c, "BEGIN"):
+            yield c
+        _rollback(c)  # nothing to commit; ends the snapshot
 
     @contextlib.contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
@@ -116,18 +121,8 @@ class Database:
         c = self.conn()
         if c.in_transaction:
             raise RuntimeError("nested write transaction")
-        try:
-            c.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise translate(exc, self.path) from exc
-        try:
+        with self._transaction(c, "BEGIN IMMEDIATE"):
             yield c
-        except sqlite3.Error as exc:
-            _rollback(c)
-            raise translate(exc, self.path) from exc
-        except BaseException:
-            _rollback(c)
-            raise
         try:
             c.execute("COMMIT")
         except sqlite3.Error as exc:
