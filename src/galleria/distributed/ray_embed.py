@@ -45,10 +45,21 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from galleria.distributed.cluster import (
+    cluster_cpus,
+    import_modules,
+    session,
+    unwrap_task_error,
+    worker_lost_errors,
+)
 from galleria.errors import ClusterError, InputError
 from galleria.extract.embed import Batch, Progress, embed_stream
+from galleria.extract.job import index_images
 from galleria.extractors.base import Extractor
+from galleria.extractors.registry import extractor_from_config
 from galleria.images.sources import SourceItem
+from galleria.threads import set_threads
+from galleria.upgrade.job import run_upgrade
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +124,6 @@ class EmbedWorker:
 
         with self._build:
             if self._ext is None:
-                from galleria.distributed.cluster import import_modules
-                from galleria.extractors.registry import extractor_from_config
-                from galleria.threads import set_threads
-
                 import_modules(self.imports)
                 set_threads(self.threads)  # this worker process is an entry point
                 ext = extractor_from_config(self.spec.config, root=self.spec.root,
@@ -198,7 +205,6 @@ class RayEmbedder:
     def _target(self) -> int:
         if self.actors is not None:
             return self.actors
-        from galleria.distributed.cluster import cluster_cpus
 
         return max(1, int(cluster_cpus() // self.cpus_per_actor))
 
@@ -245,8 +251,6 @@ class RayEmbedder:
         returns the seconds it took (benchmarks separate start-up from throughput)."""
         import ray
 
-        from galleria.distributed.cluster import unwrap_task_error
-
         t0 = time.perf_counter()
         self._ensure_pool(extractor)
         try:
@@ -275,8 +279,6 @@ class RayEmbedder:
         if not items:
             return
         import ray
-
-        from galleria.distributed.cluster import unwrap_task_error, worker_lost_errors
 
         lost = worker_lost_errors()
         self._ensure_pool(extractor)
@@ -346,8 +348,6 @@ class RayEmbedder:
     def _came_up(self, ref: Any, lost: tuple[type[BaseException], ...]) -> None:
         import ray
 
-        from galleria.distributed.cluster import unwrap_task_error
-
         for a in list(self._pool):
             if a.ready is not ref:
                 continue
@@ -377,8 +377,6 @@ def ray_index_images(src: Any, out: Any, *, address: str, actors: int | None = N
                      connect_timeout_s: float = 30.0, **kw: Any) -> Any:
     """:func:`galleria.extract.job.index_images` with embeddings computed on the Ray
     cluster at ``address``; every other argument is the single-process one."""
-    from galleria.distributed.cluster import session
-    from galleria.extract.job import index_images
 
     with session(address, timeout_s=connect_timeout_s), \
             RayEmbedder(actors=actors, cpus_per_actor=cpus_per_actor, imports=imports) as emb:
@@ -389,8 +387,6 @@ def ray_run_upgrade(gallery_path: Any, *, address: str, actors: int | None = Non
                     cpus_per_actor: float = 1.0, imports: Sequence[str] = (),
                     connect_timeout_s: float = 30.0, **kw: Any) -> Any:
     """:func:`galleria.upgrade.job.run_upgrade` with embeddings computed on the Ray cluster."""
-    from galleria.distributed.cluster import session
-    from galleria.upgrade.job import run_upgrade
 
     with session(address, timeout_s=connect_timeout_s), \
             RayEmbedder(actors=actors, cpus_per_actor=cpus_per_actor, imports=imports) as emb:

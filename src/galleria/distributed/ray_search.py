@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from galleria.decision.choose import SearchRequest, choose
+from galleria.distributed.cluster import alive_nodes, connect, unwrap_task_error, worker_lost_errors
 from galleria.errors import ClusterError, CompatibilityError, InputError
 from galleria.extract.queries import Queries
 from galleria.extractors.base import Extractor
@@ -30,6 +31,7 @@ from galleria.search.contract import Searcher, SearchOptions
 from galleria.search.searcher import PlainSearcher
 from galleria.store.gallery import Gallery
 from galleria.store.views import KeyFilter, SpaceView
+from galleria.threads import set_threads
 from galleria.types import MISSING_KEY, SearchResult, clamp_k, merge_top
 from galleria.validate import as_embeddings
 
@@ -55,8 +57,6 @@ class ShardWorker:
 
     def _gallery(self) -> Gallery:
         if self.g is None:
-            from galleria.threads import set_threads
-
             set_threads(self.threads)  # this worker process is an entry point
             self.g = Gallery.open(self.path, readonly=True)
         return self.g
@@ -121,8 +121,6 @@ class ShardedSearcher(Searcher):
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        from galleria.distributed.cluster import alive_nodes
 
         if isinstance(shards, bool) or int(shards) < 1:
             raise InputError(f"shards must be a positive integer, got {shards!r}")
@@ -229,8 +227,6 @@ class ShardedSearcher(Searcher):
     def _call(self, refs: list[Any], timeout: float) -> list[Any]:
         import ray
 
-        from galleria.distributed.cluster import unwrap_task_error, worker_lost_errors
-
         try:
             return list(ray.get(refs, timeout=timeout))
         except ray.exceptions.GetTimeoutError as exc:
@@ -284,7 +280,6 @@ def open_sharded_searcher(gallery: Gallery | str | os.PathLike[str], address: st
     ``threads``, ``connect_timeout_s``). The searcher owns the connection when it made it:
     :meth:`ShardedSearcher.close` disconnects.
     """
-    from galleria.distributed.cluster import connect
 
     timeout = float(kw.pop("connect_timeout_s", 30.0))
     sess = connect(address, timeout_s=timeout)

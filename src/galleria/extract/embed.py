@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from galleria.extractors.base import Extractor
-from galleria.images.decode import ImageDecodeError, load_image_and_hash
+from galleria.images.decode import ImageDecodeError, content_hash, load_image_and_hash
 from galleria.images.sources import SourceItem
 from galleria.types import LocalFeatures
 
@@ -63,7 +63,6 @@ class Batch:
 
 def file_content(path: str | os.PathLike[str]) -> tuple[str, int, int]:
     """``("sha256:<hex>", size, mtime_ns)`` of a file (what an item's identity records)."""
-    from galleria.images.decode import content_hash
 
     st = os.stat(path)
     return content_hash(path), int(st.st_size), int(st.st_mtime_ns)

@@ -31,10 +31,13 @@ from galleria.extract.spaces import space_info
 from galleria.extractors.base import Extractor
 from galleria.extractors.registry import create_extractor
 from galleria.extractors.spec import ModelSpec
+from galleria.extractors.transformed import TransformedExtractor
 from galleria.images.sources import SourceItem, list_source
 from galleria.io.atomic import write_json
 from galleria.store.gallery import Failure, Gallery
 from galleria.store.payloads import ColumnTypes, infer_columns
+from galleria.transforms.attach import copy_into_gallery
+from galleria.transforms.registry import load_transform
 
 log = logging.getLogger(__name__)
 
@@ -354,9 +357,6 @@ def _plan(gallery: Gallery, explicit: list[Extractor], transform: str | os.PathL
 
 
 def _probe_transform(ext: Extractor, transform: str | os.PathLike[str]) -> Extractor:
-    from galleria.extractors.transformed import TransformedExtractor
-    from galleria.transforms.registry import load_transform
-
     out = TransformedExtractor(ext, load_transform(transform, fingerprint=ext.fingerprint))
     out.probe_of = ext  # type: ignore[attr-defined]
     return out
@@ -382,10 +382,6 @@ def _set_total(progress: Progress | None, total: int) -> None:
 
 def _with_transform(gallery: Gallery, ext: Extractor, transform: str | os.PathLike[str]
                     ) -> Extractor:
-    from galleria.extractors.transformed import TransformedExtractor
-    from galleria.transforms.attach import copy_into_gallery
-    from galleria.transforms.registry import load_transform
-
     tr = load_transform(transform, fingerprint=ext.fingerprint)
     probe = TransformedExtractor(ext, tr)
     rel = copy_into_gallery(gallery, transform, probe.fingerprint)

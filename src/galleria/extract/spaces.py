@@ -15,6 +15,7 @@ from typing import Any
 
 from galleria.errors import FormatError
 from galleria.extractors.base import Extractor
+from galleria.extractors.registry import extractor_from_config
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,6 @@ def extractor_from_space(
             vectors instead).
         CompatibilityError: the installed model makes another fingerprint.
     """
-    from galleria.extractors.registry import extractor_from_config
 
     cfg = info.get("query_config") if query and info.get("query_config") else info.get("config")
     if not isinstance(cfg, dict):

@@ -20,6 +20,7 @@ from galleria.extractors.pooling import Pooling
 from galleria.extractors.preprocessing import Preprocessing
 from galleria.extractors.torch_model import OnnxExtractor
 from galleria.fingerprint import file_sha256, slug
+from galleria.io.atomic import write_bytes
 
 FEATURE_MAP = "Relu_48:0"
 INPUT = "input:0"
@@ -40,8 +41,6 @@ def pooled_graph(src: Path, pooling: Pooling, dst: Path) -> None:
     """Write a copy of the open_nsfw graph whose only output is the pooled, L2-normalised map."""
     import onnx
     from onnx import TensorProto, helper
-
-    from galleria.io.atomic import write_bytes
 
     model = onnx.load(str(src))
     g = model.graph

@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from galleria.errors import CompatibilityError, FormatError, InputError
+from galleria.extractors import adapters, effnet, local, opennsfw
 from galleria.extractors.base import Extractor
 from galleria.extractors.pooling import Pooling
+from galleria.extractors.torch_model import load_exported
 
 
 @dataclass(frozen=True)
@@ -79,8 +81,6 @@ def register_model(
 
 def _effnet(variant: str) -> Callable[..., Extractor]:
     def make(**kw: Any) -> Extractor:
-        from galleria.extractors import effnet
-
         kw.pop("checkpoint", None)
         return effnet.create(variant, **kw)
 
@@ -88,8 +88,6 @@ def _effnet(variant: str) -> Callable[..., Extractor]:
 
 
 def _opennsfw(**kw: Any) -> Extractor:
-    from galleria.extractors import opennsfw
-
     kw.pop("checkpoint", None)
     if kw.pop("size", None) not in (None, 224):
         raise InputError("opennsfw-r50 is a fixed 224x224 graph")
@@ -98,8 +96,6 @@ def _opennsfw(**kw: Any) -> Extractor:
 
 def _local(fn: str) -> Callable[..., Extractor]:
     def make(**kw: Any) -> Extractor:
-        from galleria.extractors import local
-
         return getattr(local, fn)(**kw)
 
     return make
@@ -289,10 +285,7 @@ def _create(
     prefix, sep, rest = name.partition(":")
     if sep:
         if prefix == "onnx":
-            from galleria.extractors.torch_model import load_exported
-
             return load_exported(rest, threads=threads)
-        from galleria.extractors import adapters
 
         makers = {
             "timm": adapters.create_timm,

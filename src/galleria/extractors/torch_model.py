@@ -18,11 +18,12 @@ from typing import Any
 import numpy as np
 
 from galleria.cache import cache_dir
+from galleria.errors import FormatError, InputError, MissingDependencyError
 from galleria.extractors.base import Extractor
 from galleria.extractors.pooling import Pooling, pool_torch
 from galleria.extractors.preprocessing import Preprocessing
 from galleria.fingerprint import slug
-from galleria.io.atomic import atomic_open, write_json
+from galleria.io.atomic import atomic_open, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +158,6 @@ class TorchExtractor(Extractor):
         extractors only: a multi-scale embedding needs one graph per scale.
         """
         if self.scales != (1.0,):
-            from galleria.errors import InputError
-
             raise InputError(
                 f"{self.fingerprint} is multi-scale {self.scales}; export a single-scale "
                 "extractor (the query side of a deployment runs one scale)"
@@ -240,8 +239,6 @@ class OnnxExtractor(Extractor):
 
 def load_exported(path: str | os.PathLike[str], *, threads: int | None = None) -> OnnxExtractor:
     """Load a graph written by :meth:`TorchExtractor.export_onnx` (needs its ``.json`` sidecar)."""
-    from galleria.errors import FormatError, MissingDependencyError
-    from galleria.io.atomic import read_json
 
     p = Path(path)
     side = Path(f"{p}.json")

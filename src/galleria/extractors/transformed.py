@@ -14,8 +14,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from galleria.errors import CompatibilityError
+from galleria.errors import CompatibilityError, FormatError
 from galleria.extractors.base import Extractor
+from galleria.extractors.registry import extractor_from_config, resolve_path
+from galleria.transforms.registry import load_transform
 
 
 class TransformedExtractor(Extractor):
@@ -72,9 +74,6 @@ def from_config(
     config: dict[str, Any], *, root: str | None, runtime: str, threads: int | None
 ) -> TransformedExtractor:
     """Rebuild ``{"type": "transformed", "base": {...}, "transform": path, "dim": d}``."""
-    from galleria.errors import FormatError
-    from galleria.extractors.registry import extractor_from_config, resolve_path
-    from galleria.transforms.registry import load_transform
 
     try:
         base_cfg, path = config["base"], str(config["transform"])

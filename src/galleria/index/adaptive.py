@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 
 from galleria.errors import InputError
-from galleria.index.base import check_k, pad_result
+from galleria.index.base import HEADER_NAME, check_k, pad_result
 from galleria.index.exact import ExactIndex, inner_product_topk
+from galleria.io.atomic import read_json
 from galleria.types import SearchResult
 from galleria.validate import l2_normalize
 
@@ -190,9 +191,6 @@ class PrefixIndex(ExactIndex):
         dim: int | None = None,
     ) -> PrefixIndex:
         from pathlib import Path
-
-        from galleria.index.base import HEADER_NAME
-        from galleria.io.atomic import read_json
 
         index = super().load(path, fingerprint=fingerprint, dim=dim)
         assert isinstance(index, PrefixIndex)

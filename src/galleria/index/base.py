@@ -41,6 +41,7 @@ import numpy as np
 
 from galleria.errors import CompatibilityError, FormatError, InputError
 from galleria.io.artifact import check_fingerprint, load_header, make_header, save_header
+from galleria.io.atomic import read_json
 from galleria.types import SearchResult
 from galleria.validate import as_embeddings
 
@@ -263,7 +264,6 @@ class Index(abc.ABC):
 
 def read_header_type(path: str | os.PathLike[str]) -> str:
     """The ``type`` field of ``path/header.json`` (for dispatch in the factory)."""
-    from galleria.io.atomic import read_json
 
     p = Path(path) / HEADER_NAME
     if not p.is_file():

@@ -34,11 +34,15 @@ from typing import Any
 
 import numpy as np
 
+from galleria import __version__
 from galleria.errors import CompatibilityError, FormatError, InputError
 from galleria.fingerprint import slug
+from galleria.index.factory import create_index
 from galleria.io.artifact import load_header, make_header, save_header
+from galleria.local.factory import create_local_index, local_index_kind
 from galleria.store import filtered, items, listing, payloads, query, reader, writes
 from galleria.store.db import Database
+from galleria.store.integrity import backup, check, drop_space
 from galleria.store.items import Failure, SpaceInfo
 from galleria.store.lock import WriterLock
 from galleria.store.schema import DB, FORMAT_VERSION, HEADER, SCHEMA
@@ -79,7 +83,6 @@ class Gallery:
         if p.exists() and not p.is_dir():
             raise InputError(f"{p} exists and is not a folder")
         p.mkdir(parents=True, exist_ok=True)
-        from galleria import __version__
 
         db = Database(p / DB)
         db.conn().executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
@@ -219,7 +222,6 @@ class Gallery:
         index snapshot and settings. Items left without data are deleted. If ``space``
         was primary, the oldest remaining global space becomes primary.
         """
-        from galleria.store.integrity import drop_space
 
         self._check_writable()
         return drop_space(self, space, force=force)
@@ -438,12 +440,8 @@ class Gallery:
         space = self._resolve_space(space)
         info = self.space_info(space)
         if info.kind == "local":
-            from galleria.local.factory import create_local_index, local_index_kind
-
             create_local_index(local_index_kind(spec), info.dim, **params)  # validate early
         else:
-            from galleria.index.factory import create_index
-
             create_index(spec, info.dim, **params)  # validate early
         with self.db.write() as c:
             c.execute("UPDATE spaces SET index_spec=?, index_params=? WHERE space=?",
@@ -573,13 +571,11 @@ class Gallery:
     # ------------------------------------------------------------- integrity
     def check(self, *, deep: bool = True) -> Any:
         """Verify every file against the database (see :func:`galleria.store.integrity.check`)."""
-        from galleria.store.integrity import check
 
         return check(self, deep=deep)
 
     def backup(self) -> Path:
         """Copy the database to ``gallery.sqlite.backup`` (atomically), for ``repair``."""
-        from galleria.store.integrity import backup
 
         return backup(self)
 

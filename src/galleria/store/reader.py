@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 
 from galleria.errors import CompatibilityError, FormatError
+from galleria.index.factory import create_index
+from galleria.local.factory import create_local_index, local_index_kind
 from galleria.store.db import chunks
 from galleria.store.segments import check_file, open_array, unpack_local
 from galleria.store.source import ChainSource, space_source
@@ -258,11 +260,8 @@ def source_factory(c: sqlite3.Connection, root: Path, space: str, dim: int
 
 def new_index(row: SpaceRow) -> Any:
     if row.kind == "local":
-        from galleria.local.factory import create_local_index, local_index_kind
-
         return create_local_index(local_index_kind(row.spec), row.dim, fingerprint=row.space,
                                   **row.params)
-    from galleria.index.factory import create_index
 
     return create_index(row.spec, row.dim, fingerprint=row.space, **row.params)
 
@@ -270,7 +269,6 @@ def new_index(row: SpaceRow) -> Any:
 def _delta_index(row: SpaceRow, base: Any) -> Any:
     if hasattr(base, "empty_like"):
         return base.empty_like()
-    from galleria.index.factory import create_index
 
     spec = "prefix" if row.spec.lower() == "prefix" else "exact"
     return create_index(spec, row.dim, fingerprint=row.space)

@@ -21,6 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from galleria.index.base import read_header_type
+from galleria.index.factory import load_index
+from galleria.local.factory import load_local_index
 from galleria.types import MISSING_KEY, SearchResult, merge_top
 
 log = logging.getLogger(__name__)
@@ -186,13 +189,9 @@ def load_any_index(path: str | os.PathLike[str], *, fingerprint: str | None = No
                    dim: int | None = None) -> Any:
     """Load a saved global (``galleria.index``) or local-feature (``galleria.local``)
     index, dispatching on the type in its header; checks fingerprint and dim."""
-    from galleria.index.base import read_header_type
 
     if read_header_type(path) in ("asmk", "cann"):
-        from galleria.local.factory import load_local_index
-
         return load_local_index(path, fingerprint=fingerprint, dim=dim)
-    from galleria.index.factory import load_index
 
     return load_index(path, fingerprint=fingerprint, dim=dim)
 

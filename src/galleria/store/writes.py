@@ -32,7 +32,7 @@ from galleria.fingerprint import slug
 from galleria.ids import id_problem
 from galleria.store import payloads
 from galleria.store.db import chunks
-from galleria.store.segments import WrittenFile, file_digest, pack_local, write_array
+from galleria.store.segments import WrittenFile, file_digest, open_array, pack_local, write_array
 from galleria.types import MISSING_KEY, LocalFeatures
 from galleria.validate import as_embeddings
 
@@ -420,7 +420,6 @@ def compact_space(g: Gallery, space: str) -> int:
                         "ORDER BY segment", (space, LARGE_SEGMENT))
         if len(segs) <= 1:
             return len(empty)
-        from galleria.store.segments import open_array
 
         keys_l, rows_l = [], []
         for seg, file, nbytes in segs:

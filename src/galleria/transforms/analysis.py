@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from galleria.errors import InputError, MissingDependencyError
+from galleria.io.atomic import write_bytes
 from galleria.validate import as_embeddings, l2_normalize
 
 
@@ -95,7 +96,6 @@ def plot_similarity_histograms(
         raise MissingDependencyError(
             "plotting needs matplotlib: pip install 'galleria[plots]'"
         ) from exc
-    from galleria.io.atomic import write_bytes
 
     fig = Figure(figsize=(7, 4.2))
     FigureCanvasAgg(fig)

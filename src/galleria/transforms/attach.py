@@ -31,6 +31,7 @@ import numpy as np
 from galleria.errors import InputError
 from galleria.fingerprint import slug
 from galleria.store.gallery import Gallery
+from galleria.transforms.registry import create_transform
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +119,6 @@ def fit_on_gallery(
     space); a transformed space needs ``stack=True`` (:func:`fit_space`).
     """
     import time
-
-    from galleria.transforms.registry import create_transform
 
     fitted = fit_space(gallery, space, stack=stack)
     _, x = gallery.load_vectors(fitted)

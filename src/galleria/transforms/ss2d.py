@@ -66,6 +66,7 @@ from galleria.transforms.aesvc import (
     state_to_numpy,
 )
 from galleria.transforms.base import Transform
+from galleria.transforms.registry import create_transform, transform_class
 from galleria.validate import l2_normalize
 
 logger = logging.getLogger(__name__)
@@ -204,8 +205,6 @@ class _Distill(Transform):
         spec = self.teacher
         teacher: Transform | None = None
         if spec is None or isinstance(spec, (str, dict)):
-            from galleria.transforms.registry import create_transform, transform_class
-
             if isinstance(spec, dict):
                 if "kind" not in spec:
                     raise InputError(
