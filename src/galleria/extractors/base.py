@@ -203,7 +203,7 @@ def _copy_config(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def _rebuild(config: dict[str, Any], root: str | None, runtime: str, threads: int | None,
              fingerprint: str) -> Extractor:
-    from galleria.extractors.registry import extractor_from_config
+    from galleria.extractors.registry import extractor_from_config  # lazy: cycle
 
     return extractor_from_config(config, root=root, runtime=runtime, threads=threads,
                                  fingerprint=fingerprint)
