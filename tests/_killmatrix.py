@@ -210,7 +210,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
         "upgrade", "run", str(w / "g"), "--commit-every", "4", "--batch-size", "4", "-q"]),
     Scenario("upgrade finish", _upgraded, lambda w: ["upgrade", "finish", str(w / "g")]),
     Scenario("HTTP add/delete", _indexed, lambda w: [
-        "serve", str(w / "g"), "--workers", "1", "--log-level", "warning"], http=True),
+        "serve", str(w / "g"), "--request-threads", "1", "--log-level", "warning"], http=True),
     Scenario("tune", _indexed, lambda w: ["tune", str(w / "g")], available=_has_tune),
     # the same store paths with real models (slow: the benchmark runs them)
     Scenario("index global (effnet-lite0)", _nothing, lambda w: [

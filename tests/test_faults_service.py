@@ -253,7 +253,7 @@ def test_limit_messages_quote_the_configured_limits(served):
 def _serve_from(cwd: Path, gallery_arg: str) -> tuple[subprocess.Popen[str], str]:
     port = free_port()
     proc = subprocess.Popen(
-        _faults.command(0, "", ["serve", gallery_arg, "--port", str(port), "--workers", "1",
+        _faults.command(0, "", ["serve", gallery_arg, "--port", str(port), "--request-threads", "1",
                                 "--log-level", "warning"]),
         cwd=cwd, env=_faults.env(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
         text=True, start_new_session=True)

@@ -78,7 +78,9 @@ def test_ray_index_equals_single_process(cluster, require_shared, tmp_path):
         assert len(set(emb.nodes())) == 3  # one actor per node
         rep = index_images(items, tmp_path / "ray", embedder=emb, **kw)
     one = index_images(items, tmp_path / "one", **kw)
-    assert rep.embedded == one.embedded == 2 * 56 and rep.spaces == one.spaces
+    assert rep.embedded == one.embedded == 56 and rep.spaces == one.spaces
+    assert rep.embedded_per_space == one.embedded_per_space
+    assert set(one.embedded_per_space.values()) == {56}
     a, b = _by_id(tmp_path / "ray"), _by_id(tmp_path / "one")
     assert sorted(a) == sorted(b) == sorted(it.id for it in items)
     assert max(float(np.abs(a[i] - b[i]).max()) for i in a) <= 1e-6
