@@ -38,6 +38,7 @@ def _bars(capsys) -> str:
 def test_long_cli_steps_draw_progress_bars(small, capsys, monkeypatch, one_torch_thread):
     src, g = small
     monkeypatch.setenv("GALLERIA_PROGRESS", "1")
+    monkeypatch.chdir(src)  # fit-transform --out is a path
     assert cli(["fit-transform", str(g), "--kind", "aesvc", "--dim", "4", "--out", "a4",
                 "--param", "max_steps=6", "--param", "batch_size=4", "--threads", "1"]) == 0
     err = _bars(capsys)
