@@ -246,10 +246,11 @@ def decisions(c: Any, cfg: Any, local: bool) -> np.ndarray:
     return (c.scores >= cfg.candidate) & decide(c.scores, inl, cfg)
 
 
-def groups_of(c: Any, dup: np.ndarray) -> list[list[str]]:
+def groups_of(c: Any, dup: np.ndarray, linkage: str = "complete") -> list[list[str]]:
     from galleria.dedup.core import groups
 
-    return [[c.ids[k] for k in g] for g in groups(c.pairs[dup])]
+    return [[c.ids[k] for k in g] for g in groups(c.pairs[dup], c.scores[dup],
+                                                   linkage=linkage)]
 
 
 def sweep(c: Any, ds: dict[str, Any]) -> dict[str, Any]:
@@ -343,7 +344,10 @@ def main(argv: list[str] | None = None) -> int:
                 chosen = res["sweep"]
                 res["loose_candidates"] = len(loose.pairs)
             runs = {"defaults, local verification": DedupConfig(),
-                    "defaults, global only": DedupConfig(verify="never")}
+                    "defaults, global only": DedupConfig(verify="never"),
+                    "defaults, local, single linkage": DedupConfig(linkage="single"),
+                    "defaults, global only, single linkage": DedupConfig(
+                        verify="never", linkage="single")}
             if chosen:
                 runs["chosen on tune, local"] = DedupConfig(
                     candidate=chosen["local"]["candidate"],
