@@ -180,10 +180,11 @@ def test_complete_linkage_groups_are_cliques_and_single_linkage_components():
         # brute-force components
         parent = {int(x): int(x) for x in pairs.reshape(-1)}
 
-        def f(x):
+        def f(x, parent=parent):
             while parent[x] != x:
                 x = parent[x]
             return x
+
         for a, b in pairs.tolist():
             parent[f(a)] = f(b)
         want = {}
