@@ -13,7 +13,9 @@ match (``m``) out of the space's ``n``:
   :data:`MAX_ROUNDS` rounds in all, then the pre-filter answers it. With an
   exact index the result equals the pre-filter's: the matching items among the
   global top-``k'`` are the top matching items.
-  Cost is one index search (for an exact index about the unfiltered cost).
+  Cost is one index search for ``k'`` results: about the unfiltered cost when
+  ``k'`` is small (many items match); the top-``k'`` selection grows with ``k'``,
+  which is why a filter matching few items is answered by the pre-filter.
 
 The rule is ``pre-filter when m <= max(PREFILTER_MIN, f * n)``, else post-filter,
 with ``f = PREFILTER_FRACTION`` for one query or a small batch and
