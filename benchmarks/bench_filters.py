@@ -104,7 +104,13 @@ def main(argv: list[str] | None = None) -> int:
         args.n, args.kind, args.rounds, args.queries, args.single = 20_000, "lopq-128", 2, 100, 10
     info = C.machine_info(args.threads)
     C.set_threads(args.threads)
-    from galleria.store.filtered import PREFILTER_FRACTION, PREFILTER_MIN, search_filtered
+    from galleria.store.filtered import (
+        BATCH_QUERIES,
+        PREFILTER_FRACTION,
+        PREFILTER_FRACTION_BATCH,
+        PREFILTER_MIN,
+        search_filtered,
+    )
     from galleria.store.gallery import Gallery
 
     x, qs, label = grown(args.kind, args.n, queries=max(args.queries, args.single))
@@ -149,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                                     for r in res.ids])
                     assert (got == want).all(), (where, strat)
                 _, plan = search_filtered(g, qb, k, space="space", where=where)
+                _, plan1 = search_filtered(g, q1[0], k, space="space", where=where)
 
                 def cold(where=where):
                     g.payload_cache.__init__()
@@ -168,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                 t = C.interleaved_best(units, rounds=args.rounds)
                 nb, ns = len(qb), len(q1)
                 row = {"selectivity": s, "form": form, "where": where, "matching": matching,
-                       "strategy": plan.strategy,
+                       "strategy": f"{plan.strategy} / {plan1.strategy}",
                        "keys_cold_ms": 1e3 * t["keys_cold"]["wall"],
                        "keys_warm_ms": 1e3 * t["keys_warm"]["wall"],
                        "unfiltered_batch_qps": nb / base["batch"]["wall"],
@@ -198,9 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"args": {k2: (str(v) if isinstance(v, Path) else v)
                         for k2, v in vars(args).items()},
                "gallery": {"n": args.n, "dim": int(x.shape[1]), "vectors": label, **built},
-               "rule": {"PREFILTER_MIN": PREFILTER_MIN, "PREFILTER_FRACTION": PREFILTER_FRACTION},
+               "rule": {"PREFILTER_MIN": PREFILTER_MIN, "PREFILTER_FRACTION": PREFILTER_FRACTION,
+                        "PREFILTER_FRACTION_BATCH": PREFILTER_FRACTION_BATCH,
+                        "BATCH_QUERIES": BATCH_QUERIES},
                "largest_selectivity_where_pre_wins": cross, "rows": rows, "machine": info}
-    cols = [("where", "filter"), ("matching", "matching"), ("strategy", "auto chose"),
+    cols = [("where", "filter"), ("matching", "matching"),
+            ("strategy", "auto chose (batch / 1 query)"),
             ("unfiltered_batch_qps", "unfiltered q/s (batch)"),
             ("auto_batch_qps", "filtered q/s (batch)"),
             ("auto_vs_unfiltered_batch", "x unfiltered"),
@@ -219,8 +229,10 @@ def main(argv: list[str] | None = None) -> int:
           "matching items (checked on 20 queries per filter).\n\n"
           "## The three selectivities (equality filters)\n\n" + C.md_table(main_rows, cols)
           + "\n## Every selectivity, equality and range filters\n\n" + C.md_table(rows, cols)
-          + f"\nRule in force: pre-filter when matching <= max({PREFILTER_MIN}, "
-          f"{PREFILTER_FRACTION} x N). Largest selectivity at which the forced pre-filter "
+          + f"\nRule in force: pre-filter when matching <= max({PREFILTER_MIN}, f x N), "
+          f"f = {PREFILTER_FRACTION} for one query or a batch of fewer than {BATCH_QUERIES}, "
+          f"{PREFILTER_FRACTION_BATCH} for larger batches. Largest selectivity at which the "
+          "forced pre-filter "
           f"was at least as fast as the forced post-filter: batch {cross['batch']}, one "
           f"query {cross['single']}.\n\n## Machine\n\n" + C.machine_md(info))
     name = "filters_quick" if args.quick else "filters"

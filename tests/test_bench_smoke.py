@@ -71,5 +71,5 @@ def test_bench_filters_quick(require_shared, tmp_path):
     subprocess.run(cmd, check=True, timeout=900, capture_output=True, env=env)
     result = json.loads((tmp_path / "filters_quick.json").read_text())
     strategies = {r["selectivity"]: r["strategy"] for r in result["rows"]}
-    assert strategies[0.001] == "pre" and len(result["rows"]) == 4
+    assert strategies[0.001] == "pre / pre" and len(result["rows"]) == 4
     assert "Filtered vs unfiltered" in (tmp_path / "filters_quick.md").read_text()

@@ -153,3 +153,48 @@ def test_dedup_cli_json_and_html_on_a_small_gallery(tmp_path, capsys):
     assert cli(["dedup", str(g), "--json", "-q"]) == 0  # verified with the local space
     rep = json.loads(capsys.readouterr().out)
     assert rep["local_space"] is not None and rep["candidate_pairs"] >= 2
+
+
+def test_complete_linkage_groups_are_cliques_and_single_linkage_components():
+    """``linkage="complete"``: every pair inside a group was confirmed, and no two groups
+    could merge (some cross pair is missing); ``single``: the connected components."""
+    rng = np.random.default_rng(5)
+    for _ in range(40):
+        n = int(rng.integers(3, 25))
+        allp = [(a, b) for a in range(n) for b in range(a + 1, n)]
+        keep = rng.random(len(allp)) < rng.uniform(0.05, 0.6)
+        pairs = np.array([p for p, k in zip(allp, keep, strict=True) if k] or [(0, 1)],
+                         np.int64) * 7 + 3
+        scores = rng.random(len(pairs)).astype(np.float32)
+        linked = {tuple(p) for p in pairs.tolist()} | {tuple(p[::-1]) for p in pairs.tolist()}
+        comp = groups(pairs, linkage="single")
+        cl = groups(pairs, scores, linkage="complete")
+        seen = [x for g in cl for x in g]
+        assert len(seen) == len(set(seen))  # a partition
+        for g in cl:
+            assert len(g) >= 2 and all((a, b) in linked for a in g for b in g if a != b)
+            assert any(set(g) <= set(c) for c in comp)  # inside one component
+        for i, g in enumerate(cl):  # maximal: no two groups are fully linked
+            for h in cl[i + 1:]:
+                assert not all((a, b) in linked for a in g for b in h)
+        # brute-force components
+        parent = {int(x): int(x) for x in pairs.reshape(-1)}
+
+        def f(x, parent=parent):
+            while parent[x] != x:
+                x = parent[x]
+            return x
+
+        for a, b in pairs.tolist():
+            parent[f(a)] = f(b)
+        want = {}
+        for x in parent:
+            want.setdefault(f(x), []).append(x)
+        assert sorted(sorted(v) for v in want.values()) == sorted(comp)
+    chain = np.array([[1, 2], [2, 3], [3, 4]], np.int64)  # a chain is not one group
+    assert groups(chain, linkage="single") == [[1, 2, 3, 4]]
+    assert groups(chain, np.array([0.9, 0.8, 0.95]), linkage="complete") == [[1, 2], [3, 4]]
+    with pytest.raises(InputError):
+        groups(chain, linkage="average")
+    with pytest.raises(InputError):
+        DedupConfig(linkage="average")

@@ -18,10 +18,12 @@ def set_threads(threads: int | None) -> int:
     return _set(threads)
 
 
-def progress_bar(total: int | None, desc: str, *, enabled: bool = True) -> Any:
+def progress_bar(total: int | None, desc: str, *, enabled: bool = True,
+                 unit: str = "img") -> Any:
+    """A tqdm bar on stderr (drawn only when :func:`show_progress`)."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="img", disable=not show_progress(enabled),
+    return tqdm(total=total, desc=desc, unit=unit, disable=not show_progress(enabled),
                 dynamic_ncols=True)
 
 

@@ -37,6 +37,9 @@ def add_dedup_parser(sub: Any) -> argparse.ArgumentParser:
     s.add_argument("--verify", default=d.verify, choices=["auto", "always", "never"],
                    help="check candidates with local features: when the gallery has them "
                         "(auto, default), always (error without them) or never")
+    s.add_argument("--linkage", default=d.linkage, choices=["complete", "single"],
+                   help="groups: every pair in a group confirmed (complete, default) or "
+                        "connected components of the confirmed pairs (single: chains)")
     s.add_argument("--out", "-o", default=None, metavar="FILE.json",
                    help="write the JSON report (groups, confirmed pairs, rule, timings)")
     s.add_argument("--html", default=None, metavar="FILE.html",
@@ -59,7 +62,8 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
     set_threads(args.threads)
     cfg = DedupConfig(k=args.k, candidate=args.candidate, threshold=args.threshold,
-                      sure=args.sure, min_inliers=args.min_inliers, verify=args.verify)
+                      sure=args.sure, min_inliers=args.min_inliers, verify=args.verify,
+                      linkage=args.linkage)
     with Gallery.open(args.gallery, readonly=True) as g:
         rep = find_duplicates(g, cfg, progress=lambda desc, total: progress_bar(
             total, desc, enabled=not args.quiet))

@@ -16,6 +16,7 @@ from galleria.cli.common import model_spec, print_json, progress_bar, progress_f
 def run_eval_command(args: argparse.Namespace, *, threads: int) -> int:
     """Run ``galleria eval`` with parsed ``args``; returns the exit code."""
     from galleria.eval.datasets import TASKS, load_task, manifest_task
+    from galleria.eval.embed import task_image_count
     from galleria.eval.run import EvalConfig, evaluate_model
 
     if args.list:
@@ -26,7 +27,9 @@ def run_eval_command(args: argparse.Namespace, *, threads: int) -> int:
     n = task.num_gallery + task.num_queries
     if getattr(args, "local", None) or getattr(args, "pipeline", None):
         return _run_pipeline_eval(args, task, n)
-    with progress_bar(n, f"embed {task.name}", enabled=not args.quiet) as bar:
+    images = task_image_count(task)  # queries that are gallery images are embedded once
+    with progress_bar(images, f"embed {task.name}", enabled=not args.quiet and images > 0) \
+            as bar:
         config = EvalConfig(
             model=model_spec(args), qe=args.qe, qe_alpha=args.qe_alpha, dba=args.dba,
             transform=args.transform, dim=args.dim, transform_params=dict(args.param) or None,
@@ -49,12 +52,14 @@ def _run_pipeline_eval(args: argparse.Namespace, task: Any, n: int) -> int:
     from galleria.eval.local import evaluate_pipeline
 
     pipeline = args.pipeline or "local"
-    with progress_bar(n, f"local features {task.name}", enabled=not args.quiet) as bar:
+    with progress_bar(n, f"local features {task.name}", enabled=not args.quiet) as bar, \
+            progress_bar(task.num_queries, f"search ({pipeline})", enabled=not args.quiet,
+                         unit="query") as sbar:
         out = evaluate_pipeline(
             task, local=args.local or "sift", pipeline=pipeline, index=args.local_index,
             index_params=dict(args.index_param) or None, global_model=args.model,
             pipeline_params=dict(args.pipeline_param) or None, use_cache=not args.no_cache,
-            workers=args.workers, progress=bar)
+            workers=args.workers, progress=bar, search_progress=sbar)
     if args.json:
         print_json(out)
         return 0

@@ -12,8 +12,12 @@ resized, lightly edited. The rule (:class:`DedupConfig`), in two stages:
    images too plain to have keypoints). Without local features: when its cosine
    reaches ``threshold``.
 
-Groups are the connected components of the near-duplicate pairs (union-find):
-``a ~ b`` and ``b ~ c`` put ``a, b, c`` in one group.
+Groups (``linkage``): ``complete`` (default) -- every image of a group is a
+near-duplicate of every other: pairs are taken strongest first (cosine) and two
+groups merge only when all their cross pairs are near-duplicates; ``single`` -- the
+connected components (``a ~ b`` and ``b ~ c`` put ``a, b, c`` in one group), which
+chain photo bursts and several photos of one object into large groups
+(``benchmarks/results/dedup.md`` measures both).
 
 The thresholds are cosine similarities of L2-normalised global embeddings, so
 they depend on the model; the defaults were chosen for the EfficientNet-Lite
@@ -35,6 +39,7 @@ from galleria.errors import InputError
 from galleria.types import MISSING_KEY
 
 VERIFY = ("auto", "always", "never")
+LINKAGE = ("complete", "single")
 CALIBRATION_KEY = "dedup_threshold"
 """Gallery setting a calibration step may write: ``{"threshold": cosine, "candidate":
 cosine, "source": ...}`` for the gallery's model (see :func:`calibrated_threshold`)."""
@@ -54,15 +59,18 @@ class DedupConfig:
         verify: ``auto`` (when the gallery has local features), ``always`` (error
             without them) or ``never``.
         max_features: keypoints per image used for verification (the strongest).
+        linkage: how pairs form groups: ``complete`` (every pair in a group is a
+            near-duplicate) or ``single`` (connected components).
     """
 
     k: int = 10
-    candidate: float = 0.80
+    candidate: float = 0.75
     threshold: float = 0.92
     sure: float = 0.97
     min_inliers: int = 25
     verify: str = "auto"
     max_features: int = 1000
+    linkage: str = "complete"
 
     def __post_init__(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or not 1 <= self.k <= 1000:
@@ -71,6 +79,8 @@ class DedupConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not -1.0 <= float(v) <= 1.0:
                 raise InputError(f"{name} must be a cosine similarity in [-1, 1]; got {v!r}")
+        if self.linkage not in LINKAGE:
+            raise InputError(f"linkage must be one of {LINKAGE}; got {self.linkage!r}")
         if self.verify not in VERIFY:
             raise InputError(f"verify must be one of {VERIFY}; got {self.verify!r}")
         if self.min_inliers < 4:
@@ -134,9 +144,19 @@ def decide(scores: np.ndarray, inliers: np.ndarray | None, config: DedupConfig) 
     return (np.asarray(inliers) >= config.min_inliers) | (scores >= config.sure)
 
 
-def groups(pairs: np.ndarray) -> list[list[int]]:
-    """Connected components of ``pairs`` ``(P, 2)`` (union-find): lists of keys, each
-    sorted, largest group first (ties: smallest key first)."""
+def groups(pairs: np.ndarray, scores: np.ndarray | None = None, *,
+           linkage: str = "single") -> list[list[int]]:
+    """Groups of the near-duplicate ``pairs`` ``(P, 2)``: lists of keys, each sorted,
+    largest group first (ties: smallest key first).
+
+    ``linkage="single"``: connected components (union-find). ``"complete"``: pairs
+    taken by decreasing ``scores`` ``(P,)`` (given order when ``None``), two groups
+    merged only when every pair across them is in ``pairs``.
+    """
+    if linkage == "complete":
+        return _complete_groups(np.asarray(pairs, np.int64), scores)
+    if linkage != "single":
+        raise InputError(f"linkage must be one of {LINKAGE}; got {linkage!r}")
     parent: dict[int, int] = {}
 
     def find(x: int) -> int:
@@ -157,5 +177,29 @@ def groups(pairs: np.ndarray) -> list[list[int]]:
     for x in parent:
         comp.setdefault(find(x), []).append(x)
     out = [sorted(v) for v in comp.values()]
+    out.sort(key=lambda g: (-len(g), g[0]))
+    return out
+
+
+def _complete_groups(pairs: np.ndarray, scores: np.ndarray | None) -> list[list[int]]:
+    linked = {(int(a), int(b)) for a, b in pairs.tolist()}
+    linked |= {(b, a) for a, b in linked}
+    order = (np.arange(len(pairs)) if scores is None
+             else np.argsort(-np.asarray(scores, np.float64), kind="stable"))
+    group_of: dict[int, int] = {}
+    members: dict[int, list[int]] = {}
+    for i in order.tolist():
+        a, b = (int(x) for x in pairs[i])
+        ga, gb = group_of.get(a, a), group_of.get(b, b)
+        if ga == gb:
+            continue
+        ma, mb = members.get(ga, [a]), members.get(gb, [b])
+        if all((x, y) in linked for x in ma for y in mb):
+            merged = ma + mb
+            for x in merged:
+                group_of[x] = ga
+            members[ga] = merged
+            members.pop(gb, None)
+    out = [sorted(v) for v in members.values()]
     out.sort(key=lambda g: (-len(g), g[0]))
     return out

@@ -174,7 +174,8 @@ def report_of(c: Candidates, dup: np.ndarray, *, gallery: str,
         gallery=gallery, space=c.space, local_space=c.local_space, config=c.config,
         thresholds_from=c.thresholds_from, items=c.items, candidates=len(c.pairs),
         verified=int(0 if c.inliers is None else (c.inliers >= 0).sum()),
-        groups=[[c.ids[x] for x in g] for g in groups(c.pairs[dup])], seconds=seconds)
+        groups=[[c.ids[x] for x in g] for g in groups(
+            c.pairs[dup], c.scores[dup], linkage=c.config.linkage)], seconds=seconds)
     inl = c.inliers.tolist() if c.inliers is not None else [None] * len(c.pairs)
     for (a, b), sc, d, n in zip(c.pairs.tolist(), c.scores.tolist(), dup.tolist(), inl,
                                 strict=True):

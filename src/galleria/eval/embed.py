@@ -49,6 +49,12 @@ def _items(task: RetrievalTask) -> tuple[list[SourceItem], np.ndarray, np.ndarra
     return items, g_rows, q_rows
 
 
+def task_image_count(task: RetrievalTask) -> int:
+    """How many images :func:`task_embeddings` embeds (a query that is a gallery image
+    counts once; 0 for a task of stored descriptors)."""
+    return 0 if task.vectors_loader is not None else len(_items(task)[0])
+
+
 def task_embeddings(
     task: RetrievalTask,
     extractor: Extractor,

@@ -30,7 +30,7 @@ from galleria.index.exact import ExactIndex
 from galleria.local.base import LocalIndex
 from galleria.local.factory import create_local_index, load_local_index
 from galleria.search.pipelines import PIPELINES, QueryBatch, make_pipeline
-from galleria.types import LocalFeatures
+from galleria.types import LocalFeatures, SearchResult
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,32 @@ def build_local_index(
     return idx
 
 
+SEARCH_CHUNK = 16
+"""Queries per search call when a search progress bar is drawn."""
+
+
+def _search(pipe: Any, queries: QueryBatch, k: int, progress: Progress | None) -> SearchResult:
+    """``pipe.search(queries, k)``, in chunks updating ``progress`` when one is given
+    (every pipeline answers each query on its own: the result is the same)."""
+    q = len(queries)
+    if progress is None or q <= SEARCH_CHUNK:
+        res = pipe.search(queries, k)
+        if progress is not None:
+            progress.update(q)
+        return res
+    parts = []
+    for a in range(0, q, SEARCH_CHUNK):
+        b = min(q, a + SEARCH_CHUNK)
+        sub = QueryBatch(
+            vectors=None if queries.vectors is None else queries.vectors[a:b],
+            local=None if queries.local is None else list(queries.local[a:b]),
+            exclude=None if queries.exclude is None else queries.exclude[a:b])
+        parts.append(pipe.search(sub, k).pad(k))
+        progress.update(b - a)
+    return SearchResult(np.concatenate([r.scores for r in parts]),
+                        np.concatenate([r.ids for r in parts]))
+
+
 def evaluate_pipeline(
     task: str | RetrievalTask,
     *,
@@ -78,6 +104,7 @@ def evaluate_pipeline(
     use_cache: bool = True,
     workers: int = 2,
     progress: Progress | None = None,
+    search_progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Evaluate one pipeline on a task; returns the ``galleria eval`` JSON object.
 
@@ -89,6 +116,9 @@ def evaluate_pipeline(
             (``asmk``; the same object when ``index`` is ``asmk`` with the same params).
         global_model: global extractor for ``global``, ``global+sv`` and the blend.
         pipeline_params: options of the pipeline (``shortlist``, ``k``, ``p`` ...).
+        progress: updated per image whose features are extracted (or read from the cache);
+            ``search_progress``: per query searched (the queries are then searched in
+            chunks of :data:`SEARCH_CHUNK`, each query independently as in one batch).
     """
     t0 = time.perf_counter()
     if pipeline not in PIPELINES:
@@ -162,7 +192,7 @@ def evaluate_pipeline(
     t_build = time.perf_counter() - t_build
     pipe = make_pipeline(pipeline, **parts, **pparams)
     t1 = time.perf_counter()
-    res = pipe.search(queries, G)
+    res = _search(pipe, queries, G, search_progress)
     t_search = time.perf_counter() - t1
     metrics = task.evaluate(res.ids)
     return {

@@ -22,7 +22,8 @@ UPGRADE_KEYS = frozenset(("action", "new_model", "model_options", "mode", "order
                           "calib_size", "limit", "batch_size", "commit_every", "retry_failed",
                           "force"))
 SCROLL_KEYS = frozenset(("filter", "where", "limit", "cursor", "count", "space"))
-DEDUP_KEYS = frozenset(("k", "candidate", "threshold", "sure", "min_inliers", "verify"))
+DEDUP_KEYS = frozenset(("k", "candidate", "threshold", "sure", "min_inliers", "verify",
+                        "linkage"))
 
 
 def check_fields(given: Any, allowed: frozenset[str], what: str) -> None:

@@ -74,7 +74,9 @@ DEDUP_BODY = {"requestBody": {"content": {"application/json": {"schema": {
                                                         "near-duplicate without local features"},
         "sure": {"type": "number", "description": "cosine accepted without a check"},
         "min_inliers": {"type": "integer", "description": "homography inliers that confirm"},
-        "verify": {"enum": ["auto", "always", "never"]}}}}}}}
+        "verify": {"enum": ["auto", "always", "never"]},
+        "linkage": {"enum": ["complete", "single"], "description": "complete: every pair "
+                    "in a group is a near-duplicate; single: connected components"}}}}}}}
 
 
 class SearchJSON(BaseModel):

@@ -13,10 +13,14 @@ match (``m``) out of the space's ``n``:
   :data:`MAX_ROUNDS` rounds in all, then the pre-filter answers it. With an
   exact index the result equals the pre-filter's: the matching items among the
   global top-``k'`` are the top matching items.
-  Cost is one index search (for an exact index about the unfiltered cost).
+  Cost is one index search for ``k'`` results: about the unfiltered cost when
+  ``k'`` is small (many items match); the top-``k'`` selection grows with ``k'``,
+  which is why a filter matching few items is answered by the pre-filter.
 
-The rule is ``pre-filter when m <= max(PREFILTER_MIN, PREFILTER_FRACTION * n)``,
-else post-filter; the two constants come from ``benchmarks/bench_filters.py``
+The rule is ``pre-filter when m <= max(PREFILTER_MIN, f * n)``, else post-filter,
+with ``f = PREFILTER_FRACTION`` for one query or a small batch and
+``PREFILTER_FRACTION_BATCH`` for a batch of ``BATCH_QUERIES`` or more; the constants
+come from ``benchmarks/bench_filters.py``
 (filtered vs unfiltered search at several selectivities on 100k items): see
 ``benchmarks/results/filters.md`` and docs/filters.md.
 
@@ -47,8 +51,13 @@ if TYPE_CHECKING:
 
 PREFILTER_MIN = 2_000
 """At most this many matching items: always scan them (pre-filter)."""
-PREFILTER_FRACTION = 0.02
-"""... or at most this fraction of the space (measured crossover, bench_filters.py)."""
+PREFILTER_FRACTION = 0.05
+"""... or at most this fraction of the space, for one query or a small batch (measured
+crossover, bench_filters.py: one query on 100k x 1280, pre-filter faster at 5 %)."""
+PREFILTER_FRACTION_BATCH = 0.25
+"""... for a batch of at least :data:`BATCH_QUERIES` queries (the post-filter's large
+over-fetch top-k costs more per query in a batch; pre-filter faster up to ~50 %)."""
+BATCH_QUERIES = 32
 OVERFETCH_SLACK = 16
 MAX_ROUNDS = 3
 STRATEGIES = ("auto", "pre", "post")
@@ -89,14 +98,16 @@ def overfetch(k: int, matching: int, total: int) -> int:
     return min(total, math.ceil((k + 3 * math.sqrt(k) + 3) / frac) + OVERFETCH_SLACK)
 
 
-def choose_strategy(matching: int, total: int, k: int) -> tuple[str, str]:
-    """``(strategy, reason)`` for a filter matching ``matching`` of ``total`` items."""
+def choose_strategy(matching: int, total: int, k: int, queries: int = 1) -> tuple[str, str]:
+    """``(strategy, reason)`` for a filter matching ``matching`` of ``total`` items,
+    searched by ``queries`` queries at once."""
     if matching == 0:
         return "empty", "no item matches the filter"
-    limit = max(PREFILTER_MIN, PREFILTER_FRACTION * total)
+    frac = PREFILTER_FRACTION_BATCH if queries >= BATCH_QUERIES else PREFILTER_FRACTION
+    limit = max(PREFILTER_MIN, frac * total)
     if matching <= limit:
         return "pre", (f"{matching} matching items <= max({PREFILTER_MIN}, "
-                       f"{PREFILTER_FRACTION:g} x {total}): scan them")
+                       f"{frac:g} x {total}): scan them")
     if overfetch(k, matching, total) >= total:
         return "pre", "the over-fetch would cover the whole space: scan the matching items"
     return "post", (f"{matching} of {total} items match: search the index with over-fetch "
@@ -125,7 +136,7 @@ def filtered_topk(view: SpaceView, queries: np.ndarray, k: int, allowed: np.ndar
     nq = queries.shape[0]
     total = view.count
     m = int(allowed.size)
-    how, why = choose_strategy(m, total, k)
+    how, why = choose_strategy(m, total, k, nq)
     if strategy != "auto" and how != "empty":
         how, why = strategy, "asked"
     if how == "empty" or total == 0:
