@@ -134,6 +134,19 @@ class QueryNet(nn.Module):
         return nn.functional.normalize(self.tail(self.trunk(x)), dim=1)
 
 
+class LightNet(nn.Module):
+    """Trunk + tail up to the pooled features, L2-normalised: the light model's own
+    ``(B, 1280)`` vectors (the whitening layer's input; what gallery adaptation maps)."""
+
+    def __init__(self, trunk: Trunk, tail: QueryTail) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.tail = tail
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(self.tail.pooled(self.trunk(x)), dim=1)
+
+
 def build(variant: str, train_blocks: int, d: int, *, pooling: Pooling | None = None,
           normalize: bool = False) -> tuple[Trunk, QueryTail]:
     """Pretrained trunk and tail (the tail's whitening layer randomly initialised;
