@@ -72,11 +72,6 @@ def cmd_index(args: argparse.Namespace) -> int:
         margs["model"] = "effnet-lite0"
     explicit = Path(args.src).suffix.lower() == ".csv"
     passes = (1 if margs["model"] or extractor else 0) + (1 if args.local else 0)
-    if extractor is not None and getattr(args, "ray", None):
-        from galleria.errors import InputError
-
-        raise InputError("--fusion with --ray is not supported yet: the fusion gallery "
-                         "extractor runs every member model in this process; drop --ray")
     remote = ray_embedding(args)
     try:
         with progress_bar(len(items) * passes, "index", enabled=not args.quiet) as bar:
@@ -104,8 +99,15 @@ def cmd_index(args: argparse.Namespace) -> int:
         if remote is not None:
             remote[1].close()
             remote[0].close()
+    adapted = None
+    if extractor is not None:  # --fusion: fit the light query to this gallery (docs/fusion.md)
+        from galleria.cli.fusion import describe, run_adaptation
+
+        adapted = run_adaptation(args.out, threads=threads, runtime=margs["runtime"],
+                                 quiet=args.quiet, updated=report.updated,
+                                 batch_size=args.batch_size, workers=args.workers)
     if args.json:
-        print_json(report.to_dict())
+        print_json({**report.to_dict(), **({"fusion": adapted} if adapted else {})})
     else:
         extra = f", {len(report.updated)} updated" if report.updated else ""
         print(
@@ -117,6 +119,8 @@ def cmd_index(args: argparse.Namespace) -> int:
             print(f"  skipped {f.id}: {f.reason}")
         for i in report.no_keypoints:
             print(f"  no keypoints in {i} (a blank image): stored, never found by local search")
+        if adapted:
+            print(f"  fusion: {describe(adapted)}")
     return 0
 
 

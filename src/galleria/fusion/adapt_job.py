@@ -61,7 +61,7 @@ FUSION_KEY = "fusion"
 """The gallery setting holding the adaptation's decision (see :func:`fusion_state`)."""
 WORK_DIR = "fusion/adapt-work"
 ADAPT_DIR = "fusion/adapt"
-VIEW_PART = 64  # items per cached view part
+COMMIT_EVERY = 64  # items per light-vector commit and per cached view part
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ def _embed(ext: Any, items: Sequence[SourceItem], batch_size: int, workers: int,
 
 def sync_light(gallery: Any, spaces: FusedSpaces, light: FusionLightExtractor, *,
                updated: Sequence[str] = (), batch_size: int = 32, workers: int = 2,
-               flush_every: int = 256, progress: Any = None) -> dict[str, Any]:
+               flush_every: int = COMMIT_EVERY, progress: Any = None) -> dict[str, Any]:
     """Give every item of the fused space its light vector (``updated``: re-embed these)."""
     gallery.register_space(spaces.light, light.dim, space_info(light))
     ids = gallery.ids(spaces.fused)
@@ -188,7 +188,8 @@ class ViewCache:
 
 
 def view_features(light: Any, items: Sequence[SourceItem], cfg: AdaptConfig, folder: Path, *,
-                  progress: Any = None) -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
+                  part: int = COMMIT_EVERY, progress: Any = None
+                  ) -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
     """``({id: (views, D)}, unreadable)``: light vectors of ``cfg.views`` phone-like views
     of each item (:func:`galleria.tune.pseudo.make_views`), cached under ``folder`` by
     item id, light model, seed and augmentation."""
@@ -203,8 +204,8 @@ def view_features(light: Any, items: Sequence[SourceItem], cfg: AdaptConfig, fol
     if progress is not None:
         progress.update(len(items) - len(todo))
     bad: list[tuple[str, str]] = []
-    for s in range(0, len(todo), VIEW_PART):
-        chunk = todo[s:s + VIEW_PART]
+    for s in range(0, len(todo), part):
+        chunk = todo[s:s + part]
         pairs = []
         for it in chunk:
             try:
@@ -238,6 +239,7 @@ def trained_map(model: FusionModel) -> tuple[np.ndarray, np.ndarray] | None:
 def adapt_gallery(gallery: Any, *, config: AdaptConfig | None = None, refit: bool = False,
                   updated: Sequence[str] = (), runtime: str = "auto",
                   threads: int | None = None, batch_size: int = 32, workers: int = 2,
+                  commit_every: int = COMMIT_EVERY,
                   progress: Callable[..., Any] | None = None) -> dict[str, Any]:
     """Bring a fused gallery's light space up to date and (re)fit its query adaptation
     when it is due (see the module docstring). ``gallery``: a writable
@@ -248,6 +250,8 @@ def adapt_gallery(gallery: Any, *, config: AdaptConfig | None = None, refit: boo
             adapted before keeps the recorded ones unless given).
         refit: fit now even when the growth threshold is not reached.
         updated: ids whose image changed (their light vectors are recomputed).
+        commit_every: items per light-vector commit and per cached view part (what a kill
+            loses at most).
         progress: tqdm-like factory ``progress(total=, desc=, unit=)``.
 
     Returns:
@@ -259,7 +263,7 @@ def adapt_gallery(gallery: Any, *, config: AdaptConfig | None = None, refit: boo
     g = Gallery.open(gallery) if own else gallery
     try:
         return _adapt(g, config, refit, updated, runtime, threads, batch_size, workers,
-                      progress)
+                      commit_every, progress)
     finally:
         if own:
             g.close()
@@ -271,7 +275,7 @@ def _bar(progress: Callable[..., Any] | None, total: int, desc: str) -> Any:
 
 def _adapt(g: Any, config: AdaptConfig | None, refit: bool, updated: Sequence[str],
            runtime: str, threads: int | None, batch_size: int, workers: int,
-           progress: Callable[..., Any] | None) -> dict[str, Any]:
+           commit_every: int, progress: Callable[..., Any] | None) -> dict[str, Any]:
     from galleria.extractors.registry import extractor_from_config
 
     t0 = time.perf_counter()
@@ -291,7 +295,7 @@ def _adapt(g: Any, config: AdaptConfig | None, refit: bool, updated: Sequence[st
     bar = _bar(progress, g.count(spaces.fused), "light vectors")
     try:
         report.update(sync_light(g, spaces, light, updated=updated, batch_size=batch_size,
-                                 workers=workers, progress=bar))
+                                 workers=workers, flush_every=commit_every, progress=bar))
     finally:
         if bar is not None:
             bar.close()
@@ -300,8 +304,11 @@ def _adapt(g: Any, config: AdaptConfig | None, refit: bool, updated: Sequence[st
     due, why = _due(g, rec, n, cfg, refit)
     report["fit"] = why
     if not due:
-        if not rec:
+        if not rec.get("adaptation"):
             _commit_unfitted(g, spaces, n, cfg, why)
+        elif rec.get("config") != cfg.to_dict():  # a config given: later runs use it
+            g.set_setting(FUSION_KEY, {**rec, "config": cfg.to_dict(), "refit_at": int(
+                np.ceil(rec["n_items"] * cfg.refit_growth))})
         report.update({"answer": (fusion_state(g) or {}).get("answer", "fused"),
                        "seconds": round(time.perf_counter() - t0, 2)})
         return report
@@ -315,7 +322,8 @@ def _adapt(g: Any, config: AdaptConfig | None, refit: bool, updated: Sequence[st
     bar = _bar(progress, len(sample), "query views")
     try:
         items, _ = _items(g, [ids[r] for r in sample])
-        vf, _ = view_features(light, items, cfg, Path(g.path) / WORK_DIR, progress=bar)
+        vf, _ = view_features(light, items, cfg, Path(g.path) / WORK_DIR, part=commit_every,
+                              progress=bar)
     finally:
         if bar is not None:
             bar.close()

@@ -373,9 +373,10 @@ def gallery_extractor(model_dir: str | os.PathLike[str], gallery_dir: str | os.P
     from galleria.extractors.registry import extractor_from_config
 
     rel = attach_to_gallery(model_dir, gallery_dir)
+    # an absolute root: Ray workers rebuild the extractor from its config in another cwd
     return extractor_from_config(  # type: ignore[return-value]
-        {"type": "fusion-gallery", "model": rel}, root=str(gallery_dir), runtime=runtime,
-        threads=threads)
+        {"type": "fusion-gallery", "model": rel}, root=str(Path(gallery_dir).resolve()),
+        runtime=runtime, threads=threads)
 
 
 def configs(model_path: str) -> dict[str, dict[str, Any]]:
