@@ -341,7 +341,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default=None)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--phases", default="prepare,models,table")
+    ap.add_argument("--phases", default="prepare,models,table",
+                    help="prepare,models,table,cost,loso")
     ap.add_argument("--sizes", default="1000,10000")
     ap.add_argument("--force", action="store_true", help="recompute the cached table rows")
     args = ap.parse_args()
@@ -363,6 +364,10 @@ def main() -> None:
         res["rows"] = table(w, cfg, args.force)
     if "cost" in phases:
         res["cost"] = cost(w, [int(s) for s in args.sizes.split(",")])
+    if "loso" in phases:
+        from _fusion_loso import loso
+
+        res["loso"] = loso(w, cfg, MAIN, [s for s, dom in ROWS["caltech"] if not dom])
     res["machine"]["load_average_at_end"] = os.getloadavg()
     write_json(res_f, res)
     if "rows" in res:

@@ -28,15 +28,19 @@ than ``min_items`` items nothing is fitted: the trained query answers.
 Resumable and kill -9 safe: light vectors are committed in batches, view parts
 and the map are written atomically, the setting last; every step is a function
 of the stored data and the seed, so a rerun after a kill ends with the same fit
-(``tests/test_fusion_adapt.py``).
+(``tests/test_fusion_adapt.py``). One adaptation per gallery at a time (a file
+lock: a second one waits, then finds the work done). A searcher opened before a
+commit keeps its query model and space (the trained query still lands in the
+fused space); one opened after it uses the new ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -262,11 +266,25 @@ def adapt_gallery(gallery: Any, *, config: AdaptConfig | None = None, refit: boo
     own = not hasattr(gallery, "spaces")
     g = Gallery.open(gallery) if own else gallery
     try:
-        return _adapt(g, config, refit, updated, runtime, threads, batch_size, workers,
-                      commit_every, progress)
+        with _adapt_lock(Path(g.path)):
+            return _adapt(g, config, refit, updated, runtime, threads, batch_size, workers,
+                          commit_every, progress)
     finally:
         if own:
             g.close()
+
+
+@contextlib.contextmanager
+def _adapt_lock(root: Path) -> Iterator[None]:
+    """One adaptation of a gallery at a time: a second one waits for the first (and then
+    finds its work done); the lock dies with its process."""
+    import fcntl
+
+    folder = root / WORK_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        yield
 
 
 def _bar(progress: Callable[..., Any] | None, total: int, desc: str) -> Any:
