@@ -83,6 +83,26 @@ def _eval_sets() -> dict[str, fd.EvalSet]:
     return out
 
 
+def subsample(ev: fd.EvalSet, n_gallery: int, n_queries: int, seed: int = 0) -> fd.EvalSet:
+    """A seeded subsample of a class-protocol set (``n_gallery`` gallery items, ``n_queries``
+    queries, drawn uniformly without replacement; used when a row cannot finish in time;
+    the row records it)."""
+    from dataclasses import replace
+
+    t = ev.task
+    if t.protocol != "class" or t.query_labels is None or t.gallery_labels is None:
+        raise ValueError(f"{ev.name}: only class-protocol sets are subsampled")
+    rng = np.random.default_rng(seed)
+    gi = np.sort(rng.permutation(len(t.gallery_paths))[:n_gallery])
+    qi = np.sort(rng.permutation(len(t.query_paths))[:n_queries])
+    task = replace(t, gallery_paths=[t.gallery_paths[i] for i in gi],
+                   query_paths=[t.query_paths[i] for i in qi],
+                   query_gallery_index=np.full(len(qi), -1, np.int64),
+                   query_labels=t.query_labels[qi], gallery_labels=t.gallery_labels[gi])
+    return fd.EvalSet(ev.name, task, [ev.query_ids[i] for i in qi],
+                      [ev.gallery_ids[i] for i in gi], ev.main)
+
+
 def evaluate(ev: fd.EvalSet, q: np.ndarray, g: np.ndarray) -> dict[str, float]:
     m = ev.task.evaluate(normalize(np.asarray(q, np.float32)) @ normalize(
         np.asarray(g, np.float32)).T)
@@ -149,11 +169,14 @@ def models(threads: int, work: Path) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- one row
-def row(w: Work, tname: str, set_name: str, cfg: AdaptConfig) -> dict[str, Any]:
+def row(w: Work, tname: str, set_name: str, cfg: AdaptConfig,
+        sub: tuple[int, int] | None = None) -> dict[str, Any]:
     from galleria.fusion.adapt_job import fit_rows, view_features
     from galleria.fusion.model import FusionModel
 
     ev = w.sets[set_name]
+    if sub is not None:
+        ev = subsample(ev, *sub)
     mdir = w.model_dir(tname)
     model = FusionModel.load(mdir)
     light = w.light(mdir)
@@ -167,7 +190,11 @@ def row(w: Work, tname: str, set_name: str, cfg: AdaptConfig) -> dict[str, Any]:
     xq = fd.features(w.work, qid, [light.fingerprint])[0]
     xg = fd.features(w.work, gid, [light.fingerprint])[0]
     out: dict[str, Any] = {"model": tname, "set": set_name, "queries": len(qid),
-                           "gallery": len(gid), "cols": {}}
+                           "gallery": len(gid), "cols": {},
+                           "subsample": None if sub is None else {
+                               "gallery": sub[0], "queries": sub[1], "seed": 0,
+                               "of": [len(w.sets[set_name].gallery_ids),
+                                      len(w.sets[set_name].query_ids)]}}
     c = out["cols"]
     for m in MEMBERS:
         c[f"sym:{m}"] = evaluate(ev, qf[m], gf[m])
@@ -226,23 +253,34 @@ def row(w: Work, tname: str, set_name: str, cfg: AdaptConfig) -> dict[str, Any]:
     return out
 
 
-def table(w: Work, cfg: AdaptConfig, force: bool = False) -> dict[str, Any]:
+def table(w: Work, cfg: AdaptConfig, force: bool = False, only: set[str] | None = None,
+          subs: dict[str, tuple[int, int]] | None = None) -> dict[str, Any]:
+    """Every row (cached per row, model, adaptation config and subsample); ``only``: the
+    rows ``model:set`` computed now (the others are read from the cache when there);
+    ``subs``: ``{model:set: (gallery, queries)}`` seeded subsamples (labelled in the table)."""
+    from galleria.fingerprint import digest
+
     out: dict[str, Any] = {}
-    key = __import__("galleria.fingerprint", fromlist=["digest"]).digest(cfg.to_dict())
+    key = digest(cfg.to_dict())
     for tname, rows in ROWS.items():
         if not w.model_dir(tname).is_dir():
             log.warning("no %s model: run --phases models first", tname)
             continue
         for set_name, in_domain in rows:
-            f = w.work / "transfer" / f"{tname}-{set_name}-{key}.json"
+            name = f"{tname}:{set_name}"
+            sub = (subs or {}).get(name)
+            tag = "" if sub is None else f"-sub{sub[0]}x{sub[1]}"
+            f = w.work / "transfer" / f"{tname}-{set_name}{tag}-{key}.json"
             if f.is_file() and not force:
                 r = read_json(f)
+            elif only is not None and name not in only:
+                continue
             else:
-                log.info("row %s -> %s", tname, set_name)
-                r = row(w, tname, set_name, cfg)
+                log.info("row %s -> %s%s", tname, set_name, tag)
+                r = row(w, tname, set_name, cfg, sub)
                 r["in_domain"] = in_domain
                 write_json(f, r)
-            out[f"{tname}:{set_name}"] = r
+            out[name] = r
     return out
 
 
@@ -345,6 +383,11 @@ def main() -> None:
                     help="prepare,models,table,cost,loso")
     ap.add_argument("--sizes", default="1000,10000")
     ap.add_argument("--force", action="store_true", help="recompute the cached table rows")
+    ap.add_argument("--rows", default=None,
+                    help="comma-separated model:set rows to compute now (default: all)")
+    ap.add_argument("--subsample", action="append", default=[],
+                    help="model:set=G:Q, a seeded subsample of G gallery items and Q queries "
+                         "of a class-protocol row (labelled so); repeatable")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     set_threads(args.threads)
@@ -361,7 +404,14 @@ def main() -> None:
     if "models" in phases:
         res["models"] = models(args.threads, work)
     if "table" in phases:
-        res["rows"] = table(w, cfg, args.force)
+        subs = {}
+        for spec in args.subsample:
+            name, gq = spec.split("=")
+            g_n, q_n = gq.split(":")
+            subs[name] = (int(g_n), int(q_n))
+        only = set(args.rows.split(",")) if args.rows else None
+        res["rows"] = {**(res.get("rows") or {}),
+                       **table(w, cfg, args.force, only, subs)}
     if "cost" in phases:
         res["cost"] = cost(w, [int(s) for s in args.sizes.split(",")])
     if "loso" in phases:

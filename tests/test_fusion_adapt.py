@@ -120,8 +120,16 @@ def test_index_fusion_adapts_and_search_answers_from_the_recorded_space(
             x = light.embed_images([Image.open(f).convert("RGB") for f in files])
             np.testing.assert_allclose(q, apply_map(x, a.w, a.b), atol=1e-5)
         rc = main(["search", str(g_dir), *files, "-k", "5", "--json", "--threads", "2"])
-        res = json.loads(capsys.readouterr().out)
-        assert rc == 0
+        res = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert rc == 0 and len(res) == 2
+        # the search JSON and `galleria info` say which space answered, and why
+        for r in res:
+            assert r["searcher"]["model"] == space, r["searcher"]
+            assert f"fusion: {want}: " in r["searcher"]["reason"], r["searcher"]
+        assert main(["info", str(g_dir), "--json"]) == 0
+        inf = json.loads(capsys.readouterr().out)
+        assert inf["searcher"]["space"] == space and inf["fusion"]["answer"] == want
+        assert inf["searcher"]["reason"].startswith(f"gallery spaces; fusion: {want}: ")
         for r, qv in zip(res, q, strict=True):
             order = np.argsort(-(gv @ qv), kind="stable")[:5]
             assert [x["id"] for x in r["results"]] == [ids[j] for j in order]

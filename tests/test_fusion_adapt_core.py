@@ -164,3 +164,33 @@ def test_adaptation_artifact_digest_and_refusals(rng, tmp_path):
     with pytest.raises(FormatError):
         QueryAdaptation(model_fingerprint="a", light_fingerprint="b", w=w, b=b[:2])
     np.testing.assert_allclose(a.apply(np.ones((2, 8))), np.ones((2, 8)) @ w + b, rtol=1e-5)
+
+
+def test_the_one_decision_says_which_space_of_a_fused_gallery_answers_and_why():
+    from pathlib import Path
+
+    from galleria.decision.choose import FUSION_KEY, SearchRequest, choose
+    from galleria.store.state import GalleryState, SpaceState
+
+    fused, light = "fused@1", "fused@1|light@2"
+    spaces = (SpaceState(fused, "global", 8, 100, 1, "exact"),
+              SpaceState(light, "global", 4, 100, 1, "exact"))
+    for answer, space in (("light", light), ("fused", fused)):
+        rec = {"answer": answer, "space": space, "reason": f"{answer} scored higher"}
+        st = GalleryState(Path("G"), spaces, space, {"primary_space": space, FUSION_KEY: rec})
+        spec = choose(st, SearchRequest.of())
+        assert (spec.kind, spec.space) == ("plain", space)
+        assert spec.reason == f"gallery spaces; fusion: {answer}: {answer} scored higher"
+        assert spec.to_dict()["reason"] == spec.reason
+        # sharded: the same space, the same why
+        assert choose(st, SearchRequest.of(sharded=True)).reason.endswith(spec.reason[15:])
+        # asking for the other space is plain "asked", no fusion story
+        other = fused if space == light else light
+        assert choose(st, SearchRequest.of(space=other)).reason == "asked"
+    # a refit (new record, same space) is a new spec: a service reloads its query model
+    a = GalleryState(Path("G"), spaces, fused, {FUSION_KEY: {"space": fused, "reason": "x"}})
+    b = GalleryState(Path("G"), spaces, fused, {FUSION_KEY: {"space": fused, "reason": "y"}})
+    assert choose(a, SearchRequest.of()) != choose(b, SearchRequest.of())
+    # no fusion record: the reason is unchanged
+    plain = GalleryState(Path("G"), spaces, fused, {})
+    assert choose(plain, SearchRequest.of()).reason == "gallery spaces"
