@@ -95,9 +95,10 @@ def subsample(ev: fd.EvalSet, n_gallery: int, n_queries: int, seed: int = 0) -> 
     rng = np.random.default_rng(seed)
     gi = np.sort(rng.permutation(len(t.gallery_paths))[:n_gallery])
     qi = np.sort(rng.permutation(len(t.query_paths))[:n_queries])
+    new_pos = {int(g): j for j, g in enumerate(gi)}  # a query that is a gallery item
+    qgi = np.array([new_pos.get(int(t.query_gallery_index[i]), -1) for i in qi], np.int64)
     task = replace(t, gallery_paths=[t.gallery_paths[i] for i in gi],
-                   query_paths=[t.query_paths[i] for i in qi],
-                   query_gallery_index=np.full(len(qi), -1, np.int64),
+                   query_paths=[t.query_paths[i] for i in qi], query_gallery_index=qgi,
                    query_labels=t.query_labels[qi], gallery_labels=t.gallery_labels[gi])
     return fd.EvalSet(ev.name, task, [ev.query_ids[i] for i in qi],
                       [ev.gallery_ids[i] for i in gi], ev.main)

@@ -194,3 +194,26 @@ def test_the_one_decision_says_which_space_of_a_fused_gallery_answers_and_why():
     # no fusion record: the reason is unchanged
     plain = GalleryState(Path("G"), spaces, fused, {})
     assert choose(plain, SearchRequest.of()).reason == "gallery spaces"
+
+
+def test_consensus_neighbours_and_their_average_precision_against_brute_force(rng):
+    from galleria.fusion.adapt import consensus_neighbours, neighbour_ap
+
+    g = normalize(rng.standard_normal((40, 6)))
+    x = normalize(g @ rng.standard_normal((6, 5)) + 0.3 * rng.standard_normal((40, 5)))
+    rows = np.array([0, 7, 19])
+    nbs = consensus_neighbours(g, x, rows, 8)
+    for r, nb in zip(rows, nbs, strict=True):
+        top = [set(np.argsort(-np.where(np.arange(40) == r, -np.inf, sp @ sp[r]))[:8].tolist())
+               for sp in (g, x)]
+        assert set(nb.tolist()) == top[0] & top[1] and r not in nb
+    q = normalize(g[rows] + 0.1 * rng.standard_normal((3, 6)))
+    ap = neighbour_ap(q, g, rows, nbs)
+    for i, (r, nb) in enumerate(zip(rows, nbs, strict=True)):
+        order = [j for j in np.argsort(-(g @ q[i])) if j != r]
+        hits = np.isin(order, nb)
+        ref = np.mean([hits[:k + 1].sum() / (k + 1) for k in np.flatnonzero(hits)])
+        assert ap[i] == pytest.approx(ref)
+    assert np.isnan(neighbour_ap(q[:1], g, rows[:1], [np.zeros(0, np.int64)]))[0]
+    with pytest.raises(InputError):
+        AdaptConfig(decide_on="labels")

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 #: ridge values tried, relative to the mean eigenvalue of the light features' covariance
 RIDGES = (0.003, 0.03, 0.3, 3.0)
 PRIORS = ("trained", "zero")
+DECIDE_ON = ("self", "neighbours")
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,13 @@ class AdaptConfig:
         refit_growth: the fit is redone automatically once the fused space holds this
             many times the items it was fitted on (1.5: 50 % more).
         seed: the sample, the folds and every view.
+        decide_on: what the fused-vs-light decision compares: ``self`` (the MRR of the
+            item each pseudo-query was made from) or ``neighbours`` (the mAP of the
+            item's *consensus neighbours*, the ``neighbours`` nearest items of the source
+            image in both the fused and the light space, the source itself left out).
+            ``self`` favours the light model: its view and its stored vector come from
+            the same network, a near-copy match no other space can win.
+        neighbours: the neighbourhood size of ``decide_on="neighbours"``.
     """
 
     views: int = 2
@@ -78,8 +86,13 @@ class AdaptConfig:
     min_items: int = 50
     refit_growth: float = 1.5
     seed: int = 0
+    decide_on: str = "self"
+    neighbours: int = 10
 
     def __post_init__(self) -> None:
+        if self.decide_on not in DECIDE_ON or self.neighbours < 1:
+            raise InputError(f"decide_on must be one of {DECIDE_ON} and neighbours >= 1; got "
+                             f"{self.decide_on!r}, {self.neighbours}")
         if self.views < 1 or self.view_items < 1 or self.pseudo_items < 2:
             raise InputError("views and view_items must be >= 1, pseudo_items >= 2")
         if self.folds < 2:
@@ -172,6 +185,45 @@ def reciprocal_ranks(q: np.ndarray, g: np.ndarray, truth: np.ndarray, *, batch: 
     return out
 
 
+def consensus_neighbours(g: np.ndarray, x: np.ndarray, rows: np.ndarray, m: int
+                         ) -> list[np.ndarray]:
+    """For each row ``r`` of ``rows``: the items among the ``m`` nearest of ``r`` in the
+    fused space ``g (N, d)`` *and* the ``m`` nearest in the light space ``x (N, D)``
+    (``r`` itself left out; cosine)."""
+    out = []
+    for r in rows:
+        sets = []
+        for sp in (g, x):
+            sc = sp @ sp[r]
+            sc[r] = -np.inf
+            k = min(m, len(sc) - 1)
+            sets.append(np.argpartition(-sc, k - 1)[:k] if k > 0 else np.zeros(0, np.int64))
+        out.append(np.intersect1d(sets[0], sets[1]))
+    return out
+
+
+def neighbour_ap(q: np.ndarray, gal: np.ndarray, source: np.ndarray,
+                 positives: Sequence[np.ndarray]) -> np.ndarray:
+    """``(Q,)`` average precision of query ``q[i]`` retrieving ``positives[i]`` (item rows)
+    in ``gal (N, d)``, the source item ``source[i]`` left out; NaN when it has none."""
+    out = np.full(len(q), np.nan)
+    sc_all = q @ gal.T
+    for i, pos in enumerate(positives):
+        if not len(pos):
+            continue
+        sc = sc_all[i].copy()
+        sc[source[i]] = -np.inf
+        ps = np.sort(sc[pos])[::-1]
+        ranks = (sc[None, :] >= ps[:, None]).sum(1)  # ties count against the positive
+        out[i] = float(np.mean(np.arange(1, len(pos) + 1) / ranks))
+    return out
+
+
+def _ap_summary(ap: np.ndarray) -> dict[str, float]:
+    ok = ap[~np.isnan(ap)]
+    return {"map": round(100.0 * float(ok.mean()), 3) if len(ok) else 0.0, "n": len(ok)}
+
+
 def _summary(rr: np.ndarray) -> dict[str, float]:
     return {"mrr": round(100.0 * float(rr.mean()), 3),
             "r1": round(100.0 * float((rr >= 1.0).mean()), 3), "n": len(rr)}
@@ -241,6 +293,8 @@ class Fit:
     n_views: int
     n_pseudo: int
     cosine: dict[str, float] = field(default_factory=dict)
+    #: neighbour-consensus mAP of the chosen map and of the light model alone
+    consensus: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def info(self) -> dict[str, Any]:
         return {"answer": self.answer, "reason": self.reason,
@@ -250,7 +304,7 @@ class Fit:
                 "candidates": [{"name": c.name, "prior": c.prior, "ridge": c.ridge, **c.score}
                                for c in self.candidates],
                 "n_items": self.n_items, "n_views": self.n_views, "n_pseudo": self.n_pseudo,
-                "cosine": self.cosine}
+                "cosine": self.cosine, "consensus": self.consensus}
 
 
 def folds_of(pseudo: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
@@ -295,23 +349,33 @@ def fit_adaptation(data: FitData, prior: tuple[np.ndarray, np.ndarray], cfg: Ada
     cands = [Candidate("trained", None, None)] if trained_candidate else []
     cands += [Candidate("ridge", p, r) for p in cfg.priors for r in cfg.ridges]
     rr: dict[int, list[np.ndarray]] = {i: [] for i in range(len(cands))}
+    ap: dict[int, list[np.ndarray]] = {i: [] for i in range(len(cands))}
     rr_light: list[np.ndarray] = []
+    ap_light: list[np.ndarray] = []
     for grp in groups:
         in_grp = np.isin(vi, grp)
         qx = xv[in_grp]
         truth = vi[in_grp]
         held = Moments.of(x[grp], g[grp]) + Moments.of(qx, g[truth])
         solver = RidgeSolver(total - held)
+        nb = dict(zip(grp.tolist(), consensus_neighbours(g, x, grp, cfg.neighbours),
+                      strict=True))
+        pos = [nb[int(t)] for t in truth]
         rr_light.append(reciprocal_ranks(normalize(qx), x, truth))
+        ap_light.append(neighbour_ap(normalize(qx), x, truth, pos))
         for i, c in enumerate(cands):
             if c.name == "trained":
                 w, b = w0, b0
             else:
                 w, b = solver.solve(float(c.ridge), w0s if c.prior == "trained" else None)
-            rr[i].append(reciprocal_ranks(normalize(qx @ w + b), g, truth))
+            q = normalize(qx @ w + b)
+            rr[i].append(reciprocal_ranks(q, g, truth))
+            ap[i].append(neighbour_ap(q, g, truth, pos))
     for i, c in enumerate(cands):
-        c.score = _summary(np.concatenate(rr[i]))
-    light = _summary(np.concatenate(rr_light))
+        c.score = {**_summary(np.concatenate(rr[i])),
+                   "consensus_map": _ap_summary(np.concatenate(ap[i]))["map"]}
+    light = {**_summary(np.concatenate(rr_light)),
+             "consensus_map": _ap_summary(np.concatenate(ap_light))["map"]}
     best = max(range(len(cands)), key=lambda i: (cands[i].score["mrr"], -i))
     chosen = cands[best]
     if chosen.name == "trained":
@@ -319,7 +383,12 @@ def fit_adaptation(data: FitData, prior: tuple[np.ndarray, np.ndarray], cfg: Ada
     else:
         w, b = RidgeSolver(total).solve(float(chosen.ridge),
                                         w0s if chosen.prior == "trained" else None)
-    answer, reason = decide(chosen.score, light, cfg.margin)
+    if cfg.decide_on == "neighbours":
+        answer, reason = decide({"mrr": chosen.score["consensus_map"], "n": chosen.score["n"]},
+                                {"mrr": light["consensus_map"], "n": light["n"]}, cfg.margin,
+                                what="neighbour-consensus mAP")
+    else:
+        answer, reason = decide(chosen.score, light, cfg.margin)
     trained = cands[0].score if trained_candidate else {}
     fit = Fit(w, b, chosen, answer, reason, light, trained, cands, len(g), len(xv),
               len(data.pseudo))
@@ -332,15 +401,16 @@ def fit_adaptation(data: FitData, prior: tuple[np.ndarray, np.ndarray], cfg: Ada
     return fit
 
 
-def decide(fused: dict[str, float], light: dict[str, float], margin: float = 0.0
-           ) -> tuple[str, str]:
-    """``(answer, reason)``: ``fused`` when the fused space's pseudo-query MRR is at least
-    the light model's own plus ``margin``, else ``light``."""
+def decide(fused: dict[str, float], light: dict[str, float], margin: float = 0.0, *,
+           what: str = "MRR") -> tuple[str, str]:
+    """``(answer, reason)``: ``fused`` when the fused space's pseudo-query score (``mrr``
+    key; ``what`` names it) is at least the light model's own plus ``margin``, else
+    ``light``."""
     if fused["mrr"] >= light["mrr"] + margin:
-        return "fused", (f"light query -> fused gallery scored {fused['mrr']:.1f} MRR on "
+        return "fused", (f"light query -> fused gallery scored {fused['mrr']:.1f} {what} on "
                          f"{fused['n']} pseudo-queries vs {light['mrr']:.1f} for the light "
                          "model on its own")
-    return "light", (f"the light model on its own scored {light['mrr']:.1f} MRR on "
+    return "light", (f"the light model on its own scored {light['mrr']:.1f} {what} on "
                      f"{light['n']} pseudo-queries vs {fused['mrr']:.1f} for light query -> "
                      "fused gallery: its own vectors answer")
 
