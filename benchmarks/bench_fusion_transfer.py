@@ -262,7 +262,9 @@ def table(w: Work, cfg: AdaptConfig, force: bool = False, only: set[str] | None 
     from galleria.fingerprint import digest
 
     out: dict[str, Any] = {}
-    key = digest(cfg.to_dict())
+    # options added later leave the key of rows measured before them alone at their defaults
+    later = {"decide_on": "self", "neighbours": 10}
+    key = digest({k: v for k, v in cfg.to_dict().items() if later.get(k, object()) != v})
     for tname, rows in ROWS.items():
         if not w.model_dir(tname).is_dir():
             log.warning("no %s model: run --phases models first", tname)
