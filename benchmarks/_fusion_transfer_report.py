@@ -35,6 +35,15 @@ def _diff(c: dict[str, Any]) -> str:
     return f"{_pts(m, c['loso']['score']) - _pts(m, c['recipe']['score']):+.1f}"
 
 
+def _sub(r: dict[str, Any]) -> str:
+    """``", SUBSAMPLE g / q of G / Q"`` for a row measured on a seeded subsample."""
+    sub = r.get("subsample")
+    if not sub:
+        return ""
+    return (f", **seeded subsample** {sub['gallery']} gallery / {sub['queries']} queries of "
+            f"{sub['of'][0]} / {sub['of'][1]}")
+
+
 def judged(res: dict[str, Any], main: dict[str, str]) -> list[dict[str, Any]]:
     """One entry per judged row (rparis250: E, M and H each)."""
     out = []
@@ -59,7 +68,7 @@ def judged(res: dict[str, Any], main: dict[str, str]) -> list[dict[str, Any]]:
                 "mrr": (r["fit"]["chosen"]["mrr"], r["fit"]["trained"].get("mrr"),
                         r["fit"]["light"]["mrr"]),
                 "chosen": r["fit"]["chosen"], "gallery": r["gallery"],
-                "queries": r["queries"]})
+                "queries": r["queries"], "sub": _sub(r)})
     return out
 
 
@@ -82,7 +91,8 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         ref = DOCS_IN_DOMAIN.get(r["key"])
         if ref is not None and r["metric"] in ("mAP@R", "mAP", "R@1"):
-            out.append(f"in domain {r['key']} {r['metric']}: default {r['default']:.1f} vs "
+            out.append(f"in domain {r['key']}{r['sub']} {r['metric']}: default "
+                       f"{r['default']:.1f} (light -> fused {r['before']:.1f}) vs "
                        f"docs/fusion.md light query -> fused {ref:.1f} (target: drop <= 1) -> "
                        f"{'met' if r['default'] >= ref - 1.0 else 'NOT met'}")
     return out
@@ -98,7 +108,7 @@ def report(res: dict[str, Any], rows_spec: dict[str, Any], main: dict[str, str])
         m = r["metric"]
         dom = " *(in domain)*" if r["in_domain"] else ""
         body.append([
-            TRAINED_ON[r["model"]].split(" (")[0], f"{SET_TEXT[r['set']]} ({m}){dom}",
+            TRAINED_ON[r["model"]].split(" (")[0], f"{SET_TEXT[r['set']]}{r['sub']} ({m}){dom}",
             _f(r["lite0"], m), f"{_f(r['best'], m)} ({r['best_name']})", _f(r["concat"], m),
             _f(r["fused"], m), _f(r["before"], m), _f(r["after"], m),
             f"**{_f(r['default'], m)}**", "fused (adapted)" if r["answer"] == "fused"
@@ -126,7 +136,8 @@ def report(res: dict[str, Any], rows_spec: dict[str, Any], main: dict[str, str])
     lf_head = ["trained on", "gallery (metric)", "default (trained + adapted)",
                "label-free default", "training adds", "label-free asym (forced)",
                "label-free sym (concat whitened)"]
-    lf = [[TRAINED_ON[r["model"]].split(" (")[0], f"{SET_TEXT[r['set']]} ({r['metric']})",
+    lf = [[TRAINED_ON[r["model"]].split(" (")[0],
+           f"{SET_TEXT[r['set']]}{r['sub']} ({r['metric']})",
            _f(r["default"], r["metric"]), _f(r["lf_default"], r["metric"]),
            f"{_pts(r['metric'], r['default']) - _pts(r['metric'], r['lf_default']):+.1f}",
            _f(r["lf_asym"], r["metric"]), _f(r["lf_sym"], r["metric"])] for r in rows]
@@ -140,7 +151,8 @@ def report(res: dict[str, Any], rows_spec: dict[str, Any], main: dict[str, str])
         seen.add(r["key"])
         ch = r["chosen"]
         sec = res["rows"][r["key"]].get("seconds", {})
-        ps.append([TRAINED_ON[r["model"]].split(" (")[0], SET_TEXT[r["set"]], r["gallery"],
+        ps.append([TRAINED_ON[r["model"]].split(" (")[0], SET_TEXT[r["set"]] + r["sub"],
+                   r["gallery"],
                    "trained" if ch["name"] == "trained" else
                    f"ridge {ch['ridge']:g} -> {ch['prior']}", f"{r['mrr'][0]:.1f}",
                    "" if r["mrr"][1] is None else f"{r['mrr'][1]:.1f}", f"{r['mrr'][2]:.1f}",
