@@ -7,6 +7,7 @@ from typing import Any
 from _common import machine_md, markdown_table
 
 MEMBERS = ("effnet-lite2", "opennsfw-r50", "effnet-lite0")
+TOL = 0.05
 #: in-domain rows of docs/fusion.md before adaptation (light query -> fused, default recipe)
 DOCS_IN_DOMAIN = {"caltech:caltech101-disjoint": 67.2, "smvs:smvs-disjoint": 44.1,
                   "smvs:smvs-ref-disjoint": 30.0}
@@ -74,8 +75,13 @@ def judged(res: dict[str, Any], main: dict[str, str]) -> list[dict[str, Any]]:
 
 def verdicts(rows: list[dict[str, Any]]) -> list[str]:
     out = []
-    below = [r for r in rows if r["default"] < r["lite0"] - 1e-9]
-    out.append("default >= effnet-lite0 symmetric on every row: "
+    # the light model's own vectors are effnet-lite0's up to runtime rounding (ONNX vs torch,
+    # float16 storage): differences under TOL points are ties, not losses
+    below = [r for r in rows if _pts(r["metric"], r["default"]) < _pts(r["metric"], r["lite0"])
+             - TOL]
+    ties = [r for r in rows if r not in below and r["default"] < r["lite0"]]
+    out.append(f"default >= effnet-lite0 symmetric on every row (ties within {TOL} points "
+               f"counted as met: {len(ties)} rows): "
                + ("met" if not below else "NOT met on " + ", ".join(
                    f"{r['model']}->{r['set']} {r['metric']} ({_f(r['default'], r['metric'])} "
                    f"< {_f(r['lite0'], r['metric'])})" for r in below)))
