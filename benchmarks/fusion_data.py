@@ -134,6 +134,34 @@ def ukbench() -> EvalSet:
     return EvalSet("ukbench56", t, list(ids), ids, ("N-S", "mAP"))
 
 
+def _whole(name: str, prefix: str, main: tuple[str, ...], task_name: str | None = None
+           ) -> EvalSet:
+    """A shared task as it is (nothing of it trained on by a model of another set)."""
+    t = load_task(name)
+    if task_name is not None:
+        from dataclasses import replace
+
+        t = replace(t, name=task_name)
+    q_ids = [f"{prefix}/{p}" for p in t.query_paths]
+    if t.protocol == "revisitop":
+        q_ids = [f"{prefix}/q/{p}" for p in t.query_paths]
+    return EvalSet(t.name, t, q_ids, [f"{prefix}/{p}" for p in t.gallery_paths], main)
+
+
+def transfer_sets() -> list[EvalSet]:
+    """Every shared set as a whole (for a model trained on another set): SMVS phone ->
+    reference (all 100 covers) and all-vs-all, UKBench56, COIL-20, ORL faces, rparis250,
+    Caltech-101 test -> train (all 101 classes)."""
+    smvs_all = _whole("smvs", "smvs_dvd_covers", ("mAP", "R@1"))
+    smvs_ref = _whole("smvs-ref", "smvs_dvd_covers", ("R@1", "mAP"))
+    return [smvs_ref, smvs_all,
+            _whole("ukbench56", "ukbench56", ("N-S", "mAP")),
+            _whole("coil20", "coil20", ("mAP@R", "R@1")),
+            _whole("orl_faces", "orl_faces", ("mAP@R", "R@1")),
+            rparis(),
+            _whole("caltech101", "caltech101", ("mAP@R", "R@1"))]
+
+
 def eval_items(ev: EvalSet) -> list[SourceItem]:
     """Unique items (queries first, then gallery) with their files and crop boxes."""
     t = ev.task
@@ -147,15 +175,17 @@ def eval_items(ev: EvalSet) -> list[SourceItem]:
 
 
 # --------------------------------------------------------------------------- caches
-def all_items() -> tuple[TrainSet, TrainSet, list[EvalSet], list[SourceItem]]:
-    """The two training sets, every evaluation set, and the union of their images."""
+def all_items(with_transfer: bool = False
+              ) -> tuple[TrainSet, TrainSet, list[EvalSet], list[SourceItem]]:
+    """The two training sets, every evaluation set, and the union of their images
+    (``with_transfer``: the images of :func:`transfer_sets` too)."""
     c_tr, c_ev = caltech()
     s_tr, s_evs = smvs()
     evs = [c_ev, *s_evs, rparis(), ukbench()]
     seen: dict[str, SourceItem] = {}
     for it in c_tr.items + s_tr.items:
         seen.setdefault(it.id, it)
-    for ev in evs:
+    for ev in evs + (transfer_sets() if with_transfer else []):
         for it in eval_items(ev):
             seen.setdefault(it.id, it)
     return c_tr, s_tr, evs, list(seen.values())

@@ -183,3 +183,21 @@ def test_recipe_fields_and_refusals():
         FusionRecipe(anchor=False)  # query_init predict needs the anchor
     with pytest.raises(InputError, match="anchor_kind"):
         FusionRecipe(anchor_kind="lda")
+
+
+def test_start_options_as_a_config_or_as_keywords_give_the_same_start():
+    from galleria.errors import InputError
+    from galleria.fusion.anchor import StartOptions
+
+    feats, y = _inputs(np.random.default_rng(0))
+    tr, va = np.arange(100), np.arange(100, 150)
+    by_kw = choose_start(feats, y, tr, va, d=30, select=False)
+    by_cfg = choose_start(feats, y, tr, va, StartOptions(d=30, select=False))
+    mixed = choose_start(feats, y, tr, va, StartOptions(d=8), d=30, select=False)
+    for st in (by_cfg, mixed):
+        np.testing.assert_array_equal(st.proj, by_kw.proj)
+        assert st.keep == by_kw.keep
+    with pytest.raises(InputError, match="no option colour"):
+        choose_start(feats, y, tr, va, d=30, colour=1)
+    with pytest.raises(InputError, match="StartOptions"):
+        choose_start(feats, y, tr, va)  # d is required

@@ -71,11 +71,6 @@ def cmd_index(args: argparse.Namespace) -> int:
         extractor = gallery_extractor(args.fusion, args.out, runtime=margs["runtime"],
                                       threads=threads)
     explicit = Path(args.src).suffix.lower() == ".csv"
-    if extractor is not None and getattr(args, "ray", None):
-        from galleria.errors import InputError
-
-        raise InputError("--fusion with --ray is not supported yet: the fusion gallery "
-                         "extractor runs every member model in this process; drop --ray")
     remote = ray_embedding(args)
     try:
         # the job sets the total once it knows the spaces (the gallery's recipe)
@@ -105,8 +100,15 @@ def cmd_index(args: argparse.Namespace) -> int:
         if remote is not None:
             remote[1].close()
             remote[0].close()
+    adapted = None
+    if extractor is not None:  # --fusion: fit the light query to this gallery (docs/fusion.md)
+        from galleria.cli.fusion import describe, run_adaptation
+
+        adapted = run_adaptation(args.out, threads=threads, runtime=margs["runtime"],
+                                 quiet=args.quiet, updated=report.updated,
+                                 batch_size=args.batch_size, workers=args.workers)
     if args.json:
-        print_json(report.to_dict())
+        print_json({**report.to_dict(), **({"fusion": adapted} if adapted else {})})
     else:
         extra = f", {len(report.updated)} updated" if report.updated else ""
         print(
@@ -118,6 +120,8 @@ def cmd_index(args: argparse.Namespace) -> int:
             print(f"  skipped {f.id}: {f.reason}")
         for i in report.no_keypoints:
             print(f"  no keypoints in {i} (a blank image): stored, never found by local search")
+        if adapted:
+            print(f"  fusion: {describe(adapted)}")
     return 0
 
 
@@ -159,7 +163,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         for q, path in enumerate(queries):
             out.append(
                 {"query": path,
-                 "results": [{"id": i, "score": round(s, 6)} for i, s in res.row(q)]}
+                 "results": [{"id": i, "score": round(s, 6)} for i, s in res.row(q)],
+                 "searcher": searcher.describe()}  # which space answered, and why
             )
     if args.html and res is not None:
         from galleria.search.html import write_results_html
@@ -185,10 +190,17 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from galleria.decision.choose import FUSION_KEY, SearchRequest, choose
+    from galleria.errors import InputError
     from galleria.store.gallery import Gallery
     from galleria.upgrade.state import FINISHING_KEY, STATE_KEY
 
     with Gallery.open(args.gallery, readonly=True) as g:
+        state = g.state()
+        try:  # what answers a search with no options, and why (the one decision)
+            searcher: dict[str, Any] | None = choose(state, SearchRequest()).to_dict()
+        except InputError:
+            searcher = None  # an empty gallery
         data = {
             "path": str(g.path),
             "items": len(g),
@@ -203,6 +215,8 @@ def cmd_info(args: argparse.Namespace) -> int:
             "upgrade": "in progress" if g.get_setting(STATE_KEY) else (
                 "clean-up interrupted: run `galleria upgrade finish`"
                 if g.get_setting(FINISHING_KEY) else None),
+            "searcher": searcher,
+            "fusion": state.setting(FUSION_KEY),
         }
     if args.json:
         print_json(data)
@@ -214,6 +228,9 @@ def cmd_info(args: argparse.Namespace) -> int:
                   f"index={s['index']} failures={s['failures']}")
         if data["upgrade"]:
             print(f"  upgrade: {data['upgrade']}")
+        if searcher is not None:
+            print(f"  search answers from {searcher['space'] or searcher['pipeline']} "
+                  f"({searcher['searcher']}): {searcher['reason']}")
         if data["payload_fields"]:
             shown = ", ".join(f"{f} ({'/'.join(sorted(t))})"
                               for f, t in sorted(data["payload_fields"].items()))

@@ -15,9 +15,12 @@ models and a mixer) searched with a light query model.
     galleria fusion train --gallery-models M1,M2[,sift] --query-model effnet-lite0 \\
         --images MANIFEST [--label-column C] --out F     (resumable: rerun the same command)
     galleria fusion info F                               members, recipe, fingerprint
+    galleria fusion adapt G [--refit | --reset]          fit the light query to gallery G
+    galleria fusion status G                             which space answers G, and why
 
 F is then used by `galleria index SRC --fusion F` (the fused gallery); searches embed
-queries with its light model. Experimental: see docs/fusion.md."""
+queries with its light model. `index --fusion` then adapts the light query to the
+gallery with no labels (as `fusion adapt G` does on demand). See docs/fusion.md."""
 
 
 def add_fusion_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -109,6 +112,42 @@ def add_fusion_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("model", help="a fusion model folder (written by galleria fusion train)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_info)
+
+    from galleria.fusion.adapt import AdaptConfig
+
+    a = AdaptConfig()
+    s = sub.add_parser(
+        "adapt", help="fit the light query to a fused gallery (no labels; resumable)",
+        description="Bring the gallery's light space up to date and fit the light query's "
+                    "map to this gallery, chosen on pseudo-queries (phone-like views of its "
+                    "own images); the light model's own vectors answer when they score "
+                    "better. Without --refit, fits only when due (first time, or the fused "
+                    "space grew past the refit threshold).")
+    s.add_argument("gallery")
+    s.add_argument("--refit", action="store_true", help="fit now even if not due")
+    s.add_argument("--reset", action="store_true",
+                   help="undo: the trained query and the fused space answer again")
+    s.add_argument("--views", type=int, default=None, help=f"views per item ({a.views})")
+    s.add_argument("--view-items", type=int, default=None,
+                   help=f"items whose views are made ({a.view_items})")
+    s.add_argument("--pseudo-items", type=int, default=None,
+                   help=f"held-out items scored ({a.pseudo_items})")
+    s.add_argument("--margin", type=float, default=None,
+                   help=f"MRR points the fused space must win by ({a.margin:g})")
+    s.add_argument("--min-items", type=int, default=None,
+                   help=f"fewer items: no fit ({a.min_items})")
+    s.add_argument("--refit-growth", type=float, default=None,
+                   help=f"refit when the gallery reaches this many times the fitted items "
+                        f"({a.refit_growth:g})")
+    s.add_argument("--runtime", default="auto", choices=["auto", "onnx", "torch"])
+    s.add_argument("--json", action="store_true")
+    add_run_args(s)
+    s.set_defaults(func=cmd_adapt)
+
+    s = sub.add_parser("status", help="which space of a fused gallery answers, and why")
+    s.add_argument("gallery")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
     return fu
 
 
@@ -173,4 +212,96 @@ def cmd_info(args: argparse.Namespace) -> int:
     qp = m.query_params
     print(f"  query  {qp['model']} (trained blocks: {qp['train_blocks']}) -> {m.dim}-d, ONNX")
     print(f"  mixer  {m.mixer_params}")
+    return 0
+
+
+def run_adaptation(gallery: str, *, threads: int | None, runtime: str = "auto",
+                   quiet: bool = False, updated: Any = (), refit: bool = False,
+                   config: Any = None, batch_size: int = 32, workers: int = 2
+                   ) -> dict[str, Any]:
+    """:func:`galleria.fusion.adapt_job.adapt_gallery` with the CLI's progress bars (what
+    ``galleria index --fusion`` runs after indexing)."""
+    from galleria.fusion.adapt_job import adapt_gallery
+
+    return adapt_gallery(gallery, config=config, refit=refit, updated=list(updated),
+                         runtime=runtime, threads=threads, batch_size=batch_size,
+                         workers=workers, progress=_progress(not quiet))
+
+
+def describe(rep: dict[str, Any]) -> str:
+    """One line: which space answers and why (an adaptation report or a recorded state)."""
+    space = rep.get("space") or (rep["light_space"] if rep.get("answer") == "light"
+                                 else rep.get("fused_space"))
+    what = "the light model's own vectors" if rep.get("answer") == "light" else \
+        "light query -> fused gallery"
+    return f"answers: {what} [{space}]: {rep.get('reason') or rep.get('fit', '')}"
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from galleria.fusion.adapt import AdaptConfig
+    from galleria.fusion.adapt_job import fusion_state, reset
+    from galleria.store.gallery import Gallery
+
+    setup_logging(args.verbose)
+    threads = set_threads(args.threads)
+    if args.reset:
+        with Gallery.open(args.gallery) as g:
+            reset(g)
+        print(f"{args.gallery}: adaptation undone; the trained query and the fused space answer")
+        return 0
+    over = {k: v for k, v in {"views": args.views, "view_items": args.view_items,
+                              "pseudo_items": args.pseudo_items, "margin": args.margin,
+                              "min_items": args.min_items,
+                              "refit_growth": args.refit_growth}.items() if v is not None}
+    config = None
+    if over:
+        with Gallery.open(args.gallery, readonly=True) as g:
+            rec = fusion_state(g) or {}
+        base = rec.get("config") or AdaptConfig().to_dict()
+        config = AdaptConfig.from_dict({**base, **over})
+    rep = run_adaptation(args.gallery, threads=threads, runtime=args.runtime,
+                         quiet=args.quiet, refit=args.refit or bool(over), config=config,
+                         batch_size=args.batch_size, workers=args.workers)
+    if args.json:
+        print_json(rep)
+    else:
+        print(f"{args.gallery}: {rep['light_embedded']} light vectors added "
+              f"({rep['light_missing']} images unreadable); fit: {rep['fit']}")
+        with Gallery.open(args.gallery, readonly=True) as g:
+            st = fusion_state(g) or {}
+        print("  " + describe(st))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from galleria.fusion.adapt_job import fused_spaces, fusion_state
+    from galleria.store.gallery import Gallery
+
+    with Gallery.open(args.gallery, readonly=True) as g:
+        spaces = fused_spaces(g)
+        st = fusion_state(g)
+        primary = g.primary_space
+    if args.json:
+        print_json({"primary_space": primary, "fusion": st})
+        return 0
+    if spaces is None:
+        print(f"{args.gallery}: no fused space")
+        return 1
+    if st is None:
+        print(f"{args.gallery}: fused space {spaces.fused}, never adapted (the trained query "
+              "answers; run galleria fusion adapt)")
+        return 0
+    print(f"{args.gallery}: {describe(st)}")
+    sc = st.get("scores") or {}
+    if sc:
+        ch = sc["chosen"]
+        print(f"  query map: {ch['name']}" + (f" (ridge {ch['ridge']} towards {ch['prior']})"
+                                               if ch["name"] == "ridge" else "")
+              + f"; pseudo-query MRR: chosen {ch['mrr']:.1f}, trained "
+              f"{(sc.get('trained') or {}).get('mrr', float('nan')):.1f}, light alone "
+              f"{sc['light']['mrr']:.1f}")
+        cos = st.get("cosine") or {}
+        print(f"  median cosine light -> fused of the same image: trained "
+              f"{cos.get('trained')}, adapted {cos.get('adapted')}")
+    print(f"  fitted on {st.get('n_items')} items; refit at {st.get('refit_at')}")
     return 0

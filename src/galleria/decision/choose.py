@@ -35,6 +35,9 @@ from galleria.upgrade.state import FINISHING_KEY, STATE_KEY
 
 TUNED_KEY = "tuned"
 """The gallery setting holding the tuned default (written by ``galleria tune``)."""
+FUSION_KEY = "fusion"
+"""The gallery setting holding a fused gallery's adaptation decision (written by
+``galleria.fusion.adapt_job``: ``{answer, space, reason, ...}``)."""
 KINDS = ("plain", "backfill", "pipeline", "sharded")
 
 
@@ -76,7 +79,8 @@ class SearchSpec:
         rule: the backfill merge rule asked for (backfill).
         params: pipeline parameters (sorted pairs).
         reason: why: ``asked``, ``tuned``, ``gallery spaces``, ``upgrade in progress``,
-            ``local features only``, ``shards``.
+            ``local features only``, ``shards``; on an adapted fused gallery searched
+            in its recorded space, ``"<why>; fusion: <answer>: <the adaptation's reason>"``.
         state_key: the parts of the gallery state the decision read.
     """
 
@@ -122,6 +126,15 @@ def global_local(state: GalleryState) -> tuple[str | None, str | None]:
     return glob, loc
 
 
+def fusion_reason(state: GalleryState, space: str | None) -> str:
+    """``"; fusion: fused|light: why"`` when ``space`` is the one a fused gallery's
+    adaptation chose (the light model's own vectors or light query -> fused), else ``""``."""
+    rec = state.setting(FUSION_KEY)
+    if not isinstance(rec, dict) or space is None or rec.get("space") != space:
+        return ""
+    return f"; fusion: {rec.get('answer')}: {rec.get('reason')}"
+
+
 def choose(state: GalleryState, request: SearchRequest) -> SearchSpec:
     """The searcher for ``request`` on a gallery in ``state`` (see the module docstring).
 
@@ -132,7 +145,7 @@ def choose(state: GalleryState, request: SearchRequest) -> SearchSpec:
     upgrade = state.setting(STATE_KEY)
     glob, loc = global_local(state)
     key = (state.primary, _key(upgrade), _key(state.setting(FINISHING_KEY)),
-           _key(state.setting(TUNED_KEY)), glob, loc)
+           _key(state.setting(TUNED_KEY)), glob, loc, _key(state.setting(FUSION_KEY)))
     if request.space is not None:
         sp = state.space(request.space)
         if sp is None:
@@ -174,5 +187,7 @@ def choose(state: GalleryState, request: SearchRequest) -> SearchSpec:
         return SearchSpec("backfill", "global", None, rule=request.rule,
                           reason="upgrade in progress", state_key=key)
     if request.sharded:
-        return SearchSpec("sharded", "global", glob, reason="shards", state_key=key)
-    return SearchSpec("plain", "global", glob, reason=reason, state_key=key)
+        return SearchSpec("sharded", "global", glob, reason="shards" + fusion_reason(state, glob),
+                          state_key=key)
+    return SearchSpec("plain", "global", glob, reason=reason + fusion_reason(state, glob),
+                      state_key=key)

@@ -42,6 +42,7 @@ import numpy as np
 
 from galleria.errors import InputError
 from galleria.eval.metrics import retrieval_metrics
+from galleria.fusion.options import options_of
 
 log = logging.getLogger(__name__)
 
@@ -287,10 +288,31 @@ def _check(feats: Sequence[np.ndarray], labels: np.ndarray, pooled: np.ndarray |
         raise InputError("the query's own input must have the width of its pooled features")
 
 
+@dataclass(frozen=True)
+class StartOptions:
+    """What :func:`choose_start` fits.
+
+    Attributes:
+        d: output dimension.
+        kind: the anchor (``ANCHOR_KINDS``: learned whitening or PCA).
+        select: drop inputs whose removal raises the held-out score.
+        own: index of the input that is the query model's own feature, if any.
+        inst: instance discrimination (no symmetric score: an image has no positive;
+            the query map is scored on view 1, an augmentation, as early stopping does).
+        names: the inputs' names (for the log and the report).
+    """
+
+    d: int
+    kind: str = "lw"
+    select: bool = True
+    own: int | None = None
+    inst: bool = False
+    names: Sequence[str] | None = None
+
+
 def choose_start(feats: Sequence[np.ndarray], labels: np.ndarray, train: np.ndarray,
-                 val: np.ndarray, *, d: int, kind: str = "lw", select: bool = True,
-                 pooled: np.ndarray | None = None, own: int | None = None, inst: bool = False,
-                 names: Sequence[str] | None = None) -> Start:
+                 val: np.ndarray, options: StartOptions | None = None, *,
+                 pooled: np.ndarray | None = None, **option_fields: Any) -> Start:
     """Choose and fit the anchor (and the query map when ``pooled`` is given).
 
     Args:
@@ -299,16 +321,16 @@ def choose_start(feats: Sequence[np.ndarray], labels: np.ndarray, train: np.ndar
         labels: ``(N,)`` class labels.
         train, val: row indices fitted on / scored on (``val`` may be empty: defaults
             are used and nothing is selected).
-        d: output dimension.
+        options: a :class:`StartOptions`; or give its fields as keywords (``d=64,
+            select=False``).
         pooled: ``(N, V, D)`` L2-normalised pooled query features of every view (view
             0 clean), or None (no query map).
-        own: index of the input that is the query model's own feature, if any.
-        inst: instance discrimination (no symmetric score: an image has no positive;
-            the query map is scored on view 1, an augmentation, as early stopping does).
 
     Returns:
         the :class:`Start`; the anchor and the query map are fitted on ``train`` rows only.
     """
+    o = options_of(StartOptions, options, option_fields)
+    d, kind, select, own, inst, names = o.d, o.kind, o.select, o.own, o.inst, o.names
     if kind not in ANCHOR_KINDS:
         raise InputError(f"anchor kind must be one of {ANCHOR_KINDS}, not {kind!r}")
     _check(feats, labels, pooled, own, d)

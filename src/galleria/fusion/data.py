@@ -23,6 +23,7 @@ import os
 import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from galleria.errors import InputError
 from galleria.extract.embed import Progress, embed_stream
 from galleria.extractors.base import Extractor
 from galleria.fingerprint import digest
+from galleria.fusion.options import options_of
 from galleria.images.augment import PhoneAugment, phone_view
 from galleria.images.decode import load_image
 from galleria.images.sources import SourceItem
@@ -140,6 +142,27 @@ def views_key(items: Sequence[SourceItem], trunk_id: str, n_views: int, aug: Pho
                   [(it.id, str(it.path), it.bbox) for it in items])
 
 
+@dataclass(frozen=True)
+class ViewsConfig:
+    """How :func:`compute_views` makes and stores the views.
+
+    Attributes:
+        n_views: views per image (view 0 is the clean image).
+        augment: the phone-like augmentation (``None``: :class:`PhoneAugment` defaults).
+        seed: the views' seed (with the image's id).
+        part_size: images per cached part (a kill loses at most one part).
+        batch: images x views per trunk call.
+        workers: image decoding threads.
+    """
+
+    n_views: int = 1
+    augment: PhoneAugment | None = None
+    seed: int = 0
+    part_size: int = 128
+    batch: int = 16
+    workers: int = 2
+
+
 def compute_views(
     items: Sequence[SourceItem],
     trunk: Any,
@@ -147,13 +170,9 @@ def compute_views(
     folder: str | os.PathLike[str],
     *,
     trunk_id: str,
-    n_views: int,
-    augment: PhoneAugment | None = None,
-    seed: int = 0,
-    part_size: int = 128,
-    batch: int = 16,
-    workers: int = 2,
+    config: ViewsConfig | None = None,
     progress: Progress | None = None,
+    **options: Any,
 ) -> np.ndarray:
     """``(N, n_views, *trunk_out)`` float16 trunk outputs of every item's views (cached).
 
@@ -163,7 +182,11 @@ def compute_views(
         preprocessing: the query model's :class:`~galleria.extractors.preprocessing.Preprocessing`.
         folder: cache root; a sub-folder named by the cache key holds the parts.
         trunk_id: identity of the trunk (weights id + split), part of the key.
+        config: a :class:`ViewsConfig`; or give its fields as keywords (``n_views=3``).
     """
+    cfg = options_of(ViewsConfig, config, options)
+    n_views, augment, seed = cfg.n_views, cfg.augment, cfg.seed
+    part_size, batch, workers = cfg.part_size, cfg.batch, cfg.workers
     if n_views < 1:
         raise InputError(f"n_views must be >= 1, got {n_views}")
     if not items:

@@ -8,9 +8,17 @@
 ``{"type": "fusion-query", "model": F}``
     the light query model: one ONNX Runtime pass (``runtime="torch"`` runs the
     same network in torch) -> ``(B, d)``.
+``{"type": "fusion-query", "model": F, "adaptation": {"path": A, "digest": h}}``
+    the light query model adapted to one gallery (:mod:`galleria.fusion.adapt_job`):
+    the light model's own vector (one pass) times the gallery's fitted map
+    (:class:`galleria.fusion.adaptation.QueryAdaptation`, digest checked) -> ``(B, d)``.
+``{"type": "fusion-query", "model": F, "output": "light"}``
+    the light model's own vectors (trunk, head, GeM, L2-normalised; ``(B, 1280)``),
+    fingerprint ``<F's>|light@...``: the space a gallery answers from when the
+    light model beats the fused space on it.
 
-Both carry the fusion model's fingerprint (the space's). Paths in a config
-resolve against ``root`` (the gallery folder) when relative. Members are rebuilt
+The gallery and query extractors carry the fusion model's fingerprint (the space's).
+Paths in a config resolve against ``root`` (the gallery folder) when relative. Members are rebuilt
 from their recorded configs and must have their recorded fingerprints: other
 installed weights are refused, naming both.
 
@@ -38,6 +46,7 @@ from PIL import Image
 from galleria.errors import CompatibilityError
 from galleria.extractors.base import Extractor, ModelInfo
 from galleria.extractors.pooling import Pooling
+from galleria.fusion.adaptation import QueryAdaptation
 from galleria.fusion.model import FusionModel
 from galleria.validate import l2_normalize
 
@@ -133,19 +142,37 @@ class FusionGalleryExtractor(Extractor):
 
 
 class FusionQueryExtractor(Extractor):
-    """The light query model of a fusion model (ONNX Runtime, or torch)."""
+    """The light query model of a fusion model (ONNX Runtime, or torch); with
+    ``adaptation``, the light model's own vector mapped by a gallery's fitted map."""
 
     def __init__(self, model: FusionModel, *, runtime: str = "onnx",
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, adaptation: QueryAdaptation | None = None
+                 ) -> None:
         if runtime not in ("onnx", "torch"):
             raise ValueError(f"runtime must be onnx or torch, got {runtime!r}")
         self.model = model
         qp = model.query_params
+        self.adaptation = adaptation
+        self._light: FusionLightExtractor | None = None
+        if adaptation is not None:
+            self._light = FusionLightExtractor(model, runtime=runtime, threads=threads)
+            if adaptation.model_fingerprint != model.fingerprint or \
+                    adaptation.light_fingerprint != self._light.fingerprint:
+                raise CompatibilityError(
+                    f"query adaptation {adaptation.digest} maps {adaptation.light_fingerprint} "
+                    f"into {adaptation.model_fingerprint}; this model is {model.fingerprint} "
+                    f"(light {self._light.fingerprint})")
+            if adaptation.w.shape != (self._light.dim, model.dim):
+                raise CompatibilityError(f"query adaptation {adaptation.digest} is "
+                                         f"{adaptation.w.shape}, not ({self._light.dim}, "
+                                         f"{model.dim})")
+        how = ("" if adaptation is None else
+               f", adapted to its gallery (map {adaptation.digest})")
         super().__init__(
             name="fusion-query", dim=model.dim, preprocessing=_lite_preprocessing(),
             pooling=Pooling("model"), scales=(1.0,), weights_id=model.fingerprint,
             source=f"{qp['model']} query model (blocks trained: {qp['train_blocks']}) of "
-                   f"{model.fingerprint}",
+                   f"{model.fingerprint}{how}",
         )
         self.runtime = runtime
         self.threads = threads
@@ -159,10 +186,15 @@ class FusionQueryExtractor(Extractor):
 
     def info(self) -> ModelInfo:
         return ModelInfo(name=self.name, dim=self.dim, input_size=self.preprocessing.size,
-                         source=self.source, pooling="gem3+whitening", scales=(1.0,),
+                         source=self.source,
+                         pooling="gem3+whitening" if self.adaptation is None
+                         else "gem3+gallery map", scales=(1.0,),
                          runtime=self.runtime, fingerprint=self.fingerprint)
 
     def _embed_scale(self, batch: np.ndarray, scale: float) -> np.ndarray:
+        if self.adaptation is not None:
+            assert self._light is not None
+            return self.adaptation.apply(self._light._embed_scale(batch, scale))
         if self.runtime == "onnx":
             with self._lock:
                 if self._session is None:
@@ -179,6 +211,76 @@ class FusionQueryExtractor(Extractor):
                 self._net = QueryNet(self.model.trunk(), self.model.tail).eval()
             with torch.inference_mode():
                 return l2_normalize(self._net(torch.from_numpy(batch)).numpy())
+
+
+class FusionLightExtractor(Extractor):
+    """The light model's own vectors: trunk, head, GeM, L2-normalised (the input of the
+    query's whitening layer), ``(B, 1280)``. ONNX: the graph is exported once to the user
+    cache (``$GALLERIA_CACHE/onnx``), named by the fusion model's fingerprint."""
+
+    def __init__(self, model: FusionModel, *, runtime: str = "onnx",
+                 threads: int | None = None) -> None:
+        from galleria.fusion.query_model import HEAD_DIM
+
+        if runtime not in ("onnx", "torch"):
+            raise ValueError(f"runtime must be onnx or torch, got {runtime!r}")
+        self.model = model
+        qp = model.query_params
+        super().__init__(
+            name="fusion-light", dim=HEAD_DIM, preprocessing=_lite_preprocessing(),
+            pooling=Pooling("model"), scales=(1.0,), weights_id=model.fingerprint,
+            source=f"{qp['model']} (GeM) of {model.fingerprint}: the light model's own vectors",
+        )
+        self.runtime = runtime
+        self.threads = threads
+        self._session: Any = None
+        self._net: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def fingerprint(self) -> str:  # type: ignore[override]
+        return light_fingerprint(self.model.fingerprint)
+
+    def info(self) -> ModelInfo:
+        return ModelInfo(name=self.name, dim=self.dim, input_size=self.preprocessing.size,
+                         source=self.source, pooling="gem3", scales=(1.0,),
+                         runtime=self.runtime, fingerprint=self.fingerprint)
+
+    def _torch_net(self) -> Any:
+        from galleria.fusion.query_model import LightNet
+
+        if self._net is None:
+            self._net = LightNet(self.model.trunk(), self.model.tail).eval()
+        return self._net
+
+    def _embed_scale(self, batch: np.ndarray, scale: float) -> np.ndarray:
+        import torch
+
+        if self.runtime == "onnx":
+            with self._lock:
+                if self._session is None:
+                    self._session = self._onnx_session()
+            return self._session.run(None, {"images": batch})[0]
+        with self._lock, torch.inference_mode():
+            return l2_normalize(self._torch_net()(torch.from_numpy(batch)).numpy())
+
+    def _onnx_session(self) -> Any:
+        from galleria.cache import cache_dir
+        from galleria.extractors.torch_model import export_module_onnx, ort_session
+        from galleria.fingerprint import slug
+
+        path = cache_dir("onnx") / f"{slug(self.fingerprint)}.onnx"
+        if not path.is_file():  # exported atomically; two exporters write the same graph
+            size = int(self.model.query_params.get("size", 224))
+            export_module_onnx(self._torch_net(), path, np.zeros((1, 3, size, size), np.float32))
+        return ort_session(path, threads=self.threads)
+
+
+def light_fingerprint(model_fingerprint: str) -> str:
+    """The fingerprint of a fusion model's light vectors (its light space)."""
+    from galleria.fingerprint import chain
+
+    return chain(model_fingerprint, "light")
 
 
 def _exec(runtime: str) -> str:
@@ -206,10 +308,30 @@ def gallery_from_config(config: dict[str, Any], *, root: str | None, runtime: st
 
 
 def query_from_config(config: dict[str, Any], *, root: str | None, runtime: str,
-                      threads: int | None) -> FusionQueryExtractor:
-    """Rebuild ``{"type": "fusion-query", "model": F}``."""
+                      threads: int | None) -> Extractor:
+    """Rebuild ``{"type": "fusion-query", "model": F[, "adaptation": {"path", "digest"}]
+    [, "output": "light"]}`` (see the module docstring)."""
+    from galleria.errors import FormatError
+    from galleria.extractors.registry import resolve_path
+
     model, _ = _model(config, root)
-    ext = FusionQueryExtractor(model, runtime=_exec(runtime), threads=threads)
+    output = config.get("output", "query")
+    ext: Extractor
+    if output == "light":
+        ext = FusionLightExtractor(model, runtime=_exec(runtime), threads=threads)
+    elif output != "query":
+        raise FormatError(f"fusion-query output must be query or light, not {output!r}")
+    else:
+        adaptation = None
+        a = config.get("adaptation")
+        if a is not None:
+            if not isinstance(a, dict) or "path" not in a or "digest" not in a:
+                raise FormatError(f"a fusion-query adaptation needs path and digest: {a!r}")
+            adaptation = QueryAdaptation.load(resolve_path(str(a["path"]), root),
+                                              digest=str(a["digest"]),
+                                              model_fingerprint=model.fingerprint)
+        ext = FusionQueryExtractor(model, runtime=_exec(runtime), threads=threads,
+                                   adaptation=adaptation)
     ext.set_config(config, root=root, runtime=runtime, threads=threads)
     return ext
 
@@ -251,9 +373,10 @@ def gallery_extractor(model_dir: str | os.PathLike[str], gallery_dir: str | os.P
     from galleria.extractors.registry import extractor_from_config
 
     rel = attach_to_gallery(model_dir, gallery_dir)
+    # an absolute root: Ray workers rebuild the extractor from its config in another cwd
     return extractor_from_config(  # type: ignore[return-value]
-        {"type": "fusion-gallery", "model": rel}, root=str(gallery_dir), runtime=runtime,
-        threads=threads)
+        {"type": "fusion-gallery", "model": rel}, root=str(Path(gallery_dir).resolve()),
+        runtime=runtime, threads=threads)
 
 
 def configs(model_path: str) -> dict[str, dict[str, Any]]:

@@ -19,6 +19,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from galleria.fingerprint import digest
 from galleria.fusion.data import compute_views, fill_features, load_features, manifest_labels
 from galleria.fusion.members import DEFAULT_TOP_N, build_member, input_spec
 from galleria.fusion.model import FusionModel
+from galleria.fusion.options import options_of
 from galleria.fusion.query_model import build, query_weights_id, trunk_runner
 from galleria.fusion.train import FusionRecipe, TrainingData, fit_fusion
 
@@ -34,6 +36,27 @@ log = logging.getLogger(__name__)
 
 #: What ``galleria fusion train`` uses when no member list is given.
 DEFAULT_MEMBERS = ("effnet-lite2", "opennsfw-r50", "effnet-lite0")
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """How a training run executes (not what it learns: that is the
+    :class:`~galleria.fusion.train.FusionRecipe`).
+
+    Attributes:
+        threads: intra-op threads of the models (``None``: the process default).
+        batch_size: images per member forward pass.
+        workers: image decoding threads.
+        progress: tqdm-like factory ``progress(total=, desc=, unit=)``.
+        checkpoint_seconds: least time between two training checkpoints (a kill loses at
+            most this much training; see :func:`galleria.fusion.train.fit_fusion`).
+    """
+
+    threads: int | None = None
+    batch_size: int = 32
+    workers: int = 2
+    progress: Callable[..., Any] | None = None
+    checkpoint_seconds: float = 60.0
 
 
 def train_from_manifest(
@@ -45,11 +68,8 @@ def train_from_manifest(
     recipe: FusionRecipe | None = None,
     work: str | os.PathLike[str] | None = None,
     top_n: int = DEFAULT_TOP_N,
-    threads: int | None = None,
-    batch_size: int = 32,
-    workers: int = 2,
-    progress: Callable[..., Any] | None = None,
-    checkpoint_seconds: float = 60.0,
+    run: TrainRun | None = None,
+    **run_options: Any,
 ) -> dict[str, Any]:
     """Train a fusion model on the images of ``images`` (folder or CSV manifest) into ``out``.
 
@@ -58,15 +78,15 @@ def train_from_manifest(
         label_column: manifest column of class / instance labels; ``None`` = instance
             discrimination (one class per image, phone-like views).
         work: cache folder (features, views, checkpoint); default ``<out>.work``.
-        progress: tqdm-like factory ``progress(total=, desc=, unit=)``.
-        checkpoint_seconds: least time between two training checkpoints (a kill loses at
-            most this much training; see :func:`galleria.fusion.train.fit_fusion`).
+        run: how it runs (:class:`TrainRun`); or give its fields as keywords
+            (``threads=2, progress=...``).
 
     Returns:
         A JSON-able report (counts, seconds per step, training summary, fingerprint).
     """
     from galleria.images.sources import list_source
 
+    run = options_of(TrainRun, run, run_options)
     recipe = recipe or FusionRecipe()
     if not gallery_models:
         raise InputError("--gallery-models needs at least one member model")
@@ -76,7 +96,7 @@ def train_from_manifest(
     work_dir.mkdir(parents=True, exist_ok=True)
     with _work_lock(work_dir):
         return _train(items, out, work_dir, gallery_models, label_column, recipe, top_n,
-                      threads, batch_size, workers, progress, t0, images, checkpoint_seconds)
+                      run, t0, images)
 
 
 @contextlib.contextmanager
@@ -99,11 +119,12 @@ def _work_lock(work_dir: Path) -> Iterator[None]:
 
 def _train(items: list[Any], out: str | os.PathLike[str], work_dir: Path,
            gallery_models: Sequence[str], label_column: str | None, recipe: FusionRecipe,
-           top_n: int, threads: int | None, batch_size: int, workers: int,
-           progress: Callable[..., Any] | None, t0: float, images: Any,
-           checkpoint_seconds: float) -> dict[str, Any]:
+           top_n: int, run: TrainRun, t0: float, images: Any) -> dict[str, Any]:
     from galleria.store.gallery import Gallery
 
+    threads, batch_size, workers, progress = run.threads, run.batch_size, run.workers, \
+        run.progress
+    checkpoint_seconds = run.checkpoint_seconds
     members = [build_member(n, threads=threads, top_n=top_n) for n in gallery_models]
     specs = [input_spec(m) for m in members]
     if len({s.fingerprint for s in specs}) != len(specs):

@@ -25,6 +25,7 @@ from torch import nn
 
 from galleria.errors import InputError
 from galleria.extractors.pooling import Pooling, pool_torch
+from galleria.transforms.whiten import learn_pca
 
 TRUNK_MODELS = ("effnet-lite0",)
 N_BLOCKS = 16  # MBConv blocks of EfficientNet-Lite0
@@ -134,6 +135,19 @@ class QueryNet(nn.Module):
         return nn.functional.normalize(self.tail(self.trunk(x)), dim=1)
 
 
+class LightNet(nn.Module):
+    """Trunk + tail up to the pooled features, L2-normalised: the light model's own
+    ``(B, 1280)`` vectors (the whitening layer's input; what gallery adaptation maps)."""
+
+    def __init__(self, trunk: Trunk, tail: QueryTail) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.tail = tail
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(self.tail.pooled(self.trunk(x)), dim=1)
+
+
 def build(variant: str, train_blocks: int, d: int, *, pooling: Pooling | None = None,
           normalize: bool = False) -> tuple[Trunk, QueryTail]:
     """Pretrained trunk and tail (the tail's whitening layer randomly initialised;
@@ -155,11 +169,11 @@ def init_whitening(tail: QueryTail, pooled: np.ndarray, *, shrink: float = 1.0) 
     """
     x = np.asarray(pooled, np.float64)
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    mu = x.mean(0)
-    cov = np.cov((x - mu).T) if x.shape[0] > 1 else np.eye(x.shape[1])
-    lam, vec = np.linalg.eigh(cov)
-    order = np.argsort(lam)[::-1]
-    lam, vec = np.clip(lam[order], 0, None), vec[:, order]
+    if x.shape[0] > 1:  # the library's PCA (covariance over N - 1, sign-fixed eigenvectors)
+        mu, lam, comps = learn_pca(x)
+        vec = comps.T
+    else:
+        mu, lam, vec = x.mean(0), np.ones(x.shape[1]), np.eye(x.shape[1])[:, ::-1]
     d = tail.whiten.out_features
     k = min(d, x.shape[1], max(1, x.shape[0] - 1))
     w = np.zeros((d, x.shape[1]))
