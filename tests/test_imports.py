@@ -8,6 +8,7 @@ closes a cycle is still a cycle between two concepts, e.g. ``eval`` <-> ``cli``)
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 import textwrap
@@ -208,3 +209,15 @@ def test_every_module_imports_alone_in_a_fresh_interpreter():
                        timeout=300, env={**__import__("os").environ,
                                          "PYTHONPATH": str(SRC.parent)})
     assert r.returncode == 0, r.stdout + r.stderr[-4000:]
+
+
+def test_the_cli_parser_imports_no_heavy_dependency():
+    """`galleria --help` and argument errors answer in well under a second: building the
+    parser imports neither torch nor the other heavy dependencies (they load with a
+    command that needs them)."""
+    code = ("import sys; import galleria.cli.main as m; m.build_parser(); "
+            "print(sorted(h for h in ('torch', 'faiss', 'cv2', 'ray', 'fastapi', "
+            "'onnxruntime') if h in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={**os.environ, "PYTHONPATH": str(SRC.parent)}).stdout
+    assert out.strip() == "[]"

@@ -25,9 +25,8 @@ gallery with no labels (as `fusion adapt G` does on demand). See docs/fusion.md.
 
 def add_fusion_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``fusion`` with its subcommands to the main parser's ``subparsers``."""
-    from galleria.fusion.anchor import ANCHOR_KINDS
-    from galleria.fusion.pipeline import DEFAULT_MEMBERS
-    from galleria.fusion.train import QUERY_INITS, FusionRecipe
+    from galleria.fusion.anchor import ANCHOR_KINDS  # lazy: CLI start-up
+    from galleria.fusion.recipe import DEFAULT_MEMBERS, QUERY_INITS, FusionRecipe  # lazy: CLI
 
     d = FusionRecipe()
     fu = subparsers.add_parser(

@@ -30,12 +30,12 @@ from galleria.fusion.members import DEFAULT_TOP_N, build_member, input_spec
 from galleria.fusion.model import FusionModel
 from galleria.fusion.options import options_of
 from galleria.fusion.query_model import build, query_weights_id, trunk_runner
+from galleria.fusion.recipe import DEFAULT_MEMBERS
 from galleria.fusion.train import FusionRecipe, TrainingData, fit_fusion
 
 log = logging.getLogger(__name__)
 
 #: What ``galleria fusion train`` uses when no member list is given.
-DEFAULT_MEMBERS = ("effnet-lite2", "opennsfw-r50", "effnet-lite0")
 
 
 @dataclass(frozen=True)

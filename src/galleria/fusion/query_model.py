@@ -25,17 +25,11 @@ from torch import nn
 
 from galleria.errors import InputError
 from galleria.extractors.pooling import Pooling, pool_torch
+from galleria.fusion.recipe import N_BLOCKS, check_train_blocks
 from galleria.transforms.whiten import learn_pca
 
 TRUNK_MODELS = ("effnet-lite0",)
-N_BLOCKS = 16  # MBConv blocks of EfficientNet-Lite0
 HEAD_DIM = 1280
-
-
-def check_train_blocks(train_blocks: int) -> int:
-    if not -1 <= int(train_blocks) <= N_BLOCKS:
-        raise InputError(f"train_blocks must be in [-1, {N_BLOCKS}], got {train_blocks}")
-    return int(train_blocks)
 
 
 def _net(variant: str) -> Any:

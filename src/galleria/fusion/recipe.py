@@ -7,10 +7,19 @@ from typing import Any
 
 from galleria.errors import InputError
 from galleria.fusion.anchor import ANCHOR_KINDS
-from galleria.fusion.query_model import check_train_blocks
 
 SCHEDULES = ("joint", "two-stage")
 QUERY_INITS = ("pca", "regress", "predict")
+DEFAULT_MEMBERS = ("effnet-lite2", "opennsfw-r50", "effnet-lite0")
+"""The gallery models of the default recipe (``galleria fusion train``)."""
+N_BLOCKS = 16  # MBConv blocks of EfficientNet-Lite0
+
+
+def check_train_blocks(train_blocks: int) -> int:
+    """``train_blocks`` checked: -1 (the whole trunk) to :data:`N_BLOCKS`."""
+    if not -1 <= int(train_blocks) <= N_BLOCKS:
+        raise InputError(f"train_blocks must be in [-1, {N_BLOCKS}], got {train_blocks}")
+    return int(train_blocks)
 
 
 @dataclass(frozen=True)
