@@ -10,7 +10,7 @@ from typing import Any
 
 from galleria.cli.common import (
     json_default,
-    model_args,
+    model_spec,
     print_json,
     progress_bar,
     ray_embedding,
@@ -46,7 +46,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from galleria.extract.job import index_images
+    from galleria.extract.job import IndexOptions, index_images  # lazy: CLI start-up
     from galleria.images.sources import list_source
 
     setup_logging(args.verbose)
@@ -58,53 +58,39 @@ def cmd_index(args: argparse.Namespace) -> int:
                      "rescore": args.rescore}.items()
         if v is not None
     }
-    margs = model_args(args)
-    extractor = None
+    runtime = args.runtime
+    model = model_spec(args)
     if getattr(args, "fusion", None):
-        if margs["model"] is not None or args.transform:
+        if model is not None or args.transform:
             from galleria.errors import InputError
 
             raise InputError("--fusion embeds with the fusion model's members and mixer; "
                              "drop --model / --transform")
         from galleria.fusion.extractor import gallery_extractor
 
-        extractor = gallery_extractor(args.fusion, args.out, runtime=margs["runtime"],
-                                      threads=threads)
-    explicit = Path(args.src).suffix.lower() == ".csv"
+        model = gallery_extractor(args.fusion, args.out, runtime=runtime, threads=threads)
+    options = IndexOptions(
+        index=args.index, index_params=params or None, batch_size=args.batch_size,
+        workers=args.workers, flush_every=args.commit_every, limit=args.limit,
+        id_prefix=args.id_prefix, update=args.update,
+        explicit_ids=Path(args.src).suffix.lower() == ".csv", add_space=args.add_space,
+        runtime=runtime, threads=threads)
     remote = ray_embedding(args)
     try:
         # the job sets the total once it knows the spaces (the gallery's recipe)
         with progress_bar(len(items), "index", enabled=not args.quiet) as bar:
-            report = index_images(
-                items,
-                args.out,
-                **margs,
-                extractor=extractor,
-                local=args.local,
-                threads=threads,
-                index=args.index,
-                index_params=params or None,
-                transform=args.transform,
-                batch_size=args.batch_size,
-                workers=args.workers,
-                limit=args.limit,
-                flush_every=args.commit_every,
-                progress=bar,
-                id_prefix=args.id_prefix,
-                update=args.update,
-                explicit_ids=explicit,
-                embedder=None if remote is None else remote[1],
-                add_space=args.add_space,
-            )
+            report = index_images(items, args.out, model=model, local=args.local,
+                                  transform=args.transform, options=options, progress=bar,
+                                  embedder=None if remote is None else remote[1])
     finally:
         if remote is not None:
             remote[1].close()
             remote[0].close()
     adapted = None
-    if extractor is not None:  # --fusion: fit the light query to this gallery (docs/fusion.md)
+    if getattr(args, "fusion", None):  # fit the light query to this gallery (docs/fusion.md)
         from galleria.cli.fusion import describe, run_adaptation
 
-        adapted = run_adaptation(args.out, threads=threads, runtime=margs["runtime"],
+        adapted = run_adaptation(args.out, threads=threads, runtime=runtime,
                                  quiet=args.quiet, updated=report.updated,
                                  batch_size=args.batch_size, workers=args.workers)
     if args.json:

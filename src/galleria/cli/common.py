@@ -74,13 +74,6 @@ def add_model_args(p: argparse.ArgumentParser, *, default: str | None = "effnet-
     g.add_argument("--resize", default=None, help=COMMON_HELP["resize"])
 
 
-def model_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The extractor options of :func:`add_model_args` as keyword arguments."""
-    return {"model": args.model, "pooling": args.pooling, "scales": args.scales,
-            "checkpoint": args.checkpoint, "size": args.size, "resize": args.resize,
-            "runtime": args.runtime}
-
-
 def model_spec(args: argparse.Namespace, name: str | None = None) -> Any:
     """The :class:`~galleria.extractors.spec.ModelSpec` the model options of
     :func:`add_model_args` describe (``None`` without a model name)."""
