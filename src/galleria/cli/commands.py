@@ -117,6 +117,9 @@ def cmd_index(args: argparse.Namespace) -> int:
             print(f"  skipped {f.id}: {f.reason}")
         for i in report.no_keypoints:
             print(f"  no keypoints in {i} (a blank image): stored, never found by local search")
+    from galleria.cli.tune import tune_after_index
+
+    tune_after_index(args, report.gallery)
     return 0
 
 
@@ -177,7 +180,9 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from galleria.cli.tune import describe_lines, info_data
     from galleria.store.gallery import Gallery
+    from galleria.tune.record import TUNED_KEY
     from galleria.upgrade.state import FINISHING_KEY, STATE_KEY
 
     with Gallery.open(args.gallery, readonly=True) as g:
@@ -194,7 +199,9 @@ def cmd_info(args: argparse.Namespace) -> int:
             "upgrade": "in progress" if g.get_setting(STATE_KEY) else (
                 "clean-up interrupted: run `galleria upgrade finish`"
                 if g.get_setting(FINISHING_KEY) else None),
+            "tuned": info_data(g),
         }
+        tuned = g.get_setting(TUNED_KEY)
     if args.json:
         print_json(data)
     else:
@@ -205,6 +212,10 @@ def cmd_info(args: argparse.Namespace) -> int:
                   f"index={s['index']} failures={s['failures']}")
         if data["upgrade"]:
             print(f"  upgrade: {data['upgrade']}")
+        if isinstance(tuned, dict):
+            print("\n".join(describe_lines(tuned, data["tuned"]["stale"])))
+        else:
+            print("  default pipeline: not tuned (run `galleria tune`)")
     return 0
 
 

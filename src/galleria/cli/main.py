@@ -9,7 +9,8 @@ Commands (``galleria COMMAND --help`` for options)::
     galleria search G IMAGE... -k K       search (--json, --html OUT)
     galleria eval --dataset NAME          official protocols on ../shared/datasets
     galleria eval --manifest CSV          your own labelled images
-    galleria info G                       spaces, counts, failures, index
+    galleria info G                       spaces, counts, failures, index, tuned default
+    galleria tune G [--n 200 --seed 0]    choose the default pipeline from pseudo-queries
     galleria remove G ID...               delete items
     galleria check G                      verify every file against its checksum
     galleria repair G                     restore the database, re-embed lost data, rebuild
@@ -72,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the report as JSON")
     add_run_args(s)
     add_ray_args(s)
+    from galleria.cli.tune import add_index_tune_args, add_tune_parser
+
+    add_index_tune_args(s)
     s.set_defaults(func=commands.cmd_index)
 
     s = sub.add_parser("search", help="search a gallery with query images")
@@ -162,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     from galleria.cli.serve import add_serve_parser
 
     add_serve_parser(sub)
+    add_tune_parser(sub)
 
     s = sub.add_parser("export-onnx", help="export an extractor to ONNX (+ .json sidecar)")
     add_model_args(s)

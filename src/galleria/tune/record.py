@@ -1,0 +1,172 @@
+"""The tuned record a gallery stores (setting ``"tuned"``): schema, staleness, probabilities.
+
+This module only reads records (no search, no decision), so the decision
+(:func:`galleria.decision.choose`) and the service can import it without cycles.
+:mod:`galleria.tune.tuner` writes them.
+
+Schema (format version 1; JSON)::
+
+    {
+      "type": "galleria-tuned", "format_version": 1,
+      "pipeline": "local",              # the default pipeline chosen
+      "params": {},                     # its parameters (open_searcher(**params))
+      "key": "local",                   # the chosen candidate's key
+      "reason": "...",                  # why, in one sentence
+      "seed": 0, "n": 200, "k": 10,     # pseudo-queries: seed, sampled items, depth scored
+      "views": 1, "queries": 200,       # views per item, pseudo-queries actually scored
+      "skipped": 0,                     # sampled items whose image could not be read
+      "augment": {...},                 # the phone-view parameters
+      "pseudo_fingerprint": "...",      # identifies the pseudo-query set
+      "rule": {"margin": 5.0, "global_margin": 15.0, "order": [...]},  # selection rule
+      "state": {"items": 500, "primary": "<space>",
+                "spaces": [{"space": "<fp>", "kind": "global", "count": 500,
+                            "generation": 3}, ...]},
+      "candidates": [                   # every candidate, in preference order
+        {"key": "global", "pipeline": "global", "params": {}, "supported": true,
+         "r1": 91.5, "r5": 97.0, "r10": 98.0, "mrr": 94.1, "n": 200, "blank": 0,
+         "search_ms": 1.2, "embed_ms": 35.0, "ms_per_query": 36.2,
+         "spaces": ["<fp>"],
+         "calibration": {...calibrate.fit() output...}},
+        {"key": "local+mds", "pipeline": "local+mds", "params": {...},
+         "supported": false, "error": "..."},
+      ],
+      "seconds": 41.3, "created": "2026-...Z", "galleria": "0.1.0"
+    }
+
+Scores in candidates are percentages over the pseudo-queries (``r1``: the true
+item first; ``mrr``: mean reciprocal rank within the top ``k``); ``ms_per_query``
+is the measured query cost (embedding of the query in every space the pipeline
+reads + search), for information: the choice uses ranks only, so it is
+deterministic for a seed.
+
+A record is **stale** (:func:`stale_reasons`) when the gallery's spaces differ
+from the ones it was tuned at, or when a space's item count has changed by more
+than :data:`STALE_GROWTH` (relative) since: the best pipeline depends on the
+gallery's content and size. A stale record still names a pipeline that works;
+``galleria info`` flags it and ``galleria tune`` refreshes it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from galleria.tune.calibrate import apply
+from galleria.types import SearchResult
+
+log = logging.getLogger(__name__)
+
+TUNED_KEY = "tuned"
+"""The gallery setting holding the record (the same key :mod:`galleria.decision` reads)."""
+RECORD_TYPE = "galleria-tuned"
+FORMAT_VERSION = 1
+STALE_GROWTH = 0.25
+"""Relative change of a space's item count past which a tuned record is stale."""
+
+
+def candidate_key(pipeline: str, params: Mapping[str, Any] | None = None) -> str:
+    """``local+mds`` or ``local+mds(blend=0.19,k=100)``: one candidate's key."""
+    if not params:
+        return pipeline
+    inner = ",".join(f"{k}={params[k]}" for k in sorted(params))
+    return f"{pipeline}({inner})"
+
+
+def state_summary(state: Any) -> dict[str, Any]:
+    """What a record keeps of a :class:`~galleria.store.state.GalleryState`."""
+    spaces = [{"space": s.space, "kind": s.kind, "count": int(s.count),
+               "generation": int(s.generation)} for s in state.spaces if s.count]
+    items = max((s["count"] for s in spaces), default=0)
+    return {"items": items, "primary": state.primary, "spaces": spaces}
+
+
+def stale_reasons(record: Any, state: Any, *, growth: float = STALE_GROWTH) -> list[str]:
+    """Why ``record`` no longer describes the gallery in ``state`` (``[]``: it still does).
+
+    Args:
+        record: the ``tuned`` setting (any JSON value; ``None``: never tuned).
+        state: a :class:`~galleria.store.state.GalleryState` (or anything with
+            ``spaces`` of ``space``/``kind``/``count``).
+        growth: relative change of a space's count that makes the record stale.
+    """
+    if record is None:
+        return ["never tuned"]
+    if not isinstance(record, dict) or record.get("type") != RECORD_TYPE:
+        return ["not a tuned record"]
+    if record.get("format_version") != FORMAT_VERSION:
+        return [f"record format {record.get('format_version')} (this galleria reads "
+                f"{FORMAT_VERSION})"]
+    then = {s["space"]: s for s in record.get("state", {}).get("spaces", [])}
+    now = {s.space: s for s in state.spaces if s.count}
+    out = []
+    for sp in sorted(set(then) - set(now)):
+        out.append(f"space {sp} ({then[sp]['kind']}) is gone")
+    for sp in sorted(set(now) - set(then)):
+        out.append(f"space {sp} ({now[sp].kind}) was added since")
+    for sp in sorted(set(now) & set(then)):
+        a, b = int(then[sp]["count"]), int(now[sp].count)
+        if abs(b - a) > growth * max(a, 1):
+            out.append(f"space {sp} holds {b} items (tuned at {a})")
+    return out
+
+
+def find_candidate(record: Any, pipeline: str, params: Mapping[str, Any] | None = None
+                   ) -> dict[str, Any] | None:
+    """The record's entry for ``pipeline`` with ``params`` (``None`` when not tuned)."""
+    if not isinstance(record, dict) or record.get("format_version") != FORMAT_VERSION:
+        return None
+    key = candidate_key(pipeline, dict(params or {}))
+    for c in record.get("candidates", []):
+        if c.get("key") == key and c.get("supported"):
+            return c
+    return None
+
+
+def calibration_for(record: Any, pipeline: str, params: Mapping[str, Any] | None = None,
+                    spaces: list[str] | None = None) -> dict[str, Any] | None:
+    """The calibration of ``pipeline`` + ``params`` in ``record``; ``None`` when there is
+    none, or when ``spaces`` (the spaces the searcher reads) are not those it was fitted on
+    (e.g. during an upgrade, whose merged scores it does not describe)."""
+    c = find_candidate(record, pipeline, params)
+    if c is None or not c.get("calibration"):
+        return None
+    if spaces is not None and list(c.get("spaces", [])) != list(spaces):
+        return None
+    return dict(c["calibration"])
+
+
+def probabilities(result: SearchResult, calibration: dict[str, Any] | None
+                  ) -> np.ndarray | None:
+    """``(Q, K)`` float32 match probabilities of ``result`` (``None`` without a
+    calibration). ``result.scores`` is left as it is."""
+    if calibration is None:
+        return None
+    return apply(calibration, result.scores)
+
+
+def searcher_probabilities(searcher: Any, result: SearchResult,
+                           record: Any = None) -> np.ndarray | None:
+    """Match probabilities for a searcher's result, from its gallery's tuned record.
+
+    Args:
+        searcher: any :class:`~galleria.search.contract.Searcher` (its ``describe()``
+            names the pipeline and parameters; its ``spaces`` the spaces it reads).
+        result: what ``searcher.search`` returned.
+        record: the ``tuned`` setting (default: read from ``searcher.gallery``).
+
+    Returns:
+        ``(Q, K)`` float32 in ``[0, 1]`` (0 for missing results), or ``None`` when the
+        gallery was not tuned for this searcher (another pipeline or parameters, other
+        spaces, an upgrade in progress, a backfill or sharded searcher).
+    """
+    if record is None:
+        record = searcher.gallery.get_setting(TUNED_KEY)
+    d = searcher.describe()
+    if d.get("searcher") not in ("plain", "pipeline"):
+        return None
+    cal = calibration_for(record, d.get("pipeline") or "global", d.get("params") or {},
+                          spaces=list(searcher.spaces))
+    return probabilities(result, cal)
