@@ -42,7 +42,7 @@ from galleria.extract.queries import Queries
 from galleria.rerank.mds import scaled_defaults
 from galleria.search.pipelines import PIPELINES
 from galleria.tune import calibrate
-from galleria.tune.pseudo import PseudoQueries, make_pseudo_queries
+from galleria.tune.pseudo import TUNE_SCENE, PseudoQueries, make_pseudo_queries
 from galleria.tune.record import (
     FORMAT_VERSION,
     RECORD_TYPE,
@@ -54,7 +54,7 @@ from galleria.types import LocalFeatures, SearchResult
 
 log = logging.getLogger(__name__)
 
-ORDER = ("global", "global+sv", "local", "local+mds")
+ORDER = ("global", "local", "local+mds", "global+sv")
 """Preference order, broad and cheap first; pipelines not listed follow in PIPELINES order."""
 LOCAL_ONLY = ("local", "local+mds")
 """Pipelines that cannot search a query without keypoints (such a view counts as a miss)."""
@@ -89,6 +89,12 @@ class TuneConfig:
         pipelines: candidates limited to these pipelines (``None``: all).
         calibration: ``isotonic`` or ``logistic`` (:mod:`galleria.tune.calibrate`).
         batch: queries per search call (progress granularity).
+        min_inliers: a returned item counts as the view's answer too when it is the same
+            scene as the source item: at least this many MAGSAC++ homography inliers
+            between their stored local features (near-duplicates, other photos of the same
+            object or facade); 0: only the source item counts.
+        scene: place half of the views in a cluttered frame
+            (:data:`galleria.tune.pseudo.TUNE_SCENE`); ``False``: crops only.
     """
 
     n: int = 200
@@ -100,9 +106,11 @@ class TuneConfig:
     pipelines: tuple[str, ...] | None = None
     calibration: str = "isotonic"
     batch: int = 16
+    min_inliers: int = 20
+    scene: bool = True
 
     def __post_init__(self) -> None:
-        if self.n < 1 or self.views < 1 or self.k < 1 or self.batch < 1:
+        if self.n < 1 or self.views < 1 or self.k < 1 or self.batch < 1 or self.min_inliers < 0:
             raise InputError("n, views, k and batch must be positive")
         if self.margin < 0 or self.global_margin < 0:
             raise InputError("margins must be >= 0")
@@ -118,15 +126,19 @@ class CandidateScore:
     """A candidate's pseudo-query outcome.
 
     Attributes:
-        ranks: ``(P,)`` 0-based rank of each view's source item in the top ``k``; -1
-            when absent (or the query could not be searched: no keypoints).
-        scores: ``(P, k)`` the scores returned; ``truth``: ``(P, k)`` where the source is.
+        ranks: ``(P,)`` 0-based rank of the first right answer of each view in the top
+            ``k`` (the source item or one of its equivalents); -1 when absent (or the
+            query could not be searched: no keypoints).
+        scores: ``(P, k)`` the scores returned; ``ids``: ``(P, k)`` the ids returned;
+        truth: ``(P, k)`` where a right answer is.
         error: why the candidate could not run (unsupported by the gallery...).
     """
 
     candidate: Candidate
     ranks: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    exact_ranks: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     scores: np.ndarray | None = None
+    ids: np.ndarray | None = None
     truth: np.ndarray | None = None
     blank: int = 0
     search_ms: float = 0.0
@@ -260,9 +272,64 @@ def _score(searcher: Any, cand: Candidate, q: Queries, pq: PseudoQueries, cfg: T
     if progress is not None and len(rows) < P:
         progress.update(P - len(rows))
     truth = ids == np.asarray(pq.ids, object)[:, None]
-    ranks = np.where(truth.any(axis=1), truth.argmax(axis=1), -1)
-    return CandidateScore(cand, ranks, scores, truth, blank=int(P - len(rows)),
+    ranks = first_hit(truth)
+    return CandidateScore(cand, ranks, ranks.copy(), scores, ids, truth, blank=int(P - len(rows)),
                           search_ms=search_ms, spaces=list(searcher.spaces))
+
+
+def first_hit(truth: np.ndarray) -> np.ndarray:
+    """``(P,)`` 0-based column of each row's first True; -1 for none."""
+    return np.where(truth.any(axis=1), truth.argmax(axis=1), -1)
+
+
+def to_verify(ids: np.ndarray, source: str, depth: int = 3) -> list[str]:
+    """Items of one result row whose equivalence to ``source`` can matter: those ranked
+    above the source (all of the row when it is absent) and the top ``depth``."""
+    row = [str(i) for i in ids if i is not None]
+    cut = row.index(source) if source in row else len(row)
+    return [i for i in row[: max(cut, depth)] if i != source]
+
+
+def equivalents(gallery: Any, pq: PseudoQueries, returned: Sequence[np.ndarray], *,
+                min_inliers: int, depth: int = 3) -> list[set[str]]:
+    """Per pseudo-query, the returned items that are the same scene as its source item.
+
+    ``returned``: ``(P, k)`` id arrays of the candidates. Each distinct item that can
+    change a candidate's rank of the first right answer (ranked above the source) or
+    lies in a top ``depth`` is verified once against the source (MAGSAC++ homography
+    inliers of mutual nearest-neighbour matches of the stored local features);
+    ``>= min_inliers`` inliers make it an equivalent. Without a local space: none.
+    """
+    from galleria.local.matching import verify_pairs
+
+    out: list[set[str]] = [set() for _ in range(len(pq))]
+    local = gallery.state().of_kind("local")
+    if not min_inliers or not local:
+        return out
+    space = max(local, key=lambda s: s.count).space
+    for p, src in enumerate(pq.ids):
+        others = sorted({i for r in returned for i in to_verify(r[p], src, depth)})
+        if not others:
+            continue
+        keys = gallery.keys_of([src, *others])
+        ok = keys >= 0
+        if not ok[0]:
+            continue
+        feats = gallery.get_local(keys[ok], space=space)
+        names = [n for n, good in zip([src, *others], ok, strict=True) if good][1:]
+        inl = verify_pairs(feats[0], feats[1:])
+        out[p] = {n for n, c in zip(names, inl, strict=True) if c >= min_inliers}
+    return out
+
+
+def with_equivalents(cs: CandidateScore, pq: PseudoQueries, eq: list[set[str]]) -> None:
+    """Count equivalents as right answers too (updates ``truth`` and ``ranks``)."""
+    if cs.ids is None or cs.truth is None:
+        return
+    for p in range(len(pq)):
+        if eq[p]:
+            cs.truth[p] |= np.array([i in eq[p] for i in cs.ids[p]], bool)
+    cs.ranks = first_hit(cs.truth)
 
 
 def tune_gallery(gallery: Any, config: TuneConfig | None = None, *,
@@ -300,7 +367,8 @@ def tune_gallery(gallery: Any, config: TuneConfig | None = None, *,
     if not searchers:
         raise InputError(f"no pipeline can search {gallery.path}: "
                          + "; ".join(r.error or "" for r in results))
-    pq = pseudo or make_pseudo_queries(gallery, n=cfg.n, seed=cfg.seed, views=cfg.views)
+    pq = pseudo or make_pseudo_queries(gallery, n=cfg.n, seed=cfg.seed, views=cfg.views,
+                                       scene=TUNE_SCENE if cfg.scene else None)
     models: dict[str, Any] = {}
     for s in searchers.values():
         for space in s.spaces:
@@ -315,6 +383,12 @@ def tune_gallery(gallery: Any, config: TuneConfig | None = None, *,
             continue
         cs.embed_ms = sum(embed_ms[sp] for sp in cs.spaces)
         results.append(cs)
+    t_eq = time.perf_counter()
+    eq = equivalents(gallery, pq, [r.ids for r in results if r.ids is not None],
+                     min_inliers=cfg.min_inliers)
+    for r in results:
+        with_equivalents(r, pq, eq)
+    t_eq = time.perf_counter() - t_eq
     results.sort(key=lambda r: cands.index(r.candidate))
     ran = [(r.candidate, summarise(r.ranks, cfg.k)) for r in results if r.error is None]
     chosen, reason = select(ran, margin=cfg.margin, global_margin=cfg.global_margin)
@@ -325,7 +399,10 @@ def tune_gallery(gallery: Any, config: TuneConfig | None = None, *,
         "views": int(cfg.views), "queries": len(pq), "skipped": len(pq.skipped),
         "augment": pq.augment, "pseudo_fingerprint": pq.fingerprint,
         "rule": {"metric": "mrr", "margin": cfg.margin, "global_margin": cfg.global_margin,
-                 "order": [c.key for c in cands]},
+                 "min_inliers": cfg.min_inliers, "order": [c.key for c in cands]},
+        "equivalents": {"views_with_any": sum(1 for e in eq if e),
+                        "mean": round(float(np.mean([len(e) for e in eq])), 3),
+                        "seconds": round(t_eq, 2)},
         "state": summary,
         "candidates": [_entry(r, cfg) for r in results],
         "seconds": round(time.perf_counter() - t_start, 2),
@@ -339,7 +416,9 @@ def _entry(r: CandidateScore, cfg: TuneConfig) -> dict[str, Any]:
             "params": dict(r.candidate.params)}
     if r.error is not None:
         return {**base, "supported": False, "error": r.error}
-    out = {**base, "supported": True, **summarise(r.ranks, cfg.k), "blank": r.blank,
+    exact = summarise(r.exact_ranks, cfg.k)
+    out = {**base, "supported": True, **summarise(r.ranks, cfg.k),
+           "exact": {"r1": exact["r1"], "mrr": exact["mrr"]}, "blank": r.blank,
            "search_ms": round(r.search_ms, 2), "embed_ms": round(r.embed_ms, 2),
            "ms_per_query": round(r.search_ms + r.embed_ms, 2), "spaces": r.spaces}
     assert r.scores is not None and r.truth is not None
