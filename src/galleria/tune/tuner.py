@@ -56,6 +56,12 @@ log = logging.getLogger(__name__)
 
 ORDER = ("global", "local", "local+mds", "global+sv")
 """Preference order, broad and cheap first; pipelines not listed follow in PIPELINES order."""
+SMALL_ORDER = ("global", "global+sv", "local", "local+mds")
+"""Preference order on a gallery no larger than :data:`SV_SHORTLIST`: there ``global+sv``
+verifies every item (exhaustive geometric verification, the most reliable instance
+matcher, at a bounded cost), so it comes before the indexed local search."""
+SV_SHORTLIST = 100
+"""``global+sv``'s default shortlist (global results verified per query)."""
 LOCAL_ONLY = ("local", "local+mds")
 """Pipelines that cannot search a query without keypoints (such a view counts as a miss)."""
 MDS_CAP = (100, 200)
@@ -150,22 +156,28 @@ class CandidateScore:
 # ------------------------------------------------------------------ pure core
 
 
-def order_of(pipeline: str) -> int:
-    """Position in the preference order (unknown pipelines after the known ones)."""
-    if pipeline in ORDER:
-        return ORDER.index(pipeline)
-    return len(ORDER) + (PIPELINES.index(pipeline) if pipeline in PIPELINES else len(PIPELINES))
+def preference(items: int) -> tuple[str, ...]:
+    """The preference order for a gallery of ``items`` items."""
+    return SMALL_ORDER if items <= SV_SHORTLIST else ORDER
+
+
+def order_of(pipeline: str, order: Sequence[str] = ORDER) -> int:
+    """Position in ``order`` (pipelines not in it after, in PIPELINES order)."""
+    if pipeline in order:
+        return list(order).index(pipeline)
+    return len(order) + (PIPELINES.index(pipeline) if pipeline in PIPELINES else len(PIPELINES))
 
 
 def candidates_for(pipelines: Sequence[str], *, items: int, has_global: bool) -> list[Candidate]:
-    """The candidates to score, in preference order.
+    """The candidates to score, in preference order (:func:`preference`).
 
     ``local+mds`` is bounded to :data:`MDS_CAP` re-ranked / embedded results when the
     gallery-scaled defaults exceed it, and is tried with a 0.19 global blend too when
     the gallery has a global model.
     """
     out: list[Candidate] = []
-    for name in sorted(pipelines, key=order_of):
+    order = preference(items)
+    for name in sorted(pipelines, key=lambda p: order_of(p, order)):
         grid: list[dict[str, Any]] = [{}]
         if name == "local+mds":
             _, c = scaled_defaults(items)
@@ -193,17 +205,18 @@ def summarise(ranks: np.ndarray, k: int) -> dict[str, float]:
 
 
 def select(scored: Sequence[tuple[Candidate, dict[str, float]]], *, margin: float = 3.0,
-           global_margin: float = 10.0) -> tuple[Candidate, str]:
+           global_margin: float = 10.0, order: Sequence[str] = ORDER
+           ) -> tuple[Candidate, str]:
     """The default among scored candidates -> ``(candidate, reason)``.
 
     ``scored``: ``(candidate, summarise(...))`` of the candidates that ran. The first
-    candidate in preference order whose MRR is within its margin of the best MRR wins
+    candidate in preference ``order`` (pipeline names) whose MRR is within its margin of the best MRR wins
     (``global``: ``global_margin``; others: ``margin``); ties go to the earlier one.
     Pure and deterministic.
     """
     if not scored:
         raise InputError("no candidate pipeline could search this gallery")
-    ranked = sorted(scored, key=lambda cs: order_of(cs[0].pipeline))
+    ranked = sorted(scored, key=lambda cs: (order_of(cs[0].pipeline, order), cs[0].key))
     best_c, best = max(ranked, key=lambda cs: cs[1]["mrr"])  # max keeps the first of ties
     for cand, s in ranked:
         m = global_margin if cand.pipeline == "global" else margin
@@ -391,7 +404,8 @@ def tune_gallery(gallery: Any, config: TuneConfig | None = None, *,
     t_eq = time.perf_counter() - t_eq
     results.sort(key=lambda r: cands.index(r.candidate))
     ran = [(r.candidate, summarise(r.ranks, cfg.k)) for r in results if r.error is None]
-    chosen, reason = select(ran, margin=cfg.margin, global_margin=cfg.global_margin)
+    chosen, reason = select(ran, margin=cfg.margin, global_margin=cfg.global_margin,
+                            order=preference(summary["items"]))
     return {
         "type": RECORD_TYPE, "format_version": FORMAT_VERSION,
         "pipeline": chosen.pipeline, "params": dict(chosen.params), "key": chosen.key,
