@@ -182,7 +182,7 @@ def test_index_fusion_then_search_with_the_light_model(saved, photos, tmp_path, 
     g = s.gallery.get_vectors(s.gallery.keys_of(ids), space=fp)
     rc = main(["search", str(moved), str(files[0]), str(files[1]), "-k", "3", "--json",
                "--threads", "1"])
-    rows = json.loads(capsys.readouterr().out)
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert rc == 0
     for row, qv in zip(rows, q, strict=True):
         order = np.argsort(-(g @ qv), kind="stable")[:3]

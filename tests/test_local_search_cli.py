@@ -25,7 +25,7 @@ from galleria.store.gallery import Gallery
 def _search(capsys, *argv: str) -> tuple[int, list[dict], str]:
     rc = main(["search", *argv, "--json", "--quiet"])
     cap = capsys.readouterr()
-    return rc, (json.loads(cap.out) if cap.out.strip() else []), cap.err
+    return rc, [json.loads(line) for line in cap.out.splitlines() if line.strip()], cap.err
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ def server(photos_gallery, tmp_path_factory):
     shutil.copytree(photos_gallery, g)
     (tmp / "token").write_text(TOKEN + "\n")
     with ProcessServer(g, "--token-file", str(tmp / "token"), "--max-upload-mb", "1",
-                       "--workers", "2", log=tmp / "server.log") as srv:
+                       "--request-threads", "2", log=tmp / "server.log") as srv:
         srv.gallery = g  # type: ignore[attr-defined]
         yield srv
 

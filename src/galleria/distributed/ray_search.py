@@ -29,8 +29,8 @@ from galleria.extractors.base import Extractor
 from galleria.search.contract import Searcher, SearchOptions
 from galleria.search.searcher import PlainSearcher
 from galleria.store.gallery import Gallery
-from galleria.store.views import KeyFilter, SpaceView, merge_top
-from galleria.types import MISSING_KEY, SearchResult, clamp_k
+from galleria.store.views import KeyFilter, SpaceView
+from galleria.types import MISSING_KEY, SearchResult, clamp_k, merge_top
 from galleria.validate import as_embeddings
 
 log = logging.getLogger(__name__)

@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 from PIL import Image
 
 from galleria.errors import CompatibilityError, InputError
@@ -47,12 +48,17 @@ class SearchOptions:
         qe_alpha: the expansion's exponent.
         dim: adaptive-size search at this prefix size (a ``prefix`` index).
         funnel: ``(shortlist_dim, shortlist)``: small-prefix shortlist, full re-score.
+        where: a payload filter (any form :func:`galleria.filters.as_filter` takes):
+            only items satisfying it (exact; see galleria.store.filtered).
+        min_score: drop results scoring below this (every searcher honours it).
     """
 
     qe: int = 0
     qe_alpha: float = 3.0
     dim: int | None = None
     funnel: tuple[int, int] | None = None
+    where: Any = None
+    min_score: float | None = None
 
     def given(self) -> list[str]:
         """The options set to something other than their default."""
@@ -68,6 +74,25 @@ class SearchOptions:
             raise InputError(f"unknown search options {bad}; known: {sorted(known)}")
         base = options or cls()
         return dataclasses.replace(base, **kw) if kw else base
+
+
+EVERY_SEARCHER = frozenset({"min_score"})
+"""Options :meth:`Searcher.search` applies itself, for every kind of searcher."""
+
+
+def at_least(result: SearchResult, min_score: float | None) -> SearchResult:
+    """``result`` without the entries scoring below ``min_score`` (padded as missing)."""
+    if min_score is None:
+        return result
+    low = result.scores < float(min_score)
+    if not low.any():
+        return result
+    order = np.argsort(low, axis=1, kind="stable")  # kept entries first, in rank order
+    low = np.take_along_axis(low, order, 1)
+    scores = np.where(low, -np.inf, np.take_along_axis(result.scores, order, 1))
+    ids = np.take_along_axis(result.ids, order, 1)
+    ids = np.where(low, None if ids.dtype == object else -1, ids)
+    return SearchResult(scores.astype(np.float32), ids, result.generation)
 
 
 class Searcher(ABC):
@@ -108,13 +133,13 @@ class Searcher(ABC):
         if missing:
             raise CompatibilityError(f"this search needs query data of {missing}; got "
                                      f"{list(q.data)}")
-        return self._search(q, k, opts)
+        return at_least(self._search(q, k, opts), opts.min_score)
 
     def check_options(self, options: SearchOptions | None = None, **kw: Any) -> SearchOptions:
         """``options`` (with keyword overrides) if this searcher honours them all, else an
         InputError naming the unsupported ones and the supported ones."""
         opts = SearchOptions.of(options, **kw)
-        unsupported = [o for o in opts.given() if o not in self.supports]
+        unsupported = [o for o in opts.given() if o not in self.supports | EVERY_SEARCHER]
         if unsupported:
             ok = ", ".join(sorted(self.supports)) or "none"
             d = self.describe()

@@ -44,11 +44,11 @@ class PlainSearcher(Searcher):
     The query model is rebuilt from the space's record (its ``query_config`` when
     the space is asymmetric, e.g. a fused gallery), fingerprint checked. A
     long-lived searcher sees new commits on its next search. Options: ``qe``,
-    ``qe_alpha``, ``dim``, ``funnel``.
+    ``qe_alpha``, ``dim``, ``funnel``, ``where`` (a payload filter).
     """
 
     kind = "plain"
-    supports = frozenset({"qe", "qe_alpha", "dim", "funnel"})
+    supports = frozenset({"qe", "qe_alpha", "dim", "funnel", "where"})
 
     def __init__(self, gallery: Gallery, extractor: Extractor | None = None, *,
                  space: str | None = None) -> None:
@@ -84,7 +84,8 @@ class PlainSearcher(Searcher):
     def _search(self, queries: Queries, k: int, options: SearchOptions) -> SearchResult:
         x = as_embeddings(queries[self.space], name="queries")
         qe = options.qe
-        kw = {"fingerprint": self.space, "dim": options.dim, "funnel": options.funnel}
+        kw = {"fingerprint": self.space, "dim": options.dim, "funnel": options.funnel,
+              "where": options.where}
         res = self.gallery.search(x, max(k, qe), **kw)
         if qe > 0:
             top = res.ids[:, :qe]

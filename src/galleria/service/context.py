@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 
 from galleria.service.auth import Auth
 from galleria.service.engine import Engine, QuerySpec, ServiceConfig
@@ -15,7 +15,13 @@ from galleria.service.errors import ServiceError, bad_request
 from galleria.service.items import ThumbnailCache
 from galleria.service.limits import WorkerPool
 from galleria.service.metrics import Metrics
-from galleria.service.requests import parse_json_body, query_from_json, search_options
+from galleria.service.requests import (
+    SEARCH_KEYS,
+    check_fields,
+    parse_json_body,
+    query_from_json,
+    search_options,
+)
 from galleria.service.upgrades import UpgradeRunner
 
 
@@ -75,8 +81,12 @@ class ServiceContext:
         kind, body = await self.body(request)
         params = dict(request.query_params)
         cfg = self.config
+        check_fields(params, SEARCH_KEYS, "query string")
+        check_fields(body.keys(), SEARCH_KEYS, "search request")
         if kind == "multipart":
             src = {**params, **{k: v for k, v in body.items() if isinstance(v, str)}}
+            if len(body.getlist("where")) > 1:  # several conditions, all must hold
+                src["where"] = [w for w in body.getlist("where") if isinstance(w, str)]
             opts = search_options(src, cfg)
             if body.get("image") is not None:
                 data, fname = await self.file_bytes(body.get("image"), "image")
@@ -92,8 +102,34 @@ class ServiceContext:
 
 
 def service(request: Request) -> ServiceContext:
-    """The context of the gallery this request is for (a FastAPI dependency)."""
-    return request.app.state.ctx  # type: ignore[no-any-return]
+    """The context of the gallery this request is for (a FastAPI dependency): the one
+    named by the ``{gallery}`` of ``/v1/galleries/{gallery}/...``, else the server's only
+    gallery."""
+    st = request.app.state
+    name = request.path_params.get("gallery")
+    if name is not None:
+        ctx = st.contexts.get(name)
+        if ctx is None:
+            raise ServiceError(404, "no_gallery", f"no gallery {name!r} on this server; "
+                               f"it serves {sorted(st.contexts)} (GET /v1/galleries)")
+        return ctx  # type: ignore[no-any-return]
+    if st.ctx is None:
+        raise ServiceError(404, "several_galleries",
+                           f"this server serves several galleries ({sorted(st.contexts)}): "
+                           "use /v1/galleries/{name}/... (GET /v1/galleries lists them)")
+    return st.ctx  # type: ignore[no-any-return]
+
+
+def all_contexts(request: Request) -> dict[str, ServiceContext]:
+    """Every gallery the server serves, by name."""
+    return request.app.state.contexts  # type: ignore[no-any-return]
+
+
+def gallery_name(gallery: str = Path(description="a gallery's name (GET /v1/galleries)")
+                 ) -> str:
+    """The ``{gallery}`` path parameter of the multi-gallery routes (declared for the
+    OpenAPI document; :func:`service` reads it)."""
+    return gallery
 
 
 Ctx = Annotated[ServiceContext, Depends(service)]

@@ -366,17 +366,26 @@ class Engine:
             return Prepared(error=from_galleria(exc))
 
     def search(self, specs: list[QuerySpec], *, k: int, offset: int = 0,
-               pipeline: str | None = None, return_query: bool = False
-               ) -> list[dict[str, Any]]:
+               pipeline: str | None = None, return_query: bool = False,
+               where: Any = None, min_score: float | None = None) -> list[dict[str, Any]]:
         """Answer queries (one search over all usable ones); per query a response or an
-        ``{"error": ...}`` entry. ``pipeline=None``: the gallery's default (as the CLI)."""
+        ``{"error": ...}`` entry. ``pipeline=None``: the gallery's default (as the CLI).
+        ``where``: a payload filter (400 when it names a field no item has);
+        ``min_score``: leave out results scoring below it."""
+        if where is not None:
+            try:
+                where = self.gallery.bind_filter(where)
+            except InputError as exc:
+                raise ServiceError(400, "bad_filter", str(exc)) from exc
+        opts = {k_: v for k_, v in (("where", where), ("min_score", min_score))
+                if v is not None}
         prepared = [self.prepare(s) for s in specs]
         request = self.request(pipeline)
         for attempt in range(3):
             key, searcher = self.searcher(pipeline)
             try:
                 out = self._search_once(searcher, specs, prepared, k=k, offset=offset,
-                                        return_query=return_query)
+                                        return_query=return_query, options=opts)
             except GalleriaError:  # e.g. the old space dropped by a finish meanwhile
                 if attempt == 2 or self.decide(request) == key:
                     raise
@@ -387,8 +396,13 @@ class Engine:
         return out
 
     def _search_once(self, searcher: Searcher, specs: list[QuerySpec], prepared: list[Prepared],
-                     *, k: int, offset: int, return_query: bool) -> list[dict[str, Any]]:
+                     *, k: int, offset: int, return_query: bool,
+                     options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         need = list(searcher.spaces)
+        try:
+            searcher.check_options(**(options or {}))
+        except InputError as exc:  # e.g. a filter during an upgrade, or on local pipelines
+            raise ServiceError(400, "unsupported_option", str(exc)) from exc
         errors: dict[int, ServiceError] = {}
         rows: dict[int, dict[str, np.ndarray]] = {}
         images: list[tuple[int, Image.Image]] = []
@@ -420,7 +434,7 @@ class Engine:
                 col = [rows[n][sp] for n in order]
                 data[sp] = np.stack(col).astype(np.float32) \
                     if all(isinstance(c, np.ndarray) for c in col) else col
-            res = searcher.search(Queries(data), k + offset)
+            res = searcher.search(Queries(data), k + offset, **(options or {}))
         info = searcher.describe()
         metas = self._metas(res) if res is not None else {}
         out: list[dict[str, Any]] = []
@@ -444,6 +458,12 @@ class Engine:
             }
             if "merge" in info:
                 resp["merge"] = info["merge"]
+            if options and options.get("where") is not None:
+                from galleria.filters import to_json
+
+                resp["filter"] = to_json(options["where"])
+            if options and options.get("min_score") is not None:
+                resp["min_score"] = options["min_score"]
             if return_query:
                 resp["query"] = {sp: np.asarray(rows[n][sp], dtype=float).tolist()
                                  for sp in need if isinstance(rows[n][sp], np.ndarray)}
@@ -527,6 +547,7 @@ class Engine:
             "finishing": bool(state.setting(FINISHING_KEY)),
             "searcher": default,
             "models_loaded": self.models.fingerprints(),
+            "payload_fields": g.payload_fields(),
             "limits": {"max_k": self.config.max_k, "max_offset": self.config.max_offset,
                        "max_batch": self.config.max_batch,
                        "max_upload_bytes": self.config.max_upload_bytes,

@@ -32,6 +32,49 @@ class SearchResponse(BaseModel):
                                     "in progress, ...")
     merge: dict[str, Any] | None = Field(None, description="during an upgrade: the merge rule "
                                                "and calibration that combined both spaces")
+    filter: dict[str, Any] | None = Field(None, description="the filter applied (JSON form)")
+
+
+FILTER_DOC = ("payload filter, JSON form: {\"must\": [{\"key\": \"label\", \"match\": \"cat\"}, "
+              "{\"key\": \"year\", \"range\": {\"gte\": 2010}}], \"should\": [...], "
+              "\"must_not\": [...]}; conditions: match, any (a list), range (gt/gte/lt/lte: "
+              "numbers or ISO dates), exists; or the shorthand {\"label\": \"cat\"}")
+WHERE_DOC = ("compact filter expressions (all must hold): label=cat, label=cat,dog, "
+             "label!=cat, year>=2010, year=2000..2010, taken<2021-05-01")
+
+
+class ItemOut(BaseModel):
+    id: str
+    metadata: dict[str, Any]
+    spaces: list[str]
+    added: float
+    content: str | None = None
+
+
+class ItemPage(BaseModel):
+    items: list[ItemOut]
+    next_cursor: str | None = Field(description="pass as cursor for the next page; null at "
+                                                "the end")
+    count: int | None = Field(None, description="items matching (when asked: count=true)")
+
+
+SCROLL_BODY = {"requestBody": {"content": {"application/json": {"schema": {
+    "type": "object", "additionalProperties": False, "properties": {
+        "filter": {"type": "object", "description": FILTER_DOC},
+        "where": {"type": "array", "items": {"type": "string"}, "description": WHERE_DOC},
+        "limit": {"type": "integer", "minimum": 1, "maximum": 1000},
+        "cursor": {"type": "string"}, "count": {"type": "boolean"},
+        "space": {"type": "string"}}}}}}}
+DEDUP_BODY = {"requestBody": {"content": {"application/json": {"schema": {
+    "type": "object", "additionalProperties": False, "properties": {
+        "k": {"type": "integer", "description": "neighbours examined per image"},
+        "candidate": {"type": "number", "description": "cosine from which a pair is checked "
+                                                        "with local features"},
+        "threshold": {"type": "number", "description": "cosine from which a pair is a "
+                                                        "near-duplicate without local features"},
+        "sure": {"type": "number", "description": "cosine accepted without a check"},
+        "min_inliers": {"type": "integer", "description": "homography inliers that confirm"},
+        "verify": {"enum": ["auto", "always", "never"]}}}}}}}
 
 
 class SearchJSON(BaseModel):
@@ -46,6 +89,12 @@ class SearchJSON(BaseModel):
     pipeline: str | None = Field(None, description="global, global+sv, local, local+mds; "
                                                    "default: the gallery's (as the CLI)")
     return_query: bool = False
+    filter: dict[str, Any] | None = Field(None, description=FILTER_DOC)
+    where: list[str] | str | None = Field(None, description=WHERE_DOC)
+    min_score: float | None = Field(None, description="leave out results scoring below this "
+                                                      "(cosine similarity)")
+
+    model_config = {"extra": "forbid"}
 
 
 class ErrorBody(BaseModel):
@@ -66,7 +115,10 @@ def _multipart_doc(fields: dict[str, dict[str, Any]], required: list[str]) -> di
 SEARCH_BODY = {"requestBody": {"content": {
     **_multipart_doc({"image": {"type": "string", "format": "binary"},
                       "id": {"type": "string"}, "k": {"type": "integer"},
-                      "offset": {"type": "integer"}, "pipeline": {"type": "string"}}, []),
+                      "offset": {"type": "integer"}, "pipeline": {"type": "string"},
+                      "where": {"type": "string", "description": WHERE_DOC},
+                      "filter": {"type": "string", "description": "the JSON filter, as text"},
+                      "min_score": {"type": "number"}}, []),
     "application/json": {"schema": SearchJSON.model_json_schema()}}}}
 BATCH_BODY = {"requestBody": {"content": {
     **_multipart_doc({"images": {"type": "array", "items": {"type": "string",

@@ -38,7 +38,7 @@ import numpy as np
 from galleria.errors import CompatibilityError, FormatError, InputError
 from galleria.fingerprint import slug
 from galleria.io.artifact import load_header, make_header, save_header
-from galleria.store import items, reader, writes
+from galleria.store import filtered, items, listing, payloads, reader, writes
 from galleria.store.db import Database
 from galleria.store.lock import WriterLock
 from galleria.store.schema import DB, FORMAT_VERSION, HEADER, SCHEMA
@@ -87,6 +87,10 @@ class Gallery:
         self._views: dict[str, SpaceView] = {}
         self._refresh_locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
+        self.payload_cache = payloads.PayloadCache()
+        self.filter_sources = filtered.SourceCache()
+        if not readonly:
+            payloads.ensure_on(db)
 
     # ------------------------------------------------------------------ open
     @classmethod
@@ -293,7 +297,7 @@ class Gallery:
     def item(self, item_id: str) -> items.ItemRecord | None:
         """An item's key, metadata, content hash and spaces (``None`` if unknown)."""
         with self.db.read() as c:
-            return items.item(c, item_id)
+            return items.item(c, item_id, self.path)
 
     def has(self, ids: Sequence[str], space: str) -> np.ndarray:
         """``(N,)`` bool: which ids already have data in ``space``."""
@@ -311,8 +315,10 @@ class Gallery:
             return items.ids_of(c, keys)
 
     def meta(self, ids: Sequence[str]) -> list[dict[str, Any] | None]:
+        """Items' metadata (``None`` for unknown ids); ``path``, the item's image, is
+        absolute (a path recorded relative to the gallery is resolved against it)."""
         with self.db.read() as c:
-            return items.metas(c, ids)
+            return items.metas(c, ids, self.path)
 
     def contents(self, ids: Sequence[str]) -> dict[str, tuple[str | None, int | None, int | None]]:
         """``id -> (content hash, file size, mtime_ns)`` recorded for known ids."""
@@ -344,9 +350,8 @@ class Gallery:
             if x.ndim != 2:
                 raise InputError(f"vectors must have shape (N, D); got shape {x.shape}")
             self.register_space(space, x.shape[1], info)
-        return writes.add_vectors(self, ids, vectors, space=space, meta=meta, replace=replace,
-                                  drop_spaces=drop_spaces, only_if_in=only_if_in,
-                                  contents=contents)
+        return writes.add_vectors(self, ids, vectors, space=space, meta=meta, contents=contents,
+                                  rules=writes.AddRules(replace, drop_spaces, only_if_in))
 
     def add_local(self, ids: Sequence[str], features: Sequence[LocalFeatures], *, space: str,
                   meta: Sequence[dict[str, Any] | None] | None = None, replace: bool = False,
@@ -354,9 +359,8 @@ class Gallery:
                   drop_spaces: Sequence[str] = (), only_if_in: str | None = None) -> np.ndarray:
         """Store per-item local features (one :class:`LocalFeatures` per id) of a local space."""
         self._check_writable()
-        return writes.add_local(self, ids, features, space=space, meta=meta, replace=replace,
-                                contents=contents, drop_spaces=drop_spaces,
-                                only_if_in=only_if_in)
+        return writes.add_local(self, ids, features, space=space, meta=meta, contents=contents,
+                                rules=writes.AddRules(replace, drop_spaces, only_if_in))
 
     def remove(self, ids: Sequence[str], *, space: str | None = None) -> int:
         """Remove items (all their data), or only their data in ``space``.
@@ -556,9 +560,38 @@ class Gallery:
         self._check_writable()
         return writes.save_index(self, self._resolve_space(space))
 
+    # -------------------------------------------------------------- payloads
+    def payload_fields(self) -> dict[str, dict[str, int]]:
+        """``{field: {type: items}}``: the filterable fields (store/payloads.py)."""
+        with self.db.read() as c:
+            return payloads.fields(c, self.payload_cache)
+
+    def bind_filter(self, where: Any) -> Any:
+        """``where`` (any filter form) checked against the gallery's fields, values typed
+        (an InputError naming the fields there are, for an unknown one)."""
+        with self.db.read() as c:
+            return payloads.bound(c, payloads.check_where(where), self.payload_cache)
+
+    def match_keys(self, where: Any) -> np.ndarray:
+        """Sorted int64 keys of the items satisfying the filter ``where``."""
+        with self.db.read() as c:
+            return payloads.match_keys(c, payloads.check_where(where), self.payload_cache)
+
+    def count_items(self, where: Any = None, *, space: str | None = None) -> int:
+        """Items satisfying ``where`` (any filter form), holding data in ``space`` if given."""
+        with self.db.read() as c:
+            return listing.count_items(c, where, space=space, cache=self.payload_cache)
+
+    def list_items(self, where: Any = None, *, space: str | None = None,
+                   cursor: str | None = None, limit: int = 100) -> listing.Page:
+        """One page of items in insertion order (``page.next_cursor`` continues it)."""
+        with self.db.read() as c:
+            return listing.list_items(c, where, space=space, cursor=cursor, limit=limit,
+                                      cache=self.payload_cache)
+
     def search(self, queries: np.ndarray, k: int = 10, *, fingerprint: str | None = None,
                space: str | None = None, dim: int | None = None,
-               funnel: tuple[int, int] | None = None) -> SearchResult:
+               funnel: tuple[int, int] | None = None, where: Any = None) -> SearchResult:
         """Top-``k`` items for ``(Q, D)`` query vectors made by model ``fingerprint``.
 
         The caller names the model that made the queries (``fingerprint``) or the
@@ -567,7 +600,9 @@ class Gallery:
         never compared. ``k`` is clamped to the space's size (the result has
         ``min(k, items)`` columns).
         ``dim`` / ``funnel=(shortlist_dim, shortlist)``: adaptive-size search on a
-        ``prefix`` index. Returns string ids (``None`` for missing results).
+        ``prefix`` index. ``where``: only items satisfying this payload filter
+        (store/filtered.py: exact; pre- or post-filter by how many match). Returns
+        string ids (``None`` for missing results).
         """
         from galleria.index.base import check_k
         from galleria.validate import as_embeddings
@@ -594,6 +629,10 @@ class Gallery:
                 f"query vectors have dimension {got} but space {space!r} holds vectors "
                 f"of dimension {view.dim}")
         q = as_embeddings(q, name="queries", dim=view.dim)
+        if where is not None:
+            if dim is not None or funnel is not None:
+                raise InputError("a filter (where) does not combine with dim / funnel search")
+            return filtered.search_filtered(self, q, k, space=space, where=where)[0]
         if (dim is not None or funnel is not None) and not hasattr(view.base, "funnel_search"):
             raise InputError(
                 f"the index of {space!r} is {view.spec!r}; prefix and funnel search need a "

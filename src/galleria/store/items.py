@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from galleria.store.db import chunks
+from galleria.store.images import resolve_image_path
 from galleria.types import MISSING_KEY
 
 
@@ -44,14 +45,23 @@ class Change:
     id: str | None
 
 
-def item(c: sqlite3.Connection, item_id: str) -> ItemRecord | None:
+def item(c: sqlite3.Connection, item_id: str, root: Any = None) -> ItemRecord | None:
+    """One item; with ``root`` (the gallery folder) its image path is resolved
+    (:func:`galleria.store.images.resolve_image_path`)."""
     row = c.execute("SELECT key, meta, added, content FROM items WHERE id=?",
                     (item_id,)).fetchone()
     if row is None:
         return None
     spaces = tuple(r[0] for r in c.execute(
         "SELECT space FROM vectors WHERE key=? ORDER BY space", (int(row[0]),)))
-    return ItemRecord(item_id, int(row[0]), json.loads(row[1]), float(row[2]), row[3], spaces)
+    meta = _resolved(json.loads(row[1]), root)
+    return ItemRecord(item_id, int(row[0]), meta, float(row[2]), row[3], spaces)
+
+
+def _resolved(meta: dict[str, Any], root: Any) -> dict[str, Any]:
+    if root is not None and isinstance(meta, dict) and meta.get("path"):
+        meta["path"] = resolve_image_path(root, meta["path"])
+    return meta
 
 
 def ids(c: sqlite3.Connection, space: str | None = None) -> list[str]:
@@ -99,12 +109,14 @@ def ids_of(c: sqlite3.Connection, keys: np.ndarray) -> np.ndarray:
     return out
 
 
-def metas(c: sqlite3.Connection, item_ids: Sequence[str]) -> list[dict[str, Any] | None]:
+def metas(c: sqlite3.Connection, item_ids: Sequence[str], root: Any = None
+          ) -> list[dict[str, Any] | None]:
+    """Items' metadata (``None`` for unknown ids); with ``root``, image paths resolved."""
     found: dict[str, dict[str, Any]] = {}
     for ch in chunks(list(item_ids)):
         q = ",".join("?" * len(ch))
         for i, m in c.execute(f"SELECT id, meta FROM items WHERE id IN ({q})", ch):
-            found[i] = json.loads(m)
+            found[i] = _resolved(json.loads(m), root)
     return [found.get(i) for i in item_ids]
 
 
@@ -164,7 +176,7 @@ class Snapshot:
         self.c, self.root = c, root
 
     def item(self, item_id: str) -> ItemRecord | None:
-        return item(self.c, item_id)
+        return item(self.c, item_id, self.root)
 
     def ids(self, space: str | None = None) -> list[str]:
         return ids(self.c, space)
@@ -179,7 +191,7 @@ class Snapshot:
         return ids_of(self.c, keys)
 
     def metas(self, item_ids: Sequence[str]) -> list[dict[str, Any] | None]:
-        return metas(self.c, item_ids)
+        return metas(self.c, item_ids, self.root)
 
     def space_keys(self, space: str) -> np.ndarray:
         return space_keys(self.c, space)

@@ -1,7 +1,7 @@
 """Adaptive-size embeddings by similarity-space distillation: SS2D, SSD and a Matryoshka baseline.
 
 All three train a *student* ``f: R^D -> R^{d}`` on the raw embeddings to
-reproduce a *teacher*'s in-batch cosine-similarity structure (METHODS.md
+reproduce a *teacher*'s in-batch cosine-similarity structure (docs/methods.md
 section 2). The teacher defaults to an AE-SVC latent of size ``d_max`` fitted
 on the same rows; any fitted transform, a transform spec or a callable can be
 passed as ``teacher=``. The teacher is only needed while fitting.

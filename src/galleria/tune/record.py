@@ -54,13 +54,12 @@ from typing import Any
 
 import numpy as np
 
+from galleria.decision.choose import TUNED_KEY  # the setting the decision reads
 from galleria.tune.calibrate import apply
 from galleria.types import SearchResult
 
 log = logging.getLogger(__name__)
 
-TUNED_KEY = "tuned"
-"""The gallery setting holding the record (the same key :mod:`galleria.decision` reads)."""
 RECORD_TYPE = "galleria-tuned"
 FORMAT_VERSION = 1
 STALE_GROWTH = 0.25

@@ -210,7 +210,8 @@ def select(scored: Sequence[tuple[Candidate, dict[str, float]]], *, margin: floa
     """The default among scored candidates -> ``(candidate, reason)``.
 
     ``scored``: ``(candidate, summarise(...))`` of the candidates that ran. The first
-    candidate in preference ``order`` (pipeline names) whose MRR is within its margin of the best MRR wins
+    candidate in preference ``order`` (pipeline names) whose MRR is within its margin of
+    the best MRR wins
     (``global``: ``global_margin``; others: ``margin``); ties go to the earlier one.
     Pure and deterministic.
     """
@@ -467,6 +468,6 @@ def tune_and_store(gallery: Any, config: TuneConfig | None = None, *,
     """:func:`tune_gallery`, then store the record as the gallery's ``tuned`` setting
     (one transaction: readers see the old record or the new one)."""
     record = tune_gallery(gallery, config, progress=progress)
-    gallery.set_setting(TUNED_KEY, record)
+    gallery.update_settings({TUNED_KEY: record})
     log.info("tuned %s: %s (%s)", gallery.path, record["key"], record["reason"])
     return record

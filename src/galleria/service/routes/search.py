@@ -8,13 +8,19 @@ from fastapi.responses import JSONResponse, Response
 from galleria.service.context import Ctx
 from galleria.service.engine import QuerySpec
 from galleria.service.errors import ServiceError, bad_request, error_response
-from galleria.service.requests import query_from_json, search_options
+from galleria.service.requests import (
+    BATCH_KEYS,
+    QUERY_OBJECT_KEYS,
+    check_fields,
+    query_from_json,
+    search_options,
+)
 from galleria.service.schemas import BATCH_BODY, ERRORS, SEARCH_BODY, SearchResponse
 
 router = APIRouter(tags=["search"])
 
 
-@router.post("/v1/search", response_model=None, openapi_extra=SEARCH_BODY,
+@router.post("/search", response_model=None, openapi_extra=SEARCH_BODY,
              responses={200: {"model": SearchResponse}, **ERRORS},
              summary="search with one image, embedding or item id")
 async def search(request: Request, ctx: Ctx) -> Response:
@@ -26,7 +32,7 @@ async def search(request: Request, ctx: Ctx) -> Response:
     return error_response(err) if isinstance(err, ServiceError) else JSONResponse(out[0])
 
 
-@router.post("/v1/search/batch", response_model=None, openapi_extra=BATCH_BODY,
+@router.post("/search/batch", response_model=None, openapi_extra=BATCH_BODY,
              responses=ERRORS,
              summary="search with many queries (one search; per-query errors inline)")
 async def search_batch(request: Request, ctx: Ctx) -> Response:
@@ -35,6 +41,8 @@ async def search_batch(request: Request, ctx: Ctx) -> Response:
     cfg = ctx.config
     kind, body = await ctx.body(request)
     params = dict(request.query_params)
+    check_fields(params, BATCH_KEYS, "query string")
+    check_fields(body.keys(), BATCH_KEYS, "batch request")
     specs: list[QuerySpec | ServiceError] = []
     if kind == "multipart":
         src = {**params, **{k: v for k, v in body.items() if isinstance(v, str)}}
@@ -49,6 +57,8 @@ async def search_batch(request: Request, ctx: Ctx) -> Response:
             raise bad_request("send {\"queries\": [query objects]}", "bad_query")
         for q in qs[: cfg.max_batch + 1]:
             try:
+                if isinstance(q, dict):
+                    check_fields(q.keys(), QUERY_OBJECT_KEYS, "query")
                 specs.append(query_from_json(q, cfg))
             except ServiceError as exc:
                 specs.append(exc)
