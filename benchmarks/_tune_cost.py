@@ -62,6 +62,19 @@ def all_gallery(threads: int) -> Gallery:
     return g
 
 
+def _bytes_per_item(g: Gallery, items: int) -> dict[str, Any]:
+    """Bytes on disk per item: the whole gallery folder (database, vectors, local
+    features, saved indexes) and its parts by top-level entry."""
+    parts: dict[str, int] = {}
+    for p in g.path.rglob("*"):
+        if p.is_file():
+            top = p.relative_to(g.path).parts[0]
+            parts[top] = parts.get(top, 0) + p.stat().st_size
+    total = sum(parts.values())
+    return {"total": round(total / max(items, 1)),
+            "parts": {k: round(v / max(items, 1)) for k, v in sorted(parts.items())}}
+
+
 def _timed_tune(g: Gallery, n: int, seed: int) -> dict[str, Any]:
     load0 = os.getloadavg()
     t0 = time.perf_counter()
@@ -78,6 +91,7 @@ def _timed_tune(g: Gallery, n: int, seed: int) -> dict[str, Any]:
                            for c in rec["candidates"]},
             "equivalents": rec["equivalents"],
             "record_bytes": len(json.dumps(rec)),
+            "gallery_bytes_per_item": _bytes_per_item(g, rec["state"]["items"]),
             "load_average_before": load0, "load_average_after": os.getloadavg()}
 
 

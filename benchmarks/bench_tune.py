@@ -61,7 +61,7 @@ from galleria.fingerprint import digest, slug
 from galleria.io.atomic import write_json
 from galleria.threads import set_threads
 from galleria.tune import calibrate
-from galleria.tune.tuner import Candidate, TuneConfig, select, tune_gallery
+from galleria.tune.tuner import Candidate, TuneConfig, preference, select, tune_gallery
 
 ROWS: list[tuple[str, list[str]]] = [
     ("smvs", ["mAP", "R@1"]), ("smvs-ref", ["R@1", "mAP"]),
@@ -79,9 +79,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 #: re-selections from a config's scores (pure select, no new search): rule ablations
 RULES: dict[str, dict[str, float]] = {"no-margin": {"margin": 0.0, "global_margin": 0.0}}
-#: Caltech-101: real queries evaluated (a seeded subset of the 2,893; every pipeline
-#: on the same subset)
-CALTECH_QUERIES = 600
+#: real queries evaluated per row: a seeded subset when a row has more (every pipeline
+#: on the same subset; global+sv costs about a second per query on 2 busy cores)
+MAX_QUERIES = 300
 TUNE_DIR = OUT / "tune"
 log = logging.getLogger("bench_tune")
 
@@ -108,7 +108,18 @@ def tuned(row: str, gallery: Any, name: str, n: int, seed: int, retune: bool) ->
         write_json(path, rec)
         print(f"  tuned {row} [{name}] -> {rec['key']} in {time.perf_counter() - t0:.0f} s",
               flush=True)
-    return rec
+    return reselect(rec, cfg)
+
+
+def reselect(rec: dict[str, Any], cfg: TuneConfig) -> dict[str, Any]:
+    """A cached record's choice under the current rule (the pure :func:`select` on its
+    stored scores: the scores do not depend on the rule)."""
+    scored = [(Candidate(c["pipeline"], tuple(sorted(c["params"].items()))), c)
+              for c in rec["candidates"] if c["supported"]]
+    chosen, why = select(scored, margin=cfg.margin, global_margin=cfg.global_margin,
+                         order=preference(rec["state"]["items"]))
+    return {**rec, "key": chosen.key, "pipeline": chosen.pipeline,
+            "params": dict(chosen.params), "reason": why}
 
 
 def real(row: str, task: Any, data: dict[str, Any], gallery: Any, cand: dict[str, Any],
@@ -135,6 +146,14 @@ def real(row: str, task: Any, data: dict[str, Any], gallery: Any, cand: dict[str
     return out
 
 
+def query_rows(task: Any) -> np.ndarray | None:
+    """The real queries evaluated: all, or a seeded subset of :data:`MAX_QUERIES`."""
+    if task.num_queries <= MAX_QUERIES:
+        return None
+    return np.sort(np.random.default_rng(0).choice(task.num_queries, MAX_QUERIES,
+                                                   replace=False))
+
+
 # ------------------------------------------------------------------ sections
 
 
@@ -146,10 +165,7 @@ def run_rows(rows: list[str], configs: list[str], n: int, seed: int, retune: boo
         task = load_row_task(row)
         data = task_data(task)
         gallery = task_gallery(task, TUNE_DIR / "galleries" / row, data)
-        qrows = None
-        if row == "caltech101":
-            qrows = np.sort(np.random.default_rng(0).choice(task.num_queries, CALTECH_QUERIES,
-                                                            replace=False))
+        qrows = query_rows(task)
         recs = {c: tuned(row, gallery, c, n, seed, retune) for c in configs}
         cands = [c for c in recs[configs[0]]["candidates"] if c["supported"]]
         results = {c["key"]: real(row, task, data, gallery, c, qrows) for c in cands}
@@ -157,7 +173,7 @@ def run_rows(rows: list[str], configs: list[str], n: int, seed: int, retune: boo
             base = recs[configs[0]]
             scored = [(Candidate(c["pipeline"], tuple(sorted(c["params"].items()))),
                        {"mrr": c["mrr"]}) for c in base["candidates"] if c["supported"]]
-            chosen, _ = select(scored, **rule)
+            chosen, _ = select(scored, **rule, order=preference(base["state"]["items"]))
             recs[name] = {"key": chosen.key, "pipeline": chosen.pipeline}
         entry = {"row": row, "gallery": task.num_gallery,
                  "queries": len(qrows) if qrows is not None else task.num_queries,
@@ -190,10 +206,7 @@ def run_calibration(rows: list[str], n: int, seed: int) -> list[dict[str, Any]]:
         data = task_data(task)
         gallery = task_gallery(task, TUNE_DIR / "galleries" / row, data)
         rec = tuned(row, gallery, "final", n, seed, False)
-        qrows = None
-        if row == "caltech101":
-            qrows = np.sort(np.random.default_rng(0).choice(task.num_queries, CALTECH_QUERIES,
-                                                            replace=False))
+        qrows = query_rows(task)
         for c in rec["candidates"]:
             if not c["supported"] or not c.get("calibration"):
                 continue
@@ -279,9 +292,10 @@ def markdown(payload: dict[str, Any]) -> str:
                "store (ASMK). Real-query metrics in percent (N-S out of 4). Pseudo: the "
                "tuner's scores on pseudo-queries (phone-like views of a seeded sample of the "
                "gallery's own images, no labels; `source only`: without counting verified "
-               "equivalents). Caltech-101: a seeded subset of "
-               f"{CALTECH_QUERIES} test queries. smvs-small*: SMVS references downscaled to "
-               "200 px (built by benchmarks/_tune_rows.py), phone photos as queries.", "",
+               "equivalents). Real queries: a seeded subset of "
+               f"{MAX_QUERIES} queries where a row has more. smvs-small*: SMVS references "
+               "downscaled to 200 px (built by benchmarks/_tune_rows.py), phone photos as "
+               "queries.", "",
                *rows_markdown(payload["rows"])]
     if "calibration" in payload:
         md += ["## Calibrated match probabilities on real labels (fitted on pseudo-queries "

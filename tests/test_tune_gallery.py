@@ -119,3 +119,92 @@ def test_record_is_stored_used_shown_and_goes_stale(smvs_gallery, tmp_path, caps
     assert main(["info", str(path), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["tuned"]["pipeline"] == rec["pipeline"] and info["tuned"]["stale"]
+
+
+@pytest.fixture(scope="module")
+def tuned_copy(smvs_gallery, tmp_path_factory):
+    """A copy of the SMVS gallery tuned on ``global`` and ``local`` (seed 0)."""
+    import shutil
+
+    src, extra = smvs_gallery
+    path = tmp_path_factory.mktemp("tuned") / "g"
+    shutil.copytree(src, path)
+    with Gallery.open(path) as g:
+        rec = tune_and_store(g, TuneConfig(n=COVERS, seed=0, pipelines=PIPES))
+    return path, extra, rec
+
+
+def _monotone(results):
+    """Probabilities never decrease with the score within a result list."""
+    pairs = sorted((r["score"], r["probability"]) for r in results)
+    return all(b[1] >= a[1] - 1e-4 for a, b in zip(pairs, pairs[1:], strict=False))
+
+
+def test_cli_search_shows_probabilities_filters_on_them_and_writes_the_legend(
+        tuned_copy, tmp_path, capsys):
+    path, extra, _ = tuned_copy
+    phones = [str(x.path) for x in extra[:3]]
+    html = tmp_path / "r.html"
+    assert main(["search", str(path), *phones, "-k", "5", "--pipeline", "local", "--json",
+                 "--html", str(html), "--threads", "1"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 3
+    for row in rows:
+        ps = [r["probability"] for r in row["results"]]
+        assert all(p is not None and 0.0 <= p <= 1.0 for p in ps) and _monotone(row["results"])
+    page = html.read_text()
+    assert "calibrated probability" in page and " p 0." in page.replace("<b>", " ")
+    # --min-probability keeps exactly the results at or above it
+    thr = 0.5
+    assert main(["search", str(path), *phones, "-k", "5", "--pipeline", "local", "--json",
+                 "--min-probability", str(thr), "--threads", "1"]) == 0
+    kept = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    for full, cut in zip(rows, kept, strict=True):
+        want = [r["id"] for r in full["results"] if r["probability"] >= thr - 1e-4]
+        assert [r["id"] for r in cut["results"]] == want
+    # a pipeline the gallery was not tuned for: no probability, and no probability filter
+    assert main(["search", str(path), phones[0], "-k", "3", "--pipeline", "global+sv",
+                 "--json", "--threads", "1"]) == 0
+    row = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert all(r["probability"] is None for r in row["results"])
+    assert main(["search", str(path), phones[0], "--pipeline", "global+sv",
+                 "--min-probability", "0.5", "--threads", "1"]) != 0
+
+
+def test_service_returns_probabilities_and_shows_the_tuned_default(tuned_copy):
+    import sys
+    from pathlib import Path
+
+    import httpx
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _service import thread_server
+
+    from galleria.service.engine import ServiceConfig
+
+    path, extra, rec = tuned_copy
+    image = Path(extra[0].path).read_bytes()
+    cfg = ServiceConfig(gallery=path, workers=1, threads=1, warm_up=False)
+    with thread_server(cfg, timeout=120) as url:
+        info = httpx.get(url + "/v1/info", timeout=60).json()
+        assert info["tuned"]["pipeline"] == rec["pipeline"] and info["tuned"]["stale"] == []
+        assert info["searcher"]["reason"] == "tuned" and "probability" in info["score_meaning"]
+
+        def search(**fields):
+            r = httpx.post(url + "/v1/search", files={"image": ("q.jpg", image)},
+                           data={"k": "5", **fields}, timeout=120)
+            return r.status_code, r.json()
+
+        code, body = search(pipeline="local")
+        assert code == 200 and body["calibrated"] is True
+        assert all(0 <= r["probability"] <= 1 for r in body["results"])
+        assert _monotone(body["results"])
+        top = body["results"][0]["probability"]
+        code, cut = search(pipeline="local", min_probability=str(top))
+        assert code == 200 and cut["results"][0]["id"] == body["results"][0]["id"]
+        assert all(r["probability"] >= top - 1e-4 for r in cut["results"])
+        code, body = search(pipeline="global+sv")
+        assert code == 200 and body["calibrated"] is False
+        assert all(r["probability"] is None for r in body["results"])
+        code, err = search(pipeline="global+sv", min_probability="0.5")
+        assert code == 400 and err["error"] == "not_calibrated"

@@ -157,12 +157,15 @@ def cmd_search(args: argparse.Namespace) -> int:
     queries, res, fails = searcher.search_paths(args.images, args.k, **opts)
     for f in fails:
         print(f"galleria search: cannot read query {f.path}: {f.reason}", file=sys.stderr)
+    from galleria.cli.tune import result_probabilities, result_rows
+
+    res, prob = result_probabilities(searcher, res, getattr(args, "min_probability", None))
     out: list[dict[str, Any]] = []
     if res is not None:
         for q, path in enumerate(queries):
             out.append(
                 {"query": path,
-                 "results": [{"id": i, "score": round(s, 6)} for i, s in res.row(q)]}
+                 "results": result_rows(res, prob, q)}
             )
     if args.html and res is not None:
         from galleria.search.html import write_results_html
@@ -173,7 +176,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             metas = searcher.gallery.meta(ids)
             paths.append([(m or {}).get("path") for m in metas])
         write_results_html(args.html, queries, res, paths,
-                           title=f"galleria: {Path(args.gallery).name}")
+                           title=f"galleria: {Path(args.gallery).name}", probabilities=prob)
     if args.json:  # JSON Lines: one object per query, one line each
         for row in out:
             print(json.dumps(row, default=json_default))
@@ -181,7 +184,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         for row in out:
             print(row["query"])
             for n, r in enumerate(row["results"], 1):
-                print(f"  {n:>3}. {r['score']:.4f}  {r['id']}")
+                pr = "" if r["probability"] is None else f"  p={r['probability']:.3f}"
+                print(f"  {n:>3}. {r['score']:.4f}{pr}  {r['id']}")
         if args.html:
             print(f"wrote {args.html}")
     return 1 if fails and not out else 0

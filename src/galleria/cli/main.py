@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "gallery supports)")
     s.add_argument("--json", action="store_true",
                    help="print JSON Lines: one object {\"query\": path, \"results\": [{\"id\", "
-                        "\"score\"}, ...]} per query image, one per line")
+                        "\"score\", \"probability\"}, ...]} per query image, one per line "
+                        "(probability: calibrated match probability, null if not tuned)")
     s.add_argument("--html", default=None, help="write a page with thumbnails to this file")
     s.add_argument("--qe", type=int, default=0, help="alpha query expansion over the top QE")
     s.add_argument("--qe-alpha", type=float, default=3.0)
@@ -119,7 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shortlist N candidates with a DIM prefix, re-score them in full")
     add_where_arg(s)
     s.add_argument("--min-score", type=float, default=None, metavar="S",
-                   help="leave out results scoring below S (cosine similarity, -1..1)")
+                   help="leave out results scoring below S (the pipeline's raw score: "
+                        "cosine similarity -1..1 for global)")
+    s.add_argument("--min-probability", type=float, default=None, metavar="P",
+                   help="leave out results whose calibrated match probability is below P "
+                        "(0..1; needs a tuned gallery: `galleria tune G`)")
     s.add_argument("--runtime", default="auto", choices=["auto", "onnx", "torch"],
                    help="where the query model runs: auto (default), onnx or torch")
     add_run_args(s)

@@ -32,7 +32,9 @@ def add_index_tune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-tune", action="store_true",
                    help="do not choose the default pipeline at the end (run `galleria tune` "
                         "later); tuning runs only when the gallery has local features")
-    p.add_argument("--tune-n", type=int, default=200, help="pseudo-queries of the tuning step")
+    p.add_argument("--tune-n", type=int, default=100,
+                   help="gallery items sampled for the tuning step's pseudo-queries (default "
+                        "100, seeded; `galleria tune G --n 200` for a finer choice)")
 
 
 def run_tune(gallery_path: str, *, n: int = 200, seed: int = 0,
@@ -80,22 +82,46 @@ def tune_after_index(args: argparse.Namespace, gallery_path: str) -> None:
         print(f"default pipeline: {rec['key']} ({rec['reason']}; {rec['seconds']:.0f} s)")
 
 
+def result_probabilities(searcher: Any, res: Any, min_probability: float | None = None
+                         ) -> tuple[Any, Any]:
+    """``(result, probabilities or None)`` of a search, with ``min_probability`` applied
+    (an InputError when it is asked on a searcher the gallery was not tuned for)."""
+    from galleria.errors import InputError
+    from galleria.tune.record import at_least_probability, searcher_probabilities
+
+    if res is None:
+        return None, None
+    if min_probability is not None and not 0.0 <= min_probability <= 1.0:
+        raise InputError(f"--min-probability must be in [0, 1]; got {min_probability}")
+    prob = searcher_probabilities(searcher, res)
+    if min_probability is not None:
+        if prob is None:
+            raise InputError("--min-probability needs match probabilities: this gallery was "
+                             "not tuned for this pipeline (run `galleria tune G`), or an "
+                             "upgrade is in progress; use --min-score (raw score) instead")
+        res, prob = at_least_probability(res, prob, min_probability)
+    return res, prob
+
+
+def result_rows(res: Any, prob: Any, q: int) -> list[dict[str, Any]]:
+    """Query ``q``'s results as ``[{"id", "score", "probability"}]`` (missing left out;
+    ``probability`` None without a calibration)."""
+    from galleria.types import MISSING_KEY
+
+    out = []
+    for j, (i, s) in enumerate(zip(res.ids[q], res.scores[q], strict=True)):
+        if i is None or (not isinstance(i, str) and int(i) == MISSING_KEY):
+            continue
+        out.append({"id": i.item() if hasattr(i, "item") else i, "score": round(float(s), 6),
+                    "probability": None if prob is None else round(float(prob[q, j]), 4)})
+    return out
+
+
 def info_data(g: Any) -> dict[str, Any] | None:
     """The tuned part of ``galleria info --json`` (``None``: never tuned)."""
-    from galleria.tune.record import TUNED_KEY, stale_reasons
+    from galleria.tune.record import TUNED_KEY, tuned_summary
 
-    rec = g.get_setting(TUNED_KEY)
-    if rec is None:
-        return None
-    stale = stale_reasons(rec, g.state())
-    if not isinstance(rec, dict):
-        return {"stale": stale}
-    cands = [{k: c.get(k) for k in ("key", "supported", "r1", "r10", "mrr", "ms_per_query",
-                                      "error")} for c in rec.get("candidates", [])]
-    return {"pipeline": rec.get("pipeline"), "params": rec.get("params"),
-            "reason": rec.get("reason"), "seed": rec.get("seed"),
-            "queries": rec.get("queries"), "created": rec.get("created"),
-            "stale": stale, "candidates": cands}
+    return tuned_summary(g.get_setting(TUNED_KEY), g.state())
 
 
 def describe_lines(rec: dict[str, Any], stale: list[str] | None = None) -> list[str]:

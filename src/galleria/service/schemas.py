@@ -92,7 +92,10 @@ class SearchJSON(BaseModel):
     filter: dict[str, Any] | None = Field(None, description=FILTER_DOC)
     where: list[str] | str | None = Field(None, description=WHERE_DOC)
     min_score: float | None = Field(None, description="leave out results scoring below this "
-                                                      "(cosine similarity)")
+                                                      "(the pipeline's raw score)")
+    min_probability: float | None = Field(
+        None, ge=0, le=1, description="leave out results whose calibrated match probability "
+                                      "is below this (needs a tuned gallery)")
 
     model_config = {"extra": "forbid"}
 
@@ -118,7 +121,8 @@ SEARCH_BODY = {"requestBody": {"content": {
                       "offset": {"type": "integer"}, "pipeline": {"type": "string"},
                       "where": {"type": "string", "description": WHERE_DOC},
                       "filter": {"type": "string", "description": "the JSON filter, as text"},
-                      "min_score": {"type": "number"}}, []),
+                      "min_score": {"type": "number"},
+                      "min_probability": {"type": "number"}}, []),
     "application/json": {"schema": SearchJSON.model_json_schema()}}}}
 BATCH_BODY = {"requestBody": {"content": {
     **_multipart_doc({"images": {"type": "array", "items": {"type": "string",

@@ -112,6 +112,26 @@ def stale_reasons(record: Any, state: Any, *, growth: float = STALE_GROWTH) -> l
     return out
 
 
+def tuned_summary(record: Any, state: Any) -> dict[str, Any] | None:
+    """What ``galleria info --json`` and ``GET /v1/info`` show of a record (``None``: never
+    tuned): the choice, why, its pseudo-query scores and query cost per candidate, whether
+    each is calibrated, and why the record is stale (``[]``: it is not)."""
+    if record is None:
+        return None
+    stale = stale_reasons(record, state)
+    if not isinstance(record, dict):
+        return {"stale": stale}
+    cands = [{**{k: c.get(k) for k in ("key", "supported", "r1", "r10", "mrr",
+                                        "ms_per_query", "error")},
+              "calibrated": bool(c.get("calibration"))}
+             for c in record.get("candidates", [])]
+    return {"pipeline": record.get("pipeline"), "params": record.get("params"),
+            "key": record.get("key"), "reason": record.get("reason"),
+            "seed": record.get("seed"), "queries": record.get("queries"),
+            "seconds": record.get("seconds"), "created": record.get("created"),
+            "stale": stale, "candidates": cands}
+
+
 def find_candidate(record: Any, pipeline: str, params: Mapping[str, Any] | None = None
                    ) -> dict[str, Any] | None:
     """The record's entry for ``pipeline`` with ``params`` (``None`` when not tuned)."""
@@ -146,26 +166,65 @@ def probabilities(result: SearchResult, calibration: dict[str, Any] | None
     return apply(calibration, result.scores)
 
 
+PROBABILITY_MEANING = (
+    "probability: the calibrated probability, in [0, 1], that the result shows the same "
+    "object / scene as the query, fitted per pipeline on the gallery's own pseudo-queries "
+    "(galleria tune); comparable across pipelines and galleries; null when the gallery "
+    "was not tuned for the searcher that answered. score: the pipeline's raw score, on "
+    "its own scale (cosine similarity for global; larger is better for every pipeline)")
+"""What the ``probability`` beside each result means (CLI JSON, HTTP, HTML, UI legend)."""
+
+
+def searcher_request(searcher: Any) -> tuple[str, dict[str, Any]] | None:
+    """``(pipeline, params)`` a searcher answers with, from the decision's spec
+    (``None``: a backfill or sharded searcher, which no tuned calibration describes)."""
+    spec = getattr(searcher, "spec", None)
+    kind = getattr(spec, "kind", None) or getattr(searcher, "kind", None)
+    if kind not in ("plain", "pipeline"):
+        return None
+    return (getattr(spec, "pipeline", None) or "global",
+            dict(getattr(spec, "params", ()) or ()))
+
+
+def searcher_calibration(searcher: Any, record: Any = None) -> dict[str, Any] | None:
+    """The calibration of the searcher's pipeline + parameters in its gallery's tuned
+    record (``record``: the ``tuned`` setting; default: read from ``searcher.gallery``);
+    ``None`` when there is none (not tuned, other parameters or spaces, an upgrade in
+    progress: a backfill searcher merges two spaces no calibration was fitted on)."""
+    req = searcher_request(searcher)
+    if req is None:
+        return None
+    if record is None:
+        record = searcher.gallery.get_setting(TUNED_KEY)
+    return calibration_for(record, req[0], req[1], spaces=list(searcher.spaces))
+
+
 def searcher_probabilities(searcher: Any, result: SearchResult,
                            record: Any = None) -> np.ndarray | None:
     """Match probabilities for a searcher's result, from its gallery's tuned record.
 
     Args:
-        searcher: any :class:`~galleria.search.contract.Searcher` (its ``describe()``
-            names the pipeline and parameters; its ``spaces`` the spaces it reads).
+        searcher: any :class:`~galleria.search.contract.Searcher` opened by the decision
+            (its ``spec`` names the pipeline and parameters; ``spaces`` the spaces read).
         result: what ``searcher.search`` returned.
         record: the ``tuned`` setting (default: read from ``searcher.gallery``).
 
     Returns:
         ``(Q, K)`` float32 in ``[0, 1]`` (0 for missing results), or ``None`` when the
-        gallery was not tuned for this searcher (another pipeline or parameters, other
-        spaces, an upgrade in progress, a backfill or sharded searcher).
+        gallery was not tuned for this searcher (:func:`searcher_calibration`).
     """
-    if record is None:
-        record = searcher.gallery.get_setting(TUNED_KEY)
-    d = searcher.describe()
-    if d.get("searcher") not in ("plain", "pipeline"):
-        return None
-    cal = calibration_for(record, d.get("pipeline") or "global", d.get("params") or {},
-                          spaces=list(searcher.spaces))
-    return probabilities(result, cal)
+    return probabilities(result, searcher_calibration(searcher, record))
+
+
+def at_least_probability(result: SearchResult, prob: np.ndarray, min_probability: float
+                         ) -> tuple[SearchResult, np.ndarray]:
+    """``result`` and ``prob`` without the entries below ``min_probability`` (kept ones
+    first in rank order, the rest padded as missing: ``None`` id, ``-inf`` score, 0)."""
+    low = (prob < float(min_probability)) | ~np.isfinite(result.scores)
+    order = np.argsort(low, axis=1, kind="stable")
+    low = np.take_along_axis(low, order, 1)
+    scores = np.where(low, -np.inf, np.take_along_axis(result.scores, order, 1))
+    ids = np.take_along_axis(result.ids, order, 1)
+    ids = np.where(low, None if ids.dtype == object else -1, ids)
+    p = np.where(low, 0.0, np.take_along_axis(prob, order, 1)).astype(np.float32)
+    return SearchResult(scores.astype(np.float32), ids, result.generation), p
