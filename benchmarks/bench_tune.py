@@ -82,6 +82,8 @@ RULES: dict[str, dict[str, float]] = {"no-margin": {"margin": 0.0, "global_margi
 #: real queries evaluated per row: a seeded subset when a row has more (every pipeline
 #: on the same subset; global+sv costs about a second per query on 2 busy cores)
 MAX_QUERIES = 300
+#: rows evaluated on all their queries even when they have more (smvs-ref: its 400)
+ALL_QUERIES = ("smvs-ref",)
 TUNE_DIR = OUT / "tune"
 log = logging.getLogger("bench_tune")
 
@@ -146,9 +148,9 @@ def real(row: str, task: Any, data: dict[str, Any], gallery: Any, cand: dict[str
     return out
 
 
-def query_rows(task: Any) -> np.ndarray | None:
+def query_rows(row: str, task: Any) -> np.ndarray | None:
     """The real queries evaluated: all, or a seeded subset of :data:`MAX_QUERIES`."""
-    if task.num_queries <= MAX_QUERIES:
+    if task.num_queries <= MAX_QUERIES or row in ALL_QUERIES:
         return None
     return np.sort(np.random.default_rng(0).choice(task.num_queries, MAX_QUERIES,
                                                    replace=False))
@@ -165,7 +167,7 @@ def run_rows(rows: list[str], configs: list[str], n: int, seed: int, retune: boo
         task = load_row_task(row)
         data = task_data(task)
         gallery = task_gallery(task, TUNE_DIR / "galleries" / row, data)
-        qrows = query_rows(task)
+        qrows = query_rows(row, task)
         recs = {c: tuned(row, gallery, c, n, seed, retune) for c in configs}
         cands = [c for c in recs[configs[0]]["candidates"] if c["supported"]]
         results = {c["key"]: real(row, task, data, gallery, c, qrows) for c in cands}
@@ -206,7 +208,7 @@ def run_calibration(rows: list[str], n: int, seed: int) -> list[dict[str, Any]]:
         data = task_data(task)
         gallery = task_gallery(task, TUNE_DIR / "galleries" / row, data)
         rec = tuned(row, gallery, "final", n, seed, False)
-        qrows = query_rows(task)
+        qrows = query_rows(row, task)
         for c in rec["candidates"]:
             if not c["supported"] or not c.get("calibration"):
                 continue

@@ -9,18 +9,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from galleria.decision import SearchSpec
 from galleria.errors import FormatError, InputError
 from galleria.store.state import GalleryState, SpaceState
 from galleria.tune import calibrate
 from galleria.tune.record import (
     FORMAT_VERSION,
     RECORD_TYPE,
+    at_least_probability,
     calibration_for,
     candidate_key,
+    searcher_calibration,
     stale_reasons,
     state_summary,
 )
 from galleria.tune.tuner import Candidate, candidates_for, select, summarise
+from galleria.types import SearchResult
 
 # ------------------------------------------------------------------ selection
 
@@ -194,3 +198,50 @@ def test_calibration_lookup_by_pipeline_params_and_spaces(rng):
     assert calibration_for(rec, "local+mds") is None
     assert calibration_for(rec, "global") is None
     assert calibration_for(None, "global") is None
+
+
+# ------------------------------------------------------------------ probabilities
+
+
+def test_min_probability_keeps_exactly_the_entries_at_or_above_it(rng):
+    for _ in range(30):
+        q, k = 4, 7
+        scores = np.sort(rng.normal(size=(q, k)).astype(np.float32), axis=1)[:, ::-1]
+        ids = np.array([[f"i{r}{c}" for c in range(k)] for r in range(q)], object)
+        scores[0, 5:] = -np.inf  # missing results at the end of a row
+        ids[0, 5:] = None
+        prob = rng.uniform(0, 1, (q, k)).astype(np.float32)
+        thr = float(rng.uniform(0, 1))
+        res, p = at_least_probability(SearchResult(scores.copy(), ids.copy(), 3), prob, thr)
+        assert res.generation == 3 and res.scores.shape == (q, k) and p.shape == (q, k)
+        for r in range(q):
+            want = [(ids[r, c], scores[r, c], prob[r, c]) for c in range(k)
+                    if ids[r, c] is not None and prob[r, c] >= thr]
+            n = len(want)
+            assert [(i, s, x) for i, s, x in zip(res.ids[r, :n], res.scores[r, :n], p[r, :n],
+                                                  strict=True)] == want
+            assert all(i is None for i in res.ids[r, n:]) and np.isneginf(res.scores[r, n:]).all()
+            assert (p[r, n:] == 0).all()
+
+
+class _Searcher:
+    def __init__(self, spec, spaces, record):
+        self.spec, self.spaces, self.kind = spec, spaces, spec.kind
+        self.gallery = type("G", (), {"get_setting": lambda _s, _k: record})()
+
+
+def test_probabilities_follow_the_searcher_s_pipeline_params_and_spaces():
+    cal = {"method": "logistic", "a": 1.0, "b": 0.0}
+    rec = {"type": RECORD_TYPE, "format_version": FORMAT_VERSION, "candidates": [
+        {"key": "local+mds", "pipeline": "local+mds", "params": {}, "supported": True,
+         "spaces": ["L"], "calibration": {**cal, "b": 1.0}},
+        {"key": "local+mds(k=100)", "pipeline": "local+mds", "params": {"k": 100},
+         "supported": True, "spaces": ["L"], "calibration": cal}]}
+    spec = SearchSpec("pipeline", "local+mds", params=(("k", 100),))
+    assert searcher_calibration(_Searcher(spec, ["L"], rec)) == cal  # its params' fit
+    plain = SearchSpec("pipeline", "local+mds")
+    assert searcher_calibration(_Searcher(plain, ["L"], rec))["b"] == 1.0
+    assert searcher_calibration(_Searcher(spec, ["X"], rec)) is None  # other spaces
+    upgrade = SearchSpec("backfill", "global")
+    assert searcher_calibration(_Searcher(upgrade, ["L"], rec)) is None
+    assert searcher_calibration(_Searcher(spec, ["L"], None)) is None  # never tuned
