@@ -1,20 +1,26 @@
-"""The tuner over a real gallery (SMVS covers, seeded, small): it picks local features
-where they are clearly better than global search, its choice is deterministic for a
-seed, the record is stored and read back by the decision, `galleria info` shows it,
-a grown gallery makes it stale, and calibrated probabilities come with a search."""
+"""The tuner over a real gallery (SMVS covers, seeded, small): its choice follows the
+rule and is deterministic for a seed, the record is stored and read back by the
+decision, `galleria info` and `GET /v1/info` show it, a grown gallery makes it stale,
+and calibrated probabilities come with every search (CLI JSON / HTML, HTTP) and can be
+filtered on."""
 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
+from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
+from _service import thread_server
 from galleria.cli.main import main
 from galleria.decision import SearchRequest, choose, open_searcher
 from galleria.extract.job import index_images
 from galleria.images.sources import SourceItem
+from galleria.service.engine import ServiceConfig
 from galleria.store.gallery import Gallery
 from galleria.tune.record import TUNED_KEY, searcher_probabilities, stale_reasons
 from galleria.tune.tuner import (
@@ -137,7 +143,7 @@ def tuned_copy(smvs_gallery, tmp_path_factory):
 def _monotone(results):
     """Probabilities never decrease with the score within a result list."""
     pairs = sorted((r["score"], r["probability"]) for r in results)
-    return all(b[1] >= a[1] - 1e-4 for a, b in zip(pairs, pairs[1:], strict=False))
+    return all(b[1] >= a[1] - 1e-4 for a, b in itertools.pairwise(pairs))
 
 
 def test_cli_search_shows_probabilities_filters_on_them_and_writes_the_legend(
@@ -172,16 +178,6 @@ def test_cli_search_shows_probabilities_filters_on_them_and_writes_the_legend(
 
 
 def test_service_returns_probabilities_and_shows_the_tuned_default(tuned_copy):
-    import sys
-    from pathlib import Path
-
-    import httpx
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _service import thread_server
-
-    from galleria.service.engine import ServiceConfig
-
     path, extra, rec = tuned_copy
     image = Path(extra[0].path).read_bytes()
     cfg = ServiceConfig(gallery=path, workers=1, threads=1, warm_up=False)
