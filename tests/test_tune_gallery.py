@@ -22,6 +22,7 @@ from galleria.extract.job import index_images
 from galleria.images.sources import SourceItem
 from galleria.service.engine import ServiceConfig
 from galleria.store.gallery import Gallery
+from galleria.tune.pseudo import TUNE_SCENE, make_pseudo_queries
 from galleria.tune.record import TUNED_KEY, searcher_probabilities, stale_reasons
 from galleria.tune.tuner import (
     Candidate,
@@ -71,9 +72,9 @@ def test_tuner_choice_follows_the_rule_and_is_deterministic_for_a_seed(smvs_gall
     with Gallery.open(path) as g:
         a = tune_gallery(g, cfg)
         b = tune_gallery(g, cfg)
-        c = tune_gallery(g, TuneConfig(n=COVERS, seed=1, pipelines=PIPES))
+        other = make_pseudo_queries(g, n=COVERS, seed=1, scene=TUNE_SCENE)
     assert _choice(a) == _choice(b)
-    assert c["pseudo_fingerprint"] != a["pseudo_fingerprint"]  # the seed makes the views
+    assert other.fingerprint != a["pseudo_fingerprint"]  # the seed makes the views
     by = {x["key"]: x for x in a["candidates"]}
     assert set(by) == set(PIPES) and all(x["supported"] for x in by.values())
     # the stored choice is the pure rule applied to the stored scores
@@ -89,6 +90,7 @@ def test_tuner_choice_follows_the_rule_and_is_deterministic_for_a_seed(smvs_gall
     assert len(json.dumps(a)) < 20_000
 
 
+@pytest.mark.slow  # re-indexes the gallery; staleness itself is unit-tested in test_tune.py
 def test_record_is_stored_used_shown_and_goes_stale(smvs_gallery, tmp_path, capsys):
     import shutil
 
@@ -148,7 +150,12 @@ def _monotone(results):
 
 def test_cli_search_shows_probabilities_filters_on_them_and_writes_the_legend(
         tuned_copy, tmp_path, capsys):
-    path, extra, _ = tuned_copy
+    path, extra, rec = tuned_copy
+    with Gallery.open(path, readonly=True) as g:
+        spec = choose(g.state(), SearchRequest.of())
+    assert (spec.pipeline, spec.reason) == (rec["pipeline"], "tuned")
+    assert main(["info", str(path)]) == 0
+    assert f"default pipeline: {rec['key']}" in capsys.readouterr().out
     phones = [str(x.path) for x in extra[:3]]
     html = tmp_path / "r.html"
     assert main(["search", str(path), *phones, "-k", "5", "--pipeline", "local", "--json",

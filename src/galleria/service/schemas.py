@@ -13,7 +13,12 @@ from pydantic import BaseModel, Field
 
 class Hit(BaseModel):
     id: str
-    score: float
+    score: float = Field(description="the pipeline's raw score, on its own scale (cosine "
+                                     "similarity for global); larger is better")
+    probability: float | None = Field(
+        None, description="calibrated probability (0..1) that the result shows the same object "
+                          "or scene as the query, the same meaning for every pipeline; null "
+                          "when the gallery was not tuned for the answering searcher")
     metadata: dict[str, Any] | None = None
 
 
@@ -33,6 +38,7 @@ class SearchResponse(BaseModel):
     merge: dict[str, Any] | None = Field(None, description="during an upgrade: the merge rule "
                                                "and calibration that combined both spaces")
     filter: dict[str, Any] | None = Field(None, description="the filter applied (JSON form)")
+    calibrated: bool = Field(False, description="results carry match probabilities")
 
 
 FILTER_DOC = ("payload filter, JSON form: {\"must\": [{\"key\": \"label\", \"match\": \"cat\"}, "
