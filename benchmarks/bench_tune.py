@@ -14,6 +14,10 @@ Sections (``--sections``, default all; each merges into results/tune.json):
 ``calibration``
     the calibrated probabilities of each candidate (fitted on pseudo-queries only)
     against real labels: ECE, Brier, precision / recall at 0.5, reliability bins.
+``choices``
+    the tuned choice of each row whose tuning record is cached (no tuning, no real
+    queries): the record's choice, reason, tuning time and pseudo-query scores (for rows
+    whose real-query section has not run yet).
 ``cost``
     tuning time of a 500-image gallery (SMVS) and of the 11,398-image gallery of every
     shared image (features already extracted), query latency of the chosen default,
@@ -200,6 +204,35 @@ def run_rows(rows: list[str], configs: list[str], n: int, seed: int, retune: boo
     return out
 
 
+def run_choices(rows: list[str], n: int, seed: int) -> list[dict[str, Any]]:
+    """The cached tuning record of each row, re-selected by the current rule."""
+    cfg = TuneConfig(n=n, seed=seed)
+    out = []
+    for row in rows:
+        path = TUNE_DIR / "records" / f"{row}-final-{digest(asdict(cfg))[:10]}.json"
+        rec = _read(path)
+        if rec is None:
+            continue
+        rec = reselect(rec, cfg)
+        out.append({"row": row, "items": rec["state"]["items"], "key": rec["key"],
+                    "reason": rec["reason"], "seconds": rec["seconds"],
+                    "load_average": rec.get("load_average"),
+                    "pseudo": {c["key"]: {x: c.get(x) for x in ("r1", "mrr", "ms_per_query")}
+                               for c in rec["candidates"] if c["supported"]}})
+    return out
+
+
+def choices_markdown(ch: list[dict[str, Any]]) -> list[str]:
+    md = ["| row | items | default | reason | tuning s (load) | pseudo MRR per candidate |",
+          "|---|---|---|---|---|---|"]
+    for c in ch:
+        load = c["load_average"][0] if c.get("load_average") else float("nan")
+        md.append(f"| {c['row']} | {c['items']} | {c['key']} | {c['reason']} | "
+                  f"{c['seconds']:.0f} ({load:.0f}) | "
+                  + ", ".join(f"{k} {v['mrr']:.1f}" for k, v in c["pseudo"].items()) + " |")
+    return [*md, ""]
+
+
 def run_calibration(rows: list[str], n: int, seed: int) -> list[dict[str, Any]]:
     """Every candidate's pseudo-query calibration applied to its real top-10 results."""
     out = []
@@ -304,6 +337,10 @@ def markdown(payload: dict[str, Any]) -> str:
                "only)", "", "Each pipeline's probabilities of its real top-10 results vs "
                "the real labels (same object / class / landmark).", "",
                *calibration_markdown(payload["calibration"])]
+    if "choices" in payload:
+        md += ["## The tuned choice of rows whose real queries have not run", "",
+               "From the cached tuning records alone (pseudo-queries; no labels used).", "",
+               *choices_markdown(payload["choices"])]
     if "cost" in payload:
         md += ["## Cost", "", "```", json.dumps(payload["cost"], indent=1), "```", ""]
     md += ["## Machine", "", *(f"- {k}: {v}" for k, v in payload.get("machine", {}).items()),
@@ -339,6 +376,8 @@ def main() -> None:
             new = run_calibration(rows, args.n, args.seed)
             keep = [c for c in payload.get("calibration", []) if c["row"] not in rows]
             payload["calibration"] = keep + new
+        elif section == "choices":
+            payload["choices"] = run_choices(rows, args.n, args.seed)
         elif section == "cost":
             from _tune_cost import run_cost
 
