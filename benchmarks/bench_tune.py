@@ -213,8 +213,10 @@ def run_choices(rows: list[str], n: int, seed: int) -> list[dict[str, Any]]:
         rec = _read(path)
         if rec is None:
             continue
+        size = len(json.dumps({k: v for k, v in rec.items() if k != "load_average"}))
         rec = reselect(rec, cfg)
         out.append({"row": row, "items": rec["state"]["items"], "key": rec["key"],
+                    "record_bytes": size,
                     "reason": rec["reason"], "seconds": rec["seconds"],
                     "load_average": rec.get("load_average"),
                     "pseudo": {c["key"]: {x: c.get(x) for x in ("r1", "mrr", "ms_per_query")}
@@ -223,12 +225,12 @@ def run_choices(rows: list[str], n: int, seed: int) -> list[dict[str, Any]]:
 
 
 def choices_markdown(ch: list[dict[str, Any]]) -> list[str]:
-    md = ["| row | items | default | reason | tuning s (load) | pseudo MRR per candidate |",
-          "|---|---|---|---|---|---|"]
+    md = ["| row | items | default | reason | tuning s (load) | record bytes | pseudo MRR per "
+          "candidate |", "|---|---|---|---|---|---|---|"]
     for c in ch:
         load = c["load_average"][0] if c.get("load_average") else float("nan")
         md.append(f"| {c['row']} | {c['items']} | {c['key']} | {c['reason']} | "
-                  f"{c['seconds']:.0f} ({load:.0f}) | "
+                  f"{c['seconds']:.0f} ({load:.0f}) | {c['record_bytes']} | "
                   + ", ".join(f"{k} {v['mrr']:.1f}" for k, v in c["pseudo"].items()) + " |")
     return [*md, ""]
 
@@ -338,7 +340,7 @@ def markdown(payload: dict[str, Any]) -> str:
                "the real labels (same object / class / landmark).", "",
                *calibration_markdown(payload["calibration"])]
     if "choices" in payload:
-        md += ["## The tuned choice of rows whose real queries have not run", "",
+        md += ["## The tuned choice per row (cached tuning records)", "",
                "From the cached tuning records alone (pseudo-queries; no labels used).", "",
                *choices_markdown(payload["choices"])]
     if "cost" in payload:
