@@ -108,6 +108,9 @@ def cmd_index(args: argparse.Namespace) -> int:
             print(f"  no keypoints in {i} (a blank image): stored, never found by local search")
         if adapted:
             print(f"  fusion: {describe(adapted)}")
+    from galleria.cli.tune import tune_after_index  # lazy: CLI start-up
+
+    tune_after_index(args, report.gallery)
     return 0
 
 
@@ -144,12 +147,15 @@ def cmd_search(args: argparse.Namespace) -> int:
     queries, res, fails = searcher.search_paths(args.images, args.k, **opts)
     for f in fails:
         print(f"galleria search: cannot read query {f.path}: {f.reason}", file=sys.stderr)
+    from galleria.cli.tune import result_probabilities, result_rows
+
+    res, prob = result_probabilities(searcher, res, getattr(args, "min_probability", None))
     out: list[dict[str, Any]] = []
     if res is not None:
         for q, path in enumerate(queries):
             out.append(
                 {"query": path,
-                 "results": [{"id": i, "score": round(s, 6)} for i, s in res.row(q)],
+                 "results": result_rows(res, prob, q),
                  "searcher": searcher.describe()}  # which space answered, and why
             )
     if args.html and res is not None:
@@ -161,7 +167,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             metas = searcher.gallery.meta(ids)
             paths.append([(m or {}).get("path") for m in metas])
         write_results_html(args.html, queries, res, paths,
-                           title=f"galleria: {Path(args.gallery).name}")
+                           title=f"galleria: {Path(args.gallery).name}", probabilities=prob)
     if args.json:  # JSON Lines: one object per query, one line each
         for row in out:
             print(json.dumps(row, default=json_default))
@@ -169,16 +175,19 @@ def cmd_search(args: argparse.Namespace) -> int:
         for row in out:
             print(row["query"])
             for n, r in enumerate(row["results"], 1):
-                print(f"  {n:>3}. {r['score']:.4f}  {r['id']}")
+                pr = "" if r["probability"] is None else f"  p={r['probability']:.3f}"
+                print(f"  {n:>3}. {r['score']:.4f}{pr}  {r['id']}")
         if args.html:
             print(f"wrote {args.html}")
     return 1 if fails and not out else 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from galleria.cli.tune import describe_lines, info_data
     from galleria.decision.choose import FUSION_KEY, SearchRequest, choose
     from galleria.errors import InputError
     from galleria.store.gallery import Gallery
+    from galleria.tune.record import TUNED_KEY
     from galleria.upgrade.state import FINISHING_KEY, STATE_KEY
 
     with Gallery.open(args.gallery, readonly=True) as g:
@@ -203,7 +212,9 @@ def cmd_info(args: argparse.Namespace) -> int:
                 if g.get_setting(FINISHING_KEY) else None),
             "searcher": searcher,
             "fusion": state.setting(FUSION_KEY),
+            "tuned": info_data(g),
         }
+        tuned = g.get_setting(TUNED_KEY)
     if args.json:
         print_json(data)
     else:
@@ -221,6 +232,10 @@ def cmd_info(args: argparse.Namespace) -> int:
             shown = ", ".join(f"{f} ({'/'.join(sorted(t))})"
                               for f, t in sorted(data["payload_fields"].items()))
             print(f"  filterable fields (--where): {shown}")
+        if isinstance(tuned, dict):
+            print("\n".join(describe_lines(tuned, data["tuned"]["stale"])))
+        else:
+            print("  default pipeline: not tuned (run `galleria tune`)")
     return 0
 
 

@@ -9,7 +9,8 @@ Commands (galleria COMMAND --help for the options of each):
     galleria search G IMAGE... -k K       search (--json, --html OUT)
     galleria eval --dataset NAME          official protocols on ../shared/datasets
     galleria eval --manifest CSV          your own labelled images
-    galleria info G                       spaces, counts, failures, index
+    galleria info G                       spaces, counts, failures, index, tuned default
+    galleria tune G [--n 200 --seed 0]    choose the default pipeline from pseudo-queries
     galleria remove G ID...               delete items
     galleria check G                      verify every file against its checksum
     galleria repair G                     restore the database, re-embed lost data, rebuild
@@ -93,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the report as JSON")
     add_run_args(s)
     add_ray_args(s)
+    from galleria.cli.tune import add_index_tune_args, add_tune_parser
+
+    add_index_tune_args(s)
     s.set_defaults(func=commands.cmd_index)
 
     s = sub.add_parser("search", help="search a gallery with query images")
@@ -104,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "gallery supports)")
     s.add_argument("--json", action="store_true",
                    help="print JSON Lines: one object {\"query\": path, \"results\": [{\"id\", "
-                        "\"score\"}, ...]} per query image, one per line")
+                        "\"score\", \"probability\"}, ...]} per query image, one per line "
+                        "(probability: calibrated match probability, null if not tuned)")
     s.add_argument("--html", default=None, help="write a page with thumbnails to this file")
     s.add_argument("--qe", type=int, default=0, help="alpha query expansion over the top QE")
     s.add_argument("--qe-alpha", type=float, default=3.0)
@@ -115,7 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shortlist N candidates with a DIM prefix, re-score them in full")
     add_where_arg(s)
     s.add_argument("--min-score", type=float, default=None, metavar="S",
-                   help="leave out results scoring below S (cosine similarity, -1..1)")
+                   help="leave out results scoring below S (the pipeline's raw score: "
+                        "cosine similarity -1..1 for global)")
+    s.add_argument("--min-probability", type=float, default=None, metavar="P",
+                   help="leave out results whose calibrated match probability is below P "
+                        "(0..1; needs a tuned gallery: `galleria tune G`)")
     s.add_argument("--runtime", default="auto", choices=["auto", "onnx", "torch"],
                    help="where the query model runs: auto (default), onnx or torch")
     add_run_args(s)
@@ -211,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     from galleria.cli.serve import add_serve_parser
 
     add_serve_parser(sub)
+    add_tune_parser(sub)
 
     s = sub.add_parser("export-onnx", help="export an extractor to ONNX (+ .json sidecar)")
     add_model_args(s)

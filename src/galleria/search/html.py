@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
+
 from galleria.images.decode import ImageDecodeError, load_image
 from galleria.io.atomic import write_bytes
 from galleria.types import SearchResult
@@ -36,16 +38,23 @@ def render_results(
     paths: Sequence[Sequence[str | None]],
     *,
     title: str = "galleria search",
+    probabilities: np.ndarray | None = None,
 ) -> str:
-    """HTML for queries (file paths) and their results; ``paths[q][j]`` is result j's file."""
+    """HTML for queries (file paths) and their results; ``paths[q][j]`` is result j's file.
+    ``probabilities``: ``(Q, K)`` calibrated match probabilities beside the scores (with a
+    legend), aligned with ``result``'s columns."""
     esc = html.escape
     rows = []
     for q, qpath in enumerate(queries):
         cells = [_cell(qpath, esc(Path(qpath).name), "query")]
         for j, (rid, score) in enumerate(result.row(q)):
             p = paths[q][j]
-            cells.append(_cell(p, f"{j + 1}. {esc(str(rid))}<br>{score:.4f}", "result"))
+            pr = "" if probabilities is None else \
+                f" &middot; <b>p {float(probabilities[q, j]):.2f}</b>"
+            cells.append(_cell(p, f"{j + 1}. {esc(str(rid))}<br>{score:.4f}{pr}", "result"))
         rows.append(f"<div class='row'>{''.join(cells)}</div>")
+    if queries:
+        rows.insert(0, f"<p class='legend'>{esc(legend(probabilities is not None))}</p>")
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>
@@ -57,6 +66,7 @@ figure.correct img {{ outline: 4px solid #2a6; }}
 figure.wrong img {{ outline: 4px solid #c33; }}
 .label {{ width: 110px; font-size: 13px; font-weight: 600; }}
 img {{ max-width: {THUMB}px; max-height: {THUMB}px; display: block; background: #ddd; }}
+.legend {{ font-size: 13px; color: #444; max-width: 60em; }}
 .missing {{ width: {THUMB}px; height: 120px; background: #eee; color: #999;
            display: flex; align-items: center; justify-content: center; }}
 </style></head><body><h1>{esc(title)}</h1>
@@ -99,6 +109,18 @@ def render_pipelines(
 def _page(title: str, body: str) -> str:
     return render_results([], SearchResult.empty(0, 1), [], title=title).replace(
         "</h1>\n\n</body>", f"</h1>\n{body}\n</body>")
+
+
+def legend(calibrated: bool) -> str:
+    """The score legend of the results page."""
+    base = ("score: the pipeline's raw score, on its own scale (cosine similarity for "
+            "global search; larger is better).")
+    if not calibrated:
+        return base + (" No match probability: the gallery was not tuned for this pipeline "
+                       "(run `galleria tune G`).")
+    return base + (" p: the calibrated probability (0 to 1) that the result shows the same "
+                   "object or scene as the query, fitted on the gallery's own pseudo-queries; "
+                   "comparable across pipelines (e.g. keep p >= 0.5).")
 
 
 def _cell(path: str | None, caption: str, kind: str) -> str:

@@ -46,6 +46,13 @@ from galleria.service.metrics import Metrics
 from galleria.service.sharded import ShardPool
 from galleria.store.gallery import Gallery
 from galleria.store.state import GalleryState
+from galleria.tune.record import (
+    PROBABILITY_MEANING,
+    TUNED_KEY,
+    at_least_probability,
+    searcher_probabilities,
+    tuned_summary,
+)
 from galleria.types import MISSING_KEY, SearchResult
 from galleria.upgrade.pairs import PairStore
 from galleria.upgrade.state import FINISHING_KEY, STATE_KEY, UpgradeState, job_folder
@@ -367,11 +374,15 @@ class Engine:
 
     def search(self, specs: list[QuerySpec], *, k: int, offset: int = 0,
                pipeline: str | None = None, return_query: bool = False,
-               where: Any = None, min_score: float | None = None) -> list[dict[str, Any]]:
+               where: Any = None, min_score: float | None = None,
+               min_probability: float | None = None) -> list[dict[str, Any]]:
         """Answer queries (one search over all usable ones); per query a response or an
         ``{"error": ...}`` entry. ``pipeline=None``: the gallery's default (as the CLI).
         ``where``: a payload filter (400 when it names a field no item has);
-        ``min_score``: leave out results scoring below it."""
+        ``min_score``: leave out results scoring below it (raw score);
+        ``min_probability``: below this calibrated match probability (a tuned gallery)."""
+        if min_probability is not None and not 0.0 <= min_probability <= 1.0:
+            raise ServiceError(400, "bad_request", "min_probability must be in [0, 1]")
         if where is not None:
             try:
                 where = self.gallery.bind_filter(where)
@@ -385,7 +396,8 @@ class Engine:
             key, searcher = self.searcher(pipeline)
             try:
                 out = self._search_once(searcher, specs, prepared, k=k, offset=offset,
-                                        return_query=return_query, options=opts)
+                                        return_query=return_query, options=opts,
+                                        min_probability=min_probability)
             except GalleriaError:  # e.g. the old space dropped by a finish meanwhile
                 if attempt == 2 or self.decide(request) == key:
                     raise
@@ -397,7 +409,8 @@ class Engine:
 
     def _search_once(self, searcher: Searcher, specs: list[QuerySpec], prepared: list[Prepared],
                      *, k: int, offset: int, return_query: bool,
-                     options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+                     options: dict[str, Any] | None = None,
+                     min_probability: float | None = None) -> list[dict[str, Any]]:
         need = list(searcher.spaces)
         try:
             searcher.check_options(**(options or {}))
@@ -435,6 +448,14 @@ class Engine:
                 data[sp] = np.stack(col).astype(np.float32) \
                     if all(isinstance(c, np.ndarray) for c in col) else col
             res = searcher.search(Queries(data), k + offset, **(options or {}))
+        prob = None if res is None else searcher_probabilities(searcher, res)
+        if min_probability is not None and res is not None:
+            if prob is None:
+                raise ServiceError(400, "not_calibrated",
+                                   "min_probability needs match probabilities: the gallery "
+                                   "was not tuned for this pipeline (galleria tune), or an "
+                                   "upgrade is in progress; use min_score (raw score)")
+            res, prob = at_least_probability(res, prob, min_probability)
         info = searcher.describe()
         metas = self._metas(res) if res is not None else {}
         out: list[dict[str, Any]] = []
@@ -444,11 +465,13 @@ class Engine:
                 continue
             assert res is not None
             r = order.index(n)
-            hits = [(i, s) for i, s in zip(res.ids[r], res.scores[r], strict=True)
+            hits = [(i, s, None if prob is None else round(float(prob[r, j]), 4))
+                    for j, (i, s) in enumerate(zip(res.ids[r], res.scores[r], strict=True))
                     if i is not None][offset : offset + k]
             resp: dict[str, Any] = {
-                "results": [{"id": i, "score": round(float(s), 6), "metadata": metas.get(i)}
-                            for i, s in hits],
+                "results": [{"id": i, "score": round(float(s), 6), "probability": p,
+                             "metadata": metas.get(i)} for i, s, p in hits],
+                "calibrated": prob is not None,
                 "model": info["model"],
                 "generation": res.generation,
                 "k": k, "offset": offset,
@@ -464,6 +487,8 @@ class Engine:
                 resp["filter"] = to_json(options["where"])
             if options and options.get("min_score") is not None:
                 resp["min_score"] = options["min_score"]
+            if min_probability is not None:
+                resp["min_probability"] = min_probability
             if return_query:
                 resp["query"] = {sp: np.asarray(rows[n][sp], dtype=float).tolist()
                                  for sp in need if isinstance(rows[n][sp], np.ndarray)}
@@ -548,6 +573,8 @@ class Engine:
             "searcher": default,
             "models_loaded": self.models.fingerprints(),
             "payload_fields": g.payload_fields(),
+            "tuned": tuned_summary(state.setting(TUNED_KEY), state),
+            "score_meaning": PROBABILITY_MEANING,
             "limits": {"max_k": self.config.max_k, "max_offset": self.config.max_offset,
                        "max_batch": self.config.max_batch,
                        "max_upload_bytes": self.config.max_upload_bytes,

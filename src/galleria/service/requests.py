@@ -12,7 +12,8 @@ from galleria.service.limits import mib
 from galleria.service.validation import check_item_id, loads
 
 QUERY_KEYS = ("image_base64", "embedding", "embeddings", "id")
-OPTION_KEYS = ("k", "offset", "pipeline", "return_query", "filter", "where", "min_score")
+OPTION_KEYS = ("k", "offset", "pipeline", "return_query", "filter", "where", "min_score",
+               "min_probability")
 SEARCH_KEYS = frozenset((*QUERY_KEYS, "model", "image", *OPTION_KEYS))
 """Fields of a ``POST /v1/search`` body (JSON, multipart or query string)."""
 BATCH_KEYS = frozenset(("queries", "images", "image", *OPTION_KEYS))
@@ -185,4 +186,5 @@ def search_options(src: dict[str, Any], cfg: ServiceConfig) -> dict[str, Any]:
         "return_query": parse_bool(src.get("return_query"), "return_query"),
         "where": parse_filter_fields(src),
         "min_score": parse_score(src.get("min_score"), "min_score"),
+        "min_probability": parse_score(src.get("min_probability"), "min_probability"),
     }

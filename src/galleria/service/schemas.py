@@ -13,7 +13,12 @@ from pydantic import BaseModel, Field
 
 class Hit(BaseModel):
     id: str
-    score: float
+    score: float = Field(description="the pipeline's raw score, on its own scale (cosine "
+                                     "similarity for global); larger is better")
+    probability: float | None = Field(
+        None, description="calibrated probability (0..1) that the result shows the same object "
+                          "or scene as the query, the same meaning for every pipeline; null "
+                          "when the gallery was not tuned for the answering searcher")
     metadata: dict[str, Any] | None = None
 
 
@@ -33,6 +38,7 @@ class SearchResponse(BaseModel):
     merge: dict[str, Any] | None = Field(None, description="during an upgrade: the merge rule "
                                                "and calibration that combined both spaces")
     filter: dict[str, Any] | None = Field(None, description="the filter applied (JSON form)")
+    calibrated: bool = Field(False, description="results carry match probabilities")
 
 
 FILTER_DOC = ("payload filter, JSON form: {\"must\": [{\"key\": \"label\", \"match\": \"cat\"}, "
@@ -94,7 +100,10 @@ class SearchJSON(BaseModel):
     filter: dict[str, Any] | None = Field(None, description=FILTER_DOC)
     where: list[str] | str | None = Field(None, description=WHERE_DOC)
     min_score: float | None = Field(None, description="leave out results scoring below this "
-                                                      "(cosine similarity)")
+                                                      "(the pipeline's raw score)")
+    min_probability: float | None = Field(
+        None, ge=0, le=1, description="leave out results whose calibrated match probability "
+                                      "is below this (needs a tuned gallery)")
 
     model_config = {"extra": "forbid"}
 
@@ -120,7 +129,8 @@ SEARCH_BODY = {"requestBody": {"content": {
                       "offset": {"type": "integer"}, "pipeline": {"type": "string"},
                       "where": {"type": "string", "description": WHERE_DOC},
                       "filter": {"type": "string", "description": "the JSON filter, as text"},
-                      "min_score": {"type": "number"}}, []),
+                      "min_score": {"type": "number"},
+                      "min_probability": {"type": "number"}}, []),
     "application/json": {"schema": SearchJSON.model_json_schema()}}}}
 BATCH_BODY = {"requestBody": {"content": {
     **_multipart_doc({"images": {"type": "array", "items": {"type": "string",

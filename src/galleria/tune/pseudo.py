@@ -14,6 +14,13 @@ the same pseudo-queries::
 
 The sample and every view are fixed by ``seed`` (a view by ``(seed, view, item
 id)``), so a choice made on them is deterministic.
+
+Crops alone flatter global descriptors: a real phone photo of an item also shows
+what is around it. With ``scene=`` (:class:`Scene`, used by the tuner), a fraction
+of the views place the item, as photographed, inside a larger frame over a
+procedural clutter background ("dead leaves": random overlapping shapes, which
+match no gallery item), so the item fills only part of the photo, as in a shop
+or on a desk.
 """
 
 from __future__ import annotations
@@ -21,15 +28,15 @@ from __future__ import annotations
 import logging
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter
 
 from galleria.errors import GalleriaError, InputError
 from galleria.fingerprint import digest
-from galleria.images.augment import PhoneAugment, phone_view
+from galleria.images.augment import PhoneAugment, jpeg, phone_view
 from galleria.images.decode import load_image
 from galleria.types import SearchResult
 
@@ -40,6 +47,80 @@ PSEUDO_AUGMENT = PhoneAugment(min_area=0.35, perspective=0.12, rotate=12.0, brig
                               jpeg=(30, 85), downscale=0.5)
 """The views pseudo-queries are made of: what a phone photo of a gallery item does."""
 
+
+@dataclass(frozen=True)
+class Scene:
+    """How often and how large an item is placed in a cluttered frame (see the module
+    docstring).
+
+    Attributes:
+        p: fraction of the views placed in a scene (the others are crops).
+        area: ``(min, max)`` fraction of the frame the item covers.
+        min_side: the frame's longer side is at least this (pixels): a phone photo is
+            not smaller than the catalogue image it shows.
+        shapes: shapes of the clutter background.
+    """
+
+    p: float = 0.5
+    area: tuple[float, float] = (0.2, 0.6)
+    min_side: int = 320
+    shapes: int = 120
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["area"] = list(self.area)
+        return d
+
+
+TUNE_SCENE = Scene()
+"""The scene placement the tuner uses."""
+
+
+def clutter(size: tuple[int, int], rng: np.random.Generator, shapes: int = 120) -> Image.Image:
+    """A ``size`` (w, h) dead-leaves background: random ellipses and rectangles, sizes
+    from a power law, muted random colours, slightly blurred (natural-image-like
+    clutter)."""
+    w, h = size
+    grey = float(rng.uniform(60, 200))
+
+    def colour() -> tuple[int, int, int]:  # muted: mostly grey, some tint
+        c = 0.6 * grey + 0.4 * rng.integers(0, 256, 3) + rng.normal(0, 20)
+        return tuple(int(v) for v in np.clip(c, 0, 255))  # type: ignore[return-value]
+
+    img = Image.new("RGB", (w, h), colour())
+    draw = ImageDraw.Draw(img)
+    side = max(w, h)
+    for _ in range(int(shapes)):
+        r = side * 0.02 / max(rng.random(), 0.02) ** 0.7  # power law: many small, few large
+        r = float(min(r, side * 0.5))
+        x, y = float(rng.uniform(-r, w + r)), float(rng.uniform(-r, h + r))
+        ax, ay = r, r * float(rng.uniform(0.3, 1.0))
+        box = (x - ax, y - ay, x + ax, y + ay)
+        if rng.random() < 0.5:
+            draw.ellipse(box, fill=colour())
+        else:
+            draw.rectangle(box, fill=colour())
+    return img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.5, 2.0))))
+
+
+def in_scene(item: Image.Image, rng: np.random.Generator, scene: Scene) -> Image.Image:
+    """``item`` (a photographed view) placed at a random spot of a cluttered frame."""
+    frac = float(rng.uniform(*scene.area))
+    w, h = item.size
+    fw, fh = w / np.sqrt(frac), h / np.sqrt(frac)
+    aspect = float(np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3))))
+    fw, fh = max(fw, w * 1.05) * aspect ** 0.5, max(fh, h * 1.05) / aspect ** 0.5
+    grow = max(1.0, scene.min_side / max(fw, fh))
+    if grow > 1.0:  # keep the frame at a phone-photo size: enlarge the item with it
+        item = item.resize((max(1, round(w * grow)), max(1, round(h * grow))),
+                           Image.Resampling.BICUBIC)
+        w, h = item.size
+        fw, fh = fw * grow, fh * grow
+    W, H = max(round(fw), w + 1), max(round(fh), h + 1)
+    canvas = clutter((W, H), rng, scene.shapes)
+    x0, y0 = int(rng.integers(0, W - w + 1)), int(rng.integers(0, H - h + 1))
+    canvas.paste(item, (x0, y0))
+    return canvas
 
 @dataclass(frozen=True)
 class PseudoQueries:
@@ -85,20 +166,38 @@ def view_rng(seed: int, view: int, item_id: str) -> np.random.Generator:
 
 
 def make_views(items: Sequence[tuple[str, Image.Image]], *, seed: int = 0, views: int = 1,
-               augment: PhoneAugment = PSEUDO_AUGMENT) -> PseudoQueries:
-    """Pseudo-queries from ``(id, image)`` pairs: ``views`` views of each image."""
+               augment: PhoneAugment = PSEUDO_AUGMENT,
+               scene: Scene | None = None) -> PseudoQueries:
+    """Pseudo-queries from ``(id, image)`` pairs: ``views`` views of each image.
+
+    ``scene``: place a fraction of the views in a cluttered frame (:class:`Scene`);
+    those are made without ``augment``'s downscale and JPEG, which apply to the whole
+    frame instead.
+    """
     ids: list[str] = []
     images: list[Image.Image] = []
+    inner = replace(augment, downscale=1.0, jpeg=(100, 100))
     for v in range(views):
         for item_id, img in items:
+            rng = view_rng(seed, v, item_id)
             ids.append(item_id)
-            images.append(phone_view(img, view_rng(seed, v, item_id), augment, work_side=None))
-    return PseudoQueries(ids, images, int(seed), augment.to_dict())
+            if scene is not None and rng.random() < scene.p:
+                view = in_scene(phone_view(img, rng, inner, work_side=None), rng, scene)
+                if rng.random() < 0.7:
+                    view = jpeg(view, int(rng.integers(augment.jpeg[0], augment.jpeg[1] + 1)))
+                images.append(view)
+            else:
+                images.append(phone_view(img, rng, augment, work_side=None))
+    aug = augment.to_dict()
+    if scene is not None:
+        aug["scene"] = scene.to_dict()
+    return PseudoQueries(ids, images, int(seed), aug)
 
 
 def make_pseudo_queries(gallery: Any, *, n: int = 200, seed: int = 0, views: int = 1,
                         space: str | None = None,
-                        augment: PhoneAugment = PSEUDO_AUGMENT) -> PseudoQueries:
+                        augment: PhoneAugment = PSEUDO_AUGMENT,
+                        scene: Scene | None = None) -> PseudoQueries:
     """Pseudo-queries of a seeded sample of ``gallery``'s items (their stored images).
 
     Args:
@@ -106,6 +205,7 @@ def make_pseudo_queries(gallery: Any, *, n: int = 200, seed: int = 0, views: int
         n: how many items to sample (all when the gallery holds fewer).
         views: views per sampled item.
         space: sample only items with data in this space (default: every item).
+        scene: place a fraction of the views in a cluttered frame (:class:`Scene`).
 
     Items whose image cannot be read (moved, deleted, no path) are skipped and
     listed in ``skipped``; the sample is drawn from the ids, so it does not
@@ -129,7 +229,7 @@ def make_pseudo_queries(gallery: Any, *, n: int = 200, seed: int = 0, views: int
     if not items:
         raise InputError(f"none of the {len(chosen)} sampled items of {gallery.path} has a "
                          "readable image: pseudo-queries need the gallery's images")
-    pq = make_views(items, seed=seed, views=views, augment=augment)
+    pq = make_views(items, seed=seed, views=views, augment=augment, scene=scene)
     return PseudoQueries(pq.ids, pq.images, pq.seed, pq.augment, skipped)
 
 

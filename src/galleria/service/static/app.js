@@ -118,7 +118,7 @@ async function imageUrl(url) {
 }
 
 async function openViewer(r) {
-  $("viewer-title").textContent = `${r.id} · score ${r.score.toFixed(4)}`;
+  $("viewer-title").textContent = `${r.id} · ${probText(r)}score ${r.score.toFixed(4)}`;
   $("viewer-meta").textContent = metaText(r.metadata);
   $("viewer-img").removeAttribute("src");
   $("viewer").hidden = false;
@@ -143,6 +143,14 @@ function metaText(meta) {
     .map(([k, v]) => `${k}: ${typeof v === "object" ? JSON.stringify(v) : v}`).join(" · ");
 }
 
+const SCORE_TITLE = "p: calibrated match probability (0 to 1, the same meaning for every " +
+  "pipeline); score: the pipeline's raw score (see the legend)";
+
+function probText(r) {
+  return (r.probability === null || r.probability === undefined) ? ""
+    : `p ${r.probability.toFixed(2)} · `;
+}
+
 function render(resp, label) {
   const grid = $("results");
   grid.innerHTML = "";
@@ -158,7 +166,7 @@ function render(resp, label) {
     card.innerHTML = `<div class="thumb"><img alt="" loading="lazy"></div>
       <button class="zoom" type="button" title="open full size">full size</button>
       <div class="body"><div class="id"></div>
-      <div class="score" title="cosine similarity (1 = the same image)">#${n + 1} · score
+      <div class="score" title="${SCORE_TITLE}">#${n + 1} · ${probText(r)}score
         ${r.score.toFixed(3)}</div><div class="meta"></div></div>`;
     card.querySelector(".id").textContent = r.id;
     card.querySelector(".meta").textContent = metaText(r.metadata);
