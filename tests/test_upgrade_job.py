@@ -299,7 +299,11 @@ def test_train_transform_from_job_pairs_attaches_psi(old_gallery):
     with Gallery.open(old_gallery) as g:
         state = upjob.require_upgrade(g)
         assert state.transforms == {"regression": "upgrade/transforms/regression"}
-        assert resolve_rule("auto", g, state) == "fused"
+        # attached, but `auto` switches to psi only after the pseudo-query check: the
+        # tiny models record no config, so there are no query models to check it with
+        assert state.online["decision"]["checked"] is False
+        assert state.online["decision"]["source"] == "train-transform"
+        assert resolve_rule("auto", g, state) == "rank-merge"
         # 30 pairs < MIN_PAIRS: the calibration stored with psi (its held-out pairs) is used
         cal = job_calibration(g, "quantile", psi=psi)
         assert cal.info["source"] == "psi artifact" and cal.old.kind == "quantile"

@@ -56,7 +56,16 @@ from galleria.images.sources import SourceItem
 from galleria.io.atomic import write_json
 from galleria.store.gallery import Failure, Gallery
 from galleria.upgrade.finish import FinishReport, UpgradeStatus, finish_upgrade, upgrade_status
+from galleria.upgrade.online import (
+    OnlineConfig,
+    maybe_fit,
+    next_fit_at,
+    pair_count,
+    query_models,
+    train_pairs,
+)
 from galleria.upgrade.pairs import PairStore, load_pairs
+from galleria.upgrade.querylog import query_order
 from galleria.upgrade.state import (
     FINISHING_KEY,
     JOB_VERSION,
@@ -104,9 +113,10 @@ def start_upgrade(
     runtime: str = "auto",
     threads: int | None = None,
     mode: str = "online",
-    order: str = "random",
+    order: str = "queries",
     seed: int = 0,
     calib_size: int = 1000,
+    online: OnlineConfig | None = None,
 ) -> UpgradeState:
     """Create the job: register the new model's space (with its recipe) and record it.
 
@@ -116,11 +126,16 @@ def start_upgrade(
             with the options ``pooling``... as ``galleria index`` would.
         mode: ``online`` (move items, merged search) or ``shadow`` (old-only
             search until finish).
-        order: default order of :func:`run_upgrade` (``random`` with ``seed``,
+        order: default order of :func:`run_upgrade`: ``queries`` (the items
+            recent answers of the service returned, and their neighbours,
+            first; the rest in the ``random`` order; see
+            :mod:`galleria.upgrade.querylog`), ``random`` (seeded by ``seed``),
             ``id`` = insertion order, ``priority`` = item meta ``priority``,
-            highest first).
-        calib_size: how many (old, new) vector pairs the run keeps for score
-            calibration and psi training (0 = none).
+            highest first.
+        calib_size: how many (old, new) vector pairs the run keeps as the
+            calibration cohort (0 = none).
+        online: how psi is learned while the job runs (default
+            :class:`OnlineConfig`; ``OnlineConfig(enabled=False)``: not at all).
 
     Raises:
         UpgradeError: an upgrade is already in progress, or the gallery already
@@ -165,6 +180,7 @@ def start_upgrade(
         state = UpgradeState(
             old_space=old, new_space=new, new_model=new_model, mode=mode, order=order,
             seed=int(seed), calib_size=int(calib_size), started=time.time(),
+            online={"config": (online or OnlineConfig(seed=int(seed))).to_dict()},
         )
         save_state(gallery, state)
         gallery.set_setting(PROGRESS_KEY, {"runs": []})
@@ -227,10 +243,12 @@ def order_ids(
 
     ``random``: by ``sha256(seed, id)`` -- a seeded shuffle that does not depend
     on which items are still to do, so resumed runs continue the same sequence.
+    ``queries``: the same; the run then moves the items the service's recent
+    answers returned to the front as it goes (:mod:`galleria.upgrade.querylog`).
     ``id``: as given (the gallery's insertion order). ``priority``: highest
     ``priorities`` first, ties in the given order.
     """
-    if order == "random":
+    if order in ("random", "queries"):
         salt = str(int(seed)).encode() + b"\0"
         return sorted(ids, key=lambda i: hashlib.sha256(salt + i.encode()).digest())
     if order == "id":
@@ -288,7 +306,7 @@ def run_upgrade(
 
     Args:
         limit: process at most this many pending items (then stop; run again).
-        order: override the job's order (``random``, ``id``, ``priority``).
+        order: override the job's order (``queries``, ``random``, ``id``, ``priority``).
         extractor: the new model (default: rebuilt from the new space's recipe,
             fingerprint checked).
         commit_every: items per committed transaction (the most a crash loses).
@@ -341,15 +359,20 @@ def _run(
     embedder: Embedder = embed_stream,
 ) -> RunReport:
     old, new = state.old_space, state.new_space
-    if extractor is None:
+    if state.change == "transform":
+        from galleria.upgrade.change import transform_embedder
+
+        extractor, embedder = transform_embedder(gallery, state)
+    elif extractor is None:
         extractor = extractor_from_space(gallery.space_info(new).info, root=gallery.path,
                                          runtime=runtime, threads=threads)
     elif extractor.fingerprint != new:
         raise CompatibilityError(
             f"the extractor makes {extractor.fingerprint!r} but the upgrade is to {new!r}"
         )
+    moves = state.mode == "online" and state.change == "model"
     adopted = 0
-    if state.mode == "online":
+    if moves:
         # items given a new vector outside the job (e.g. `galleria index` with the new
         # model during the upgrade) keep it and lose the old one: one space per item
         both = sorted(set(gallery.ids(old)) & set(gallery.ids(new)))
@@ -362,70 +385,104 @@ def _run(
     if not retry_failed:
         todo = [i for i in todo if i not in failed_before]
     metas = gallery.meta(todo) if order == "priority" else None
-    todo = order_ids(todo, order, seed=state.seed,
+    todo = order_ids(todo, "random" if order == "queries" else order, seed=state.seed,
                      priorities=[_priority(m) for m in metas] if metas is not None else None)
-    if limit is not None:
-        todo = todo[: max(0, int(limit))]
-    report = RunReport(str(gallery.path), old, new, order, todo_before=len(todo),
+    n_todo = len(todo) if limit is None else min(len(todo), max(0, int(limit)))
+    report = RunReport(str(gallery.path), old, new, order, todo_before=n_todo,
                        adopted=adopted)
+    online = OnlineConfig.from_dict(state.online.get("config")) if state.online else \
+        OnlineConfig(enabled=False)
+    online_on = online.enabled and moves
     pairs = PairStore(job_folder(gallery) / "pairs")
-    want_pairs = max(0, state.calib_size - pairs.count())
-    drop = [old] if state.mode == "online" else []
+    more_pairs = train_pairs(gallery)
+    want_pairs = max(0, state.calib_size - pairs.count()) if moves else 0
+    want_train = max(0, online.max_pairs - pairs.count() - more_pairs.count()) if online_on \
+        else 0
+    query_models: list[Extractor | None] = []
+    drop = [old] if moves else []
     run_started = time.time()
     _update_progress(gallery, run_started=run_started, moved=0, finished=False)
     last_save = time.perf_counter()
     buf_ids: list[str] = []
-    buf_vecs: list[np.ndarray] = []
+    buf_data: list[Any] = []
+    fails: list[Failure] = []
+    local = extractor.kind == "local"
+
+    def keep_pairs(ids: list[str], vecs: np.ndarray) -> None:
+        nonlocal want_pairs, want_train
+        still = gallery.has(ids, old)
+        rows = [n for n, s in enumerate(still) if s]
+        cohort, rest = rows[:want_pairs], rows[want_pairs:][:want_train]
+        if not cohort and not rest:
+            return
+        try:  # before the move: the old vectors go with it
+            old_vecs = gallery.get_vectors(gallery.keys_of([ids[n] for n in cohort + rest]),
+                                           space=old)
+        except GalleriaError:  # an item was removed meanwhile: no pairs from this batch
+            return
+        if cohort:
+            pairs.append([ids[n] for n in cohort], old_vecs[: len(cohort)], vecs[cohort])
+            want_pairs -= len(cohort)
+        if rest:
+            more_pairs.append([ids[n] for n in rest], old_vecs[len(cohort):], vecs[rest])
+            want_train -= len(rest)
 
     def commit() -> None:
-        nonlocal want_pairs
         if not buf_ids:
             return
-        ids, vecs = list(buf_ids), np.concatenate(buf_vecs)
+        ids = list(buf_ids)
         buf_ids.clear()
-        buf_vecs.clear()
-        if want_pairs > 0:
-            still = gallery.has(ids, old)
-            sel = [n for n, s in enumerate(still) if s][:want_pairs]
-            try:  # before the move: the old vectors go with it
-                old_vecs = gallery.get_vectors(gallery.keys_of([ids[n] for n in sel]), space=old)
-                pairs.append([ids[n] for n in sel], old_vecs, vecs[sel])
-                want_pairs -= len(sel)
-            except GalleriaError:  # an item was removed meanwhile: no pairs from this batch
-                pass
-        # only_if_in: an item removed meanwhile by someone else is skipped in the same
-        # transaction that moves the others (never resurrected, never a crash)
-        keys = gallery.add(ids, vecs, space=new, drop_spaces=drop, only_if_in=old)
+        if local:
+            feats = [f for chunk in buf_data for f in chunk]
+            buf_data.clear()
+            keys = gallery.add_local(ids, feats, space=new, only_if_in=old)
+        else:
+            vecs = np.concatenate(buf_data)
+            buf_data.clear()
+            if want_pairs > 0 or want_train > 0:
+                keep_pairs(ids, vecs)
+            # only_if_in: an item removed meanwhile by someone else is skipped in the same
+            # transaction that moves the others (never resurrected, never a crash)
+            keys = gallery.add(ids, vecs, space=new, drop_spaces=drop, only_if_in=old)
         report.moved += int((keys >= 0).sum())
         _update_progress(gallery, run_started=run_started, moved=report.moved, finished=False)
+        if online_on:
+            _online_step(gallery, online, extractor, query_models, runtime, threads)
 
-    fails: list[Failure] = []
-    try:
-        for chunk_start in range(0, len(todo), 4096):
-            chunk = todo[chunk_start : chunk_start + 4096]
-            items: list[SourceItem] = []
+    def source() -> Any:
+        """Pending items in the run's order; ``queries`` re-reads the answers as it goes."""
+        remaining, served = list(todo), 0
+        while remaining and served < n_todo:
+            if order == "queries":
+                remaining = query_order(gallery, remaining, space=old)
+            step = QUERY_REFRESH if order == "queries" else 4096
+            chunk, remaining = remaining[:step], remaining[step:]
+            chunk = chunk[: n_todo - served]
+            served += len(chunk)
             for item_id, meta in zip(chunk, gallery.meta(chunk), strict=True):
                 it = _source_item(item_id, meta)
                 if isinstance(it, Failure):
                     fails.append(it)
                 else:
-                    items.append(it)
-            for batch in embedder(items, extractor, batch_size=batch_size, workers=workers,
-                                  progress=progress):
-                buf_ids.extend(it.id for it in batch.items)
-                buf_vecs.append(batch.vectors)
-                for it, why in batch.failures:
-                    log.warning("cannot re-embed %s (%s): %s", it.id, it.path, why)
-                    fails.append(Failure(it.id, str(it.path), why))
-                if len(buf_ids) >= commit_every:
-                    commit()
-                if fails:
-                    gallery.record_failures(new, fails)
-                    report.failed.extend(fails)
-                    fails = []
-                if time.perf_counter() - last_save > save_every_s:
-                    _save_indexes(gallery, state)
-                    last_save = time.perf_counter()
+                    yield it
+
+    try:
+        for batch in embedder(source(), extractor, batch_size=batch_size, workers=workers,
+                              progress=progress):
+            buf_ids.extend(it.id for it in batch.items)
+            buf_data.append(batch.features if local else batch.vectors)
+            for it, why in batch.failures:
+                log.warning("cannot re-embed %s (%s): %s", it.id, it.path, why)
+                fails.append(Failure(it.id, str(it.path), why))
+            if len(buf_ids) >= commit_every:
+                commit()
+            if fails:
+                gallery.record_failures(new, fails)
+                report.failed.extend(fails)
+                fails.clear()
+            if time.perf_counter() - last_save > save_every_s:
+                _save_indexes(gallery, state)
+                last_save = time.perf_counter()
         commit()
         if fails:
             gallery.record_failures(new, fails)
@@ -439,12 +496,37 @@ def _run(
     if not report.interrupted:
         with contextlib.suppress(GalleriaError, OSError):
             gallery.compact(new)
-            if state.mode == "online":
+            if moves:
                 gallery.compact(old)
     _save_indexes(gallery, state)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     write_json(Path(gallery.path) / "reports" / f"upgrade-run-{stamp}.json", report.to_dict())
     return report
+
+
+QUERY_REFRESH = 256
+"""Items between two readings of the service's answers in the ``queries`` order."""
+
+
+def _online_step(gallery: Gallery, config: OnlineConfig, extractor: Extractor,
+                 models: list[Extractor | None], runtime: str, threads: int | None) -> None:
+    """Fit / check / publish psi when due (see :mod:`galleria.upgrade.online`).
+
+    The query models (old and new) are built on the first fit that is due and
+    kept for the run (``models``); a failure of the online fit is logged, never
+    fatal to the backfill.
+    """
+    state = require_upgrade(gallery)
+    last = (state.online.get("decision") or {}).get("pairs")
+    if pair_count(gallery) < next_fit_at(config, last):
+        return
+    try:
+        if not models:
+            models.extend(query_models(gallery, state, runtime=runtime, threads=threads,
+                                       new_model=extractor))
+        maybe_fit(gallery, config, old_model=models[0], new_model=models[1])
+    except (GalleriaError, OSError, ValueError) as exc:
+        log.warning("online psi fit failed (the backfill goes on): %s", exc)
 
 
 def _save_indexes(gallery: Gallery, state: UpgradeState) -> None:

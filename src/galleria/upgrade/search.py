@@ -59,7 +59,13 @@ from galleria.upgrade.merge import (
 )
 from galleria.upgrade.pairs import load_pairs
 from galleria.upgrade.psi import CrossModelMap, load_cross_map
-from galleria.upgrade.state import UpgradeError, UpgradeState, require_upgrade, transform_path
+from galleria.upgrade.state import (
+    UpgradeError,
+    UpgradeState,
+    decision_psi_path,
+    require_upgrade,
+    transform_path,
+)
 from galleria.validate import as_embeddings, l2_normalize
 
 log = logging.getLogger(__name__)
@@ -103,19 +109,22 @@ class QueryCost:
 
 
 def resolve_rule(rule: str, gallery: Gallery, state: UpgradeState) -> str:
-    """``auto``: old-only in shadow mode; fused when the job has a regression psi;
-    else rank-merge. (metric-compatible is never chosen automatically: its gains
-    come from the labels it was trained with and did not transfer across domains
-    in the benchmark; ask for it by name. psi is the one-pass option.)"""
+    """``auto``: old-only in shadow mode; else the rule the job's last pseudo-query
+    check chose (:mod:`galleria.upgrade.online`: ``psi`` or ``fused`` with the
+    psi it checked, only when it beat rank-merge on the gallery's own
+    pseudo-queries); else rank-merge. (metric-compatible is never chosen
+    automatically: its gains come from the labels it was trained with and did
+    not transfer across domains in the benchmark; ask for it by name.)"""
     if rule not in RULES:
         raise InputError(f"unknown rule {rule!r}; known: {', '.join(RULES)}")
     if rule != "auto":
         return rule
     if state.mode == "shadow":
         return "old-only"
-    p = transform_path(gallery, state, TRANSFORM_OF_RULE["psi"])
-    if p is not None and p.exists():
-        return "fused"
+    d = state.online.get("decision") or {}
+    if d.get("checked") and d.get("rule") in ("psi", "fused") \
+            and decision_psi_path(gallery, state) is not None:
+        return str(d["rule"])
     return "rank-merge"
 
 
@@ -197,6 +206,7 @@ class BackfillSearcher:
         """
         gallery = path if isinstance(path, Gallery) else Gallery.open(path)
         state = require_upgrade(gallery)
+        asked = rule
         rule = resolve_rule(rule, gallery, state)
         needs_old = rule in OLD_MODEL_RULES
         needs_new = rule != "old-only"
@@ -208,8 +218,13 @@ class BackfillSearcher:
                                         query=True) if needs_new else None)
         the_map = None
         if rule in TRANSFORM_OF_RULE:
-            p = Path(psi) if psi is not None else transform_path(
-                gallery, state, TRANSFORM_OF_RULE[rule])
+            p = Path(psi) if psi is not None else None
+            if p is None and asked == "auto":  # the map the check chose the rule with
+                p = decision_psi_path(gallery, state)
+            if p is None:
+                p = transform_path(gallery, state, TRANSFORM_OF_RULE[rule])
+            if p is None and rule in ("psi", "fused"):  # the online psi of the job
+                p = decision_psi_path(gallery, state)
             if p is None:
                 raise UpgradeError(
                     f"rule {rule!r} needs a trained map: run `galleria upgrade train-transform "

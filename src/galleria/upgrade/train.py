@@ -27,6 +27,7 @@ from galleria.images.sources import SourceItem, list_source, split_problems
 from galleria.io.atomic import read_json, write_json, write_npy
 from galleria.store.gallery import Gallery
 from galleria.upgrade.bct import BCTHead
+from galleria.upgrade.online import OnlineConfig, check_and_publish, query_models
 from galleria.upgrade.pairs import load_pairs
 from galleria.upgrade.psi import CrossModelMap, ReverseTransform
 from galleria.upgrade.state import attach_transform, job_folder, require_upgrade
@@ -160,4 +161,11 @@ def train_transform(
         folder = Path(out) if out is not None else job_folder(gallery) / "transforms" / kind
         the_map.save(folder)
         attach_transform(gallery, kind, folder)
+        if kind == "regression" and state.mode == "online":
+            # `auto` search switches to it only if it beats rank-merge on pseudo-queries
+            state = require_upgrade(gallery)
+            old_q, new_q = query_models(gallery, state, runtime=runtime, threads=threads)
+            check_and_publish(gallery, the_map, folder,
+                              config=OnlineConfig.from_dict(state.online.get("config")),
+                              old_model=old_q, new_model=new_q, source="train-transform")
         return folder, the_map
