@@ -58,6 +58,7 @@ from galleria.store.gallery import Failure, Gallery
 from galleria.upgrade.finish import FinishReport, UpgradeStatus, finish_upgrade, upgrade_status
 from galleria.upgrade.online import (
     OnlineConfig,
+    job_pseudo_queries,
     maybe_fit,
     next_fit_at,
     pair_count,
@@ -399,6 +400,8 @@ def _run(
     want_train = max(0, online.max_pairs - pairs.count() - more_pairs.count()) if online_on \
         else 0
     query_models: list[Extractor | None] = []
+    if online_on and n_todo:
+        _online_start(gallery, online, extractor, query_models, runtime, threads)
     drop = [old] if moves else []
     run_started = time.time()
     _update_progress(gallery, run_started=run_started, moved=0, finished=False)
@@ -506,6 +509,21 @@ def _run(
 
 QUERY_REFRESH = 256
 """Items between two readings of the service's answers in the ``queries`` order."""
+
+
+def _online_start(gallery: Gallery, config: OnlineConfig, extractor: Extractor,
+                  models: list[Extractor | None], runtime: str, threads: int | None) -> None:
+    """Before the first item moves: the job's pseudo-queries, embedded with both models
+    (the check's queries and, from the first query on, the calibration cohort)."""
+    state = require_upgrade(gallery)
+    try:
+        if not models:
+            models.extend(query_models(gallery, state, runtime=runtime, threads=threads,
+                                       new_model=extractor))
+        if models[0] is not None and models[1] is not None:
+            job_pseudo_queries(gallery, state, config, models[0], models[1])
+    except (GalleriaError, OSError, ValueError) as exc:
+        log.warning("no pseudo-queries for this job (the backfill goes on): %s", exc)
 
 
 def _online_step(gallery: Gallery, config: OnlineConfig, extractor: Extractor,

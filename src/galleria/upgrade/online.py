@@ -227,7 +227,9 @@ def job_pseudo_queries(gallery: Gallery, state: UpgradeState, config: OnlineConf
     folder.mkdir(parents=True, exist_ok=True)
     write_npy(folder / "old.npy", old.astype(np.float32))
     write_npy(folder / "new.npy", new.astype(np.float32))
-    write_json(head, {**want, "ids": pq.ids, "fingerprint": pq.fingerprint,
+    # query-side new embeddings are a cohort only when the new model is its own query model
+    cohort = "query_config" not in gallery.space_info(state.new_space).info
+    write_json(head, {**want, "ids": pq.ids, "fingerprint": pq.fingerprint, "cohort": cohort,
                       "skipped": len(pq.skipped),
                       "seconds": round(time.perf_counter() - t, 2)})
     log.info("%d pseudo-queries embedded with both models in %.1f s", len(pq),

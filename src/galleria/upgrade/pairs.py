@@ -77,3 +77,23 @@ def load_pairs(gallery_path: str | os.PathLike[str]) -> tuple[list[str], np.ndar
     return PairStore(job_folder(gallery_path) / "pairs").load()
 
 
+
+
+def load_pseudo_pairs(gallery_path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(old (P, D_old), new (P, D_new))`` query embeddings of the job's pseudo-queries.
+
+    Written once per job by :func:`galleria.upgrade.online.job_pseudo_queries`
+    (arrays first, the header naming them last); ``None`` until then. They are
+    images embedded in both spaces, so they join the calibration cohort from the
+    first query on (before any item has moved).
+    """
+    folder = job_folder(gallery_path) / "online" / "pseudo"
+    try:
+        meta = read_json(folder / "pseudo.json")
+        old = np.load(folder / "old.npy", allow_pickle=False)
+        new = np.load(folder / "new.npy", allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    if not meta.get("cohort", True) or len(old) != len(new) or len(old) != len(meta.get("ids", [])):
+        return None
+    return old, new

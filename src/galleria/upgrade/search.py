@@ -57,7 +57,7 @@ from galleria.upgrade.merge import (
     fit_calibration,
     merge_results,
 )
-from galleria.upgrade.pairs import load_pairs
+from galleria.upgrade.pairs import load_pairs, load_pseudo_pairs
 from galleria.upgrade.psi import CrossModelMap, load_cross_map
 from galleria.upgrade.state import (
     UpgradeError,
@@ -377,7 +377,9 @@ def job_calibration(
 ) -> Calibration | CohortNorm:
     """The normalisation of the two parts, built from the job's (old, new) pairs.
 
-    ``znorm-top`` / ``znorm``: a :class:`CohortNorm` with the pairs as cohort.
+    ``znorm-top`` / ``znorm``: a :class:`CohortNorm` with the pairs as cohort, and the
+    job's pseudo-queries (:func:`~galleria.upgrade.pairs.load_pseudo_pairs`, images
+    embedded with both models before the first item moves): a cohort from the start.
     ``quantile`` / ``affine``: global maps of the old channel (queries
     ``psi(new(x))`` with ``psi``, else ``old(x)``) fitted on the pairs. With fewer
     than :data:`MIN_PAIRS` pairs: the psi artifact's stored quantile map when
@@ -388,9 +390,14 @@ def job_calibration(
     if kind == "identity":
         return Calibration.identity()
     ids, old, new = load_pairs(gallery.path)
-    if len(ids) >= MIN_PAIRS:
-        if kind.startswith("znorm"):
+    if kind.startswith("znorm"):
+        extra = load_pseudo_pairs(gallery.path)
+        if extra is not None and (not ids or extra[0].shape[1] == old.shape[1]):
+            old = extra[0] if not ids else np.concatenate([old, extra[0]])
+            new = extra[1] if not ids else np.concatenate([new, extra[1]])
+        if len(old) >= MIN_PAIRS:
             return CohortNorm(old, new, top=COHORT_TOP if kind == "znorm-top" else None)
+    elif len(ids) >= MIN_PAIRS:
         q_old = psi.transform(new) if psi is not None else old
         cal = fit_calibration(kind, old_queries=q_old, old_gallery=old, new_embeddings=new)
         return Calibration(cal.old, cal.new, {**cal.info, "source": "job pairs"})
