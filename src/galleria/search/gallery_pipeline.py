@@ -41,6 +41,7 @@ from galleria.search.pipelines import (
 from galleria.store.gallery import Gallery
 from galleria.store.views import SpaceView
 from galleria.types import LocalFeatures, SearchResult
+from galleria.upgrade.state import STATE_KEY, pending_space
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,8 @@ NO_KEYPOINTS = ("no keypoints (a blank or featureless image): a local pipeline c
 def gallery_spaces(g: Gallery) -> tuple[str | None, str | None]:
     """``(global space, local space)`` of a gallery (the primary global space, the
     local space with the most items); ``None`` where it has none."""
-    local = [s for s in g.spaces() if s.kind == "local" and s.count]
+    pending = pending_space(g.get_setting(STATE_KEY))  # a local space still being filled
+    local = [s for s in g.spaces() if s.kind == "local" and s.count and s.space != pending]
     loc = max(local, key=lambda s: s.count).space if local else None
     glob = g.primary_space
     if glob is not None and g.space_info(glob).count == 0:

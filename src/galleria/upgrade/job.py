@@ -88,11 +88,31 @@ from galleria.upgrade.state import (
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "FINISHING_KEY", "JOB_VERSION", "MODES", "ORDERS", "PROGRESS_KEY", "STATE_KEY",
-    "FinishReport", "PairStore", "RunReport", "UpgradeError", "UpgradeState", "UpgradeStatus",
-    "active_upgrade", "attach_transform", "finish_upgrade", "job_folder", "load_pairs",
-    "order_ids", "pending_ids", "require_upgrade", "run_upgrade", "start_upgrade",
-    "transform_path", "upgrade_status",
+    "FINISHING_KEY",
+    "JOB_VERSION",
+    "MODES",
+    "ORDERS",
+    "PROGRESS_KEY",
+    "STATE_KEY",
+    "FinishReport",
+    "PairStore",
+    "RunReport",
+    "UpgradeError",
+    "UpgradeState",
+    "UpgradeStatus",
+    "active_upgrade",
+    "attach_transform",
+    "check_can_start",
+    "finish_upgrade",
+    "job_folder",
+    "load_pairs",
+    "order_ids",
+    "pending_ids",
+    "require_upgrade",
+    "run_upgrade",
+    "start_upgrade",
+    "transform_path",
+    "upgrade_status",
 ]
 
 
@@ -149,15 +169,7 @@ def start_upgrade(
     if calib_size < 0:
         raise InputError(f"calib_size must be >= 0, got {calib_size}")
     with Gallery.open(gallery_path) as gallery:
-        if gallery.get_setting(FINISHING_KEY):
-            raise UpgradeError(f"the previous upgrade of {gallery.path} did not finish its "
-                               "clean-up; run `galleria upgrade finish` first")
-        current = active_upgrade(gallery)
-        if current is not None:
-            raise UpgradeError(
-                f"an upgrade to {current.new_space!r} is already in progress on {gallery.path}; "
-                "finish it first (`galleria upgrade status` shows how far it is)"
-            )
+        check_can_start(gallery)
         old = gallery.primary_space
         if old is None:
             raise UpgradeError(f"gallery {gallery.path} is empty: nothing to upgrade")
@@ -188,6 +200,19 @@ def start_upgrade(
         job_folder(gallery).mkdir(parents=True, exist_ok=True)
         log.info("upgrade %s -> %s started (%s, order %s)", old, new, mode, order)
         return state
+
+
+def check_can_start(gallery: Gallery) -> None:
+    """Raise UpgradeError when a job (or the clean-up of one) is in progress."""
+    if gallery.get_setting(FINISHING_KEY):
+        raise UpgradeError(f"the previous upgrade of {gallery.path} did not finish its "
+                           "clean-up; run `galleria upgrade finish` first")
+    current = active_upgrade(gallery)
+    if current is not None:
+        raise UpgradeError(
+            f"an upgrade to {current.new_space!r} is already in progress on {gallery.path}; "
+            "finish it first (`galleria upgrade status` shows how far it is)"
+        )
 
 
 # --------------------------------------------------------------------------- #
@@ -363,7 +388,7 @@ def _run(
     if state.change == "transform":
         from galleria.upgrade.change import transform_embedder
 
-        extractor, embedder = transform_embedder(gallery, state)
+        extractor, embedder = transform_embedder(gallery, state)  # type: ignore[assignment]
     elif extractor is None:
         extractor = extractor_from_space(gallery.space_info(new).info, root=gallery.path,
                                          runtime=runtime, threads=threads)
@@ -396,7 +421,8 @@ def _run(
     online_on = online.enabled and moves
     pairs = PairStore(job_folder(gallery) / "pairs")
     more_pairs = train_pairs(gallery)
-    want_pairs = max(0, state.calib_size - pairs.count()) if moves else 0
+    paired = moves or state.change == "transform"  # the old vector is there to pair with
+    want_pairs = max(0, state.calib_size - pairs.count()) if paired else 0
     want_train = max(0, online.max_pairs - pairs.count() - more_pairs.count()) if online_on \
         else 0
     query_models: list[Extractor | None] = []
@@ -410,6 +436,7 @@ def _run(
     buf_data: list[Any] = []
     fails: list[Failure] = []
     local = extractor.kind == "local"
+    reads_images = state.change != "transform"
 
     def keep_pairs(ids: list[str], vecs: np.ndarray) -> None:
         nonlocal want_pairs, want_train
@@ -463,7 +490,8 @@ def _run(
             chunk = chunk[: n_todo - served]
             served += len(chunk)
             for item_id, meta in zip(chunk, gallery.meta(chunk), strict=True):
-                it = _source_item(item_id, meta)
+                it = _source_item(item_id, meta) if reads_images else \
+                    SourceItem(id=item_id, path=Path(str((meta or {}).get("path") or ".")))
                 if isinstance(it, Failure):
                     fails.append(it)
                 else:

@@ -38,7 +38,6 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +49,7 @@ from galleria.extract.spaces import extractor_from_space
 from galleria.extractors.base import Extractor
 from galleria.store.gallery import Gallery
 from galleria.types import SearchResult
+from galleria.upgrade.local_search import LocalChangeSearcher
 from galleria.upgrade.merge import (
     Calibration,
     CohortNorm,
@@ -58,6 +58,7 @@ from galleria.upgrade.merge import (
     merge_results,
 )
 from galleria.upgrade.pairs import load_pairs, load_pseudo_pairs
+from galleria.upgrade.parts import QueryCost, search_excluding
 from galleria.upgrade.psi import CrossModelMap, load_cross_map
 from galleria.upgrade.state import (
     UpgradeError,
@@ -80,32 +81,6 @@ MIN_PAIRS = 50
 TRANSFORM_OF_RULE = {"psi": "regression", "fused": "regression",
                      "metric-compatible": "metric-compatible"}
 OLD_MODEL_RULES = ("naive", "rank-merge", "fused", "old-only")
-
-
-@dataclass
-class QueryCost:
-    """What answering a batch of queries cost."""
-
-    queries: int = 0
-    forward_passes: dict[str, int] = field(default_factory=dict)
-    map_calls: int = 0
-    index_searches: int = 0
-    ms: dict[str, float] = field(default_factory=dict)
-
-    def add_ms(self, stage: str, seconds: float) -> None:
-        self.ms[stage] = self.ms.get(stage, 0.0) + 1000.0 * seconds
-
-    def per_query(self) -> dict[str, Any]:
-        q = max(self.queries, 1)
-        return {
-            "queries": self.queries,
-            "forward_passes_per_query": sum(self.forward_passes.values()) / q,
-            "forward_passes": dict(self.forward_passes),
-            "map_calls_per_query": self.map_calls / q,
-            "index_searches_per_query": self.index_searches / q,
-            "ms_per_query": {k: round(v / q, 3) for k, v in self.ms.items()},
-            "total_ms_per_query": round(sum(self.ms.values()) / q, 3),
-        }
 
 
 def resolve_rule(rule: str, gallery: Gallery, state: UpgradeState) -> str:
@@ -195,8 +170,9 @@ class BackfillSearcher:
         calibration: str | None = None,
         runtime: str = "auto",
         threads: int | None = None,
-    ) -> BackfillSearcher:
-        """Open a gallery under upgrade for search.
+    ) -> BackfillSearcher | LocalChangeSearcher:
+        """Open a gallery under upgrade for search (a :class:`LocalChangeSearcher` while
+        local features are added).
 
         Args:
             rule: merge rule (:data:`RULES`).
@@ -206,6 +182,11 @@ class BackfillSearcher:
         """
         gallery = path if isinstance(path, Gallery) else Gallery.open(path)
         state = require_upgrade(gallery)
+        if state.change == "local":  # local features being added: global + local parts
+            if rule not in ("auto", "rank-merge"):
+                raise UpgradeError(f"rule {rule!r} does not apply while local features are "
+                                   "added; the search merges global and local answers")
+            return LocalChangeSearcher.open(gallery, runtime=runtime, threads=threads)
         asked = rule
         rule = resolve_rule(rule, gallery, state)
         needs_old = rule in OLD_MODEL_RULES
@@ -283,7 +264,11 @@ class BackfillSearcher:
         t = time.perf_counter()
         # both parts from one committed state: an item moving meanwhile is in exactly one
         views = self.gallery.views([old_space, new_space])
-        old_res = self._search_part(qo, k, views.get(old_space))
+        old_res = (self._search_part(qo, k, views.get(old_space))
+                   if self.state.change == "model" else
+                   search_excluding(qo, k, views.get(old_space), views.get(new_space)))
+        if self.state.change != "model":
+            self.cost.index_searches += len(qo)
         if self.rule == "old-only":
             self.cost.add_ms("search", time.perf_counter() - t)
             return SearchResult(old_res.scores, old_res.ids,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,6 +150,20 @@ def decision_psi_path(gallery: Gallery, state: UpgradeState) -> Path | None:
         return None
     p = Path(gallery.path) / rel
     return p if (p / "header.json").is_file() else None
+
+
+def pending_space(upgrade_record: Mapping[str, Any] | None) -> str | None:
+    """The space an active job is filling that no pipeline may search by default.
+
+    ``upgrade_record``: the gallery's ``"upgrade"`` setting (or None). A local
+    space being added is incomplete until ``finish``: the default decision
+    should keep answering through the job's searcher (which merges it with the
+    global answers) and ignore it when choosing a local pipeline.
+    """
+    if not upgrade_record or upgrade_record.get("change") != "local":
+        return None
+    space = upgrade_record.get("new_space")
+    return str(space) if space else None
 
 
 def lock_held(gallery: Gallery) -> bool:
