@@ -163,7 +163,7 @@ def transform_embedder(gallery: Gallery, state: UpgradeState) -> tuple[Any, Any]
     def embed(items: Iterable[SourceItem], extractor: Any, *, batch_size: int = 32,
               workers: int = 2, progress: Progress | None = None) -> Iterator[Batch]:
         chunk: list[SourceItem] = []
-        step = max(batch_size, 256)
+        step = max(1, batch_size)
         for it in items:
             chunk.append(it)
             if len(chunk) >= step:
