@@ -134,9 +134,9 @@ def query_driven_order(task: Task, old: str, traffic: np.ndarray, seed: int, *,
     nbs = np.argsort(-(hv @ go.T), axis=1)[:, : k_nb + 1]
     neighbours = {i: [str(j) for j in row if str(j) != i][:k_nb] for i, row in zip(hot, nbs,
                                                                                      strict=True)}
-    prio = add_neighbours(prio, neighbours)
+    near = add_neighbours(prio, neighbours)
     base = [str(i) for i in random_order(go.shape[0], seed)]
-    return np.array([int(i) for i in front_load(base, prio)], np.int64)
+    return np.array([int(i) for i in front_load(base, prio, near)], np.int64)
 
 
 # --------------------------------------------------------------------------- #

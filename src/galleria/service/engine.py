@@ -42,6 +42,7 @@ from galleria.service.metrics import Metrics
 from galleria.service.sharded import ShardPool, is_sharded
 from galleria.store.gallery import Gallery
 from galleria.types import MISSING_KEY, SearchResult
+from galleria.upgrade.querylog import record_answers
 from galleria.upgrade.state import FINISHING_KEY, STATE_KEY, UpgradeState, job_folder
 
 log = logging.getLogger(__name__)
@@ -458,6 +459,7 @@ class Engine:
                 data[sp] = np.stack(col).astype(np.float32) \
                     if all(isinstance(c, np.ndarray) for c in col) else col
             res = searcher.search(Queries(data), k + offset)
+            record_answers(self.path, res.ids)  # the backfill's query-driven order (if a job)
         info = describe(searcher)
         metas = self._metas(res) if res is not None else {}
         out: list[dict[str, Any]] = []

@@ -457,11 +457,35 @@ def _run(
             more_pairs.append([ids[n] for n in rest], old_vecs[len(cohort):], vecs[rest])
             want_train -= len(rest)
 
+    hot: dict[str, float] = {}
+    hot_old: dict[str, np.ndarray] = {}  # old vectors of answered items moved by this run
+
+    def keep_hot(ids: list[str]) -> None:
+        """Before a move: the old vectors of answered items, to find their neighbours later."""
+        want = [i for i in ids if i in hot]
+        if not want:
+            return
+        with contextlib.suppress(GalleriaError):
+            vecs = gallery.get_vectors(gallery.keys_of(want), space=old)
+            hot_old.update(zip(want, vecs, strict=True))
+            while len(hot_old) > HOT_MEMORY:
+                hot_old.pop(next(iter(hot_old)))
+
+    def known_old(ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """Old vectors of moved items: kept by this run, else from the job's pairs."""
+        missing = [i for i in ids if i not in hot_old]
+        if missing:
+            for store in (pairs, more_pairs):
+                hot_old.update(store.lookup(missing))
+        return {i: hot_old[i] for i in ids if i in hot_old}
+
     def commit() -> None:
         if not buf_ids:
             return
         ids = list(buf_ids)
         buf_ids.clear()
+        if moves and order == "queries":
+            keep_hot(ids)
         if local:
             feats = [f for chunk in buf_data for f in chunk]
             buf_data.clear()
@@ -484,7 +508,10 @@ def _run(
         remaining, served = list(todo), 0
         while remaining and served < n_todo:
             if order == "queries":
-                remaining = query_order(gallery, remaining, space=old)
+                remaining, weights = query_order(gallery, remaining, space=old,
+                                                 known=known_old)
+                hot.clear()
+                hot.update(weights)
             step = QUERY_REFRESH if order == "queries" else 4096
             chunk, remaining = remaining[:step], remaining[step:]
             chunk = chunk[: n_todo - served]
@@ -537,6 +564,8 @@ def _run(
 
 QUERY_REFRESH = 256
 """Items between two readings of the service's answers in the ``queries`` order."""
+HOT_MEMORY = 2000
+"""Old vectors of answered items a run keeps after moving them (to find their neighbours)."""
 
 
 def _online_start(gallery: Gallery, config: OnlineConfig, extractor: Extractor,

@@ -47,6 +47,27 @@ class PairStore:
         write_npy(self.folder / f"{name}.new.npy", new.astype(np.float32))
         write_json(self.folder / f"{name}.json", {"n": len(ids), "ids": list(ids)})
 
+    def lookup(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """``{id: old vector}`` of the wanted ids that have a pair (chunks memory-mapped)."""
+        want = set(ids)
+        out: dict[str, np.ndarray] = {}
+        for p in self._chunks():
+            if not want:
+                break
+            try:
+                meta = read_json(p)
+                rows = [(j, i) for j, i in enumerate(meta["ids"]) if i in want]
+                if not rows:
+                    continue
+                arr = np.load(self.folder / f"{p.name[: -len('.json')]}.old.npy",
+                              mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError, KeyError):
+                continue
+            for j, i in rows:
+                out[i] = np.array(arr[j], dtype=np.float32)
+                want.discard(i)
+        return out
+
     def load(self) -> tuple[list[str], np.ndarray, np.ndarray]:
         """``(ids, old (N, D_old), new (N, D_new))`` with one pair per id."""
         ids: list[str] = []

@@ -21,7 +21,8 @@ It never raises into the service: a failure to record is logged and ignored.
 :func:`query_priorities` turns the record into a weight per item (recent and
 high-ranked answers weigh more); :func:`add_neighbours` spreads part of each
 weight to the item's nearest neighbours in its space; :func:`front_load`
-puts the weighted items first and the rest in the job's seeded random order.
+puts the answered items first, their neighbours next and the rest in the job's
+seeded random order.
 All three are pure or read-only.
 """
 
@@ -33,7 +34,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -122,11 +123,14 @@ def read_answers(gallery: Gallery | str | os.PathLike[str]) -> list[tuple[float,
         except FileNotFoundError:
             continue
         for line in raw.splitlines():
-            try:
-                rec = json.loads(line)
-                out.append((float(rec["t"]), [str(i) for i in rec["ids"]]))
-            except (ValueError, KeyError, TypeError):
-                continue  # a line torn by a crash
+            # a line torn by a crash has the next record glued to it: split them again
+            for piece in ([line] if line.count(b'{"t":') <= 1 else
+                          [b'{"t":' + p for p in line.split(b'{"t":') if p]):
+                try:
+                    rec = json.loads(piece)
+                    out.append((float(rec["t"]), [str(i) for i in rec["ids"]]))
+                except (ValueError, KeyError, TypeError):
+                    continue  # the torn part itself
     return out
 
 
@@ -143,60 +147,85 @@ def query_priorities(records: Iterable[tuple[float, Sequence[str]]], *, now: flo
 
 def add_neighbours(prio: Mapping[str, float], neighbours: Mapping[str, Sequence[str]], *,
                    factor: float = 0.5) -> dict[str, float]:
-    """``prio`` plus, for each item, ``factor * prio / (1 + rank)`` on its neighbours.
+    """The weight each item gets as a neighbour: ``factor * prio[i] / (1 + rank)`` summed
+    over the items ``i`` it is a neighbour of.
 
     ``neighbours[id]`` is the item's nearest neighbours, best first (itself excluded).
     """
-    out = dict(prio)
+    out: dict[str, float] = {}
     for i, w in prio.items():
         for r, j in enumerate(neighbours.get(i, ())):
             out[j] = out.get(j, 0.0) + factor * w / (1.0 + r)
     return out
 
 
-def front_load(ordered: Sequence[str], prio: Mapping[str, float]) -> list[str]:
-    """Items with a weight first (highest first), then the rest, both in ``ordered``'s order.
+def front_load(ordered: Sequence[str], prio: Mapping[str, float],
+               then: Mapping[str, float] | None = None) -> list[str]:
+    """Items weighted in ``prio`` first, then those weighted in ``then`` only (each tier
+    highest weight first), then the rest, ties and the rest in ``ordered``'s order.
 
     ``ordered`` is the job's seeded random order of the pending items, so with no
     recorded answers this *is* the random order (O(n) per call: the service's
     answers are re-read often during a run).
     """
     pos = {i: n for n, i in enumerate(ordered)}
-    hot = sorted((i for i in ordered if prio.get(i, 0.0) > 0.0), key=lambda i: (-prio[i], pos[i]))
-    return hot + [i for i in ordered if prio.get(i, 0.0) <= 0.0]
+    then = then or {}
+    first = sorted((i for i in ordered if prio.get(i, 0.0) > 0.0),
+                   key=lambda i: (-prio[i] - then.get(i, 0.0), pos[i]))
+    second = sorted((i for i in ordered if prio.get(i, 0.0) <= 0.0 < then.get(i, 0.0)),
+                    key=lambda i: (-then[i], pos[i]))
+    return first + second + [i for i in ordered
+                             if prio.get(i, 0.0) <= 0.0 and then.get(i, 0.0) <= 0.0]
 
 
-def item_neighbours(gallery: Gallery, space: str, ids: Sequence[str], *, k: int = 5
-                    ) -> dict[str, list[str]]:
-    """The ``k`` nearest neighbours of items of ``space`` (the items themselves excluded).
+Known = Callable[[Sequence[str]], Mapping[str, np.ndarray]]
+"""``ids -> {id: vector}`` for items no longer in the space (moved by the backfill)."""
 
-    Items not in ``space`` are skipped; one batched search of the space's view.
+
+def item_neighbours(gallery: Gallery, space: str, ids: Sequence[str], *, k: int = 5,
+                    known: Known | None = None) -> dict[str, list[str]]:
+    """The ``k`` nearest neighbours in ``space`` of items (the items themselves excluded).
+
+    An item's vector is its vector in ``space``, or ``known(ids)[id]`` (the old
+    vector of an item the backfill has moved out of ``space``); items with
+    neither are skipped. One batched search of the space's view.
     """
-    ids = [i for i, h in zip(ids, gallery.has(list(ids), space), strict=True) if h] \
-        if ids else []
     if not ids or k <= 0:
         return {}
-    vecs = gallery.get_vectors(gallery.keys_of(ids), space=space)
+    ids = list(ids)
+    inside = gallery.has(ids, space)
+    have = [i for i, h in zip(ids, inside, strict=True) if h]
+    rows = [gallery.get_vectors(gallery.keys_of(have), space=space)] if have else []
+    out_ids = [i for i, h in zip(ids, inside, strict=True) if not h]
+    got = known(out_ids) if known is not None and out_ids else {}
+    extra = [i for i in out_ids if i in got]
+    if extra:
+        rows.append(np.stack([got[i] for i in extra]))
+    which = have + extra
+    if not which:
+        return {}
     view = gallery.view(space)
-    res = view.search_ids(np.ascontiguousarray(vecs, np.float32), min(k + 1, view.count))
-    out: dict[str, list[str]] = {}
-    for n, i in enumerate(ids):
-        out[i] = [j for j in res.ids[n] if j is not None and j != i][:k]
-    return out
+    if not view.count:
+        return {}
+    vecs = np.ascontiguousarray(np.concatenate(rows), np.float32)
+    res = view.search_ids(vecs, min(k + 1, view.count))
+    return {i: [j for j in res.ids[n] if j is not None and j != i][:k]
+            for n, i in enumerate(which)}
 
 
 def query_order(gallery: Gallery, ordered: Sequence[str], *, space: str,
-                now: float | None = None, hot_limit: int = 1000, k: int = 5) -> list[str]:
+                now: float | None = None, hot_limit: int = 1000, k: int = 5,
+                known: Known | None = None) -> tuple[list[str], dict[str, float]]:
     """The ``queries`` order of the pending items (``ordered``: their random order).
 
-    The ``hot_limit`` highest-weighted pending items spread weight to their ``k``
-    neighbours in ``space`` (the old space, where pending items live).
+    The ``hot_limit`` highest-weighted answered items spread weight to their ``k``
+    neighbours in ``space`` (the old space, where pending items live; ``known``:
+    old vectors of answered items already moved). Returns the order and the weights.
     """
     now = time.time() if now is None else now
     prio = query_priorities(read_answers(gallery), now=now)
     if not prio:
-        return list(ordered)
-    pending = set(ordered)
-    hot = sorted((i for i in prio if i in pending), key=lambda i: -prio[i])[:hot_limit]
-    nb = item_neighbours(gallery, space, hot, k=k) if hot else {}
-    return front_load(ordered, add_neighbours(prio, nb))
+        return list(ordered), {}
+    hot = sorted(prio, key=lambda i: -prio[i])[:hot_limit]
+    near = add_neighbours(prio, item_neighbours(gallery, space, hot, k=k, known=known))
+    return front_load(ordered, prio, near), {**near, **prio}
