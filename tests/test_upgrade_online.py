@@ -31,7 +31,6 @@ from galleria.upgrade.online import (
     OnlineConfig,
     all_pairs,
     decide,
-    maybe_fit,
     next_fit_at,
     online_folder,
 )
