@@ -58,11 +58,8 @@ from galleria.store.gallery import Failure, Gallery
 from galleria.upgrade.finish import FinishReport, UpgradeStatus, finish_upgrade, upgrade_status
 from galleria.upgrade.online import (
     OnlineConfig,
-    job_pseudo_queries,
-    maybe_fit,
-    next_fit_at,
-    pair_count,
-    query_models,
+    online_run_start,
+    online_run_step,
     train_pairs,
 )
 from galleria.upgrade.pairs import PairStore, load_pairs
@@ -427,7 +424,7 @@ def _run(
         else 0
     query_models: list[Extractor | None] = []
     if online_on and n_todo:
-        _online_start(gallery, online, extractor, query_models, runtime, threads)
+        online_run_start(gallery, online, extractor, query_models, runtime, threads)
     drop = [old] if moves else []
     run_started = time.time()
     _update_progress(gallery, run_started=run_started, moved=0, finished=False)
@@ -501,7 +498,7 @@ def _run(
         report.moved += int((keys >= 0).sum())
         _update_progress(gallery, run_started=run_started, moved=report.moved, finished=False)
         if online_on:
-            _online_step(gallery, online, extractor, query_models, runtime, threads)
+            online_run_step(gallery, online, extractor, query_models, runtime, threads)
 
     def source() -> Any:
         """Pending items in the run's order; ``queries`` re-reads the answers as it goes."""
@@ -566,42 +563,6 @@ QUERY_REFRESH = 256
 """Items between two readings of the service's answers in the ``queries`` order."""
 HOT_MEMORY = 2000
 """Old vectors of answered items a run keeps after moving them (to find their neighbours)."""
-
-
-def _online_start(gallery: Gallery, config: OnlineConfig, extractor: Extractor,
-                  models: list[Extractor | None], runtime: str, threads: int | None) -> None:
-    """Before the first item moves: the job's pseudo-queries, embedded with both models
-    (the check's queries and, from the first query on, the calibration cohort)."""
-    state = require_upgrade(gallery)
-    try:
-        if not models:
-            models.extend(query_models(gallery, state, runtime=runtime, threads=threads,
-                                       new_model=extractor))
-        if models[0] is not None and models[1] is not None:
-            job_pseudo_queries(gallery, state, config, models[0], models[1])
-    except (GalleriaError, OSError, ValueError) as exc:
-        log.warning("no pseudo-queries for this job (the backfill goes on): %s", exc)
-
-
-def _online_step(gallery: Gallery, config: OnlineConfig, extractor: Extractor,
-                 models: list[Extractor | None], runtime: str, threads: int | None) -> None:
-    """Fit / check / publish psi when due (see :mod:`galleria.upgrade.online`).
-
-    The query models (old and new) are built on the first fit that is due and
-    kept for the run (``models``); a failure of the online fit is logged, never
-    fatal to the backfill.
-    """
-    state = require_upgrade(gallery)
-    last = (state.online.get("decision") or {}).get("pairs")
-    if pair_count(gallery) < next_fit_at(config, last):
-        return
-    try:
-        if not models:
-            models.extend(query_models(gallery, state, runtime=runtime, threads=threads,
-                                       new_model=extractor))
-        maybe_fit(gallery, config, old_model=models[0], new_model=models[1])
-    except (GalleriaError, OSError, ValueError) as exc:
-        log.warning("online psi fit failed (the backfill goes on): %s", exc)
 
 
 def _save_indexes(gallery: Gallery, state: UpgradeState) -> None:

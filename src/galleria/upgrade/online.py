@@ -291,6 +291,42 @@ def maybe_fit(gallery: Gallery, config: OnlineConfig, *, old_model: Extractor | 
                              spent_s=fit_s)
 
 
+def online_run_start(gallery: Gallery, config: OnlineConfig, extractor: Extractor,
+                     models: list[Extractor | None], runtime: str, threads: int | None) -> None:
+    """Before the first item moves: the job's pseudo-queries, embedded with both models
+    (the check's queries and, from the first query on, the calibration cohort)."""
+    state = require_upgrade(gallery)
+    try:
+        if not models:
+            models.extend(query_models(gallery, state, runtime=runtime, threads=threads,
+                                       new_model=extractor))
+        if models[0] is not None and models[1] is not None:
+            job_pseudo_queries(gallery, state, config, models[0], models[1])
+    except (GalleriaError, OSError, ValueError) as exc:
+        log.warning("no pseudo-queries for this job (the backfill goes on): %s", exc)
+
+
+def online_run_step(gallery: Gallery, config: OnlineConfig, extractor: Extractor,
+                    models: list[Extractor | None], runtime: str, threads: int | None) -> None:
+    """Fit / check / publish psi when due (see :mod:`galleria.upgrade.online`).
+
+    The query models (old and new) are built on the first fit that is due and
+    kept for the run (``models``); a failure of the online fit is logged, never
+    fatal to the backfill.
+    """
+    state = require_upgrade(gallery)
+    last = (state.online.get("decision") or {}).get("pairs")
+    if pair_count(gallery) < next_fit_at(config, last):
+        return
+    try:
+        if not models:
+            models.extend(query_models(gallery, state, runtime=runtime, threads=threads,
+                                       new_model=extractor))
+        maybe_fit(gallery, config, old_model=models[0], new_model=models[1])
+    except (GalleriaError, OSError, ValueError) as exc:
+        log.warning("online psi fit failed (the backfill goes on): %s", exc)
+
+
 def check_and_publish(gallery: Gallery, psi: Any, folder: Path, *, config: OnlineConfig,
                       old_model: Extractor | None, new_model: Extractor | None,
                       source: str, extra: dict[str, Any] | None = None,
