@@ -102,8 +102,17 @@ def test_transform_change_search_and_finish_equal_a_fresh_apply(gallery, images,
         assert (res.ids == want).all()
         assert s.search_vectors(old_queries=q, new_queries=tr.transform(q), k=5).ids.shape \
             == (6, 5)
-        # rank-merge with the job's pairs as cohort (12 pairs < 50: raw, logged)
-        assert BackfillSearcher.open(g, rule="auto").rule == "rank-merge"
+        # auto: rescore -- the old part's shortlist scored in the new space (T of the stored
+        # base vectors): with a shortlist deeper than the gallery it is the new space's
+        # exact search over every item, from one forward pass (T(old(q)))
+        s = BackfillSearcher.open(g)
+        assert s.rule == "rescore" and s.new_extractor is None
+        res = s.search_vectors(old_queries=q, k=10)
+        allv = {i: (new[i] if i in new else tr.transform(old[i][None])[0]) for i in ids}
+        sc = tr.transform(q) @ np.stack([allv[i] for i in ids]).T
+        want = [[ids[j] for j in np.argsort(-row, kind="stable")[:10]] for row in sc]
+        assert res.ids.tolist() == want
+        np.testing.assert_allclose(res.scores, -np.sort(-sc, axis=1)[:, :10], atol=1e-5)
     run_upgrade(gallery)
     finish_upgrade(gallery)
     fresh = tmp_path / "fresh"

@@ -109,7 +109,7 @@ def add_upgrade_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("-k", type=int, default=10)
     s.add_argument("--rule", default="auto",
                    choices=["auto", "naive", "rank-merge", "psi", "fused",
-                            "metric-compatible", "old-only"])
+                            "metric-compatible", "old-only", "rescore"])
     s.add_argument("--psi", default=None, help="a trained map folder (default: the job's)")
     s.add_argument("--calibration", default=None,
                    choices=["znorm-top", "znorm", "quantile", "affine", "identity"],

@@ -60,6 +60,7 @@ from galleria.upgrade.merge import (
 from galleria.upgrade.pairs import load_pairs, load_pseudo_pairs
 from galleria.upgrade.parts import QueryCost, search_excluding
 from galleria.upgrade.psi import CrossModelMap, load_cross_map
+from galleria.upgrade.rescore import RESCORE_DEPTH, TransformRescorer, derive_new_queries
 from galleria.upgrade.state import (
     UpgradeError,
     UpgradeState,
@@ -71,7 +72,8 @@ from galleria.validate import as_embeddings, l2_normalize
 
 log = logging.getLogger(__name__)
 
-RULES = ("auto", "naive", "rank-merge", "psi", "fused", "metric-compatible", "old-only")
+RULES = ("auto", "naive", "rank-merge", "psi", "fused", "metric-compatible", "old-only",
+         "rescore")
 FUSE_WEIGHT = 0.5
 """Weight of ``psi(new(q))`` next to ``old(q)`` in the fused old-part query (set a priori)."""
 NORMALIZATIONS = ("znorm-top", "znorm", "quantile", "affine", "identity")
@@ -80,7 +82,7 @@ MIN_PAIRS = 50
 """Fewer job pairs than this: use the psi artifact's stored calibration instead."""
 TRANSFORM_OF_RULE = {"psi": "regression", "fused": "regression",
                      "metric-compatible": "metric-compatible"}
-OLD_MODEL_RULES = ("naive", "rank-merge", "fused", "old-only")
+OLD_MODEL_RULES = ("naive", "rank-merge", "fused", "old-only", "rescore")
 
 
 def resolve_rule(rule: str, gallery: Gallery, state: UpgradeState) -> str:
@@ -96,6 +98,8 @@ def resolve_rule(rule: str, gallery: Gallery, state: UpgradeState) -> str:
         return rule
     if state.mode == "shadow":
         return "old-only"
+    if state.change == "transform":  # the old part can be scored in the new space
+        return "rescore"
     d = state.online.get("decision") or {}
     if d.get("checked") and d.get("rule") in ("psi", "fused") \
             and decision_psi_path(gallery, state) is not None:
@@ -128,10 +132,17 @@ class BackfillSearcher:
         new_extractor: Extractor | None = None,
         psi: CrossModelMap | None = None,
         calibration: Calibration | CohortNorm | None = None,
+        rescorer: TransformRescorer | None = None,
     ) -> None:
         self.gallery = gallery
         self.state = require_upgrade(gallery)
         self.rule = resolve_rule(rule, gallery, self.state)
+        if self.rule == "rescore" and self.state.change != "transform":
+            raise UpgradeError("rule rescore scores the old part in the new space: only a "
+                               "transform change can (its new vectors are T(stored vectors))")
+        if self.rule == "rescore" and rescorer is None:
+            rescorer = TransformRescorer(gallery, self.state)
+        self.rescorer = rescorer
         if self.state.mode == "shadow" and self.rule != "old-only":
             raise UpgradeError(
                 "in shadow mode the backfilled items keep their old vectors: search with "
@@ -191,6 +202,9 @@ class BackfillSearcher:
         rule = resolve_rule(rule, gallery, state)
         needs_old = rule in OLD_MODEL_RULES
         needs_new = rule != "old-only"
+        rescorer = TransformRescorer(gallery, state) if rule == "rescore" else None
+        if rescorer is not None and rescorer.derives_queries:
+            needs_new = False  # T(old(q)): one forward pass
         old_ext = (extractor_from_space(gallery.space_info(state.old_space).info,
                                         root=gallery.path, runtime=runtime, threads=threads,
                                         query=True) if needs_old else None)
@@ -217,7 +231,7 @@ class BackfillSearcher:
             "znorm-top" if rule in ("rank-merge", "psi", "fused") else "identity")
         cal = job_calibration(gallery, kind, psi=the_map if rule in TRANSFORM_OF_RULE else None)
         return cls(gallery, rule=rule, old_extractor=old_ext, new_extractor=new_ext,
-                   psi=the_map, calibration=cal)
+                   psi=the_map, calibration=cal, rescorer=rescorer)
 
     # ---------------------------------------------------------------- search
     def needs(self) -> tuple[bool, bool]:
@@ -243,6 +257,9 @@ class BackfillSearcher:
         need_old, need_new = self.needs()
         old_space, new_space = self.state.old_space, self.state.new_space
         qn = np.zeros((0, 0), np.float32)
+        if need_new and new_queries is None and self.rescorer is not None \
+                and self.rescorer.derives_queries and old_queries is not None:
+            new_queries = self.rescorer.query(as_embeddings(old_queries, name="old_queries"))
         if need_new:
             if new_queries is None:
                 raise InputError(f"rule {self.rule!r} needs new-model query embeddings")
@@ -264,6 +281,9 @@ class BackfillSearcher:
         t = time.perf_counter()
         # both parts from one committed state: an item moving meanwhile is in exactly one
         views = self.gallery.views([old_space, new_space])
+        if self.rule == "rescore":
+            assert self.rescorer is not None
+            return self._search_rescored(qo, qn, k, views, t)
         old_res = (self._search_part(qo, k, views.get(old_space))
                    if self.state.change == "model" else
                    search_excluding(qo, k, views.get(old_space), views.get(new_space)))
@@ -284,6 +304,23 @@ class BackfillSearcher:
         else:
             maps = [self.calibration.old, self.calibration.new]
         out = merge_results([old_res, new_res], k, maps=maps)
+        self.cost.add_ms("merge", time.perf_counter() - t)
+        return SearchResult(out.scores, out.ids, {sp: v.generation for sp, v in views.items()})
+
+    def _search_rescored(self, qo: np.ndarray, qn: np.ndarray, k: int, views: dict[str, Any],
+                         t: float) -> SearchResult:
+        """Rule ``rescore``: both parts scored in the new space (see :mod:`.rescore`)."""
+        assert self.rescorer is not None
+        old_space, new_space = self.state.old_space, self.state.new_space
+        if len(qn) != len(qo):
+            raise InputError(f"{len(qo)} old-side queries but {len(qn)} new-side queries")
+        short = search_excluding(qo, max(RESCORE_DEPTH, 4 * k), views.get(old_space),
+                                 views.get(new_space))
+        new_res = self._search_part(qn, k, views.get(new_space))
+        self.cost.index_searches += 2 * len(qo)
+        self.cost.add_ms("search", time.perf_counter() - t)
+        t = time.perf_counter()
+        out = merge_results([self.rescorer.rescore(short, qn), new_res], k)
         self.cost.add_ms("merge", time.perf_counter() - t)
         return SearchResult(out.scores, out.ids, {sp: v.generation for sp, v in views.items()})
 
@@ -315,15 +352,17 @@ class BackfillSearcher:
         """Embed query images with the models the rule needs -> ``Queries`` keyed by space."""
         need_old, need_new = self.needs()
         exts: dict[str, Extractor] = {}
+        derived = self.rescorer is not None and self.rescorer.derives_queries
         for role, ext, need, space in (("old", self.old_extractor, need_old, self.state.old_space),
                                        ("new", self.new_extractor, need_new, self.state.new_space)):
-            if not need:
+            if not need or (derived and role == "new"):
                 continue
             if ext is None:
                 raise UpgradeError(f"rule {self.rule!r} needs the {role} model")
             exts[space] = ext
         t = time.perf_counter()
         q, good, fails = embed_with(exts, paths, batch_size=batch_size, workers=workers)
+        derive_new_queries(self.rescorer, q.data, self.state.old_space, self.state.new_space)
         self.cost.add_ms("embed", time.perf_counter() - t)
         for space in exts:
             role = "old" if space == self.state.old_space else "new"
@@ -337,6 +376,7 @@ class BackfillSearcher:
             out[self.state.old_space] = self.old_extractor.embed_images(list(images))
         if need_new and self.new_extractor is not None:
             out[self.state.new_space] = self.new_extractor.embed_images(list(images))
+        derive_new_queries(self.rescorer, out, self.state.old_space, self.state.new_space)
         return Queries(out)
 
     def search_paths(
