@@ -348,3 +348,25 @@ def test_queries_order_moves_what_users_looked_at_first(tmp_path, images):
     with Gallery.open(g) as gal:
         moved = set(gal.ids(require_upgrade(gal).new_space)) - set(hot)
     assert len(moved) == 5 and moved <= near
+
+
+def test_the_service_records_what_it_answered_during_a_job(tmp_path, images):
+    """The engine's one hook: each answer of a search lands in the job's record."""
+    import io
+
+    from galleria.service.engine import Engine, QuerySpec, ServiceConfig
+
+    g = tmp_path / "g"
+    index_images(images, g, extractor=_tiny.tiny(1))
+    engine = Engine(ServiceConfig(gallery=g, warm_up=False))
+    try:
+        buf = io.BytesIO()
+        Image.open(images / "07.png").save(buf, format="PNG")
+        engine.search([QuerySpec(image=buf.getvalue())], k=4)
+        assert read_answers(g) == []  # no job: nothing recorded
+        start_upgrade(g, "tiny-test", extractor=_tiny.tiny(2), online=OnlineConfig(enabled=False))
+        out = engine.search([QuerySpec(image=buf.getvalue())], k=4)
+        recs = read_answers(g)
+        assert len(recs) == 1 and recs[0][1] == [h["id"] for h in out[0]["results"]]
+    finally:
+        engine.stop()
