@@ -118,9 +118,28 @@ def random_order(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).permutation(n)
 
 
+def popularity(task: Task, seed: int) -> np.ndarray:
+    """``(Q,)`` how often users ask each query: Zipf (1 / rank) over the query groups
+    (classes, covers, objects) in a seeded order, shared by the group's queries."""
+    groups, inverse = np.unique(task.q_labels, return_inverse=True)
+    rank = np.random.default_rng(2000 + seed).permutation(len(groups))
+    per_group = 1.0 / (1.0 + rank)
+    counts = np.bincount(inverse, minlength=len(groups))
+    w = per_group[inverse] / counts[inverse]
+    return w / w.sum()
+
+
 def query_driven_order(task: Task, old: str, traffic: np.ndarray, seed: int, *,
-                       hot_limit: int = 1000, k_nb: int = 5) -> np.ndarray:
-    """The live ``queries`` order for a log of the old model's answers to ``traffic``."""
+                       hot_limit: int = 1000, k_nb: int = 5,
+                       weights: np.ndarray | None = None) -> np.ndarray:
+    """The live ``queries`` order for a log of the old model's answers to ``traffic``.
+
+    ``weights``: popularity of each query; the log then holds ``2 * len(traffic)``
+    requests drawn from ``traffic`` with those weights (seeded).
+    """
+    if weights is not None:
+        p = weights[traffic] / weights[traffic].sum()
+        traffic = np.random.default_rng(3000 + seed).choice(traffic, 2 * len(traffic), p=p)
     qo, go = task.q[old][traffic], task.g[old]
     s = qo @ go.T
     own = task.qgi[traffic]
@@ -284,18 +303,28 @@ def run_curves(task: Task, old: str, new: str, order: np.ndarray, rows: np.ndarr
 def simulate(task: Task, old: str, new: str, order_kind: str, seed: int,
              fractions: np.ndarray, config: OnlineConfig,
              log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Curves (per-query metrics over all queries) of every rule for one order and seed."""
+    """Curves (per-query metrics over all queries) of every rule for one order and seed.
+
+    ``random``: every query weighs the same. ``queries``: users ask the query groups
+    with Zipf popularity (:func:`popularity`); the traffic half's requests follow it
+    and the evaluated half is weighted by it (``weights`` in the result: what users
+    see); ``queries-uniform``: the same order mechanism with uniform traffic.
+    """
     n_q, n = len(task.q_labels), task.g[old].shape[0]
+    weights = np.full(n_q, 1.0 / n_q)
     if order_kind == "random":
         order = random_order(n, seed)
         fits = fits_for(task, old, new, order, config)
         parts = [(np.arange(n_q), order, fits)]
     else:
+        if order_kind == "queries":
+            weights = popularity(task, seed)
         split = np.random.default_rng(1000 + seed).permutation(n_q)
         halves = [np.sort(split[: n_q // 2]), np.sort(split[n_q // 2:])]
         parts = []
         for traffic, evaluated in ((halves[0], halves[1]), (halves[1], halves[0])):
-            order = query_driven_order(task, old, traffic, seed)
+            order = query_driven_order(task, old, traffic, seed,
+                                       weights=weights if order_kind == "queries" else None)
             parts.append((evaluated, order, fits_for(task, old, new, order, config)))
     merged: dict[str, Any] = {}
     rows_all = np.concatenate([p[0] for p in parts])
@@ -317,4 +346,4 @@ def simulate(task: Task, old: str, new: str, order_kind: str, seed: int,
         for acc in merged[r]:
             for k in acc:
                 acc[k] = acc[k][back]
-    return {"curves": merged, "decisions": decisions}
+    return {"curves": merged, "decisions": decisions, "weights": weights}

@@ -50,14 +50,14 @@ from _backfill_sim import (
     use_pseudo_cohort,
 )
 from _common import machine_info, set_threads
-from galleria.upgrade.merge import area_under_curve, linear_area, negative_flip_rate
+from galleria.upgrade.merge import area_under_curve, linear_area
 from galleria.upgrade.online import OnlineConfig
 
 OUT = Path(__file__).resolve().parent / "results"
 PAIRS = [("effnet-lite0", "effnet-lite2"), ("opennsfw-r50", "effnet-lite0")]
 SHORT = {"effnet-lite0": "lite0", "effnet-lite2": "lite2", "opennsfw-r50": "nsfw-r50"}
 FRACTIONS = np.array([0.0, 0.1, 0.25, 0.5, 0.75, 1.0])
-ORDERS = ("random", "queries")
+ORDERS = ("random", "queries", "queries-uniform")
 TARGET = 0.15
 
 
@@ -65,20 +65,29 @@ def load_avg() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
+def wmean(x: np.ndarray, w: np.ndarray) -> float:
+    """Weighted mean over the queries with a value (NaN: no relevant item)."""
+    ok = np.isfinite(x)
+    return float(np.sum(x[ok] * w[ok]) / np.sum(w[ok]))
+
+
 def summarise(task: Task, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean curves over seeds, AUC - line, min - old, NFR, per rule."""
+    """Mean curves over seeds, AUC - line, min - old, NFR, per rule (queries weighted by
+    their popularity in the ``queries`` order, uniformly otherwise)."""
     metric = task.metric
     out: dict[str, Any] = {}
-    ref = runs[0]["curves"]["old-only -> switch"]
-    old_v = float(100 * np.nanmean(ref[0][metric]))
-    new_v = float(100 * np.nanmean(ref[-1][metric]))
-    old_ok = ref[0]["R@1"] > 0.5
+
+    def per_run(r: dict[str, Any], rule: str, key: str) -> list[float]:
+        return [100 * wmean(pf[key], r["weights"]) for pf in r["curves"][rule]]
+
+    old_v = float(np.mean([per_run(r, "old-only -> switch", metric)[0] for r in runs]))
+    new_v = float(np.mean([per_run(r, "old-only -> switch", metric)[-1] for r in runs]))
     gap = new_v - old_v
     for rule in RULES:
-        curves = np.array([[100 * np.nanmean(pf[metric]) for pf in r["curves"][rule]]
-                           for r in runs])
-        r1 = np.array([[100 * np.nanmean(pf["R@1"]) for pf in r["curves"][rule]] for r in runs])
-        nfr = np.array([[100 * negative_flip_rate(old_ok, pf["R@1"] > 0.5)
+        curves = np.array([per_run(r, rule, metric) for r in runs])
+        r1 = np.array([per_run(r, rule, "R@1") for r in runs])
+        nfr = np.array([[100 * wmean((r["curves"]["old-only -> switch"][0]["R@1"] > 0.5)
+                                     & ~(pf["R@1"] > 0.5), r["weights"])
                          for pf in r["curves"][rule]] for r in runs])
         mean = curves.mean(0)
         auc = area_under_curve(FRACTIONS, mean)
@@ -183,6 +192,22 @@ def rule_costs(old: str, new: str, c: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def merge_previous(previous: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``previous`` with the rows (and costs, if measured) of ``new`` replacing theirs."""
+    key = ("task", "old_model", "new_model", "order")
+    fresh = {tuple(r[k] for k in key): r for r in new["rows"]}
+    rows = [fresh.pop(tuple(r[k] for k in key), r) for r in previous["rows"]]
+    out = {**previous, "rows": rows + list(fresh.values())}
+    for k in ("fit_costs", "query_costs", "rule_costs", "load_before_costs"):
+        if new.get(k):
+            out[k] = new[k]
+    out["updates"] = [*previous.get("updates", []),
+                      {"rows": [list(k) for k in (tuple(r[x] for x in key)
+                                                  for r in new["rows"])],
+                       "load": new.get("load_before"), "seconds": new["seconds"]}]
+    return out
+
+
 def markdown(res: dict[str, Any]) -> str:
     from _backfill_report import report_markdown
 
@@ -196,6 +221,11 @@ def main() -> int:
     ap.add_argument("--tasks", nargs="+", default=["caltech101", "smvs", "ukbench56"])
     ap.add_argument("--pseudo", type=int, default=200, help="pseudo-queries per gallery")
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--orders", nargs="+", default=list(ORDERS), choices=list(ORDERS))
+    ap.add_argument("--update", action="store_true",
+                    help="replace only the rows run now in an existing backfill-online.json "
+                         "(costs kept unless --costs)")
+    ap.add_argument("--costs", action="store_true", help="with --update: measure costs again")
     ap.add_argument("--replot", action="store_true", help="rewrite the markdown from the JSON")
     args = ap.parse_args()
     out = Path(args.out)
@@ -213,10 +243,11 @@ def main() -> int:
     res: dict[str, Any] = {"machine": machine_info(1), "load_before": load_avg(),
                            "seeds": seeds, "fractions": FRACTIONS.tolist(),
                            "config": config.to_dict(), "rows": [], "fit_costs": {}}
+    previous = json.loads((out / "backfill-online.json").read_text()) if args.update else None
     for name in tasks:
         task = load(name, models, pseudo_n=args.pseudo)
         for old, new in PAIRS:
-            for order in ORDERS:
+            for order in args.orders:
                 t = time.perf_counter()
                 use_pseudo_cohort(task, old, new)
                 runs = [simulate(task, old, new, order, s, FRACTIONS, config) for s in seeds]
@@ -231,14 +262,19 @@ def main() -> int:
                       f"min-old {d['min_minus_old']:+.2f}  NFR {d['nfr_interior']:.2f} / "
                       f"naive {row['rules']['naive']['nfr_interior']:.2f}  "
                       f"[{time.perf_counter() - t:.0f} s]", flush=True)
-            res["fit_costs"][f"{name}:{SHORT[old]}->{SHORT[new]}"] = fit_costs(task, old, new,
-                                                                              config)
-    res["load_before_costs"] = load_avg()
-    costs = query_costs(models, gallery=5784)
-    res["query_costs"] = costs
-    res["rule_costs"] = {f"{SHORT[o]}->{SHORT[n]}": rule_costs(o, n, costs) for o, n in PAIRS}
+            if previous is None or args.costs:
+                res["fit_costs"][f"{name}:{SHORT[old]}->{SHORT[new]}"] = fit_costs(
+                    task, old, new, config)
+    if previous is None or args.costs:
+        res["load_before_costs"] = load_avg()
+        costs = query_costs(models, gallery=5784)
+        res["query_costs"] = costs
+        res["rule_costs"] = {f"{SHORT[o]}->{SHORT[n]}": rule_costs(o, n, costs)
+                             for o, n in PAIRS}
     res["load_after"] = load_avg()
     res["seconds"] = round(time.perf_counter() - t0, 1)
+    if previous is not None:
+        res = merge_previous(previous, res)
     out.mkdir(parents=True, exist_ok=True)
     (out / "backfill-online.json").write_text(json.dumps(res, indent=1, default=float))
     (out / "backfill-online.md").write_text(markdown(res))
