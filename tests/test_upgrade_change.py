@@ -21,9 +21,9 @@ import pytest
 from PIL import Image
 
 import _tiny
+from galleria.decision import open_searcher
 from galleria.errors import CompatibilityError
 from galleria.extract.job import index_images
-from galleria.search.searcher import open_searcher
 from galleria.store.gallery import Gallery
 from galleria.transforms.attach import add_transformed_space, fit_on_gallery
 from galleria.transforms.registry import create_transform
@@ -212,7 +212,7 @@ def test_local_change_at_zero_is_the_global_search(gallery, images):
         assert (res.ids == ref.ids).all()
         with pytest.raises(UpgradeError, match="does not apply"):
             BackfillSearcher.open(g, rule="psi")
-        with pytest.raises(Exception, match="no options"):
+        with pytest.raises(Exception, match="does not support the options"):
             s.search(s.embed_paths(paths, workers=1)[0], 5, qe=2)
 
 
@@ -220,14 +220,14 @@ KILLED_RUN = r"""
 import sys, time
 sys.path[:0] = [sys.argv[3]]
 import _tiny
-from galleria.upgrade import change
+from galleria.upgrade import stored
 from galleria.upgrade.job import run_upgrade
 if sys.argv[2] == "transform":
-    slow = change._StoredVectors.vectors
+    slow = stored._StoredVectors.vectors
     def vectors(self, ids):
         time.sleep(0.05)
         return slow(self, ids)
-    change._StoredVectors.vectors = vectors
+    stored._StoredVectors.vectors = vectors
     run_upgrade(sys.argv[1], batch_size=2, commit_every=2, workers=1)
 else:
     class Slow(_tiny.TinyLocal):

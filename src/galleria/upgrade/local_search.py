@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 
 from galleria.errors import InputError
-from galleria.extract.queries import Queries, QueryFailure, embed_with, search_paths
+from galleria.extract.queries import Queries, QueryFailure
 from galleria.extract.spaces import extractor_from_space
 from galleria.extractors.base import Extractor
+from galleria.search.contract import Searcher, SearchOptions
 from galleria.store.gallery import Gallery
 from galleria.types import LocalFeatures, SearchResult
 from galleria.upgrade.merge import merge_results, znorm_result
@@ -59,12 +60,12 @@ class _Info:
         self.info = info
 
 
-class LocalChangeSearcher:
+class LocalChangeSearcher(Searcher):
     """The searcher of a gallery whose job adds local features (see the module docstring).
 
-    It has the backfill searcher's contract (``state``, ``rule``, ``needs``,
-    ``old_extractor`` / ``new_extractor``, ``embed_paths``, ``embed_images``,
-    ``search``, ``search_vectors``, ``cost``).
+    The searcher contract (:class:`~galleria.search.contract.Searcher`: query data
+    of both spaces), plus the backfill searcher's ``state``, ``rule``, ``needs``,
+    ``search_vectors`` and ``cost``.
 
     Args:
         gallery: the gallery under a ``local`` change.
@@ -73,6 +74,7 @@ class LocalChangeSearcher:
         cohort: how many done items form the normalisation cohort.
     """
 
+    kind = "backfill"
     rule = "rank-merge"
 
     def __init__(self, gallery: Gallery, *, global_extractor: Extractor | None = None,
@@ -92,13 +94,37 @@ class LocalChangeSearcher:
         self._local: tuple[int, Any] | None = None
         self._cohort: tuple[int, np.ndarray, np.ndarray] | None = None
 
+    @property
+    def spaces(self) -> list[str]:  # type: ignore[override]
+        """Query data of both spaces: global, local."""
+        return [self.state.old_space, self.state.new_space]
+
+    @property
+    def models(self) -> dict[str, Extractor]:  # type: ignore[override]
+        return {sp: e for sp, e in ((self.state.old_space, self.old_extractor),
+                                    (self.state.new_space, self.new_extractor))
+                if e is not None}
+
+    @models.setter
+    def models(self, value: dict[str, Extractor]) -> None:
+        self.old_extractor = value.get(self.state.old_space)
+        self.new_extractor = value.get(self.state.new_space)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "pipeline": "global+local",
+                "merge": {"rule": self.rule, "old_space": self.state.old_space,
+                          "new_space": self.state.new_space,
+                          "calibration": dict(self.calibration.info)}}
+
     @classmethod
-    def open(cls, gallery: Gallery, *, runtime: str = "auto",
-             threads: int | None = None) -> LocalChangeSearcher:
-        """Rebuild both query models from the spaces' records."""
+    def open(cls, gallery: Gallery, *, runtime: str = "auto", threads: int | None = None,
+             with_models: bool = True) -> LocalChangeSearcher:
+        """Rebuild both query models from the spaces' records (``with_models=False``:
+        search with query data only)."""
         state = require_upgrade(gallery)
         exts = [extractor_from_space(gallery.space_info(sp).info, root=gallery.path,
                                      runtime=runtime, threads=threads, query=True)
+                if with_models else None
                 for sp in (state.old_space, state.new_space)]
         return cls(gallery, global_extractor=exts[0], local_extractor=exts[1],
                    cohort=state.calib_size or 1000, seed=state.seed)
@@ -189,31 +215,15 @@ class LocalChangeSearcher:
         """Query data of both spaces: ``(global, local)``."""
         return True, True
 
-    def search(self, queries: Any, k: int = 10, **options: Any) -> SearchResult:
-        """The searcher contract: ``queries`` holds data per space (``Queries``)."""
-        if options:
-            raise InputError(f"a search during a local-feature change takes no options; got "
-                             f"{sorted(options)}")
-        q = Queries.of(queries)
-        return self.search_vectors(new_queries=q.data.get(self.state.new_space),
-                                   old_queries=q.data.get(self.state.old_space), k=k)
-
-    def search_paths(self, paths: Sequence[str | os.PathLike[str]], k: int = 10
-                     ) -> tuple[list[str], SearchResult | None, list[QueryFailure]]:
-        """Search with image files -> (usable query paths, their results, failures)."""
-        return search_paths(self, paths, k)
+    def _search(self, queries: Queries, k: int, options: SearchOptions) -> SearchResult:
+        return self.search_vectors(new_queries=queries.data.get(self.state.new_space),
+                                   old_queries=queries.data.get(self.state.old_space), k=k)
 
     def embed_paths(self, paths: Sequence[str | os.PathLike[str]], *, batch_size: int = 16,
                     workers: int = 2) -> tuple[Queries, list[int], list[QueryFailure]]:
-        exts = {self.state.old_space: self.old_extractor, self.state.new_space: self.new_extractor}
-        if any(e is None for e in exts.values()):
+        if len(self.models) < 2:
             raise UpgradeError("this searcher was opened without query models")
         t = time.perf_counter()
-        q, good, fails = embed_with(exts, paths, batch_size=batch_size, workers=workers)
+        q, good, fails = super().embed_paths(paths, batch_size=batch_size, workers=workers)
         self.cost.add_ms("embed", time.perf_counter() - t)
         return q, good, fails
-
-    def embed_images(self, images: Sequence[Any]) -> Queries:
-        assert self.old_extractor is not None and self.new_extractor is not None
-        return Queries({self.state.old_space: self.old_extractor.embed_images(list(images)),
-                        self.state.new_space: self.new_extractor.embed_images(list(images))})

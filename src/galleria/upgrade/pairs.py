@@ -17,7 +17,6 @@ from galleria.upgrade.state import job_folder
 log = logging.getLogger(__name__)
 
 
-
 class PairStore:
     """(old, new) vector pairs of backfilled items, kept for calibration and psi.
 
@@ -98,8 +97,6 @@ def load_pairs(gallery_path: str | os.PathLike[str]) -> tuple[list[str], np.ndar
     return PairStore(job_folder(gallery_path) / "pairs").load()
 
 
-
-
 def load_pseudo_pairs(gallery_path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray] | None:
     """``(old (P, D_old), new (P, D_new))`` query embeddings of the job's pseudo-queries.
 
@@ -118,3 +115,17 @@ def load_pseudo_pairs(gallery_path: str | os.PathLike[str]) -> tuple[np.ndarray,
     if not meta.get("cohort", True) or len(old) != len(new) or len(old) != len(meta.get("ids", [])):
         return None
     return old, new
+
+
+def cohort_pairs(gallery_path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``(old (C, D_old), new (C, D_new))``: the calibration cohort of a job at this
+    moment: its pseudo-query embeddings first (when recorded), then the job's pairs
+    in the order they were collected (so a cohort of ``n`` is always the first ``n``
+    rows of any later cohort: answers can be recomputed, ``service.audit``)."""
+    ids, old, new = load_pairs(gallery_path)
+    extra = load_pseudo_pairs(gallery_path)
+    if extra is None or (ids and extra[0].shape[1] != old.shape[1]):
+        return old, new
+    if not ids:
+        return extra
+    return np.concatenate([extra[0], old]), np.concatenate([extra[1], new])

@@ -14,7 +14,6 @@ computed from the old query embedding: one forward pass per query.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
@@ -70,8 +69,3 @@ class TransformRescorer:
             out.ids[r, : len(ids)] = np.asarray(ids, dtype=object)[order]
         return out
 
-
-def derive_new_queries(rescorer: Any, data: dict[str, Any], old: str, new: str) -> None:
-    """Fill ``data[new]`` with ``T(data[old])`` when the rescorer can (in place)."""
-    if rescorer is not None and rescorer.derives_queries and old in data and new not in data:
-        data[new] = rescorer.query(np.asarray(data[old], dtype=np.float32))

@@ -44,11 +44,12 @@ from typing import Any
 import numpy as np
 
 from galleria.errors import InputError
-from galleria.extract.queries import Queries, QueryFailure, embed_with, search_paths
+from galleria.extract.queries import Queries, QueryFailure
 from galleria.extract.spaces import extractor_from_space
 from galleria.extractors.base import Extractor
+from galleria.search.contract import Searcher, SearchOptions
 from galleria.store.gallery import Gallery
-from galleria.types import SearchResult
+from galleria.types import SearchResult, clamp_k
 from galleria.upgrade.local_search import LocalChangeSearcher
 from galleria.upgrade.merge import (
     Calibration,
@@ -57,10 +58,10 @@ from galleria.upgrade.merge import (
     fit_calibration,
     merge_results,
 )
-from galleria.upgrade.pairs import load_pairs, load_pseudo_pairs
+from galleria.upgrade.pairs import cohort_pairs, load_pairs
 from galleria.upgrade.parts import QueryCost, search_excluding
 from galleria.upgrade.psi import CrossModelMap, load_cross_map
-from galleria.upgrade.rescore import RESCORE_DEPTH, TransformRescorer, derive_new_queries
+from galleria.upgrade.rescore import RESCORE_DEPTH, TransformRescorer
 from galleria.upgrade.state import (
     UpgradeError,
     UpgradeState,
@@ -107,7 +108,7 @@ def resolve_rule(rule: str, gallery: Gallery, state: UpgradeState) -> str:
     return "rank-merge"
 
 
-class BackfillSearcher:
+class BackfillSearcher(Searcher):
     """Search both parts of a gallery under upgrade and merge them with one rule.
 
     Build it with :meth:`open` (rebuilds the models from the gallery's recipes,
@@ -122,6 +123,8 @@ class BackfillSearcher:
         calibration: global score maps of the two parts, or a
             :class:`CohortNorm` (per-query); default identity.
     """
+
+    kind = "backfill"
 
     def __init__(
         self,
@@ -170,6 +173,40 @@ class BackfillSearcher:
         self.calibration = calibration or Calibration.identity()
         self.cost = QueryCost()
 
+    @property
+    def spaces(self) -> list[str]:  # type: ignore[override]
+        """The query spaces the rule needs: old and/or new (not the new one when the
+        rule ``rescore`` derives it from the old one: ``T(old(q))``)."""
+        need_old, need_new = self.needs()
+        if self.rescorer is not None and self.rescorer.derives_queries:
+            need_new = False
+        return [s for s, n in ((self.state.old_space, need_old),
+                               (self.state.new_space, need_new)) if n]
+
+    @property
+    def models(self) -> dict[str, Extractor]:  # type: ignore[override]
+        out = {}
+        if self.old_extractor is not None:
+            out[self.state.old_space] = self.old_extractor
+        if self.new_extractor is not None:
+            out[self.state.new_space] = self.new_extractor
+        return out
+
+    @models.setter
+    def models(self, value: dict[str, Extractor]) -> None:
+        self.old_extractor = value.get(self.state.old_space)
+        self.new_extractor = value.get(self.state.new_space)
+
+    def read_spaces(self) -> list[str]:
+        return [self.state.old_space, self.state.new_space]
+
+    def describe(self) -> dict[str, Any]:
+        cal = self.calibration
+        info = dict(cal.info) if hasattr(cal, "info") else {}
+        return {**super().describe(), "model": self.state.new_space, "pipeline": "global",
+                "merge": {"rule": self.rule, "old_space": self.state.old_space,
+                          "new_space": self.state.new_space, "calibration": info}}
+
     # ------------------------------------------------------------------ open
     @classmethod
     def open(
@@ -181,9 +218,10 @@ class BackfillSearcher:
         calibration: str | None = None,
         runtime: str = "auto",
         threads: int | None = None,
+        with_models: bool = True,
     ) -> BackfillSearcher | LocalChangeSearcher:
         """Open a gallery under upgrade for search (a :class:`LocalChangeSearcher` while
-        local features are added).
+        local features are added; ``with_models=False``: query vectors only).
 
         Args:
             rule: merge rule (:data:`RULES`).
@@ -197,11 +235,12 @@ class BackfillSearcher:
             if rule not in ("auto", "rank-merge"):
                 raise UpgradeError(f"rule {rule!r} does not apply while local features are "
                                    "added; the search merges global and local answers")
-            return LocalChangeSearcher.open(gallery, runtime=runtime, threads=threads)
+            return LocalChangeSearcher.open(gallery, runtime=runtime, threads=threads,
+                                            with_models=with_models)
         asked = rule
         rule = resolve_rule(rule, gallery, state)
-        needs_old = rule in OLD_MODEL_RULES
-        needs_new = rule != "old-only"
+        needs_old = rule in OLD_MODEL_RULES and with_models
+        needs_new = rule != "old-only" and with_models
         rescorer = TransformRescorer(gallery, state) if rule == "rescore" else None
         if rescorer is not None and rescorer.derives_queries:
             needs_new = False  # T(old(q)): one forward pass
@@ -281,9 +320,11 @@ class BackfillSearcher:
         t = time.perf_counter()
         # both parts from one committed state: an item moving meanwhile is in exactly one
         views = self.gallery.views([old_space, new_space])
+        # k is clamped to the items searched, as every searcher does
+        kk = clamp_k(k, sum(v.count for v in views.values()))
         if self.rule == "rescore":
             assert self.rescorer is not None
-            return self._search_rescored(qo, qn, k, views, t)
+            return self._search_rescored(qo, qn, k, views, t).head(kk)
         old_res = (self._search_part(qo, k, views.get(old_space))
                    if self.state.change == "model" else
                    search_excluding(qo, k, views.get(old_space), views.get(new_space)))
@@ -291,6 +332,8 @@ class BackfillSearcher:
             self.cost.index_searches += len(qo)
         if self.rule == "old-only":
             self.cost.add_ms("search", time.perf_counter() - t)
+            ov = views.get(old_space)
+            old_res = old_res.head(clamp_k(k, ov.count if ov is not None else 0))
             return SearchResult(old_res.scores, old_res.ids,
                                 {sp: v.generation for sp, v in views.items()})
         if len(qn) != nq:
@@ -305,6 +348,7 @@ class BackfillSearcher:
             maps = [self.calibration.old, self.calibration.new]
         out = merge_results([old_res, new_res], k, maps=maps)
         self.cost.add_ms("merge", time.perf_counter() - t)
+        out = out.head(kk)
         return SearchResult(out.scores, out.ids, {sp: v.generation for sp, v in views.items()})
 
     def _search_rescored(self, qo: np.ndarray, qn: np.ndarray, k: int, views: dict[str, Any],
@@ -331,18 +375,10 @@ class BackfillSearcher:
             raise InputError(f"queries have dimension {q.shape[1]}, space {view.space!r} "
                              f"holds {view.dim}")
         self.cost.index_searches += len(q)
-        kk = min(k, view.count)
-        res = view.search_ids(q, kk)
-        if kk < k:
-            pad = SearchResult.empty(len(q), k, object_ids=True)
-            pad.scores[:, :kk], pad.ids[:, :kk] = res.scores, res.ids
-            return pad
-        return res
+        return view.search_ids(q, clamp_k(k, view.count)).pad(k)
 
     # ------------------------------------------------------------- contract
-    def search(self, queries: Any, k: int = 10, **_: Any) -> SearchResult:
-        """The searcher contract: ``queries`` holds data per space (``Queries``)."""
-        q = Queries.of(queries)
+    def _search(self, q: Queries, k: int, options: SearchOptions) -> SearchResult:
         return self.search_vectors(new_queries=q.data.get(self.state.new_space),
                                    old_queries=q.data.get(self.state.old_space), k=k)
 
@@ -350,40 +386,17 @@ class BackfillSearcher:
         self, paths: Sequence[str | os.PathLike[str]], *, batch_size: int = 16, workers: int = 2
     ) -> tuple[Queries, list[int], list[QueryFailure]]:
         """Embed query images with the models the rule needs -> ``Queries`` keyed by space."""
-        need_old, need_new = self.needs()
-        exts: dict[str, Extractor] = {}
-        derived = self.rescorer is not None and self.rescorer.derives_queries
-        for role, ext, need, space in (("old", self.old_extractor, need_old, self.state.old_space),
-                                       ("new", self.new_extractor, need_new, self.state.new_space)):
-            if not need or (derived and role == "new"):
-                continue
-            if ext is None:
+        for space in self.spaces:
+            if space not in self.models:
+                role = "old" if space == self.state.old_space else "new"
                 raise UpgradeError(f"rule {self.rule!r} needs the {role} model")
-            exts[space] = ext
         t = time.perf_counter()
-        q, good, fails = embed_with(exts, paths, batch_size=batch_size, workers=workers)
-        derive_new_queries(self.rescorer, q.data, self.state.old_space, self.state.new_space)
+        q, good, fails = super().embed_paths(paths, batch_size=batch_size, workers=workers)
         self.cost.add_ms("embed", time.perf_counter() - t)
-        for space in exts:
+        for space in self.spaces:
             role = "old" if space == self.state.old_space else "new"
             self.cost.forward_passes[role] = self.cost.forward_passes.get(role, 0) + len(good)
         return q, good, fails
-
-    def embed_images(self, images: Sequence[Any]) -> Queries:
-        need_old, need_new = self.needs()
-        out = {}
-        if need_old and self.old_extractor is not None:
-            out[self.state.old_space] = self.old_extractor.embed_images(list(images))
-        if need_new and self.new_extractor is not None:
-            out[self.state.new_space] = self.new_extractor.embed_images(list(images))
-        derive_new_queries(self.rescorer, out, self.state.old_space, self.state.new_space)
-        return Queries(out)
-
-    def search_paths(
-        self, paths: Sequence[str | os.PathLike[str]], k: int = 10, **kw: Any
-    ) -> tuple[list[str], SearchResult | None, list[QueryFailure]]:
-        """Search with image files -> (usable query paths, their results, failures)."""
-        return search_paths(self, paths, k)
 
 
 def fuse_queries(
@@ -416,12 +429,9 @@ def job_calibration(
         return Calibration.identity()
     ids, old, new = load_pairs(gallery.path)
     if kind.startswith("znorm"):
-        extra = load_pseudo_pairs(gallery.path)
-        if extra is not None and (not ids or extra[0].shape[1] == old.shape[1]):
-            old = extra[0] if not ids else np.concatenate([old, extra[0]])
-            new = extra[1] if not ids else np.concatenate([new, extra[1]])
-        if len(old) >= MIN_PAIRS:
-            return CohortNorm(old, new, top=COHORT_TOP if kind == "znorm-top" else None)
+        c_old, c_new = cohort_pairs(gallery.path)
+        if len(c_old) >= MIN_PAIRS:
+            return CohortNorm(c_old, c_new, top=COHORT_TOP if kind == "znorm-top" else None)
     elif len(ids) >= MIN_PAIRS:
         q_old = psi.transform(new) if psi is not None else old
         cal = fit_calibration(kind, old_queries=q_old, old_gallery=old, new_embeddings=new)
