@@ -56,6 +56,7 @@ from galleria.images.decode import parse_bbox
 from galleria.images.sources import SourceItem
 from galleria.io.atomic import write_json
 from galleria.store.gallery import Failure, Gallery
+from galleria.upgrade.config import RunConfig, StartConfig, with_options
 from galleria.upgrade.finish import FinishReport, UpgradeStatus, finish_upgrade, upgrade_status
 from galleria.upgrade.online import (
     OnlineConfig,
@@ -123,44 +124,29 @@ __all__ = [
 def start_upgrade(
     gallery_path: str | os.PathLike[str],
     new_model: str,
+    config: StartConfig | None = None,
     *,
     extractor: Extractor | None = None,
-    pooling: str | None = None,
-    scales: Sequence[float] = (1.0,),
-    checkpoint: str | None = None,
-    size: int | None = None,
-    resize: str | None = None,
-    runtime: str = "auto",
-    threads: int | None = None,
-    mode: str = "online",
-    order: str = "queries",
-    seed: int = 0,
-    calib_size: int = 1000,
-    online: OnlineConfig | None = None,
+    **options: Any,
 ) -> UpgradeState:
     """Create the job: register the new model's space (with its recipe) and record it.
 
     Args:
         gallery_path: an existing gallery; its primary space is the old model.
         new_model: registry name of the new model (``effnet-lite2``...), built
-            with the options ``pooling``... as ``galleria index`` would.
-        mode: ``online`` (move items, merged search) or ``shadow`` (old-only
-            search until finish).
-        order: default order of :func:`run_upgrade`: ``queries`` (the items
-            recent answers of the service returned, and their neighbours,
-            first; the rest in the ``random`` order; see
-            :mod:`galleria.upgrade.querylog`), ``random`` (seeded by ``seed``),
-            ``id`` = insertion order, ``priority`` = item meta ``priority``,
-            highest first.
-        calib_size: how many (old, new) vector pairs the run keeps as the
-            calibration cohort (0 = none).
-        online: how psi is learned while the job runs (default
-            :class:`OnlineConfig`; ``OnlineConfig(enabled=False)``: not at all).
+            with the config's ``pooling``... as ``galleria index`` would.
+        config: a :class:`~galleria.upgrade.config.StartConfig` (mode, order,
+            seed, calib_size, online psi, model options); ``options``: keyword
+            overrides of its fields (``order="random"``).
+        extractor: the new model itself (instead of building ``new_model``).
 
     Raises:
+        InputError: an unknown option or value.
         UpgradeError: an upgrade is already in progress, or the gallery already
             uses ``new_model`` (same fingerprint).
     """
+    cfg = with_options(StartConfig, config, options, what="start_upgrade")
+    mode, order, seed, calib_size = cfg.mode, cfg.order, cfg.seed, cfg.calib_size
     if mode not in MODES:
         raise InputError(f"mode must be one of {MODES}, got {mode!r}")
     if order not in ORDERS:
@@ -174,10 +160,11 @@ def start_upgrade(
             raise UpgradeError(f"gallery {gallery.path} is empty: nothing to upgrade")
         old_info = gallery.space_info(old)
         if extractor is None:
-            extra = {k: v for k, v in (("size", size), ("resize", resize)) if v is not None}
+            extra = {k: v for k, v in (("size", cfg.size), ("resize", cfg.resize))
+                     if v is not None}
             extractor = create_extractor(
-                new_model, pooling=pooling, scales=scales, checkpoint=checkpoint,
-                runtime=runtime, threads=threads, **extra,
+                new_model, pooling=cfg.pooling, scales=cfg.scales, checkpoint=cfg.checkpoint,
+                runtime=cfg.runtime, threads=cfg.threads, **extra,
             )
         new = extractor.fingerprint
         uses = _models_under(gallery, old)  # the primary space and the spaces it derives from
@@ -195,7 +182,7 @@ def start_upgrade(
         state = UpgradeState(
             old_space=old, new_space=new, new_model=new_model, mode=mode, order=order,
             seed=int(seed), calib_size=int(calib_size), started=time.time(),
-            online={"config": (online or OnlineConfig(seed=int(seed))).to_dict()},
+            online={"config": (cfg.online or OnlineConfig(seed=int(seed))).to_dict()},
         )
         save_state(gallery, state)
         gallery.set_setting(PROGRESS_KEY, {"runs": []})
@@ -328,30 +315,21 @@ def _source_item(item_id: str, meta: dict[str, Any] | None) -> SourceItem | Fail
 
 def run_upgrade(
     gallery_path: str | os.PathLike[str],
+    config: RunConfig | None = None,
     *,
-    limit: int | None = None,
-    order: str | None = None,
     extractor: Extractor | None = None,
-    runtime: str = "auto",
-    threads: int | None = None,
-    batch_size: int = 32,
-    workers: int = 2,
-    commit_every: int = 256,
-    retry_failed: bool = False,
-    save_every_s: float = 120.0,
     progress: Progress | None = None,
     embedder: Embedder | None = None,
+    **options: Any,
 ) -> RunReport:
     """Re-embed pending items with the new model and move them, batch by batch.
 
     Args:
-        limit: process at most this many pending items (then stop; run again).
-        order: override the job's order (``queries``, ``random``, ``id``, ``priority``).
+        config: a :class:`~galleria.upgrade.config.RunConfig` (limit, order,
+            batch sizes, commit_every, retry_failed...); ``options``: keyword
+            overrides of its fields (``limit=100``).
         extractor: the new model (default: rebuilt from the new space's recipe,
             fingerprint checked).
-        commit_every: items per committed transaction (the most a crash loses).
-        retry_failed: also retry items whose image failed before.
-        save_every_s: save both spaces' indexes at most this often (a cache only).
         progress: ``update(n)`` per processed image.
         embedder: where embeddings are computed (default :func:`embed_stream`, in this
             process; :class:`galleria.distributed.ray_embed.RayEmbedder`: on a Ray
@@ -362,19 +340,22 @@ def run_upgrade(
         before it is kept; run again to continue).
     """
     t0 = time.perf_counter()
+    cfg = with_options(RunConfig, config, options, what="run_upgrade")
+    commit_every = cfg.commit_every
     if commit_every < 1:
         raise InputError(f"commit_every must be >= 1, got {commit_every}")
     gallery = Gallery.open(gallery_path)
     try:
         state = require_upgrade(gallery)
-        order = order or state.order
+        order = cfg.order or state.order
         if order not in ORDERS:
             raise InputError(f"order must be one of {ORDERS}, got {order!r}")
         with run_lock(gallery):
-            return _run(gallery, state, order=order, limit=limit, extractor=extractor,
-                        runtime=runtime, threads=threads, batch_size=batch_size,
-                        workers=workers, commit_every=commit_every, retry_failed=retry_failed,
-                        save_every_s=save_every_s, progress=progress, t0=t0,
+            return _run(gallery, state, order=order, limit=cfg.limit, extractor=extractor,
+                        runtime=cfg.runtime, threads=cfg.threads, batch_size=cfg.batch_size,
+                        workers=cfg.workers, commit_every=commit_every,
+                        retry_failed=cfg.retry_failed, save_every_s=cfg.save_every_s,
+                        progress=progress, t0=t0,
                         embedder=embedder or embed_stream)
     finally:
         gallery.close()
