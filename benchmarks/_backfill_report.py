@@ -40,12 +40,20 @@ def decisions_text(r: dict[str, Any]) -> str:
     return f"in force: {force}. Fits: {fits or 'none (fewer pairs than first_at)'}."
 
 
+def seed_exceptions(res: dict[str, Any]) -> str:
+    """`` (caltech101: [0])`` for the rows run with other seeds (``--update`` runs)."""
+    other = sorted({(r["task"], tuple(r["seeds"])) for r in res["rows"]
+                    if r.get("seeds") is not None and list(r["seeds"]) != list(res["seeds"])})
+    return (" (" + "; ".join(f"{t}: {list(s)}" for t, s in other) + ")") if other else ""
+
+
 def report_markdown(res: dict[str, Any], short: dict[str, str], fractions: np.ndarray,
                     target: float) -> str:
     lines = [
         "# Online backfilling with no labels: online psi, pseudo-query check, query order",
         "",
-        f"Machine: {res['machine'].get('cpu', '?')}, one thread. Seeds: {res['seeds']}. "
+        f"Machine: {res['machine'].get('cpu', '?')}, one thread. Seeds: {res['seeds']}"
+        f"{seed_exceptions(res)}. "
         f"Total {res.get('seconds', 0):.0f} s. Load: {res.get('load_before', '?')}. Produced "
         "by benchmarks/bench_backfill_online.py (simulation on cached real embeddings; "
         "protocol in benchmarks/_backfill_sim.py).",

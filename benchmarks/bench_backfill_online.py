@@ -197,8 +197,12 @@ def merge_previous(previous: dict[str, Any], new: dict[str, Any]) -> dict[str, A
     key = ("task", "old_model", "new_model", "order")
     fresh = {tuple(r[k] for k in key): r for r in new["rows"]}
     rows = [fresh.pop(tuple(r[k] for k in key), r) for r in previous["rows"]]
-    out = {**previous, "rows": rows + list(fresh.values())}
-    for k in ("fit_costs", "query_costs", "rule_costs", "load_before_costs"):
+    for r in new["rows"]:
+        r.setdefault("seeds", new["seeds"])
+    out = {**previous, "rows": rows + list(fresh.values()),
+           "seconds": round(previous.get("seconds", 0) + new.get("seconds", 0), 1)}
+    out["fit_costs"] = {**previous.get("fit_costs", {}), **new.get("fit_costs", {})}
+    for k in ("query_costs", "rule_costs", "load_before_costs"):
         if new.get(k):
             out[k] = new[k]
     out["updates"] = [*previous.get("updates", []),
