@@ -137,7 +137,8 @@ class Server:
         self.log = open(log, "a")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "galleria.cli.main", "serve", str(gallery), "--port",
-             str(self.port), "--workers", "2", "--log-level", "warning"],
+             str(self.port), "--request-threads", "2", "--threads", "1", "--log-level",
+             "warning"],
             env=env(), stdout=self.log, stderr=self.log)
 
     def wait(self, timeout: float = 300) -> Server:

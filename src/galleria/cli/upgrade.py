@@ -50,7 +50,7 @@ def add_upgrade_parser(subparsers: Any) -> argparse.ArgumentParser:
     what.add_argument("--fusion", default=None, metavar="F",
                       help="switch to a fused model (a `galleria fusion train` folder)")
     what.add_argument("--transform", default=None, metavar="T",
-                      help="apply a fitted transform (a `galleria transform fit` folder); "
+                      help="apply a fitted transform (a `galleria fit-transform` folder); "
                            "computed from the stored vectors")
     what.add_argument("--add-local", default=None, metavar="EXTRACTOR",
                       help="add local features (sift, xfeat) beside the global space")
