@@ -227,8 +227,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--orders", nargs="+", default=list(ORDERS), choices=list(ORDERS))
     ap.add_argument("--update", action="store_true",
-                    help="replace only the rows run now in an existing backfill-online.json "
-                         "(costs kept unless --costs)")
+                    help="replace only the rows (and fit costs) run now in an existing "
+                         "backfill-online.json (query costs kept unless --costs)")
     ap.add_argument("--costs", action="store_true", help="with --update: measure costs again")
     ap.add_argument("--replot", action="store_true", help="rewrite the markdown from the JSON")
     args = ap.parse_args()
@@ -266,9 +266,8 @@ def main() -> int:
                       f"min-old {d['min_minus_old']:+.2f}  NFR {d['nfr_interior']:.2f} / "
                       f"naive {row['rules']['naive']['nfr_interior']:.2f}  "
                       f"[{time.perf_counter() - t:.0f} s]", flush=True)
-            if previous is None or args.costs:
-                res["fit_costs"][f"{name}:{SHORT[old]}->{SHORT[new]}"] = fit_costs(
-                    task, old, new, config)
+            res["fit_costs"][f"{name}:{SHORT[old]}->{SHORT[new]}"] = fit_costs(
+                task, old, new, config)
     if previous is None or args.costs:
         res["load_before_costs"] = load_avg()
         costs = query_costs(models, gallery=5784)
