@@ -91,6 +91,7 @@ PLAN: dict[tuple[str, str], tuple[str, str]] = {
     ("docs/transforms.md", "galleria fit-transform G --kind ss2d --dim 512 --out G-ss2d --apply "
                            "--index prefix"): ("slow", LITE0_G.replace("lite0", "lite2")),
     ("docs/upgrade.md", "galleria index photos/ --out G --model effnet-lite0"): ("slow", ""),
+    ("docs/upgrade.md", "galleria upgrade start G --add-local sift"): ("slow", LITE0_G),
     ("docs/upgrade.md", "galleria upgrade train-transform G --images train.csv"): (
         "slow", LITE0_G + " && galleria upgrade start G --new-model effnet-lite2 && "
                 "galleria upgrade run G -q"),

@@ -114,6 +114,25 @@ def test_start_errors(old_gallery):
         finish_upgrade(old_gallery)
 
 
+def test_configs_and_keyword_options_are_the_same_job(old_gallery, tmp_path):
+    from galleria.upgrade.config import RunConfig, StartConfig
+    from galleria.upgrade.train import train_transform
+
+    with pytest.raises(InputError, match="no option colour; known:"):
+        start_upgrade(old_gallery, "tiny2", extractor=Tiny(2), colour="red")
+    with pytest.raises(InputError, match="takes a StartConfig"):
+        start_upgrade(old_gallery, "tiny2", RunConfig(), extractor=Tiny(2))
+    # a config, and a keyword overriding one of its fields
+    state = start_upgrade(old_gallery, "tiny2", StartConfig(order="id", seed=7, calib_size=3),
+                          extractor=Tiny(2), calib_size=5)
+    assert (state.order, state.seed, state.calib_size) == ("id", 7, 5)
+    r = run_upgrade(old_gallery, RunConfig(limit=4, commit_every=2), extractor=Tiny(2),
+                    batch_size=2)
+    assert r.moved == 4
+    with pytest.raises(InputError, match="no option limit"):
+        train_transform(old_gallery, from_job=True, limit=3)
+
+
 def test_interrupted_runs_move_every_item_exactly_once(old_gallery, monkeypatch):
     new = Tiny(2)
     state = start_upgrade(old_gallery, "tiny2", extractor=new, calib_size=10)
@@ -299,7 +318,11 @@ def test_train_transform_from_job_pairs_attaches_psi(old_gallery):
     with Gallery.open(old_gallery) as g:
         state = upjob.require_upgrade(g)
         assert state.transforms == {"regression": "upgrade/transforms/regression"}
-        assert resolve_rule("auto", g, state) == "fused"
+        # attached, but `auto` switches to psi only after the pseudo-query check: the
+        # tiny models record no config, so there are no query models to check it with
+        assert state.online["decision"]["checked"] is False
+        assert state.online["decision"]["source"] == "train-transform"
+        assert resolve_rule("auto", g, state) == "rank-merge"
         # 30 pairs < MIN_PAIRS: the calibration stored with psi (its held-out pairs) is used
         cal = job_calibration(g, "quantile", psi=psi)
         assert cal.info["source"] == "psi artifact" and cal.old.kind == "quantile"

@@ -23,6 +23,9 @@ DESCRIPTION = """Move a live gallery to a new model while search keeps serving (
 backfilling):
 
     galleria upgrade start GALLERY --new-model M      create the job (new space registered)
+    galleria upgrade start GALLERY --fusion F         ... to a fused model (galleria fusion train)
+    galleria upgrade start GALLERY --transform T      ... apply a fitted transform (no re-embedding)
+    galleria upgrade start GALLERY --add-local sift   ... add local features to a global gallery
     galleria upgrade run GALLERY [--limit N] [--ray A] re-embed in batches (Ctrl-C, kill -9 safe)
     galleria upgrade status GALLERY                   fraction done, rate, ETA, failures
     galleria upgrade search GALLERY IMAGE... --rule R search during the backfill
@@ -40,9 +43,17 @@ def add_upgrade_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     sub = up.add_subparsers(dest="upgrade_command", required=True)
 
-    s = sub.add_parser("start", help="create the upgrade job")
+    s = sub.add_parser("start", help="create the upgrade job (a new model or any feature change)")
     s.add_argument("gallery")
-    s.add_argument("--new-model", "-m", required=True, help="extractor (see `galleria models`)")
+    what = s.add_mutually_exclusive_group(required=True)
+    what.add_argument("--new-model", "-m", help="extractor (see `galleria models`)")
+    what.add_argument("--fusion", default=None, metavar="F",
+                      help="switch to a fused model (a `galleria fusion train` folder)")
+    what.add_argument("--transform", default=None, metavar="T",
+                      help="apply a fitted transform (a `galleria fit-transform` folder); "
+                           "computed from the stored vectors")
+    what.add_argument("--add-local", default=None, metavar="EXTRACTOR",
+                      help="add local features (sift, xfeat) beside the global space")
     s.add_argument("--pooling", default=None)
     s.add_argument("--scales", type=float, nargs="+", default=[1.0])
     s.add_argument("--checkpoint", default=None)
@@ -52,11 +63,17 @@ def add_upgrade_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--mode", default="online", choices=["online", "shadow"],
                    help="online: items move, merged search (default); shadow: old-only "
                         "search until finish (2x storage)")
-    s.add_argument("--order", default="random", choices=["random", "id", "priority"],
-                   help="backfill order (random: seeded; priority: item meta 'priority')")
+    s.add_argument("--order", default="queries", choices=["queries", "random", "id", "priority"],
+                   help="backfill order (queries: items the service's recent answers "
+                        "returned, and their neighbours, first, then random; random: seeded; "
+                        "priority: item meta 'priority')")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--calib-size", type=int, default=1000,
-                   help="(old, new) pairs kept for score calibration / psi (0: none)")
+                   help="(old, new) pairs kept as the calibration cohort (0: none)")
+    s.add_argument("--no-online-psi", action="store_true",
+                   help="do not learn psi while the backfill runs")
+    s.add_argument("--pseudo-queries", type=int, default=200,
+                   help="gallery items whose phone-like views check psi against rank-merge")
     s.add_argument("--json", action="store_true")
     s.add_argument("--verbose", "-v", action="store_true")
     s.set_defaults(func=cmd_start)
@@ -64,7 +81,7 @@ def add_upgrade_parser(subparsers: Any) -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="re-embed items with the new model (resumable)")
     s.add_argument("gallery")
     s.add_argument("--limit", type=int, default=None, help="process at most N items")
-    s.add_argument("--order", default=None, choices=["random", "id", "priority"],
+    s.add_argument("--order", default=None, choices=["queries", "random", "id", "priority"],
                    help="override the job's order")
     s.add_argument("--commit-every", type=int, default=256,
                    help="items per transaction (the most a crash loses)")
@@ -94,7 +111,7 @@ def add_upgrade_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("-k", type=int, default=10)
     s.add_argument("--rule", default="auto",
                    choices=["auto", "naive", "rank-merge", "psi", "fused",
-                            "metric-compatible", "old-only"],
+                            "metric-compatible", "old-only", "rescore"],
                    help="how the old and new spaces' results are merged (auto: the best "
                         "the job supports; docs/upgrade.md)")
     s.add_argument("--psi", default=None, help="a trained map folder (default: the job's)")
@@ -145,19 +162,32 @@ def _fmt_s(s: float | None) -> str:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
+    from galleria.upgrade import change
     from galleria.upgrade.job import start_upgrade
+    from galleria.upgrade.online import OnlineConfig
 
     setup_logging(args.verbose)
-    state = start_upgrade(
-        args.gallery, args.new_model, pooling=args.pooling, scales=args.scales,
-        checkpoint=args.checkpoint, size=args.size, resize=args.resize, runtime=args.runtime,
-        mode=args.mode, order=args.order, seed=args.seed, calib_size=args.calib_size,
-    )
+    common = {"order": args.order, "seed": args.seed, "calib_size": args.calib_size}
+    online = OnlineConfig(enabled=not args.no_online_psi, seed=args.seed,
+                          pseudo_queries=args.pseudo_queries)
+    if args.transform:
+        state = change.start_transform(args.gallery, args.transform, **common)
+    elif args.add_local:
+        state = change.start_local(args.gallery, args.add_local, runtime=args.runtime, **common)
+    elif args.fusion:
+        state = change.start_fusion(args.gallery, args.fusion, runtime=args.runtime,
+                                    mode=args.mode, online=online, **common)
+    else:
+        state = start_upgrade(
+            args.gallery, args.new_model, pooling=args.pooling, scales=args.scales,
+            checkpoint=args.checkpoint, size=args.size, resize=args.resize,
+            runtime=args.runtime, mode=args.mode, online=online, **common,
+        )
     if args.json:
         print_json(state.to_dict())
     else:
-        print(f"upgrade started on {args.gallery}: {state.old_space} -> {state.new_space} "
-              f"({state.mode}, order {state.order}, seed {state.seed})")
+        print(f"upgrade ({state.change}) started on {args.gallery}: {state.old_space} -> "
+              f"{state.new_space} ({state.mode}, order {state.order}, seed {state.seed})")
         print("next: galleria upgrade run " + args.gallery)
     return 0
 
@@ -203,7 +233,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print_json(d)
         return 0
-    print(f"{d['gallery']}: upgrade {d['old_space']} -> {d['new_space']} ({d['mode']})")
+    print(f"{d['gallery']}: upgrade ({d['change']}) {d['old_space']} -> {d['new_space']} "
+          f"({d['mode']}, order {d['order']})")
     print(f"  done      {d['done']} / {d['total']}  ({100 * d['fraction']:.1f} %)")
     print(f"  remaining {d['remaining']}  (failed: {d['failed']})")
     rate = d["items_per_s"]
@@ -213,6 +244,12 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"in neither: {d['in_neither_space']})")
     if d["transforms"]:
         print(f"  transforms: {', '.join(d['transforms'])}")
+    o = d.get("online_psi")
+    if o:
+        mrr = ", ".join(f"{r} {v['mrr']:.1f}" for r, v in (o.get("scores") or {}).items())
+        print(f"  online psi: search uses {o['rule']} ({o['source']}, {o['pairs']} pairs, "
+              f"{o['fits']} fits, {o['total_s']:.1f} s" + (f"; pseudo-query MRR {mrr}" if mrr
+                                                          else "; not checked") + ")")
     for f in d["failures"][:10]:
         print(f"  failed {f['id']}: {f['reason']}")
     if d["fraction"] >= 1.0 and not d["failed"]:

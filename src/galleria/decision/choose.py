@@ -31,7 +31,7 @@ from typing import Any
 from galleria.errors import InputError
 from galleria.search.pipelines import PIPELINES
 from galleria.store.state import GalleryState
-from galleria.upgrade.state import FINISHING_KEY, STATE_KEY
+from galleria.upgrade.state import FINISHING_KEY, STATE_KEY, pending_space
 
 TUNED_KEY = "tuned"
 """The gallery setting holding the tuned default (written by ``galleria tune``)."""
@@ -119,7 +119,8 @@ def tuned_default(state: GalleryState) -> tuple[str, tuple[tuple[str, Any], ...]
 
 def global_local(state: GalleryState) -> tuple[str | None, str | None]:
     """``(primary global space with items, local space with the most items)``."""
-    local = state.of_kind("local")
+    pending = pending_space(state.setting(STATE_KEY))  # a local space an upgrade fills
+    local = [s for s in state.of_kind("local") if s.space != pending]
     loc = max(local, key=lambda s: s.count).space if local else None
     prim = state.space(state.primary)
     glob = prim.space if prim is not None and prim.kind == "global" and prim.count else None

@@ -125,10 +125,11 @@ class StoreRecorder:
         self.g.close()
 
     def keep_pairs(self) -> None:
-        """Read the upgrade job's calibration pairs (call before ``finish`` deletes them)."""
-        from galleria.upgrade.pairs import load_pairs
+        """Read the upgrade job's calibration cohort (call before ``finish`` deletes it)."""
+        from galleria.upgrade.pairs import cohort_pairs
 
-        self.pairs = load_pairs(self.path)
+        old, new = cohort_pairs(self.path)
+        self.pairs = ([], old, new)
 
     # --------------------------------------------------------- membership
     def members(self, space: str, gen: int) -> dict[int, int]:

@@ -55,6 +55,7 @@ from galleria.tune.record import (
 )
 from galleria.types import MISSING_KEY, SearchResult
 from galleria.upgrade.pairs import PairStore
+from galleria.upgrade.querylog import record_answers
 from galleria.upgrade.state import FINISHING_KEY, STATE_KEY, UpgradeState, job_folder
 
 log = logging.getLogger(__name__)
@@ -448,6 +449,7 @@ class Engine:
                 data[sp] = np.stack(col).astype(np.float32) \
                     if all(isinstance(c, np.ndarray) for c in col) else col
             res = searcher.search(Queries(data), k + offset, **(options or {}))
+            record_answers(self.path, res.ids)  # the backfill's query-driven order (if a job)
         prob = None if res is None else searcher_probabilities(searcher, res)
         if min_probability is not None and res is not None:
             if prob is None:

@@ -62,8 +62,9 @@ class UpgradeStatus:
 
     @property
     def consistent(self) -> bool:
-        """Every item in exactly one space (online mode) / at least the old one (shadow)."""
-        if self.state.mode == "online":
+        """Every item in exactly one space (a model upgrade in online mode) / at least the
+        old one (shadow mode, and feature changes, which add a space beside it)."""
+        if self.state.mode == "online" and self.state.change == "model":
             return self.in_both == 0 and self.in_neither == 0
         return self.in_neither == 0
 
@@ -90,7 +91,18 @@ class UpgradeStatus:
             "consistent": self.consistent,
             "calibration_pairs": self.pairs,
             "transforms": dict(self.state.transforms),
+            "change": self.state.change,
+            "online_psi": _decision_summary(self.state),
         }
+
+
+def _decision_summary(state: UpgradeState) -> dict[str, Any] | None:
+    """What the online psi decided last (rule, pairs, pseudo-query MRR per rule, cost)."""
+    d = state.online.get("decision")
+    if not d:
+        return None
+    return {k: d.get(k) for k in ("rule", "checked", "source", "pairs", "map", "scores",
+                                  "fits", "total_s")}
 
 
 def upgrade_status(gallery_path: str | os.PathLike[str]) -> UpgradeStatus:
@@ -189,9 +201,12 @@ def finish_upgrade(gallery_path: str | os.PathLike[str], *, force: bool = False)
         if failed:
             log.warning("removing %d items that could not be re-embedded", len(failed))
             gallery.remove(failed)
+        # a local-feature change keeps the global space primary (the local one is searched
+        # by the local pipelines, as in a fresh `galleria index --local` gallery)
+        primary = old if state.change == "local" else new
         # the switch: one transaction
         gallery.update_settings(
-            {"primary_space": new,
+            {"primary_space": primary,
              FINISHING_KEY: {"job": state.to_dict(), "dropped": failed, "at": time.time()}},
             delete=(STATE_KEY, PROGRESS_KEY))
         _clean_up(gallery, state)
@@ -203,11 +218,23 @@ def finish_upgrade(gallery_path: str | os.PathLike[str], *, force: bool = False)
         return report
 
 
+def _copied_transform(info: dict[str, Any]) -> str | None:
+    """The transform folder copied into the gallery that a space applies (if any)."""
+    cfg = info.get("config")
+    if isinstance(cfg, dict) and cfg.get("type") == "transformed":
+        rel = str(cfg.get("transform") or "")
+        return rel if rel.startswith("transforms/") else None
+    return None
+
+
 def _clean_up(gallery: Gallery, state: UpgradeState) -> None:
     """After the switch: drop the old space, tidy the new one, forget the job."""
     old, new = state.old_space, state.new_space
-    if gallery.has_space(old):
+    if gallery.has_space(old) and state.extra.get("drop_old", True):
+        folder = _copied_transform(gallery.space_info(old).info)
         gallery.drop_space(old, force=True)
+        if folder and not any(_copied_transform(s.info) == folder for s in gallery.spaces()):
+            shutil.rmtree(Path(gallery.path) / folder, ignore_errors=True)
     gallery.compact(new)
     gallery.build_index(new, save=True)
     shutil.rmtree(job_folder(gallery), ignore_errors=True)

@@ -56,8 +56,16 @@ from galleria.images.decode import parse_bbox
 from galleria.images.sources import SourceItem
 from galleria.io.atomic import write_json
 from galleria.store.gallery import Failure, Gallery
+from galleria.upgrade.config import RunConfig, StartConfig, with_options
 from galleria.upgrade.finish import FinishReport, UpgradeStatus, finish_upgrade, upgrade_status
+from galleria.upgrade.online import (
+    OnlineConfig,
+    online_run_start,
+    online_run_step,
+    train_pairs,
+)
 from galleria.upgrade.pairs import PairStore, load_pairs
+from galleria.upgrade.querylog import query_order
 from galleria.upgrade.state import (
     FINISHING_KEY,
     JOB_VERSION,
@@ -75,15 +83,36 @@ from galleria.upgrade.state import (
     save_state,
     transform_path,
 )
+from galleria.upgrade.stored import transform_embedder
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "FINISHING_KEY", "JOB_VERSION", "MODES", "ORDERS", "PROGRESS_KEY", "STATE_KEY",
-    "FinishReport", "PairStore", "RunReport", "UpgradeError", "UpgradeState", "UpgradeStatus",
-    "active_upgrade", "attach_transform", "finish_upgrade", "job_folder", "load_pairs",
-    "order_ids", "pending_ids", "require_upgrade", "run_upgrade", "start_upgrade",
-    "transform_path", "upgrade_status",
+    "FINISHING_KEY",
+    "JOB_VERSION",
+    "MODES",
+    "ORDERS",
+    "PROGRESS_KEY",
+    "STATE_KEY",
+    "FinishReport",
+    "PairStore",
+    "RunReport",
+    "UpgradeError",
+    "UpgradeState",
+    "UpgradeStatus",
+    "active_upgrade",
+    "attach_transform",
+    "check_can_start",
+    "finish_upgrade",
+    "job_folder",
+    "load_pairs",
+    "order_ids",
+    "pending_ids",
+    "require_upgrade",
+    "run_upgrade",
+    "start_upgrade",
+    "transform_path",
+    "upgrade_status",
 ]
 
 
@@ -95,38 +124,29 @@ __all__ = [
 def start_upgrade(
     gallery_path: str | os.PathLike[str],
     new_model: str,
+    config: StartConfig | None = None,
     *,
     extractor: Extractor | None = None,
-    pooling: str | None = None,
-    scales: Sequence[float] = (1.0,),
-    checkpoint: str | None = None,
-    size: int | None = None,
-    resize: str | None = None,
-    runtime: str = "auto",
-    threads: int | None = None,
-    mode: str = "online",
-    order: str = "random",
-    seed: int = 0,
-    calib_size: int = 1000,
+    **options: Any,
 ) -> UpgradeState:
     """Create the job: register the new model's space (with its recipe) and record it.
 
     Args:
         gallery_path: an existing gallery; its primary space is the old model.
         new_model: registry name of the new model (``effnet-lite2``...), built
-            with the options ``pooling``... as ``galleria index`` would.
-        mode: ``online`` (move items, merged search) or ``shadow`` (old-only
-            search until finish).
-        order: default order of :func:`run_upgrade` (``random`` with ``seed``,
-            ``id`` = insertion order, ``priority`` = item meta ``priority``,
-            highest first).
-        calib_size: how many (old, new) vector pairs the run keeps for score
-            calibration and psi training (0 = none).
+            with the config's ``pooling``... as ``galleria index`` would.
+        config: a :class:`~galleria.upgrade.config.StartConfig` (mode, order,
+            seed, calib_size, online psi, model options); ``options``: keyword
+            overrides of its fields (``order="random"``).
+        extractor: the new model itself (instead of building ``new_model``).
 
     Raises:
+        InputError: an unknown option or value.
         UpgradeError: an upgrade is already in progress, or the gallery already
             uses ``new_model`` (same fingerprint).
     """
+    cfg = with_options(StartConfig, config, options, what="start_upgrade")
+    mode, order, seed, calib_size = cfg.mode, cfg.order, cfg.seed, cfg.calib_size
     if mode not in MODES:
         raise InputError(f"mode must be one of {MODES}, got {mode!r}")
     if order not in ORDERS:
@@ -134,24 +154,17 @@ def start_upgrade(
     if calib_size < 0:
         raise InputError(f"calib_size must be >= 0, got {calib_size}")
     with Gallery.open(gallery_path) as gallery:
-        if gallery.get_setting(FINISHING_KEY):
-            raise UpgradeError(f"the previous upgrade of {gallery.path} did not finish its "
-                               "clean-up; run `galleria upgrade finish` first")
-        current = active_upgrade(gallery)
-        if current is not None:
-            raise UpgradeError(
-                f"an upgrade to {current.new_space!r} is already in progress on {gallery.path}; "
-                "finish it first (`galleria upgrade status` shows how far it is)"
-            )
+        check_can_start(gallery)
         old = gallery.primary_space
         if old is None:
             raise UpgradeError(f"gallery {gallery.path} is empty: nothing to upgrade")
         old_info = gallery.space_info(old)
         if extractor is None:
-            extra = {k: v for k, v in (("size", size), ("resize", resize)) if v is not None}
+            extra = {k: v for k, v in (("size", cfg.size), ("resize", cfg.resize))
+                     if v is not None}
             extractor = create_extractor(
-                new_model, pooling=pooling, scales=scales, checkpoint=checkpoint,
-                runtime=runtime, threads=threads, **extra,
+                new_model, pooling=cfg.pooling, scales=cfg.scales, checkpoint=cfg.checkpoint,
+                runtime=cfg.runtime, threads=cfg.threads, **extra,
             )
         new = extractor.fingerprint
         uses = _models_under(gallery, old)  # the primary space and the spaces it derives from
@@ -169,12 +182,26 @@ def start_upgrade(
         state = UpgradeState(
             old_space=old, new_space=new, new_model=new_model, mode=mode, order=order,
             seed=int(seed), calib_size=int(calib_size), started=time.time(),
+            online={"config": (cfg.online or OnlineConfig(seed=int(seed))).to_dict()},
         )
         save_state(gallery, state)
         gallery.set_setting(PROGRESS_KEY, {"runs": []})
         job_folder(gallery).mkdir(parents=True, exist_ok=True)
         log.info("upgrade %s -> %s started (%s, order %s)", old, new, mode, order)
         return state
+
+
+def check_can_start(gallery: Gallery) -> None:
+    """Raise UpgradeError when a job (or the clean-up of one) is in progress."""
+    if gallery.get_setting(FINISHING_KEY):
+        raise UpgradeError(f"the previous upgrade of {gallery.path} did not finish its "
+                           "clean-up; run `galleria upgrade finish` first")
+    current = active_upgrade(gallery)
+    if current is not None:
+        raise UpgradeError(
+            f"an upgrade to {current.new_space!r} is already in progress on {gallery.path}; "
+            "finish it first (`galleria upgrade status` shows how far it is)"
+        )
 
 
 def _models_under(gallery: Gallery, space: str) -> set[str]:
@@ -242,10 +269,12 @@ def order_ids(
 
     ``random``: by ``sha256(seed, id)`` -- a seeded shuffle that does not depend
     on which items are still to do, so resumed runs continue the same sequence.
+    ``queries``: the same; the run then moves the items the service's recent
+    answers returned to the front as it goes (:mod:`galleria.upgrade.querylog`).
     ``id``: as given (the gallery's insertion order). ``priority``: highest
     ``priorities`` first, ties in the given order.
     """
-    if order == "random":
+    if order in ("random", "queries"):
         salt = str(int(seed)).encode() + b"\0"
         return sorted(ids, key=lambda i: hashlib.sha256(salt + i.encode()).digest())
     if order == "id":
@@ -286,30 +315,21 @@ def _source_item(item_id: str, meta: dict[str, Any] | None) -> SourceItem | Fail
 
 def run_upgrade(
     gallery_path: str | os.PathLike[str],
+    config: RunConfig | None = None,
     *,
-    limit: int | None = None,
-    order: str | None = None,
     extractor: Extractor | None = None,
-    runtime: str = "auto",
-    threads: int | None = None,
-    batch_size: int = 32,
-    workers: int = 2,
-    commit_every: int = 256,
-    retry_failed: bool = False,
-    save_every_s: float = 120.0,
     progress: Progress | None = None,
     embedder: Embedder | None = None,
+    **options: Any,
 ) -> RunReport:
     """Re-embed pending items with the new model and move them, batch by batch.
 
     Args:
-        limit: process at most this many pending items (then stop; run again).
-        order: override the job's order (``random``, ``id``, ``priority``).
+        config: a :class:`~galleria.upgrade.config.RunConfig` (limit, order,
+            batch sizes, commit_every, retry_failed...); ``options``: keyword
+            overrides of its fields (``limit=100``).
         extractor: the new model (default: rebuilt from the new space's recipe,
             fingerprint checked).
-        commit_every: items per committed transaction (the most a crash loses).
-        retry_failed: also retry items whose image failed before.
-        save_every_s: save both spaces' indexes at most this often (a cache only).
         progress: ``update(n)`` per processed image.
         embedder: where embeddings are computed (default :func:`embed_stream`, in this
             process; :class:`galleria.distributed.ray_embed.RayEmbedder`: on a Ray
@@ -320,19 +340,22 @@ def run_upgrade(
         before it is kept; run again to continue).
     """
     t0 = time.perf_counter()
+    cfg = with_options(RunConfig, config, options, what="run_upgrade")
+    commit_every = cfg.commit_every
     if commit_every < 1:
         raise InputError(f"commit_every must be >= 1, got {commit_every}")
     gallery = Gallery.open(gallery_path)
     try:
         state = require_upgrade(gallery)
-        order = order or state.order
+        order = cfg.order or state.order
         if order not in ORDERS:
             raise InputError(f"order must be one of {ORDERS}, got {order!r}")
         with run_lock(gallery):
-            return _run(gallery, state, order=order, limit=limit, extractor=extractor,
-                        runtime=runtime, threads=threads, batch_size=batch_size,
-                        workers=workers, commit_every=commit_every, retry_failed=retry_failed,
-                        save_every_s=save_every_s, progress=progress, t0=t0,
+            return _run(gallery, state, order=order, limit=cfg.limit, extractor=extractor,
+                        runtime=cfg.runtime, threads=cfg.threads, batch_size=cfg.batch_size,
+                        workers=cfg.workers, commit_every=commit_every,
+                        retry_failed=cfg.retry_failed, save_every_s=cfg.save_every_s,
+                        progress=progress, t0=t0,
                         embedder=embedder or embed_stream)
     finally:
         gallery.close()
@@ -357,15 +380,18 @@ def _run(
     embedder: Embedder = embed_stream,
 ) -> RunReport:
     old, new = state.old_space, state.new_space
-    if extractor is None:
+    if state.change == "transform":
+        extractor, embedder = transform_embedder(gallery, state)  # type: ignore[assignment]
+    elif extractor is None:
         extractor = extractor_from_space(gallery.space_info(new).info, root=gallery.path,
                                          runtime=runtime, threads=threads)
     elif extractor.fingerprint != new:
         raise CompatibilityError(
             f"the extractor makes {extractor.fingerprint!r} but the upgrade is to {new!r}"
         )
+    moves = state.mode == "online" and state.change == "model"
     adopted = 0
-    if state.mode == "online":
+    if moves:
         # items given a new vector outside the job (e.g. `galleria index` with the new
         # model during the upgrade) keep it and lose the old one: one space per item
         both = sorted(set(gallery.ids(old)) & set(gallery.ids(new)))
@@ -378,70 +404,136 @@ def _run(
     if not retry_failed:
         todo = [i for i in todo if i not in failed_before]
     metas = gallery.meta(todo) if order == "priority" else None
-    todo = order_ids(todo, order, seed=state.seed,
+    todo = order_ids(todo, "random" if order == "queries" else order, seed=state.seed,
                      priorities=[_priority(m) for m in metas] if metas is not None else None)
-    if limit is not None:
-        todo = todo[: max(0, int(limit))]
-    report = RunReport(str(gallery.path), old, new, order, todo_before=len(todo),
+    n_todo = len(todo) if limit is None else min(len(todo), max(0, int(limit)))
+    report = RunReport(str(gallery.path), old, new, order, todo_before=n_todo,
                        adopted=adopted)
+    online = OnlineConfig.from_dict(state.online.get("config")) if state.online else \
+        OnlineConfig(enabled=False)
+    online_on = online.enabled and moves
     pairs = PairStore(job_folder(gallery) / "pairs")
-    want_pairs = max(0, state.calib_size - pairs.count())
-    drop = [old] if state.mode == "online" else []
+    more_pairs = train_pairs(gallery)
+    paired = moves or state.change == "transform"  # the old vector is there to pair with
+    want_pairs = max(0, state.calib_size - pairs.count()) if paired else 0
+    want_train = max(0, online.max_pairs - pairs.count() - more_pairs.count()) if online_on \
+        else 0
+    query_models: list[Extractor | None] = []
+    if online_on and n_todo:
+        online_run_start(gallery, online, extractor, query_models, runtime, threads)
+    drop = [old] if moves else []
     run_started = time.time()
     _update_progress(gallery, run_started=run_started, moved=0, finished=False)
     last_save = time.perf_counter()
     buf_ids: list[str] = []
-    buf_vecs: list[np.ndarray] = []
+    buf_data: list[Any] = []
+    fails: list[Failure] = []
+    local = extractor.kind == "local"
+    reads_images = state.change != "transform"
+
+    def keep_pairs(ids: list[str], vecs: np.ndarray) -> None:
+        nonlocal want_pairs, want_train
+        still = gallery.has(ids, old)
+        rows = [n for n, s in enumerate(still) if s]
+        cohort, rest = rows[:want_pairs], rows[want_pairs:][:want_train]
+        if not cohort and not rest:
+            return
+        try:  # before the move: the old vectors go with it
+            old_vecs = gallery.get_vectors(gallery.keys_of([ids[n] for n in cohort + rest]),
+                                           space=old)
+        except GalleriaError:  # an item was removed meanwhile: no pairs from this batch
+            return
+        if cohort:
+            pairs.append([ids[n] for n in cohort], old_vecs[: len(cohort)], vecs[cohort])
+            want_pairs -= len(cohort)
+        if rest:
+            more_pairs.append([ids[n] for n in rest], old_vecs[len(cohort):], vecs[rest])
+            want_train -= len(rest)
+
+    hot: dict[str, float] = {}
+    hot_old: dict[str, np.ndarray] = {}  # old vectors of answered items moved by this run
+
+    def keep_hot(ids: list[str]) -> None:
+        """Before a move: the old vectors of answered items, to find their neighbours later."""
+        want = [i for i in ids if i in hot]
+        if not want:
+            return
+        with contextlib.suppress(GalleriaError):
+            vecs = gallery.get_vectors(gallery.keys_of(want), space=old)
+            hot_old.update(zip(want, vecs, strict=True))
+            while len(hot_old) > HOT_MEMORY:
+                hot_old.pop(next(iter(hot_old)))
+
+    def known_old(ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """Old vectors of moved items: kept by this run, else from the job's pairs."""
+        missing = [i for i in ids if i not in hot_old]
+        if missing:
+            for store in (pairs, more_pairs):
+                hot_old.update(store.lookup(missing))
+        return {i: hot_old[i] for i in ids if i in hot_old}
 
     def commit() -> None:
-        nonlocal want_pairs
         if not buf_ids:
             return
-        ids, vecs = list(buf_ids), np.concatenate(buf_vecs)
+        ids = list(buf_ids)
         buf_ids.clear()
-        buf_vecs.clear()
-        if want_pairs > 0:
-            still = gallery.has(ids, old)
-            sel = [n for n, s in enumerate(still) if s][:want_pairs]
-            try:  # before the move: the old vectors go with it
-                old_vecs = gallery.get_vectors(gallery.keys_of([ids[n] for n in sel]), space=old)
-                pairs.append([ids[n] for n in sel], old_vecs, vecs[sel])
-                want_pairs -= len(sel)
-            except GalleriaError:  # an item was removed meanwhile: no pairs from this batch
-                pass
-        # only_if_in: an item removed meanwhile by someone else is skipped in the same
-        # transaction that moves the others (never resurrected, never a crash)
-        keys = gallery.add(ids, vecs, space=new, drop_spaces=drop, only_if_in=old)
+        if moves and order == "queries":
+            keep_hot(ids)
+        if local:
+            feats = [f for chunk in buf_data for f in chunk]
+            buf_data.clear()
+            keys = gallery.add_local(ids, feats, space=new, only_if_in=old)
+        else:
+            vecs = np.concatenate(buf_data)
+            buf_data.clear()
+            if want_pairs > 0 or want_train > 0:
+                keep_pairs(ids, vecs)
+            # only_if_in: an item removed meanwhile by someone else is skipped in the same
+            # transaction that moves the others (never resurrected, never a crash)
+            keys = gallery.add(ids, vecs, space=new, drop_spaces=drop, only_if_in=old)
         report.moved += int((keys >= 0).sum())
         _update_progress(gallery, run_started=run_started, moved=report.moved, finished=False)
+        if online_on:
+            online_run_step(gallery, online, extractor, query_models, runtime, threads)
 
-    fails: list[Failure] = []
-    try:
-        for chunk_start in range(0, len(todo), 4096):
-            chunk = todo[chunk_start : chunk_start + 4096]
-            items: list[SourceItem] = []
+    def source() -> Any:
+        """Pending items in the run's order; ``queries`` re-reads the answers as it goes."""
+        remaining, served = list(todo), 0
+        while remaining and served < n_todo:
+            if order == "queries":
+                remaining, weights = query_order(gallery, remaining, space=old,
+                                                 known=known_old)
+                hot.clear()
+                hot.update(weights)
+            step = QUERY_REFRESH if order == "queries" else 4096
+            chunk, remaining = remaining[:step], remaining[step:]
+            chunk = chunk[: n_todo - served]
+            served += len(chunk)
             for item_id, meta in zip(chunk, gallery.meta(chunk), strict=True):
-                it = _source_item(item_id, meta)
+                it = _source_item(item_id, meta) if reads_images else \
+                    SourceItem(id=item_id, path=Path(str((meta or {}).get("path") or ".")))
                 if isinstance(it, Failure):
                     fails.append(it)
                 else:
-                    items.append(it)
-            for batch in embedder(items, extractor, batch_size=batch_size, workers=workers,
-                                  progress=progress):
-                buf_ids.extend(it.id for it in batch.items)
-                buf_vecs.append(batch.vectors)
-                for it, why in batch.failures:
-                    log.warning("cannot re-embed %s (%s): %s", it.id, it.path, why)
-                    fails.append(Failure(it.id, str(it.path), why))
-                if len(buf_ids) >= commit_every:
-                    commit()
-                if fails:
-                    gallery.record_failures(new, fails)
-                    report.failed.extend(fails)
-                    fails = []
-                if time.perf_counter() - last_save > save_every_s:
-                    _save_indexes(gallery, state)
-                    last_save = time.perf_counter()
+                    yield it
+
+    try:
+        for batch in embedder(source(), extractor, batch_size=batch_size, workers=workers,
+                              progress=progress):
+            buf_ids.extend(it.id for it in batch.items)
+            buf_data.append(batch.features if local else batch.vectors)
+            for it, why in batch.failures:
+                log.warning("cannot re-embed %s (%s): %s", it.id, it.path, why)
+                fails.append(Failure(it.id, str(it.path), why))
+            if len(buf_ids) >= commit_every:
+                commit()
+            if fails:
+                gallery.record_failures(new, fails)
+                report.failed.extend(fails)
+                fails.clear()
+            if time.perf_counter() - last_save > save_every_s:
+                _save_indexes(gallery, state)
+                last_save = time.perf_counter()
         commit()
         if fails:
             gallery.record_failures(new, fails)
@@ -455,12 +547,18 @@ def _run(
     if not report.interrupted:
         with contextlib.suppress(GalleriaError, OSError):
             gallery.compact(new)
-            if state.mode == "online":
+            if moves:
                 gallery.compact(old)
     _save_indexes(gallery, state)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     write_json(Path(gallery.path) / "reports" / f"upgrade-run-{stamp}.json", report.to_dict())
     return report
+
+
+QUERY_REFRESH = 256
+"""Items between two readings of the service's answers in the ``queries`` order."""
+HOT_MEMORY = 2000
+"""Old vectors of answered items a run keeps after moving them (to find their neighbours)."""
 
 
 def _save_indexes(gallery: Gallery, state: UpgradeState) -> None:

@@ -49,6 +49,7 @@ from galleria.upgrade.crossmap import (
     mlp_forward,
     mlp_weights,
 )
+from galleria.upgrade.ridge import RidgePsi
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +240,8 @@ def load_cross_map(
     """Load a psi or BCT head saved by :meth:`CrossModelMap.save` (dispatch on its kind)."""
     p = Path(path)
     header, state = CrossModelMap.read_saved(p)
-    kinds: dict[str, type[CrossModelMap]] = {"psi": ReverseTransform, "bct": BCTHead}
+    kinds: dict[str, type[CrossModelMap]] = {"psi": ReverseTransform, "bct": BCTHead,
+                                             "psi-ridge": RidgePsi}
     cls = kinds.get(str(header.get("kind")))
     if cls is None:
         raise FormatError(f"{p} holds an unknown map kind {header.get('kind')!r}")

@@ -38,7 +38,6 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +50,7 @@ from galleria.extractors.base import Extractor
 from galleria.search.contract import Searcher, SearchOptions
 from galleria.store.gallery import Gallery
 from galleria.types import SearchResult, clamp_k
+from galleria.upgrade.local_search import LocalChangeSearcher
 from galleria.upgrade.merge import (
     Calibration,
     CohortNorm,
@@ -58,14 +58,23 @@ from galleria.upgrade.merge import (
     fit_calibration,
     merge_results,
 )
-from galleria.upgrade.pairs import load_pairs
+from galleria.upgrade.pairs import cohort_pairs, load_pairs
+from galleria.upgrade.parts import QueryCost, search_excluding
 from galleria.upgrade.psi import CrossModelMap, load_cross_map
-from galleria.upgrade.state import UpgradeError, UpgradeState, require_upgrade, transform_path
+from galleria.upgrade.rescore import RESCORE_DEPTH, TransformRescorer
+from galleria.upgrade.state import (
+    UpgradeError,
+    UpgradeState,
+    decision_psi_path,
+    require_upgrade,
+    transform_path,
+)
 from galleria.validate import as_embeddings, l2_normalize
 
 log = logging.getLogger(__name__)
 
-RULES = ("auto", "naive", "rank-merge", "psi", "fused", "metric-compatible", "old-only")
+RULES = ("auto", "naive", "rank-merge", "psi", "fused", "metric-compatible", "old-only",
+         "rescore")
 FUSE_WEIGHT = 0.5
 """Weight of ``psi(new(q))`` next to ``old(q)`` in the fused old-part query (set a priori)."""
 NORMALIZATIONS = ("znorm-top", "znorm", "quantile", "affine", "identity")
@@ -74,49 +83,28 @@ MIN_PAIRS = 50
 """Fewer job pairs than this: use the psi artifact's stored calibration instead."""
 TRANSFORM_OF_RULE = {"psi": "regression", "fused": "regression",
                      "metric-compatible": "metric-compatible"}
-OLD_MODEL_RULES = ("naive", "rank-merge", "fused", "old-only")
-
-
-@dataclass
-class QueryCost:
-    """What answering a batch of queries cost."""
-
-    queries: int = 0
-    forward_passes: dict[str, int] = field(default_factory=dict)
-    map_calls: int = 0
-    index_searches: int = 0
-    ms: dict[str, float] = field(default_factory=dict)
-
-    def add_ms(self, stage: str, seconds: float) -> None:
-        self.ms[stage] = self.ms.get(stage, 0.0) + 1000.0 * seconds
-
-    def per_query(self) -> dict[str, Any]:
-        q = max(self.queries, 1)
-        return {
-            "queries": self.queries,
-            "forward_passes_per_query": sum(self.forward_passes.values()) / q,
-            "forward_passes": dict(self.forward_passes),
-            "map_calls_per_query": self.map_calls / q,
-            "index_searches_per_query": self.index_searches / q,
-            "ms_per_query": {k: round(v / q, 3) for k, v in self.ms.items()},
-            "total_ms_per_query": round(sum(self.ms.values()) / q, 3),
-        }
+OLD_MODEL_RULES = ("naive", "rank-merge", "fused", "old-only", "rescore")
 
 
 def resolve_rule(rule: str, gallery: Gallery, state: UpgradeState) -> str:
-    """``auto``: old-only in shadow mode; fused when the job has a regression psi;
-    else rank-merge. (metric-compatible is never chosen automatically: its gains
-    come from the labels it was trained with and did not transfer across domains
-    in the benchmark; ask for it by name. psi is the one-pass option.)"""
+    """``auto``: old-only in shadow mode; else the rule the job's last pseudo-query
+    check chose (:mod:`galleria.upgrade.online`: ``psi`` or ``fused`` with the
+    psi it checked, only when it beat rank-merge on the gallery's own
+    pseudo-queries); else rank-merge. (metric-compatible is never chosen
+    automatically: its gains come from the labels it was trained with and did
+    not transfer across domains in the benchmark; ask for it by name.)"""
     if rule not in RULES:
         raise InputError(f"unknown rule {rule!r}; known: {', '.join(RULES)}")
     if rule != "auto":
         return rule
     if state.mode == "shadow":
         return "old-only"
-    p = transform_path(gallery, state, TRANSFORM_OF_RULE["psi"])
-    if p is not None and p.exists():
-        return "fused"
+    if state.change == "transform":  # the old part can be scored in the new space
+        return "rescore"
+    d = state.online.get("decision") or {}
+    if d.get("checked") and d.get("rule") in ("psi", "fused") \
+            and decision_psi_path(gallery, state) is not None:
+        return str(d["rule"])
     return "rank-merge"
 
 
@@ -147,10 +135,17 @@ class BackfillSearcher(Searcher):
         new_extractor: Extractor | None = None,
         psi: CrossModelMap | None = None,
         calibration: Calibration | CohortNorm | None = None,
+        rescorer: TransformRescorer | None = None,
     ) -> None:
         self.gallery = gallery
         self.state = require_upgrade(gallery)
         self.rule = resolve_rule(rule, gallery, self.state)
+        if self.rule == "rescore" and self.state.change != "transform":
+            raise UpgradeError("rule rescore scores the old part in the new space: only a "
+                               "transform change can (its new vectors are T(stored vectors))")
+        if self.rule == "rescore" and rescorer is None:
+            rescorer = TransformRescorer(gallery, self.state)
+        self.rescorer = rescorer
         if self.state.mode == "shadow" and self.rule != "old-only":
             raise UpgradeError(
                 "in shadow mode the backfilled items keep their old vectors: search with "
@@ -180,8 +175,11 @@ class BackfillSearcher(Searcher):
 
     @property
     def spaces(self) -> list[str]:  # type: ignore[override]
-        """The query spaces the rule needs: old and/or new."""
+        """The query spaces the rule needs: old and/or new (not the new one when the
+        rule ``rescore`` derives it from the old one: ``T(old(q))``)."""
         need_old, need_new = self.needs()
+        if self.rescorer is not None and self.rescorer.derives_queries:
+            need_new = False
         return [s for s, n in ((self.state.old_space, need_old),
                                (self.state.new_space, need_new)) if n]
 
@@ -221,8 +219,9 @@ class BackfillSearcher(Searcher):
         runtime: str = "auto",
         threads: int | None = None,
         with_models: bool = True,
-    ) -> BackfillSearcher:
-        """Open a gallery under upgrade for search (``with_models=False``: query vectors only).
+    ) -> BackfillSearcher | LocalChangeSearcher:
+        """Open a gallery under upgrade for search (a :class:`LocalChangeSearcher` while
+        local features are added; ``with_models=False``: query vectors only).
 
         Args:
             rule: merge rule (:data:`RULES`).
@@ -232,9 +231,19 @@ class BackfillSearcher(Searcher):
         """
         gallery = path if isinstance(path, Gallery) else Gallery.open(path)
         state = require_upgrade(gallery)
+        if state.change == "local":  # local features being added: global + local parts
+            if rule not in ("auto", "rank-merge"):
+                raise UpgradeError(f"rule {rule!r} does not apply while local features are "
+                                   "added; the search merges global and local answers")
+            return LocalChangeSearcher.open(gallery, runtime=runtime, threads=threads,
+                                            with_models=with_models)
+        asked = rule
         rule = resolve_rule(rule, gallery, state)
         needs_old = rule in OLD_MODEL_RULES and with_models
         needs_new = rule != "old-only" and with_models
+        rescorer = TransformRescorer(gallery, state) if rule == "rescore" else None
+        if rescorer is not None and rescorer.derives_queries:
+            needs_new = False  # T(old(q)): one forward pass
         old_ext = (extractor_from_space(gallery.space_info(state.old_space).info,
                                         root=gallery.path, runtime=runtime, threads=threads,
                                         query=True) if needs_old else None)
@@ -243,8 +252,13 @@ class BackfillSearcher(Searcher):
                                         query=True) if needs_new else None)
         the_map = None
         if rule in TRANSFORM_OF_RULE:
-            p = Path(psi) if psi is not None else transform_path(
-                gallery, state, TRANSFORM_OF_RULE[rule])
+            p = Path(psi) if psi is not None else None
+            if p is None and asked == "auto":  # the map the check chose the rule with
+                p = decision_psi_path(gallery, state)
+            if p is None:
+                p = transform_path(gallery, state, TRANSFORM_OF_RULE[rule])
+            if p is None and rule in ("psi", "fused"):  # the online psi of the job
+                p = decision_psi_path(gallery, state)
             if p is None:
                 raise UpgradeError(
                     f"rule {rule!r} needs a trained map: run `galleria upgrade train-transform "
@@ -256,7 +270,7 @@ class BackfillSearcher(Searcher):
             "znorm-top" if rule in ("rank-merge", "psi", "fused") else "identity")
         cal = job_calibration(gallery, kind, psi=the_map if rule in TRANSFORM_OF_RULE else None)
         return cls(gallery, rule=rule, old_extractor=old_ext, new_extractor=new_ext,
-                   psi=the_map, calibration=cal)
+                   psi=the_map, calibration=cal, rescorer=rescorer)
 
     # ---------------------------------------------------------------- search
     def needs(self) -> tuple[bool, bool]:
@@ -282,6 +296,9 @@ class BackfillSearcher(Searcher):
         need_old, need_new = self.needs()
         old_space, new_space = self.state.old_space, self.state.new_space
         qn = np.zeros((0, 0), np.float32)
+        if need_new and new_queries is None and self.rescorer is not None \
+                and self.rescorer.derives_queries and old_queries is not None:
+            new_queries = self.rescorer.query(as_embeddings(old_queries, name="old_queries"))
         if need_new:
             if new_queries is None:
                 raise InputError(f"rule {self.rule!r} needs new-model query embeddings")
@@ -303,9 +320,16 @@ class BackfillSearcher(Searcher):
         t = time.perf_counter()
         # both parts from one committed state: an item moving meanwhile is in exactly one
         views = self.gallery.views([old_space, new_space])
-        old_res = self._search_part(qo, k, views.get(old_space))
         # k is clamped to the items searched, as every searcher does
         kk = clamp_k(k, sum(v.count for v in views.values()))
+        if self.rule == "rescore":
+            assert self.rescorer is not None
+            return self._search_rescored(qo, qn, k, views, t).head(kk)
+        old_res = (self._search_part(qo, k, views.get(old_space))
+                   if self.state.change == "model" else
+                   search_excluding(qo, k, views.get(old_space), views.get(new_space)))
+        if self.state.change != "model":
+            self.cost.index_searches += len(qo)
         if self.rule == "old-only":
             self.cost.add_ms("search", time.perf_counter() - t)
             ov = views.get(old_space)
@@ -325,6 +349,23 @@ class BackfillSearcher(Searcher):
         out = merge_results([old_res, new_res], k, maps=maps)
         self.cost.add_ms("merge", time.perf_counter() - t)
         out = out.head(kk)
+        return SearchResult(out.scores, out.ids, {sp: v.generation for sp, v in views.items()})
+
+    def _search_rescored(self, qo: np.ndarray, qn: np.ndarray, k: int, views: dict[str, Any],
+                         t: float) -> SearchResult:
+        """Rule ``rescore``: both parts scored in the new space (see :mod:`.rescore`)."""
+        assert self.rescorer is not None
+        old_space, new_space = self.state.old_space, self.state.new_space
+        if len(qn) != len(qo):
+            raise InputError(f"{len(qo)} old-side queries but {len(qn)} new-side queries")
+        short = search_excluding(qo, max(RESCORE_DEPTH, 4 * k), views.get(old_space),
+                                 views.get(new_space))
+        new_res = self._search_part(qn, k, views.get(new_space))
+        self.cost.index_searches += 2 * len(qo)
+        self.cost.add_ms("search", time.perf_counter() - t)
+        t = time.perf_counter()
+        out = merge_results([self.rescorer.rescore(short, qn), new_res], k)
+        self.cost.add_ms("merge", time.perf_counter() - t)
         return SearchResult(out.scores, out.ids, {sp: v.generation for sp, v in views.items()})
 
     def _search_part(self, q: np.ndarray, k: int, view: Any) -> SearchResult:
@@ -374,7 +415,9 @@ def job_calibration(
 ) -> Calibration | CohortNorm:
     """The normalisation of the two parts, built from the job's (old, new) pairs.
 
-    ``znorm-top`` / ``znorm``: a :class:`CohortNorm` with the pairs as cohort.
+    ``znorm-top`` / ``znorm``: a :class:`CohortNorm` with the pairs as cohort, and the
+    job's pseudo-queries (:func:`~galleria.upgrade.pairs.load_pseudo_pairs`, images
+    embedded with both models before the first item moves): a cohort from the start.
     ``quantile`` / ``affine``: global maps of the old channel (queries
     ``psi(new(x))`` with ``psi``, else ``old(x)``) fitted on the pairs. With fewer
     than :data:`MIN_PAIRS` pairs: the psi artifact's stored quantile map when
@@ -385,9 +428,11 @@ def job_calibration(
     if kind == "identity":
         return Calibration.identity()
     ids, old, new = load_pairs(gallery.path)
-    if len(ids) >= MIN_PAIRS:
-        if kind.startswith("znorm"):
-            return CohortNorm(old, new, top=COHORT_TOP if kind == "znorm-top" else None)
+    if kind.startswith("znorm"):
+        c_old, c_new = cohort_pairs(gallery.path)
+        if len(c_old) >= MIN_PAIRS:
+            return CohortNorm(c_old, c_new, top=COHORT_TOP if kind == "znorm-top" else None)
+    elif len(ids) >= MIN_PAIRS:
         q_old = psi.transform(new) if psi is not None else old
         cal = fit_calibration(kind, old_queries=q_old, old_gallery=old, new_embeddings=new)
         return Calibration(cal.old, cal.new, {**cal.info, "source": "job pairs"})

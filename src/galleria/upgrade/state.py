@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,8 @@ STATE_KEY = "upgrade"
 PROGRESS_KEY = "upgrade:progress"
 FINISHING_KEY = "upgrade:finishing"
 FOLDER = "upgrade"
-ORDERS = ("random", "id", "priority")
+ORDERS = ("queries", "random", "id", "priority")
+CHANGES = ("model", "transform", "local")
 MODES = ("online", "shadow")
 JOB_VERSION = 1
 
@@ -47,6 +48,13 @@ class UpgradeState:
     started: float = 0.0
     transforms: dict[str, str] = field(default_factory=dict)
     version: int = JOB_VERSION
+    online: dict[str, Any] = field(default_factory=dict)
+    """``{"config": OnlineConfig dict, "decision": the published online psi}``."""
+    change: str = "model"
+    """What the job changes: ``model`` (re-embed, items move), ``transform`` (the new
+    space is a transform of a stored space), ``local`` (local features are added)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """What a feature change needs (the base space of a transform, the spaces kept)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -132,6 +140,30 @@ def run_lock(gallery: Gallery) -> Iterator[None]:
         yield
     finally:
         fh.close()
+
+
+def decision_psi_path(gallery: Gallery, state: UpgradeState) -> Path | None:
+    """The folder of the published online psi, when it exists."""
+    d = state.online.get("decision") or {}
+    rel = d.get("psi")
+    if not rel:
+        return None
+    p = Path(gallery.path) / rel
+    return p if (p / "header.json").is_file() else None
+
+
+def pending_space(upgrade_record: Mapping[str, Any] | None) -> str | None:
+    """The space an active job is filling that no pipeline may search by default.
+
+    ``upgrade_record``: the gallery's ``"upgrade"`` setting (or None). A local
+    space being added is incomplete until ``finish``: the default decision
+    should keep answering through the job's searcher (which merges it with the
+    global answers) and ignore it when choosing a local pipeline.
+    """
+    if not upgrade_record or upgrade_record.get("change") != "local":
+        return None
+    space = upgrade_record.get("new_space")
+    return str(space) if space else None
 
 
 def lock_held(gallery: Gallery) -> bool:

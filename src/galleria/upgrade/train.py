@@ -27,6 +27,8 @@ from galleria.images.sources import SourceItem, list_source, split_problems
 from galleria.io.atomic import read_json, write_json, write_npy
 from galleria.store.gallery import Gallery
 from galleria.upgrade.bct import BCTHead
+from galleria.upgrade.config import TrainConfig, with_options
+from galleria.upgrade.online import OnlineConfig, check_and_publish, query_models
 from galleria.upgrade.pairs import load_pairs
 from galleria.upgrade.psi import CrossModelMap, ReverseTransform
 from galleria.upgrade.state import attach_transform, job_folder, require_upgrade
@@ -76,39 +78,28 @@ def embed_cached(
 
 def train_transform(
     gallery_path: str | os.PathLike[str],
+    config: TrainConfig | None = None,
     *,
-    kind: str = "regression",
-    images: str | os.PathLike[str] | None = None,
-    from_job: bool = False,
-    label_column: str | None = None,
-    split_column: str | None = None,
-    split: str | None = None,
-    out: str | os.PathLike[str] | None = None,
-    params: dict[str, Any] | None = None,
-    runtime: str = "auto",
-    threads: int | None = None,
-    batch_size: int = 32,
-    workers: int = 2,
     progress: Progress | None = None,
     train_progress: Any = None,
+    **options: Any,
 ) -> tuple[Path, CrossModelMap]:
     """Train a new -> old map for the gallery's upgrade, save it and attach it to the job.
 
     Args:
-        kind: ``regression`` (psi, no labels), ``metric-compatible`` (psi,
-            labels) or ``bct`` (BCT head, labels).
-        images: folder or CSV manifest of training images (embedded with both
-            models; cached).
-        from_job: use the (old, new) pairs the backfill collected instead.
-        label_column: manifest column holding class labels.
-        split_column, split: keep only manifest rows whose ``split_column`` is
-            ``split`` (e.g. ``split`` / ``train``).
-        out: where to save (default ``<gallery>/upgrade/transforms/<kind>``).
-        params: hyper-parameters of the map (see ReverseTransform / BCTHead).
+        config: a :class:`~galleria.upgrade.config.TrainConfig` (kind, training
+            images or ``from_job``, labels, split, out, params...); ``options``:
+            keyword overrides of its fields (``kind="bct"``).
+        progress: ``update(n)`` per embedded training image.
+        train_progress: progress of the map's training epochs.
 
     Returns:
         ``(saved folder, fitted map)``.
     """
+    cfg = with_options(TrainConfig, config, options, what="train_transform")
+    kind, images, from_job, label_column = cfg.kind, cfg.images, cfg.from_job, cfg.label_column
+    split_column, split, out, params = cfg.split_column, cfg.split, cfg.out, cfg.params
+    runtime, threads, batch_size, workers = cfg.runtime, cfg.threads, cfg.batch_size, cfg.workers
     if (images is None) == (not from_job):
         raise InputError("give either training images (--images) or --from-job")
     needs_labels = kind in ("metric-compatible", "bct")
@@ -160,4 +151,11 @@ def train_transform(
         folder = Path(out) if out is not None else job_folder(gallery) / "transforms" / kind
         the_map.save(folder)
         attach_transform(gallery, kind, folder)
+        if kind == "regression" and state.mode == "online":
+            # `auto` search switches to it only if it beats rank-merge on pseudo-queries
+            state = require_upgrade(gallery)
+            old_q, new_q = query_models(gallery, state, runtime=runtime, threads=threads)
+            check_and_publish(gallery, the_map, folder,
+                              config=OnlineConfig.from_dict(state.online.get("config")),
+                              old_model=old_q, new_model=new_q, source="train-transform")
         return folder, the_map

@@ -1,0 +1,349 @@
+"""Simulation of an online backfill on cached real embeddings (bench_backfill_online).
+
+One *run* of the simulation: a gallery, an (old, new) model pair, a backfill
+order. At each backfilled fraction the items already done hold new-model
+vectors, the others old-model vectors; queries are answered by each rule over
+the full merged score matrix (ranking it equals the live merge of the two
+parts' lists, ``galleria.upgrade.merge.merged_scores``).
+
+The online psi is simulated as the live job runs it
+(``galleria.upgrade.online``): a ridge psi is fitted on the first ``m`` done
+items' (old, new) pairs at ``m = first_at * growth**i``; right after each fit
+the pseudo-query check runs on the gallery *as it is at that moment* (the first
+``m`` items done) and ``decide`` picks the rule; at a fraction with ``nb``
+items done the last fit with ``m <= nb`` is in force. Pseudo-queries are
+phone-like views of a seeded sample of the gallery's own images
+(``galleria.tune.pseudo``), embedded with both models; no label and no test
+query is used by any decision.
+
+Orders: ``random`` (a seeded permutation) and ``queries`` (the live order of
+``galleria.upgrade.querylog``: the items a *traffic* half of the queries got
+as answers from the old model, weighted by rank, plus the neighbours of the
+1000 most-weighted items, first; the rest in the random order). The queries
+of the other half are evaluated (two folds: every query is evaluated once, by
+an order its own answers did not shape).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from galleria.cache import cache_dir
+from galleria.eval.datasets import load_task
+from galleria.eval.embed import task_embeddings
+from galleria.eval.metrics import per_query_metrics
+from galleria.extractors.registry import create_extractor
+from galleria.fingerprint import digest, slug
+from galleria.images.decode import load_image
+from galleria.io.atomic import write_npy
+from galleria.tune.pseudo import make_views, sample_ids
+from galleria.upgrade.merge import CohortNorm, fit_calibration, merged_scores
+from galleria.upgrade.online import OnlineConfig, decide, next_fit_at
+from galleria.upgrade.querylog import add_neighbours, front_load, query_priorities
+from galleria.upgrade.ridge import RidgePsi
+from galleria.upgrade.search import COHORT_TOP, FUSE_WEIGHT, MIN_PAIRS
+from galleria.validate import l2_normalize
+
+CALIB_SIZE = 1000
+RULES = ["old-only -> switch", "naive", "rank-merge (quantile, self-cal.)",
+         "rank-merge (top-100 z-norm)", "rank-merge (top-100 z-norm, + pseudo cohort)",
+         "psi online (top-100 z-norm)",
+         "fused online (top-100 z-norm)", "auto (new default)"]
+DEFAULT = "auto (new default)"
+
+
+@dataclass
+class Task:
+    """Embeddings of one data set: queries and gallery per model, labels, self index."""
+
+    name: str
+    metric: str
+    q: dict[str, np.ndarray]
+    g: dict[str, np.ndarray]
+    q_labels: np.ndarray
+    g_labels: np.ndarray
+    qgi: np.ndarray
+    pseudo_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    pseudo: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def evaluate(self, scores: np.ndarray, rows: np.ndarray) -> dict[str, np.ndarray]:
+        return per_query_metrics(scores, self.q_labels[rows], self.g_labels,
+                                 metrics=(self.metric, "R@1"), query_gallery_index=self.qgi[rows])
+
+
+TASKS = {"caltech101": "mAP@R", "smvs": "mAP", "ukbench56": "mAP"}
+
+
+def load(name: str, models: list[str], *, pseudo_n: int, seed: int = 0) -> Task:
+    """Embeddings (cached by galleria.eval.embed) and pseudo-query embeddings (cached here)."""
+    t = load_task(name)
+    q, g, fps = {}, {}, {}
+    for m in models:
+        ext = create_extractor(m)
+        fps[m] = ext.fingerprint
+        q[m], g[m] = task_embeddings(t, ext)
+    # ukbench: leave-one-out (the protocol's N-S counts the query itself; a backfill
+    # curve of a saturated self-match says nothing)
+    qgi = np.arange(len(t.query_paths)) if name == "ukbench56" else t.query_gallery_index
+    task = Task(name, TASKS[name], q, g, t.query_labels, t.gallery_labels, qgi)
+    ids = [str(i) for i in range(len(t.gallery_paths))]
+    chosen = sample_ids(ids, pseudo_n, seed=seed)
+    task.pseudo_rows = np.array([int(i) for i in chosen], np.int64)
+    files = t.gallery_files()
+    images = None
+    for m in models:
+        key = digest("pseudo", name, chosen, seed, fps[m])
+        path = cache_dir("bench-backfill-online") / f"pseudo-{name}-{slug(fps[m])}-{key}.npy"
+        if path.is_file():
+            task.pseudo[m] = np.load(path)
+            continue
+        if images is None:
+            pq = make_views([(i, load_image(files[int(i)])) for i in chosen], seed=seed)
+            images = pq.images
+        task.pseudo[m] = create_extractor(m).embed_images(images)
+        write_npy(path, task.pseudo[m])
+    return task
+
+
+# --------------------------------------------------------------------------- #
+# orders
+# --------------------------------------------------------------------------- #
+
+
+def random_order(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).permutation(n)
+
+
+def popularity(task: Task, seed: int) -> np.ndarray:
+    """``(Q,)`` how often users ask each query: Zipf (1 / rank) over the query groups
+    (classes, covers, objects) in a seeded order, shared by the group's queries."""
+    groups, inverse = np.unique(task.q_labels, return_inverse=True)
+    rank = np.random.default_rng(2000 + seed).permutation(len(groups))
+    per_group = 1.0 / (1.0 + rank)
+    counts = np.bincount(inverse, minlength=len(groups))
+    w = per_group[inverse] / counts[inverse]
+    return w / w.sum()
+
+
+def query_driven_order(task: Task, old: str, traffic: np.ndarray, seed: int, *,
+                       hot_limit: int = 1000, k_nb: int = 5,
+                       weights: np.ndarray | None = None) -> np.ndarray:
+    """The live ``queries`` order for a log of the old model's answers to ``traffic``.
+
+    ``weights``: popularity of each query; the log then holds ``2 * len(traffic)``
+    requests drawn from ``traffic`` with those weights (seeded).
+    """
+    if weights is not None:
+        p = weights[traffic] / weights[traffic].sum()
+        traffic = np.random.default_rng(3000 + seed).choice(traffic, 2 * len(traffic), p=p)
+    qo, go = task.q[old][traffic], task.g[old]
+    s = qo @ go.T
+    own = task.qgi[traffic]
+    rows = np.flatnonzero(own >= 0)
+    s[rows, own[rows]] = -np.inf
+    top = np.argsort(-s, axis=1)[:, :10]
+    records = [(0.0, [str(j) for j in row]) for row in top]
+    prio = query_priorities(records, now=0.0)
+    hot = sorted(prio, key=lambda i: -prio[i])[:hot_limit]
+    hv = go[[int(i) for i in hot]]
+    nbs = np.argsort(-(hv @ go.T), axis=1)[:, : k_nb + 1]
+    neighbours = {i: [str(j) for j in row if str(j) != i][:k_nb] for i, row in zip(hot, nbs,
+                                                                                     strict=True)}
+    near = add_neighbours(prio, neighbours)
+    base = [str(i) for i in random_order(go.shape[0], seed)]
+    return np.array([int(i) for i in front_load(base, prio, near)], np.int64)
+
+
+# --------------------------------------------------------------------------- #
+# one run
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class Fit:
+    m: int
+    psi: RidgePsi
+    rule: str
+    scores: dict[str, Any]
+    fit_s: float
+
+
+EXTRA_COHORT: dict[str, np.ndarray] = {}
+"""The pseudo-queries' embeddings, added to the cohort (set by :func:`use_pseudo_cohort`)."""
+
+
+def use_pseudo_cohort(task: Task | None, old: str = "", new: str = "") -> None:
+    EXTRA_COHORT.clear()
+    if task is not None:
+        EXTRA_COHORT.update(old=task.pseudo[old], new=task.pseudo[new])
+
+
+def _znorm(s_old: np.ndarray, s_new: np.ndarray, q_old: np.ndarray, q_new: np.ndarray,
+           mask: np.ndarray, go: np.ndarray, gn: np.ndarray, cohort: np.ndarray) -> np.ndarray:
+    co, cn = go[cohort], gn[cohort]
+    if EXTRA_COHORT:
+        co = np.concatenate([co, EXTRA_COHORT["old"]])
+        cn = np.concatenate([cn, EXTRA_COHORT["new"]])
+    if len(co) < MIN_PAIRS:
+        return merged_scores(s_old, s_new, mask)
+    return merged_scores(s_old, s_new, mask, CohortNorm(co, cn, top=COHORT_TOP),
+                         old_queries=q_old, new_queries=q_new)
+
+
+def _pseudo_rr(s: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Reciprocal rank of each pseudo-query's source row in its score row."""
+    own = s[np.arange(len(truth)), truth][:, None]
+    rank = (s > own).sum(axis=1)
+    return 1.0 / (1.0 + rank)
+
+
+def fits_for(task: Task, old: str, new: str, order: np.ndarray, config: OnlineConfig
+             ) -> list[Fit]:
+    """The online fits of one order, each with the decision of its pseudo-query check."""
+    import time
+
+    go, gn = task.g[old], task.g[new]
+    po, pn = task.pseudo[old], task.pseudo[new]
+    truth = task.pseudo_rows
+    n = go.shape[0]
+    fits: list[Fit] = []
+    m = next_fit_at(config, None)
+    while m <= min(n, config.max_pairs):
+        done = order[:m]
+        t = time.perf_counter()
+        psi = RidgePsi(max_pairs=config.max_pairs, seed=config.seed).fit(gn[done], go[done])
+        fit_s = time.perf_counter() - t
+        mask = np.zeros(n, bool)
+        mask[done] = True
+        cohort = done[:CALIB_SIZE]
+        ps = psi.transform(pn)
+        pf = l2_normalize(po + FUSE_WEIGHT * ps)
+        s_new = pn @ gn.T
+        rr = {"rank-merge": _pseudo_rr(_znorm(po @ go.T, s_new, po, pn, mask, go, gn, cohort),
+                                       truth),
+              "psi": _pseudo_rr(_znorm(ps @ go.T, s_new, ps, pn, mask, go, gn, cohort), truth),
+              "fused": _pseudo_rr(_znorm(pf @ go.T, s_new, pf, pn, mask, go, gn, cohort), truth)}
+        rule, scores = decide(rr)
+        fits.append(Fit(m, psi, rule, scores, fit_s))
+        nxt = next_fit_at(config, m)
+        if nxt <= m:
+            break
+        m = nxt
+    return fits
+
+
+def run_curves(task: Task, old: str, new: str, order: np.ndarray, rows: np.ndarray,
+               fractions: np.ndarray, fits: list[Fit]) -> dict[str, Any]:
+    """Per-query metrics of every rule at every fraction for the queries ``rows``."""
+    qo, go = task.q[old][rows], task.g[old]
+    qn, gn = task.q[new][rows], task.g[new]
+    s_oo, s_nn = qo @ go.T, qn @ gn.T
+    n = go.shape[0]
+    out: dict[str, Any] = {r: [] for r in RULES}
+    out["decision"] = []
+    cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def psi_queries(fit: Fit) -> tuple[np.ndarray, np.ndarray]:
+        if fit.m not in cache:
+            ps = fit.psi.transform(qn)
+            cache[fit.m] = (ps, l2_normalize(qo + FUSE_WEIGHT * ps))
+        return cache[fit.m]
+
+    for f in fractions:
+        nb = round(float(f) * n)
+        mask = np.zeros(n, bool)
+        mask[order[:nb]] = True
+        cohort = order[: min(nb, CALIB_SIZE)]
+        fit = next((x for x in reversed(fits) if x.m <= nb), None)
+        done = f >= 1.0
+        rank = s_nn if done else _znorm(s_oo, s_nn, qo, qn, mask, go, gn, cohort)
+        if not done and EXTRA_COHORT:  # the rank-merge of the job as it was before
+            saved = dict(EXTRA_COHORT)
+            EXTRA_COHORT.clear()
+            plain = _znorm(s_oo, s_nn, qo, qn, mask, go, gn, cohort)
+            EXTRA_COHORT.update(saved)
+        else:
+            plain = rank
+        res: dict[str, np.ndarray] = {
+            "old-only -> switch": s_nn if done else s_oo,
+            "naive": merged_scores(s_oo, s_nn, mask),
+            "rank-merge (top-100 z-norm)": plain,
+            "rank-merge (top-100 z-norm, + pseudo cohort)": rank,
+        }
+        if done or cohort.size < MIN_PAIRS:
+            res["rank-merge (quantile, self-cal.)"] = res["naive"] if not done else s_nn
+        else:
+            cal = fit_calibration("quantile", old_queries=go[cohort], old_gallery=go[cohort],
+                                  new_embeddings=gn[cohort])
+            res["rank-merge (quantile, self-cal.)"] = merged_scores(s_oo, s_nn, mask, cal)
+        if fit is None or done:
+            res["psi online (top-100 z-norm)"] = rank
+            res["fused online (top-100 z-norm)"] = rank
+            chosen = "rank-merge"
+        else:
+            ps, pf = psi_queries(fit)
+            res["psi online (top-100 z-norm)"] = _znorm(ps @ go.T, s_nn, ps, qn, mask, go, gn,
+                                                        cohort)
+            res["fused online (top-100 z-norm)"] = _znorm(pf @ go.T, s_nn, pf, qn, mask, go,
+                                                          gn, cohort)
+            chosen = fit.rule
+        res[DEFAULT] = {"rank-merge": rank, "psi": res["psi online (top-100 z-norm)"],
+                        "fused": res["fused online (top-100 z-norm)"]}[chosen]
+        out["decision"].append({"fraction": float(f), "rule": chosen,
+                                "fit_pairs": None if fit is None else fit.m})
+        for r in RULES:
+            out[r].append(task.evaluate(res[r], rows))
+    return out
+
+
+def simulate(task: Task, old: str, new: str, order_kind: str, seed: int,
+             fractions: np.ndarray, config: OnlineConfig,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Curves (per-query metrics over all queries) of every rule for one order and seed.
+
+    ``random``: every query weighs the same. ``queries``: users ask the query groups
+    with Zipf popularity (:func:`popularity`); the traffic half's requests follow it
+    and the evaluated half is weighted by it (``weights`` in the result: what users
+    see); ``queries-uniform``: the same order mechanism with uniform traffic.
+    """
+    n_q, n = len(task.q_labels), task.g[old].shape[0]
+    weights = np.full(n_q, 1.0 / n_q)
+    if order_kind == "random":
+        order = random_order(n, seed)
+        fits = fits_for(task, old, new, order, config)
+        parts = [(np.arange(n_q), order, fits)]
+    else:
+        if order_kind == "queries":
+            weights = popularity(task, seed)
+        split = np.random.default_rng(1000 + seed).permutation(n_q)
+        halves = [np.sort(split[: n_q // 2]), np.sort(split[n_q // 2:])]
+        parts = []
+        for traffic, evaluated in ((halves[0], halves[1]), (halves[1], halves[0])):
+            order = query_driven_order(task, old, traffic, seed,
+                                       weights=weights if order_kind == "queries" else None)
+            parts.append((evaluated, order, fits_for(task, old, new, order, config)))
+    merged: dict[str, Any] = {}
+    rows_all = np.concatenate([p[0] for p in parts])
+    decisions = []
+    for rows, order, fits in parts:
+        cur = run_curves(task, old, new, order, rows, fractions, fits)
+        decisions.append({"fits": [{"pairs": x.m, "rule": x.rule, "scores": x.scores,
+                                    "fit_s": round(x.fit_s, 4)} for x in fits],
+                          "in_force": cur.pop("decision")})
+        for r, per_f in cur.items():
+            if r not in merged:
+                merged[r] = [dict(pf) for pf in per_f]
+            else:
+                for acc, pf in zip(merged[r], per_f, strict=True):
+                    for k in acc:
+                        acc[k] = np.concatenate([acc[k], pf[k]])
+    back = np.argsort(rows_all)
+    for r in merged:
+        for acc in merged[r]:
+            for k in acc:
+                acc[k] = acc[k][back]
+    return {"curves": merged, "decisions": decisions, "weights": weights}

@@ -1,0 +1,411 @@
+"""psi learned online: fitted on the backfill's own (old, new) pairs, checked on
+pseudo-queries, published atomically, used by search only when it wins.
+
+While :func:`~galleria.upgrade.job.run_upgrade` moves items it keeps their
+(old, new) vector pairs (the calibration cohort in ``<job>/pairs``, the rest up
+to :attr:`OnlineConfig.max_pairs` in ``<job>/online/pairs``). On a schedule
+(first at :attr:`OnlineConfig.first_at` pairs, then each time the pairs have
+grown by :attr:`OnlineConfig.growth`) the run
+
+1. fits a ridge psi (:class:`~galleria.upgrade.ridge.RidgePsi`; closed form,
+   label-free) on all pairs so far;
+2. scores, on the gallery as it is now, every label-free rule that could use it
+   (``psi``, ``fused``) and the rule that needs none (``rank-merge``) with
+   *pseudo-queries*: phone-like views of a seeded sample of the gallery's own
+   images, whose one true answer is the item each was made from
+   (:mod:`galleria.tune.pseudo`; embedded once per job with both models and
+   kept in ``<job>/online/pseudo``);
+3. publishes: the map into ``<job>/online/psi-<pairs>/`` (an atomic estimator
+   save), then the decision into the job record (one settings write):
+   ``state.online = {"rule", "psi", "map", "pairs", "scores", ...}``.
+
+``auto`` search (:func:`galleria.upgrade.search.resolve_rule`) follows the
+published decision. A psi rule is chosen only when it beats rank-merge on the
+pseudo-queries by a margin that is unlikely to be noise (the one-sided 95 %
+bound of the mean paired difference of reciprocal ranks is above zero), so a
+gallery where psi does not help keeps the label-free rank-merge.
+
+Kill -9 safe: a fit that dies before step 3 published nothing (the next run
+fits again at the same point; an orphan map folder is removed by the next
+publish); the decision names a complete map folder or the previous one. The
+schedule is derived from the published decision (its pair count), so a resumed
+run continues it. Cost: one SVD of the pairs per fit (geometric schedule: all
+fits together cost about twice the last one) plus one merged search of the
+pseudo-queries per rule; measured in benchmarks/results/backfill-online.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from galleria.errors import GalleriaError, InputError
+from galleria.extract.spaces import extractor_from_space
+from galleria.extractors.base import Extractor
+from galleria.io.atomic import read_json, write_json, write_npy
+from galleria.store.gallery import Gallery
+from galleria.tune.pseudo import make_pseudo_queries, rank_of_truth
+from galleria.types import SearchResult
+from galleria.upgrade.pairs import PairStore
+from galleria.upgrade.ridge import RidgePsi
+from galleria.upgrade.search import BackfillSearcher, job_calibration
+from galleria.upgrade.state import UpgradeState, job_folder, require_upgrade, save_state
+
+log = logging.getLogger(__name__)
+
+ONLINE_DIR = "online"
+PSI_RULES = ("psi", "fused")
+BASELINE = "rank-merge"
+Z_ONE_SIDED_95 = 1.645
+
+
+@dataclass(frozen=True)
+class OnlineConfig:
+    """How the job learns psi while it runs (recorded in the job at start).
+
+    Attributes:
+        enabled: fit psi during ``run`` at all.
+        first_at: pairs before the first fit.
+        growth: refit when the pairs have grown by this factor since the last fit.
+        max_pairs: pairs kept for training (beyond them no more are stored) and
+            the most a fit uses.
+        pseudo_queries: how many gallery items the check makes views of.
+        seed: seeds the pseudo-query sample, its views and the fit's subsample.
+        depth: result depth of the check (ranks beyond it count as not found).
+    """
+
+    enabled: bool = True
+    first_at: int = 128
+    growth: float = 2.0
+    max_pairs: int = 20000
+    pseudo_queries: int = 200
+    seed: int = 0
+    depth: int = 100
+
+    def __post_init__(self) -> None:
+        if self.first_at < 16:
+            raise InputError(f"online psi: first_at must be >= 16, got {self.first_at}")
+        if self.growth <= 1.0:
+            raise InputError(f"online psi: growth must be > 1, got {self.growth}")
+        if self.max_pairs < self.first_at:
+            raise InputError("online psi: max_pairs must be >= first_at")
+        if self.pseudo_queries < 10:
+            raise InputError("online psi: at least 10 pseudo-queries")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> OnlineConfig:
+        d = dict(d or {})
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# --------------------------------------------------------------------------- #
+# pure parts: the schedule and the decision
+# --------------------------------------------------------------------------- #
+
+
+def next_fit_at(config: OnlineConfig, last_fit_pairs: int | None) -> int:
+    """The pair count at which the next fit is due."""
+    if not last_fit_pairs:
+        return config.first_at
+    return min(max(config.first_at, int(np.ceil(last_fit_pairs * config.growth))),
+               max(config.max_pairs, last_fit_pairs + 1))
+
+
+def reciprocal_ranks(result: SearchResult, truth: Sequence[str]) -> np.ndarray:
+    """``(P,)`` 1 / (1 + rank) of each pseudo-query's source item; 0 when not in the result."""
+    r = rank_of_truth(result, truth)
+    return np.where(r >= 0, 1.0 / (1.0 + np.maximum(r, 0)), 0.0)
+
+
+def decide(rr: Mapping[str, np.ndarray], *, baseline: str = BASELINE) -> tuple[str, dict[str, Any]]:
+    """The rule to search with, from per-query reciprocal ranks of each candidate.
+
+    A candidate replaces ``baseline`` only when the one-sided 95 % lower bound of
+    its mean paired gain over the baseline is above zero; among those, the
+    largest mean gain wins.
+
+    Returns:
+        ``(rule, {rule: {"mrr", "gain", "lower"}})`` (MRR and gains in %).
+    """
+    if baseline not in rr:
+        raise InputError(f"the decision needs the baseline {baseline!r}")
+    base = np.asarray(rr[baseline], dtype=np.float64)
+    out: dict[str, Any] = {}
+    best, best_gain = baseline, 0.0
+    for rule, v in rr.items():
+        v = np.asarray(v, dtype=np.float64)
+        if v.shape != base.shape:
+            raise InputError(f"rule {rule!r}: {v.shape} ranks, baseline {base.shape}")
+        d = v - base
+        n = max(d.size, 1)
+        gain = float(d.mean()) if d.size else 0.0
+        se = float(d.std(ddof=1)) / np.sqrt(n) if d.size > 1 else float("inf")
+        lower = gain - Z_ONE_SIDED_95 * se
+        out[rule] = {"mrr": round(100 * float(v.mean()), 3), "gain": round(100 * gain, 3),
+                     "lower": round(100 * lower, 3)}
+        if rule != baseline and lower > 0 and gain > best_gain:
+            best, best_gain = rule, gain
+    return best, out
+
+
+# --------------------------------------------------------------------------- #
+# pairs and pseudo-queries of the job
+# --------------------------------------------------------------------------- #
+
+
+def online_folder(gallery: Gallery | str | Path) -> Path:
+    return job_folder(gallery) / ONLINE_DIR
+
+
+def train_pairs(gallery: Gallery) -> PairStore:
+    """The pairs kept for psi beyond the calibration cohort."""
+    return PairStore(online_folder(gallery) / "pairs")
+
+
+def all_pairs(gallery: Gallery) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Cohort pairs then training pairs, one per id: ``(ids, old (N, D_o), new (N, D_n))``."""
+    ids, old, new = PairStore(job_folder(gallery) / "pairs").load()
+    ids2, old2, new2 = train_pairs(gallery).load()
+    if not ids2:
+        return ids, old, new
+    if not ids:
+        return ids2, old2, new2
+    seen = set(ids)
+    keep = [n for n, i in enumerate(ids2) if i not in seen]
+    return ids + [ids2[n] for n in keep], np.concatenate([old, old2[keep]]), \
+        np.concatenate([new, new2[keep]])
+
+
+def pair_count(gallery: Gallery) -> int:
+    return PairStore(job_folder(gallery) / "pairs").count() + train_pairs(gallery).count()
+
+
+@dataclass(frozen=True)
+class PseudoSet:
+    """The job's pseudo-queries, embedded with both query models."""
+
+    ids: list[str]
+    old: np.ndarray
+    new: np.ndarray
+    fingerprint: str
+
+
+def job_pseudo_queries(gallery: Gallery, state: UpgradeState, config: OnlineConfig,
+                       old_model: Extractor, new_model: Extractor) -> PseudoSet:
+    """Make (once per job) and load the pseudo-queries, embedded with both query models.
+
+    Kept in ``<job>/online/pseudo/`` (arrays first, the JSON header naming them
+    last, atomic writes): a run killed while embedding them makes them again.
+    """
+    folder = online_folder(gallery) / "pseudo"
+    head = folder / "pseudo.json"
+    want = {"old": old_model.fingerprint, "new": new_model.fingerprint,
+            "n": config.pseudo_queries, "seed": config.seed}
+    if head.is_file():
+        try:
+            meta = read_json(head)
+            if all(meta.get(k) == v for k, v in want.items()):
+                return PseudoSet(list(meta["ids"]), np.load(folder / "old.npy"),
+                                 np.load(folder / "new.npy"), str(meta["fingerprint"]))
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("pseudo-queries of the job unreadable (%s): making them again", exc)
+    t = time.perf_counter()
+    pq = make_pseudo_queries(gallery, n=config.pseudo_queries, seed=config.seed)
+    old = old_model.embed_images(pq.images)
+    new = new_model.embed_images(pq.images)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_npy(folder / "old.npy", old.astype(np.float32))
+    write_npy(folder / "new.npy", new.astype(np.float32))
+    # query-side new embeddings are a cohort only when the new model is its own query model
+    cohort = "query_config" not in gallery.space_info(state.new_space).info
+    write_json(head, {**want, "ids": pq.ids, "fingerprint": pq.fingerprint, "cohort": cohort,
+                      "skipped": len(pq.skipped),
+                      "seconds": round(time.perf_counter() - t, 2)})
+    log.info("%d pseudo-queries embedded with both models in %.1f s", len(pq),
+             time.perf_counter() - t)
+    return PseudoSet(pq.ids, old, new, pq.fingerprint)
+
+
+# --------------------------------------------------------------------------- #
+# one fit: fit, check, publish
+# --------------------------------------------------------------------------- #
+
+
+def check_rules(gallery: Gallery, pseudo: PseudoSet, psi: Any, *, depth: int = 100
+                ) -> dict[str, np.ndarray]:
+    """Per-pseudo-query reciprocal ranks of rank-merge and the psi rules on the gallery now.
+
+    Each rule is searched exactly as live search does it
+    (:class:`~galleria.upgrade.search.BackfillSearcher` with the job's calibration).
+    """
+    out: dict[str, np.ndarray] = {}
+    for rule in (BASELINE, *PSI_RULES):
+        the_map = psi if rule in PSI_RULES else None
+        if rule in PSI_RULES and psi is None:
+            continue
+        cal = job_calibration(gallery, "znorm-top", psi=the_map)
+        s = BackfillSearcher(gallery, rule=rule, psi=the_map, calibration=cal)
+        res = s.search_vectors(new_queries=pseudo.new, old_queries=pseudo.old, k=depth)
+        out[rule] = reciprocal_ranks(res, pseudo.ids)
+    return out
+
+
+def maybe_fit(gallery: Gallery, config: OnlineConfig, *, old_model: Extractor | None,
+              new_model: Extractor | None, force: bool = False) -> dict[str, Any] | None:
+    """Fit, check and publish when the schedule says so (or ``force``); else ``None``.
+
+    Returns the published decision. Without both query models (the run has only
+    the new gallery model) the pseudo-queries cannot be embedded: the map is
+    published with ``rule = rank-merge`` and ``checked = False``.
+    """
+    state = require_upgrade(gallery)
+    if state.mode != "online" or not config.enabled:
+        return None
+    last = dict(state.online.get("decision") or {})
+    n = pair_count(gallery)
+    if not force and n < next_fit_at(config, last.get("pairs")):
+        return None
+    if n < 8:
+        return None
+    t0 = time.perf_counter()
+    ids, old, new = all_pairs(gallery)
+    psi = RidgePsi(max_pairs=config.max_pairs, seed=config.seed).fit(
+        new, old, new_fingerprint=state.new_space, old_fingerprint=state.old_space)
+    fit_s = time.perf_counter() - t0
+    folder = online_folder(gallery) / f"psi-{len(ids):08d}"
+    psi.save(folder)
+    return check_and_publish(gallery, psi, folder, config=config, old_model=old_model,
+                             new_model=new_model, source="online",
+                             extra={"fit_s": round(fit_s, 3), "alpha": psi.info_["alpha"]},
+                             spent_s=fit_s)
+
+
+def online_run_start(gallery: Gallery, config: OnlineConfig, extractor: Extractor,
+                     models: list[Extractor | None], runtime: str, threads: int | None) -> None:
+    """Before the first item moves: the job's pseudo-queries, embedded with both models
+    (the check's queries and, from the first query on, the calibration cohort)."""
+    state = require_upgrade(gallery)
+    try:
+        if not models:
+            models.extend(query_models(gallery, state, runtime=runtime, threads=threads,
+                                       new_model=extractor))
+        if models[0] is not None and models[1] is not None:
+            job_pseudo_queries(gallery, state, config, models[0], models[1])
+    except (GalleriaError, OSError, ValueError) as exc:
+        log.warning("no pseudo-queries for this job (the backfill goes on): %s", exc)
+
+
+def online_run_step(gallery: Gallery, config: OnlineConfig, extractor: Extractor,
+                    models: list[Extractor | None], runtime: str, threads: int | None) -> None:
+    """Fit / check / publish psi when due (see :mod:`galleria.upgrade.online`).
+
+    The query models (old and new) are built on the first fit that is due and
+    kept for the run (``models``); a failure of the online fit is logged, never
+    fatal to the backfill.
+    """
+    state = require_upgrade(gallery)
+    last = (state.online.get("decision") or {}).get("pairs")
+    if pair_count(gallery) < next_fit_at(config, last):
+        return
+    try:
+        if not models:
+            models.extend(query_models(gallery, state, runtime=runtime, threads=threads,
+                                       new_model=extractor))
+        maybe_fit(gallery, config, old_model=models[0], new_model=models[1])
+    except (GalleriaError, OSError, ValueError) as exc:
+        log.warning("online psi fit failed (the backfill goes on): %s", exc)
+
+
+def check_and_publish(gallery: Gallery, psi: Any, folder: Path, *, config: OnlineConfig,
+                      old_model: Extractor | None, new_model: Extractor | None,
+                      source: str, extra: dict[str, Any] | None = None,
+                      spent_s: float = 0.0) -> dict[str, Any]:
+    """Check a saved psi (``folder``) on the pseudo-queries and publish the decision.
+
+    Without both query models the pseudo-queries cannot be embedded: the map is
+    published with ``rule = rank-merge`` and ``checked = False``.
+    """
+    state = require_upgrade(gallery)
+    last = dict(state.online.get("decision") or {})
+    t1 = time.perf_counter()
+    rule, scores, checked = BASELINE, {}, False
+    if old_model is not None and new_model is not None:
+        try:
+            pseudo = job_pseudo_queries(gallery, state, config, old_model, new_model)
+            t1 = time.perf_counter()  # the embedding of the pseudo-queries is a one-off
+            rule, scores = decide(check_rules(gallery, pseudo, psi, depth=config.depth))
+            checked = True
+        except (GalleriaError, OSError) as exc:
+            log.warning("online psi: the pseudo-query check failed (%s); search keeps %s",
+                        exc, BASELINE)
+    check_s = time.perf_counter() - t1
+    decision = {
+        "rule": rule, "checked": checked, "source": source, "pairs": pair_count(gallery),
+        "map_pairs": int(psi.info_.get("n_pairs", 0)),
+        "psi": _relative(gallery, folder), "map": psi.fingerprint, "scores": scores,
+        "check_s": round(check_s, 3), "at": time.time(),
+        "total_s": round(float(last.get("total_s", 0.0)) + spent_s + check_s, 3),
+        "fits": int(last.get("fits", 0)) + 1, **(extra or {}),
+    }
+    publish(gallery, decision)
+    log.info("psi (%s, %d pairs) checked in %.2f s: search uses %s %s", source,
+             decision["map_pairs"],
+             check_s, rule, {r: v["mrr"] for r, v in scores.items()} if scores else "")
+    return decision
+
+
+def query_models(gallery: Gallery, state: UpgradeState, *, runtime: str = "auto",
+                 threads: int | None = None, new_model: Extractor | None = None
+                 ) -> tuple[Extractor | None, Extractor | None]:
+    """The old and new *query* models of the job, rebuilt from the spaces' records.
+
+    ``new_model``: the new gallery model already loaded (reused when the new space
+    has no separate query model). A model that cannot be rebuilt is ``None`` (logged).
+    """
+    out: list[Extractor | None] = []
+    for space in (state.old_space, state.new_space):
+        info = gallery.space_info(space).info
+        if space == state.new_space and new_model is not None and "query_config" not in info:
+            out.append(new_model)
+            continue
+        try:
+            out.append(extractor_from_space(info, root=gallery.path, runtime=runtime,
+                                            threads=threads, query=True))
+        except (GalleriaError, OSError, ImportError) as exc:
+            log.warning("no %s query model (%s): psi cannot be checked on pseudo-queries",
+                        "old" if space == state.old_space else "new", exc)
+            out.append(None)
+    return out[0], out[1]
+
+
+def publish(gallery: Gallery, decision: dict[str, Any]) -> UpgradeState:
+    """Record ``decision`` in the job (one settings write) and drop older map folders."""
+    state = require_upgrade(gallery)
+    online = {**state.online, "decision": decision}
+    new = UpgradeState.from_dict({**state.to_dict(), "online": online})
+    save_state(gallery, new)
+    keep = (Path(gallery.path) / decision["psi"]).resolve()
+    prev = state.online.get("decision", {}).get("psi")
+    keep_prev = (Path(gallery.path) / prev).resolve() if prev else None
+    for p in online_folder(gallery).resolve().glob("psi-*"):
+        if p != keep and p != keep_prev:  # the previous one: a searcher may be loading it
+            shutil.rmtree(p, ignore_errors=True)
+    return new
+
+
+def _relative(gallery: Gallery, p: Path) -> str:
+    try:
+        return p.resolve().relative_to(Path(gallery.path).resolve()).as_posix()
+    except ValueError:
+        return str(p)

@@ -1,0 +1,276 @@
+"""Live feature changes through the upgrade job: a transform, local features, kill -9.
+
+References: search during a change equals the brute-force merge of the two parts
+(the items not yet changed searched in the old space, the others in the new one);
+after ``finish`` the gallery equals a fresh index with the new features (same
+spaces, primary, vectors / local features, answers); a SIGKILL in the middle of a
+run loses nothing and the next run completes it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import _tiny
+from galleria.decision import open_searcher
+from galleria.errors import CompatibilityError
+from galleria.extract.job import index_images
+from galleria.store.gallery import Gallery
+from galleria.transforms.attach import add_transformed_space, fit_on_gallery
+from galleria.transforms.registry import create_transform
+from galleria.upgrade.change import start_local, start_transform
+from galleria.upgrade.job import finish_upgrade, run_upgrade, start_upgrade, upgrade_status
+from galleria.upgrade.local_search import LocalChangeSearcher
+from galleria.upgrade.search import BackfillSearcher
+from galleria.upgrade.state import UpgradeError, pending_space
+
+HERE = Path(__file__).parent
+N = 36
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("change-imgs")
+    rng = np.random.default_rng(5)
+    for n in range(N):
+        Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).save(
+            root / f"{n:02d}.png")
+    return root
+
+
+@pytest.fixture()
+def gallery(tmp_path, images):
+    g = tmp_path / "g"
+    index_images(images, g, extractor=_tiny.tiny(1))
+    return g
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent / "src"), str(HERE)])
+    return env
+
+
+def _fitted(gallery, tmp_path, kind="pca-whiten", dim=8):
+    with Gallery.open(gallery) as g:
+        tr, _ = fit_on_gallery(g, kind, dim=dim)
+    folder = tmp_path / f"T-{kind}"
+    tr.save(folder)
+    return tr, folder
+
+
+def _by_id(g, space):
+    keys, x = g.load_vectors(space)
+    return dict(zip(g.ids_of(keys), x, strict=True))
+
+
+def test_transform_change_search_and_finish_equal_a_fresh_apply(gallery, images, tmp_path):
+    tr, folder = _fitted(gallery, tmp_path)
+    state = start_transform(gallery, folder, seed=1, calib_size=12)
+    assert state.change == "transform" and state.new_space == tr.output_fingerprint
+    with pytest.raises(UpgradeError, match="already in progress"):
+        start_transform(gallery, folder)
+    rep = run_upgrade(gallery, limit=14, commit_every=5)
+    assert rep.moved == 14
+    st = upgrade_status(gallery)
+    assert (st.done, st.in_both, st.in_neither, st.consistent) == (14, 14, 0, True)
+    with Gallery.open(gallery) as g:
+        old = _by_id(g, state.old_space)
+        new = _by_id(g, state.new_space)
+        assert len(old) == N and len(new) == 14  # the old space stays complete
+        for i, v in new.items():  # new = T(stored base vector), no image read
+            np.testing.assert_allclose(v, tr.transform(old[i][None])[0], atol=1e-6)
+        # search: old part = items not yet transformed, new part = the others (exact)
+        s = BackfillSearcher.open(g, rule="naive")
+        q = np.stack([old[i] for i in sorted(old)[:6]])
+        res = s.search_vectors(old_queries=q, new_queries=tr.transform(q), k=N)
+        ids = sorted(old)
+        score = {}
+        for i in ids:
+            score[i] = (tr.transform(q) @ new[i]) if i in new else q @ old[i]
+        want = np.array([[ids[j] for j in np.argsort(-np.array([score[i][r] for i in ids]),
+                                                     kind="stable")] for r in range(6)])
+        assert (res.ids == want).all()
+        assert s.search_vectors(old_queries=q, new_queries=tr.transform(q), k=5).ids.shape \
+            == (6, 5)
+        # auto: rescore -- the old part's shortlist scored in the new space (T of the stored
+        # base vectors): with a shortlist deeper than the gallery it is the new space's
+        # exact search over every item, from one forward pass (T(old(q)))
+        s = BackfillSearcher.open(g)
+        assert s.rule == "rescore" and s.new_extractor is None
+        res = s.search_vectors(old_queries=q, k=10)
+        allv = {i: (new[i] if i in new else tr.transform(old[i][None])[0]) for i in ids}
+        sc = tr.transform(q) @ np.stack([allv[i] for i in ids]).T
+        want = [[ids[j] for j in np.argsort(-row, kind="stable")[:10]] for row in sc]
+        assert res.ids.tolist() == want
+        np.testing.assert_allclose(res.scores, -np.sort(-sc, axis=1)[:, :10], atol=1e-5)
+    run_upgrade(gallery)
+    finish_upgrade(gallery)
+    fresh = tmp_path / "fresh"
+    index_images(images, fresh, extractor=_tiny.tiny(1))
+    with Gallery.open(fresh) as f:
+        add_transformed_space(f, tr, folder)
+    with Gallery.open(gallery) as a, Gallery.open(fresh) as b:
+        assert sorted(s.space for s in a.spaces()) == sorted(s.space for s in b.spaces())
+        assert a.primary_space == b.primary_space == tr.output_fingerprint
+        assert a.get_setting("upgrade") is None and not (gallery / "upgrade").exists()
+        va, vb = _by_id(a, a.primary_space), _by_id(b, b.primary_space)
+        assert sorted(va) == sorted(vb)
+        assert max(float(np.abs(va[i] - vb[i]).max()) for i in va) < 1e-6
+        q = np.stack([vb[i] for i in sorted(vb)[:8]])
+        assert (a.search(q, 10, space=a.primary_space).ids
+                == b.search(q, 10, space=b.primary_space).ids).all()
+        assert a.space_info(a.primary_space).info == b.space_info(b.primary_space).info
+
+
+def test_a_second_transform_replaces_the_first_at_finish(gallery, tmp_path):
+    t1, f1 = _fitted(gallery, tmp_path, "pca-whiten", 8)
+    with Gallery.open(gallery) as g:
+        add_transformed_space(g, t1, f1)
+        base = g.space_info(t1.output_fingerprint).info["base_space"]
+    t2, f2 = _fitted(gallery, tmp_path, "pca", 6)
+    state = start_transform(gallery, f2)
+    assert state.old_space == t1.output_fingerprint and state.extra["drop_old"]
+    run_upgrade(gallery)
+    finish_upgrade(gallery)
+    with Gallery.open(gallery) as g:
+        assert {s.space for s in g.spaces()} == {base, t2.output_fingerprint}
+        assert g.primary_space == t2.output_fingerprint
+        assert len(list((gallery / "transforms").iterdir())) == 1  # t1's copy went with it
+
+
+def test_transform_of_another_model_is_refused(gallery, tmp_path):
+    rng = np.random.default_rng(0)
+
+    tr = create_transform("pca", dim=4).fit(
+        rng.standard_normal((50, 12)).astype(np.float32), fingerprint="someone-else@00")
+    tr.save(tmp_path / "T")
+    with pytest.raises(CompatibilityError):
+        start_transform(gallery, tmp_path / "T")
+
+
+def test_local_change_merges_global_and_local_and_finishes_as_a_fresh_index(
+        gallery, images, tmp_path):
+    loc = _tiny.tiny_local()
+    state = start_local(gallery, "tiny-local", extractor=loc, seed=2)
+    assert state.change == "local" and pending_space(state.to_dict()) == loc.fingerprint
+    run_upgrade(gallery, limit=12, commit_every=4)
+    with Gallery.open(gallery) as g:
+        # the half-filled local space is not the default pipeline: the job's searcher answers
+        s = open_searcher(g)
+        assert isinstance(s, LocalChangeSearcher)
+        done = set(g.ids(state.new_space))
+        assert len(done) == 12 and g.count(state.old_space) == N
+        paths = sorted(images.glob("*.png"))[:5]
+        q, good, fails = s.embed_paths(paths, workers=1)
+        assert good == list(range(5)) and not fails
+        res = s.search(q, k=8)
+        gq = q[state.old_space]
+        # the global part never returns a done item; the local part only done items
+        gpart = open_searcher(g, space=state.old_space).search(gq, k=N)
+        not_done = [[i for i in row if i not in done] for row in gpart.ids]
+        for r in range(5):
+            got = [i for i in res.ids[r] if i is not None]
+            assert len(got) == len(set(got)) == 8
+            glob_hits = [i for i in got if i not in done]
+            assert glob_hits == not_done[r][: len(glob_hits)]  # in global order
+    run_upgrade(gallery)
+    finish_upgrade(gallery)
+    fresh = tmp_path / "fresh"
+    index_images(images, fresh, extractor=_tiny.tiny(1), local_extractor=_tiny.tiny_local())
+    with Gallery.open(gallery) as a, Gallery.open(fresh) as b:
+        assert a.primary_space == b.primary_space == state.old_space
+        assert sorted(s.space for s in a.spaces()) == sorted(s.space for s in b.spaces())
+        assert a.get_setting("upgrade") is None
+        sa, sb = open_searcher(a), open_searcher(b)
+        assert type(sa).__name__ == type(sb).__name__ == "PipelineSearcher"
+        paths = sorted(images.glob("*.png"))[:10]
+        ra = sa.search_paths(paths, 10)[1]
+        rb = sb.search_paths(paths, 10)[1]
+        assert (ra.ids == rb.ids).all()
+        np.testing.assert_allclose(ra.scores, rb.scores, atol=1e-6)
+
+
+def test_local_change_at_zero_is_the_global_search(gallery, images):
+    loc = _tiny.tiny_local()
+    state = start_local(gallery, "tiny-local", extractor=loc)
+    with Gallery.open(gallery) as g:
+        s = BackfillSearcher.open(g)
+        paths = sorted(images.glob("*.png"))[:4]
+        _, res, _ = s.search_paths(paths, 6)
+        plain = open_searcher(g, space=state.old_space)
+        _, ref, _ = plain.search_paths(paths, 6)
+        assert (res.ids == ref.ids).all()
+        with pytest.raises(UpgradeError, match="does not apply"):
+            BackfillSearcher.open(g, rule="psi")
+        with pytest.raises(Exception, match="does not support the options"):
+            s.search(s.embed_paths(paths, workers=1)[0], 5, qe=2)
+
+
+KILLED_RUN = r"""
+import sys, time
+sys.path[:0] = [sys.argv[3]]
+import _tiny
+from galleria.upgrade import stored
+from galleria.upgrade.job import run_upgrade
+if sys.argv[2] == "transform":
+    slow = stored._StoredVectors.vectors
+    def vectors(self, ids):
+        time.sleep(0.05)
+        return slow(self, ids)
+    stored._StoredVectors.vectors = vectors
+    run_upgrade(sys.argv[1], batch_size=2, commit_every=2, workers=1)
+else:
+    class Slow(_tiny.TinyLocal):
+        def embed_prepared(self, per_scale):
+            time.sleep(0.05)
+            return super().embed_prepared(per_scale)
+    ext = Slow()
+    ext.set_config(_tiny.tiny_local().config(), root=None)
+    run_upgrade(sys.argv[1], extractor=ext, batch_size=2, commit_every=2, workers=1)
+"""
+
+
+@pytest.mark.parametrize("kind", ["transform", "local"])
+def test_kill9_during_a_feature_change_loses_nothing(gallery, images, tmp_path, kind):
+    if kind == "transform":
+        _, folder = _fitted(gallery, tmp_path)
+        state = start_transform(gallery, folder)
+    else:
+        state = start_local(gallery, "tiny-local", extractor=_tiny.tiny_local())
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(gallery), kind, str(HERE)],
+                            env=_env())
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        with Gallery.open(gallery, readonly=True) as g:
+            if g.count(state.new_space) >= 6:
+                break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    st = upgrade_status(gallery)
+    assert 6 <= st.done < N and st.consistent and st.in_neither == 0
+    with Gallery.open(gallery) as g:  # served meanwhile
+        assert g.count(state.old_space) == N
+    rep = run_upgrade(gallery, extractor=None if kind == "transform" else _tiny.tiny_local())
+    assert rep.moved == N - st.done and rep.remaining == 0
+    finish_upgrade(gallery)
+    with Gallery.open(gallery) as g:
+        assert g.count(state.new_space) == N and g.get_setting("upgrade") is None
+
+
+def test_a_model_upgrade_after_a_change_starts_clean(gallery, tmp_path):
+    _, folder = _fitted(gallery, tmp_path)
+    start_transform(gallery, folder)
+    with pytest.raises(UpgradeError, match="already in progress"):
+        start_upgrade(gallery, "tiny-test", extractor=_tiny.tiny(2))
