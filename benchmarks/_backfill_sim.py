@@ -13,7 +13,7 @@ the pseudo-query check runs on the gallery *as it is at that moment* (the first
 ``m`` items done) and ``decide`` picks the rule; at a fraction with ``nb``
 items done the last fit with ``m <= nb`` is in force. Pseudo-queries are
 phone-like views of a seeded sample of the gallery's own images
-(``galleria.tune.pseudo``), embedded with both models; no label and no test
+(``galleria.images.pseudo``), embedded with both models; no label and no test
 query is used by any decision.
 
 Orders: ``random`` (a seeded permutation) and ``queries`` (the live order of
@@ -39,8 +39,8 @@ from galleria.eval.metrics import per_query_metrics
 from galleria.extractors.registry import create_extractor
 from galleria.fingerprint import digest, slug
 from galleria.images.decode import load_image
+from galleria.images.pseudo import make_views, sample_ids
 from galleria.io.atomic import write_npy
-from galleria.tune.pseudo import make_views, sample_ids
 from galleria.upgrade.merge import CohortNorm, fit_calibration, merged_scores
 from galleria.upgrade.online import OnlineConfig, decide, next_fit_at
 from galleria.upgrade.querylog import add_neighbours, front_load, query_priorities

@@ -7,14 +7,14 @@ import pytest
 from PIL import Image
 
 from galleria.errors import InputError
-from galleria.store.gallery import Gallery
-from galleria.tune.pseudo import (
+from galleria.images.pseudo import (
     make_pseudo_queries,
     make_views,
     pseudo_scores,
     rank_of_truth,
     sample_ids,
 )
+from galleria.store.gallery import Gallery
 from galleria.types import SearchResult
 
 

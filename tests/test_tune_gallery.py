@@ -19,10 +19,10 @@ from _service import thread_server
 from galleria.cli.main import main
 from galleria.decision import SearchRequest, choose, open_searcher
 from galleria.extract.job import index_images
+from galleria.images.pseudo import TUNE_SCENE, make_pseudo_queries
 from galleria.images.sources import SourceItem
 from galleria.service.engine import ServiceConfig
 from galleria.store.gallery import Gallery
-from galleria.tune.pseudo import TUNE_SCENE, make_pseudo_queries
 from galleria.tune.record import TUNED_KEY, searcher_probabilities, stale_reasons
 from galleria.tune.tuner import (
     Candidate,

@@ -14,7 +14,7 @@ the query's linear map, by ridge regression of ``g`` (the item's fused vector) o
 ``x`` and ``x_v`` (clean image and views), shrunk towards the trained map
 (``prior="trained"``) or towards 0 (``prior="zero"``), and chooses among these
 and the trained map itself with *pseudo-queries*: views of held-out items
-(:mod:`galleria.tune.pseudo`), searched against the whole gallery, scored by the
+(:mod:`galleria.images.pseudo`), searched against the whole gallery, scored by the
 mean reciprocal rank of the item each was made from. The same pseudo-queries
 score the light model on its own (``x_v`` against ``x``): when the best map loses
 to it, the gallery answers from the light model's own vectors
@@ -423,8 +423,8 @@ def apply_map(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def sample_rows(ids: Sequence[str], n: int, seed: int) -> np.ndarray:
     """Sorted rows of a seeded sample of ``n`` of ``ids`` (independent of their order;
-    :func:`galleria.tune.pseudo.sample_ids`)."""
-    from galleria.tune.pseudo import sample_ids
+    :func:`galleria.images.pseudo.sample_ids`)."""
+    from galleria.images.pseudo import sample_ids
 
     pos = {i: r for r, i in enumerate(ids)}
     return np.sort(np.array([pos[i] for i in sample_ids(ids, n, seed=seed)], np.int64))

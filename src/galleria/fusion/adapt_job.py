@@ -8,7 +8,7 @@
    in the gallery's *light space* ``<fusion fp>|light@...`` (one cheap pass over
    the stored image paths; committed in batches, items already there skipped).
 2. **Views.** A seeded sample of items (``view_items``) gets ``views`` phone-like
-   views each (:func:`galleria.tune.pseudo.make_views`), embedded by the light
+   views each (:func:`galleria.images.pseudo.make_views`), embedded by the light
    model and cached in ``<gallery>/fusion/adapt-work/`` (parts written atomically,
    keyed by item id: a rerun and a grown gallery reuse them).
 3. **Fit** (:func:`galleria.fusion.adapt.fit_adaptation`): the query map, chosen on
@@ -195,10 +195,10 @@ def view_features(light: Any, items: Sequence[SourceItem], cfg: AdaptConfig, fol
                   part: int = COMMIT_EVERY, progress: Any = None
                   ) -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
     """``({id: (views, D)}, unreadable)``: light vectors of ``cfg.views`` phone-like views
-    of each item (:func:`galleria.tune.pseudo.make_views`), cached under ``folder`` by
+    of each item (:func:`galleria.images.pseudo.make_views`), cached under ``folder`` by
     item id, light model, seed and augmentation."""
     from galleria.images.decode import load_image
-    from galleria.tune.pseudo import PSEUDO_AUGMENT, make_views
+    from galleria.images.pseudo import PSEUDO_AUGMENT, make_views
 
     key = digest("fusion-adapt-views", light.fingerprint, cfg.seed, cfg.views,
                  PSEUDO_AUGMENT.to_dict())

@@ -4,7 +4,7 @@ Every pipeline scores on its own scale (cosine for ``global``, inliers + a
 fraction for ``global+sv``, aggregated-kernel similarity for ``local``, an MDS
 cosine for ``local+mds``). A user cannot threshold those. :func:`fit` learns,
 per pipeline, a non-decreasing map ``score -> probability in [0, 1]`` from
-pseudo-queries (:mod:`galleria.tune.pseudo`): the score of the item a view was
+pseudo-queries (:mod:`galleria.images.pseudo`): the score of the item a view was
 made from is a positive, the scores of the other items the pipeline returned for
 that view are negatives. :func:`apply` maps a ``(Q, K)`` score matrix through it.
 

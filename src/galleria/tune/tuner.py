@@ -2,7 +2,7 @@
 
 Every pipeline the gallery supports (:data:`galleria.search.pipelines.PIPELINES`,
 with a few parameter settings where they matter) searches the same seeded
-pseudo-queries (:mod:`galleria.tune.pseudo`: phone-like views of the gallery's
+pseudo-queries (:mod:`galleria.images.pseudo`: phone-like views of the gallery's
 own images); the rank of each view's source item scores the candidate. The pure
 core (:func:`candidates_for`, :func:`summarise`, :func:`select`) sees only
 ranks; :func:`tune_gallery` is the thin part that opens searchers over a gallery,
@@ -39,10 +39,10 @@ import numpy as np
 from galleria.errors import GalleriaError, InputError
 from galleria.extract.embed import Progress
 from galleria.extract.queries import Queries
+from galleria.images.pseudo import TUNE_SCENE, PseudoQueries, make_pseudo_queries
 from galleria.rerank.mds import scaled_defaults
 from galleria.search.pipelines import PIPELINES
 from galleria.tune import calibrate
-from galleria.tune.pseudo import TUNE_SCENE, PseudoQueries, make_pseudo_queries
 from galleria.tune.record import (
     FORMAT_VERSION,
     RECORD_TYPE,
@@ -100,7 +100,7 @@ class TuneConfig:
             between their stored local features (near-duplicates, other photos of the same
             object or facade); 0: only the source item counts.
         scene: place half of the views in a cluttered frame
-            (:data:`galleria.tune.pseudo.TUNE_SCENE`); ``False``: crops only.
+            (:data:`galleria.images.pseudo.TUNE_SCENE`); ``False``: crops only.
     """
 
     n: int = 200

@@ -13,7 +13,7 @@ grown by :attr:`OnlineConfig.growth`) the run
    (``psi``, ``fused``) and the rule that needs none (``rank-merge``) with
    *pseudo-queries*: phone-like views of a seeded sample of the gallery's own
    images, whose one true answer is the item each was made from
-   (:mod:`galleria.tune.pseudo`; embedded once per job with both models and
+   (:mod:`galleria.images.pseudo`; embedded once per job with both models and
    kept in ``<job>/online/pseudo``);
 3. publishes: the map into ``<job>/online/psi-<pairs>/`` (an atomic estimator
    save), then the decision into the job record (one settings write):
@@ -49,9 +49,9 @@ import numpy as np
 from galleria.errors import GalleriaError, InputError
 from galleria.extract.spaces import extractor_from_space
 from galleria.extractors.base import Extractor
+from galleria.images.pseudo import make_pseudo_queries, rank_of_truth
 from galleria.io.atomic import read_json, write_json, write_npy
 from galleria.store.gallery import Gallery
-from galleria.tune.pseudo import make_pseudo_queries, rank_of_truth
 from galleria.types import SearchResult
 from galleria.upgrade.pairs import PairStore
 from galleria.upgrade.ridge import RidgePsi
