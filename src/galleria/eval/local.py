@@ -47,8 +47,11 @@ def build_local_index(
     """A local index over ``gallery`` (keys ``0..G-1``), from the cache when possible."""
     params = dict(params or {})
     folder = None
+    idx = create_local_index(kind, dim, fingerprint=fingerprint, **params)
     if cache_key is not None:
-        tag = digest(kind, params, fingerprint, cache_key)
+        generic = getattr(idx, "generic_codebook", lambda: None)()  # shipped codebook in use
+        tag = digest(kind, params, fingerprint, cache_key,
+                     *([generic.fingerprint] if generic is not None else []))
         folder = cache_dir("local-index") / f"{kind}-{slug(fingerprint)}-{tag}"
         if (folder / "header.json").is_file():
             try:
@@ -57,7 +60,6 @@ def build_local_index(
                     return idx
             except FormatError as exc:
                 log.warning("ignoring unreadable cached index %s: %s", folder, exc)
-    idx = create_local_index(kind, dim, fingerprint=fingerprint, **params)
     idx.add(np.arange(len(gallery), dtype=np.int64), gallery)
     if folder is not None:
         idx.save(folder)
