@@ -305,7 +305,7 @@ def _niceness(pids: set[int]) -> list[int]:
 def speed(items: list[Any], n: int, rounds: int, queries_n: int, single: int) -> dict[str, Any]:
     """Throughput only, interleaved: each round runs plain, then Ray 1x2 / 2x1 / 3x1 (a
     fresh cluster each), so load drift on a shared machine hits them alike; best round."""
-    from galleria.search.searcher import Searcher
+    from galleria.search.searcher import PlainSearcher
     from galleria.store.gallery import Gallery
 
     sub = _subset(items, n)
@@ -321,7 +321,7 @@ def speed(items: list[Any], n: int, rounds: int, queries_n: int, single: int) ->
         for r in range(rounds):
             row = plain_index(sub, tmp / f"plain-{r}")
             with Gallery.open(tmp / "ref", readonly=True) as g:
-                q = search_rates(Searcher.open(g, with_model=False), queries, single=single)
+                q = search_rates(PlainSearcher.open(g, with_model=False), queries, single=single)
                 ref_res = q.pop("res")
             runs.setdefault("plain", []).append({**row, **q, "load": os.getloadavg()[0]})
             for nodes, cpus in ((1, 2), (2, 1), (3, 1)):
@@ -413,7 +413,7 @@ def main() -> None:
     if args.quick:
         args.limit, args.throughput, args.kill = args.limit or 300, 120, 300
         args.queries, args.single = 100, 20
-    from galleria.search.searcher import Searcher
+    from galleria.search.searcher import PlainSearcher
     from galleria.store.gallery import Gallery
 
     C.set_threads(2)
@@ -435,7 +435,7 @@ def main() -> None:
             pick = np.random.default_rng(2).choice(len(keys), min(args.queries, len(keys)),
                                                    replace=False)
             queries = np.ascontiguousarray(vecs[pick])
-            plain = Searcher.open(g, with_model=False)
+            plain = PlainSearcher.open(g, with_model=False)
             r = search_rates(plain, queries, single=args.single)
             plain_res = r.pop("res")
             out["plain_search"] = {**r, "vectors": len(keys), "dim": int(vecs.shape[1])}

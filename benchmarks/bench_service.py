@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import json
 import os
 import random
 import sqlite3
@@ -37,6 +38,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 
@@ -124,8 +126,10 @@ class Writers:
     """The background work, in other processes, with its timeline."""
 
     def __init__(self, g: Path, added: Path, ids: list[str], rec: Any, hold_s: float,
-                 log: Path) -> None:
+                 log: Path, *, http_url: str | None = None, deletes: int = 50) -> None:
         self.g, self.added, self.ids, self.rec, self.hold_s = g, added, ids, rec, hold_s
+        self.http_url, self.deletes = http_url, deletes
+        self.http: dict[str, Any] = {"adds": 0, "deletes": 0, "errors": [], "latencies": []}
         self.log = open(log, "a")  # noqa: SIM115 - closed in run()
         self.timeline: list[dict[str, Any]] = []
         self.t0 = 0.0
@@ -160,14 +164,17 @@ class Writers:
             new = next(s for s in space_counts(self.g) if s.startswith(NEW))
             while space_counts(self.g).get(new, 0) == 0 and run.poll() is None:
                 time.sleep(0.1)  # the run has chosen its items: additions wait for run 2
-            idx, iev = self._start("index +200", "index", str(self.added), "--out", g,
-                                   "--model", OLD, "--commit-every", "20", "--batch-size", "16",
-                                   "-q")
-            self._wait(idx, iev)
-            with open(self.added, newline="") as fh:
-                victims = [r["id"] for r in csv.DictReader(fh)][:5]
-            victims += self.ids[-5:]
-            self._wait(*self._start("remove 10", "remove", g, *victims))
+            if self.http_url:
+                self._http_writes()
+            else:
+                idx, iev = self._start("index +200", "index", str(self.added), "--out", g,
+                                       "--model", OLD, "--commit-every", "20",
+                                       "--batch-size", "16", "-q")
+                self._wait(idx, iev)
+                with open(self.added, newline="") as fh:
+                    victims = [r["id"] for r in csv.DictReader(fh)][:5]
+                victims += self.ids[-5:]
+                self._wait(*self._start("remove 10", "remove", g, *victims))
             self._wait(run, ev)
             self._wait(*self._start("upgrade run 2", "upgrade", "run", g, "--commit-every", "32",
                                     "--batch-size", "16", "-q", label="upgrade run"))
@@ -181,6 +188,53 @@ class Writers:
         finally:
             self.log.close()
             self.done.set()
+
+    def _http_writes(self) -> None:
+        """Every image of the added manifest uploaded through ``POST /v1/items`` (one
+        client, one at a time) and ``deletes`` items removed through ``DELETE``
+        (half of them original SMVS items, half just uploaded), interleaved."""
+        import httpx
+
+        with open(self.added, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        ev = {"name": f"HTTP +{len(rows)} / -{self.deletes}", "label": "HTTP writes",
+              "start": time.monotonic() - self.t0, "end": None}
+        self.timeline.append(ev)
+        old_victims = self.ids[-(self.deletes // 2):] if self.deletes else []
+        every = max(1, len(rows) // max(1, self.deletes))
+        uploaded: list[str] = []
+        with httpx.Client(base_url=self.http_url, timeout=300) as c:
+            def call(method: str, path: str, **kw: Any) -> bool:
+                t = time.monotonic()
+                try:
+                    r = c.request(method, path, **kw)
+                    ok = r.status_code in (200, 201)
+                    msg = "" if ok else f"{method} {path}: {r.status_code} {r.text[:200]}"
+                except httpx.HTTPError as exc:
+                    ok, msg = False, f"{method} {path}: {exc}"
+                self.http["latencies"].append(time.monotonic() - t)
+                if not ok:
+                    self.http["errors"].append(msg)
+                return ok
+
+            for n, r in enumerate(rows):
+                data = Path(r["path"]).read_bytes()
+                if call("POST", "/v1/items", files={"image": ("img.jpg", data, "image/jpeg")},
+                        data={"id": r["id"], "metadata": json.dumps({"label": r["label"]})}):
+                    self.http["adds"] += 1
+                    uploaded.append(r["id"])
+                if (n + 1) % every == 0 and self.http["deletes"] < self.deletes:
+                    k = self.http["deletes"]
+                    victim = old_victims[k // 2] if k % 2 == 0 and k // 2 < len(old_victims) \
+                        else uploaded.pop(0)
+                    if call("DELETE", "/v1/items/" + quote(victim, safe="")):
+                        self.http["deletes"] += 1
+        ev["end"] = time.monotonic() - self.t0
+        print(f"  [{ev['start']:6.1f} -> {ev['end']:6.1f} s] {ev['name']}: "
+              f"{self.http['adds']} added, {self.http['deletes']} deleted, "
+              f"{len(self.http['errors'])} errors", flush=True)
+        if self.http["errors"]:
+            raise RuntimeError(f"HTTP writes failed: {self.http['errors'][:3]}")
 
     def active(self, t: float) -> list[str]:
         return [e["label"] for e in self.timeline
@@ -318,6 +372,13 @@ def main() -> int:
     ap.add_argument("--sample", type=int, default=5, help="1 in SAMPLE responses is audited")
     ap.add_argument("--workers", type=int, default=2, help="server worker threads")
     ap.add_argument("--max-requests", type=int, default=200_000)
+    ap.add_argument("--writes", choices=["cli", "http"], default="cli",
+                    help="the added images and removals: `galleria index` + `galleria "
+                         "remove` in other processes (cli), or POST / DELETE /v1/items "
+                         "through the served API (http)")
+    ap.add_argument("--deletes", type=int, default=50, help="with --writes http")
+    ap.add_argument("--name", default=None, help="results file name (default: service, "
+                    "service-http with --writes http, *_quick with --quick)")
     ap.add_argument("--quick", action="store_true", help="100 + 30 images, 8 clients, 40 s")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--results-dir", default=None)
@@ -325,7 +386,7 @@ def main() -> int:
     if args.quick:
         args.clients, args.seconds, args.baseline_seconds, args.hold_seconds = 8, 40.0, 8.0, 4.0
         args.tail_seconds, args.max_seconds = 10.0, 300.0
-        args.gallery_size, args.added = 100, 30
+        args.gallery_size, args.added, args.deletes = 100, 30, min(args.deletes, 10)
     info = machine_info(threads=1)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-service-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -336,7 +397,7 @@ def main() -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     slog = open(work / "server.log", "a")  # noqa: SIM115
-    server = subprocess.Popen(galleria("serve", str(g), "--port", str(port), "--workers",
+    server = subprocess.Popen(galleria("serve", str(g), "--port", str(port), "--request-threads",
                                        str(args.workers), "--queue", "64", "--log-level",
                                        "warning"), env=env(), stdout=slog, stderr=slog)
     import httpx
@@ -361,7 +422,9 @@ def main() -> int:
 
     loads: list[tuple[float, tuple[float, float, float]]] = []
     threading.Thread(target=sample_rss, daemon=True).start()
-    writers = Writers(g, added, ids, rec, args.hold_seconds, work / "writers.log")
+    writers = Writers(g, added, ids, rec, args.hold_seconds, work / "writers.log",
+                      http_url=url if args.writes == "http" else None,
+                      deletes=args.deletes if args.writes == "http" else 10)
 
     def start_writers() -> None:
         time.sleep(args.baseline_seconds)
@@ -417,13 +480,18 @@ def main() -> int:
     payload = {
         "config": {k: getattr(args, k) for k in ("clients", "seconds", "baseline_seconds",
                                                  "hold_seconds", "tail_seconds", "gallery_size",
-                                                 "added", "sample", "workers", "quick")},
+                                                 "added", "sample", "workers", "quick",
+                                                 "writes", "deletes")},
         "old_model": OLD, "new_model": NEW, "machine": info,
         "total_s": round(total_s, 1), "requests": len(reqs),
         "qps_overall": round(len(ok) / total_s, 2), **percentiles([r["lat"] for r in ok]),
         "windows": win, "timeline": writers.timeline, "writers_error": writers.error,
         "audit": aud, "final_space_counts": final_counts,
-        "expected_items": args.gallery_size + args.added - 10,
+        "expected_items": args.gallery_size + args.added - writers.deletes,
+        "http_writes": None if args.writes != "http" else {
+            "adds": writers.http["adds"], "deletes": writers.http["deletes"],
+            "errors": len(writers.http["errors"]), "error_examples": writers.http["errors"][:5],
+            **percentiles(writers.http["latencies"])},
         "check_after": {"rc": check.returncode, "out": check.stdout.strip()[-300:]},
         "server_rss_mb": {"samples": rss, "first_30s_mean": round(float(np.mean(early)), 1)
                           if early else None, "last_30s_mean": round(float(np.mean(late)), 1)
@@ -435,14 +503,16 @@ def main() -> int:
                           "steady_max": max((m for _, m in steady), default=None)},
         "workdir": str(work),
     }
-    name = "service_quick" if args.quick else "service"
+    name = args.name or ("service" + ("-http" if args.writes == "http" else "")
+                         + ("_quick" if args.quick else ""))
     md = render_md(payload)
     jp, mp = write_results(name, payload, md, results_dir=Path(args.results_dir)
                            if args.results_dir else None)
     print(md)
     print(f"wrote {jp} and {mp}")
     bad = aud["errors"] or aud["results_missing_or_duplicated"] or aud["sampled_mismatches"] \
-        or writers.error or check.returncode
+        or writers.error or check.returncode or sum(final_counts.values()) != \
+        payload["expected_items"]
     return 1 if bad else 0
 
 
@@ -451,7 +521,8 @@ def render_md(p: dict[str, Any]) -> str:
     lines = [
         f"# Service under load: {c['clients']} clients for {p['total_s']:.0f} s "
         f"(SMVS {c['gallery_size']} real images, {p['old_model']} -> {p['new_model']} "
-        f"upgrade, +{c['added']} Caltech-101 images, 10 removed)", "",
+        f"upgrade, +{c['added']} Caltech-101 images, {c.get('deletes', 10)} removed"
+        f"{' through the API' if c.get('writes') == 'http' else ''})", "",
         "Each window: which searcher answered (plain old model, backfill merge of both, "
         "plain new model) and which other processes were writing the gallery meanwhile. "
         "The backfill searcher runs both models per query (rank-merge).", "",
@@ -472,7 +543,10 @@ def render_md(p: dict[str, Any]) -> str:
         f"- after the run: spaces {p['final_space_counts']} (expected "
         f"{p['expected_items']} items in the new space); `galleria check`: "
         f"{p['check_after']['out'].splitlines()[-1] if p['check_after']['out'] else '?'}",
-        f"- background work: {'ok' if not p['writers_error'] else p['writers_error']}", "",
+        f"- background work: {'ok' if not p['writers_error'] else p['writers_error']}",
+        *([f"- HTTP writes: {h['adds']} uploads and {h['deletes']} deletes acknowledged, "
+           f"{h['errors']} errors; write latency p50 {h['p50_ms']} ms, p99 {h['p99_ms']} ms"]
+          if (h := p.get("http_writes")) else []), "",
         "## Server memory (RSS)", "",
         f"first 30 s mean {m['first_30s_mean']} MB, last 30 s mean {m['last_30s_mean']} MB, "
         f"max {m['max']} MB; linear trend over the whole run {m['slope_mb_per_min']} MB/min "

@@ -54,3 +54,22 @@ def test_bench_compressed_quick(require_shared, tmp_path):
             assert rows[(data, m)]["qps_batch"] > 0
     assert rows[("grown 128-d", "exact-int8")]["scored_vs_flat"] == 0.25
     assert "grown from 5063 real vectors" in (tmp_path / "compressed_quick.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_bench_filters_quick(require_shared, tmp_path):
+    """bench_filters.py --quick (20k x 128 grown from the real LOPQ descriptors): every
+    strategy's answers equal brute force (the script asserts it) and the tables exist."""
+    import os
+
+    require_shared("oxford5k_lopq128")
+    env = {**os.environ, "GALLERIA_BENCH_OUT": str(tmp_path / "out"),
+           "PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_filters.py"), "--quick",
+           "--selectivities", "0.5", "0.001", "--results-dir", str(tmp_path)]
+    subprocess.run(cmd, check=True, timeout=900, capture_output=True, env=env)
+    result = json.loads((tmp_path / "filters_quick.json").read_text())
+    strategies = {r["selectivity"]: r["strategy"] for r in result["rows"]}
+    assert strategies[0.001] == "pre" and len(result["rows"]) == 4
+    assert "Filtered vs unfiltered" in (tmp_path / "filters_quick.md").read_text()

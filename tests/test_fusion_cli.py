@@ -69,8 +69,8 @@ def test_fusion_train_index_and_query(ukbench, capsys):
     assert again["resumed_from"] == sum(h["epoch"] > 0 for h in model.training["history"])
 
     # `galleria index --fusion`: the other 7 objects through the members and the mixer
+    from galleria.decision import open_searcher
     from galleria.images.sources import read_manifest
-    from galleria.search.searcher import open_searcher
 
     g_dir = tmp / "G"
     rc = main(["index", str(test), "--fusion", str(out), "--out", str(g_dir), "-q", "--json",
@@ -103,7 +103,7 @@ def test_fusion_train_index_and_query(ukbench, capsys):
     # `galleria search G q.jpg`: the light model embeds the query (one pass), same ranking
     rc = main(["search", str(g_dir), str(items[0].path), str(items[5].path), "-k", "4",
                "--json", "--threads", "2"])
-    rows = json.loads(capsys.readouterr().out)
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert rc == 0 and len(rows) == 2
     for row, qi in zip(rows, (0, 5), strict=True):
         order = np.argsort(-(q[qi] @ g.T), kind="stable")[:4]

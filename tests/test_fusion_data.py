@@ -6,8 +6,8 @@ import numpy as np
 from PIL import Image
 
 from galleria.extractors.registry import create_extractor
-from galleria.images.augment import phone_view
 from galleria.fusion.data import compute_views, fill_features, load_features, manifest_labels
+from galleria.images.augment import phone_view
 from galleria.images.sources import SourceItem, iter_folder
 from galleria.store.gallery import Gallery
 

@@ -156,8 +156,9 @@ def test_index_fusion_then_search_with_the_light_model(saved, photos, tmp_path, 
     import shutil
 
     from galleria.cli.main import main
+    from galleria.decision import open_searcher
     from galleria.extract.queries import Queries
-    from galleria.search.searcher import Searcher, open_searcher
+    from galleria.search.searcher import PlainSearcher
 
     g_dir = tmp_path / "G"
     rc = main(["index", str(photos), "--fusion", str(saved), "--out", str(g_dir), "-q",
@@ -181,7 +182,7 @@ def test_index_fusion_then_search_with_the_light_model(saved, photos, tmp_path, 
     g = s.gallery.get_vectors(s.gallery.keys_of(ids), space=fp)
     rc = main(["search", str(moved), str(files[0]), str(files[1]), "-k", "3", "--json",
                "--threads", "1"])
-    rows = json.loads(capsys.readouterr().out)
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert rc == 0
     for row, qv in zip(rows, q, strict=True):
         order = np.argsort(-(g @ qv), kind="stable")[:3]
@@ -189,7 +190,7 @@ def test_index_fusion_then_search_with_the_light_model(saved, photos, tmp_path, 
     # queries from any other model are refused, naming both
     other = create_extractor("effnet-lite0", runtime="onnx")
     with pytest.raises(CompatibilityError, match=rf"{other.fingerprint}.*{fp}"):
-        Searcher(s.gallery, other, space=fp)
+        PlainSearcher(s.gallery, other, space=fp)
     with pytest.raises(CompatibilityError, match=fp):
         s.search(Queries({other.fingerprint: other.embed_images([Image.open(files[0])])}))
     from galleria.errors import GalleriaError

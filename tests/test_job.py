@@ -124,7 +124,7 @@ def test_cli_index_search_json_html_info(tmp_path, photos, capsys):
     q = str(photos / "chelsea.jpg")
     assert cli(["search", str(out), q, str(photos / "rocket.jpg"), "-k", "3", "--json",
                 "--html", str(tmp_path / "r.html")]) == 0
-    res = json.loads(capsys.readouterr().out)
+    res = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["query"] for r in res] == [q, str(photos / "rocket.jpg")]
     assert res[0]["results"][0]["id"] == "chelsea.jpg"
     assert len(res[0]["results"]) == 3 and res[0]["results"][0]["score"] > 0.99
@@ -136,7 +136,8 @@ def test_cli_index_search_json_html_info(tmp_path, photos, capsys):
     assert cli(["remove", str(out), "chelsea.jpg"]) == 0
     capsys.readouterr()
     assert cli(["search", str(out), q, "-k", "1", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)[0]["results"][0]["id"] != "chelsea.jpg"
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["results"][0]["id"] != \
+        "chelsea.jpg"
 
 
 def test_cli_errors_are_clear(tmp_path, photos, capsys):
@@ -149,13 +150,13 @@ def test_cli_errors_are_clear(tmp_path, photos, capsys):
 def test_query_from_other_model_or_dimension_is_refused(tmp_path, photos):
     from galleria.errors import CompatibilityError
     from galleria.extractors.registry import create_extractor
-    from galleria.search.searcher import Searcher
+    from galleria.search.searcher import PlainSearcher
 
     index_images(photos, tmp_path / "g", model="effnet-lite0")
     g = Gallery.open(tmp_path / "g")
     other = create_extractor("opennsfw-r50")
     with pytest.raises(CompatibilityError) as ei:
-        Searcher(g, other)
+        PlainSearcher(g, other)
     assert other.fingerprint in str(ei.value) and g.primary_space in str(ei.value)
     q = other.embed_images([Image.open(photos / "chelsea.jpg").convert("RGB")])
     with pytest.raises(CompatibilityError) as ei:

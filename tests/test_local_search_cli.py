@@ -16,16 +16,16 @@ import pytest
 from PIL import Image
 
 from galleria.cli.main import main
+from galleria.decision import SearchRequest, choose, open_searcher
 from galleria.errors import InputError
-from galleria.search.gallery_pipeline import best_pipeline, open_pipeline
-from galleria.search.searcher import open_searcher
+from galleria.search.gallery_pipeline import open_pipeline
 from galleria.store.gallery import Gallery
 
 
 def _search(capsys, *argv: str) -> tuple[int, list[dict], str]:
     rc = main(["search", *argv, "--json", "--quiet"])
     cap = capsys.readouterr()
-    return rc, (json.loads(cap.out) if cap.out.strip() else []), cap.err
+    return rc, [json.loads(line) for line in cap.out.splitlines() if line.strip()], cap.err
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def queries(photos, tmp_path_factory):
 
 def test_local_only_gallery_default_pipeline(local_gallery, queries, capsys):
     with Gallery.open(local_gallery, readonly=True) as g:
-        assert best_pipeline(g) == "local"
+        assert choose(g.state(), SearchRequest()).pipeline == "local"
         assert g.primary_space is None
     for pipeline in (None, "local", "local+mds"):
         argv = [str(local_gallery), str(queries / "cat.jpg"), "-k", "3"]
@@ -89,7 +89,7 @@ def test_incremental_remove_and_add_are_searched(local_gallery, queries, photos,
         g.remove(["chelsea.jpg"])
         after = s.search(q, 6)  # the same searcher sees the commit
         assert "chelsea.jpg" not in list(after.ids[0])
-        feats = s.extractors[s.local_space].embed_images([Image.open(photos / "chelsea.jpg")])
+        feats = s.models[s.local_space].embed_images([Image.open(photos / "chelsea.jpg")])
         g.add_local(["cat-again"], feats, space=s.local_space)
         again = s.search(q, 6)
         assert again.ids[0][0] == "cat-again"
@@ -139,4 +139,4 @@ def test_smvs_every_pipeline(require_shared, tmp_path, capsys):
         if pipeline != "global":
             assert right == 1.0, (pipeline, top)
     with Gallery.open(g, readonly=True) as gal:
-        assert best_pipeline(gal) == "local"
+        assert choose(gal.state(), SearchRequest()).pipeline == "local"

@@ -34,7 +34,7 @@ from galleria.distributed.ray_search import ShardedSearcher
 from galleria.errors import ClusterError, MissingDependencyError
 from galleria.extract.job import index_images
 from galleria.images.sources import SourceItem, list_source
-from galleria.search.searcher import Searcher
+from galleria.search.searcher import PlainSearcher
 from galleria.store.gallery import Gallery
 
 
@@ -140,7 +140,12 @@ def test_sharded_search_equals_single_process(cluster, smvs_gallery):
     try:
         nodes = {i["node"] for i in s.shard_info}
         assert len(nodes) == 3 and sum(i["count"] for i in s.shard_info) == 250
-        plain = Searcher.open(g)
+        plain = PlainSearcher.open(g)
+        from PIL import Image
+
+        from _contract import assert_conforms
+
+        assert_conforms(s, [Image.open(it.path).convert("RGB") for it in items[240:243]], 250)
         q, good, fails = s.embed_paths([it.path for it in items[240:260]])
         assert len(good) == 20 and not fails
         for k in (1, 10, 300):
@@ -266,13 +271,13 @@ def test_serve_ray_answers_on_shards_and_backfills_locally_during_an_upgrade(
     before = live_groups()
     cfg = ServiceConfig(gallery=out, ray=cluster.address, shards=3, refresh_interval_s=0.1)
     with thread_server(cfg, timeout=120) as url, httpx.Client(base_url=url, timeout=60) as c:
-        plain = Searcher.open(out)
+        plain = PlainSearcher.open(out)
 
         def check(ids: list[str], want: str) -> None:
             for i in ids:
                 body = c.post("/v1/search", json={"id": i, "k": 5}).json()
                 assert body["searcher"] == want, body
-                if want == "ShardedSearcher":
+                if want == "sharded":
                     q = plain.gallery.get_vectors(plain.gallery.keys_of([i]),
                                                   space=body["model"])
                     ref = plain.search(q, 5)
@@ -282,28 +287,28 @@ def test_serve_ray_answers_on_shards_and_backfills_locally_during_an_upgrade(
                 else:
                     assert body["results"][0]["id"] == i
 
-        check([it.id for it in items[:10]], "ShardedSearcher")
+        check([it.id for it in items[:10]], "sharded")
         index_images(items, out, extractor=_tiny.tiny(3, dim=16))  # 30 more, committed
         body = c.post("/v1/search", json={"id": items[80].id, "k": 1}).json()
         assert body["results"][0]["id"] == items[80].id  # the shards followed the log
-        check([it.id for it in items[75:85]], "ShardedSearcher")
+        check([it.id for it in items[75:85]], "sharded")
         assert live_groups() == before + 1
         start_upgrade(out, "tiny-test", extractor=_tiny.tiny(5, dim=16))
         run_upgrade(out, limit=40, extractor=_tiny.tiny(5, dim=16))
         deadline = time.monotonic() + 30
         while c.post("/v1/search", json={"id": items[0].id, "k": 5}).json()["searcher"] \
-                == "ShardedSearcher" and time.monotonic() < deadline:
+                == "sharded" and time.monotonic() < deadline:
             time.sleep(0.1)
         check([it.id for it in items[:5]], "backfill")
         run_upgrade(out, extractor=_tiny.tiny(5, dim=16))
         finish_upgrade(out)
         deadline = time.monotonic() + 30
         while c.post("/v1/search", json={"id": items[0].id, "k": 5}).json()["searcher"] \
-                != "ShardedSearcher" and time.monotonic() < deadline:
+                != "sharded" and time.monotonic() < deadline:
             time.sleep(0.1)
         plain.gallery.close()
-        plain = Searcher.open(out)
-        check([it.id for it in items[:10]], "ShardedSearcher")
+        plain = PlainSearcher.open(out)
+        check([it.id for it in items[:10]], "sharded")
         plain.gallery.close()
     # the server closed its searchers (current and retired): no placement group left
     deadline = time.monotonic() + 30

@@ -32,7 +32,7 @@ def server(photos_gallery, tmp_path_factory):
     shutil.copytree(photos_gallery, g)
     (tmp / "token").write_text(TOKEN + "\n")
     with ProcessServer(g, "--token-file", str(tmp / "token"), "--max-upload-mb", "1",
-                       "--workers", "2", log=tmp / "server.log") as srv:
+                       "--request-threads", "2", log=tmp / "server.log") as srv:
         srv.gallery = g  # type: ignore[attr-defined]
         yield srv
 
@@ -48,7 +48,7 @@ def _upload(photos, name: str) -> dict:
 
 
 def test_search_upload_matches_the_library_and_other_query_forms(client, server, photos):
-    from galleria.search.searcher import Searcher
+    from galleria.search.searcher import PlainSearcher
 
     r = client.post("/v1/search", files=_upload(photos, "chelsea.jpg"),
                     data={"k": "3", "return_query": "true"})
@@ -59,7 +59,7 @@ def test_search_upload_matches_the_library_and_other_query_forms(client, server,
     assert body["model"].startswith("effnet-lite0") and isinstance(body["generation"], int)
     assert "path" not in (body["results"][0]["metadata"] or {})
     # the same answer as the library
-    s = Searcher.open(server.gallery)
+    s = PlainSearcher.open(server.gallery)
     _, res, _ = s.search_paths([photos / "chelsea.jpg"], 3)
     assert [i for i, _ in res.row(0)] == [h["id"] for h in body["results"]]
     np.testing.assert_allclose([sc for _, sc in res.row(0)],

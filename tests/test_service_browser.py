@@ -2,7 +2,10 @@
 fresh profile): upload a real photo, see the results, click one for "more like
 this", see the new results; then start an upgrade (effnet-lite0 -> effnet-lite2, 2 of
 5 items moved) and see its progress bar, with a screenshot
-(``GALLERIA_UPDATE_SCREENSHOTS=1`` copies it to docs/img/ui-upgrade.png).
+(``GALLERIA_UPDATE_SCREENSHOTS=1`` copies it to docs/img/ui-upgrade.png); and, on a
+gallery with metadata, filter the results by a payload field, open one full size and
+read the API docs page with every request to the internet blocked (screenshots
+ui-filter.png, ui-fullsize.png, api-docs.png).
 
 Needs Debian's ``chromium`` (``make test`` installs it): missing, the test fails
 under ``CI=true`` and is skipped otherwise.
@@ -112,7 +115,7 @@ def test_ui_search_more_like_this_and_upgrade_progress(browser_page, photos_gall
         assert "2 of 5 items" in page.inner_text("#upgrade-text")
         page.set_input_files("#file", str(photos / "coffee.jpg"))
         page.wait_for_function("document.querySelector('#message').textContent"
-                               ".includes('merging two models')")
+                               ".includes('both models answer')")
         page.wait_for_function("[...document.querySelectorAll('.card img')]"
                                ".every(i => i.complete && i.naturalWidth > 0)")
         assert _card_ids(page)[0] == "coffee.jpg"
@@ -123,3 +126,89 @@ def test_ui_search_more_like_this_and_upgrade_progress(browser_page, photos_gall
             (ROOT / "docs" / "img").mkdir(parents=True, exist_ok=True)
             shutil.copy(shot, ROOT / "docs" / "img" / "ui-upgrade.png")
     assert not external, external  # the UI loads nothing from the internet
+
+
+def _save(shot: Path, name: str) -> None:
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("GALLERIA_UPDATE_SCREENSHOTS") == "1":
+        (ROOT / "docs" / "img").mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, ROOT / "docs" / "img" / name)
+
+
+def test_ui_filter_full_size_view_and_offline_api_docs(browser_page, photos, tmp_path):
+    from PIL import Image
+
+    import _tiny
+    from galleria.extract.job import index_images
+
+    page = browser_page
+    labels = {"astronaut": "person", "chelsea": "animal", "coffee": "object",
+              "rocket": "object", "hubble_deep_field": "space", "retina": "object"}
+    rows = ["path,id,label,year"] + [f"{photos / (n + '.jpg')},{n}.jpg,{lab},{2000 + i}"
+                                     for i, (n, lab) in enumerate(labels.items())]
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    index_images(tmp_path / "m.csv", tmp_path / "g", extractor=_tiny.tiny(3))
+    external: list[str] = []
+
+    def block(route) -> None:  # no internet: anything not on this machine fails
+        if route.request.url.startswith(("http://127.0.0.1", "data:", "blob:")):
+            route.continue_()
+        else:
+            external.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", block)
+    with ProcessServer(tmp_path / "g", log=tmp_path / "server.log") as srv:
+        page.goto(srv.url + "/")
+        page.wait_for_function("document.querySelector('#stats').textContent.includes('6 items')")
+        assert "label (string)" in page.inner_text("#fields")
+        assert "year (number)" in page.inner_text("#fields")
+        stats = page.inner_text("#stats")
+        assert "*" not in stats and "generation" not in stats.lower()
+        page.set_input_files("#file", str(photos / "coffee.jpg"))
+        page.wait_for_function("document.querySelectorAll('.card').length === 6")
+        assert "generation" not in page.inner_text("#message")
+        assert "cosine similarity" in page.inner_text("#legend")
+        # filter by a payload field: only the objects remain, the query itself first
+        page.fill("#where", "label=object")
+        page.press("#where", "Enter")
+        page.wait_for_function("document.querySelectorAll('.card').length === 3")
+        ids = _card_ids(page)
+        assert ids[0] == "coffee.jpg" and sorted(ids) == ["coffee.jpg", "retina.jpg",
+                                                          "rocket.jpg"]
+        assert "where label=object" in page.inner_text("#message")
+        page.fill("#where", "label=object; year>=2003")
+        page.press("#where", "Enter")
+        page.wait_for_function("document.querySelectorAll('.card').length === 2")
+        assert sorted(_card_ids(page)) == ["retina.jpg", "rocket.jpg"]
+        page.fill("#where", "label=object")
+        page.press("#where", "Enter")
+        page.wait_for_function("document.querySelectorAll('.card').length === 3")
+        page.wait_for_function("[...document.querySelectorAll('.card img')]"
+                               ".every(i => i.complete && i.naturalWidth > 0)")
+        shot = tmp_path / "ui-filter.png"
+        page.screenshot(path=str(shot), full_page=True)
+        _save(shot, "ui-filter.png")
+        # open a result full size: the image at its own resolution
+        page.click(".card[data-id='rocket.jpg'] .zoom")
+        page.wait_for_selector("#viewer:not([hidden])")
+        page.wait_for_function("document.querySelector('#viewer-img').naturalWidth > 0")
+        w, h = Image.open(photos / "rocket.jpg").size
+        got = page.evaluate("[document.querySelector('#viewer-img').naturalWidth, "
+                            "document.querySelector('#viewer-img').naturalHeight]")
+        assert got == [w, h]
+        assert "rocket.jpg" in page.inner_text("#viewer-title")
+        shot = tmp_path / "ui-fullsize.png"
+        page.screenshot(path=str(shot))
+        _save(shot, "ui-fullsize.png")
+        page.keyboard.press("Escape")
+        page.wait_for_selector("#viewer", state="hidden")
+        # the API docs page renders from the server's own files
+        page.goto(srv.url + "/docs")
+        page.wait_for_selector(".swagger-ui .info .title", timeout=60_000)
+        assert "galleria" in page.inner_text(".swagger-ui .info .title")
+        page.wait_for_function("document.body.innerText.includes('/v1/items/scroll')")
+        shot = tmp_path / "api-docs.png"
+        page.screenshot(path=str(shot))
+        _save(shot, "api-docs.png")
+    assert not external, external

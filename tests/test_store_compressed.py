@@ -182,5 +182,5 @@ def test_cli_index_with_a_compressed_index(spec, tmp_path, require_shared, capsy
     g.close()
     first = sorted(src.iterdir())[0]
     assert cli(["search", str(out), str(first), "-k", "3", "--json"]) == 0
-    res = json.loads(capsys.readouterr().out)
+    res = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert res[0]["results"][0]["id"] == first.name

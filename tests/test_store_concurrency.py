@@ -145,7 +145,7 @@ READER = r"""
 import json, os, sys, time
 import numpy as np
 from galleria.store.gallery import Gallery
-from galleria.search.searcher import Searcher
+from galleria.search.searcher import PlainSearcher
 path, mode, secs, out = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
 rng = np.random.default_rng(0)
 q = rng.standard_normal((1, 1280)).astype(np.float32); q /= np.linalg.norm(q)
@@ -161,7 +161,7 @@ while time.monotonic() < deadline and not os.path.exists(out + ".stop"):
             time.sleep(0.01)
             continue
         if mode == "long" and long is None:
-            long = Searcher(g, space=g.primary_space)
+            long = PlainSearcher(g, space=g.primary_space)
         before = g.count()
         res = g.search(q, 1000, space=g.primary_space) if mode == "fresh" else long.search(q, 1000)
         if mode == "fresh":

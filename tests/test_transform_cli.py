@@ -11,7 +11,7 @@ import pytest
 from galleria.cli.main import main as cli
 from galleria.errors import CompatibilityError
 from galleria.extract.job import index_images
-from galleria.search.searcher import Searcher
+from galleria.search.searcher import PlainSearcher
 from galleria.store.gallery import Gallery
 
 
@@ -26,7 +26,7 @@ def test_fit_apply_then_search_through_transform(tmp_path, photos, capsys):
         assert gal.primary_space == stats["new_space"]
         assert {s.dim for s in gal.spaces()} == {1280, 4}
     # the searcher rebuilds model + transform from the gallery record
-    s = Searcher.open(g)
+    s = PlainSearcher.open(g)
     assert s.extractor.dim == 4 and s.extractor.fingerprint == stats["new_space"]
     _, res, fails = s.search_paths([photos / "coffee.jpg"], k=2)
     assert not fails and res is not None and res.ids[0, 0] == "coffee.jpg"
@@ -131,7 +131,7 @@ def test_replace_keeps_the_gallery_searchable(tmp_path, photos, capsys):
     assert cli([*fit, "--kind", "pca", "--dim", "4", "--out", str(tmp_path / "p"),
                 "--replace"]) == 0
     capsys.readouterr()
-    s = Searcher.open(g)
+    s = PlainSearcher.open(g)
     assert s.extractor.dim == 4
     _, res, fails = s.search_paths([photos / "coffee.jpg"], k=2)
     assert not fails and res is not None and res.ids[0, 0] == "coffee.jpg"

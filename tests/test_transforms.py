@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from galleria.errors import CompatibilityError, FormatError, InputError
+from galleria.train.config import TrainConfig
 from galleria.transforms.aesvc import AESVC, aesvc_loss, latent_constraints
 from galleria.transforms.analysis import (
     cosine_similarity_stats,
@@ -50,6 +51,7 @@ def _one_torch_thread():
 FP = "toy-model@0123456789abcdef"
 D, d = 24, 16
 FAST = {"epochs": 2, "batch_size": 64}
+FAST_TRAIN = {"train": TrainConfig(epochs=2, batch_size=64)}
 TORCH_KINDS = {"aesvc", "ss2d", "ssd", "matryoshka"}
 
 
@@ -226,7 +228,7 @@ def test_progress_factory_reaches_the_training_loop(toy):
         def close(self):
             self.kw["closed"] = True
 
-    SS2D(dim=8, sizes=[4, 8], teacher_params=FAST, **FAST).fit(toy, progress=Bar)
+    SS2D(dim=8, sizes=[4, 8], teacher_params=FAST, **FAST_TRAIN).fit(toy, progress=Bar)
     assert [b["desc"].split()[0] for b in bars] == ["aesvc", "ss2d"]  # teacher, then student
     assert all(b["n"] == b["total"] and b["closed"] for b in bars)
 
@@ -328,25 +330,25 @@ def test_similarity_losses_match_a_direct_computation():
 # ------------------------------------------------------------------ teachers
 def test_ss2d_reuses_a_fitted_teacher_and_checks_its_model(toy, fitted):
     teacher = fitted["aesvc"]
-    s = SS2D(dim=d, sizes=[8, 16], teacher=teacher, **FAST).fit(toy, fingerprint=FP)
+    s = SS2D(dim=d, sizes=[8, 16], teacher=teacher, **FAST_TRAIN).fit(toy, fingerprint=FP)
     assert s.teacher_fingerprint_ == teacher.output_fingerprint
     assert s.json_params()["teacher"]["output_fingerprint"] == teacher.output_fingerprint
     with pytest.raises(CompatibilityError):
-        SS2D(dim=d, teacher=teacher, **FAST).fit(toy, fingerprint="other-model@ffff")
+        SS2D(dim=d, teacher=teacher, **FAST_TRAIN).fit(toy, fingerprint="other-model@ffff")
 
 
 def test_ss2d_accepts_a_callable_or_a_kind_as_teacher(toy):
-    s = SS2D(dim=8, sizes=[8], teacher=lambda X: X[:, :8], **FAST).fit(toy)
+    s = SS2D(dim=8, sizes=[8], teacher=lambda X: X[:, :8], **FAST_TRAIN).fit(toy)
     assert s.teacher_fingerprint_ is None and s.json_params()["teacher"]["callable"]
-    s2 = SS2D(dim=8, sizes=[4, 8], teacher="pca-whiten", **FAST).fit(toy, fingerprint=FP)
+    s2 = SS2D(dim=8, sizes=[4, 8], teacher="pca-whiten", **FAST_TRAIN).fit(toy, fingerprint=FP)
     assert "|pca-whiten@" in s2.teacher_fingerprint_
     with pytest.raises(InputError, match="largest size"):
-        SS2D(dim=8, sizes=[4, 16], **FAST).fit(toy)
+        SS2D(dim=8, sizes=[4, 16], **FAST_TRAIN).fit(toy)
 
 
 def test_aesvc_rejects_unknown_input_scale(toy):
     with pytest.raises(InputError, match="input_scale"):
-        AESVC(dim=4, input_scale="minmax", **FAST).fit(toy)
+        AESVC(dim=4, input_scale="minmax", **FAST_TRAIN).fit(toy)
     assert transform_class("aesvc") is AESVC
 
 
@@ -386,7 +388,8 @@ def test_aesvc_on_real_lopq_descriptors_flattens_the_similarity_distribution(req
 
     G, _ = load_task("roxford5k-lopq").vectors()
     assert G.shape == (4993, 128)
-    t = AESVC(dim=64, max_steps=1000).fit(G)
+    t = AESVC(dim=64, train=TrainConfig(max_steps=1000, epochs=100, batch_size=256,
+                                             patience=5)).fit(G)
     raw_var = cosine_similarity_stats(G)["variance"]
     out_var = cosine_similarity_stats(t.transform(G))["variance"]
     assert out_var < 0.75 * raw_var

@@ -21,8 +21,8 @@ import pytest
 from PIL import Image
 
 import _tiny
+from galleria.decision import open_searcher
 from galleria.extract.job import index_images
-from galleria.search.searcher import open_searcher
 from galleria.store.gallery import Gallery
 from galleria.upgrade.finish import finish_upgrade
 from galleria.upgrade.job import run_upgrade, start_upgrade

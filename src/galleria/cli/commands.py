@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from galleria.cli.common import (
+    json_default,
     model_args,
     print_json,
     progress_bar,
@@ -68,10 +70,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
         extractor = gallery_extractor(args.fusion, args.out, runtime=margs["runtime"],
                                       threads=threads)
-    elif margs["model"] is None and args.local is None:
-        margs["model"] = "effnet-lite0"
     explicit = Path(args.src).suffix.lower() == ".csv"
-    passes = (1 if margs["model"] or extractor else 0) + (1 if args.local else 0)
     if extractor is not None and getattr(args, "ray", None):
         from galleria.errors import InputError
 
@@ -79,7 +78,8 @@ def cmd_index(args: argparse.Namespace) -> int:
                          "extractor runs every member model in this process; drop --ray")
     remote = ray_embedding(args)
     try:
-        with progress_bar(len(items) * passes, "index", enabled=not args.quiet) as bar:
+        # the job sets the total once it knows the spaces (the gallery's recipe)
+        with progress_bar(len(items), "index", enabled=not args.quiet) as bar:
             report = index_images(
                 items,
                 args.out,
@@ -99,6 +99,7 @@ def cmd_index(args: argparse.Namespace) -> int:
                 update=args.update,
                 explicit_ids=explicit,
                 embedder=None if remote is None else remote[1],
+                add_space=args.add_space,
             )
     finally:
         if remote is not None:
@@ -121,8 +122,8 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from galleria.decision import open_searcher
     from galleria.errors import InputError
-    from galleria.search.searcher import open_searcher
 
     setup_logging(args.verbose)
     threads = set_threads(args.threads)
@@ -144,9 +145,12 @@ def cmd_search(args: argparse.Namespace) -> int:
         opts["dim"] = args.dim
     if funnel is not None:
         opts["funnel"] = funnel
-    if opts and type(searcher).__name__ != "Searcher":
-        raise InputError("--dim/--funnel/--qe need plain search of one space (not available "
-                         "during an upgrade or with a local pipeline)")
+    if args.where:
+        from galleria.filters import parse_where
+
+        opts["where"] = parse_where(args.where)
+    if args.min_score is not None:
+        opts["min_score"] = args.min_score
     queries, res, fails = searcher.search_paths(args.images, args.k, **opts)
     for f in fails:
         print(f"galleria search: cannot read query {f.path}: {f.reason}", file=sys.stderr)
@@ -167,8 +171,9 @@ def cmd_search(args: argparse.Namespace) -> int:
             paths.append([(m or {}).get("path") for m in metas])
         write_results_html(args.html, queries, res, paths,
                            title=f"galleria: {Path(args.gallery).name}")
-    if args.json:
-        print_json(out)
+    if args.json:  # JSON Lines: one object per query, one line each
+        for row in out:
+            print(json.dumps(row, default=json_default))
     else:
         for row in out:
             print(row["query"])
@@ -194,6 +199,7 @@ def cmd_info(args: argparse.Namespace) -> int:
                  "failures": len(g.failures(s.space))}
                 for s in g.spaces()
             ],
+            "payload_fields": g.payload_fields(),
             "upgrade": "in progress" if g.get_setting(STATE_KEY) else (
                 "clean-up interrupted: run `galleria upgrade finish`"
                 if g.get_setting(FINISHING_KEY) else None),
@@ -201,13 +207,42 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print_json(data)
     else:
-        print(f"{data['path']}: {data['items']} items")
+        print(f"{data['path']}: {data['items']} items (* = the space searched by default)")
         for s in data["spaces"]:
             mark = "*" if s["space"] == data["primary_space"] else " "
             print(f" {mark} {s['space']}  {s['kind']} dim={s['dim']} items={s['count']} "
                   f"index={s['index']} failures={s['failures']}")
         if data["upgrade"]:
             print(f"  upgrade: {data['upgrade']}")
+        if data["payload_fields"]:
+            shown = ", ".join(f"{f} ({'/'.join(sorted(t))})"
+                              for f, t in sorted(data["payload_fields"].items()))
+            print(f"  filterable fields (--where): {shown}")
+    return 0
+
+
+def cmd_items(args: argparse.Namespace) -> int:
+    from galleria.filters import parse_where
+    from galleria.store.gallery import Gallery
+    from galleria.store.listing import record_dict
+
+    where = parse_where(args.where) if args.where else None
+    with Gallery.open(args.gallery, readonly=True) as g:
+        if args.count:
+            n = g.count_items(where, space=args.space)
+            print(json.dumps({"count": n}) if args.json else n)
+            return 0
+        page = g.list_items(where, space=args.space, cursor=args.cursor, limit=args.limit)
+    if args.json:
+        for r in page.items:
+            print(json.dumps(record_dict(r), default=json_default))
+        print(json.dumps({"next_cursor": page.next_cursor}))
+        return 0
+    for r in page.items:
+        meta = {k: v for k, v in r.meta.items() if k != "path"}
+        print(f"{r.id}  {json.dumps(meta, default=json_default)}")
+    if page.next_cursor:
+        print(f"more: --cursor {page.next_cursor}")
     return 0
 
 

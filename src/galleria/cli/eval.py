@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from galleria.cli.common import model_args, print_json, progress_bar
+from galleria.cli.common import model_spec, print_json, progress_bar, progress_factory
 
 
 def run_eval_command(args: argparse.Namespace, *, threads: int) -> int:
     """Run ``galleria eval`` with parsed ``args``; returns the exit code."""
     from galleria.eval.datasets import TASKS, load_task, manifest_task
-    from galleria.eval.run import evaluate_model
+    from galleria.eval.run import EvalConfig, evaluate_model
 
     if args.list:
         for name, desc in TASKS.items():
@@ -27,21 +27,13 @@ def run_eval_command(args: argparse.Namespace, *, threads: int) -> int:
     if getattr(args, "local", None) or getattr(args, "pipeline", None):
         return _run_pipeline_eval(args, task, n)
     with progress_bar(n, f"embed {task.name}", enabled=not args.quiet) as bar:
-        out = evaluate_model(
-            task,
-            **model_args(args),
-            threads=threads,
-            qe=args.qe,
-            qe_alpha=args.qe_alpha,
-            dba=args.dba,
-            transform=args.transform,
-            dim=args.dim,
-            transform_params=dict(args.param) or None,
-            use_cache=not args.no_cache,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            progress=bar,
-        )
+        config = EvalConfig(
+            model=model_spec(args), qe=args.qe, qe_alpha=args.qe_alpha, dba=args.dba,
+            transform=args.transform, dim=args.dim, transform_params=dict(args.param) or None,
+            use_cache=not args.no_cache, batch_size=args.batch_size, workers=args.workers,
+            runtime=args.runtime, threads=threads)
+        out = evaluate_model(task, config, progress=bar,
+                             fit_progress=progress_factory(enabled=not args.quiet))
     if args.json:
         print_json(out)
         return 0

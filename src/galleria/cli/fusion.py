@@ -1,16 +1,5 @@
 """``galleria fusion``: train an asymmetric feature-fusion model (rich fused gallery,
-light query model).
-
-Subcommands::
-
-    galleria fusion train --gallery-models M1,M2[,sift] --query-model effnet-lite0 \\
-        --images MANIFEST [--label-column C] --out F      (resumable: rerun the same command)
-    galleria fusion info F                                 members, recipe, fingerprint
-
-Wired in cli/main.py with ``from galleria.cli.fusion import add_fusion_parser;
-add_fusion_parser(sub)``. ``F`` is then used by ``galleria index SRC --fusion F``
-(the fused gallery) and the searcher embeds queries with its light model.
-"""
+light query model). ``DESCRIPTION`` is what ``galleria fusion --help`` prints."""
 
 from __future__ import annotations
 
@@ -19,6 +8,16 @@ import functools
 from typing import Any
 
 from galleria.cli.common import add_run_args, print_json, set_threads, setup_logging
+
+DESCRIPTION = """Train an asymmetric feature-fusion model: a fused gallery (several member
+models and a mixer) searched with a light query model.
+
+    galleria fusion train --gallery-models M1,M2[,sift] --query-model effnet-lite0 \\
+        --images MANIFEST [--label-column C] --out F     (resumable: rerun the same command)
+    galleria fusion info F                               members, recipe, fingerprint
+
+F is then used by `galleria index SRC --fusion F` (the fused gallery); searches embed
+queries with its light model. Experimental: see docs/fusion.md."""
 
 
 def add_fusion_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -30,14 +29,15 @@ def add_fusion_parser(subparsers: Any) -> argparse.ArgumentParser:
     d = FusionRecipe()
     fu = subparsers.add_parser(
         "fusion", help="train a fused gallery + light query model (asymmetric feature fusion)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = fu.add_subparsers(dest="fusion_command", required=True)
     s = sub.add_parser("train", help="train a fusion model from a folder or manifest (resumable)")
     s.add_argument("--gallery-models", default=",".join(DEFAULT_MEMBERS),
                    help="comma-separated member extractors (registry names, effnet-lite2-ms, "
                         "local: sift/xfeat)")
-    s.add_argument("--query-model", default=d.query_model, choices=["effnet-lite0"])
+    s.add_argument("--query-model", default=d.query_model, choices=["effnet-lite0"],
+                   help="the light model that embeds queries (default %(default)s)")
     s.add_argument("--images", required=True, help="folder or CSV manifest of training images")
     s.add_argument("--label-column", default=None,
                    help="manifest column with class/instance labels (default: instance "
@@ -46,27 +46,42 @@ def add_fusion_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--work", default=None, help="cache folder (default: OUT.work)")
     g = s.add_argument_group("recipe")
     g.add_argument("--dim", type=int, default=d.d, help="fused vector dimension d")
-    g.add_argument("--mixer", default=d.mixer, choices=["transformer", "mlp"])
+    g.add_argument("--mixer", default=d.mixer, choices=["transformer", "mlp"],
+                   help="the network fusing the members' features (default %(default)s)")
     g.add_argument("--layers", type=int, default=d.layers, help="transformer layers C")
-    g.add_argument("--heads", type=int, default=d.heads)
-    g.add_argument("--momentum", type=float, default=d.momentum)
-    g.add_argument("--margin", type=float, default=d.margin)
-    g.add_argument("--scale", type=float, default=d.scale)
-    g.add_argument("--schedule", default=d.schedule, choices=["joint", "two-stage"])
+    g.add_argument("--heads", type=int, default=d.heads,
+                   help="attention heads of the transformer mixer (default %(default)s)")
+    g.add_argument("--momentum", type=float, default=d.momentum,
+                   help="momentum of the ArcFace class centres (default %(default)s)")
+    g.add_argument("--margin", type=float, default=d.margin,
+                   help="ArcFace angular margin (default %(default)s)")
+    g.add_argument("--scale", type=float, default=d.scale,
+                   help="ArcFace logit scale (default %(default)s)")
+    g.add_argument("--schedule", default=d.schedule, choices=["joint", "two-stage"],
+                   help="train mixer and query model together (joint) or the mixer first "
+                        "(default %(default)s)")
     g.add_argument("--train-blocks", type=int, default=d.train_blocks,
                    help="trained MBConv blocks at the end of the query trunk (-1: whitening "
                         "only)")
     g.add_argument("--views", type=int, default=d.n_views, help="query views per image")
-    g.add_argument("--epochs", type=int, default=d.epochs)
+    g.add_argument("--epochs", type=int, default=d.epochs,
+                   help="passes over the training images (default %(default)s)")
     g.add_argument("--min-steps", type=int, default=d.min_steps,
                    help="small sets train more epochs, up to this many steps")
     g.add_argument("--warmup", type=float, default=d.warmup, help="warm-up share of the steps")
     g.add_argument("--batch", type=int, default=d.batch_size, help="images per step")
-    g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument("--query-lr", type=float, default=d.query_lr)
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--patience", type=int, default=d.patience)
-    g.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    g.add_argument("--lr", type=float, default=d.lr,
+                   help="learning rate of the mixer (default %(default)s)")
+    g.add_argument("--query-lr", type=float, default=d.query_lr,
+                   help="learning rate of the query model (default %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help="AdamW weight decay (default %(default)s)")
+    g.add_argument("--patience", type=int, default=d.patience,
+                   help="epochs without a held-out gain before stopping (default "
+                        "%(default)s)")
+    g.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help="share of the classes held out for early stopping (default "
+                        "%(default)s)")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--anchor", action=argparse.BooleanOptionalAction, default=d.anchor,
                    help="start the mixer from a closed-form linear fusion of the member "
@@ -91,7 +106,7 @@ def add_fusion_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("info", help="describe a fusion model folder")
-    s.add_argument("model")
+    s.add_argument("model", help="a fusion model folder (written by galleria fusion train)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_info)
     return fu

@@ -1,6 +1,6 @@
-"""``galleria`` — index, search and evaluate image galleries.
+"""galleria -- index, search and evaluate image galleries.
 
-Commands (``galleria COMMAND --help`` for options)::
+Commands (galleria COMMAND --help for the options of each):
 
     galleria models                       list extractors (dim, input size, source)
     galleria index SRC --model M --out G  embed a folder/manifest into gallery G
@@ -16,6 +16,8 @@ Commands (``galleria COMMAND --help`` for options)::
     galleria fit-transform G --kind aesvc --dim 128 --out T [--apply]
     galleria export-onnx --model M --out F.onnx
     galleria fusion train --gallery-models M1,M2 --images CSV --out F   fused gallery + light query
+    galleria dedup G [--html OUT]         near-duplicate groups (copies, crops, re-encodes)
+    galleria items G --where EXPR         list / count items whose metadata matches
     galleria serve G [--port 8080]        search API + web UI (docs at /docs)
 """
 
@@ -26,7 +28,15 @@ import sys
 from collections.abc import Sequence
 
 from galleria.cli import commands
-from galleria.cli.common import add_model_args, add_ray_args, add_run_args, key_value
+from galleria.cli.common import (
+    add_model_args,
+    add_ray_args,
+    add_run_args,
+    add_where_arg,
+    fill_common_help,
+    key_value,
+    quiet_decoder_warnings,
+)
 from galleria.errors import GalleriaError
 
 
@@ -46,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("index", help="embed a folder or manifest into a gallery (resumable)")
     s.add_argument("src", help="image folder or CSV manifest (column 'path', optional 'id')")
     s.add_argument("--out", "-o", required=True, help="gallery folder (created or resumed)")
-    add_model_args(s, default=None)
+    add_model_args(s, default=None, model_help=(
+        "global model (see `galleria models`). A new gallery: default effnet-lite0. An "
+        "existing gallery embeds with its own models; another one needs --add-space"))
     s.add_argument("--local", default=None,
                    help="also (or only, without --model) store local features: sift, xfeat")
     s.add_argument("--fusion", default=None, metavar="F",
@@ -56,11 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prefix every id (index two folders whose file names collide)")
     s.add_argument("--update", action="store_true",
                    help="replace stored images whose id now names a different file")
+    s.add_argument("--add-space", action="store_true",
+                   help="on an existing gallery, add the space of --model / --local / "
+                        "--transform / --fusion even though the gallery does not have it "
+                        "(without it, an existing gallery embeds with its own models and "
+                        "another model is refused)")
     s.add_argument("--index", default=None,
                    help="exact (default), exact-bf16 / exact-int8 (compressed scan, exact "
                         "results), prefix, or a FAISS factory string: HNSW32, IVF1024,PQ32 ...")
-    s.add_argument("--nprobe", type=int, default=None)
-    s.add_argument("--ef-search", type=int, default=None)
+    s.add_argument("--nprobe", type=int, default=None,
+                   help="IVF indexes: inverted lists searched per query (more: slower, "
+                        "higher recall)")
+    s.add_argument("--ef-search", type=int, default=None,
+                   help="HNSW indexes: candidate list size during search (more: slower, "
+                        "higher recall)")
     s.add_argument("--rescore", type=int, default=None,
                    help="re-score k*RESCORE ANN candidates exactly")
     s.add_argument("--transform", default=None,
@@ -75,13 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=commands.cmd_index)
 
     s = sub.add_parser("search", help="search a gallery with query images")
-    s.add_argument("gallery")
-    s.add_argument("images", nargs="+")
-    s.add_argument("-k", type=int, default=10)
+    s.add_argument("gallery", help="the gallery folder")
+    s.add_argument("images", nargs="+", help="query image files (one result list each)")
+    s.add_argument("-k", type=int, default=10, help="results per query (default %(default)s)")
     s.add_argument("--pipeline", default=None,
                    help="global | global+sv | local | local+mds (default: the best the "
                         "gallery supports)")
-    s.add_argument("--json", action="store_true", help="print results as JSON")
+    s.add_argument("--json", action="store_true",
+                   help="print JSON Lines: one object {\"query\": path, \"results\": [{\"id\", "
+                        "\"score\"}, ...]} per query image, one per line")
     s.add_argument("--html", default=None, help="write a page with thumbnails to this file")
     s.add_argument("--qe", type=int, default=0, help="alpha query expansion over the top QE")
     s.add_argument("--qe-alpha", type=float, default=3.0)
@@ -90,7 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="search the first DIM coordinates (nested embeddings, prefix index)")
     s.add_argument("--funnel", default=None, metavar="DIM:N",
                    help="shortlist N candidates with a DIM prefix, re-score them in full")
-    s.add_argument("--runtime", default="auto", choices=["auto", "onnx", "torch"])
+    add_where_arg(s)
+    s.add_argument("--min-score", type=float, default=None, metavar="S",
+                   help="leave out results scoring below S (cosine similarity, -1..1)")
+    s.add_argument("--runtime", default="auto", choices=["auto", "onnx", "torch"],
+                   help="where the query model runs: auto (default), onnx or torch")
     add_run_args(s)
     s.set_defaults(func=commands.cmd_search)
 
@@ -127,9 +154,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=commands.cmd_info)
 
+    s = sub.add_parser("items", help="list, scroll or count items, with a payload filter",
+                       description="List the items of a gallery in insertion order, a page at "
+                                   "a time (--cursor continues where the last page ended), or "
+                                   "count them (--count); --where keeps only those whose "
+                                   "metadata satisfies a filter.")
+    s.add_argument("gallery", help="the gallery folder")
+    add_where_arg(s)
+    s.add_argument("--limit", type=int, default=20, help="items per page (1..10000, default 20)")
+    s.add_argument("--cursor", default=None,
+                   help="continue after the page that printed this cursor")
+    s.add_argument("--count", action="store_true", help="print how many items match, only")
+    s.add_argument("--space", default=None,
+                   help="only items holding data in this space (a fingerprint; see info)")
+    s.add_argument("--json", action="store_true",
+                   help="print JSON Lines: one item per line, then {\"next_cursor\": ...}")
+    s.set_defaults(func=commands.cmd_items)
+
     s = sub.add_parser("remove", help="remove items by id")
-    s.add_argument("gallery")
-    s.add_argument("ids", nargs="+")
+    s.add_argument("gallery", help="the gallery folder")
+    s.add_argument("ids", nargs="+", help="ids of the items to remove (as listed by "
+                                          "`galleria items`)")
     s.set_defaults(func=commands.cmd_remove)
 
     s = sub.add_parser("check", help="verify a gallery's files against their checksums")
@@ -159,20 +204,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_fusion_parser(sub)
 
+    from galleria.cli.dedup import add_dedup_parser
+
+    add_dedup_parser(sub)
+
     from galleria.cli.serve import add_serve_parser
 
     add_serve_parser(sub)
 
     s = sub.add_parser("export-onnx", help="export an extractor to ONNX (+ .json sidecar)")
     add_model_args(s)
-    s.add_argument("--out", "-o", required=True)
+    s.add_argument("--out", "-o", required=True,
+                   help="the .onnx file to write (a .json sidecar records the preprocessing)")
     s.set_defaults(func=commands.cmd_export_onnx)
+    fill_common_help(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet_decoder_warnings()
     try:
         return int(args.func(args) or 0)
     except GalleriaError as exc:

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from galleria.cli.common import key_value, print_json, set_threads, setup_logging
+from galleria.cli.common import (
+    key_value,
+    print_json,
+    progress_factory,
+    set_threads,
+    setup_logging,
+)
 
 
 def add_transform_parser(sub: Any) -> None:
@@ -45,10 +51,6 @@ def add_transform_parser(sub: Any) -> None:
 
 
 def cmd_fit_transform(args: argparse.Namespace) -> int:
-    import sys
-
-    from tqdm import tqdm
-
     from galleria.store.gallery import Gallery
     from galleria.transforms.analysis import cosine_similarity_stats, plot_similarity_histograms
     from galleria.transforms.attach import (
@@ -60,13 +62,15 @@ def cmd_fit_transform(args: argparse.Namespace) -> int:
 
     setup_logging(args.verbose)
     set_threads(args.threads)
-    progress = None if args.quiet or not sys.stderr.isatty() else tqdm
+    progress = progress_factory(enabled=not args.quiet)
     with Gallery.open(args.gallery) as g:
         primary = g.primary_space
         space = fit_space(g, args.space, stack=args.stack)
         info = g.space_info(space)
         if args.apply:  # refuse before a possibly long fit: stacking, or a second transform
-            check_can_apply(g, space, replace=args.replace)
+            # (a transformed space that is not primary is an apply killed before it
+            # finished: the check after the fit lets the same transform complete it)
+            check_can_apply(g, space, replace=args.replace or primary == space)
         tr, stats = fit_on_gallery(g, args.kind, dim=args.dim, space=space, stack=args.stack,
                                    sample=args.sample, progress=progress, **dict(args.param))
         tr.save(args.out)

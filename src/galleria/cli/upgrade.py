@@ -1,16 +1,6 @@
 """``galleria upgrade``: move a live gallery to a new model (online backfilling).
 
-Subcommands::
-
-    galleria upgrade start INDEX --new-model M      create the job (new space registered)
-    galleria upgrade run INDEX [--limit N] [--ray A] re-embed in batches (Ctrl-C / kill -9 safe)
-    galleria upgrade status INDEX                   fraction done, rate, ETA, failures
-    galleria upgrade search INDEX IMAGE... --rule R search during the backfill
-    galleria upgrade train-transform INDEX ...      train psi (new -> old) for the psi rules
-    galleria upgrade finish INDEX                   at 100 %: drop the old space
-
-Wired in cli/main.py with ``from galleria.cli.upgrade import add_upgrade_parser;
-add_upgrade_parser(sub)``.
+Subcommands (the text of ``DESCRIPTION`` is what ``galleria upgrade --help`` prints).
 """
 
 from __future__ import annotations
@@ -29,12 +19,24 @@ from galleria.cli.common import (
     setup_logging,
 )
 
+DESCRIPTION = """Move a live gallery to a new model while search keeps serving (online
+backfilling):
+
+    galleria upgrade start GALLERY --new-model M      create the job (new space registered)
+    galleria upgrade run GALLERY [--limit N] [--ray A] re-embed in batches (Ctrl-C, kill -9 safe)
+    galleria upgrade status GALLERY                   fraction done, rate, ETA, failures
+    galleria upgrade search GALLERY IMAGE... --rule R search during the backfill
+    galleria upgrade train-transform GALLERY ...      train psi (new -> old) for the psi rules
+    galleria upgrade finish GALLERY                   at 100 %: drop the old space
+
+See docs/upgrade.md."""
+
 
 def add_upgrade_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``upgrade`` with its subcommands to the main parser's ``subparsers``."""
     up = subparsers.add_parser(
         "upgrade", help="upgrade a gallery to a new model while it keeps serving",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = up.add_subparsers(dest="upgrade_command", required=True)
 
@@ -92,7 +94,9 @@ def add_upgrade_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("-k", type=int, default=10)
     s.add_argument("--rule", default="auto",
                    choices=["auto", "naive", "rank-merge", "psi", "fused",
-                            "metric-compatible", "old-only"])
+                            "metric-compatible", "old-only"],
+                   help="how the old and new spaces' results are merged (auto: the best "
+                        "the job supports; docs/upgrade.md)")
     s.add_argument("--psi", default=None, help="a trained map folder (default: the job's)")
     s.add_argument("--calibration", default=None,
                    choices=["znorm-top", "znorm", "quantile", "affine", "identity"],
@@ -112,12 +116,16 @@ def add_upgrade_parser(subparsers: Any) -> argparse.ArgumentParser:
     src.add_argument("--from-job", action="store_true",
                      help="use the (old, new) pairs the backfill collected (regression)")
     s.add_argument("--kind", default="regression",
-                   choices=["regression", "metric-compatible", "bct"])
+                   choices=["regression", "metric-compatible", "bct"],
+                   help="regression: psi fitted to map new vectors to old ones (default); "
+                        "metric-compatible: trained with class labels; bct: a backward-"
+                        "compatible head on the new model")
     s.add_argument("--label-column", default=None, help="manifest column with class labels")
     s.add_argument("--split-column", default=None, help="manifest column to filter on")
     s.add_argument("--split", default=None, help="value of --split-column to keep (e.g. train)")
     s.add_argument("--out", default=None, help="folder (default: inside the gallery's job)")
-    s.add_argument("--epochs", type=int, default=None)
+    s.add_argument("--epochs", type=int, default=None,
+                   help="training passes (default: the kind's own)")
     s.add_argument("--hidden", type=int, default=None, help="hidden width (0: linear)")
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--runtime", default="auto", choices=["auto", "onnx", "torch"])

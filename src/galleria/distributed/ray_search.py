@@ -18,35 +18,39 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
+from galleria.decision.choose import SearchRequest, choose
 from galleria.errors import ClusterError, CompatibilityError, InputError
-from galleria.extract.queries import Queries, QueryFailure
+from galleria.extract.queries import Queries
+from galleria.extractors.base import Extractor
+from galleria.search.contract import Searcher, SearchOptions
+from galleria.search.searcher import PlainSearcher
 from galleria.store.gallery import Gallery
-from galleria.store.views import merge_top
-from galleria.types import MISSING_KEY, SearchResult
+from galleria.store.views import KeyFilter, SpaceView
+from galleria.types import MISSING_KEY, SearchResult, clamp_k, merge_top
 from galleria.validate import as_embeddings
 
 log = logging.getLogger(__name__)
 
 
 class ShardWorker:
-    """Ray actor body: the items of one key slice of one global space."""
+    """Ray actor body: a view of one key slice of one global space.
+
+    The view is the store's (:meth:`Gallery.shard_view`): built from the data of the
+    slice, then derived from the change log on a copy and swapped, like every
+    reader's view; a search never mutates an index.
+    """
 
     def __init__(self, gallery: str, space: str, shard: int, shards: int,
                  threads: int) -> None:
         self.path, self.space = gallery, space
-        self.shard, self.shards = int(shard), int(shards)
+        self.keys = KeyFilter(int(shards), int(shard))
         self.threads = int(threads)
         self.g: Gallery | None = None
-        self.index: Any = None
-        self.ids: dict[int, str] = {}
-        self.generation = -1
-        self.spec: tuple[str, dict[str, Any]] | None = None
+        self.view: SpaceView | None = None
         self.loads = 0
 
     def _gallery(self) -> Gallery:
@@ -58,117 +62,57 @@ class ShardWorker:
         return self.g
 
     def refresh(self, target: int | None = None) -> dict[str, Any]:
-        """Bring the slice to generation ``target`` (the latest when None or unreachable
-        through the log); returns ``{generation, count, node, pid, loads}``."""
-        from galleria.store import reader
-
-        g = self._gallery()
-        with g.db.read() as c:
-            row = reader.space_row(c, self.space, g.path)
-            if row.kind != "global":
-                raise InputError(f"space {self.space!r} holds local features: sharded search "
-                                 "serves global spaces")
-            goal = row.generation if target is None else min(int(target), row.generation)
-            same = self.index is not None and self.spec == (row.spec, row.params)
-            if same and self.generation >= row.log_floor:
-                if self.generation < goal:
-                    self._catch_up(c, row, goal)
-            elif not same or self.generation < row.log_floor:
-                self._load(c, row)
+        """Bring the slice to the latest commit (at least ``target``); returns
+        ``{generation, count, node, pid, loads}``."""
+        if self.view is not None and target is not None and self.view.generation >= target:
+            return self.info()
+        view = self._gallery().shard_view(self.space, self.keys)
+        if view.kind != "global":
+            raise InputError(f"space {self.space!r} holds local features: sharded search "
+                             "serves global spaces")
+        if self.view is None or view.base is not self.view.base:
+            self.loads += 1
+        self.view = view
         return self.info()
 
-    def _load(self, c: Any, row: Any) -> None:
-        from galleria.store import reader
-
-        rows = c.execute(
-            "SELECT v.key, i.id FROM vectors v JOIN items i ON i.key = v.key "
-            "WHERE v.space=? AND v.key % ? = ? ORDER BY v.key",
-            (self.space, self.shards, self.shard)).fetchall()
-        keys = np.array([r[0] for r in rows], np.int64)
-        index = reader.new_index(row)
-        if len(keys):
-            data = reader.fetch(c, self.g.path, row, keys)  # type: ignore[union-attr]
-            _check_unit(data, self.space)
-            index.add(keys, data)
-        self.index, self.ids = index, {int(k): str(i) for k, i in rows}
-        self.generation, self.spec = row.generation, (row.spec, row.params)
-        self.loads += 1
-
-    def _catch_up(self, c: Any, row: Any, goal: int) -> None:
-        from galleria.store import reader
-        from galleria.store.db import chunks
-
-        last: dict[int, str] = {}
-        for op, key in c.execute(
-                "SELECT op, key FROM log WHERE space=? AND gen>? AND gen<=? AND key % ? = ? "
-                "ORDER BY gen", (self.space, self.generation, goal, self.shards, self.shard)):
-            last[int(key)] = op
-        if last:
-            touched = np.fromiter(last, dtype=np.int64, count=len(last))
-            self.index.remove(touched)
-            for k in touched:
-                self.ids.pop(int(k), None)
-            adds = np.array(sorted(k for k, op in last.items() if op == "add"), np.int64)
-            if len(adds):
-                data = reader.fetch(c, self.g.path, row, adds)  # type: ignore[union-attr]
-                _check_unit(data, self.space)
-                self.index.add(adds, data)
-                for ch in chunks([int(k) for k in adds]):
-                    q = ",".join("?" * len(ch))
-                    self.ids.update((int(k), str(i)) for k, i in c.execute(
-                        f"SELECT key, id FROM items WHERE key IN ({q})", ch))
-        self.generation = goal
-
     def search(self, queries: np.ndarray, k: int, generation: int
-               ) -> tuple[np.ndarray, np.ndarray, list[str | None], int]:
-        """Top-``k`` of this slice at ``generation``: ``(scores, keys, ids, generation)``."""
-        if self.generation != generation:
+               ) -> tuple[np.ndarray, np.ndarray, list[str | None], int, int]:
+        """Top-``k`` of this slice at ``generation`` or later: ``(scores, keys, ids,
+        generation, items in the slice)``."""
+        if self.view is None or self.view.generation != generation:
             self.refresh(generation)
-        n = len(self.index)
-        q = len(queries)
-        if n == 0:
-            res = SearchResult.empty(q, k)
-        else:
-            res = self.index.search(queries, min(k, n))
-            if res.k < k:
-                pad = SearchResult.empty(q, k)
-                pad.scores[:, : res.k], pad.ids[:, : res.k] = res.scores, res.ids
-                res = pad
-        ids = [self.ids.get(int(x)) if x != MISSING_KEY else None for x in res.ids.reshape(-1)]
-        return res.scores, res.ids, ids, self.generation
+        view = self.view
+        assert view is not None
+        res = view.search(queries, k).pad(k)
+        ids = list(view.ids.lookup(res.ids).reshape(-1))
+        return res.scores, res.ids, ids, view.generation, view.count
 
     def info(self) -> dict[str, Any]:
-        import ray
+        import ray  # optional dependency (the ray extra)
 
+        view = self.view
         nbytes = 0
-        vecs = getattr(self.index, "vectors", None)
+        vecs = getattr(view.base, "vectors", None) if view is not None else None
         if vecs is not None:
             v = vecs() if callable(vecs) else vecs
             nbytes = int(getattr(v, "nbytes", 0))
-        return {"shard": self.shard, "generation": self.generation,
-                "count": 0 if self.index is None else len(self.index),
+        return {"shard": self.keys.shard, "generation": -1 if view is None else view.generation,
+                "count": 0 if view is None else view.count,
                 "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
                 "loads": self.loads, "nbytes": nbytes}
 
 
-def _check_unit(data: np.ndarray, space: str) -> None:
-    norms = np.linalg.norm(data, axis=1)
-    if not np.all(np.isfinite(norms)) or np.any(np.abs(norms - 1.0) > 1e-3):
-        from galleria.errors import FormatError
-
-        raise FormatError(f"stored vectors of {space!r} are not finite unit vectors (a "
-                          "damaged segment); run `galleria check` on the gallery")
-
-
-class ShardedSearcher:
-    """The searcher contract (``embed_paths``, ``embed_images``, ``search``) over S shards.
+class ShardedSearcher(Searcher):
+    """The searcher contract over S shards of one global space.
 
     Queries are embedded in this process with the space's query model (as
-    :class:`~galleria.search.searcher.Searcher` does); the search runs on the shards.
+    :class:`~galleria.search.searcher.PlainSearcher` does); the search runs on the shards.
     Results equal single-process exact search of the same gallery (same scores per
     item; ties broken by shard, then by key, where the single index breaks them by
     row). Thread-safe: a server may call :meth:`search` from several threads.
     """
+
+    kind = "sharded"
 
     def __init__(self, gallery: Gallery, shards: int, *, space: str | None = None,
                  cpus_per_shard: float = 1.0, runtime: str = "auto",
@@ -179,18 +123,14 @@ class ShardedSearcher:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from galleria.distributed.cluster import alive_nodes
-        from galleria.search.searcher import Searcher
-        from galleria.upgrade.state import active_upgrade
 
         if isinstance(shards, bool) or int(shards) < 1:
             raise InputError(f"shards must be a positive integer, got {shards!r}")
-        if space is None and active_upgrade(gallery) is not None:
-            raise InputError(f"{gallery.path} is being upgraded; sharded search serves one "
-                             "space (finish the upgrade, or search with open_searcher)")
         self.gallery = gallery
-        self.local = Searcher.open(gallery, space=space, runtime=runtime, threads=threads,
-                                   with_model=with_model)
+        self.local = PlainSearcher.open(gallery, space=space, runtime=runtime, threads=threads,
+                                        with_model=with_model)
         self.space = self.local.space
+        self.spaces = [self.space]
         info = gallery.space_info(self.space)
         if info.kind != "global":
             raise InputError(f"space {self.space!r} holds local features: sharded search "
@@ -229,38 +169,23 @@ class ShardedSearcher:
 
     # ------------------------------------------------------------ contract
     @property
-    def extractor(self) -> Any:
-        """The query model (shared with the local searcher; a server may swap in its own
-        instance of the same fingerprint)."""
-        return self.local.extractor
+    def models(self) -> dict[str, Extractor]:  # type: ignore[override]
+        """The query model (shared with the in-process plain searcher)."""
+        return self.local.models
 
-    @extractor.setter
-    def extractor(self, ext: Any) -> None:
-        self.local.extractor = ext
+    @models.setter
+    def models(self, value: dict[str, Extractor]) -> None:
+        self.local.models = dict(value)
 
-    def embed_images(self, images: Sequence[Image.Image]) -> Queries:
-        return self.local.embed_images(images)
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "pipeline": "global", "shards": self.shards}
 
-    def embed_paths(self, paths: Sequence[str | os.PathLike[str]], *, batch_size: int = 16,
-                    workers: int = 2) -> tuple[Queries, list[int], list[QueryFailure]]:
-        return self.local.embed_paths(paths, batch_size=batch_size, workers=workers)
+    def _search(self, q: Queries, k: int, options: SearchOptions) -> SearchResult:
+        """Top-``k`` string ids at one committed generation of the gallery."""
+        import ray  # optional dependency (the ray extra)
 
-    def search(self, queries: Any, k: int = 10, **options: Any) -> SearchResult:
-        """Top-``k`` string ids for ``queries`` (``Queries``, ``{space: (Q, D)}`` or
-        ``(Q, D)``), at one committed generation of the gallery."""
-        import ray
-
-        from galleria.index.base import check_k
-
-        if options:
-            raise InputError(f"sharded search takes no options {sorted(options)} (qe, dim "
-                             "and funnel need plain search of one space)")
         if not getattr(self, "_actors", None):
             raise ClusterError("this sharded searcher is closed; open another one")
-        k = check_k(k)
-        q = Queries.of(queries, self.space)
-        if self.space not in q:
-            raise CompatibilityError(f"no queries for space {self.space!r}; got {list(q.data)}")
         x = np.asarray(q[self.space])
         got = x.shape[-1] if x.ndim in (1, 2) else None
         if got != self.dim:
@@ -281,27 +206,18 @@ class ShardedSearcher:
         self.generation = gen
         names: dict[int, str] = {}
         results = []
-        for scores, keys, ids, _ in parts:
+        for scores, keys, ids, _, _ in parts:
             results.append(SearchResult(scores, keys))
             names.update((int(kk), i) for kk, i in zip(keys.reshape(-1), ids, strict=True)
                          if i is not None)
-        total = sum(int((keys != MISSING_KEY).any(axis=0).sum()) for _, keys, _, _ in parts)
-        merged = merge_top(results, k)
-        if total < k:  # k is clamped to the gallery, as Gallery.search does
-            found = int((merged.ids != MISSING_KEY).any(axis=0).sum())
-            merged = merged.head(max(1, found))
+        # k is clamped to the gallery, as Gallery.search does
+        merged = merge_top(results, k).head(clamp_k(k, sum(p[4] for p in parts)))
         out = np.full(merged.ids.shape, None, dtype=object)
         flat, fk = out.reshape(-1), merged.ids.reshape(-1)
         for n, kk in enumerate(fk):
             if kk != MISSING_KEY:
                 flat[n] = names.get(int(kk))
         return SearchResult(merged.scores, out, gen)
-
-    def search_paths(self, paths: Sequence[str | os.PathLike[str]], k: int = 10, **kw: Any
-                     ) -> tuple[list[str], SearchResult | None, list[QueryFailure]]:
-        from galleria.extract.queries import search_paths
-
-        return search_paths(self, paths, k, **kw)
 
     # ------------------------------------------------------------ admin
     def refresh(self) -> list[dict[str, Any]]:
@@ -378,7 +294,14 @@ def open_sharded_searcher(gallery: Gallery | str | os.PathLike[str], address: st
         sess.close()
         raise
     try:
+        spec = choose(g.state(), SearchRequest(space=kw.get("space"), sharded=True))
+        if spec.kind not in ("sharded", "plain"):
+            raise InputError(f"{g.path} is searched by the {spec.kind} searcher now "
+                             f"({spec.reason}); sharded search serves one global space: "
+                             "search it with galleria.open_searcher")
+        kw["space"] = spec.space
         s = ShardedSearcher(g, shards, **kw)
+        s.spec = spec
     except BaseException:
         sess.close()
         if g is not gallery:

@@ -26,12 +26,14 @@ import numpy as np
 
 from galleria.errors import InputError
 from galleria.extract.embed import Embedder, Progress, embed_stream, file_content
+from galleria.extract.recipe import Recipe, check_explicit, recipe_extractor, recipe_spaces
 from galleria.extract.spaces import space_info
 from galleria.extractors.base import Extractor
 from galleria.extractors.registry import create_extractor
 from galleria.images.sources import SourceItem, list_source
 from galleria.io.atomic import write_json
 from galleria.store.gallery import Failure, Gallery
+from galleria.store.payloads import ColumnTypes, infer_columns
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ class IndexReport:
     total: int
     already_done: int
     embedded: int
+    """Images embedded by this run (into one space or several: each image counts once)."""
     failures: list[Failure] = field(default_factory=list)
     seconds: float = 0.0
     updated: list[str] = field(default_factory=list)
@@ -52,6 +55,12 @@ class IndexReport:
     #: ids whose local features have no keypoints (a blank image): stored, but local
     #: search never finds them
     no_keypoints: list[str] = field(default_factory=list)
+    #: images embedded per space (a gallery with global and local features has two)
+    embedded_per_space: dict[str, int] = field(default_factory=dict)
+    #: where the spaces came from: the models asked for (new gallery) or the gallery's
+    #: own recipe (an existing gallery)
+    recipe: str = ""
+    _embedded_ids: set[str] = field(default_factory=set, repr=False)
 
     @property
     def images_per_s(self) -> float:
@@ -66,12 +75,15 @@ class IndexReport:
             "failures": [f.to_dict() for f in self.failures],
             "seconds": round(self.seconds, 3), "images_per_s": round(self.images_per_s, 2),
             "no_keypoints": len(self.no_keypoints), "no_keypoints_ids": self.no_keypoints[:100],
+            "embedded_per_space": dict(self.embedded_per_space), "recipe": self.recipe,
         }
 
 
-def _meta(item: SourceItem) -> dict[str, Any]:
-    """What an item records: its image path (absolute), crop box and manifest columns."""
-    meta: dict[str, Any] = {"path": str(item.path.resolve()), **item.meta}
+def _meta(item: SourceItem, columns: ColumnTypes | None = None) -> dict[str, Any]:
+    """What an item records: its image path (absolute), crop box and manifest columns
+    (typed: numbers, booleans and lists as JSON values, see :mod:`galleria.store.payloads`)."""
+    cols = columns.apply(item.meta) if columns is not None else dict(item.meta)
+    meta: dict[str, Any] = {"path": _real(item.path), **cols}
     if item.bbox is not None:
         meta["bbox"] = list(item.bbox)
     return meta
@@ -106,7 +118,7 @@ def resolve_identity(gallery: Gallery, items: Sequence[SourceItem], *, explicit_
             out.new.append(it)
             continue
         stored = (metas.get(it.id) or {}).get("path")
-        here = str(it.path.resolve())
+        here = _real(it.path)
         try:
             st = os.stat(it.path)
         except OSError:
@@ -144,7 +156,7 @@ def index_images(
     src: str | os.PathLike[str] | Sequence[SourceItem],
     out: str | os.PathLike[str],
     *,
-    model: str | None = "effnet-lite0",
+    model: str | None = None,
     extractor: Extractor | None = None,
     local: str | None = None,
     local_extractor: Extractor | None = None,
@@ -167,14 +179,18 @@ def index_images(
     update: bool = False,
     explicit_ids: bool | None = None,
     embedder: Embedder | None = None,
+    add_space: bool = False,
 ) -> IndexReport:
     """Embed every image of ``src`` (a folder, a ``.csv`` manifest or items) into ``out``.
 
     Args:
         src: folder (ids = relative paths), manifest, or a list of SourceItem.
-        out: gallery folder (created if needed; resumed if it exists).
-        model: registry name of the global model (``None``: no global model), or
-            pass ``extractor``.
+        out: gallery folder (created if needed; resumed if it exists). An existing
+            gallery embeds with its own recipe (:mod:`galleria.extract.recipe`): the
+            model, transform, fusion model and local features of its spaces.
+        model: registry name of the global model, or pass ``extractor``. A new gallery
+            without any model given uses ``effnet-lite0``; on an existing gallery a
+            model is only needed to add a space (with ``add_space``).
         local: registry name of a local-feature extractor (``sift``, ``xfeat``), or
             pass ``local_extractor``; global and local data can live in one gallery.
         transform: a saved transform (``galleria fit-transform``) applied to every
@@ -189,6 +205,8 @@ def index_images(
         embedder: where embeddings are computed (default :func:`embed_stream`, in this
             process); :class:`galleria.distributed.ray_embed.RayEmbedder` computes them
             on a Ray cluster. Identity, commits and failures are the same either way.
+        add_space: on an existing gallery, add the space of the model given even though
+            the gallery does not have it (otherwise a CompatibilityError naming both).
 
     Returns:
         IndexReport with counts, updates, failures (id, path, reason) and throughput.
@@ -205,20 +223,20 @@ def index_images(
                  for it in items]
     if explicit_ids is None:
         explicit_ids = from_manifest
-    extractors: list[Extractor] = []
+    explicit: list[Extractor] = []
     if extractor is not None:
-        extractors.append(extractor)
+        explicit.append(extractor)
     elif model is not None:
         extra = {k: v for k, v in (("size", size), ("resize", resize)) if v is not None}
-        extractors.append(create_extractor(model, pooling=pooling, scales=scales,
-                                           checkpoint=checkpoint, runtime=runtime,
-                                           threads=threads, **extra))
+        explicit.append(create_extractor(model, pooling=pooling, scales=scales,
+                                         checkpoint=checkpoint, runtime=runtime,
+                                         threads=threads, **extra))
     if local_extractor is not None:
-        extractors.append(local_extractor)
+        explicit.append(local_extractor)
     elif local is not None:
-        extractors.append(create_extractor(local, runtime=runtime, threads=threads))
-    if not extractors:
-        raise InputError("nothing to index with: give a global model, a local extractor or both")
+        explicit.append(create_extractor(local, runtime=runtime, threads=threads))
+    if transform is not None and not any(e.kind == "global" for e in explicit):
+        raise InputError("--transform applies to a global model: give --model too")
     gallery = Gallery.open_or_create(out)
     try:
         ident = resolve_identity(gallery, items, explicit_ids=explicit_ids, update=update)
@@ -226,15 +244,25 @@ def index_images(
             raise _conflict_error(gallery, ident.conflicts)
         report = IndexReport(gallery=str(gallery.path), space="", total=len(items),
                              already_done=0, embedded=0, updated=[it.id for it in ident.updated])
-        for n, ext in enumerate(extractors):
-            if n == 0 and transform is not None and ext.kind == "global":
-                ext = _with_transform(gallery, ext, transform)
+        # during an online upgrade, an image already in the old space is left to the
+        # upgrade run -- unless a model was named (re-indexing with the new model on
+        # purpose: the run then adopts those items)
+        plan, recipe = _plan(gallery, list(explicit), transform, add_space=add_space,
+                             runtime=runtime, threads=threads)
+        report.recipe = recipe.reason if recipe is not None else "the models given"
+        _set_total(progress, len(items) * len(plan))
+        columns = infer_columns([it.meta for it in items])
+        for ext, keep_info in plan:
             _index_space(gallery, items, ident, ext, report,
                          index=index if ext.kind == "global" else None,
                          index_params=index_params, batch_size=batch_size, workers=workers,
                          flush_every=flush_every, limit=limit, progress=progress,
-                         embedder=embedder or embed_stream)
+                         embedder=embedder or embed_stream, keep_info=keep_info,
+                         done_if_in=recipe.done_if_in if recipe is not None and not explicit
+                         else (),
+                         columns=columns)
         report.space = report.spaces[0]
+        report.embedded = len(report._embedded_ids)
         report.seconds = time.perf_counter() - t0
         try:
             gallery.backup()
@@ -246,6 +274,60 @@ def index_images(
         return report
     finally:
         gallery.close()
+
+
+def _plan(gallery: Gallery, explicit: list[Extractor], transform: str | os.PathLike[str] | None,
+          *, add_space: bool, runtime: str, threads: int | None
+          ) -> tuple[list[tuple[Extractor, bool]], Recipe | None]:
+    """``([(extractor, keep the space's recorded info)], recipe)``: what this run embeds
+    with. A new gallery: the extractors given (``effnet-lite0`` when none). An existing
+    one: its recipe, plus the spaces given with ``add_space``."""
+    if transform is not None:  # the transformed space's fingerprint, nothing copied yet
+        n = next(i for i, e in enumerate(explicit) if e.kind == "global")
+        explicit[n] = _probe_transform(explicit[n], transform)
+    state = gallery.state()
+    recipe = recipe_spaces(state)
+    if recipe is None:
+        if not explicit:
+            explicit = [create_extractor("effnet-lite0", runtime=runtime, threads=threads)]
+        return [(_attach(gallery, e, transform), False) for e in explicit], None
+    new = check_explicit(state, recipe, [e.fingerprint for e in explicit], add_space=add_space)
+    given = {e.fingerprint: e for e in explicit}
+    plan: list[tuple[Extractor, bool]] = []
+    for sp in recipe.spaces:
+        e = given.get(sp.space)
+        if e is None or getattr(e, "probe_of", None) is not None:
+            e = recipe_extractor(sp, root=gallery.path, runtime=runtime, threads=threads)
+        plan.append((e, True))
+    plan += [(_attach(gallery, given[fp], transform), False) for fp in new]
+    return plan, recipe
+
+
+def _probe_transform(ext: Extractor, transform: str | os.PathLike[str]) -> Extractor:
+    from galleria.extractors.transformed import TransformedExtractor
+    from galleria.transforms.registry import load_transform
+
+    out = TransformedExtractor(ext, load_transform(transform, fingerprint=ext.fingerprint))
+    out.probe_of = ext  # type: ignore[attr-defined]
+    return out
+
+
+def _attach(gallery: Gallery, ext: Extractor, transform: str | os.PathLike[str] | None
+            ) -> Extractor:
+    """A transform probe made real: the transform copied into the gallery."""
+    base = getattr(ext, "probe_of", None)
+    if base is None or transform is None:
+        return ext
+    return _with_transform(gallery, base, transform)
+
+
+def _set_total(progress: Progress | None, total: int) -> None:
+    """Tell a progress bar (tqdm) its total once the passes are known."""
+    if progress is not None and hasattr(progress, "total"):
+        progress.total = total  # type: ignore[attr-defined]
+        refresh = getattr(progress, "refresh", None)
+        if callable(refresh):
+            refresh()
 
 
 def _with_transform(gallery: Gallery, ext: Extractor, transform: str | os.PathLike[str]
@@ -277,14 +359,26 @@ def _index_space(
     limit: int | None,
     progress: Progress | None,
     embedder: Embedder = embed_stream,
+    keep_info: bool = False,
+    done_if_in: Sequence[str] = (),
+    columns: ColumnTypes | None = None,
 ) -> None:
+    """Embed the items ``space`` lacks (``keep_info``: an existing space of the gallery's
+    recipe, whose recorded info is kept as it is; ``done_if_in``: spaces whose items
+    count as done, e.g. the old space of an online upgrade, which they leave when
+    they are re-embedded)."""
     space = extractor.fingerprint
-    gallery.register_space(space, extractor.dim, space_info(extractor), kind=extractor.kind)
+    gallery.register_space(space, extractor.dim, None if keep_info else space_info(extractor),
+                           kind=extractor.kind)
     report.spaces.append(space)
     if index is not None and (index != gallery.index_spec(space) or index_params):
         gallery.set_index_spec(index, space, **(index_params or {}))
     updated = {it.id for it in ident.updated}
-    done = gallery.has([it.id for it in items], space)
+    ids_all = [it.id for it in items]
+    done = gallery.has(ids_all, space)
+    drop = [d for d in done_if_in if d != space]
+    for other in drop:
+        done |= gallery.has(ids_all, other)
     todo = [it for it, d in zip(items, done, strict=True) if not d or it.id in updated]
     if limit is not None:
         todo = todo[: max(0, int(limit))]
@@ -300,11 +394,11 @@ def _index_space(
     def flush() -> None:
         if buf:
             ids = [b[0].id for b in buf]
-            metas = [_meta(b[0]) for b in buf]
+            metas = [_meta(b[0], columns) for b in buf]
             contents = [b[2] for b in buf]
             if local:
                 gallery.add_local(ids, [b[1] for b in buf], space=space, meta=metas,
-                                  contents=contents, replace=True)
+                                  contents=contents, replace=True, drop_spaces=drop)
                 blank = [b[0].id for b in buf if len(b[1]) == 0]
                 if blank:
                     log.warning("%d images without keypoints (local search never finds "
@@ -312,12 +406,14 @@ def _index_space(
                     report.no_keypoints.extend(blank)
             else:
                 gallery.add(ids, np.stack([b[1] for b in buf]), space=space, meta=metas,
-                            contents=contents, replace=True)
-            report.embedded += len(buf)
+                            contents=contents, replace=True, drop_spaces=drop)
+            report._embedded_ids.update(ids)
+            report.embedded_per_space[space] = report.embedded_per_space.get(space, 0) + len(buf)
             buf.clear()
         if fails:
             gallery.record_failures(space, fails)
-            report.failures.extend(fails)
+            seen = {f.id for f in report.failures}
+            report.failures.extend(f for f in fails if f.id not in seen)  # once per image
             fails.clear()
 
     for batch in embedder(todo, extractor, batch_size=batch_size, workers=workers,
@@ -349,11 +445,18 @@ def _content(item: SourceItem, digest: str) -> tuple[str, int | None, int | None
     return digest, int(st.st_size), int(st.st_mtime_ns)
 
 
+def _real(path: Path) -> str:
+    """The absolute path with symbolic links resolved; never raises (a link loop is left
+    as it is, where ``Path.resolve`` raises RuntimeError)."""
+    return os.path.realpath(path)
+
+
 def _forget_stale_failures(gallery: Gallery, space: str, items: list[SourceItem]) -> None:
     """Failures of files that are no longer in the source folder are dropped."""
     here = {it.id for it in items}
-    roots = {str(it.path.resolve().parent) for it in items}
+    roots = tuple({os.path.join(_real(it.path.parent), "") for it in items} |
+                  {os.path.join(os.path.abspath(it.path.parent), "") for it in items})
     stale = [f.id for f in gallery.failures(space) if f.id not in here
-             and (not Path(f.path).exists()) and any(f.path.startswith(r) for r in roots)]
+             and not os.path.lexists(f.path) and os.path.abspath(f.path).startswith(roots)]
     if stale:
         gallery.clear_failures(space, stale)

@@ -14,7 +14,9 @@ picks ONNX Runtime, measured ~4-5x faster on CPU), ``threads``.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.metadata
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,14 +43,18 @@ class ModelSpec:
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
-#: Config types that are not registry models: ``type -> "module:function"`` where
-#: ``function(config, *, root, runtime, threads) -> Extractor`` (imported lazily).
-CONFIG_BUILDERS: dict[str, str] = {
-    "transformed": "galleria.extractors.transformed:from_config",
-    "fusion-gallery": "galleria.fusion.extractor:gallery_from_config",
-    "fusion-query": "galleria.fusion.extractor:query_from_config",
-    "packed-local": "galleria.fusion.members:packed_from_config",
-}
+CONFIG_TYPES_GROUP = "galleria.config_types"
+"""Entry-point group of the config types that are not registry models (wrappers such
+as ``transformed``, fusion models): ``type = "module:function"`` where
+``function(config, *, root, runtime, threads) -> Extractor``. Declared in the package
+metadata (pyproject.toml), so the registry does not import the packages that build
+them (no extractors -> fusion dependency) and other packages can add their own."""
+
+
+@functools.cache
+def config_types() -> dict[str, Any]:
+    """``type -> entry point`` of every installed config type (read once)."""
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=CONFIG_TYPES_GROUP)}
 
 
 def register_model(
@@ -225,10 +231,10 @@ def extractor_from_config(
         raise FormatError(f"an extractor config needs a 'type' field; got {config!r}")
     cfg = dict(config)
     kind = cfg.pop("type")
-    if kind in CONFIG_BUILDERS:
-        mod, fn = CONFIG_BUILDERS[kind].split(":")
-        ext = getattr(importlib.import_module(mod), fn)(
-            config, root=None if root is None else str(root), runtime=runtime, threads=threads)
+    builder = config_types().get(kind)
+    if builder is not None:
+        ext = builder.load()(config, root=None if root is None else str(root), runtime=runtime,
+                             threads=threads)
     else:
         if "scales" in cfg:
             cfg["scales"] = tuple(cfg["scales"])

@@ -1,4 +1,4 @@
-"""The two extractors of a fusion model, built from configs (``registry.CONFIG_BUILDERS``).
+"""The two extractors of a fusion model, built from their configs (a config type).
 
 ``{"type": "fusion-gallery", "model": F}``
     runs every member extractor and the mixer on an image batch -> ``(B, d)``.

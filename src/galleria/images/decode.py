@@ -17,7 +17,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import math
+import numbers
 import os
+import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +29,7 @@ from typing import IO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from galleria.errors import GalleriaError
+from galleria.errors import GalleriaError, InputError
 
 MIN_SIDE = 8
 """Images smaller than this (in either side) are rejected as unusable."""
@@ -112,11 +115,12 @@ def _open(p: Path) -> Iterator[IO[bytes]]:
             raise ImageDecodeError(p, _os_reason(p, exc)) from exc
 
 
-def _decode(p: Path, source: IO[bytes]) -> Image.Image:
-    """Decode an open image file (or bytes buffer) to oriented RGB."""
+def _decode(p: Path, source: IO[bytes], limit: int | None = None) -> Image.Image:
+    """Decode an open image file (or bytes buffer) to oriented RGB (``limit``: most pixels,
+    default PIL's decompression-bomb limit)."""
     try:
         with Image.open(source) as im:
-            _check_pixels(p, im)
+            _check_pixels(p, im, limit)
             im.load()
             img = ImageOps.exif_transpose(im) or im
             img = to_rgb(img)
@@ -125,7 +129,7 @@ def _decode(p: Path, source: IO[bytes]) -> Image.Image:
     except UnidentifiedImageError as exc:
         raise ImageDecodeError(p, "not an image (unrecognised format)") from exc
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(p, f"too many pixels ({exc})") from exc
+        raise _too_many(p, exc, limit) from exc
     except OSError as exc:
         if exc.errno is not None:  # an error of the file system, not of the data
             raise ImageDecodeError(p, _os_reason(p, exc)) from exc
@@ -137,13 +141,14 @@ def _decode(p: Path, source: IO[bytes]) -> Image.Image:
         raise ImageDecodeError(p, f"corrupt image data ({exc})") from exc
 
 
-def _check_pixels(p: Path, im: Image.Image) -> None:
-    """Refuse images above PIL's decompression-bomb limit before decoding them.
+def _check_pixels(p: Path, im: Image.Image, limit: int | None = None) -> None:
+    """Refuse images above ``limit`` pixels (default PIL's decompression-bomb limit)
+    before decoding them.
 
     (Checked here rather than by turning PIL's warning into an error: changing
     the warning filters is process-wide and races with other decoding threads.)
     """
-    limit = Image.MAX_IMAGE_PIXELS
+    limit = Image.MAX_IMAGE_PIXELS if limit is None else int(limit)
     w, h = im.size
     if limit is not None and w * h > limit:
         raise ImageDecodeError(
@@ -151,11 +156,57 @@ def _check_pixels(p: Path, im: Image.Image) -> None:
         )
 
 
+def _too_many(p: Path, exc: Exception, limit: int | None) -> ImageDecodeError:
+    """PIL refused an image at open (over twice its own limit): galleria's reason, with
+    the limit that applies here, not PIL's."""
+    limit = Image.MAX_IMAGE_PIXELS if limit is None else int(limit)
+    m = re.search(r"\((\d+) pixels\)", str(exc))
+    n = f"{int(m.group(1))} " if m else "more "
+    return ImageDecodeError(p, f"too many pixels ({n}> {limit}; a decompression bomb?)")
+
+
+BBox = tuple[float, float, float, float]
+
+
+def parse_bbox(value: object) -> BBox | None:
+    """A crop box as stored or sent: ``None``, or four finite numbers ``x1, y1, x2, y2``
+    (pixels) with ``x1 < x2`` and ``y1 < y2`` -> a float tuple.
+
+    The one rule for crop boxes (manifests, item metadata from the API, stored
+    records read by ``upgrade run``, ``repair`` and thumbnails).
+
+    Raises:
+        InputError: anything else, saying what a crop box must be.
+    """
+    if value is None:
+        return None
+    rule = ("a crop box is four finite numbers [x1, y1, x2, y2] in pixels with x1 < x2 and "
+            "y1 < y2")
+    if not isinstance(value, (list, tuple)) or len(value) != 4:
+        raise InputError(f"{rule}; got {_short(value)}")
+    out = []
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+            raise InputError(f"{rule}; got {_short(value)}")
+        out.append(float(v))
+    if not (out[0] < out[2] and out[1] < out[3]):
+        raise InputError(f"{rule}; got {_short(value)} (not ordered)")
+    return (out[0], out[1], out[2], out[3])
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _finish(
     p: Path, img: Image.Image, bbox: tuple[float, float, float, float] | None, min_side: int
 ) -> Image.Image:
     if bbox is not None:
-        x1, y1, x2, y2 = (float(v) for v in bbox)
+        try:
+            x1, y1, x2, y2 = parse_bbox(bbox)  # type: ignore[misc]
+        except InputError as exc:
+            raise ImageDecodeError(p, str(exc)) from None
         w, h = img.size
         box = (max(0, round(x1)), max(0, round(y1)), min(w, round(x2)), min(h, round(y2)))
         if box[2] <= box[0] or box[3] <= box[1]:
@@ -219,7 +270,7 @@ def load_image_and_hash(
         except UnidentifiedImageError as exc:
             raise ImageDecodeError(p, "not an image (unrecognised format)") from exc
         except Image.DecompressionBombError as exc:
-            raise ImageDecodeError(p, f"too many pixels ({exc})") from exc
+            raise _too_many(p, exc, None) from exc
         except (OSError, ValueError, SyntaxError, EOFError) as exc:
             if isinstance(exc, OSError) and exc.errno is not None:
                 raise
@@ -275,11 +326,11 @@ def load_image_bytes(
     except UnidentifiedImageError as exc:
         raise ImageDecodeError(p, "not an image (unrecognised format)") from exc
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(p, f"too many pixels ({exc})") from exc
+        raise _too_many(p, exc, limit) from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageDecodeError(p, f"corrupt image data ({exc})") from exc
     if limit is not None and w * h > limit:
         raise ImageDecodeError(
             p, f"too many pixels ({w}x{h} = {w * h} > {limit}; a decompression bomb?)")
-    img = _decode(p, io.BytesIO(data))
+    img = _decode(p, io.BytesIO(data), limit)
     return _finish(p, img, None, min_side)

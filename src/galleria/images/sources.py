@@ -16,16 +16,21 @@ failure records like any unusable image. :func:`split_problems` separates them.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import os
+import re
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from galleria.errors import InputError
+from galleria.ids import id_problem
+from galleria.images.decode import parse_bbox
 
 MANIFEST_SUFFIXES = (".csv",)
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 GALLERY_MARKERS = ("gallery.json", "gallery.sqlite")
 """Files whose presence marks a folder as a galleria gallery (see galleria.store)."""
 
@@ -64,8 +69,10 @@ def _is_utf8(text: str) -> bool:
 
 
 def _printable(text: str) -> str:
-    """``text`` with undecodable file-name bytes as ``\\xNN`` (safe for SQLite, JSON, a tty)."""
-    return os.fsencode(text).decode("utf-8", "backslashreplace")
+    """``text`` with undecodable file-name bytes and control characters as ``\\xNN``
+    (safe for SQLite, JSON, a tty)."""
+    text = os.fsencode(text).decode("utf-8", "backslashreplace")
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def _problem(base: Path, path: Path, reason: str, *, folder: bool = False) -> SourceItem:
@@ -120,6 +127,10 @@ def iter_folder(root: str | os.PathLike[str]) -> Iterator[SourceItem]:
                 found.append(_problem(base, sub, f"folder name is not valid UTF-8: "
                                                  f"{d!r}; its files are skipped (rename it)",
                                       folder=True))
+            elif _CONTROL.search(d):
+                found.append(_problem(base, sub, f"folder name contains a control character: "
+                                                 f"{d!r}; its files are skipped (rename it: "
+                                                 "item ids never hold one)", folder=True))
             elif is_gallery_folder(sub):
                 found.append(_problem(base, sub, "holds a galleria gallery (gallery.json + "
                                                  "gallery.sqlite): its files are not indexed",
@@ -135,9 +146,13 @@ def iter_folder(root: str | os.PathLike[str]) -> Iterator[SourceItem]:
                 found.append(_problem(base, p, f"file name is not valid UTF-8: {name!r} "
                                                "(rename the file to index it)"))
                 continue
+            rel = p.relative_to(base).as_posix()
             reason = _file_problem(p)
+            if reason is None and id_problem(rel) is not None:
+                reason = (f"its name cannot be an item id ({id_problem(rel)}); rename the "
+                          "file to index it")
             if reason is None:
-                found.append(SourceItem(id=p.relative_to(base).as_posix(), path=p))
+                found.append(SourceItem(id=rel, path=p))
             else:
                 found.append(_problem(base, p, reason))
     if root_error:
@@ -151,7 +166,16 @@ def _file_problem(p: Path) -> str | None:
     """Why the directory entry ``p`` cannot be an image file, or None."""
     try:
         st = p.stat()
-    except FileNotFoundError:
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            try:
+                target = os.readlink(p)
+            except OSError:
+                target = "?"
+            return (f"symbolic link loop (it points to {_printable(target)!r}, which leads back "
+                    "to itself)")
+        if not isinstance(exc, FileNotFoundError):
+            return f"cannot be read ({exc.strerror or exc})"
         if p.is_symlink():
             try:
                 target = os.readlink(p)
@@ -159,8 +183,6 @@ def _file_problem(p: Path) -> str | None:
                 target = "?"
             return f"broken symbolic link (its target {_printable(target)!r} does not exist)"
         return "vanished while listing"
-    except OSError as exc:
-        return f"cannot be read ({exc.strerror or exc})"
     if stat.S_ISREG(st.st_mode):
         return None
     return "not a regular file (a device, FIFO or socket)"
@@ -216,6 +238,9 @@ def read_manifest(path: str | os.PathLike[str]) -> list[SourceItem]:
         if not rel:
             raise InputError(f"manifest {p} line {n}: empty path")
         item_id = (row.get("id") or "").strip() or rel
+        why = id_problem(item_id)
+        if why is not None:
+            raise InputError(f"manifest {p} line {n}: {why}")
         if item_id in seen:
             raise InputError(f"manifest {p} line {n}: duplicate id {item_id!r}")
         seen.add(item_id)
@@ -223,9 +248,11 @@ def read_manifest(path: str | os.PathLike[str]) -> list[SourceItem]:
         bbox = None
         if all(row.get(c) not in (None, "") for c in box_cols):
             try:
-                bbox = tuple(float(row[c]) for c in box_cols)  # type: ignore[assignment]
+                bbox = parse_bbox([float(row[c]) for c in box_cols])  # type: ignore[index]
             except ValueError as exc:
                 raise InputError(f"manifest {p} line {n}: bad crop box: {exc}") from exc
+            except InputError as exc:
+                raise InputError(f"manifest {p} line {n}: bad crop box: {exc}") from None
         meta = {k: v for k, v in row.items() if k not in ("path", "id", *box_cols) and k}
         items.append(SourceItem(id=item_id, path=file, meta=meta, bbox=bbox))  # type: ignore[arg-type]
     return items

@@ -92,16 +92,9 @@ def check_k(k: object) -> int:
 
 
 def pad_result(scores: np.ndarray, ids: np.ndarray, k: int) -> SearchResult:
-    """Pad ``(Q, k')`` results (k' <= k) with ``-inf`` / ``-1`` to ``(Q, k)``."""
-    q, kk = scores.shape
-    if kk == k:
-        return SearchResult(
-            np.ascontiguousarray(scores, dtype=np.float32), np.ascontiguousarray(ids, np.int64)
-        )
-    out = SearchResult.empty(q, k)
-    out.scores[:, :kk] = scores
-    out.ids[:, :kk] = ids
-    return out
+    """``(Q, k')`` float32 scores and int64 keys (k' <= k) as a ``(Q, k)`` result."""
+    return SearchResult(np.ascontiguousarray(scores, dtype=np.float32),
+                        np.ascontiguousarray(ids, np.int64)).pad(k)
 
 
 def _all_finite(x: np.ndarray) -> bool:

@@ -4,9 +4,10 @@ features).
 
 :func:`open_pipeline` finds the gallery's local space (and its global space, if
 any), rebuilds the query models from the spaces' records (fingerprint checked)
-and returns a :class:`PipelineSearcher`::
+and returns a :class:`PipelineSearcher` (which pipeline answers when none is
+named is decided by :func:`galleria.decision.choose`)::
 
-    s = open_pipeline(gallery, "local+mds")          # None: the best the gallery supports
+    s = open_pipeline(gallery, "local+mds")
     queries, good, failures = s.embed_paths(paths)    # a blank query is a failure here
     result = s.search(queries, k=10)                  # SearchResult with string ids
 
@@ -24,12 +25,11 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from PIL import Image
-
-from galleria.errors import CompatibilityError, InputError
-from galleria.extract.queries import Queries, QueryFailure, embed_with, search_paths
+from galleria.errors import InputError
+from galleria.extract.queries import Queries, QueryFailure
 from galleria.extract.spaces import extractor_from_space
 from galleria.extractors.base import Extractor
+from galleria.search.contract import Searcher, SearchOptions
 from galleria.search.pipelines import (
     PIPELINES,
     GlobalPipeline,
@@ -40,7 +40,7 @@ from galleria.search.pipelines import (
 )
 from galleria.store.gallery import Gallery
 from galleria.store.views import SpaceView
-from galleria.types import LocalFeatures, SearchResult
+from galleria.types import LocalFeatures, SearchResult, clamp_k
 
 log = logging.getLogger(__name__)
 
@@ -48,39 +48,29 @@ NO_KEYPOINTS = ("no keypoints (a blank or featureless image): a local pipeline c
                 "it; use --pipeline global or global+sv if the gallery has a global model")
 
 
-def gallery_spaces(g: Gallery) -> tuple[str | None, str | None]:
-    """``(global space, local space)`` of a gallery (the primary global space, the
-    local space with the most items); ``None`` where it has none."""
-    local = [s for s in g.spaces() if s.kind == "local" and s.count]
+def gallery_spaces(g: Gallery | Any) -> tuple[str | None, str | None]:
+    """``(global space, local space)`` of a gallery or a :class:`GalleryState` (the
+    primary global space, the local space with the most items); ``None`` where it has
+    none."""
+    state = g.state() if isinstance(g, Gallery) else g
+    local = state.of_kind("local")
     loc = max(local, key=lambda s: s.count).space if local else None
-    glob = g.primary_space
-    if glob is not None and g.space_info(glob).count == 0:
+    glob = state.primary
+    sp = state.space(glob)
+    if sp is None or sp.count == 0:
         glob = None
     return glob, loc
 
 
-def best_pipeline(g: Gallery) -> str:
-    """The pipeline a search uses when none is named: ``local`` when the gallery holds
-    local features, ``global`` without them.
-
-    Measured (benchmarks/results/local.md): on SMVS phone photos local search gets
-    R@1 ~99 % against 18.5 % for the global model. MDS re-ranking (``local+mds``)
-    helps sift on the 500-image SMVS gallery (mAP 94.1 -> 95.2) but not with xfeat
-    (46.2 -> 18.9), not on rparis250, and not on the 11.4k-image gallery of every
-    shared image (phone-photo R@1 95 % with ASMK alone, far lower after MDS), so it
-    is never the default: name it. On landmarks the global model measured better:
-    name ``global`` there.
-    """
-    return "global" if gallery_spaces(g)[1] is None else "local"
-
-
-class PipelineSearcher:
+class PipelineSearcher(Searcher):
     """One named pipeline over a gallery's spaces (see the module docstring).
 
     Attributes:
         pipeline: its name; ``spaces``: the spaces whose query data it needs.
         params: the pipeline's options (``shortlist``, ``k``, ``blend`` ...).
     """
+
+    kind = "pipeline"
 
     def __init__(self, gallery: Gallery, pipeline: str, *, global_space: str | None,
                  local_space: str | None, extractors: dict[str, Extractor] | None = None,
@@ -102,7 +92,7 @@ class PipelineSearcher:
                              "none (index it with --local sift)")
         self.spaces = [s for s, need in ((global_space, needs_global), (local_space, needs_local))
                        if need and s is not None]
-        self.extractors = dict(extractors or {})
+        self.models = dict(extractors or {})
         self._lock = threading.Lock()
         self._single: tuple[int, Any] | None = None  # (generation, one merged local index)
         try:
@@ -112,14 +102,10 @@ class PipelineSearcher:
                              f"{exc}") from exc
 
     # ------------------------------------------------------------- contract
-    def embed_images(self, images: Sequence[Image.Image]) -> Queries:
-        return Queries({s: self._model(s).embed_images(list(images)) for s in self.spaces})
-
     def embed_paths(self, paths: Sequence[str | os.PathLike[str]], *, batch_size: int = 16,
                     workers: int = 2) -> tuple[Queries, list[int], list[QueryFailure]]:
         """Embed query files; a query without keypoints is a failure of a local pipeline."""
-        q, good, fails = embed_with({s: self._model(s) for s in self.spaces}, paths,
-                                    batch_size=batch_size, workers=workers)
+        q, good, fails = super().embed_paths(paths, batch_size=batch_size, workers=workers)
         if self.pipeline in ("local", "local+mds") and good:
             feats = q[self.local_space]  # type: ignore[index]
             blank = [n for n, f in enumerate(feats) if len(f) == 0]
@@ -129,16 +115,8 @@ class PipelineSearcher:
                 q, good = q.take(keep), [good[n] for n in keep]
         return q, good, fails
 
-    def search(self, queries: Any, k: int = 10) -> SearchResult:
+    def _search(self, q: Queries, k: int, options: SearchOptions) -> SearchResult:
         """Top-``k`` string ids (``None`` padding) for ``Queries`` of :attr:`spaces`."""
-        from galleria.index.base import check_k
-
-        k = check_k(k)
-        q = Queries.of(queries)
-        missing = [s for s in self.spaces if s not in q]
-        if missing:
-            raise CompatibilityError(f"the {self.pipeline} pipeline needs query data of "
-                                     f"{missing}; got {list(q.data)}")
         local = q[self.local_space] if self.local_space in self.spaces else None
         if local is not None:
             local = list(local)
@@ -152,13 +130,14 @@ class PipelineSearcher:
         vecs = q[self.global_space] if self.global_space in self.spaces else None
         views = self.gallery.views(self.spaces)
         pipe, view = self.build(views)
-        size = min(k, max(1, view.count))
+        size = clamp_k(k, view.count)
         res = pipe.search(QueryBatch(vectors=vecs, local=local), size)
         return SearchResult(res.scores, view.ids.lookup(res.ids), view.generation)
 
-    def search_paths(self, paths: Sequence[str | os.PathLike[str]], k: int = 10
-                     ) -> tuple[list[str], SearchResult | None, list[QueryFailure]]:
-        return search_paths(self, paths, k)
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        return {**d, "pipeline": self.pipeline, "model": self.global_space or self.local_space,
+                "params": dict(self.params)}
 
     # -------------------------------------------------------------- parts
     def build(self, views: dict[str, SpaceView]) -> tuple[Any, SpaceView]:
@@ -201,17 +180,12 @@ class PipelineSearcher:
             self._single = (view.generation, idx)
             return idx
 
-    def _model(self, space: str) -> Extractor:
-        ext = self.extractors.get(space)
-        if ext is None:
-            raise InputError(f"this searcher has no query model for {space!r}; pass query data")
-        return ext
 
-
-def open_pipeline(gallery: str | os.PathLike[str] | Gallery, name: str | None = None, *,
+def open_pipeline(gallery: str | os.PathLike[str] | Gallery, name: str, *,
                   runtime: str = "auto", threads: int | None = None, with_models: bool = True,
                   **params: Any) -> PipelineSearcher:
-    """A :class:`PipelineSearcher` for pipeline ``name`` (``None``: :func:`best_pipeline`).
+    """A :class:`PipelineSearcher` for pipeline ``name`` (no decision: see
+    :func:`galleria.open_searcher` for the gallery's default).
 
     ``params`` go to the pipeline (``shortlist``, ``matcher``, ``k``, ``candidates``,
     ``p``, ``dim``, ``blend`` ...). Query models are rebuilt from the spaces' records
@@ -219,13 +193,12 @@ def open_pipeline(gallery: str | os.PathLike[str] | Gallery, name: str | None = 
     """
     g = gallery if isinstance(gallery, Gallery) else Gallery.open(gallery)
     glob, loc = gallery_spaces(g)
-    name = name or best_pipeline(g)
     exts: dict[str, Extractor] = {}
     s = PipelineSearcher(g, name, global_space=glob, local_space=loc, params=params)
     if with_models:
         for space in s.spaces:
             exts[space] = extractor_from_space(g.space_info(space).info, root=g.path,
                                                runtime=runtime, threads=threads, query=True)
-        s.extractors = exts
+        s.models = exts
     log.info("pipeline %s over %s", name, s.spaces)
     return s

@@ -100,18 +100,12 @@ class QueryBatch:
 def _drop_excluded(res: SearchResult, exclude: np.ndarray, k: int) -> SearchResult:
     """Remove each row's excluded key and keep ``k`` columns (padding as needed)."""
     if not (exclude >= 0).any():
-        return res.head(k) if res.k >= k else _pad(res, k)
+        return res.pad(k)
     out = SearchResult.empty(len(res), k)
     for i in range(len(res)):
         keep = res.ids[i] != exclude[i] if exclude[i] >= 0 else np.ones(res.k, bool)
         ids, sc = res.ids[i][keep][:k], res.scores[i][keep][:k]
         out.ids[i, : ids.size], out.scores[i, : ids.size] = ids, sc
-    return out
-
-
-def _pad(res: SearchResult, k: int) -> SearchResult:
-    out = SearchResult.empty(len(res), k)
-    out.ids[:, : res.k], out.scores[:, : res.k] = res.ids, res.scores
     return out
 
 

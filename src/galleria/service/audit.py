@@ -29,9 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from galleria.store import reader
-from galleria.store.db import chunks
 from galleria.store.gallery import Gallery
+from galleria.store.items import Snapshot
 from galleria.types import SearchResult
 
 
@@ -63,60 +62,49 @@ class StoreRecorder:
         self._start()
 
     def _start(self) -> None:
-        with self._lock, self.g.db.read() as c:
-            for space, floor, gen in c.execute("SELECT space, log_floor, generation FROM spaces"):
-                if int(floor) > 0:  # pruned log: the present keys are the baseline
-                    keys = [int(r[0]) for r in c.execute(
-                        "SELECT key FROM vectors WHERE space=?", (space,))]
+        with self._lock, self.g.snapshot() as s:
+            for space, (floor, gen) in s.log_floors().items():
+                if floor > 0:  # pruned log: the present keys are the baseline
+                    keys = [int(k) for k in s.space_keys(space)]
                     self.baseline[space] = set(keys)
-                    self.baseline_gen[space] = int(gen)
-                    self._fetch(c, space, {k: -1 for k in keys})
-            self._poll(c)
+                    self.baseline_gen[space] = gen
+                    self._fetch(s, space, {k: -1 for k in keys})
+            self._poll(s)
 
     # ------------------------------------------------------------- polling
     def poll(self) -> None:
-        with self._lock, self.g.db.read() as c:
-            self._poll(c)
+        with self._lock, self.g.snapshot() as s:
+            self._poll(s)
 
-    def _poll(self, c: Any) -> None:
-        rows = c.execute("SELECT gen, space, op, key FROM log WHERE gen > ? ORDER BY gen",
-                         (self.last_gen,)).fetchall()
-        for k, i in c.execute("SELECT key, id FROM items WHERE key > ?", (self.max_key,)):
-            self.ids[int(k)] = str(i)
-            self.max_key = max(self.max_key, int(k))
+    def _poll(self, s: Snapshot) -> None:
+        changes = s.changes_since(self.last_gen)
+        for k, i in s.id_table(self.max_key).items():
+            self.ids[k] = i
+            self.max_key = max(self.max_key, k)
         latest: dict[str, dict[int, int]] = defaultdict(dict)
-        for gen, space, op, key in rows:
-            self.ops[space].append((int(gen), str(op), int(key)))
-            if op == "add":
-                latest[space][int(key)] = int(gen)
+        for ch in changes:
+            self.ops[ch.space].append((ch.generation, ch.op, ch.key))
+            if ch.op == "add":
+                latest[ch.space][ch.key] = ch.generation
             else:
-                latest[space].pop(int(key), None)
-            self.last_gen = max(self.last_gen, int(gen))
+                latest[ch.space].pop(ch.key, None)
+            self.last_gen = max(self.last_gen, ch.generation)
         for space, added in latest.items():
             if added:
-                self._fetch(c, space, added)
+                self._fetch(s, space, added)
         self.polls += 1
 
-    def _fetch(self, c: Any, space: str, added: dict[int, int]) -> None:
+    def _fetch(self, s: Snapshot, space: str, added: dict[int, int]) -> None:
         """Vectors of keys whose latest add is ``added[key]``, if still committed."""
-        try:
-            row = reader.space_row(c, space, self.path)
-        except Exception:
-            self.missed += len(added)
-            return
-        if row.kind != "global":
-            return
-        present = set()
-        for ch in chunks(list(added)):
-            q = ",".join("?" * len(ch))
-            present.update(int(r[0]) for r in c.execute(
-                f"SELECT key FROM vectors WHERE space=? AND key IN ({q})", (space, *ch)))
-        keys = sorted(present)
+        keys = sorted(s.present(space, list(added)))
         self.missed += len(added) - len(keys)
-        if keys:
-            vecs = reader.fetch(c, self.path, row, np.array(keys, np.int64))
-            for k, v in zip(keys, vecs, strict=True):
-                self.vectors[(space, k, added[k])] = np.array(v, np.float32)
+        if not keys:
+            return
+        vecs = s.vectors(space, np.array(keys, np.int64))
+        if vecs is None:  # a local space (not recomputed) or one dropped meanwhile
+            return
+        for k, v in zip(keys, vecs, strict=True):
+            self.vectors[(space, k, added[k])] = np.array(v, np.float32)
 
     def start(self, interval_s: float = 0.1) -> StoreRecorder:
         def loop() -> None:

@@ -32,6 +32,37 @@ def read_token_file(path: str | os.PathLike[str]) -> str:
     return text
 
 
+def read_token_map(path: str | os.PathLike[str], names: list[str]) -> dict[str, str]:
+    """Tokens per gallery from ``path``: one token for every gallery (the single-gallery
+    format), or lines ``NAME TOKEN`` (each gallery its own token; ``#`` comments; a
+    gallery without a line gets no token: its writes are open, with a warning by the
+    caller). InputError for an unknown name or a short token."""
+    p = Path(path)
+    try:
+        lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read the token file {p}: {exc}") from exc
+    lines = [ln for ln in lines if ln and not ln.startswith("#")]
+    if len(lines) == 1 and len(lines[0].split()) == 1:
+        tok = read_token_file(p)
+        return {n: tok for n in names}
+    out: dict[str, str] = {}
+    for n, ln in enumerate(lines, 1):
+        parts = ln.split()
+        if len(parts) != 2:
+            raise InputError(f"{p} line {n}: expected NAME TOKEN (one gallery per line), or "
+                             "a file holding one token for every gallery")
+        name, tok = parts
+        if name not in names:
+            raise InputError(f"{p} line {n}: no gallery {name!r} is served (galleries: "
+                             f"{names})")
+        if len(tok) < MIN_TOKEN_CHARS:
+            raise InputError(f"{p} line {n}: the token must have at least {MIN_TOKEN_CHARS} "
+                             "characters")
+        out[name] = tok
+    return out
+
+
 class Auth:
     """Checks the ``Authorization`` header of a request against the configured token."""
 

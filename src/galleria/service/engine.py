@@ -9,11 +9,13 @@ pools (service/limits.py), never on the event loop.
   ``run()`` from several threads; a torch module in ``inference_mode`` too, it
   holds no state between calls). A model is warmed up once, under a lock,
   before it is shared, so no two threads build its session.
-- **The searcher the gallery calls for.** The service never picks plain or
-  backfill search itself: it asks ``open_searcher`` again whenever the
-  gallery's search state changes (an upgrade started or finished by any
-  process, a new primary space, more calibration pairs). A search whose state
-  changed while it ran is answered again with the new searcher.
+- **The searcher the gallery calls for.** The service never picks a searcher
+  itself: every search asks :func:`galleria.decision.choose` (one read of the
+  gallery's state) and keeps one searcher per decision (the spec is the cache
+  key), so a changed state (an upgrade started or finished by any process, a new
+  primary space, a new tuned default, more calibration pairs) opens the searcher
+  the CLI would open. A search whose decision changed while it ran is answered
+  again with the new searcher.
 - **New commits without a restart.** Searches run on the store's immutable
   views; a background refresher brings the views to the latest commit every
   ``refresh_interval_s`` so the catch-up cost rarely lands on a request (a
@@ -22,7 +24,6 @@ pools (service/limits.py), never on the event loop.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -33,20 +34,24 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from galleria.errors import GalleriaError
+from galleria.decision import SearchRequest, SearchSpec, build, choose
+from galleria.errors import GalleriaError, InputError
 from galleria.extract.queries import Queries
 from galleria.extract.spaces import extractor_from_space
 from galleria.extractors.base import Extractor
-from galleria.service.errors import ServiceError, not_found, unprocessable
+from galleria.images.decode import load_image, load_image_bytes
+from galleria.search.contract import Searcher
+from galleria.service.errors import ServiceError, from_galleria, not_found, unprocessable
 from galleria.service.metrics import Metrics
-from galleria.service.sharded import ShardPool, is_sharded
+from galleria.service.sharded import ShardPool
 from galleria.store.gallery import Gallery
+from galleria.store.state import GalleryState
 from galleria.types import MISSING_KEY, SearchResult
+from galleria.upgrade.pairs import PairStore
 from galleria.upgrade.state import FINISHING_KEY, STATE_KEY, UpgradeState, job_folder
 
 log = logging.getLogger(__name__)
 
-STATE_KEYS = ("primary_space", STATE_KEY, FINISHING_KEY)
 NORM_TOLERANCE = 1e-3
 PAIRS_CHECK_S = 2.0
 
@@ -131,53 +136,6 @@ class ModelCache:
         return gone
 
 
-def share_models(searcher: Any, models: ModelCache) -> Any:
-    """Give ``searcher`` the process's shared model instances (attributes ``*extractor``)."""
-    for attr in ("extractor", "old_extractor", "new_extractor", "query_extractor"):
-        ext = getattr(searcher, attr, None)
-        if isinstance(ext, Extractor):
-            setattr(searcher, attr, models.adopt(ext))
-    return searcher
-
-
-def query_spaces(searcher: Any) -> list[str]:
-    """The spaces whose query data ``searcher.search`` needs (in order)."""
-    if hasattr(searcher, "needs") and hasattr(searcher, "state"):
-        need_old, need_new = searcher.needs()
-        st = searcher.state
-        return [s for s, n in ((st.old_space, need_old), (st.new_space, need_new)) if n]
-    space = getattr(searcher, "space", None)
-    return [space] if space else list(getattr(searcher, "spaces", []))
-
-
-def searched_spaces(searcher: Any) -> list[str]:
-    """The gallery spaces ``searcher`` reads (whose views the refresher keeps fresh)."""
-    st = getattr(searcher, "state", None)
-    if isinstance(st, UpgradeState):
-        return [st.old_space, st.new_space]
-    space = getattr(searcher, "space", None)
-    return [space] if space else list(getattr(searcher, "spaces", []))
-
-
-def query_extractor(searcher: Any, space: str) -> Extractor | None:
-    st = getattr(searcher, "state", None)
-    if isinstance(st, UpgradeState):
-        return searcher.old_extractor if space == st.old_space else searcher.new_extractor
-    return getattr(searcher, "extractor", None)
-
-
-def describe(searcher: Any) -> dict[str, Any]:
-    """What answered: the model, and for a backfill the spaces, rule and calibration."""
-    st = getattr(searcher, "state", None)
-    if isinstance(st, UpgradeState):
-        cal = searcher.calibration
-        info = dict(cal.info) if hasattr(cal, "info") else {}
-        return {"model": st.new_space, "searcher": "backfill",
-                "merge": {"rule": searcher.rule, "old_space": st.old_space,
-                          "new_space": st.new_space, "calibration": info}}
-    return {"model": getattr(searcher, "space", None), "searcher": type(searcher).__name__}
-
-
 # ----------------------------------------------------------------- queries
 @dataclass
 class QuerySpec:
@@ -208,7 +166,8 @@ class Engine:
         self.path = self.gallery.path
         self.models = ModelCache(self.path, runtime=config.runtime, threads=config.threads,
                                  warm_up=config.warm_up)
-        self._searchers: dict[str, tuple[tuple[Any, ...], Any]] = {}
+        # one searcher per request (pipeline name), re-opened when its decision changes
+        self._searchers: dict[SearchRequest, tuple[tuple[SearchSpec, int], Searcher]] = {}
         self.pool = ShardPool(config.ray, config.shards) if config.ray else None
         self._open_lock = threading.Lock()
         self._calib_epoch = 0
@@ -226,8 +185,7 @@ class Engine:
         """Open the default searcher and warm its models (in a thread), then refresh views."""
         def boot() -> None:
             try:
-                if self.gallery.primary_space is not None:
-                    self.searcher("global")
+                self._open_default()
                 self.refresh_once()
                 self.ready.set()
             except Exception as exc:
@@ -237,7 +195,7 @@ class Engine:
                 try:
                     self.refresh_once()
                     if not self.ready.is_set():
-                        self.searcher("global")
+                        self._open_default()
                         self.ready.set()
                         self.startup_error = None
                 except Exception as exc:
@@ -247,110 +205,118 @@ class Engine:
         self._refresher = threading.Thread(target=boot, name="galleria-refresher", daemon=True)
         self._refresher.start()
 
+    def _open_default(self) -> None:
+        if any(sp.count for sp in self.gallery.state().spaces):  # an empty gallery is ready
+            self.searcher(None)
+
     def stop(self) -> None:
         self._stop.set()
         if self._refresher is not None:
             self._refresher.join(timeout=10)
+        for _, s in self._searchers.values():
+            s.close()
         if self.pool is not None:
-            for _, s in self._searchers.values():
-                self.pool.release(s)
             self.pool.close()
         self.gallery.close()
 
     # --------------------------------------------------------------- state
-    def state_token(self) -> tuple[Any, ...]:
-        """The settings that decide which searcher answers (one read)."""
-        q = ",".join("?" * len(STATE_KEYS))
-        rows = dict(self.gallery.db.all(f"SELECT key, value FROM settings WHERE key IN ({q})",
-                                        STATE_KEYS))
-        return tuple(json.loads(rows[k]) if k in rows else None for k in STATE_KEYS)
+    def request(self, pipeline: str | None) -> SearchRequest:
+        """What this server asks :func:`choose` for a search with ``pipeline``."""
+        try:
+            return SearchRequest.of(pipeline, rule=self.config.rule,
+                                    sharded=self.pool is not None)
+        except InputError as exc:
+            raise unprocessable(str(exc), "bad_pipeline") from exc
 
-    def upgrade_state(self, token: tuple[Any, ...] | None = None) -> UpgradeState | None:
-        token = token or self.state_token()
-        raw = token[1]
+    def decide(self, request: SearchRequest, state: GalleryState | None = None
+               ) -> tuple[SearchSpec, int]:
+        """The decision for ``request`` now (one read of the gallery's state)."""
+        try:
+            spec = choose(state or self.gallery.state(), request)
+        except InputError as exc:
+            if not any(sp.count for sp in self.gallery.state().spaces):
+                raise ServiceError(409, "empty_gallery",
+                                   f"gallery {self.path.name} has no items yet: add items "
+                                   "first (POST /v1/items or `galleria index`)") from exc
+            raise unprocessable(str(exc), "unsupported") from exc
+        return spec, self._calib_epoch
+
+    def upgrade_state(self, state: GalleryState | None = None) -> UpgradeState | None:
+        raw = (state or self.gallery.state()).setting(STATE_KEY)
         return UpgradeState.from_dict(raw) if raw else None
 
-    def searcher(self, pipeline: str = "global") -> tuple[tuple[Any, ...], Any]:
-        """``(state token, searcher)`` for ``pipeline``, re-opened when the state changed."""
-        token = (*self.state_token(), self._calib_epoch)
-        cur = self._searchers.get(pipeline)
-        if cur is not None and cur[0] == token:
+    def searcher(self, pipeline: str | None = None
+                 ) -> tuple[tuple[SearchSpec, int], Searcher]:
+        """``(decision, searcher)`` for ``pipeline`` (``None``: the gallery's default),
+        re-opened when the decision changed."""
+        request = self.request(pipeline)
+        key = self.decide(request)
+        cur = self._searchers.get(request)
+        if cur is not None and cur[0] == key:
             return cur
         with self._open_lock:
-            cur = self._searchers.get(pipeline)
-            if cur is not None and cur[0] == token:
+            cur = self._searchers.get(request)
+            if cur is not None and cur[0] == key:
                 return cur
-            from galleria.search.searcher import open_searcher
-
-            if token[0] is None:
-                raise ServiceError(409, "empty_gallery",
-                                   f"gallery {self.path.name} has no embedding space yet: add "
-                                   "items first (POST /v1/items or `galleria index`)")
             for attempt in range(3):
                 try:
-                    if cur is not None and self.pool is not None:
-                        self.pool.release(cur[1])  # its shards hold the CPUs
-                    if self.pool is not None and self.pool.serves(pipeline, token):
-                        s = self.pool.open(self.gallery, runtime=self.config.runtime,
-                                           threads=self.config.threads)
-                    else:
-                        s = open_searcher(self.gallery, pipeline=pipeline,
-                                          rule=self.config.rule,
-                                          runtime=self.config.runtime,
-                                          threads=self.config.threads)
+                    if cur is not None:
+                        cur[1].close()  # sharded: its shards hold the CPUs the new ones need
+                    s = build(self.gallery, key[0], runtime=self.config.runtime,
+                              threads=self.config.threads, shards=self.pool)
                     break
                 except ImportError as exc:
                     raise unprocessable(f"pipeline {pipeline!r} is not available in this "
                                         f"installation ({exc}); use pipeline=global") from exc
                 except GalleriaError:  # the state changed while opening (a finish): again
-                    fresh = (*self.state_token(), self._calib_epoch)
-                    if attempt == 2 or fresh == token:
+                    fresh = self.decide(request)
+                    if attempt == 2 or fresh == key:
                         raise
-                    token = fresh
-            share_models(s, self.models)
-            self._searchers[pipeline] = (token, s)
-            log.info("searching %s with %s", pipeline, describe(s))
-            return token, s
+                    key = fresh
+            s.use_models(self.models.adopt)
+            self._searchers[request] = (key, s)
+            log.info("searching %s with %s", request.pipeline or "the default",
+                     s.describe())
+            return key, s
 
     # ------------------------------------------------------------- refresh
     def refresh_once(self) -> None:
         """Bring the views of the searched spaces to the latest commit (one read txn);
-        re-open searchers whose state changed; update gauges."""
-        token = self.state_token()
-        st = self.upgrade_state(token)
+        re-open searchers whose decision changed; update gauges."""
+        state = self.gallery.state()
+        st = self.upgrade_state(state)
         if st is not None and time.monotonic() - self._pairs_checked > PAIRS_CHECK_S:
             self._pairs_checked = time.monotonic()
-            from galleria.upgrade.pairs import PairStore
-
             n = PairStore(job_folder(self.gallery) / "pairs").count()
             if self._pairs_seen is not None and n != self._pairs_seen:
                 self._calib_epoch += 1  # more calibration pairs: the next search re-opens
             self._pairs_seen = n
         reopened = False
-        for pipeline, (tok, _) in list(self._searchers.items()):
-            if tuple(tok[:-1]) != token or tok[-1] != self._calib_epoch:
-                self.searcher(pipeline)
+        for request, (key, _) in list(self._searchers.items()):
+            try:
+                fresh = self.decide(request, state)
+            except ServiceError:
+                continue  # e.g. every item removed: requests get the error themselves
+            if fresh != key:
+                self.searcher(request.pipeline)
                 reopened = True
         if reopened:
             self._drop_unused_models(st)
         spaces: list[str] = []
         for _, s in self._searchers.values():
-            if not is_sharded(s):  # shards follow the change log themselves
-                spaces += [sp for sp in searched_spaces(s) if sp not in spaces]
+            if s.kind != "sharded":  # shards follow the store's change feed themselves
+                spaces += [sp for sp in s.read_spaces() if sp not in spaces]
         if spaces:
             self.gallery.views(spaces)
         self.refreshes += 1
-        self._gauges(st)
+        self._gauges(state, st)
 
     def _drop_unused_models(self, st: UpgradeState | None) -> None:
         """Keep the models of the current searchers, the spaces holding data and the
         upgrade's new model; forget the others (memory stays flat over upgrades)."""
         keep: set[str] = set()
         for _, s in self._searchers.values():
-            for attr in ("extractor", "old_extractor", "new_extractor", "query_extractor"):
-                ext = getattr(s, attr, None)
-                if isinstance(ext, Extractor):
-                    keep.add(ext.fingerprint)
+            keep.update(m.fingerprint for m in s.models.values())
         keep.update(sp.space for sp in self.gallery.spaces())
         if st is not None:
             keep.add(st.new_space)
@@ -361,21 +327,22 @@ class Engine:
     def update_gauges(self) -> None:
         """Gallery gauges as of now (``/metrics`` calls it, so a scrape never reports a
         size the background refresher has not caught up with yet)."""
-        self._gauges(self.upgrade_state(self.state_token()))
+        state = self.gallery.state()
+        self._gauges(state, self.upgrade_state(state))
 
-    def _gauges(self, st: UpgradeState | None) -> None:
+    def _gauges(self, state: GalleryState, st: UpgradeState | None) -> None:
         m = self.metrics
         m.clear_gauge("galleria_space_items")
         total = 0
-        for sp in self.gallery.spaces():
+        for sp in state.spaces:
             m.set_gauge("galleria_space_items", sp.count, "Items with data in a space.",
                         (("space", sp.space), ("kind", sp.kind)))
-            m.set_gauge("galleria_space_generation", self.gallery.generation(sp.space),
+            m.set_gauge("galleria_space_generation", sp.generation,
                         "Latest committed generation of a space.", (("space", sp.space),))
             total = max(total, sp.count)
         if st is not None:
-            old, new = (self.gallery.space_info(s).count if self.gallery.has_space(s) else 0
-                        for s in (st.old_space, st.new_space))
+            old, new = (sp.count if sp is not None else 0
+                        for sp in (state.space(st.old_space), state.space(st.new_space)))
             frac = new / (old + new) if old + new else 1.0
             m.set_gauge("galleria_upgrade_fraction", frac,
                         "Fraction of the items moved to the new model (1 when no upgrade).")
@@ -392,38 +359,50 @@ class Engine:
         """Decode the image of a query (errors are returned, not raised)."""
         try:
             if spec.image is not None:
-                from galleria.images.decode import load_image_bytes
-
                 return Prepared(image=load_image_bytes(spec.image, name=spec.name,
                                                        max_pixels=self.config.max_pixels))
             return Prepared()
         except GalleriaError as exc:
-            from galleria.service.errors import from_galleria
-
             return Prepared(error=from_galleria(exc))
 
     def search(self, specs: list[QuerySpec], *, k: int, offset: int = 0,
-               pipeline: str = "global", return_query: bool = False) -> list[dict[str, Any]]:
+               pipeline: str | None = None, return_query: bool = False,
+               where: Any = None, min_score: float | None = None) -> list[dict[str, Any]]:
         """Answer queries (one search over all usable ones); per query a response or an
-        ``{"error": ...}`` entry."""
+        ``{"error": ...}`` entry. ``pipeline=None``: the gallery's default (as the CLI).
+        ``where``: a payload filter (400 when it names a field no item has);
+        ``min_score``: leave out results scoring below it."""
+        if where is not None:
+            try:
+                where = self.gallery.bind_filter(where)
+            except InputError as exc:
+                raise ServiceError(400, "bad_filter", str(exc)) from exc
+        opts = {k_: v for k_, v in (("where", where), ("min_score", min_score))
+                if v is not None}
         prepared = [self.prepare(s) for s in specs]
+        request = self.request(pipeline)
         for attempt in range(3):
-            token, searcher = self.searcher(pipeline)
+            key, searcher = self.searcher(pipeline)
             try:
                 out = self._search_once(searcher, specs, prepared, k=k, offset=offset,
-                                        return_query=return_query)
+                                        return_query=return_query, options=opts)
             except GalleriaError:  # e.g. the old space dropped by a finish meanwhile
-                if attempt == 2 or self.state_token() == tuple(token[:-1]):
+                if attempt == 2 or self.decide(request) == key:
                     raise
                 continue
-            if self.state_token() == tuple(token[:-1]):
+            if self.decide(request) == key:
                 return out
-            log.info("search state changed during a search; answering again")
+            log.info("search decision changed during a search; answering again")
         return out
 
-    def _search_once(self, searcher: Any, specs: list[QuerySpec], prepared: list[Prepared],
-                     *, k: int, offset: int, return_query: bool) -> list[dict[str, Any]]:
-        need = query_spaces(searcher)
+    def _search_once(self, searcher: Searcher, specs: list[QuerySpec], prepared: list[Prepared],
+                     *, k: int, offset: int, return_query: bool,
+                     options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        need = list(searcher.spaces)
+        try:
+            searcher.check_options(**(options or {}))
+        except InputError as exc:  # e.g. a filter during an upgrade, or on local pipelines
+            raise ServiceError(400, "unsupported_option", str(exc)) from exc
         errors: dict[int, ServiceError] = {}
         rows: dict[int, dict[str, np.ndarray]] = {}
         images: list[tuple[int, Image.Image]] = []
@@ -442,8 +421,6 @@ class Engine:
             except ServiceError as exc:
                 errors[n] = exc
             except GalleriaError as exc:
-                from galleria.service.errors import from_galleria
-
                 errors[n] = from_galleria(exc)
         if images:
             q = searcher.embed_images([im for _, im in images])
@@ -457,8 +434,8 @@ class Engine:
                 col = [rows[n][sp] for n in order]
                 data[sp] = np.stack(col).astype(np.float32) \
                     if all(isinstance(c, np.ndarray) for c in col) else col
-            res = searcher.search(Queries(data), k + offset)
-        info = describe(searcher)
+            res = searcher.search(Queries(data), k + offset, **(options or {}))
+        info = searcher.describe()
         metas = self._metas(res) if res is not None else {}
         out: list[dict[str, Any]] = []
         for n in range(len(specs)):
@@ -476,9 +453,17 @@ class Engine:
                 "generation": res.generation,
                 "k": k, "offset": offset,
                 "searcher": info["searcher"],
+                "pipeline": info["pipeline"],
+                "reason": info["reason"],
             }
             if "merge" in info:
                 resp["merge"] = info["merge"]
+            if options and options.get("where") is not None:
+                from galleria.filters import to_json
+
+                resp["filter"] = to_json(options["where"])
+            if options and options.get("min_score") is not None:
+                resp["min_score"] = options["min_score"]
             if return_query:
                 resp["query"] = {sp: np.asarray(rows[n][sp], dtype=float).tolist()
                                  for sp in need if isinstance(rows[n][sp], np.ndarray)}
@@ -508,28 +493,27 @@ class Engine:
             out[sp] = check_query_vector(given[sp], known[sp].dim, sp)
         return out
 
-    def _item_rows(self, searcher: Any, item_id: str, need: list[str]) -> dict[str, np.ndarray]:
+    def _item_rows(self, searcher: Searcher, item_id: str, need: list[str]) -> dict[str, Any]:
         key = int(self.gallery.keys_of([item_id])[0])
         if key == MISSING_KEY:
             raise not_found(f"no item {item_id!r} in this gallery")
-        out: dict[str, np.ndarray] = {}
+        out: dict[str, Any] = {}
         for sp in need:
-            have = self.gallery.db.one("SELECT 1 FROM vectors WHERE key=? AND space=?",
-                                       (key, sp)) is not None
-            if have:
+            if self.gallery.has([item_id], sp)[0]:
                 try:
-                    out[sp] = self.gallery.get_vectors(np.array([key]), space=sp)[0]
+                    keys = np.array([key])
+                    out[sp] = (self.gallery.get_local(keys, space=sp)[0]
+                               if self.gallery.space_info(sp).kind == "local"
+                               else self.gallery.get_vectors(keys, space=sp)[0])
                     continue
                 except GalleriaError:
                     pass  # moved meanwhile: embed its image below
-            ext = query_extractor(searcher, sp)
+            ext = searcher.models.get(sp)
             path = (self.gallery.meta([item_id])[0] or {}).get("path")
             if ext is None or not path:
                 raise ServiceError(409, "no_query_data",
                                    f"item {item_id!r} has no vector of {sp!r} and no stored "
                                    "image to embed")
-            from galleria.images.decode import load_image
-
             try:
                 img = load_image(path)
             except GalleriaError as exc:
@@ -542,25 +526,28 @@ class Engine:
     # ----------------------------------------------------------------- info
     def info(self) -> dict[str, Any]:
         g = self.gallery
-        token = self.state_token()
-        st = self.upgrade_state(token)
-        spaces = []
-        for sp in g.spaces():
-            spaces.append({"space": sp.space, "kind": sp.kind, "dim": sp.dim, "count": sp.count,
-                           "generation": g.generation(sp.space), "index": g.index_spec(sp.space),
-                           "model": sp.info.get("name"), "primary": sp.space == token[0]})
-        cur = self._searchers.get("global")
+        state = g.state()
+        st = self.upgrade_state(state)
+        spaces = [{"space": sp.space, "kind": sp.kind, "dim": sp.dim, "count": sp.count,
+                   "generation": sp.generation, "index": sp.index_spec,
+                   "model": sp.info.get("name"), "primary": sp.space == state.primary}
+                  for sp in state.spaces]
+        try:
+            default: dict[str, Any] | None = choose(state, self.request(None)).to_dict()
+        except (InputError, ServiceError):
+            default = None  # an empty gallery
         return {
             "gallery": g.path.name,
             "items": len(g),
-            "primary_space": token[0],
+            "primary_space": state.primary,
             "spaces": spaces,
             "upgrade": None if st is None else {
                 "old_space": st.old_space, "new_space": st.new_space,
                 "new_model": st.new_model, "mode": st.mode},
-            "finishing": bool(token[2]),
-            "searcher": describe(cur[1]) if cur is not None else None,
+            "finishing": bool(state.setting(FINISHING_KEY)),
+            "searcher": default,
             "models_loaded": self.models.fingerprints(),
+            "payload_fields": g.payload_fields(),
             "limits": {"max_k": self.config.max_k, "max_offset": self.config.max_offset,
                        "max_batch": self.config.max_batch,
                        "max_upload_bytes": self.config.max_upload_bytes,

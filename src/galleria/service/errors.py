@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from fastapi.responses import JSONResponse
+
 from galleria.errors import (
     BusyError,
     CompatibilityError,
@@ -72,3 +74,8 @@ def from_galleria(exc: GalleriaError) -> ServiceError:
     if isinstance(exc, UpgradeError):
         return ServiceError(409, "upgrade", msg)
     return ServiceError(500, "galleria", msg)
+
+
+def error_response(err: ServiceError) -> JSONResponse:
+    """The JSON response of a refusal (its status and headers)."""
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import threading
 import time
 from collections import OrderedDict
@@ -28,58 +27,29 @@ from typing import Any
 
 from PIL import Image
 
-from galleria.errors import GalleriaError
+from galleria.errors import GalleriaError, InputError
+from galleria.ids import MAX_ID_CHARS as MAX_IDS
+from galleria.images.decode import ImageDecodeError, load_image, parse_bbox
+from galleria.service import validation
 from galleria.service.engine import Engine, public_meta
 from galleria.service.errors import ServiceError, bad_request, from_galleria, not_found
+from galleria.store.images import record_path
 from galleria.types import MISSING_KEY
 
 UPLOADS = "uploads"
-MAX_ID_CHARS = 1024
-
-
-def check_item_id(item_id: Any) -> str:
-    """An item id from a client: a non-empty UTF-8 string without control characters."""
-    if not isinstance(item_id, str) or not item_id:
-        raise bad_request("the item id must be a non-empty string", "bad_id")
-    if len(item_id) > MAX_ID_CHARS:
-        raise bad_request(f"the item id is longer than {MAX_ID_CHARS} characters", "bad_id")
-    try:
-        item_id.encode("utf-8")
-    except UnicodeEncodeError:
-        raise bad_request("the item id is not valid UTF-8 (an unpaired surrogate)",
-                          "bad_id") from None
-    if any(ord(c) < 32 or ord(c) == 127 for c in item_id):
-        raise bad_request("the item id contains control characters", "bad_id")
-    return item_id
-
-
-def check_metadata(raw: Any, limit: int) -> dict[str, Any]:
-    """Client metadata: a JSON object of at most ``limit`` bytes (no key ``path``)."""
-    if raw is None or raw == "":
-        return {}
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise bad_request(f"metadata is not valid JSON: {exc}", "bad_json") from exc
-    if not isinstance(raw, dict):
-        raise bad_request("metadata must be a JSON object", "bad_metadata")
-    size = len(json.dumps(raw))
-    if size > limit:
-        raise bad_request(f"metadata is {size} bytes; the limit is {limit}", "bad_metadata")
-    if "path" in raw:
-        raise bad_request("metadata key 'path' is reserved (the server records where it "
-                          "stored the image)", "bad_metadata")
-    return raw
+MAX_ID_CHARS = MAX_IDS
+check_item_id = validation.check_item_id
+"""An item id from a client: the rule of :mod:`galleria.ids` (400 otherwise)."""
+check_metadata = validation.check_metadata
+"""Client metadata by the schema of :mod:`galleria.service.validation` (400 otherwise)."""
 
 
 def target_spaces(engine: Engine) -> tuple[list[str], list[str]]:
     """``(spaces to embed a new item into, spaces to drop it from)``."""
-    g = engine.gallery
-    token = engine.state_token()
-    primary = token[0]
-    st = engine.upgrade_state(token)
-    spaces = [s for s in g.spaces() if s.count > 0 or s.space == primary]
+    state = engine.gallery.state()
+    primary = state.primary
+    st = engine.upgrade_state(state)
+    spaces = [s for s in state.spaces if s.count > 0 or s.space == primary]
     names = [s.space for s in spaces]
     drop: list[str] = []
     if st is not None:
@@ -116,7 +86,10 @@ def add_item(engine: Engine, item_id: str, data: bytes, *, filename: str = "uplo
     path = save_upload(engine.path, data)
     st = path.stat()
     digest = "sha256:" + path.stem
-    meta = {**(metadata or {}), "path": str(path), "filename": filename[:255],
+    # recorded relative to the gallery (resolved against it on read): the gallery can be
+    # served, repaired and upgraded from any working directory
+    meta = {**(metadata or {}), "path": record_path(engine.path, path),
+            "filename": _printable(filename)[:255],
             "uploaded": round(time.time(), 3)}
     done: dict[str, int] = {}
     try:
@@ -173,15 +146,12 @@ def remove_item(engine: Engine, item_id: str) -> dict[str, Any]:
 def get_item(engine: Engine, item_id: str) -> dict[str, Any]:
     g = engine.gallery
     item_id = check_item_id(item_id)
-    row = g.db.one("SELECT key, meta, added, content FROM items WHERE id=?", (item_id,))
-    if row is None:
+    rec = g.item(item_id)
+    if rec is None:
         raise not_found(f"no item {item_id!r} in this gallery")
-    spaces = [r[0] for r in g.db.all("SELECT space FROM vectors WHERE key=? ORDER BY space",
-                                     (int(row[0]),))]
-    meta = json.loads(row[1])
-    path = meta.get("path")
-    return {"id": item_id, "metadata": public_meta(meta), "spaces": spaces,
-            "added": row[2], "content": row[3],
+    path = rec.meta.get("path")
+    return {"id": item_id, "metadata": public_meta(rec.meta), "spaces": list(rec.spaces),
+            "added": rec.added, "content": rec.content,
             "has_image": bool(path) and Path(path).is_file()}
 
 
@@ -230,16 +200,14 @@ THUMB_SIZES = (64, 128, 256, 512)
 def thumbnail(engine: Engine, cache: ThumbnailCache, item_id: str, size: int
               ) -> tuple[bytes, str]:
     """``(JPEG bytes, ETag)`` of an item's image, at most ``size`` pixels a side."""
-    from galleria.images.decode import load_image
-
     if size not in THUMB_SIZES:
         raise bad_request(f"size must be one of {list(THUMB_SIZES)}; got {size}", "bad_size")
     item_id = check_item_id(item_id)
-    row = engine.gallery.db.one("SELECT meta, content FROM items WHERE id=?", (item_id,))
-    if row is None:
+    rec = engine.gallery.item(item_id)
+    if rec is None:
         raise not_found(f"no item {item_id!r} in this gallery")
-    meta = json.loads(row[0])
-    content = row[1] or ""
+    meta = rec.meta
+    content = rec.content or ""
     key = (item_id, content, size)
     etag = '"' + hashlib.sha1(repr(key).encode()).hexdigest()[:16] + '"'
     hit = cache.get(key)
@@ -249,9 +217,17 @@ def thumbnail(engine: Engine, cache: ThumbnailCache, item_id: str, size: int
     if not path:
         raise not_found(f"item {item_id!r} has no stored image")
     try:
-        img = load_image(path, bbox=_bbox(meta.get("bbox")), min_side=1)
+        box = parse_bbox(meta.get("bbox"))
+    except InputError as exc:  # a record written before the API checked metadata
+        raise ServiceError(422, "bad_record", f"item {item_id!r} has an invalid stored crop "
+                           f"box ({exc}); replace the item with a valid 'bbox'") from None
+    try:
+        img = load_image(path, bbox=box, min_side=1)
+    except ImageDecodeError as exc:
+        raise not_found(f"the image of item {item_id!r} is not available: "
+                        f"{exc.reason}") from exc
     except GalleriaError as exc:
-        raise not_found(f"the image of item {item_id!r} is not available: {exc}") from exc
+        raise not_found(f"the image of item {item_id!r} is not available") from exc
     img.thumbnail((size, size), Image.Resampling.LANCZOS if size <= 128 else
                   Image.Resampling.BILINEAR)
     buf = io.BytesIO()
@@ -261,11 +237,72 @@ def thumbnail(engine: Engine, cache: ThumbnailCache, item_id: str, size: int
     return data, etag
 
 
+def _printable(text: str) -> str:
+    """A client's file name as the record keeps it: control characters dropped."""
+    return "".join(c for c in str(text) if c.isprintable())
+
+
+FULL_MAX_SIDE = 4096
+
+
+def full_image(engine: Engine, item_id: str) -> tuple[bytes, str]:
+    """``(JPEG bytes, ETag)`` of an item's image at full size (EXIF orientation and its crop
+    box applied; at most ``FULL_MAX_SIDE`` pixels a side)."""
+    from galleria.images.decode import load_image
+
+    item_id = check_item_id(item_id)
+    rec = engine.gallery.item(item_id)
+    if rec is None:
+        raise not_found(f"no item {item_id!r} in this gallery")
+    path = rec.meta.get("path")
+    if not path:
+        raise not_found(f"item {item_id!r} has no stored image")
+    try:
+        img = load_image(path, bbox=_bbox(rec.meta.get("bbox")), min_side=1)
+    except GalleriaError as exc:
+        raise not_found(f"the image of item {item_id!r} is not available: {exc}") from exc
+    if max(img.size) > FULL_MAX_SIDE:
+        img.thumbnail((FULL_MAX_SIDE, FULL_MAX_SIDE), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=92)
+    etag = '"' + hashlib.sha1(repr((item_id, rec.content, "full")).encode()).hexdigest()[:16] \
+        + '"'
+    return buf.getvalue(), etag
+
+
+def list_page(engine: Engine, *, where: Any = None, cursor: str | None = None,
+              limit: int = 50, count: bool = False, space: str | None = None
+              ) -> dict[str, Any]:
+    """One page of items (insertion order) matching ``where``; ``count``: the total too."""
+    g = engine.gallery
+    try:
+        if where is not None:
+            where = g.bind_filter(where)
+        page = g.list_items(where, space=space, cursor=cursor, limit=limit)
+        out = page.to_dict(public=True)
+        if count:
+            out["count"] = g.count_items(where, space=space)
+    except GalleriaError as exc:
+        raise bad_request(str(exc), "bad_listing") from exc
+    return out
+
+
+def count(engine: Engine, *, where: Any = None, space: str | None = None) -> dict[str, Any]:
+    g = engine.gallery
+    try:
+        if where is not None:
+            where = g.bind_filter(where)
+        return {"count": g.count_items(where, space=space)}
+    except GalleriaError as exc:
+        raise bad_request(str(exc), "bad_filter") from exc
+
+
 def _bbox(b: Any) -> tuple[float, float, float, float] | None:
     if isinstance(b, (list, tuple)) and len(b) == 4:
         return tuple(float(v) for v in b)  # type: ignore[return-value]
     return None
 
 
-__all__ = ["ThumbnailCache", "add_item", "check_item_id", "check_metadata", "get_item",
-           "remove_item", "save_upload", "target_spaces", "thumbnail"]
+__all__ = ["ThumbnailCache", "add_item", "check_item_id", "check_metadata", "count",
+           "full_image", "get_item", "list_page", "remove_item", "save_upload",
+           "target_spaces", "thumbnail"]

@@ -88,20 +88,29 @@ class WorkerPool:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
+def mib(n: int) -> str:
+    """A byte count as the user gave it (``--max-upload-mb 20`` -> ``20 MiB``)."""
+    v = n / 2**20
+    return f"{v:g} MiB" if v >= 1 and float(v).is_integer() else \
+        f"{v:.2f} MiB" if v >= 0.01 else f"{n} bytes"
+
+
 class BodyTooLarge(ServiceError):
-    def __init__(self, limit: int) -> None:
+    def __init__(self, upload_limit: int) -> None:
         super().__init__(413, "too_large",
-                         f"request body larger than the limit of {limit} bytes "
-                         f"({limit / 2**20:.1f} MiB); send a smaller image "
-                         "(galleria serve --max-upload-mb)")
+                         f"the request is larger than the upload limit of {mib(upload_limit)}; "
+                         "send a smaller image (galleria serve --max-upload-mb)")
 
 
 class BodyLimit:
-    """ASGI middleware: 413 JSON for bodies over ``limit`` bytes."""
+    """ASGI middleware: 413 JSON for bodies over ``upload_limit`` bytes plus ``slack``
+    (room for a multipart request's headers around an image of the limit's size); the
+    message quotes the upload limit the server was given."""
 
-    def __init__(self, app: Any, limit: int) -> None:
+    def __init__(self, app: Any, upload_limit: int, slack: int = 2**20) -> None:
         self.app = app
-        self.limit = int(limit)
+        self.upload_limit = int(upload_limit)
+        self.limit = int(upload_limit) + int(slack)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -114,10 +123,10 @@ class BodyLimit:
                 except ValueError:
                     n = -1
                 if n > self.limit:
-                    await _send_error(send, BodyTooLarge(self.limit))
+                    await _send_error(send, BodyTooLarge(self.upload_limit))
                     return
         seen = 0
-        limit = self.limit
+        limit, shown = self.limit, self.upload_limit
 
         async def counting_receive() -> dict[str, Any]:
             nonlocal seen
@@ -125,7 +134,7 @@ class BodyLimit:
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > limit:
-                    raise BodyTooLarge(limit)
+                    raise BodyTooLarge(shown)
             return msg  # type: ignore[no-any-return]
 
         await self.app(scope, counting_receive, send)

@@ -4,14 +4,73 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from typing import Any
 
 from galleria.service.engine import QuerySpec, ServiceConfig
 from galleria.service.errors import ServiceError, bad_request
-from galleria.service.items import check_item_id
+from galleria.service.limits import mib
+from galleria.service.validation import check_item_id, loads
 
 QUERY_KEYS = ("image_base64", "embedding", "embeddings", "id")
+OPTION_KEYS = ("k", "offset", "pipeline", "return_query", "filter", "where", "min_score")
+SEARCH_KEYS = frozenset((*QUERY_KEYS, "model", "image", *OPTION_KEYS))
+"""Fields of a ``POST /v1/search`` body (JSON, multipart or query string)."""
+BATCH_KEYS = frozenset(("queries", "images", "image", *OPTION_KEYS))
+QUERY_OBJECT_KEYS = frozenset((*QUERY_KEYS, "model"))
+ITEM_KEYS = frozenset(("id", "image", "image_base64", "filename", "metadata", "replace"))
+UPGRADE_KEYS = frozenset(("action", "new_model", "model_options", "mode", "order", "seed",
+                          "calib_size", "limit", "batch_size", "commit_every", "retry_failed",
+                          "force"))
+SCROLL_KEYS = frozenset(("filter", "where", "limit", "cursor", "count", "space"))
+DEDUP_KEYS = frozenset(("k", "candidate", "threshold", "sure", "min_inliers", "verify"))
+
+
+def check_fields(given: Any, allowed: frozenset[str], what: str) -> None:
+    """400 for a field the endpoint does not know (a typo must not be silently ignored)."""
+    unknown = sorted(set(given) - allowed)
+    if unknown:
+        raise bad_request(f"{what}: unknown field(s) {unknown}; known: {sorted(allowed)}",
+                          "unknown_field")
+
+
+def parse_filter_fields(src: dict[str, Any]) -> Any:
+    """The payload filter of a request: ``filter`` (the JSON form: an object, or its text in
+    a form field) and/or ``where`` (compact expressions: a string or a list); ``None``
+    when neither is given. 400 with the parser's message when it is malformed."""
+    from galleria.errors import InputError
+    from galleria.filters import Bool, parse_filter, parse_where
+
+    parts = []
+    try:
+        f = src.get("filter")
+        if f not in (None, "", {}):
+            parts.append(parse_filter(f))
+        w = src.get("where")
+        if w not in (None, "", []):
+            if isinstance(w, str):
+                w = [w]
+            if not isinstance(w, list) or not all(isinstance(x, str) for x in w):
+                raise InputError("'where' must be a string or a list of strings "
+                                 "(compact filter expressions)")
+            parts.append(parse_where(w))
+    except InputError as exc:
+        raise bad_request(str(exc), "bad_filter") from exc
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else Bool(must=tuple(parts))
+
+
+def parse_score(value: Any, name: str) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise bad_request(f"{name} must be a number; got {value!r}", "bad_option") from None
+    if isinstance(value, bool) or not -1.0 <= x <= 1.0:
+        raise bad_request(f"{name} must be a cosine similarity between -1 and 1; got {value!r}",
+                          "out_of_range")
+    return x
 
 
 def parse_int(value: Any, name: str, lo: int, hi: int, default: int) -> int:
@@ -50,9 +109,11 @@ def parse_bool(value: Any, name: str) -> bool:
     raise bad_request(f"{name} must be true or false; got {value!r}", "bad_option")
 
 
-def parse_pipeline(value: Any) -> str:
+def parse_pipeline(value: Any) -> str | None:
+    """A pipeline name; ``None`` (absent, empty or ``auto``): the gallery's default, as
+    the CLI and the Python API choose it."""
     if value is None or value == "" or value == "auto":
-        return "global"
+        return None
     if not isinstance(value, str) or len(value) > 40:
         raise bad_request("pipeline must be a name such as 'global'", "bad_option")
     return value
@@ -65,8 +126,8 @@ def decode_base64(text: Any, limit: int) -> bytes:
     if text.startswith("data:"):
         text = text.partition(",")[2]
     if len(text) > limit * 4 // 3 + 8:
-        raise ServiceError(413, "too_large", f"the image is larger than the limit of {limit} "
-                           "bytes")
+        raise ServiceError(413, "too_large", f"the image is larger than the upload limit of "
+                           f"{mib(limit)} (galleria serve --max-upload-mb)")
     try:
         data = base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError) as exc:
@@ -77,12 +138,10 @@ def decode_base64(text: Any, limit: int) -> bytes:
 
 
 def parse_json_body(body: bytes) -> dict[str, Any]:
+    """A request's JSON object (bounded depth, no NaN: :func:`validation.loads`)."""
     if not body.strip():
         raise bad_request("the request body is empty; send a JSON object", "bad_json")
-    try:
-        obj = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise bad_request(f"the body is not valid JSON: {exc}", "bad_json") from exc
+    obj = loads(body)
     if not isinstance(obj, dict):
         raise bad_request(f"the body must be a JSON object, not {type(obj).__name__}",
                           "bad_json")
@@ -123,4 +182,6 @@ def search_options(src: dict[str, Any], cfg: ServiceConfig) -> dict[str, Any]:
         "offset": parse_int(src.get("offset"), "offset", 0, cfg.max_offset, 0),
         "pipeline": parse_pipeline(src.get("pipeline")),
         "return_query": parse_bool(src.get("return_query"), "return_query"),
+        "where": parse_filter_fields(src),
+        "min_score": parse_score(src.get("min_score"), "min_score"),
     }

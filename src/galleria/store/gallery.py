@@ -22,6 +22,7 @@ sizes and SHA-256 sums in the database: ``galleria check`` / ``galleria repair``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -37,15 +38,15 @@ import numpy as np
 from galleria.errors import CompatibilityError, FormatError, InputError
 from galleria.fingerprint import slug
 from galleria.io.artifact import load_header, make_header, save_header
-from galleria.store import reader, writes
-from galleria.store.db import Database, chunks
+from galleria.store import filtered, items, listing, payloads, reader, writes
+from galleria.store.db import Database
 from galleria.store.lock import WriterLock
 from galleria.store.schema import DB, FORMAT_VERSION, HEADER, SCHEMA
-from galleria.store.views import SpaceView
-from galleria.types import MISSING_KEY, LocalFeatures, SearchResult
+from galleria.store.state import GalleryState, read_state
+from galleria.store.views import KeyFilter, SpaceView
+from galleria.types import LocalFeatures, SearchResult, clamp_k
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,10 @@ class Gallery:
         self._views: dict[str, SpaceView] = {}
         self._refresh_locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
+        self.payload_cache = payloads.PayloadCache()
+        self.filter_sources = filtered.SourceCache()
+        if not readonly:
+            payloads.ensure_on(db)
 
     # ------------------------------------------------------------------ open
     @classmethod
@@ -165,6 +170,25 @@ class Gallery:
         self._check_writable()
         with self.db.write() as c:
             c.execute("DELETE FROM settings WHERE key=?", (key,))
+
+    def update_settings(self, values: dict[str, Any] | None = None,
+                        delete: Sequence[str] = ()) -> None:
+        """Set ``values`` and delete ``delete`` in ONE transaction (readers see all or none)."""
+        self._check_writable()
+        if "primary_space" in (values or {}):
+            self.space_info((values or {})["primary_space"])
+        with self.db.write() as c:
+            for k, v in (values or {}).items():
+                c.execute("INSERT INTO settings(key, value) VALUES(?, ?) "
+                          "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                          (k, json.dumps(v)))
+            for k in delete:
+                c.execute("DELETE FROM settings WHERE key=?", (k,))
+
+    def state(self) -> GalleryState:
+        """Spaces, primary space and settings at one committed state (one read)."""
+        with self.db.read() as c:
+            return read_state(c, self.path)
 
     @property
     def primary_space(self) -> str | None:
@@ -259,63 +283,47 @@ class Gallery:
         r = self.db.one("SELECT generation FROM spaces WHERE space=?", (space,))
         return int(r[0]) if r else 0
 
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[items.Snapshot]:
+        """Lookups at one committed state: ``with g.snapshot() as s: s.item(id) ...``."""
+        with self.db.read() as c:
+            yield items.Snapshot(c, self.path)
+
     def ids(self, space: str | None = None) -> list[str]:
         """Item ids in key order; with ``space``, only items that have data there."""
-        if space is None:
-            return [r[0] for r in self.db.all("SELECT id FROM items ORDER BY key")]
-        return [r[0] for r in self.db.all(
-            "SELECT i.id FROM items i JOIN vectors v ON v.key = i.key WHERE v.space=? "
-            "ORDER BY i.key", (space,))]
+        with self.db.read() as c:
+            return items.ids(c, space)
+
+    def item(self, item_id: str) -> items.ItemRecord | None:
+        """An item's key, metadata, content hash and spaces (``None`` if unknown)."""
+        with self.db.read() as c:
+            return items.item(c, item_id, self.path)
 
     def has(self, ids: Sequence[str], space: str) -> np.ndarray:
         """``(N,)`` bool: which ids already have data in ``space``."""
-        present: set[str] = set()
-        for ch in chunks(list(ids)):
-            q = ",".join("?" * len(ch))
-            present.update(r[0] for r in self.db.all(
-                f"SELECT i.id FROM items i JOIN vectors v ON v.key=i.key "
-                f"WHERE v.space=? AND i.id IN ({q})", (space, *ch)))
-        return np.array([i in present for i in ids], dtype=bool)
+        with self.db.read() as c:
+            return items.has(c, ids, space)
 
     def keys_of(self, ids: Sequence[str]) -> np.ndarray:
         """int64 keys of ids (-1 for unknown ids)."""
-        found: dict[str, int] = {}
-        for ch in chunks([i for i in ids if isinstance(i, str)]):
-            q = ",".join("?" * len(ch))
-            found.update(self.db.all(f"SELECT id, key FROM items WHERE id IN ({q})", ch))
-        return np.array([found.get(i, MISSING_KEY) for i in ids], dtype=np.int64)
+        with self.db.read() as c:
+            return items.keys_of(c, ids)
 
     def ids_of(self, keys: np.ndarray) -> np.ndarray:
         """Object array of ids for int64 keys, ``None`` for -1 or unknown keys (any shape)."""
-        keys = np.asarray(keys, dtype=np.int64)
-        uniq = [int(k) for k in np.unique(keys) if k != MISSING_KEY]
-        found: dict[int, str] = {}
-        for ch in chunks(uniq):
-            q = ",".join("?" * len(ch))
-            found.update(self.db.all(f"SELECT key, id FROM items WHERE key IN ({q})", ch))
-        out = np.empty(keys.shape, dtype=object)
-        flat = out.reshape(-1)
-        for n, k in enumerate(keys.reshape(-1)):
-            flat[n] = found.get(int(k))
-        return out
+        with self.db.read() as c:
+            return items.ids_of(c, keys)
 
     def meta(self, ids: Sequence[str]) -> list[dict[str, Any] | None]:
-        found: dict[str, dict[str, Any]] = {}
-        for ch in chunks(list(ids)):
-            q = ",".join("?" * len(ch))
-            for i, m in self.db.all(f"SELECT id, meta FROM items WHERE id IN ({q})", ch):
-                found[i] = json.loads(m)
-        return [found.get(i) for i in ids]
+        """Items' metadata (``None`` for unknown ids); ``path``, the item's image, is
+        absolute (a path recorded relative to the gallery is resolved against it)."""
+        with self.db.read() as c:
+            return items.metas(c, ids, self.path)
 
     def contents(self, ids: Sequence[str]) -> dict[str, tuple[str | None, int | None, int | None]]:
         """``id -> (content hash, file size, mtime_ns)`` recorded for known ids."""
-        out = {}
-        for ch in chunks(list(ids)):
-            q = ",".join("?" * len(ch))
-            for i, h, s, m in self.db.all(
-                    f"SELECT id, content, fsize, fmtime FROM items WHERE id IN ({q})", ch):
-                out[i] = (h, s, m)
-        return out
+        with self.db.read() as c:
+            return items.contents(c, ids)
 
     # ------------------------------------------------------------------ writes
     def add(self, ids: Sequence[str], vectors: np.ndarray, *, space: str,
@@ -342,9 +350,8 @@ class Gallery:
             if x.ndim != 2:
                 raise InputError(f"vectors must have shape (N, D); got shape {x.shape}")
             self.register_space(space, x.shape[1], info)
-        return writes.add_vectors(self, ids, vectors, space=space, meta=meta, replace=replace,
-                                  drop_spaces=drop_spaces, only_if_in=only_if_in,
-                                  contents=contents)
+        return writes.add_vectors(self, ids, vectors, space=space, meta=meta, contents=contents,
+                                  rules=writes.AddRules(replace, drop_spaces, only_if_in))
 
     def add_local(self, ids: Sequence[str], features: Sequence[LocalFeatures], *, space: str,
                   meta: Sequence[dict[str, Any] | None] | None = None, replace: bool = False,
@@ -352,9 +359,8 @@ class Gallery:
                   drop_spaces: Sequence[str] = (), only_if_in: str | None = None) -> np.ndarray:
         """Store per-item local features (one :class:`LocalFeatures` per id) of a local space."""
         self._check_writable()
-        return writes.add_local(self, ids, features, space=space, meta=meta, replace=replace,
-                                contents=contents, drop_spaces=drop_spaces,
-                                only_if_in=only_if_in)
+        return writes.add_local(self, ids, features, space=space, meta=meta, contents=contents,
+                                rules=writes.AddRules(replace, drop_spaces, only_if_in))
 
     def remove(self, ids: Sequence[str], *, space: str | None = None) -> int:
         """Remove items (all their data), or only their data in ``space``.
@@ -521,6 +527,19 @@ class Gallery:
             for lk in reversed(locks):
                 lk.release()
 
+    def shard_view(self, space: str, keys_filter: KeyFilter) -> SpaceView:
+        """The view of one shard of ``space`` (the items ``keys_filter`` selects) at the
+        latest commit: built from the data, then derived by the change log like every
+        view (on a copy, swapped in; nobody mutates a published view)."""
+        slot = f"{space}#{keys_filter.shard}/{keys_filter.shards}"
+        with self._guard:
+            lock = self._refresh_locks.setdefault(slot, threading.Lock())
+        with lock, self.db.read() as c:
+            new = reader.build_view(c, self.path, space, self._views.get(slot),
+                                    keys_filter=keys_filter)
+            self._views[slot] = new
+            return new
+
     def index(self, space: str | None = None) -> SpaceView:
         """The current view of ``space`` (its index is ``view.base`` + delta)."""
         return self.view(space)
@@ -541,9 +560,38 @@ class Gallery:
         self._check_writable()
         return writes.save_index(self, self._resolve_space(space))
 
+    # -------------------------------------------------------------- payloads
+    def payload_fields(self) -> dict[str, dict[str, int]]:
+        """``{field: {type: items}}``: the filterable fields (store/payloads.py)."""
+        with self.db.read() as c:
+            return payloads.fields(c, self.payload_cache)
+
+    def bind_filter(self, where: Any) -> Any:
+        """``where`` (any filter form) checked against the gallery's fields, values typed
+        (an InputError naming the fields there are, for an unknown one)."""
+        with self.db.read() as c:
+            return payloads.bound(c, payloads.check_where(where), self.payload_cache)
+
+    def match_keys(self, where: Any) -> np.ndarray:
+        """Sorted int64 keys of the items satisfying the filter ``where``."""
+        with self.db.read() as c:
+            return payloads.match_keys(c, payloads.check_where(where), self.payload_cache)
+
+    def count_items(self, where: Any = None, *, space: str | None = None) -> int:
+        """Items satisfying ``where`` (any filter form), holding data in ``space`` if given."""
+        with self.db.read() as c:
+            return listing.count_items(c, where, space=space, cache=self.payload_cache)
+
+    def list_items(self, where: Any = None, *, space: str | None = None,
+                   cursor: str | None = None, limit: int = 100) -> listing.Page:
+        """One page of items in insertion order (``page.next_cursor`` continues it)."""
+        with self.db.read() as c:
+            return listing.list_items(c, where, space=space, cursor=cursor, limit=limit,
+                                      cache=self.payload_cache)
+
     def search(self, queries: np.ndarray, k: int = 10, *, fingerprint: str | None = None,
                space: str | None = None, dim: int | None = None,
-               funnel: tuple[int, int] | None = None) -> SearchResult:
+               funnel: tuple[int, int] | None = None, where: Any = None) -> SearchResult:
         """Top-``k`` items for ``(Q, D)`` query vectors made by model ``fingerprint``.
 
         The caller names the model that made the queries (``fingerprint``) or the
@@ -552,7 +600,9 @@ class Gallery:
         never compared. ``k`` is clamped to the space's size (the result has
         ``min(k, items)`` columns).
         ``dim`` / ``funnel=(shortlist_dim, shortlist)``: adaptive-size search on a
-        ``prefix`` index. Returns string ids (``None`` for missing results).
+        ``prefix`` index. ``where``: only items satisfying this payload filter
+        (store/filtered.py: exact; pre- or post-filter by how many match). Returns
+        string ids (``None`` for missing results).
         """
         from galleria.index.base import check_k
         from galleria.validate import as_embeddings
@@ -579,13 +629,17 @@ class Gallery:
                 f"query vectors have dimension {got} but space {space!r} holds vectors "
                 f"of dimension {view.dim}")
         q = as_embeddings(q, name="queries", dim=view.dim)
+        if where is not None:
+            if dim is not None or funnel is not None:
+                raise InputError("a filter (where) does not combine with dim / funnel search")
+            return filtered.search_filtered(self, q, k, space=space, where=where)[0]
         if (dim is not None or funnel is not None) and not hasattr(view.base, "funnel_search"):
             raise InputError(
                 f"the index of {space!r} is {view.spec!r}; prefix and funnel search need a "
                 "'prefix' index (galleria index ... --index prefix)")
         # k is clamped to the space: a result has min(k, items) columns (k = 1e9 allocates
         # nothing extra)
-        return view.search_ids(q, max(1, min(k, view.count)), dim=dim, funnel=funnel)
+        return view.search_ids(q, clamp_k(k, view.count), dim=dim, funnel=funnel)
 
     # ------------------------------------------------------------- integrity
     def check(self, *, deep: bool = True) -> Any:

@@ -2,16 +2,21 @@
 
 ``check`` verifies the database (SQLite ``quick_check``), every segment file and
 every saved index snapshot against the byte size and SHA-256 recorded when they
-were written, the bookkeeping (counts, row ranges) and names the items each
-damaged file holds. ``repair``:
+were written, the bookkeeping (counts, row ranges), names the items each
+damaged file holds, and lists items that are lost, hold no data at all, or whose
+image file cannot be found. ``repair``:
 
 1. restores a damaged or missing database from ``gallery.sqlite.backup`` (made
    after every finished job; the damaged one is kept aside);
-2. takes damaged segments out of the store (their items leave search at once),
-   re-embeds those items from their stored image paths with the space's own
-   extractor (rebuilt from its config), and records the ones whose images are
-   gone too as *lost* (kept out of search, listed by ``check``, removable);
-3. drops damaged index snapshots, recounts, rebuilds and saves every index.
+2. takes damaged segments out of the store (their items leave search at once)
+   and, in the same transaction, records each of their items as pending in the
+   ``lost`` table (a write-ahead record: a repair killed later leaves them
+   listed, never silently gone);
+3. re-embeds every item the ``lost`` table holds from its stored image with the
+   space's own extractor (rebuilt from its config); each committed batch clears
+   its records; the items whose images are gone stay *lost* with the reason
+   (kept out of search, listed by ``check``, removable);
+4. drops damaged index snapshots, recounts, rebuilds and saves every index.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import os
 import shutil
 import sqlite3
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +37,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from galleria.errors import FormatError, GalleriaError, InputError
+from galleria.images.decode import parse_bbox
 from galleria.images.sources import SourceItem
 from galleria.store.db import chunks
+from galleria.store.images import resolve_image_path
 from galleria.store.schema import BACKUP, DB
 from galleria.store.segments import check_file
 from galleria.store.writes import delete_vectors, retire
@@ -106,17 +114,91 @@ def check(g: Gallery, *, deep: bool = True) -> CheckReport:
         if real and int(real[0]) != int(count):
             probs.append(Problem("bookkeeping", str(g.db.path),
                                  f"space count {count} but {real[0]} items hold data", space))
+    probs.extend(_lost_problems(g))
+    probs.extend(_orphan_problems(g))
+    probs.extend(_image_problems(g))
+    return CheckReport(str(g.path), probs, len(segs), len(snaps), len(g))
+
+
+PENDING = ("re-embedding by `galleria repair` did not finish (interrupted?): run "
+           "`galleria repair` again")
+"""The reason recorded, in the same transaction that takes an item's damaged data out
+of the store, for every item ``repair`` is about to re-make (its write-ahead
+record): an interrupted repair leaves them listed, never silently gone."""
+ORPHAN = "held no data in any space and was not recorded as lost"
+
+
+def _lost_problems(g: Gallery) -> list[Problem]:
     lost = g.db.all("SELECT l.space, i.id, l.reason FROM lost l JOIN items i ON i.key=l.key "
                     "ORDER BY l.space, i.key")
-    by_space: dict[str, list[tuple[str, str]]] = {}
+    by_space: dict[tuple[str, bool], list[tuple[str, str]]] = {}
     for space, i, why in lost:
-        by_space.setdefault(space, []).append((i, why))
-    for space, entries in by_space.items():
-        probs.append(Problem("lost", str(g.path), f"{len(entries)} items lost their data and "
-                             f"could not be re-made ({entries[0][1]}); remove them with "
-                             f"`galleria remove` or restore their images and run repair",
-                             space, [e[0] for e in entries], len(entries)))
-    return CheckReport(str(g.path), probs, len(segs), len(snaps), len(g))
+        by_space.setdefault((space, why == PENDING), []).append((i, why))
+    out = []
+    for (space, pending), entries in by_space.items():
+        if pending:
+            msg = (f"{len(entries)} items are being re-made by `galleria repair`, or a repair "
+                   "was interrupted: run `galleria repair` to finish it")
+        else:
+            msg = (f"{len(entries)} items lost their data and could not be re-made "
+                   f"({entries[0][1]}); remove them with `galleria remove` or restore their "
+                   "images and run `galleria repair`")
+        out.append(Problem("lost", str(g.path), msg, space, [e[0] for e in entries],
+                           len(entries)))
+    return out
+
+
+def _orphans(c: sqlite3.Connection) -> list[tuple[int, str]]:
+    """``(key, id)`` of items that hold no data in any space and are not recorded as lost
+    (data lost silently, e.g. by a repair of galleria <= 0.2 killed while re-embedding)."""
+    return [(int(k), str(i)) for k, i in c.execute(
+        "SELECT i.key, i.id FROM items i WHERE NOT EXISTS (SELECT 1 FROM vectors v WHERE "
+        "v.key = i.key) AND NOT EXISTS (SELECT 1 FROM lost l WHERE l.key = i.key) "
+        "ORDER BY i.key")]
+
+
+def _orphan_problems(g: Gallery) -> list[Problem]:
+    with g.db.read() as c:
+        orphans = _orphans(c)
+    if not orphans:
+        return []
+    return [Problem("orphan", str(g.db.path),
+                    f"{len(orphans)} items hold no data in any space and are not recorded as "
+                    "lost: run `galleria repair` to re-make them from their images",
+                    None, [i for _, i in orphans], len(orphans))]
+
+
+def _image_problems(g: Gallery, batch: int = 4096) -> list[Problem]:
+    """Items (not already lost) whose recorded image file cannot be found: ``upgrade run``
+    and ``repair`` could not re-embed them, the service shows no thumbnail."""
+    missing: list[str] = []
+    first = ""
+    last = -1
+    while True:
+        rows = g.db.all("SELECT i.key, i.id, i.meta FROM items i WHERE i.key > ? AND NOT EXISTS "
+                        "(SELECT 1 FROM lost l WHERE l.key = i.key) ORDER BY i.key LIMIT ?",
+                        (last, batch))
+        if not rows:
+            break
+        last = int(rows[-1][0])
+        for _, i, m in rows:
+            try:
+                stored = json.loads(m).get("path")
+            except (ValueError, AttributeError):
+                stored = None
+            if not stored:
+                continue  # nothing recorded (vectors added through the API): nothing to find
+            path = resolve_image_path(g.path, stored)
+            if path is None or not os.path.isfile(path):
+                missing.append(i)
+                first = first or str(path)
+    if not missing:
+        return []
+    return [Problem("image", str(g.path),
+                    f"{len(missing)} items' images cannot be found (first: {first}): "
+                    "`galleria repair` and `galleria upgrade run` could not re-embed them; "
+                    "restore the files, or remove the items with `galleria remove`",
+                    None, missing, len(missing))]
 
 
 # ------------------------------------------------------------------ repair
@@ -200,7 +282,15 @@ Reembed = Callable[[Any, list[SourceItem]], Iterator[Any]]
 def repair(g: Gallery, *, reembed: Reembed | None = None) -> RepairReport:
     """Repair ``g`` in place (see the module docstring); call :func:`restore_database`
     first when the database itself may be damaged. Without ``reembed``, items whose
-    data was in a damaged file are recorded as lost."""
+    data was in a damaged file are recorded as lost.
+
+    Safe to kill at any point: the transaction that takes a damaged segment out of the
+    store also records each of its items as *pending* in the ``lost`` table (a
+    write-ahead record); each re-embedded batch clears its items' records in the
+    transaction that stores their new data. A killed repair therefore leaves the rest
+    listed (``check`` reports them) and the next ``repair`` re-makes every item the
+    ``lost`` table holds -- also earlier lost items whose images are back.
+    """
     g._check_writable()
     rep = RepairReport(str(g.path))
     report = check(g, deep=True)
@@ -214,7 +304,6 @@ def repair(g: Gallery, *, reembed: Reembed | None = None) -> RepairReport:
                     if row:
                         retire(c, [row[0]])
                 rep.dropped_snapshots.append(p.path)
-        todo: dict[str, list[int]] = {}
         for p in report.problems:
             if p.what != "segment" or p.space is None:
                 continue
@@ -230,17 +319,29 @@ def repair(g: Gallery, *, reembed: Reembed | None = None) -> RepairReport:
                               f"({','.join('?' * len(ch))})", (p.space, seg[0], *ch))
                 c.executemany("INSERT INTO log(space, op, key) VALUES(?, 'del', ?)",
                               [(p.space, k) for k in keys])
+                _mark(c, p.space, keys, PENDING)  # the write-ahead record, same transaction
                 c.execute("DELETE FROM segments WHERE segment=?", (seg[0],))
                 retire(c, [rel])
                 _recount(c, p.space)
-            todo.setdefault(p.space, []).extend(keys)
             rep.dropped_segments.append(p.path)
         with g.db.write() as c:
+            orphans = _orphans(c)
+            home = _home_space(c)
+            if orphans and home is not None:
+                log.warning("%d items held no data in any space: re-making them in %s",
+                            len(orphans), home)
+                _mark(c, home, [k for k, _ in orphans], PENDING)
             for p in report.problems:
                 if p.what == "bookkeeping" and p.space is not None:
                     _recount(c, p.space)
                     rep.recounted.append(p.space)
+    todo: dict[str, list[int]] = {}
+    for space, key, why in g.db.all("SELECT space, key, reason FROM lost ORDER BY space, key"):
+        if reembed is not None or why == PENDING:  # without re-embedding, older reasons stay
+            todo.setdefault(space, []).append(int(key))
     for space, keys in todo.items():
+        if not g.has_space(space):
+            continue
         done, lost = _reembed(g, space, keys, reembed)
         rep.reembedded[space] = done
         if lost:
@@ -254,6 +355,24 @@ def repair(g: Gallery, *, reembed: Reembed | None = None) -> RepairReport:
     return rep
 
 
+def _mark(c: sqlite3.Connection, space: str, keys: list[int], reason: str) -> None:
+    now = time.time()
+    c.executemany("INSERT OR REPLACE INTO lost(key, space, reason, at) VALUES(?,?,?,?)",
+                  [(int(k), space, reason, now) for k in keys])
+
+
+def _home_space(c: sqlite3.Connection) -> str | None:
+    """Where an item that lost all its data is re-made: the primary space, else the
+    oldest space."""
+    row = c.execute("SELECT value FROM settings WHERE key='primary_space'").fetchone()
+    if row is not None:
+        space = json.loads(row[0])
+        if c.execute("SELECT 1 FROM spaces WHERE space=?", (space,)).fetchone():
+            return str(space)
+    row = c.execute("SELECT space FROM spaces ORDER BY created LIMIT 1").fetchone()
+    return None if row is None else str(row[0])
+
+
 def _recount(c: sqlite3.Connection, space: str) -> None:
     n = c.execute("SELECT COUNT(*) FROM vectors WHERE space=?", (space,)).fetchone()[0]
     gen = c.execute("SELECT MAX(gen) FROM log WHERE space=?", (space,)).fetchone()[0] or 0
@@ -262,22 +381,31 @@ def _recount(c: sqlite3.Connection, space: str) -> None:
 
 def _reembed(g: Gallery, space: str, keys: list[int], reembed: Reembed | None
              ) -> tuple[int, list[str]]:
-    """Re-make the data of ``keys`` in ``space`` from their images; returns (done, lost ids)."""
-    ids = [str(i) for i in g.ids_of(np.array(keys, np.int64))]
-    metas = g.meta(ids)
+    """Re-make the data of ``keys`` in ``space`` from their images; returns (done, lost ids).
+
+    Each committed batch clears its items' ``lost`` records (in the same transaction);
+    the others get the reason they could not be re-made.
+    """
+    found = g.ids_of(np.array(keys, np.int64))
+    key_of = {str(i): int(k) for i, k in zip(found, keys, strict=True) if i is not None}
+    ids = list(key_of)  # items removed meanwhile are left out
+    metas = g.meta(ids)  # image paths resolved against the gallery
     lost: list[tuple[int, str, str]] = []
     items: list[SourceItem] = []
-    key_of = dict(zip(ids, keys, strict=True))
     for i, m in zip(ids, metas, strict=True):
         path = (m or {}).get("path")
         if reembed is None:
             lost.append((key_of[i], i, "re-embedding was not asked for"))
-        elif not path or not Path(path).is_file():
+            continue
+        if not path or not Path(path).is_file():
             lost.append((key_of[i], i, f"its image {path or '(no path recorded)'} is gone"))
-        else:
-            box = (m or {}).get("bbox")
-            items.append(SourceItem(id=i, path=Path(path),
-                                    bbox=tuple(box) if isinstance(box, list) else None))
+            continue
+        try:
+            box = parse_bbox((m or {}).get("bbox"))
+        except InputError as exc:
+            lost.append((key_of[i], i, f"its stored crop box is invalid ({exc})"))
+            continue
+        items.append(SourceItem(id=i, path=Path(path), bbox=box))
     done = 0
     if items and reembed is not None:
         info = g.space_info(space)
@@ -297,9 +425,10 @@ def _reembed(g: Gallery, space: str, keys: list[int], reembed: Reembed | None
             done += len(bids)
     if lost:
         now = time.time()
-        with g.db.write() as c:
-            c.executemany("INSERT OR REPLACE INTO lost(key, space, reason, at) VALUES(?,?,?,?)",
-                          [(k, space, why, now) for k, _, why in lost])
+        with g.writer_lock.hold(), g.db.write() as c:
+            c.executemany("INSERT OR REPLACE INTO lost(key, space, reason, at) SELECT ?, ?, ?, ? "
+                          "WHERE EXISTS (SELECT 1 FROM items WHERE key = ?)",
+                          [(k, space, why, now, k) for k, _, why in lost])
     return done, [i for _, i, _ in lost]
 
 
@@ -307,8 +436,12 @@ def _reembed(g: Gallery, space: str, keys: list[int], reembed: Reembed | None
 def backup(g: Gallery) -> Path:
     """Copy the database into ``gallery.sqlite.backup`` (consistent, atomic)."""
     target = g.path / BACKUP
-    tmp = g.path / f".{BACKUP}.tmp"
-    tmp.unlink(missing_ok=True)
+    # a name of its own: processes finishing jobs at once never write one file
+    tmp = g.path / f".{BACKUP}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    for old in g.path.glob(f".{BACKUP}.*.tmp"):  # left by a killed backup
+        with contextlib.suppress(OSError):
+            if time.time() - old.stat().st_mtime > 3600:
+                old.unlink()
     dst = sqlite3.connect(tmp)
     try:
         g.db.conn().backup(dst)

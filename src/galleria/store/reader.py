@@ -24,7 +24,7 @@ from galleria.errors import CompatibilityError, FormatError
 from galleria.store.db import chunks
 from galleria.store.segments import check_file, open_array, unpack_local
 from galleria.store.source import ChainSource, space_source
-from galleria.store.views import IdMap, SpaceView, copy_index, load_any_index
+from galleria.store.views import IdMap, KeyFilter, SpaceView, copy_index, load_any_index
 from galleria.types import LocalFeatures
 
 log = logging.getLogger(__name__)
@@ -63,18 +63,21 @@ def _damaged(root: Path, file: str, problem: str, n_items: int) -> FormatError:
     )
 
 
-def load_space(c: sqlite3.Connection, root: Path, row: SpaceRow, *, verify: bool = True
-               ) -> tuple[np.ndarray, Any]:
-    """Every item of the space: ``(keys (N,) sorted, data)``; data is ``(N, D)`` float32
-    for a global space, ``list[LocalFeatures]`` for a local one."""
+def load_space(c: sqlite3.Connection, root: Path, row: SpaceRow, *, verify: bool = True,
+               keys_filter: KeyFilter | None = None) -> tuple[np.ndarray, Any]:
+    """Every item of the space (of one shard with ``keys_filter``): ``(keys (N,) sorted,
+    data)``; data is ``(N, D)`` float32 for a global space, ``list[LocalFeatures]`` for a
+    local one."""
+    cond, args = keys_filter.sql() if keys_filter is not None else ("1", ())
     segs = c.execute("SELECT segment, file, nbytes, sha256 FROM segments WHERE space=? "
                      "ORDER BY segment", (row.space,)).fetchall()
     keys_parts: list[np.ndarray] = []
     data_parts: list[Any] = []
     sizes = _image_sizes(c, row) if row.kind == "local" else {}
     for seg, file, nbytes, sha in segs:
-        rows = np.array(c.execute("SELECT key, row, n FROM vectors WHERE segment=? ORDER BY row",
-                                  (seg,)).fetchall(), dtype=np.int64).reshape(-1, 3)
+        rows = np.array(c.execute(f"SELECT key, row, n FROM vectors WHERE segment=? AND {cond} "
+                                  "ORDER BY row", (seg, *args)).fetchall(),
+                        dtype=np.int64).reshape(-1, 3)
         if not len(rows):
             continue
         if verify:
@@ -165,9 +168,10 @@ def fetch(c: sqlite3.Connection, root: Path, row: SpaceRow, keys: np.ndarray) ->
                          sizes.get(int(k), (0, 0))) for k in keys]
 
 
-def id_map(c: sqlite3.Connection, space: str) -> IdMap:
+def id_map(c: sqlite3.Connection, space: str, keys_filter: KeyFilter | None = None) -> IdMap:
+    cond, args = keys_filter.sql("v.key") if keys_filter is not None else ("1", ())
     rows = c.execute("SELECT v.key, i.id FROM vectors v JOIN items i ON i.key = v.key "
-                     "WHERE v.space=?", (space,)).fetchall()
+                     f"WHERE v.space=? AND {cond}", (space, *args)).fetchall()
     if not rows:
         return IdMap(np.zeros(0, np.int64), [])
     return IdMap(np.array([r[0] for r in rows], np.int64), [r[1] for r in rows])
@@ -175,31 +179,36 @@ def id_map(c: sqlite3.Connection, space: str) -> IdMap:
 
 # --------------------------------------------------------------------- views
 def build_view(c: sqlite3.Connection, root: Path, space: str,
-               previous: SpaceView | None = None) -> SpaceView:
+               previous: SpaceView | None = None, *,
+               keys_filter: KeyFilter | None = None) -> SpaceView:
     """The view of ``space`` at the state ``c``'s read transaction sees.
 
     Reuses ``previous`` when nothing changed, derives from it by replaying the
     change log when it can, else loads the saved index (verified) or builds one
-    from the store.
+    from the store. ``keys_filter``: a view of one shard's items only (built from
+    the data, never from the whole space's snapshot).
     """
     row = space_row(c, space, root)
+    cond, args = keys_filter.sql() if keys_filter is not None else ("1", ())
     same = previous is not None and previous.spec == row.spec and previous.params == row.params
     if same and previous is not None and previous.generation == row.generation:
         return previous
     if same and previous is not None and previous.generation >= row.log_floor:
-        logrows = c.execute("SELECT op, key FROM log WHERE space=? AND gen>? AND gen<=? "
-                            "ORDER BY gen", (space, previous.generation, row.generation)).fetchall()
+        logrows = c.execute(f"SELECT op, key FROM log WHERE space=? AND gen>? AND gen<=? "
+                            f"AND {cond} ORDER BY gen",
+                            (space, previous.generation, row.generation, *args)).fetchall()
         if len(logrows) <= max(10_000, row.count // 2):
             return merge_view(catch_up(c, root, row, previous, logrows),
                               source=source_factory(c, root, space, row.dim))
-    return merge_view(fresh_view(c, root, row), source=source_factory(c, root, space, row.dim))
+    return merge_view(fresh_view(c, root, row, keys_filter=keys_filter),
+                      source=source_factory(c, root, space, row.dim))
 
 
 def fresh_view(c: sqlite3.Connection, root: Path, row: SpaceRow, *,
-               use_snapshot: bool = True) -> SpaceView:
+               use_snapshot: bool = True, keys_filter: KeyFilter | None = None) -> SpaceView:
     """A view built without a previous one: saved snapshot + log, or from the data."""
-    snap = _load_snapshot(c, root, row) if use_snapshot else None
-    ids = id_map(c, row.space)
+    snap = _load_snapshot(c, root, row) if use_snapshot and keys_filter is None else None
+    ids = id_map(c, row.space, keys_filter)
     if snap is not None:
         base, gen = snap
         logrows = c.execute("SELECT op, key FROM log WHERE space=? AND gen>? AND gen<=? "
@@ -209,7 +218,7 @@ def fresh_view(c: sqlite3.Connection, root: Path, row: SpaceRow, *,
             return fresh_view(c, root, row, use_snapshot=False)
         view = _view(row, base, gen, ids)
         return catch_up(c, root, row, view, logrows)
-    keys, data = load_space(c, root, row)
+    keys, data = load_space(c, root, row, keys_filter=keys_filter)
     base = new_index(row)
     if row.kind == "global" and hasattr(base, "attach_source"):
         # a compressed index re-scores against the segment files (no second copy)
@@ -217,7 +226,7 @@ def fresh_view(c: sqlite3.Connection, root: Path, row: SpaceRow, *,
     if len(keys):
         base.add(keys, data)
     base.generation = row.generation
-    return _view(row, base, row.generation, ids)
+    return _view(row, base, row.generation, ids, keys_filter)
 
 
 def _attach_to_snapshot(c: sqlite3.Connection, root: Path, row: SpaceRow, base: Any,
@@ -267,10 +276,12 @@ def _delta_index(row: SpaceRow, base: Any) -> Any:
     return create_index(spec, row.dim, fingerprint=row.space)
 
 
-def _view(row: SpaceRow, base: Any, gen: int, ids: IdMap) -> SpaceView:
+def _view(row: SpaceRow, base: Any, gen: int, ids: IdMap,
+          keys_filter: KeyFilter | None = None) -> SpaceView:
     empty: Any = np.zeros((0, row.dim), np.float32) if row.kind == "global" else []
     return SpaceView(row.space, row.kind, row.dim, gen, len(base), row.spec, base,
-                     np.zeros(0, np.int64), None, np.zeros(0, np.int64), empty, ids, row.params)
+                     np.zeros(0, np.int64), None, np.zeros(0, np.int64), empty, ids, row.params,
+                     keys_filter)
 
 
 def catch_up(c: sqlite3.Connection, root: Path, row: SpaceRow, prev: SpaceView,
@@ -319,7 +330,7 @@ def _replace(prev: SpaceView, row: SpaceRow, removed: np.ndarray, delta: Any,
     if count != row.count:
         log.debug("view of %s counts %d items, the space row %d", row.space, count, row.count)
     return SpaceView(row.space, row.kind, row.dim, row.generation, count, row.spec, prev.base,
-                     removed, delta, d_keys, d_data, ids, row.params)
+                     removed, delta, d_keys, d_data, ids, row.params, prev.keys_filter)
 
 
 def merge_view(view: SpaceView, *, force: bool = False,
@@ -345,7 +356,7 @@ def merge_view(view: SpaceView, *, force: bool = False,
     empty: Any = np.zeros((0, view.dim), np.float32) if view.kind == "global" else []
     return SpaceView(view.space, view.kind, view.dim, view.generation, len(base), view.spec,
                      base, np.zeros(0, np.int64), None, np.zeros(0, np.int64), empty, view.ids,
-                     view.params)
+                     view.params, view.keys_filter)
 
 
 def _load_snapshot(c: sqlite3.Connection, root: Path, row: SpaceRow) -> tuple[Any, int] | None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from galleria.types import MISSING_KEY, SearchResult
+from galleria.types import MISSING_KEY, SearchResult, merge_top
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,23 @@ def _sorted_table(keys: np.ndarray, ids: Sequence[str] | np.ndarray
 
 
 @dataclass(frozen=True)
+class KeyFilter:
+    """The keys of one shard: ``key % shards == shard`` (balanced as a gallery grows,
+    since keys are handed out in insertion order)."""
+
+    shards: int
+    shard: int
+
+    def __post_init__(self) -> None:
+        if self.shards < 1 or not 0 <= self.shard < self.shards:
+            raise ValueError(f"shard {self.shard} of {self.shards} does not exist")
+
+    def sql(self, column: str = "key") -> tuple[str, tuple[int, int]]:
+        """A SQL condition (to append with AND) and its parameters."""
+        return f"{column} % ? = ?", (self.shards, self.shard)
+
+
+@dataclass(frozen=True)
 class SpaceView:
     """One space of a gallery at one committed generation (immutable).
 
@@ -93,6 +110,7 @@ class SpaceView:
         delta: index of what was added since (``None`` when empty).
         delta_keys / delta_data: the delta's contents (to derive the next delta).
         ids: key -> id map.
+        keys_filter: the shard this view holds (``None``: every item).
     """
 
     space: str
@@ -108,6 +126,7 @@ class SpaceView:
     delta_data: Any
     ids: IdMap
     params: dict[str, Any] = field(default_factory=dict)
+    keys_filter: KeyFilter | None = None
 
     def __len__(self) -> int:
         return self.count
@@ -161,28 +180,6 @@ def _search_index(idx: Any, queries: Any, k: int, kw: dict[str, Any]) -> SearchR
     if kw.get("dim") is not None:
         return idx.search(queries, k, dim=kw["dim"])
     return idx.search(queries, k)
-
-
-def merge_top(parts: list[SearchResult], k: int) -> SearchResult:
-    """Merge per-part results (disjoint keys) into one top-``k``, best first.
-
-    Ties are broken by part order, then by position, so the merge is deterministic.
-    """
-    if not parts:
-        raise ValueError("merge_top needs at least one result")
-    if len(parts) == 1 and parts[0].k >= k:
-        return parts[0].head(k)
-    scores = np.concatenate([p.scores for p in parts], axis=1)
-    ids = np.concatenate([p.ids for p in parts], axis=1)
-    kk = min(k, scores.shape[1])
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :kk]
-    s = np.take_along_axis(scores, order, 1)
-    i = np.take_along_axis(ids, order, 1)
-    if kk < k:
-        out = SearchResult.empty(len(s), k)
-        out.scores[:, :kk], out.ids[:, :kk] = s, i
-        return out
-    return SearchResult(np.ascontiguousarray(s, np.float32), np.ascontiguousarray(i))
 
 
 def load_any_index(path: str | os.PathLike[str], *, fingerprint: str | None = None,

@@ -21,6 +21,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,8 @@ import numpy as np
 
 from galleria.errors import CompatibilityError, InputError, StorageError
 from galleria.fingerprint import slug
+from galleria.ids import id_problem
+from galleria.store import payloads
 from galleria.store.db import chunks
 from galleria.store.segments import WrittenFile, file_digest, pack_local, write_array
 from galleria.types import MISSING_KEY, LocalFeatures
@@ -54,18 +57,13 @@ Content = tuple[str, int | None, int | None]
 
 # ------------------------------------------------------------------ checks
 def check_ids(ids: Sequence[Any]) -> list[str]:
-    """Item ids as strings: non-empty ``str``, valid UTF-8, unique within the call."""
+    """Item ids as strings (the rule of :mod:`galleria.ids`), unique within the call."""
     out: list[str] = []
     for i in ids:
-        if not isinstance(i, str):
-            raise InputError(f"item ids must be strings; got {i!r} ({type(i).__name__})")
-        if not i:
-            raise InputError("item ids must not be empty")
-        try:
-            i.encode("utf-8")
-        except UnicodeEncodeError:
-            raise InputError(f"item id {i!r} is not valid UTF-8 (a file name in another "
-                             "encoding?); give it a UTF-8 id") from None
+        why = id_problem(i)
+        if why is not None:
+            raise InputError(f"{why}; give the item another id" if isinstance(i, str)
+                             else f"{why} ({i!r})")
         out.append(i)
     if not out:
         raise InputError("at least one id is needed")
@@ -119,13 +117,16 @@ def _upsert_items(c: sqlite3.Connection, ids: list[str],
         for i, k, m in c.execute(f"SELECT id, key, meta FROM items WHERE id IN ({q})", ch):
             found[i] = (int(k), m)
     upd_meta = []
+    typed: list[tuple[int, dict[str, Any]]] = []
     for n, i in enumerate(ids):
         if meta is not None and meta[n]:
             old = json.loads(found[i][1])
             old.update(meta[n])  # type: ignore[arg-type]
             upd_meta.append((json.dumps(old), i))
+            typed.append((found[i][0], old))
     if upd_meta:
         c.executemany("UPDATE items SET meta=? WHERE id=?", upd_meta)
+        payloads.write(c, typed)  # the typed, indexed copy, in the same transaction
     if contents is not None:
         c.executemany("UPDATE items SET content=?, fsize=?, fmtime=? WHERE id=?",
                       [(ct[0], ct[1], ct[2], i) for i, ct in zip(ids, contents, strict=True)
@@ -170,27 +171,47 @@ def _space_meta(c: sqlite3.Connection, space: str, where: Path) -> tuple[int, st
 
 
 # ------------------------------------------------------------------ add
+@dataclass(frozen=True)
+class Packed:
+    """One segment's data: ``array`` rows, item ``n`` owning ``starts[n] : starts[n] +
+    counts[n]`` (one row per item for global vectors, its features for local ones)."""
+
+    array: np.ndarray
+    starts: np.ndarray
+    counts: np.ndarray
+
+
+@dataclass(frozen=True)
+class AddRules:
+    """How an add treats existing data (see :meth:`Gallery.add`).
+
+    Attributes:
+        replace: overwrite existing data of (item, space); otherwise an error.
+        drop_spaces: in the same transaction, delete the items' data in these spaces.
+        only_if_in: add only items that still have data in that space at commit time
+            (the others are skipped, key ``-1``): an upgrade never resurrects an item
+            deleted while it was being re-embedded.
+    """
+
+    replace: bool = False
+    drop_spaces: Sequence[str] = ()
+    only_if_in: str | None = None
+
+
 def add_records(
     g: Gallery,
     ids: Sequence[str],
+    data: Packed,
     *,
     space: str,
-    array: np.ndarray,
-    starts: np.ndarray,
-    counts: np.ndarray,
     meta: Sequence[dict[str, Any] | None] | None = None,
     contents: Sequence[Content | None] | None = None,
-    replace: bool = False,
-    drop_spaces: Sequence[str] = (),
-    only_if_in: str | None = None,
+    rules: AddRules = AddRules(),
 ) -> np.ndarray:
-    """Commit one segment (``array``; item ``n`` owns rows ``starts[n] : starts[n] + counts[n]``).
-
-    ``only_if_in``: add only items that still have data in that space (at commit
-    time); the others are skipped (key ``-1`` returned): an upgrade never
-    resurrects an item deleted while it was being re-embedded.
-    Returns the items' int64 keys (``-1`` for skipped ones).
-    """
+    """Commit one segment of ``space`` holding the data of ``ids``; returns the items'
+    int64 keys (``-1`` for items skipped by ``rules.only_if_in``)."""
+    array, starts, counts = data.array, data.starts, data.counts
+    replace, drop_spaces, only_if_in = rules.replace, rules.drop_spaces, rules.only_if_in
     if space in drop_spaces:
         raise InputError("drop_spaces must not contain the target space")
     rel = new_segment_name(space)
@@ -279,7 +300,9 @@ def _drop_empty_items(c: sqlite3.Connection, keys: Sequence[int]) -> None:
 
 
 def add_vectors(g: Gallery, ids: Sequence[Any], vectors: Any, *, space: str,
-                **kw: Any) -> np.ndarray:
+                meta: Sequence[dict[str, Any] | None] | None = None,
+                contents: Sequence[Content | None] | None = None,
+                rules: AddRules = AddRules()) -> np.ndarray:
     """Validate and commit global vectors (see :meth:`Gallery.add`)."""
     ids = check_ids(ids)
     dim, kind, info = _space_meta(g.db.conn(), space, g.path)
@@ -287,12 +310,14 @@ def add_vectors(g: Gallery, ids: Sequence[Any], vectors: Any, *, space: str,
         raise InputError(f"space {space!r} holds local features: use add_local")
     x = check_vectors(vectors, len(ids), dim, normalized=info.get("normalized", True))
     n = len(ids)
-    return add_records(g, ids, space=space, array=x, starts=np.arange(n), counts=np.ones(n, int),
-                       **kw)
+    return add_records(g, ids, Packed(x, np.arange(n), np.ones(n, int)), space=space,
+                       meta=meta, contents=contents, rules=rules)
 
 
 def add_local(g: Gallery, ids: Sequence[Any], features: Sequence[LocalFeatures], *, space: str,
-              meta: Sequence[dict[str, Any] | None] | None = None, **kw: Any) -> np.ndarray:
+              meta: Sequence[dict[str, Any] | None] | None = None,
+              contents: Sequence[Content | None] | None = None,
+              rules: AddRules = AddRules()) -> np.ndarray:
     """Validate and commit per-item local features (see :meth:`Gallery.add_local`)."""
     ids = check_ids(ids)
     feats = list(features)
@@ -311,8 +336,8 @@ def add_local(g: Gallery, ids: Sequence[Any], features: Sequence[LocalFeatures],
     arr, starts, counts = pack_local(feats, dim, info.get("descriptor_dtype", "float32"))
     sizes = [{"image_size": [int(f.image_size[0]), int(f.image_size[1])]} for f in feats]
     merged = [{**(meta[n] or {} if meta else {}), **sizes[n]} for n in range(len(ids))]
-    return add_records(g, ids, space=space, array=arr, starts=starts, counts=counts, meta=merged,
-                       **kw)
+    return add_records(g, ids, Packed(arr, starts, counts), space=space, meta=merged,
+                       contents=contents, rules=rules)
 
 
 # ------------------------------------------------------------------ remove

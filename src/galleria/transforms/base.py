@@ -25,6 +25,7 @@ L2-normalised embeddings galleria stores.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -43,6 +44,7 @@ from galleria.io.estimator import (
     read_saved,
     save_estimator,
 )
+from galleria.train.config import TrainConfig
 from galleria.validate import as_embeddings, l2_normalize
 
 if TYPE_CHECKING:  # torch is imported only by the trained transforms
@@ -55,6 +57,23 @@ ARTIFACT_TYPE = "transform"
 __all__ = ["ARTIFACT_TYPE", "HEADER_FILE", "STATE_FILE", "NotFittedError", "Transform"]
 
 T = TypeVar("T", bound="Transform")
+
+
+SAVED_TRAIN_KEYS = ("epochs", "max_steps", "batch_size", "lr", "weight_decay", "val_fraction",
+                    "patience", "lr_schedule", "seed")
+"""Training options every trained transform's header records (the others only when set)."""
+
+
+def flat_train(config: TrainConfig) -> dict[str, Any]:
+    """``config`` as flat header params: :data:`SAVED_TRAIN_KEYS`, plus any other field
+    that differs from its default."""
+    default = TrainConfig()
+    out = {}
+    for f in dataclasses.fields(TrainConfig):
+        v = getattr(config, f.name)
+        if f.name in SAVED_TRAIN_KEYS or v != getattr(default, f.name):
+            out[f.name] = v
+    return out
 
 
 class NotFittedError(InputError):
@@ -74,6 +93,8 @@ class Transform(abc.ABC):
     kind: ClassVar[str] = ""
     format_version: ClassVar[int] = 1
     nested: ClassVar[bool] = False
+    default_train: ClassVar[TrainConfig | None] = None
+    """Trained transforms: their training defaults (the ``train`` parameter overrides)."""
 
     # ---------------------------------------------------------------- params
     @classmethod
@@ -85,8 +106,29 @@ class Transform(abc.ABC):
         return {name: getattr(self, name) for name in self._param_names()}
 
     def json_params(self) -> dict[str, Any]:
-        """The parameters as JSON-able values (written to the header, hashed)."""
-        return self.get_params()
+        """The parameters as JSON-able values (written to the header, hashed). A trained
+        transform's ``train`` config is written flat (``epochs``, ``lr``...), the layout
+        every saved transform has, so fingerprints of saved transforms do not change."""
+        params = self.get_params()
+        train = params.pop("train", None)
+        if isinstance(train, TrainConfig):
+            params.update(flat_train(train))
+        return params
+
+    @classmethod
+    def params_from(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """Constructor keywords from flat ones (a saved header, ``--param epochs=5``):
+        training options are folded into ``train`` on the class's defaults."""
+        if cls.default_train is None:
+            return dict(params)
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        out = {k: v for k, v in params.items() if k not in names}
+        flat = {k: v for k, v in params.items() if k in names}
+        base = out.pop("train", None) or cls.default_train
+        if isinstance(base, dict):
+            base = dataclasses.replace(cls.default_train, **base)
+        out["train"] = dataclasses.replace(base, **flat) if flat else base
+        return out
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.json_params().items())
@@ -300,7 +342,7 @@ class Transform(abc.ABC):
         header, state = read_saved(
             p, type=ARTIFACT_TYPE, format_version=cls.format_version, kind=cls.kind or None
         )
-        obj = build(cls, header["params"], where=p)
+        obj = build(cls, cls.params_from(header["params"]), where=p)
         try:
             obj.input_dim_ = int(header["input_dim"])
             obj.output_dim_ = int(header["output_dim"])

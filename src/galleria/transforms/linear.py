@@ -1,7 +1,7 @@
 """Closed-form linear transforms: mean-centring, PCA truncation, PCA-whitening.
 
-The learning is pure functions (:func:`learn_pca`, :func:`apply_linear`, and
-:func:`galleria.transforms.whiten.learn_pca_whitening` for whitening); the
+The learning is pure functions (:func:`~galleria.transforms.whiten.learn_pca`,
+:func:`apply_linear` and :func:`~galleria.transforms.whiten.learn_pca_whitening`); the
 classes are thin estimator wrappers. PCA and PCA-whitening are nested:
 components are sorted by decreasing eigenvalue, so ``transform(X, dim=d)`` is
 the same as fitting with ``dim=d``.
@@ -22,34 +22,14 @@ import numpy as np
 
 from galleria.errors import InputError
 from galleria.transforms.base import Transform
+from galleria.transforms.whiten import learn_pca, learn_pca_whitening
 
 if TYPE_CHECKING:
     from galleria.train.loop import ProgressFactory
 
 logger = logging.getLogger(__name__)
 
-
-def learn_pca(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean, eigenvalues and eigenvectors of the covariance of ``(N, D)`` rows.
-
-    Returns:
-        ``mean (D,)`` float64, ``eigvals (D,)`` float64 in decreasing order
-        (covariance with ``N - 1`` in the denominator, clipped at 0) and
-        ``components (D, D)`` float64 whose rows are the eigenvectors; each row's
-        sign is fixed so that its largest-magnitude entry is positive.
-    """
-    X64 = np.asarray(X, dtype=np.float64)
-    n = X64.shape[0]
-    mean = X64.mean(axis=0)
-    Xc = X64 - mean
-    cov = (Xc.T @ Xc) / max(n - 1, 1)
-    eigvals, eigvecs = np.linalg.eigh(cov)
-    order = np.argsort(eigvals)[::-1]
-    eigvals = np.clip(eigvals[order], 0.0, None)
-    comps = eigvecs[:, order].T
-    signs = np.sign(comps[np.arange(comps.shape[0]), np.abs(comps).argmax(axis=1)])
-    signs[signs == 0] = 1.0
-    return mean, eigvals, comps * signs[:, None]
+__all__ = ["PCA", "Center", "PCAWhiten", "apply_linear", "learn_pca"]
 
 
 def apply_linear(X: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
@@ -145,8 +125,6 @@ class PCAWhiten(Transform):
         self.shrinkage = shrinkage
 
     def _fit(self, X: np.ndarray, *, progress: ProgressFactory | None) -> None:
-        from galleria.transforms.whiten import learn_pca_whitening
-
         d = _check_dim(self.kind, self.dim, X.shape[1])
         self.mean_, self.projection_ = learn_pca_whitening(X, dim=d, shrinkage=self.shrinkage)
         self.output_dim_ = d

@@ -61,7 +61,7 @@ def create_transform(kind: str, *, dim: int | None = None, **params: Any) -> Tra
     preset = dict(_CLASSES[kind][2])
     preset.update(params)
     try:
-        return cls(dim=dim, **preset)
+        return cls(dim=dim, **cls.params_from(preset))
     except TypeError as exc:
         names = ", ".join(cls._param_names())
         raise InputError(

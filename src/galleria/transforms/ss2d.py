@@ -1,7 +1,7 @@
 """Adaptive-size embeddings by similarity-space distillation: SS2D, SSD and a Matryoshka baseline.
 
 All three train a *student* ``f: R^D -> R^{d}`` on the raw embeddings to
-reproduce a *teacher*'s in-batch cosine-similarity structure (METHODS.md
+reproduce a *teacher*'s in-batch cosine-similarity structure (docs/methods.md
 section 2). The teacher defaults to an AE-SVC latent of size ``d_max`` fitted
 on the same rows; any fitted transform, a transform spec or a callable can be
 passed as ``teacher=``. The teacher is only needed while fitting.
@@ -54,7 +54,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from galleria.errors import InputError
-from galleria.train.loop import ProgressFactory, TrainConfig, TrainResult, seeded_init, train
+from galleria.train.config import TrainConfig
+from galleria.train.loop import ProgressFactory, TrainResult, seeded_init, train
 from galleria.transforms.aesvc import (
     INPUT_SCALES,
     default_dim,
@@ -132,6 +133,7 @@ class _Distill(Transform):
 
     nested = True
     per_size: ClassVar[bool] = False  # SSD: one student per size
+    default_train = TrainConfig(epochs=100, max_steps=2000, batch_size=256, patience=5)
 
     def __init__(
         self,
@@ -145,15 +147,7 @@ class _Distill(Transform):
         student_layers: int = 1,
         hidden: int | None = None,
         input_scale: str = "sqrt_dim",
-        epochs: int = 100,
-        max_steps: int | None = 2000,
-        batch_size: int = 256,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        val_fraction: float = 0.1,
-        patience: int = 5,
-        lr_schedule: str = "constant",
-        seed: int = 0,
+        train: TrainConfig | None = None,
     ) -> None:
         self.dim = dim
         self.sizes = sizes
@@ -164,19 +158,11 @@ class _Distill(Transform):
         self.student_layers = student_layers
         self.hidden = hidden
         self.input_scale = input_scale
-        self.epochs = epochs
-        self.max_steps = max_steps
-        self.batch_size = batch_size
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.val_fraction = val_fraction
-        self.patience = patience
-        self.lr_schedule = lr_schedule
-        self.seed = seed
+        self.train = self.params_from({"train": train})["train"]
 
     # -- params
     def json_params(self) -> dict[str, Any]:
-        params = self.get_params()
+        params = super().json_params()
         params["teacher"] = _teacher_json(self.teacher)
         for key in ("sizes", "size_weights"):
             if params.get(key) is not None:
@@ -186,11 +172,7 @@ class _Distill(Transform):
         return params
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(
-            epochs=self.epochs, max_steps=self.max_steps, batch_size=self.batch_size,
-            lr=self.lr, weight_decay=self.weight_decay, val_fraction=self.val_fraction,
-            patience=self.patience, seed=self.seed, lr_schedule=self.lr_schedule,
-        )
+        return self.train
 
     # -- sizes
     def _resolve_sizes(self, D: int) -> tuple[int, list[int], list[float]]:
@@ -234,8 +216,8 @@ class _Distill(Transform):
                 kind, params = (spec or "aesvc"), {}
             params.update(self.teacher_params or {})
             params.setdefault("dim", d_max if kind not in ("center",) else None)
-            if "seed" in transform_class(kind)._param_names():
-                params.setdefault("seed", self.seed)
+            if transform_class(kind).default_train is not None:
+                params.setdefault("seed", self.train.seed)
             teacher = create_transform(kind, **params)
         elif isinstance(spec, Transform):
             teacher = spec
@@ -281,7 +263,7 @@ class _Distill(Transform):
         for out_dim, job_sizes, job_weights in jobs:
             # every student starts from the same seed: SSD's size-d student and
             # SS2D's student differ only in their output width and loss
-            student = seeded_init(self.seed, lambda d=out_dim: self._build(d))
+            student = seeded_init(self.train.seed, lambda d=out_dim: self._build(d))
             loss_fn = self._make_loss(student, job_sizes, job_weights)
             self.train_results_[out_dim] = train(
                 student, loss_fn, (Xs, T), config=self.train_config(), progress=progress,
@@ -375,8 +357,7 @@ class SS2D(_Distill):
         student_layers, hidden: student depth (1 = linear, the default) and
             hidden width (default ``(D + d_max) // 2``).
         input_scale: ``"sqrt_dim"`` (default) or ``"none"``.
-        epochs, max_steps, batch_size, lr, weight_decay, val_fraction, patience,
-        lr_schedule, seed: training (:class:`~galleria.train.loop.TrainConfig`),
+        train: training (:class:`~galleria.train.config.TrainConfig`),
             the same budget for every student.
     """
 
@@ -420,23 +401,12 @@ class Matryoshka(_Distill):
         student_layers: int = 1,
         hidden: int | None = None,
         input_scale: str = "sqrt_dim",
-        epochs: int = 100,
-        max_steps: int | None = 2000,
-        batch_size: int = 256,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        val_fraction: float = 0.1,
-        patience: int = 5,
-        lr_schedule: str = "constant",
-        seed: int = 0,
+        train: TrainConfig | None = None,
     ) -> None:
         super().__init__(
             dim=dim, sizes=sizes, size_weights=size_weights, teacher=teacher,
             teacher_params=teacher_params, student_layers=student_layers, hidden=hidden,
-            input_scale=input_scale, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
-            lr=lr,
-            weight_decay=weight_decay, val_fraction=val_fraction, patience=patience,
-            lr_schedule=lr_schedule, seed=seed,
+            input_scale=input_scale, train=train,
         )
         del self.temperature
 

@@ -8,8 +8,9 @@ decreasing order) is scaled by ``1 / sqrt(lambda_i + shrinkage * mean(lambda))``
 * ``shrinkage=1`` (or ``"mean"``) — the regularised variant, which keeps
   low-variance, noisy directions from being blown up.
 
-The convention matches :mod:`galleria.transforms.linear` (covariance with
-``N - 1``, eigenvector signs fixed so the largest-magnitude entry is positive).
+The eigendecomposition is :func:`learn_pca` (covariance
+with ``N - 1``, eigenvector signs fixed so the largest-magnitude entry is positive),
+the one every PCA and whitening in galleria uses.
 Estimator classes can wrap these without changing the numbers.
 """
 
@@ -19,6 +20,29 @@ import numpy as np
 
 from galleria.errors import InputError
 from galleria.validate import as_embeddings, l2_normalize
+
+
+def learn_pca(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean, eigenvalues and eigenvectors of the covariance of ``(N, D)`` rows.
+
+    Returns:
+        ``mean (D,)`` float64, ``eigvals (D,)`` float64 in decreasing order
+        (covariance with ``N - 1`` in the denominator, clipped at 0) and
+        ``components (D, D)`` float64 whose rows are the eigenvectors; each row's
+        sign is fixed so that its largest-magnitude entry is positive.
+    """
+    X64 = np.asarray(X, dtype=np.float64)
+    n = X64.shape[0]
+    mean = X64.mean(axis=0)
+    Xc = X64 - mean
+    cov = (Xc.T @ Xc) / max(n - 1, 1)
+    eigvals, eigvecs = np.linalg.eigh(cov)
+    order = np.argsort(eigvals)[::-1]
+    eigvals = np.clip(eigvals[order], 0.0, None)
+    comps = eigvecs[:, order].T
+    signs = np.sign(comps[np.arange(comps.shape[0]), np.abs(comps).argmax(axis=1)])
+    signs[signs == 0] = 1.0
+    return mean, eigvals, comps * signs[:, None]
 
 
 def learn_pca_whitening(
@@ -48,16 +72,8 @@ def learn_pca_whitening(
         shrinkage = 1.0
     if not (shrinkage >= 0 and np.isfinite(shrinkage)):
         raise InputError(f"shrinkage must be a finite number >= 0, got {shrinkage}")
-    mean = x.mean(axis=0)
-    xc = x - mean
-    cov = (xc.T @ xc) / (n - 1)
-    eigvals, eigvecs = np.linalg.eigh(cov)
-    order = np.argsort(eigvals)[::-1]
-    eigvals = np.clip(eigvals[order], 0.0, None)
-    eigvecs = eigvecs[:, order]
-    signs = np.sign(eigvecs[np.abs(eigvecs).argmax(axis=0), np.arange(d)])
-    signs[signs == 0] = 1.0
-    eigvecs = eigvecs * signs
+    mean, eigvals, comps = learn_pca(x)
+    eigvecs = comps.T
     floor = max(float(eigvals.max()), 1e-30) * 1e-12
     scale = 1.0 / np.sqrt(np.maximum(eigvals + shrinkage * eigvals.mean(), floor))
     P = eigvecs[:, :dim] * scale[:dim]

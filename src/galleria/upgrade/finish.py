@@ -11,7 +11,6 @@ new model alone; the next ``finish`` completes an interrupted clean-up.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -191,13 +190,10 @@ def finish_upgrade(gallery_path: str | os.PathLike[str], *, force: bool = False)
             log.warning("removing %d items that could not be re-embedded", len(failed))
             gallery.remove(failed)
         # the switch: one transaction
-        with gallery.db.write() as c:
-            c.execute("INSERT OR REPLACE INTO settings(key, value) VALUES('primary_space', ?)",
-                      (json.dumps(new),))
-            c.execute("INSERT OR REPLACE INTO settings(key, value) VALUES(?, ?)",
-                      (FINISHING_KEY, json.dumps({"job": state.to_dict(), "dropped": failed,
-                                                  "at": time.time()})))
-            c.execute("DELETE FROM settings WHERE key IN (?, ?)", (STATE_KEY, PROGRESS_KEY))
+        gallery.update_settings(
+            {"primary_space": new,
+             FINISHING_KEY: {"job": state.to_dict(), "dropped": failed, "at": time.time()}},
+            delete=(STATE_KEY, PROGRESS_KEY))
         _clean_up(gallery, state)
         report = FinishReport(str(gallery.path), old, new, len(gallery), failed,
                               time.perf_counter() - t0)

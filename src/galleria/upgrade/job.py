@@ -52,6 +52,7 @@ from galleria.extract.embed import Embedder, Progress, embed_stream
 from galleria.extract.spaces import extractor_from_space, space_info
 from galleria.extractors.base import Extractor
 from galleria.extractors.registry import create_extractor
+from galleria.images.decode import parse_bbox
 from galleria.images.sources import SourceItem
 from galleria.io.atomic import write_json
 from galleria.store.gallery import Failure, Gallery
@@ -153,9 +154,12 @@ def start_upgrade(
                 runtime=runtime, threads=threads, **extra,
             )
         new = extractor.fingerprint
-        if new == old:
+        uses = _models_under(gallery, old)  # the primary space and the spaces it derives from
+        if new in uses:
+            how = "" if new == old else f" (its primary space {old!r} is that model's output " \
+                "through a fitted transform)"
             raise UpgradeError(
-                f"gallery {gallery.path} already uses {new_model!r} (fingerprint {new!r}); "
+                f"gallery {gallery.path} already uses {new_model!r} (fingerprint {new!r}){how}; "
                 "an upgrade needs a different model or different settings"
             )
         if "config" not in old_info.info:
@@ -171,6 +175,17 @@ def start_upgrade(
         job_folder(gallery).mkdir(parents=True, exist_ok=True)
         log.info("upgrade %s -> %s started (%s, order %s)", old, new, mode, order)
         return state
+
+
+def _models_under(gallery: Gallery, space: str) -> set[str]:
+    """``space`` and the spaces it was computed from (a transform's base, recursively)."""
+    infos = {s.space: s.info for s in gallery.spaces()}
+    out = {space}
+    while (base := infos.get(space, {}).get("base_space")
+           or infos.get(space, {}).get("base_fingerprint")) and base not in out:
+        out.add(base)
+        space = base
+    return out
 
 
 # --------------------------------------------------------------------------- #
@@ -262,10 +277,11 @@ def _source_item(item_id: str, meta: dict[str, Any] | None) -> SourceItem | Fail
     path = m.get("path")
     if not path:
         return Failure(item_id, "", "no image path stored in the item's metadata")
-    bbox = m.get("bbox")
-    box = tuple(float(v) for v in bbox) if isinstance(bbox, (list, tuple)) and len(bbox) == 4 \
-        else None
-    return SourceItem(id=item_id, path=Path(path), bbox=box)  # type: ignore[arg-type]
+    try:  # a bad stored record fails this item (reported), never the run
+        box = parse_bbox(m.get("bbox"))
+    except InputError as exc:
+        return Failure(item_id, str(path), f"its stored crop box is invalid: {exc}")
+    return SourceItem(id=item_id, path=Path(path), bbox=box)
 
 
 def run_upgrade(

@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from galleria.errors import InputError
-from galleria.types import MISSING_KEY, SearchResult
+from galleria.types import SearchResult, merge_top
 from galleria.validate import as_embeddings
 
 CHANNELS = ("old", "new")
@@ -393,12 +393,6 @@ class CohortNorm:
 # --------------------------------------------------------------------------- #
 
 
-def _missing(ids: np.ndarray) -> np.ndarray:
-    if ids.dtype == object:
-        return np.array([i is None for i in ids.reshape(-1)], dtype=bool).reshape(ids.shape)
-    return ids == MISSING_KEY
-
-
 def merge_results(
     parts: Sequence[SearchResult],
     k: int,
@@ -429,35 +423,9 @@ def merge_results(
     q = len(parts[0])
     if any(len(p) != q for p in parts):
         raise InputError(f"parts have different numbers of queries: {[len(p) for p in parts]}")
-    object_ids = parts[0].ids.dtype == object
-    if any((p.ids.dtype == object) != object_ids for p in parts):
-        raise InputError("cannot merge string-id results with int-key results")
-    scores = np.concatenate(
-        [
-            np.where(_missing(p.ids), -np.inf, (m or ScoreMap())(p.scores))
-            for p, m in zip(parts, maps, strict=True)
-        ],
-        axis=1,
-    ).astype(np.float32)
-    ids = np.concatenate([p.ids for p in parts], axis=1)
-    order = np.argsort(-scores, axis=1, kind="stable")
-    out = SearchResult.empty(q, k, object_ids=object_ids)
-    for r in range(q):
-        seen: set[Any] = set()
-        n = 0
-        for j in order[r]:
-            s = scores[r, j]
-            if n >= k or s == -np.inf:
-                break
-            i = ids[r, j]
-            key = i.item() if isinstance(i, np.generic) else i
-            if key in seen:
-                continue
-            seen.add(key)
-            out.scores[r, n] = s
-            out.ids[r, n] = i
-            n += 1
-    return out
+    mapped = [SearchResult((m or ScoreMap())(p.scores).astype(np.float32), p.ids)
+              for p, m in zip(parts, maps, strict=True)]
+    return merge_top(mapped, k, unique=True)
 
 
 def merged_scores(

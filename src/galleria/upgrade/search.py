@@ -45,11 +45,12 @@ from typing import Any
 import numpy as np
 
 from galleria.errors import InputError
-from galleria.extract.queries import Queries, QueryFailure, embed_with, search_paths
+from galleria.extract.queries import Queries, QueryFailure
 from galleria.extract.spaces import extractor_from_space
 from galleria.extractors.base import Extractor
+from galleria.search.contract import Searcher, SearchOptions
 from galleria.store.gallery import Gallery
-from galleria.types import SearchResult
+from galleria.types import SearchResult, clamp_k
 from galleria.upgrade.merge import (
     Calibration,
     CohortNorm,
@@ -119,7 +120,7 @@ def resolve_rule(rule: str, gallery: Gallery, state: UpgradeState) -> str:
     return "rank-merge"
 
 
-class BackfillSearcher:
+class BackfillSearcher(Searcher):
     """Search both parts of a gallery under upgrade and merge them with one rule.
 
     Build it with :meth:`open` (rebuilds the models from the gallery's recipes,
@@ -134,6 +135,8 @@ class BackfillSearcher:
         calibration: global score maps of the two parts, or a
             :class:`CohortNorm` (per-query); default identity.
     """
+
+    kind = "backfill"
 
     def __init__(
         self,
@@ -175,6 +178,37 @@ class BackfillSearcher:
         self.calibration = calibration or Calibration.identity()
         self.cost = QueryCost()
 
+    @property
+    def spaces(self) -> list[str]:  # type: ignore[override]
+        """The query spaces the rule needs: old and/or new."""
+        need_old, need_new = self.needs()
+        return [s for s, n in ((self.state.old_space, need_old),
+                               (self.state.new_space, need_new)) if n]
+
+    @property
+    def models(self) -> dict[str, Extractor]:  # type: ignore[override]
+        out = {}
+        if self.old_extractor is not None:
+            out[self.state.old_space] = self.old_extractor
+        if self.new_extractor is not None:
+            out[self.state.new_space] = self.new_extractor
+        return out
+
+    @models.setter
+    def models(self, value: dict[str, Extractor]) -> None:
+        self.old_extractor = value.get(self.state.old_space)
+        self.new_extractor = value.get(self.state.new_space)
+
+    def read_spaces(self) -> list[str]:
+        return [self.state.old_space, self.state.new_space]
+
+    def describe(self) -> dict[str, Any]:
+        cal = self.calibration
+        info = dict(cal.info) if hasattr(cal, "info") else {}
+        return {**super().describe(), "model": self.state.new_space, "pipeline": "global",
+                "merge": {"rule": self.rule, "old_space": self.state.old_space,
+                          "new_space": self.state.new_space, "calibration": info}}
+
     # ------------------------------------------------------------------ open
     @classmethod
     def open(
@@ -186,8 +220,9 @@ class BackfillSearcher:
         calibration: str | None = None,
         runtime: str = "auto",
         threads: int | None = None,
+        with_models: bool = True,
     ) -> BackfillSearcher:
-        """Open a gallery under upgrade for search.
+        """Open a gallery under upgrade for search (``with_models=False``: query vectors only).
 
         Args:
             rule: merge rule (:data:`RULES`).
@@ -198,8 +233,8 @@ class BackfillSearcher:
         gallery = path if isinstance(path, Gallery) else Gallery.open(path)
         state = require_upgrade(gallery)
         rule = resolve_rule(rule, gallery, state)
-        needs_old = rule in OLD_MODEL_RULES
-        needs_new = rule != "old-only"
+        needs_old = rule in OLD_MODEL_RULES and with_models
+        needs_new = rule != "old-only" and with_models
         old_ext = (extractor_from_space(gallery.space_info(state.old_space).info,
                                         root=gallery.path, runtime=runtime, threads=threads,
                                         query=True) if needs_old else None)
@@ -269,8 +304,12 @@ class BackfillSearcher:
         # both parts from one committed state: an item moving meanwhile is in exactly one
         views = self.gallery.views([old_space, new_space])
         old_res = self._search_part(qo, k, views.get(old_space))
+        # k is clamped to the items searched, as every searcher does
+        kk = clamp_k(k, sum(v.count for v in views.values()))
         if self.rule == "old-only":
             self.cost.add_ms("search", time.perf_counter() - t)
+            ov = views.get(old_space)
+            old_res = old_res.head(clamp_k(k, ov.count if ov is not None else 0))
             return SearchResult(old_res.scores, old_res.ids,
                                 {sp: v.generation for sp, v in views.items()})
         if len(qn) != nq:
@@ -285,6 +324,7 @@ class BackfillSearcher:
             maps = [self.calibration.old, self.calibration.new]
         out = merge_results([old_res, new_res], k, maps=maps)
         self.cost.add_ms("merge", time.perf_counter() - t)
+        out = out.head(kk)
         return SearchResult(out.scores, out.ids, {sp: v.generation for sp, v in views.items()})
 
     def _search_part(self, q: np.ndarray, k: int, view: Any) -> SearchResult:
@@ -294,18 +334,10 @@ class BackfillSearcher:
             raise InputError(f"queries have dimension {q.shape[1]}, space {view.space!r} "
                              f"holds {view.dim}")
         self.cost.index_searches += len(q)
-        kk = min(k, view.count)
-        res = view.search_ids(q, kk)
-        if kk < k:
-            pad = SearchResult.empty(len(q), k, object_ids=True)
-            pad.scores[:, :kk], pad.ids[:, :kk] = res.scores, res.ids
-            return pad
-        return res
+        return view.search_ids(q, clamp_k(k, view.count)).pad(k)
 
     # ------------------------------------------------------------- contract
-    def search(self, queries: Any, k: int = 10, **_: Any) -> SearchResult:
-        """The searcher contract: ``queries`` holds data per space (``Queries``)."""
-        q = Queries.of(queries)
+    def _search(self, q: Queries, k: int, options: SearchOptions) -> SearchResult:
         return self.search_vectors(new_queries=q.data.get(self.state.new_space),
                                    old_queries=q.data.get(self.state.old_space), k=k)
 
@@ -313,37 +345,17 @@ class BackfillSearcher:
         self, paths: Sequence[str | os.PathLike[str]], *, batch_size: int = 16, workers: int = 2
     ) -> tuple[Queries, list[int], list[QueryFailure]]:
         """Embed query images with the models the rule needs -> ``Queries`` keyed by space."""
-        need_old, need_new = self.needs()
-        exts: dict[str, Extractor] = {}
-        for role, ext, need, space in (("old", self.old_extractor, need_old, self.state.old_space),
-                                       ("new", self.new_extractor, need_new, self.state.new_space)):
-            if not need:
-                continue
-            if ext is None:
+        for space in self.spaces:
+            if space not in self.models:
+                role = "old" if space == self.state.old_space else "new"
                 raise UpgradeError(f"rule {self.rule!r} needs the {role} model")
-            exts[space] = ext
         t = time.perf_counter()
-        q, good, fails = embed_with(exts, paths, batch_size=batch_size, workers=workers)
+        q, good, fails = super().embed_paths(paths, batch_size=batch_size, workers=workers)
         self.cost.add_ms("embed", time.perf_counter() - t)
-        for space in exts:
+        for space in self.spaces:
             role = "old" if space == self.state.old_space else "new"
             self.cost.forward_passes[role] = self.cost.forward_passes.get(role, 0) + len(good)
         return q, good, fails
-
-    def embed_images(self, images: Sequence[Any]) -> Queries:
-        need_old, need_new = self.needs()
-        out = {}
-        if need_old and self.old_extractor is not None:
-            out[self.state.old_space] = self.old_extractor.embed_images(list(images))
-        if need_new and self.new_extractor is not None:
-            out[self.state.new_space] = self.new_extractor.embed_images(list(images))
-        return Queries(out)
-
-    def search_paths(
-        self, paths: Sequence[str | os.PathLike[str]], k: int = 10, **kw: Any
-    ) -> tuple[list[str], SearchResult | None, list[QueryFailure]]:
-        """Search with image files -> (usable query paths, their results, failures)."""
-        return search_paths(self, paths, k)
 
 
 def fuse_queries(
