@@ -119,3 +119,68 @@ def test_mds_pipeline_reorders_only_its_top_k(scene, rng):
     assert out.ids.shape == (3, 5) and (out.ids >= 0).all()
     with pytest.raises(InputError):
         bl.search(QueryBatch(local=queries), 5)  # blend without query vectors
+
+
+def _hybrid_parts(scene, rng):
+    gallery, labels, queries = scene
+    vecs = _unit(rng.standard_normal((12, 8)))
+    gidx = ExactIndex(8)
+    gidx.add(np.arange(12), vecs)
+    lidx = AsmkIndex(D, codebook_size=8, multiple_assignment=1)
+    lidx.add(np.arange(12), gallery)
+    return gidx, lidx, vecs, (lambda keys: vecs[np.asarray(keys, np.int64)])
+
+
+def test_hybrid_takes_the_local_match_when_the_global_model_misses_it(scene, rng):
+    gallery, labels, queries = scene
+    gidx, lidx, vecs, fetch = _hybrid_parts(scene, rng)
+    # global vectors of every query lean towards a wrong object's view
+    qv = _unit(vecs[[4, 8, 0]] + 0.3 * rng.standard_normal((3, 8)))
+    batch = QueryBatch(vectors=qv, local=queries)
+    glob = GlobalPipeline(gidx).search(batch, 12)
+    assert [labels[r[0]] for r in glob.ids] == [1, 2, 0]
+    pipe = make_pipeline("hybrid", index=gidx, local_index=lidx, fetch_vectors=fetch,
+                         candidates=12)
+    res = pipe.search(batch, 12)
+    assert [labels[r[0]] for r in res.ids] == [0, 1, 2]
+    # every gallery key once per row, scores non-increasing
+    assert all(sorted(r.tolist()) == list(range(12)) for r in res.ids)
+    assert (np.diff(res.scores, axis=1) <= 1e-9).all()
+    # exclusion, as the other pipelines
+    ex = pipe.search(QueryBatch(vectors=vecs[:1], local=gallery[:1], exclude=np.array([0])), 12)
+    assert 0 not in ex.ids[0] and ex.ids[0, -1] == -1
+
+
+def test_hybrid_keeps_the_global_order_when_local_evidence_is_flat(scene, rng):
+    gallery, labels, queries = scene
+    gidx, lidx, vecs, fetch = _hybrid_parts(scene, rng)
+    # queries whose local features match nothing (fresh random descriptors): a flat
+    # local shortlist must not reorder the global top results
+    blank = [_feats(rng.uniform(0, 500, (150, 2)), _unit(rng.standard_normal((150, D))))
+             for _ in range(3)]
+    qv = _unit(vecs[[1, 5, 9]] + 0.05 * rng.standard_normal((3, 8)))
+    batch = QueryBatch(vectors=qv, local=blank)
+    glob = GlobalPipeline(gidx).search(batch, 3)
+    res = make_pipeline("hybrid", index=gidx, local_index=lidx, fetch_vectors=fetch,
+                        candidates=12).search(batch, 3)
+    np.testing.assert_array_equal(res.ids[:, 0], glob.ids[:, 0])
+
+
+def test_hybrid_mds_and_sv_steps_and_options(scene, rng):
+    gallery, labels, queries = scene
+    gidx, lidx, vecs, fetch = _hybrid_parts(scene, rng)
+    qv = _unit(vecs[[4, 8, 0]] + 0.3 * rng.standard_normal((3, 8)))
+    batch = QueryBatch(vectors=qv, local=queries)
+    pipe = make_pipeline("hybrid", index=gidx, local_index=lidx, fetch_vectors=fetch,
+                         fetch_local=lambda keys: [gallery[int(k)] for k in keys],
+                         candidates=12, mds_k=8, sv=4)
+    res = pipe.search(batch, 5)
+    assert [labels[r[0]] for r in res.ids] == [0, 1, 2]
+    assert pipe.params()["mds_k"] == 6 and pipe.params()["sv"] == 4
+    with pytest.raises(InputError):
+        make_pipeline("hybrid", index=gidx, local_index=lidx, fetch_vectors=fetch, nope=1)
+    with pytest.raises(InputError):
+        make_pipeline("hybrid", index=gidx, local_index=lidx, fetch_vectors=fetch, sv=3)
+    with pytest.raises(InputError):
+        make_pipeline("hybrid", index=gidx, local_index=lidx, fetch_vectors=fetch,
+                      candidates=0)

@@ -24,6 +24,14 @@ key; nothing here knows about the gallery store.
     the top ``k`` are re-ranked by cosine in that embedding, optionally blended
     with a global descriptor score; results past ``k`` keep the local order.
 
+``hybrid``
+    local-to-global that never loses to its parts: the union of the global top
+    ``candidates`` and the local top ``candidates``, each candidate scored by both
+    sources, each source standardised against its own shortlist
+    (:mod:`galleria.local.hybrid`), ranked by the sum; optionally the top
+    ``mds_k`` re-ranked by the MDS embedding of the fused similarity and the top
+    ``sv`` by spatial verification; the rest keep the global order below.
+
 Scores of re-ranked pipelines are monotone in the returned order but are not
 similarities of one scale across pipelines.
 """
@@ -32,20 +40,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol
 
 import numpy as np
 
 from galleria.errors import InputError
 from galleria.local.base import LocalIndex
+from galleria.local.hybrid import fused_pairwise, fused_scores, to_unit
 from galleria.local.matching import MATCHERS, verify_pairs
 from galleria.rerank.mds import PAPER_P, mds_rerank_scores, scaled_defaults
 from galleria.types import MISSING_KEY, LocalFeatures, SearchResult
 
 log = logging.getLogger(__name__)
 
-PIPELINES = ("global", "global+sv", "local", "local+mds")
+PIPELINES = ("global", "global+sv", "local", "local+mds", "hybrid")
 
 FetchLocal = Callable[[np.ndarray], Sequence[LocalFeatures]]
 """``keys (n,) -> n LocalFeatures`` of gallery images."""
@@ -283,10 +292,159 @@ class LocalMDSPipeline:
         return out
 
 
+@dataclass(frozen=True)
+class HybridConfig:
+    """Options of the ``hybrid`` pipeline.
+
+    Attributes:
+        candidates: shortlist of each source (global and local); the union is fused.
+        local_weight: weight of the standardised local score (1: equal trust).
+        mds_k: fused top results re-ranked by the MDS embedding of the fused
+            similarity (0: off); ``mds_weight`` its weight against the fused score
+            (both mapped to ``(0, 1)``); ``p``, ``dim``, ``max_iter``: the MDS.
+        sv: fused top results re-ranked by spatial verification (0: off), with
+            ``matcher`` and MAGSAC ``threshold`` (needs ``fetch_local``).
+    """
+
+    candidates: int = 100
+    local_weight: float = 1.0
+    mds_k: int = 0
+    mds_weight: float = 0.5
+    p: float = 1.0
+    dim: int = 32
+    max_iter: int = 100
+    sv: int = 0
+    matcher: str = "mutual"
+    threshold: float = 6.0
+
+    def __post_init__(self) -> None:
+        if self.candidates < 1 or self.mds_k < 0 or self.sv < 0:
+            raise InputError("candidates must be >= 1, mds_k and sv >= 0")
+        if not (0.0 <= self.mds_weight <= 1.0 and self.local_weight >= 0 and self.p > 0):
+            raise InputError("need 0 <= mds_weight <= 1, local_weight >= 0, p > 0")
+        if self.matcher not in MATCHERS:
+            raise InputError(f"matcher must be one of {MATCHERS}; got {self.matcher!r}")
+
+
+HYBRID_OPTIONS = tuple(f.name for f in fields(HybridConfig))
+
+
+class HybridPipeline:
+    """``hybrid``: global and local candidates fused (see the module docstring).
+
+    Args:
+        index: global index (``search((Q, D), k)``).
+        local_index: local index (ASMK or CANN).
+        fetch_vectors: global vectors of gallery images by key (scores every candidate).
+        similarity: index giving image-to-image local similarities for the MDS step
+            (default ``local_index``; needs ``pairwise``).
+        fetch_local: local features of gallery images by key (the ``sv`` step).
+        config: :class:`HybridConfig`; keyword ``options`` replace its fields.
+    """
+
+    name = "hybrid"
+
+    def __init__(self, index: VectorIndex, local_index: LocalIndex, fetch_vectors: FetchVectors,
+                 *, similarity: LocalIndex | None = None, fetch_local: FetchLocal | None = None,
+                 config: HybridConfig | None = None, **options: Any) -> None:
+        unknown = sorted(set(options) - set(HYBRID_OPTIONS))
+        if unknown:
+            raise InputError(f"hybrid takes {list(HYBRID_OPTIONS)}; unknown: {unknown}")
+        self.config = replace(config or HybridConfig(), **options)
+        if self.config.sv and fetch_local is None:
+            raise InputError("hybrid with sv > 0 needs fetch_local (gallery local features)")
+        self.index, self.local_index, self.fetch_vectors = index, local_index, fetch_vectors
+        self.similarity = similarity if similarity is not None else local_index
+        self.fetch_local = fetch_local
+
+    def params(self) -> dict[str, Any]:
+        return {f: getattr(self.config, f) for f in HYBRID_OPTIONS}
+
+    def search(self, queries: QueryBatch, k: int) -> SearchResult:
+        cfg = self.config
+        ex = queries.excluded()
+        vecs = queries.need_vectors(self.name)
+        local = queries.need_local(self.name)
+        c = cfg.candidates
+        width = max(k, c)
+        gres = _drop_excluded(self.index.search(vecs, _wanted(ex, width)), ex, width)
+        lres = _drop_excluded(self.local_index.search(local, _wanted(ex, c)), ex, c)
+        out = SearchResult.empty(len(queries), k)
+        for i in range(len(queries)):
+            ids, sc = self._one(vecs[i], local[i], gres.ids[i], gres.scores[i],
+                                lres.ids[i], lres.scores[i])
+            m = min(k, ids.size)
+            out.ids[i, :m], out.scores[i, :m] = ids[:m], sc[:m]
+        return out
+
+    def _one(self, vec: np.ndarray, feat: LocalFeatures, gids: np.ndarray, gsc: np.ndarray,
+             lids: np.ndarray, lsc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One query: fused ``(ids, scores)`` best first (the union, then the global rest)."""
+        cfg = self.config
+        gok, lok = gids >= 0, (lids >= 0) & np.isfinite(lsc)
+        gids, gsc, lids, lsc = gids[gok], gsc[gok].astype(np.float64), lids[lok], lsc[lok]
+        gref, lref = gsc[: cfg.candidates], lsc.astype(np.float64)
+        union = np.unique(np.concatenate([gids[: cfg.candidates], lids]))
+        if union.size == 0:
+            return gids, gsc
+        g_u = np.asarray(self.fetch_vectors(union), np.float32) @ vec
+        l_u = np.full(union.size, float(lref.min()) if lref.size else 0.0)
+        pos = np.searchsorted(union, lids)
+        l_u[pos] = lref
+        z = fused_scores(g_u, l_u, global_ref=gref, local_ref=lref,
+                         local_weight=cfg.local_weight)
+        order = np.argsort(-z, kind="stable")
+        ids, score = union[order], to_unit(z[order])
+        if cfg.mds_k >= 2 and ids.size >= 2:
+            ids, score = self._mds(vec, ids, score, g_u[order], l_u[order], gref, lref)
+        if cfg.sv and ids.size:
+            ids, score = self._sv(feat, ids, score)
+        rest = ~np.isin(gids, union)
+        low = float(score.min()) - 1.0 if score.size else 0.0
+        tail = gsc[rest]
+        tail_score = low - (float(tail.max()) - tail) if tail.size else tail
+        return np.concatenate([ids, gids[rest]]), np.concatenate([score, tail_score])
+
+    def _mds(self, vec: np.ndarray, ids: np.ndarray, score: np.ndarray, g: np.ndarray,
+             loc: np.ndarray, gref: np.ndarray, lref: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """Re-rank the top ``mds_k`` by MDS of the fused similarity, blended with ``score``."""
+        cfg = self.config
+        n = min(cfg.mds_k, ids.size)
+        head = ids[:n]
+        gv = np.asarray(self.fetch_vectors(head), np.float32)
+        pair = fused_pairwise(gv @ gv.T, self.similarity.pairwise(head), global_ref=gref,
+                              local_ref=lref, local_weight=cfg.local_weight)
+        cos = mds_rerank_scores(score[:n], pair, p=cfg.p, dim=cfg.dim,
+                                max_iter=cfg.max_iter).astype(np.float64)
+        new = (1.0 - cfg.mds_weight) * score[:n] + cfg.mds_weight * (cos + 1.0) / 2.0
+        o = np.argsort(-new, kind="stable")
+        # past mds_k: the fused order, below every re-ranked score
+        rest = score[n:]
+        rest = new.min() - 1.0 - (rest.max() - rest) if rest.size else rest
+        return np.concatenate([head[o], ids[n:]]), np.concatenate([new[o], rest])
+
+    def _sv(self, feat: LocalFeatures, ids: np.ndarray, score: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray]:
+        """Re-rank the top ``sv`` by MAGSAC++ inliers (ties keep the fused order)."""
+        cfg = self.config
+        assert self.fetch_local is not None
+        n = min(cfg.sv, ids.size)
+        inl = verify_pairs(feat, list(self.fetch_local(ids[:n])), method=cfg.matcher,
+                           threshold=cfg.threshold)
+        frac = (score[:n] - score[:n].min()) / (np.ptp(score[:n]) + 1.0)  # [0, 1)
+        new = inl + frac
+        o = np.argsort(-new, kind="stable")
+        rest = score[n:]
+        rest = rest - rest.max() + new.min() - 1.0 if rest.size else rest
+        return np.concatenate([ids[:n][o], ids[n:]]), np.concatenate([new[o], rest])
+
+
 def make_pipeline(name: str, **parts: Any) -> Any:
     """Build a pipeline by name from its parts (see each class for the arguments)."""
     classes = {"global": GlobalPipeline, "global+sv": GlobalSVPipeline,
-               "local": LocalPipeline, "local+mds": LocalMDSPipeline}
+               "local": LocalPipeline, "local+mds": LocalMDSPipeline,
+               "hybrid": HybridPipeline}
     if name not in classes:
         raise InputError(f"unknown pipeline {name!r}; known: {', '.join(PIPELINES)}")
     return classes[name](**parts)
