@@ -121,66 +121,83 @@ def test_mds_pipeline_reorders_only_its_top_k(scene, rng):
         bl.search(QueryBatch(local=queries), 5)  # blend without query vectors
 
 
-def _hybrid_parts(scene, rng):
-    gallery, labels, queries = scene
-    vecs = _unit(rng.standard_normal((12, 8)))
+@pytest.fixture()
+def crowd(rng):
+    """3 objects x 2 views (homographies) among 60 unrelated images, with global vectors."""
+    gallery, labels, queries = [], [], []
+    for o in range(3):
+        pts = rng.uniform(0, 500, (150, 2))
+        desc = _unit(rng.standard_normal((150, D)))
+        for v in range(2):
+            h = np.eye(3) + (v + 1) * (H - np.eye(3)) / 2
+            p = np.c_[pts, np.ones(150)] @ h.T
+            gallery.append(_feats(p[:, :2] / p[:, 2:], _unit(desc + 0.1 * rng.standard_normal(
+                desc.shape))))
+            labels.append(o)
+        queries.append(_feats(pts, _unit(desc + 0.1 * rng.standard_normal(desc.shape))))
+    for _ in range(60):
+        gallery.append(_feats(rng.uniform(0, 500, (150, 2)), _unit(rng.standard_normal((150, D)))))
+        labels.append(-1)
+    n = len(gallery)
+    vecs = _unit(rng.standard_normal((n, 8)))
     gidx = ExactIndex(8)
-    gidx.add(np.arange(12), vecs)
-    lidx = AsmkIndex(D, codebook_size=8, multiple_assignment=1)
-    lidx.add(np.arange(12), gallery)
-    return gidx, lidx, vecs, (lambda keys: vecs[np.asarray(keys, np.int64)])
+    gidx.add(np.arange(n), vecs)
+    lidx = AsmkIndex(D, codebook_size=16, multiple_assignment=1)
+    lidx.add(np.arange(n), gallery)
+    return {"gallery": gallery, "labels": np.array(labels), "queries": queries, "vecs": vecs,
+            "gidx": gidx, "lidx": lidx,
+            "fetch": lambda keys: vecs[np.asarray(keys, np.int64)]}
 
 
-def test_hybrid_takes_the_local_match_when_the_global_model_misses_it(scene, rng):
-    gallery, labels, queries = scene
-    gidx, lidx, vecs, fetch = _hybrid_parts(scene, rng)
-    # global vectors of every query lean towards a wrong object's view
-    qv = _unit(vecs[[4, 8, 0]] + 0.3 * rng.standard_normal((3, 8)))
-    batch = QueryBatch(vectors=qv, local=queries)
-    glob = GlobalPipeline(gidx).search(batch, 12)
-    assert [labels[r[0]] for r in glob.ids] == [1, 2, 0]
-    pipe = make_pipeline("hybrid", index=gidx, local_index=lidx, fetch_vectors=fetch,
-                         candidates=12)
-    res = pipe.search(batch, 12)
-    assert [labels[r[0]] for r in res.ids] == [0, 1, 2]
+def test_hybrid_takes_the_local_match_when_the_global_model_misses_it(crowd, rng):
+    c, labels = crowd, crowd["labels"]
+    # the global vector of every query leans towards an unrelated image
+    qv = _unit(c["vecs"][[10, 20, 30]] + 0.3 * rng.standard_normal((3, 8)))
+    batch = QueryBatch(vectors=qv, local=c["queries"])
+    glob = GlobalPipeline(c["gidx"]).search(batch, 5)
+    assert (labels[glob.ids[:, 0]] == -1).all()
+    pipe = make_pipeline("hybrid", index=c["gidx"], local_index=c["lidx"],
+                         fetch_vectors=c["fetch"], candidates=30)
+    n = len(c["gallery"])
+    res = pipe.search(batch, n)
+    assert labels[res.ids[:, 0]].tolist() == [0, 1, 2]
     # every gallery key once per row, scores non-increasing
-    assert all(sorted(r.tolist()) == list(range(12)) for r in res.ids)
+    assert all(sorted(r.tolist()) == list(range(n)) for r in res.ids)
     assert (np.diff(res.scores, axis=1) <= 1e-9).all()
     # exclusion, as the other pipelines
-    ex = pipe.search(QueryBatch(vectors=vecs[:1], local=gallery[:1], exclude=np.array([0])), 12)
+    ex = pipe.search(QueryBatch(vectors=c["vecs"][:1], local=c["gallery"][:1],
+                                exclude=np.array([0])), n)
     assert 0 not in ex.ids[0] and ex.ids[0, -1] == -1
 
 
-def test_hybrid_keeps_the_global_order_when_local_evidence_is_flat(scene, rng):
-    gallery, labels, queries = scene
-    gidx, lidx, vecs, fetch = _hybrid_parts(scene, rng)
+def test_hybrid_keeps_the_global_order_when_local_evidence_is_flat(crowd, rng):
+    c = crowd
     # queries whose local features match nothing (fresh random descriptors): a flat
     # local shortlist must not reorder the global top results
     blank = [_feats(rng.uniform(0, 500, (150, 2)), _unit(rng.standard_normal((150, D))))
              for _ in range(3)]
-    qv = _unit(vecs[[1, 5, 9]] + 0.05 * rng.standard_normal((3, 8)))
+    qv = _unit(c["vecs"][[10, 20, 30]] + 0.05 * rng.standard_normal((3, 8)))
     batch = QueryBatch(vectors=qv, local=blank)
-    glob = GlobalPipeline(gidx).search(batch, 3)
-    res = make_pipeline("hybrid", index=gidx, local_index=lidx, fetch_vectors=fetch,
-                        candidates=12).search(batch, 3)
+    glob = GlobalPipeline(c["gidx"]).search(batch, 3)
+    res = make_pipeline("hybrid", index=c["gidx"], local_index=c["lidx"],
+                        fetch_vectors=c["fetch"], candidates=20).search(batch, 3)
     np.testing.assert_array_equal(res.ids[:, 0], glob.ids[:, 0])
 
 
-def test_hybrid_mds_and_sv_steps_and_options(scene, rng):
-    gallery, labels, queries = scene
-    gidx, lidx, vecs, fetch = _hybrid_parts(scene, rng)
-    qv = _unit(vecs[[4, 8, 0]] + 0.3 * rng.standard_normal((3, 8)))
-    batch = QueryBatch(vectors=qv, local=queries)
-    pipe = make_pipeline("hybrid", index=gidx, local_index=lidx, fetch_vectors=fetch,
-                         fetch_local=lambda keys: [gallery[int(k)] for k in keys],
-                         candidates=12, mds_k=8, sv=4)
+def test_hybrid_mds_and_sv_steps_and_options(crowd, rng):
+    c, labels = crowd, crowd["labels"]
+    qv = _unit(c["vecs"][[10, 20, 30]] + 0.3 * rng.standard_normal((3, 8)))
+    batch = QueryBatch(vectors=qv, local=c["queries"])
+    parts = {"index": c["gidx"], "local_index": c["lidx"], "fetch_vectors": c["fetch"]}
+    pipe = make_pipeline("hybrid", **parts,
+                         fetch_local=lambda keys: [c["gallery"][int(k)] for k in keys],
+                         candidates=30, mds_k=10, sv=4)
     res = pipe.search(batch, 5)
-    assert [labels[r[0]] for r in res.ids] == [0, 1, 2]
-    assert pipe.params()["mds_k"] == 6 and pipe.params()["sv"] == 4
+    assert labels[res.ids[:, 0]].tolist() == [0, 1, 2]
+    assert pipe.params()["mds_k"] == 10 and pipe.params()["sv"] == 4
     with pytest.raises(InputError):
-        make_pipeline("hybrid", index=gidx, local_index=lidx, fetch_vectors=fetch, nope=1)
+        make_pipeline("hybrid", **parts, nope=1)
     with pytest.raises(InputError):
-        make_pipeline("hybrid", index=gidx, local_index=lidx, fetch_vectors=fetch, sv=3)
+        make_pipeline("hybrid", **parts, sv=3)  # no fetch_local
     with pytest.raises(InputError):
-        make_pipeline("hybrid", index=gidx, local_index=lidx, fetch_vectors=fetch,
-                      candidates=0)
+        make_pipeline("hybrid", **parts, candidates=0)

@@ -298,16 +298,21 @@ class HybridConfig:
 
     Attributes:
         candidates: shortlist of each source (global and local); the union is fused.
-        local_weight: weight of the standardised local score (1: equal trust).
+        local_weight: weight of the local evidence (1: equal trust).
+        threshold: standard deviations above a source's own shortlist where its
+            evidence starts; ``tie``: weight of the standardised global score (the
+            order where neither source has evidence). See :mod:`galleria.local.hybrid`.
         mds_k: fused top results re-ranked by the MDS embedding of the fused
             similarity (0: off); ``mds_weight`` its weight against the fused score
             (both mapped to ``(0, 1)``); ``p``, ``dim``, ``max_iter``: the MDS.
         sv: fused top results re-ranked by spatial verification (0: off), with
-            ``matcher`` and MAGSAC ``threshold`` (needs ``fetch_local``).
+            ``matcher`` and MAGSAC ``sv_threshold`` in pixels (needs ``fetch_local``).
     """
 
     candidates: int = 100
     local_weight: float = 1.0
+    threshold: float = 3.0
+    tie: float = 0.01
     mds_k: int = 0
     mds_weight: float = 0.5
     p: float = 1.0
@@ -315,13 +320,15 @@ class HybridConfig:
     max_iter: int = 100
     sv: int = 0
     matcher: str = "mutual"
-    threshold: float = 6.0
+    sv_threshold: float = 6.0
 
     def __post_init__(self) -> None:
         if self.candidates < 1 or self.mds_k < 0 or self.sv < 0:
             raise InputError("candidates must be >= 1, mds_k and sv >= 0")
-        if not (0.0 <= self.mds_weight <= 1.0 and self.local_weight >= 0 and self.p > 0):
-            raise InputError("need 0 <= mds_weight <= 1, local_weight >= 0, p > 0")
+        if not (0.0 <= self.mds_weight <= 1.0 and self.local_weight >= 0 and self.p > 0
+                and self.threshold >= 0 and self.tie >= 0):
+            raise InputError("need 0 <= mds_weight <= 1, p > 0 and local_weight, threshold, "
+                             "tie >= 0")
         if self.matcher not in MATCHERS:
             raise InputError(f"matcher must be one of {MATCHERS}; got {self.matcher!r}")
 
@@ -392,9 +399,9 @@ class HybridPipeline:
         pos = np.searchsorted(union, lids)
         l_u[pos] = lref
         z = fused_scores(g_u, l_u, global_ref=gref, local_ref=lref,
-                         local_weight=cfg.local_weight)
+                         local_weight=cfg.local_weight, threshold=cfg.threshold, tie=cfg.tie)
         order = np.argsort(-z, kind="stable")
-        ids, score = union[order], to_unit(z[order])
+        ids, score = union[order], z[order]
         if cfg.mds_k >= 2 and ids.size >= 2:
             ids, score = self._mds(vec, ids, score, g_u[order], l_u[order], gref, lref)
         if cfg.sv and ids.size:
@@ -414,10 +421,12 @@ class HybridPipeline:
         head = ids[:n]
         gv = np.asarray(self.fetch_vectors(head), np.float32)
         pair = fused_pairwise(gv @ gv.T, self.similarity.pairwise(head), global_ref=gref,
-                              local_ref=lref, local_weight=cfg.local_weight)
-        cos = mds_rerank_scores(score[:n], pair, p=cfg.p, dim=cfg.dim,
+                              local_ref=lref, local_weight=cfg.local_weight,
+                              threshold=cfg.threshold, tie=cfg.tie)
+        q = to_unit(score[:n])
+        cos = mds_rerank_scores(q, pair, p=cfg.p, dim=cfg.dim,
                                 max_iter=cfg.max_iter).astype(np.float64)
-        new = (1.0 - cfg.mds_weight) * score[:n] + cfg.mds_weight * (cos + 1.0) / 2.0
+        new = (1.0 - cfg.mds_weight) * q + cfg.mds_weight * (cos + 1.0) / 2.0
         o = np.argsort(-new, kind="stable")
         # past mds_k: the fused order, below every re-ranked score
         rest = score[n:]
@@ -431,7 +440,7 @@ class HybridPipeline:
         assert self.fetch_local is not None
         n = min(cfg.sv, ids.size)
         inl = verify_pairs(feat, list(self.fetch_local(ids[:n])), method=cfg.matcher,
-                           threshold=cfg.threshold)
+                           threshold=cfg.sv_threshold)
         frac = (score[:n] - score[:n].min()) / (np.ptp(score[:n]) + 1.0)  # [0, 1)
         new = inl + frac
         o = np.argsort(-new, kind="stable")
