@@ -22,7 +22,10 @@ machine). Run from the repository root::
 
     nice -n 10 env GALLERIA_DATASETS=../shared/datasets .venv/bin/python \\
         benchmarks/bench_local_hybrid.py [--sections table,sizes] [--rows ...] \\
-        [--pipelines ...] [--max-queries N] [--threads 1]
+        [--pipelines ...] [--max-queries N] [--threads 1] [--name=-a]
+
+Rows can run in parallel processes (``--name=-a``, ``--name=-b``) and be joined into
+``local-hybrid.md`` with ``--sections merge --merge local-hybrid-a,local-hybrid-b``.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ ROWS = ("smvs", "smvs-ref", "rparis250", "ukbench56", "oxford_affine", "caltech1
 #: the metrics shown per row (first one is the row's headline for the check)
 METRICS = {"revisitop": ("M_mAP", "E_mAP", "H_mAP"), "instance": ("R@1", "mAP"),
            "ukbench": ("N-S",), "class": ("mAP@R", "R@1")}
+RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = ("smvs200-30", "smvs200-100", "smvs200-100+d400", "all-11.4k")
 
 
@@ -237,6 +241,7 @@ def main() -> None:
     ap.add_argument("--max-queries", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--name", default="", help="suffix of the result files")
+    ap.add_argument("--merge", default="", help="with --sections merge: result names to join")
     args = ap.parse_args()
     set_threads(args.threads)
     info = machine_info(args.threads)
@@ -244,9 +249,22 @@ def main() -> None:
     info["command"] = " ".join(sys.argv)
     sections = args.sections.split(",")
     if "table" in sections:
-        payload = run_table(args.rows.split(","), args.pipelines.split(","), args.max_queries,
-                            args.threads)
-        info["load_average_at_end"] = os.getloadavg()
+        payload = {"rows": [], "max_queries": args.max_queries,
+                   "pipelines": args.pipelines.split(",")}
+        for row in args.rows.split(","):  # written after every row: a stopped run keeps them
+            got = run_table([row], payload["pipelines"], args.max_queries, args.threads)
+            payload["rows"] += got["rows"]
+            info["load_average_at_end"] = os.getloadavg()
+            write_results(f"local-hybrid{args.name}", {**payload, "machine": info},
+                          table_markdown(payload, info))
+    if "merge" in sections:  # one table from the JSON of several (parallel) runs
+        from galleria.io.atomic import read_json
+
+        parts = [read_json(RESULTS / f"{n}.json") for n in args.merge.split(",")]
+        payload = {"rows": [r for p in parts for r in p["rows"]],
+                   "max_queries": parts[0]["max_queries"], "pipelines": parts[0]["pipelines"],
+                   "merged": args.merge.split(",")}
+        info = {**parts[0]["machine"], "runs": [p["machine"] for p in parts]}
         write_results(f"local-hybrid{args.name}", {**payload, "machine": info},
                       table_markdown(payload, info))
     if "sizes" in sections:
