@@ -17,7 +17,7 @@ from galleria.search.pipelines import (
     QueryBatch,
     make_pipeline,
 )
-from galleria.types import LocalFeatures
+from galleria.types import LocalFeatures, SearchResult
 
 D = 32
 H = np.array([[0.95, 0.05, 15.0], [-0.04, 1.05, -8.0], [5e-5, 2e-5, 1.0]])
@@ -99,7 +99,7 @@ def test_mds_pipeline_reorders_only_its_top_k(scene, rng):
     idx = AsmkIndex(D, codebook_size=8, multiple_assignment=1)
     idx.add(np.arange(12), gallery)
     base = LocalPipeline(idx).search(QueryBatch(local=queries), 12)
-    pipe = LocalMDSPipeline(idx, k=6, candidates=10, p=0.5, dim=4)
+    pipe = LocalMDSPipeline(idx, k=6, candidates=10, p=0.5, dim=4, local_blend=0.0)
     assert pipe.sizes() == (6, 10) and pipe.params()["k"] == 6
     res = pipe.search(QueryBatch(local=queries), 12)
     for i in range(3):
@@ -201,3 +201,59 @@ def test_hybrid_mds_and_sv_steps_and_options(crowd, rng):
         make_pipeline("hybrid", **parts, sv=3)  # no fetch_local
     with pytest.raises(InputError):
         make_pipeline("hybrid", **parts, candidates=0)
+
+
+class _MatrixSimilarity:
+    """Image-to-image similarities given as a matrix (keys = rows): the test input."""
+
+    def __init__(self, pair):
+        self.pair = pair
+
+    def __len__(self):
+        return len(self.pair)
+
+    def pairwise(self, keys):
+        k = np.asarray(keys, np.int64)
+        return self.pair[np.ix_(k, k)].astype(np.float32)
+
+
+def _collapse_case(seed, n_true=4, n_pos=96, n_zero=200):
+    """One query's candidate list as the 11,398-image gallery gave it: 4 true matches,
+    96 weak word collisions and 200 zero-score fillers (featureless images) that share
+    no visual word with anything."""
+    rng = np.random.default_rng(seed)
+    n, m = n_true + n_pos + n_zero, n_true + n_pos
+    q = np.zeros(n)
+    q[:n_true] = rng.uniform(0.03, 0.08, n_true)
+    q[n_true:m] = rng.uniform(0.001, 0.02, n_pos)
+    pair = np.zeros((n, n))
+    pair[:m, :m] = rng.uniform(0.001, 0.02, (m, m))
+    pair[:n_true, :n_true] = rng.uniform(0.05, 0.1, (n_true, n_true))
+    pair = np.triu(pair, 1)
+    pair = pair + pair.T
+    np.fill_diagonal(pair[:m, :m], 1.0)
+    order = np.argsort(-q, kind="stable")  # the local search's order
+    return q[order], pair[np.ix_(order, order)], order < n_true
+
+
+@pytest.mark.slow  # 8 SMACOF runs of 300 points: ~1 min on a quiet 2-core machine
+def test_mds_collapse_regression_zero_score_candidates_are_not_embedded():
+    """Issue 18: local+mds fell to R@1 0 % on the 11.4k gallery. Cause: zero-score
+    candidates sit at distance 1 from everything under D = 1 - S^0.01 (every scored
+    candidate is within 0.1 of the query); embedding them spends the embedding on a
+    unit simplex and the query's true matches lose the top. Seeded."""
+    before, after = 0, 0
+    for seed in range(8):
+        q, pair, true = _collapse_case(seed)
+        n = len(q)
+        # the cause: the same candidates embedded as before the fix
+        old = mds_rerank_scores(q, pair)
+        before += int(true[np.argmax(old)])
+        pipe = LocalMDSPipeline(_MatrixSimilarity(pair), k=n, candidates=n)
+        res = SearchResult(q[None].astype(np.float32), np.arange(n)[None])
+        out = pipe.rerank(QueryBatch(local=[None]), res, 10)
+        after += int(true[out.ids[0, 0]])
+        assert set(out.ids[0].tolist()) <= set(range(n))
+    print("true match first: before", before, "after", after)
+    assert before <= 4  # the collapse: at most half the queries keep a true match first
+    assert after == 8

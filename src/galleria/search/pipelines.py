@@ -223,7 +223,7 @@ class LocalMDSPipeline:
         blend: weight of the global score (paper: 0.19); needs ``fetch_vectors``
             and query vectors.
         fetch_vectors: global vectors of gallery images by key.
-        local_blend: weight of the normalised local score in the new score (0: the
+        local_blend: weight of the normalised local score in the new score (0.5; 0: the
             paper's MDS cosine alone).
     """
 
@@ -232,7 +232,7 @@ class LocalMDSPipeline:
     def __init__(self, index: LocalIndex, *, similarity: LocalIndex | None = None,
                  k: int | None = None, candidates: int | None = None, p: float = PAPER_P,
                  dim: int = 32, max_iter: int = 100, blend: float = 0.0,
-                 fetch_vectors: FetchVectors | None = None, local_blend: float = 0.0) -> None:
+                 fetch_vectors: FetchVectors | None = None, local_blend: float = 0.5) -> None:
         if blend and fetch_vectors is None:
             raise InputError("blend > 0 needs fetch_vectors (global vectors of the gallery)")
         if not 0.0 <= blend <= 1.0:
