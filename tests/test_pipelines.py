@@ -220,14 +220,15 @@ class _MatrixSimilarity:
 def _collapse_case(seed, n_true=4, n_pos=96, n_zero=200):
     """One query's candidate list as the 11,398-image gallery gave it: 4 true matches,
     96 weak word collisions and 200 zero-score fillers (featureless images) that share
-    no visual word with anything."""
+    no visual word with anything; pairwise similarities are sparse."""
     rng = np.random.default_rng(seed)
     n, m = n_true + n_pos + n_zero, n_true + n_pos
     q = np.zeros(n)
     q[:n_true] = rng.uniform(0.03, 0.08, n_true)
     q[n_true:m] = rng.uniform(0.001, 0.02, n_pos)
     pair = np.zeros((n, n))
-    pair[:m, :m] = rng.uniform(0.001, 0.02, (m, m))
+    # sparse collisions: 70 % of the scored pairs share no word either
+    pair[:m, :m] = np.where(rng.random((m, m)) < 0.3, rng.uniform(0.001, 0.02, (m, m)), 0.0)
     pair[:n_true, :n_true] = rng.uniform(0.05, 0.1, (n_true, n_true))
     pair = np.triu(pair, 1)
     pair = pair + pair.T
@@ -255,5 +256,5 @@ def test_mds_collapse_regression_zero_score_candidates_are_not_embedded():
         after += int(true[out.ids[0, 0]])
         assert set(out.ids[0].tolist()) <= set(range(n))
     print("true match first: before", before, "after", after)
-    assert before <= 4  # the collapse: at most half the queries keep a true match first
+    assert before <= 3  # the collapse: most queries lose their true match from the top
     assert after == 8
