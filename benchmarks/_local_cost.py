@@ -119,11 +119,43 @@ def _all_vectors(paths: list[Path], threads: int) -> np.ndarray:
     f = cache_dir("embeddings") / f"all-{slug(ext.fingerprint)}-{key}.npy"
     if f.is_file():
         return np.load(f)
-    items = [SourceItem(id=str(i), path=p) for i, p in enumerate(paths)]
-    vecs, ok, failures = embed_items(items, ext, workers=threads)
-    assert ok.all(), failures[:3]
+    vecs = np.zeros((len(paths), ext.dim), np.float32)
+    found = _vectors_from_task_caches(paths, ext, vecs)
+    todo = np.flatnonzero(~found)
+    print(f"effnet-lite0: {found.sum()} images from the task caches, {todo.size} to embed",
+          flush=True)
+    items = [SourceItem(id=str(i), path=paths[i]) for i in todo]
+    if items:
+        got, ok, failures = embed_items(items, ext, workers=threads)
+        assert ok.all(), failures[:3]
+        vecs[todo] = got
     write_npy(f, vecs)
     return vecs
+
+
+def _vectors_from_task_caches(paths: list[Path], ext: Any, out: np.ndarray) -> np.ndarray:
+    """Fill ``out`` rows from :func:`galleria.eval.embed.task_embeddings` caches (same
+    model, uncropped images, key checked as that function does) -> ``(N,)`` bool found."""
+    from galleria.eval.embed import _items
+    from galleria.io.atomic import read_json
+
+    found = np.zeros(len(paths), bool)
+    want = {str(p): i for i, p in enumerate(paths)}
+    for head in sorted(cache_dir("embeddings").glob(f"*-{slug(ext.fingerprint)}-*.json")):
+        try:
+            meta = read_json(head)
+            items, _, _ = _items(load_task(meta["task"]))
+        except Exception:  # not a task cache, or its data set is not here
+            continue
+        if meta.get("fingerprint") != ext.fingerprint or meta.get("key") != digest(
+                [(it.id, it.bbox) for it in items], ext.fingerprint):
+            continue
+        arr = np.load(head.with_suffix(".npy"))
+        for row, it in enumerate(items):
+            i = want.get(str(it.path))
+            if it.bbox is None and i is not None and not found[i]:
+                out[i], found[i] = arr[row], True
+    return found
 
 
 def _smvs_queries(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:

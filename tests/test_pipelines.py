@@ -17,7 +17,7 @@ from galleria.search.pipelines import (
     QueryBatch,
     make_pipeline,
 )
-from galleria.types import LocalFeatures
+from galleria.types import LocalFeatures, SearchResult
 
 D = 32
 H = np.array([[0.95, 0.05, 15.0], [-0.04, 1.05, -8.0], [5e-5, 2e-5, 1.0]])
@@ -99,7 +99,7 @@ def test_mds_pipeline_reorders_only_its_top_k(scene, rng):
     idx = AsmkIndex(D, codebook_size=8, multiple_assignment=1)
     idx.add(np.arange(12), gallery)
     base = LocalPipeline(idx).search(QueryBatch(local=queries), 12)
-    pipe = LocalMDSPipeline(idx, k=6, candidates=10, p=0.5, dim=4)
+    pipe = LocalMDSPipeline(idx, k=6, candidates=10, p=0.5, dim=4, local_blend=0.0)
     assert pipe.sizes() == (6, 10) and pipe.params()["k"] == 6
     res = pipe.search(QueryBatch(local=queries), 12)
     for i in range(3):
@@ -119,3 +119,142 @@ def test_mds_pipeline_reorders_only_its_top_k(scene, rng):
     assert out.ids.shape == (3, 5) and (out.ids >= 0).all()
     with pytest.raises(InputError):
         bl.search(QueryBatch(local=queries), 5)  # blend without query vectors
+
+
+@pytest.fixture()
+def crowd(rng):
+    """3 objects x 2 views (homographies) among 60 unrelated images, with global vectors."""
+    gallery, labels, queries = [], [], []
+    for o in range(3):
+        pts = rng.uniform(0, 500, (150, 2))
+        desc = _unit(rng.standard_normal((150, D)))
+        for v in range(2):
+            h = np.eye(3) + (v + 1) * (H - np.eye(3)) / 2
+            p = np.c_[pts, np.ones(150)] @ h.T
+            gallery.append(_feats(p[:, :2] / p[:, 2:], _unit(desc + 0.1 * rng.standard_normal(
+                desc.shape))))
+            labels.append(o)
+        queries.append(_feats(pts, _unit(desc + 0.1 * rng.standard_normal(desc.shape))))
+    for _ in range(60):
+        gallery.append(_feats(rng.uniform(0, 500, (150, 2)), _unit(rng.standard_normal((150, D)))))
+        labels.append(-1)
+    n = len(gallery)
+    vecs = _unit(rng.standard_normal((n, 8)))
+    gidx = ExactIndex(8)
+    gidx.add(np.arange(n), vecs)
+    lidx = AsmkIndex(D, codebook_size=16, multiple_assignment=1)
+    lidx.add(np.arange(n), gallery)
+    return {"gallery": gallery, "labels": np.array(labels), "queries": queries, "vecs": vecs,
+            "gidx": gidx, "lidx": lidx,
+            "fetch": lambda keys: vecs[np.asarray(keys, np.int64)]}
+
+
+def test_hybrid_takes_the_local_match_when_the_global_model_misses_it(crowd, rng):
+    c, labels = crowd, crowd["labels"]
+    # the global vector of every query leans towards an unrelated image
+    qv = _unit(c["vecs"][[10, 20, 30]] + 0.3 * rng.standard_normal((3, 8)))
+    batch = QueryBatch(vectors=qv, local=c["queries"])
+    glob = GlobalPipeline(c["gidx"]).search(batch, 5)
+    assert (labels[glob.ids[:, 0]] == -1).all()
+    pipe = make_pipeline("hybrid", index=c["gidx"], local_index=c["lidx"],
+                         fetch_vectors=c["fetch"], candidates=30)
+    n = len(c["gallery"])
+    res = pipe.search(batch, n)
+    assert labels[res.ids[:, 0]].tolist() == [0, 1, 2]
+    # every gallery key once per row, scores non-increasing
+    assert all(sorted(r.tolist()) == list(range(n)) for r in res.ids)
+    assert (np.diff(res.scores, axis=1) <= 1e-9).all()
+    # exclusion, as the other pipelines
+    ex = pipe.search(QueryBatch(vectors=c["vecs"][:1], local=c["gallery"][:1],
+                                exclude=np.array([0])), n)
+    assert 0 not in ex.ids[0] and ex.ids[0, -1] == -1
+
+
+def test_hybrid_keeps_the_global_order_when_local_evidence_is_flat(crowd, rng):
+    c = crowd
+    # queries whose local features match nothing (fresh random descriptors): a flat
+    # local shortlist must not reorder the global top results
+    blank = [_feats(rng.uniform(0, 500, (150, 2)), _unit(rng.standard_normal((150, D))))
+             for _ in range(3)]
+    qv = _unit(c["vecs"][[10, 20, 30]] + 0.05 * rng.standard_normal((3, 8)))
+    batch = QueryBatch(vectors=qv, local=blank)
+    glob = GlobalPipeline(c["gidx"]).search(batch, 3)
+    res = make_pipeline("hybrid", index=c["gidx"], local_index=c["lidx"],
+                        fetch_vectors=c["fetch"], candidates=20).search(batch, 3)
+    np.testing.assert_array_equal(res.ids[:, 0], glob.ids[:, 0])
+
+
+def test_hybrid_mds_and_sv_steps_and_options(crowd, rng):
+    c, labels = crowd, crowd["labels"]
+    qv = _unit(c["vecs"][[10, 20, 30]] + 0.3 * rng.standard_normal((3, 8)))
+    batch = QueryBatch(vectors=qv, local=c["queries"])
+    parts = {"index": c["gidx"], "local_index": c["lidx"], "fetch_vectors": c["fetch"]}
+    pipe = make_pipeline("hybrid", **parts,
+                         fetch_local=lambda keys: [c["gallery"][int(k)] for k in keys],
+                         candidates=30, mds_k=10, sv=4)
+    res = pipe.search(batch, 5)
+    assert labels[res.ids[:, 0]].tolist() == [0, 1, 2]
+    assert pipe.params()["mds_k"] == 10 and pipe.params()["sv"] == 4
+    with pytest.raises(InputError):
+        make_pipeline("hybrid", **parts, nope=1)
+    with pytest.raises(InputError):
+        make_pipeline("hybrid", **parts, sv=3)  # no fetch_local
+    with pytest.raises(InputError):
+        make_pipeline("hybrid", **parts, candidates=0)
+
+
+class _MatrixSimilarity:
+    """Image-to-image similarities given as a matrix (keys = rows): the test input."""
+
+    def __init__(self, pair):
+        self.pair = pair
+
+    def __len__(self):
+        return len(self.pair)
+
+    def pairwise(self, keys):
+        k = np.asarray(keys, np.int64)
+        return self.pair[np.ix_(k, k)].astype(np.float32)
+
+
+def _collapse_case(seed, n_true=4, n_pos=96, n_zero=200):
+    """One query's candidate list as the 11,398-image gallery gave it: 4 true matches,
+    96 weak word collisions and 200 zero-score fillers (featureless images) that share
+    no visual word with anything; pairwise similarities are sparse."""
+    rng = np.random.default_rng(seed)
+    n, m = n_true + n_pos + n_zero, n_true + n_pos
+    q = np.zeros(n)
+    q[:n_true] = rng.uniform(0.03, 0.08, n_true)
+    q[n_true:m] = rng.uniform(0.001, 0.02, n_pos)
+    pair = np.zeros((n, n))
+    # sparse collisions: 70 % of the scored pairs share no word either
+    pair[:m, :m] = np.where(rng.random((m, m)) < 0.3, rng.uniform(0.001, 0.02, (m, m)), 0.0)
+    pair[:n_true, :n_true] = rng.uniform(0.05, 0.1, (n_true, n_true))
+    pair = np.triu(pair, 1)
+    pair = pair + pair.T
+    np.fill_diagonal(pair[:m, :m], 1.0)
+    order = np.argsort(-q, kind="stable")  # the local search's order
+    return q[order], pair[np.ix_(order, order)], order < n_true
+
+
+@pytest.mark.slow  # 8 SMACOF runs of 300 points: ~1 min on a quiet 2-core machine
+def test_mds_collapse_regression_zero_score_candidates_are_not_embedded():
+    """Issue 18: local+mds fell to R@1 0 % on the 11.4k gallery. Cause: zero-score
+    candidates sit at distance 1 from everything under D = 1 - S^0.01 (every scored
+    candidate is within 0.1 of the query); embedding them spends the embedding on a
+    unit simplex and the query's true matches lose the top. Seeded."""
+    before, after = 0, 0
+    for seed in range(8):
+        q, pair, true = _collapse_case(seed)
+        n = len(q)
+        # the cause: the same candidates embedded as before the fix
+        old = mds_rerank_scores(q, pair)
+        before += int(true[np.argmax(old)])
+        pipe = LocalMDSPipeline(_MatrixSimilarity(pair), k=n, candidates=n)
+        res = SearchResult(q[None].astype(np.float32), np.arange(n)[None])
+        out = pipe.rerank(QueryBatch(local=[None]), res, 10)
+        after += int(true[out.ids[0, 0]])
+        assert set(out.ids[0].tolist()) <= set(range(n))
+    print("true match first: before", before, "after", after)
+    assert before <= 3  # the collapse: most queries lose their true match from the top
+    assert after == 8

@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("images", nargs="+", help="query image files (one result list each)")
     s.add_argument("-k", type=int, default=10, help="results per query (default %(default)s)")
     s.add_argument("--pipeline", default=None,
-                   help="global | global+sv | local | local+mds (default: the best the "
+                   help="global | global+sv | local | local+mds | hybrid (default: the best the "
                         "gallery supports)")
     s.add_argument("--json", action="store_true",
                    help="print JSON Lines: one object {\"query\": path, \"results\": [{\"id\", "
@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = s.add_argument_group("local features (--model is then the global model)")
     g.add_argument("--local", default=None, help="local extractor: sift | xfeat")
     g.add_argument("--pipeline", default=None,
-                   help="global | global+sv | local | local+mds (default with --local: local)")
+                   help="global | global+sv | local | local+mds | hybrid (default with --local: "
+                        "local)")
     g.add_argument("--local-index", default="asmk", help="asmk (default) | cann")
     g.add_argument("--index-param", type=key_value, action="append", default=[],
                    help="local index parameter KEY=VALUE, e.g. codebook_size=4096, p0=0.5")

@@ -39,6 +39,8 @@ FUSION_KEY = "fusion"
 """The gallery setting holding a fused gallery's adaptation decision (written by
 ``galleria.fusion.adapt_job``: ``{answer, space, reason, ...}``)."""
 KINDS = ("plain", "backfill", "pipeline", "sharded")
+NEEDS_GLOBAL = ("global", "global+sv", "hybrid")
+"""Pipelines that search the gallery's global space (``hybrid``: global and local)."""
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,7 @@ def tuned_default(state: GalleryState) -> tuple[str, tuple[tuple[str, Any], ...]
         return None
     name = str(rec["pipeline"])
     glob, loc = global_local(state)
-    if (name in ("global", "global+sv") and glob is None) or (name != "global" and loc is None):
+    if (name in NEEDS_GLOBAL and glob is None) or (name != "global" and loc is None):
         return None
     params = rec.get("params") or {}
     if not isinstance(params, dict):
@@ -174,7 +176,7 @@ def choose(state: GalleryState, request: SearchRequest) -> SearchSpec:
                              "pipeline local or local+mds")
         pipeline, reason = "local", "local features only"
     if pipeline != "global":
-        needs_global = pipeline == "global+sv" or dict(params).get("blend")
+        needs_global = pipeline in NEEDS_GLOBAL or dict(params).get("blend")
         if needs_global and glob is None:
             raise InputError(f"the {pipeline} pipeline needs a global model in the gallery; "
                              f"{state.path} has only local features (index it with --model "

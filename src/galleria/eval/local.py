@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -29,14 +30,15 @@ from galleria.fingerprint import digest, slug
 from galleria.index.exact import ExactIndex
 from galleria.local.base import LocalIndex
 from galleria.local.factory import create_local_index, load_local_index
-from galleria.search.pipelines import PIPELINES, QueryBatch, make_pipeline
+from galleria.search.pipelines import HYBRID_OPTIONS, PIPELINES, QueryBatch, make_pipeline
 from galleria.types import LocalFeatures, SearchResult
 
 log = logging.getLogger(__name__)
 
 PIPELINE_PARAMS = {
     "global+sv": ("shortlist", "matcher", "ratio", "threshold", "max_iters"),
-    "local+mds": ("k", "candidates", "p", "dim", "max_iter", "blend"),
+    "local+mds": ("k", "candidates", "p", "dim", "max_iter", "blend", "local_blend"),
+    "hybrid": HYBRID_OPTIONS,
 }
 
 
@@ -47,8 +49,11 @@ def build_local_index(
     """A local index over ``gallery`` (keys ``0..G-1``), from the cache when possible."""
     params = dict(params or {})
     folder = None
+    idx = create_local_index(kind, dim, fingerprint=fingerprint, **params)
     if cache_key is not None:
-        tag = digest(kind, params, fingerprint, cache_key)
+        generic = getattr(idx, "generic_codebook", lambda: None)()  # shipped codebook in use
+        tag = digest(kind, params, fingerprint, cache_key,
+                     *([generic.fingerprint] if generic is not None else []))
         folder = cache_dir("local-index") / f"{kind}-{slug(fingerprint)}-{tag}"
         if (folder / "header.json").is_file():
             try:
@@ -57,7 +62,6 @@ def build_local_index(
                     return idx
             except FormatError as exc:
                 log.warning("ignoring unreadable cached index %s: %s", folder, exc)
-    idx = create_local_index(kind, dim, fingerprint=fingerprint, **params)
     idx.add(np.arange(len(gallery), dtype=np.int64), gallery)
     if folder is not None:
         idx.save(folder)
@@ -90,36 +94,83 @@ def _search(pipe: Any, queries: QueryBatch, k: int, progress: Progress | None) -
                         np.concatenate([r.ids for r in parts]))
 
 
-def evaluate_pipeline(
-    task: str | RetrievalTask,
-    *,
-    local: str = "sift",
-    pipeline: str = "local",
-    index: str = "asmk",
-    index_params: dict[str, Any] | None = None,
-    similarity_index: str | None = "asmk",
-    global_model: str = "effnet-lite0",
-    pipeline_params: dict[str, Any] | None = None,
-    local_options: dict[str, Any] | None = None,
-    use_cache: bool = True,
-    workers: int = 2,
-    progress: Progress | None = None,
-    search_progress: Progress | None = None,
-) -> dict[str, Any]:
-    """Evaluate one pipeline on a task; returns the ``galleria eval`` JSON object.
+@dataclass(frozen=True)
+class LocalEvalConfig:
+    """What :func:`evaluate_pipeline` runs (one row of the local benchmark).
 
-    Args:
+    Attributes:
         local: local extractor (``sift``, ``xfeat``), ``local_options`` its options.
         pipeline: one of :data:`~galleria.search.pipelines.PIPELINES`.
         index: local index searched (``asmk``, ``cann``), ``index_params`` its options.
         similarity_index: index giving image-to-image similarities for ``local+mds``
-            (``asmk``; the same object when ``index`` is ``asmk`` with the same params).
-        global_model: global extractor for ``global``, ``global+sv`` and the blend.
+            and ``hybrid`` (``asmk``; the same object when ``index`` is ``asmk`` with
+            the same params).
+        global_model: global extractor for ``global``, ``global+sv``, ``hybrid`` and
+            the blend.
         pipeline_params: options of the pipeline (``shortlist``, ``k``, ``p`` ...).
-        progress: updated per image whose features are extracted (or read from the cache);
-            ``search_progress``: per query searched (the queries are then searched in
-            chunks of :data:`SEARCH_CHUNK`, each query independently as in one batch).
+        max_queries: search a seeded sample (``query_seed``) of this many queries
+            (features of the whole task are extracted and cached as without it).
     """
+
+    local: str = "sift"
+    pipeline: str = "local"
+    index: str = "asmk"
+    index_params: dict[str, Any] | None = None
+    similarity_index: str | None = "asmk"
+    global_model: str = "effnet-lite0"
+    pipeline_params: dict[str, Any] | None = None
+    local_options: dict[str, Any] | None = None
+    max_queries: int | None = None
+    query_seed: int = 0
+
+
+def sample_queries(task: RetrievalTask, n: int | None, seed: int = 0
+                   ) -> tuple[RetrievalTask, np.ndarray]:
+    """``(task restricted to a seeded sample of n queries, their indices (n,))``; the task
+    itself and ``arange(Q)`` when it has at most ``n`` queries (or ``n`` is ``None``)."""
+    q = task.num_queries
+    if n is None or q <= n:
+        return task, np.arange(q)
+    if n < 1:
+        raise InputError(f"max_queries must be >= 1; got {n}")
+    keep = np.sort(np.random.default_rng(seed).choice(q, int(n), replace=False))
+    kw: dict[str, Any] = {"query_paths": [task.query_paths[i] for i in keep],
+                          "query_gallery_index": task.query_gallery_index[keep]}
+    if task.query_labels is not None:
+        kw["query_labels"] = task.query_labels[keep]
+    if task.query_bbx is not None:
+        kw["query_bbx"] = [task.query_bbx[i] for i in keep]
+    if task.gnd is not None:
+        kw["gnd"] = tuple(task.gnd[i] for i in keep)
+    return replace(task, **kw), keep
+
+
+def evaluate_pipeline(
+    task: str | RetrievalTask,
+    config: LocalEvalConfig | None = None,
+    *,
+    use_cache: bool = True,
+    workers: int = 2,
+    progress: Progress | None = None,
+    search_progress: Progress | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Evaluate one pipeline on a task; returns the ``galleria eval`` JSON object.
+
+    ``config`` says what runs (:class:`LocalEvalConfig`); keyword ``overrides``
+    replace its fields (``evaluate_pipeline("smvs", pipeline="local+mds")``).
+    ``progress`` is updated per image whose features are extracted (or read from the
+    cache); ``search_progress`` per query searched (the queries are then searched in
+    chunks of :data:`SEARCH_CHUNK`, each query independently as in one batch).
+    """
+    try:
+        cfg = replace(config or LocalEvalConfig(), **overrides)
+    except TypeError as exc:
+        raise InputError(f"evaluate_pipeline: {exc}") from None
+    local, pipeline, index = cfg.local, cfg.pipeline, cfg.index
+    index_params, similarity_index = cfg.index_params, cfg.similarity_index
+    global_model, pipeline_params, local_options = (cfg.global_model, cfg.pipeline_params,
+                                                    cfg.local_options)
     t0 = time.perf_counter()
     if pipeline not in PIPELINES:
         raise InputError(f"unknown pipeline {pipeline!r}; known: {', '.join(PIPELINES)}")
@@ -134,7 +185,7 @@ def evaluate_pipeline(
     unknown = sorted(set(pparams) - set(allowed))
     if unknown:
         raise InputError(f"pipeline {pipeline!r} takes {list(allowed)}; unknown: {unknown}")
-    needs_global = pipeline in ("global", "global+sv") or bool(pparams.get("blend"))
+    needs_global = pipeline in ("global", "global+sv", "hybrid") or bool(pparams.get("blend"))
     needs_local = pipeline != "global"
 
     g_vecs = q_vecs = None
@@ -153,6 +204,10 @@ def evaluate_pipeline(
         qs = [packed[int(i)] for i in q_rows]
     t_embed = time.perf_counter() - t0
 
+    task, keep = sample_queries(task, cfg.max_queries, cfg.query_seed)
+    if q_vecs is not None:
+        q_vecs = q_vecs[keep]
+    qs = [qs[int(i)] for i in keep] if needs_local else qs
     G = task.num_gallery
     exclude = (np.where(task.query_gallery_index >= 0, task.query_gallery_index, -1)
                if task.exclude_self else None)
@@ -160,24 +215,29 @@ def evaluate_pipeline(
     cache_key = digest(task.name, G, [len(f) for f in gal]) if use_cache else None
     parts: dict[str, Any] = {}
     info: dict[str, Any] = {}
-    if pipeline in ("global", "global+sv"):
+    if pipeline in ("global", "global+sv", "hybrid"):
         gidx = ExactIndex(int(g_vecs.shape[1]))
         gidx.add(np.arange(G), g_vecs)
         parts["index"] = gidx
     t_build = time.perf_counter()
-    if pipeline == "global+sv":
+    if pipeline == "global+sv" or (pipeline == "hybrid" and pparams.get("sv")):
         parts["fetch_local"] = lambda keys: [gal[int(k)] for k in keys]
-    if pipeline in ("local", "local+mds"):
+    if pipeline in ("local", "local+mds", "hybrid"):
         if index == "cann":
             from galleria.local.cann import PRESETS
 
             index_params = {**PRESETS.get(local, {}), **(index_params or {})}
         lidx = build_local_index(index, gal, dim=ext.dim, fingerprint=ext.fingerprint,
                                  params=index_params, cache_key=cache_key)
-        parts["index"] = lidx
+        if pipeline == "hybrid":
+            parts["local_index"] = lidx
+            gv_all = g_vecs
+            parts["fetch_vectors"] = lambda keys: gv_all[np.asarray(keys, np.int64)]
+        else:
+            parts["index"] = lidx
         info["index"] = {"type": lidx.type_name, "params": lidx.params(),
                          "bytes_per_image": round(lidx.nbytes() / max(G, 1))}
-        if pipeline == "local+mds":
+        if pipeline == "local+mds" or (pipeline == "hybrid" and pparams.get("mds_k")):
             if similarity_index in (None, index):
                 sim = lidx
             else:

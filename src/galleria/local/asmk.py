@@ -17,16 +17,23 @@ cost O(log N) amortised merges); ``remove`` marks rows dead and the next full
 merge drops their entries. Segments are never modified in place, so
 :meth:`AsmkIndex.copy` shares them and copies only the per-row tables.
 
-The codebook is FAISS k-means on a seeded sample of the training descriptors
-(``codebook_size="auto"``: a power of two near ``descriptors / 40``, between
-256 and 16,384). Assignment uses an exact flat quantizer up to 4,096 words
-and an HNSW graph beyond (``quantizer="auto"``).
+The codebook (``codebook="auto"``, the default) is the generic one galleria ships
+for the extractor the index's fingerprint names (:mod:`galleria.local.codebook`:
+``sift-v1``, 16,384 words trained once on images no evaluation uses), so the index
+is as good on 30 images as on 10,000; its fingerprint is recorded in the index's
+params and checked on load. Without a shipped codebook (another extractor, no
+fingerprint, an explicit ``codebook_size`` or ``codebook="gallery"``) it is FAISS
+k-means on a seeded sample of the training descriptors (``codebook_size="auto"``:
+a power of two near ``descriptors / 40``, between 256 and 16,384). Assignment uses
+an exact flat quantizer up to 4,096 words and an HNSW graph beyond
+(``quantizer="auto"``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +43,13 @@ import numpy as np
 
 from galleria.errors import FormatError, InputError
 from galleria.local.base import LocalIndex
+from galleria.local.codebook import (
+    Codebook,
+    check_recorded,
+    codebook_by_name,
+    descriptor_of,
+    shipped_codebook,
+)
 from galleria.local.features import check_features, float_descriptors
 from galleria.local.kernels import (
     aggregate_residuals,
@@ -110,6 +124,27 @@ def sample_descriptors(features: Sequence[LocalFeatures], n: int, *, seed: int) 
     return np.ascontiguousarray(np.concatenate(parts), np.float32)
 
 
+#: Quantizers of shipped codebooks, built once per process and shared read-only by every
+#: index using them (FAISS searches of an index nobody mutates are thread safe).
+_QUANT_CACHE: dict[tuple[str, str], tuple[Any, int]] = {}
+_QUANT_LOCK = threading.Lock()
+
+
+def _quantizer(centroids: np.ndarray, kind: str) -> tuple[Any, int]:
+    """A FAISS L2 quantizer over ``(W, d)`` centroids -> ``(index, serialized bytes)``."""
+    import faiss  # heavy optional dependency (the index module imports without it)
+
+    d = centroids.shape[1]
+    if kind == "flat":
+        q = faiss.IndexFlatL2(d)
+    else:
+        q = faiss.IndexHNSWFlat(d, 32)
+        q.hnsw.efConstruction = 80
+        q.hnsw.efSearch = 64
+    q.add(np.ascontiguousarray(centroids, np.float32))
+    return q, int(faiss.serialize_index(q).nbytes)
+
+
 class AsmkIndex(LocalIndex):
     """ASMK* index (see the module docstring).
 
@@ -123,6 +158,11 @@ class AsmkIndex(LocalIndex):
         quantizer: ``"flat"``, ``"hnsw"`` or ``"auto"``.
         kmeans_iters, points_per_word: k-means iterations and training sample
             size per word; ``seed`` seeds the sample and k-means.
+        codebook: ``"auto"`` (the shipped codebook of the fingerprint's extractor
+            when ``codebook_size`` is ``"auto"``, else trained on the gallery),
+            ``"gallery"`` (train on the gallery), or a shipped codebook's name
+            (``"sift-v1"``) or fingerprint (``"sift-v1@..."``, as :meth:`params`
+            records it after training).
     """
 
     type_name = "asmk"
@@ -132,7 +172,7 @@ class AsmkIndex(LocalIndex):
         self, dim: int, *, fingerprint: str | None = None, codebook_size: int | str = "auto",
         alpha: float = 3.0, tau: float = 0.0, multiple_assignment: int = 5,
         quantizer: str = "auto", kmeans_iters: int = 10, points_per_word: int = 32,
-        seed: int = 0,
+        seed: int = 0, codebook: str = "auto",
     ) -> None:
         super().__init__(dim, fingerprint=fingerprint)
         if codebook_size != "auto" and (not isinstance(codebook_size, (int, np.integer))
@@ -148,6 +188,12 @@ class AsmkIndex(LocalIndex):
         self.quantizer = quantizer
         self.kmeans_iters, self.points_per_word = int(kmeans_iters), int(points_per_word)
         self.seed = int(seed)
+        if not isinstance(codebook, str) or not codebook:
+            raise InputError(f"codebook must be 'auto', 'gallery' or a codebook name; got "
+                             f"{codebook!r}")
+        if codebook not in ("auto", "gallery") and "@" not in codebook:
+            codebook_by_name(codebook)  # a shipped name, else InputError
+        self.codebook = codebook
         self.centroids_: np.ndarray | None = None
         self._quant: Any = None
         self._quant_bytes = 0
@@ -160,7 +206,7 @@ class AsmkIndex(LocalIndex):
         return {"codebook_size": self.codebook_size, "alpha": self.alpha, "tau": self.tau,
                 "multiple_assignment": self.multiple_assignment, "quantizer": self.quantizer,
                 "kmeans_iters": self.kmeans_iters, "points_per_word": self.points_per_word,
-                "seed": self.seed}
+                "seed": self.seed, "codebook": self.codebook}
 
     @property
     def is_trained(self) -> bool:
@@ -170,12 +216,39 @@ class AsmkIndex(LocalIndex):
     def nbits(self) -> int:
         return self.dim
 
+    def generic_codebook(self) -> Codebook | None:
+        """The shipped codebook this index uses instead of training (``None``: train)."""
+        if self.codebook == "gallery":
+            return None
+        if self.codebook == "auto":
+            if self.codebook_size != "auto":
+                return None
+            cb = shipped_codebook(descriptor_of(self.fingerprint) or "")
+        else:
+            cb = codebook_by_name(self.codebook.split("@", 1)[0])
+            if "@" in self.codebook and cb.fingerprint != self.codebook:
+                raise InputError(f"codebook {self.codebook} is not the installed "
+                                 f"{cb.fingerprint}")
+        if cb is None or cb.dim != self.dim:
+            if self.codebook != "auto":
+                raise InputError(f"codebook {self.codebook} has {cb and cb.dim}-d words; this "
+                                 f"index holds {self.dim}-d descriptors")
+            return None
+        return cb
+
     def train(self, features: Sequence[LocalFeatures]) -> AsmkIndex:
         import faiss
 
         feats = check_features(features, dim=self.dim)
         if len(self):
             raise InputError("the index holds images: train a new index instead")
+        cb = self.generic_codebook()
+        if cb is not None:
+            self.codebook_size = cb.words
+            self.codebook = cb.fingerprint
+            self._set_codebook(cb.centroids)
+            return self
+        self.codebook = "gallery"
         total = sum(len(f) for f in feats)
         w = auto_codebook_size(total) if self.codebook_size == "auto" else self.codebook_size
         x = sample_descriptors(feats, w * self.points_per_word, seed=self.seed)
@@ -189,20 +262,18 @@ class AsmkIndex(LocalIndex):
         return self
 
     def _set_codebook(self, centroids: np.ndarray) -> None:
-        import faiss
-
         w = centroids.shape[0]
         kind = self.quantizer if self.quantizer != "auto" else ("flat" if w <= 4096 else "hnsw")
-        if kind == "flat":
-            q = faiss.IndexFlatL2(self.dim)
-        else:
-            q = faiss.IndexHNSWFlat(self.dim, 32)
-            q.hnsw.efConstruction = 80
-            q.hnsw.efSearch = 64
-        q.add(centroids)
+        key = (self.codebook, kind) if "@" in self.codebook else None
+        with _QUANT_LOCK:
+            hit = _QUANT_CACHE.get(key) if key else None
+        if hit is None:
+            hit = _quantizer(centroids, kind)
+            if key:
+                with _QUANT_LOCK:
+                    _QUANT_CACHE[key] = hit
         self.centroids_ = centroids
-        self._quant = q
-        self._quant_bytes = int(faiss.serialize_index(q).nbytes)
+        self._quant, self._quant_bytes = hit
 
     def _assign(self, desc: np.ndarray, m: int) -> np.ndarray:
         _, ids = self._quant.search(desc, m)
@@ -488,6 +559,10 @@ class AsmkIndex(LocalIndex):
                 or seg.codes.shape != (seg.size, code_words(d)) or int(seg.offsets[-1]) != seg.size
                 or arr["nwords"].shape != arr["row_key"].shape):
             raise FormatError(f"{p}: inverted file arrays do not fit together")
+        recorded = str(header["params"].get("codebook", "gallery"))
+        if recorded not in ("auto", "gallery"):
+            check_recorded(recorded, c, what=f"ASMK index {p}")
+        idx.codebook = recorded
         idx._set_codebook(c)
         idx._rows = Rows(arr["row_key"])
         idx._nwords = arr["nwords"].astype(np.int32)

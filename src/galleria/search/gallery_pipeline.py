@@ -34,6 +34,7 @@ from galleria.search.pipelines import (
     PIPELINES,
     GlobalPipeline,
     GlobalSVPipeline,
+    HybridPipeline,
     LocalMDSPipeline,
     LocalPipeline,
     QueryBatch,
@@ -81,7 +82,7 @@ class PipelineSearcher(Searcher):
         self.global_space, self.local_space = global_space, local_space
         self.params = dict(params or {})
         blend = bool(self.params.get("blend"))
-        needs_global = pipeline in ("global", "global+sv") or blend
+        needs_global = pipeline in ("global", "global+sv", "hybrid") or blend
         needs_local = pipeline != "global"
         if needs_global and global_space is None:
             raise InputError(f"the {pipeline} pipeline{' with blend' if blend else ''} needs a "
@@ -156,6 +157,12 @@ class PipelineSearcher(Searcher):
         index = self.local_index(lv)
         if self.pipeline == "local":
             return LocalPipeline(index), lv
+        if self.pipeline == "hybrid":  # gallery keys; ids looked up in the global view
+            assert gv is not None
+            gspace, lspace = self.global_space, self.local_space
+            return HybridPipeline(
+                gv, index, lambda keys: g.get_vectors(keys, space=gspace),
+                fetch_local=lambda keys: g.get_local(keys, space=lspace), **p), gv
         fetch = None
         if p.get("blend"):
             gspace = self.global_space

@@ -1,0 +1,287 @@
+"""Issue 18: local search at every gallery size, and local-to-global that never loses.
+
+Two sections, one JSON + one markdown table each (``benchmarks/results/``):
+
+``table`` -> ``local-hybrid.{json,md}``
+    every pipeline (``global``, ``global+sv``, ``local``, ``local+mds``, ``hybrid``)
+    on every shared set (SMVS all-vs-all and phone -> reference, rparis250 E/M/H,
+    UKBench56 N-S, Oxford affine, Caltech-101 test -> train) and on the
+    small-reference variants built by ``variants.py`` (30 and 100 SMVS covers at
+    200 px, phone photos as queries). ``hybrid >= max(global, local) - 1`` is checked
+    per row and printed in the table. Global model: effnet-lite0 GeM; local: sift
+    (RootSIFT) with the shipped ``sift-v1`` codebook.
+``sizes`` -> ``local-sizes.{json,md}``
+    ASMK ``local`` (shipped codebook, and the old codebook trained on the gallery)
+    and ``local+mds`` vs the plain RootSIFT voting script (``_local_baseline.py``) at
+    gallery sizes 30, 100, 500 (the variants) and the 11.4k gallery of every real
+    image (``_local_cost.py``: SMVS phone photos query it, their own image excluded).
+
+``--max-queries N`` evaluates a seeded sample of N queries of the larger rows
+(labelled in the tables); without it every query runs (hours on a loaded 2-core
+machine). Run from the repository root::
+
+    nice -n 10 env GALLERIA_DATASETS=../shared/datasets .venv/bin/python \\
+        benchmarks/bench_local_hybrid.py [--sections table,sizes] [--rows ...] \\
+        [--pipelines ...] [--max-queries N] [--threads 1] [--name=-a]
+
+Rows can run in parallel processes (``--name=-a``, ``--name=-b``) and be joined into
+``local-hybrid.md`` with ``--sections merge --merge local-hybrid-a,local-hybrid-b``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import machine_info, machine_md, set_threads, write_results
+from _local_baseline import vote_scores
+from galleria.eval.datasets import RetrievalTask, load_task
+from galleria.eval.local import LocalEvalConfig, evaluate_pipeline, sample_queries
+from galleria.eval.local_features import task_local_features
+from galleria.extractors.registry import create_extractor
+from variants import load_variant
+
+PIPELINES = ("global", "global+sv", "local", "local+mds", "hybrid")
+ROWS = ("smvs", "smvs-ref", "rparis250", "ukbench56", "oxford_affine", "caltech101",
+        "smvs200-30", "smvs200-100")
+#: the metrics shown per row (first one is the row's headline for the check)
+METRICS = {"revisitop": ("M_mAP", "E_mAP", "H_mAP"), "instance": ("R@1", "mAP"),
+           "ukbench": ("N-S",), "class": ("mAP@R", "R@1")}
+RESULTS = Path(__file__).resolve().parent / "results"
+SIZES = ("smvs200-30", "smvs200-100", "smvs200-100+d400", "all-11.4k")
+
+
+def load_row(name: str) -> RetrievalTask:
+    return load_variant(name) if name.startswith("smvs200") else load_task(name)
+
+
+def run_table(rows: list[str], pipelines: list[str], max_queries: int | None,
+              workers: int) -> dict[str, Any]:
+    out: list[dict[str, Any]] = []
+    for row in rows:
+        task = load_row(row)
+        for pipe in pipelines:
+            t0 = time.perf_counter()
+            res = evaluate_pipeline(task, LocalEvalConfig(pipeline=pipe, max_queries=max_queries),
+                                    workers=workers)
+            keep = {k: res[k] for k in ("metrics", "pipeline_params", "search_ms_per_query",
+                                        "queries", "gallery", "seconds")}
+            keep["codebook"] = res.get("index", {}).get("params", {}).get("codebook")
+            out.append({"row": row, "pipeline": pipe, "protocol": task.protocol,
+                        "queries_full": task.num_queries, **keep})
+            print(f"{row:<14} {pipe:<10} {res['metrics']} {res['search_ms_per_query']:.0f} ms/q "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    return {"rows": out, "max_queries": max_queries, "pipelines": pipelines}
+
+
+def _check(cells: dict[str, dict[str, float]], metric: str) -> str:
+    need = [p for p in ("global", "local", "hybrid") if p in cells]
+    if len(need) < 3:
+        return ""
+    best = max(cells["global"][metric], cells["local"][metric])
+    margin = 0.04 if metric == "N-S" else 1.0  # N-S is out of 4: 1 point = 0.04
+    ok = cells["hybrid"][metric] >= best - margin
+    return "yes" if ok else f"**no** ({cells['hybrid'][metric] - best:+.1f})"
+
+
+def table_markdown(payload: dict[str, Any], info: dict[str, Any]) -> str:
+    pipes = payload["pipelines"]
+    by: dict[str, dict[str, dict[str, float]]] = {}
+    meta: dict[str, dict[str, Any]] = {}
+    for r in payload["rows"]:
+        by.setdefault(r["row"], {})[r["pipeline"]] = r["metrics"]
+        meta[r["row"]] = r
+    mds = sorted({str(r["pipeline_params"].get("local_blend", 0.0)) for r in payload["rows"]
+                  if r["pipeline"] == "local+mds"})
+    lines = ["# Every pipeline on every set: local-to-global that never loses (issue 18)", "",
+             "Global: effnet-lite0 GeM; local: sift (RootSIFT, <= 1,000 keypoints) with the "
+             "shipped `sift-v1` codebook (16,384 words trained once on the 50 seen Caltech-101 "
+             "classes; the Caltech-101 row's gallery and queries include those classes). "
+             "`global+sv`: global top 100 re-ranked by MAGSAC++ inliers. `local+mds`: ASMK "
+             "results re-ranked by MDS (paper settings scaled to the gallery, zero-score "
+             f"candidates not embedded, local_blend {', '.join(mds) or '-'} in these runs). "
+             "`hybrid`: global top 100 + local top 100, each source standardised against its "
+             "own shortlist, fused as relu(z_g - 3) + relu(z_l - 3) + 0.01 z_g "
+             "(`galleria.local.hybrid`). Percent; N-S out of 4. `ok`: hybrid >= max(global, "
+             "local) - 1 point (N-S: - 0.04) on that metric. Queries: a seeded sample where "
+             "marked (the same sample for every pipeline of a row).", ""]
+    header = "| row | queries | metric | " + " | ".join(pipes) + " | ok |"
+    lines += [header, "|" + "---|" * (len(pipes) + 4)]
+    for row, cells in by.items():
+        m = meta[row]
+        metrics = METRICS[m["protocol"]]
+        nq = m["queries"]
+        qtxt = f"{nq}" if nq == m["queries_full"] else f"{nq} of {m['queries_full']} (seeded)"
+        for j, metric in enumerate(metrics):
+            vals = [f"{cells[p][metric]:.2f}" if metric == "N-S" else f"{cells[p][metric]:.1f}"
+                    if p in cells else "" for p in pipes]
+            ok = _check(cells, metric)
+            lines.append(f"| {row if j == 0 else ''} | {qtxt if j == 0 else ''} | {metric} | "
+                         + " | ".join(vals) + f" | {ok} |")
+    lines += ["", "ms per query (search only, features cached):", "",
+              "| row | " + " | ".join(pipes) + " |", "|" + "---|" * (len(pipes) + 1)]
+    ms: dict[str, dict[str, float]] = {}
+    for r in payload["rows"]:
+        ms.setdefault(r["row"], {})[r["pipeline"]] = r["search_ms_per_query"]
+    for row, cells in ms.items():
+        lines.append(f"| {row} | " + " | ".join(f"{cells.get(p, float('nan')):.0f}"
+                                                for p in pipes) + " |")
+    lines += ["", "## Machine", "", machine_md(info)]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- sizes
+def _r1_of(scores: np.ndarray, task: RetrievalTask) -> float:
+    return float(task.evaluate(scores)["R@1"])
+
+
+def sizes_variant(name: str, max_queries: int | None, workers: int) -> dict[str, Any]:
+    full = load_variant(name)
+    ext = create_extractor("sift")
+    packed, g_rows, q_rows = task_local_features(full, ext, workers=workers)
+    task, keep = sample_queries(full, max_queries)
+    gal = [packed[int(i)] for i in g_rows]
+    qs = [packed[int(q_rows[i])] for i in keep]
+    t0 = time.perf_counter()
+    votes = vote_scores(gal, qs, ratio=0.8)
+    t_base = time.perf_counter() - t0
+    row: dict[str, Any] = {"row": name, "gallery": task.num_gallery, "queries": task.num_queries,
+                           "baseline R@1": _r1_of(votes, task),
+                           "baseline ms/q": 1000 * t_base / task.num_queries}
+    for label, cfg in (("local", LocalEvalConfig(pipeline="local")),
+                       ("local (gallery codebook)", LocalEvalConfig(
+                           pipeline="local", index_params={"codebook": "gallery"})),
+                       ("local+mds", LocalEvalConfig(pipeline="local+mds"))):
+        res = evaluate_pipeline(full, dataclasses.replace(cfg, max_queries=max_queries),
+                                workers=workers)
+        row[f"{label} R@1"] = res["metrics"]["R@1"]
+        row[f"{label} ms/q"] = res["search_ms_per_query"]
+        row[f"{label} codebook"] = res["index"]["params"]["codebook"]
+    print("sizes", row, flush=True)
+    return row
+
+
+def sizes_all(max_queries: int | None, workers: int) -> dict[str, Any]:
+    """The 11.4k gallery of every real image; SMVS phone photos query it."""
+    from _local_cost import _all_features, _smvs_queries, all_images
+    from galleria.eval.local import build_local_index
+    from galleria.fingerprint import digest
+    from galleria.search.pipelines import LocalMDSPipeline, LocalPipeline, QueryBatch
+
+    paths = all_images()
+    n = len(paths)
+    qrows, group = _smvs_queries(paths)
+    if max_queries is not None and qrows.size > max_queries:
+        qrows = qrows[np.sort(np.random.default_rng(0).choice(qrows.size, max_queries,
+                                                              replace=False))]
+    packed = _all_features(paths, "sift", workers)
+    feats = packed.to_list()
+    ext = create_extractor("sift")
+    q = QueryBatch(local=[feats[int(r)] for r in qrows], exclude=qrows)
+    row: dict[str, Any] = {"row": "all-11.4k", "gallery": n, "queries": int(qrows.size)}
+
+    def r1(ids: np.ndarray) -> float:
+        return float(100 * np.mean([group[t] == group[r] for t, r in zip(ids, qrows,
+                                                                          strict=True)]))
+
+    t0 = time.perf_counter()
+    asmk = build_local_index("asmk", feats, dim=ext.dim, fingerprint=ext.fingerprint,
+                             cache_key=digest("all-images", n, packed.counts.tolist()))
+    row["index_seconds"] = round(time.perf_counter() - t0, 1)
+    row["local codebook"] = asmk.params()["codebook"]
+    for label, pipe in (("local", LocalPipeline(asmk)), ("local+mds", LocalMDSPipeline(asmk))):
+        t0 = time.perf_counter()
+        res = pipe.search(q, 10)
+        row[f"{label} R@1"] = r1(res.ids[:, 0])
+        row[f"{label} ms/q"] = 1000 * (time.perf_counter() - t0) / qrows.size
+        print("sizes all", label, row, flush=True)
+    t0 = time.perf_counter()
+    votes = vote_scores(feats, q.local, ratio=0.8, exclude=qrows)
+    row["baseline R@1"] = r1(np.argmax(votes, axis=1))
+    row["baseline ms/q"] = 1000 * (time.perf_counter() - t0) / qrows.size
+    print("sizes all", row, flush=True)
+    return row
+
+
+def sizes_markdown(payload: dict[str, Any], info: dict[str, Any]) -> str:
+    cols = ["baseline", "local", "local (gallery codebook)", "local+mds"]
+    lines = ["# Local search vs the plain RootSIFT voting script at every gallery size", "",
+             "R@1 (%) of SMVS phone photos. Baseline: `benchmarks/_local_baseline.py` (RootSIFT, "
+             "FAISS flat over every gallery descriptor, Lowe ratio 0.8, one vote per match). "
+             "`local`: ASMK with the shipped `sift-v1` codebook (the default). `local (gallery "
+             "codebook)`: the previous default, a codebook trained on the gallery's own "
+             "descriptors. Sizes 30 / 100: SMVS covers at 200 px (variants.py); 500: 100 "
+             "covers + 400 Caltech-101 distractors of classes the codebook never saw; 11.4k: "
+             "every real image of ../shared (the phone photo's own image excluded). "
+             "`ok`: local >= baseline - 3.", "",
+             "| gallery | images | queries | " + " | ".join(cols) + " | ok | ms/q local | "
+             "ms/q baseline |", "|" + "---|" * (len(cols) + 6)]
+    for r in payload["rows"]:
+        vals = [f"{r[c + ' R@1']:.1f}" if (c + " R@1") in r else "" for c in cols]
+        ok = ("yes" if r["local R@1"] >= r["baseline R@1"] - 3 else "**no**") \
+            if "baseline R@1" in r and "local R@1" in r else ""
+        lines.append(f"| {r['row']} | {r['gallery']} | {r['queries']} | " + " | ".join(vals)
+                     + f" | {ok} | {r.get('local ms/q', float('nan')):.0f} | "
+                       f"{r.get('baseline ms/q', float('nan')):.0f} |")
+    lines += ["", "## Machine", "", machine_md(info)]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sections", default="table,sizes")
+    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--sizes", default=",".join(SIZES))
+    ap.add_argument("--pipelines", default=",".join(PIPELINES))
+    ap.add_argument("--max-queries", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--name", default="", help="suffix of the result files")
+    ap.add_argument("--merge", default="", help="with --sections merge: result names to join")
+    args = ap.parse_args()
+    set_threads(args.threads)
+    info = machine_info(args.threads)
+    info["load_average_at_start"] = os.getloadavg()
+    info["command"] = " ".join(sys.argv)
+    sections = args.sections.split(",")
+    if "table" in sections:
+        payload = {"rows": [], "max_queries": args.max_queries,
+                   "pipelines": args.pipelines.split(",")}
+        for row in args.rows.split(","):  # written after every row: a stopped run keeps them
+            got = run_table([row], payload["pipelines"], args.max_queries, args.threads)
+            payload["rows"] += got["rows"]
+            info["load_average_at_end"] = os.getloadavg()
+            write_results(f"local-hybrid{args.name}", {**payload, "machine": info},
+                          table_markdown(payload, info))
+    if "merge" in sections:  # one table from the JSON of several (parallel) runs
+        from galleria.io.atomic import read_json
+
+        parts = [read_json(RESULTS / f"{n}.json") for n in args.merge.split(",")]
+        payload = {"rows": [r for p in parts for r in p["rows"]],
+                   "max_queries": parts[0]["max_queries"], "pipelines": parts[0]["pipelines"],
+                   "merged": args.merge.split(",")}
+        info = {**parts[0]["machine"], "runs": [p["machine"] for p in parts]}
+        write_results(f"local-hybrid{args.name}", {**payload, "machine": info},
+                      table_markdown(payload, info))
+    if "sizes" in sections:
+        rows = []
+        for name in args.sizes.split(","):
+            rows.append(sizes_all(args.max_queries, args.threads) if name == "all-11.4k"
+                        else sizes_variant(name, args.max_queries, args.threads))
+        payload = {"rows": rows, "max_queries": args.max_queries}
+        info["load_average_at_end"] = os.getloadavg()
+        write_results(f"local-sizes{args.name}", {**payload, "machine": info},
+                      sizes_markdown(payload, info))
+
+
+if __name__ == "__main__":
+    main()

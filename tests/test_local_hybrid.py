@@ -1,0 +1,50 @@
+"""Fusion scores of the hybrid pipeline against their closed form."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from galleria.errors import InputError
+from galleria.local.hybrid import fused_pairwise, fused_scores, standardize, to_unit
+
+
+def test_standardize_matches_the_closed_form(rng):
+    ref = rng.normal(3.0, 2.0, 50)
+    x = rng.normal(size=7)
+    np.testing.assert_allclose(standardize(x, ref), (x - ref.mean()) / ref.std())
+    # a flat or empty shortlist: centred, unscaled (no division by ~0)
+    np.testing.assert_allclose(standardize(x, np.full(5, 2.0)), x - 2.0)
+    np.testing.assert_allclose(standardize(x, np.array([])), 0.0)
+
+
+def test_fused_scores_match_the_closed_form_and_are_scale_free(rng):
+    g, loc = rng.uniform(0.3, 0.9, 40), rng.exponential(0.01, 40)
+    loc[7] = 0.5  # one strong local match
+    base = fused_scores(g, loc, global_ref=g, local_ref=loc)
+    gz, lz = (g - g.mean()) / g.std(), (loc - loc.mean()) / loc.std()
+    want = np.maximum(gz - 3, 0) + np.maximum(lz - 3, 0) + 0.01 * gz
+    np.testing.assert_allclose(base, want)
+    assert np.argmax(base) == 7
+    # rescaling or shifting one source (a different model or codebook) changes nothing
+    again = fused_scores(0.1 * g + 5, 40 * loc, global_ref=0.1 * g + 5, local_ref=40 * loc)
+    np.testing.assert_allclose(base, again, atol=1e-9)
+    # without local evidence above the threshold: the global order
+    flat = fused_scores(g, rng.uniform(0, 0.01, 40), global_ref=g,
+                        local_ref=rng.uniform(0, 0.01, 100))
+    np.testing.assert_array_equal(np.argsort(-flat, kind="stable")[:5],
+                                  np.argsort(-g, kind="stable")[:5])
+    with pytest.raises(InputError):
+        fused_scores(g, loc[:3], global_ref=g, local_ref=loc)
+    with pytest.raises(InputError):
+        fused_scores(g, loc, global_ref=g, local_ref=loc, local_weight=-1)
+
+
+def test_fused_pairwise_is_a_symmetric_similarity(rng):
+    x = rng.standard_normal((6, 4))
+    gp = np.corrcoef(x)
+    lp = np.abs(gp) * 0.1
+    s = fused_pairwise(gp, lp, global_ref=rng.uniform(0, 1, 10), local_ref=rng.uniform(0, .1, 10))
+    assert s.shape == (6, 6) and np.allclose(s, s.T) and np.allclose(np.diag(s), 1.0)
+    assert ((s >= 0) & (s <= 1)).all()
+    assert to_unit(np.array([-1.0, 0.0]))[1] == 0.0 and to_unit(np.array([-1.0]))[0] == 0.0
