@@ -58,19 +58,19 @@ def set_threads(n: int | None = None) -> int:
     """Use ``n`` compute threads (default ``$GALLERIA_THREADS`` or all cores); returns n."""
     n = n or int(os.environ.get("GALLERIA_THREADS", "0")) or (os.cpu_count() or 1)
     try:
-        import torch
+        import torch  # lazy: torch
 
         torch.set_num_threads(n)
     except ImportError:
         pass
     try:
-        import faiss
+        import faiss  # lazy: faiss
 
         faiss.omp_set_num_threads(n)
     except ImportError:
         pass
     try:  # OpenCV's own pool (SIFT, findHomography); only when OpenCV is installed
-        import cv2
+        import cv2  # lazy: cv2
 
         cv2.setNumThreads(n)
     except ImportError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,22 @@ from galleria.cli.common import (
     set_threads,
     setup_logging,
 )
+from galleria.cli.eval import run_eval_command
+from galleria.cli.fusion import describe, run_adaptation
+from galleria.cli.tune import describe_lines, info_data, result_probabilities, result_rows
+from galleria.errors import GalleriaError, InputError
+from galleria.extract.repair import repair
+from galleria.extractors.registry import PREFIXES, create_extractor, list_models
+from galleria.extractors.torch_model import TorchExtractor
+from galleria.filters import parse_where
+from galleria.images.sources import list_source
+from galleria.search.html import write_results_html
+from galleria.store.gallery import Gallery
+from galleria.store.integrity import restore_database
+from galleria.store.listing import record_dict
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from galleria.extractors.registry import PREFIXES, list_models
-
     specs = list_models()
     if args.json:
         print_json(
@@ -47,7 +59,6 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_index(args: argparse.Namespace) -> int:
     from galleria.extract.job import IndexOptions, index_images  # lazy: CLI start-up
-    from galleria.images.sources import list_source
 
     setup_logging(args.verbose)
     threads = set_threads(args.threads)
@@ -62,11 +73,9 @@ def cmd_index(args: argparse.Namespace) -> int:
     model = model_spec(args)
     if getattr(args, "fusion", None):
         if model is not None or args.transform:
-            from galleria.errors import InputError
-
             raise InputError("--fusion embeds with the fusion model's members and mixer; "
                              "drop --model / --transform")
-        from galleria.fusion.extractor import gallery_extractor
+        from galleria.fusion.extractor import gallery_extractor  # lazy: torch
 
         model = gallery_extractor(args.fusion, args.out, runtime=runtime, threads=threads)
     options = IndexOptions(
@@ -88,7 +97,6 @@ def cmd_index(args: argparse.Namespace) -> int:
             remote[0].close()
     adapted = None
     if getattr(args, "fusion", None):  # fit the light query to this gallery (docs/fusion.md)
-        from galleria.cli.fusion import describe, run_adaptation
 
         adapted = run_adaptation(args.out, threads=threads, runtime=runtime,
                                  quiet=args.quiet, updated=report.updated,
@@ -115,8 +123,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from galleria.decision import open_searcher
-    from galleria.errors import InputError
+    from galleria.decision import open_searcher  # lazy: PIL
 
     setup_logging(args.verbose)
     threads = set_threads(args.threads)
@@ -139,15 +146,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     if funnel is not None:
         opts["funnel"] = funnel
     if args.where:
-        from galleria.filters import parse_where
-
         opts["where"] = parse_where(args.where)
     if args.min_score is not None:
         opts["min_score"] = args.min_score
     queries, res, fails = searcher.search_paths(args.images, args.k, **opts)
     for f in fails:
         print(f"galleria search: cannot read query {f.path}: {f.reason}", file=sys.stderr)
-    from galleria.cli.tune import result_probabilities, result_rows
 
     res, prob = result_probabilities(searcher, res, getattr(args, "min_probability", None))
     out: list[dict[str, Any]] = []
@@ -159,8 +163,6 @@ def cmd_search(args: argparse.Namespace) -> int:
                  "searcher": searcher.describe()}  # which space answered, and why
             )
     if args.html and res is not None:
-        from galleria.search.html import write_results_html
-
         paths = []
         for q in range(len(queries)):
             ids = [i for i, _ in res.row(q)]
@@ -183,12 +185,9 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from galleria.cli.tune import describe_lines, info_data
-    from galleria.decision.choose import FUSION_KEY, SearchRequest, choose
-    from galleria.errors import InputError
-    from galleria.store.gallery import Gallery
-    from galleria.tune.record import TUNED_KEY
-    from galleria.upgrade.state import FINISHING_KEY, STATE_KEY
+    from galleria.decision.choose import FUSION_KEY, SearchRequest, choose  # lazy: PIL
+    from galleria.tune.record import TUNED_KEY  # lazy: PIL
+    from galleria.upgrade.state import FINISHING_KEY, STATE_KEY  # lazy: PIL
 
     with Gallery.open(args.gallery, readonly=True) as g:
         state = g.state()
@@ -240,10 +239,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_items(args: argparse.Namespace) -> int:
-    from galleria.filters import parse_where
-    from galleria.store.gallery import Gallery
-    from galleria.store.listing import record_dict
-
     where = parse_where(args.where) if args.where else None
     with Gallery.open(args.gallery, readonly=True) as g:
         if args.count:
@@ -265,10 +260,6 @@ def cmd_items(args: argparse.Namespace) -> int:
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    import logging
-
-    from galleria.errors import GalleriaError
-    from galleria.store.gallery import Gallery
 
     with Gallery.open(args.gallery) as g:
         n = g.remove(args.ids)
@@ -286,8 +277,6 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from galleria.store.gallery import Gallery
-
     with Gallery.open(args.gallery, readonly=True) as g:
         rep = g.check(deep=not args.quick)
     if args.json:
@@ -305,10 +294,6 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
-    from galleria.extract.repair import repair
-    from galleria.store.gallery import Gallery
-    from galleria.store.integrity import restore_database
-
     setup_logging(args.verbose)
     threads = set_threads(args.threads)
     restored = restore_database(args.gallery)
@@ -340,10 +325,6 @@ def cmd_repair(args: argparse.Namespace) -> int:
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:
-    from galleria.errors import InputError
-    from galleria.extractors.registry import create_extractor
-    from galleria.extractors.torch_model import TorchExtractor
-
     extra = {k: v for k, v in (("size", args.size), ("resize", args.resize)) if v is not None}
     ext = create_extractor(args.model, pooling=args.pooling, scales=args.scales,
                            checkpoint=args.checkpoint, runtime="torch", **extra)
@@ -355,8 +336,6 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from galleria.cli.eval import run_eval_command
-
     setup_logging(args.verbose)
     threads = set_threads(args.threads)
     return run_eval_command(args, threads=threads)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -10,10 +11,16 @@ import sys
 import warnings
 from typing import Any
 
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from galleria.distributed.cluster import connect
+from galleria.threads import set_threads as _set
+
 
 def set_threads(threads: int | None) -> int:
     """Choose the thread count for torch, FAISS and BLAS at the entry point only."""
-    from galleria.threads import set_threads as _set
 
     return _set(threads)
 
@@ -21,7 +28,6 @@ def set_threads(threads: int | None) -> int:
 def progress_bar(total: int | None, desc: str, *, enabled: bool = True,
                  unit: str = "img") -> Any:
     """A tqdm bar on stderr (drawn only when :func:`show_progress`)."""
-    from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, disable=not show_progress(enabled),
                 dynamic_ncols=True)
@@ -37,9 +43,7 @@ def progress_factory(*, enabled: bool = True) -> Any:
     ``None`` when no bar is shown."""
     if not show_progress(enabled):
         return None
-    import functools
 
-    from tqdm import tqdm
 
     return functools.partial(tqdm, dynamic_ncols=True)
 
@@ -51,7 +55,6 @@ def print_json(obj: Any) -> None:
 
 def json_default(obj: Any) -> Any:
     """JSON for numpy values (and anything else as its text)."""
-    import numpy as np
 
     if isinstance(obj, np.generic):
         return obj.item()
@@ -113,8 +116,7 @@ def ray_embedding(args: argparse.Namespace) -> Any:
     """``(session, RayEmbedder)`` for ``--ray``, or ``None`` without it."""
     if not getattr(args, "ray", None):
         return None
-    from galleria.distributed.cluster import connect
-    from galleria.distributed.ray_embed import RayEmbedder
+    from galleria.distributed.ray_embed import RayEmbedder  # lazy: PIL
 
     sess = connect(args.ray)
     return sess, RayEmbedder(actors=args.ray_actors, cpus_per_actor=args.ray_cpus,
@@ -134,7 +136,6 @@ def quiet_decoder_warnings() -> None:
     filters are process-wide). galleria refuses every image over the pixel limit with
     its own reason (``too many pixels ...``, in the job's report), so PIL's raw warning
     about the same image only adds a confusing line."""
-    from PIL import Image
 
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 

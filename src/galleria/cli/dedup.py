@@ -6,11 +6,13 @@ import argparse
 from typing import Any
 
 from galleria.cli.common import print_json, progress_bar, set_threads, setup_logging
+from galleria.dedup import DedupConfig, find_duplicates
+from galleria.dedup.report import group_paths, write_groups_html
+from galleria.io.atomic import write_json
+from galleria.store.gallery import Gallery
 
 
 def add_dedup_parser(sub: Any) -> argparse.ArgumentParser:
-    from galleria.dedup.core import DedupConfig
-
     d = DedupConfig()
     s = sub.add_parser(
         "dedup", help="find near-duplicate images (copies: crops, re-encodes, resizes)",
@@ -54,11 +56,6 @@ def add_dedup_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def cmd_dedup(args: argparse.Namespace) -> int:
-    from galleria.dedup import DedupConfig, find_duplicates
-    from galleria.dedup.report import group_paths, write_groups_html
-    from galleria.io.atomic import write_json
-    from galleria.store.gallery import Gallery
-
     setup_logging(args.verbose)
     set_threads(args.threads)
     cfg = DedupConfig(k=args.k, candidate=args.candidate, threshold=args.threshold,

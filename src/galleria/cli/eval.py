@@ -11,13 +11,14 @@ import argparse
 from typing import Any
 
 from galleria.cli.common import model_spec, print_json, progress_bar, progress_factory
+from galleria.eval.datasets import TASKS, load_task, manifest_task
+from galleria.eval.embed import task_image_count
+from galleria.eval.local import evaluate_pipeline
+from galleria.eval.run import EvalConfig, evaluate_model
 
 
 def run_eval_command(args: argparse.Namespace, *, threads: int) -> int:
     """Run ``galleria eval`` with parsed ``args``; returns the exit code."""
-    from galleria.eval.datasets import TASKS, load_task, manifest_task
-    from galleria.eval.embed import task_image_count
-    from galleria.eval.run import EvalConfig, evaluate_model
 
     if args.list:
         for name, desc in TASKS.items():
@@ -49,7 +50,6 @@ def run_eval_command(args: argparse.Namespace, *, threads: int) -> int:
 
 def _run_pipeline_eval(args: argparse.Namespace, task: Any, n: int) -> int:
     """``galleria eval --local ... --pipeline ...`` (galleria.eval.local)."""
-    from galleria.eval.local import evaluate_pipeline
 
     pipeline = args.pipeline or "local"
     with progress_bar(n, f"local features {task.name}", enabled=not args.quiet) as bar, \

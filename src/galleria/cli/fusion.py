@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
+import sys
 from typing import Any
 
+from tqdm import tqdm
+
 from galleria.cli.common import add_run_args, print_json, set_threads, setup_logging
+from galleria.fusion.adapt import AdaptConfig
+from galleria.store.gallery import Gallery
 
 DESCRIPTION = """Train an asymmetric feature-fusion model: a fused gallery (several member
 models and a mixer) searched with a light query model.
@@ -112,8 +118,6 @@ def add_fusion_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_info)
 
-    from galleria.fusion.adapt import AdaptConfig
-
     a = AdaptConfig()
     s = sub.add_parser(
         "adapt", help="fit the light query to a fused gallery (no labels; resumable)",
@@ -151,18 +155,15 @@ def add_fusion_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _progress(enabled: bool) -> Any:
-    import os
-    import sys
 
-    from tqdm import tqdm
 
     show = enabled and (os.environ.get("GALLERIA_PROGRESS") == "1" or sys.stderr.isatty())
     return functools.partial(tqdm, disable=not show, dynamic_ncols=True)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from galleria.fusion.pipeline import train_from_manifest
-    from galleria.fusion.train import FusionRecipe
+    from galleria.fusion.pipeline import train_from_manifest  # lazy: PIL
+    from galleria.fusion.train import FusionRecipe  # lazy: torch
 
     setup_logging(args.verbose)
     threads = set_threads(args.threads)
@@ -177,7 +178,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         anchor_kind=args.anchor_kind, select_inputs=args.select_inputs,
         distill=args.distill, query_init=args.query_init, query_norm=args.query_norm,
     )
-    from galleria.fusion.members import split_members
+    from galleria.fusion.members import split_members  # lazy: torch
 
     members = split_members(args.gallery_models)
     report = train_from_manifest(
@@ -197,7 +198,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from galleria.fusion.model import FusionModel
+    from galleria.fusion.model import FusionModel  # lazy: torch
 
     m = FusionModel.load(args.model)
     h = m.header()
@@ -220,7 +221,7 @@ def run_adaptation(gallery: str, *, threads: int | None, runtime: str = "auto",
                    ) -> dict[str, Any]:
     """:func:`galleria.fusion.adapt_job.adapt_gallery` with the CLI's progress bars (what
     ``galleria index --fusion`` runs after indexing)."""
-    from galleria.fusion.adapt_job import adapt_gallery
+    from galleria.fusion.adapt_job import adapt_gallery  # lazy: torch
 
     return adapt_gallery(gallery, config=config, refit=refit, updated=list(updated),
                          runtime=runtime, threads=threads, batch_size=batch_size,
@@ -237,9 +238,7 @@ def describe(rep: dict[str, Any]) -> str:
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
-    from galleria.fusion.adapt import AdaptConfig
-    from galleria.fusion.adapt_job import fusion_state, reset
-    from galleria.store.gallery import Gallery
+    from galleria.fusion.adapt_job import fusion_state, reset  # lazy: torch
 
     setup_logging(args.verbose)
     threads = set_threads(args.threads)
@@ -273,8 +272,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from galleria.fusion.adapt_job import fused_spaces, fusion_state
-    from galleria.store.gallery import Gallery
+    from galleria.fusion.adapt_job import fused_spaces, fusion_state  # lazy: torch
 
     with Gallery.open(args.gallery, readonly=True) as g:
         spaces = fused_spaces(g)

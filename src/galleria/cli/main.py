@@ -28,6 +28,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from galleria import __version__
 from galleria.cli import commands
 from galleria.cli.common import (
     add_model_args,
@@ -38,6 +39,12 @@ from galleria.cli.common import (
     key_value,
     quiet_decoder_warnings,
 )
+from galleria.cli.dedup import add_dedup_parser
+from galleria.cli.fusion import add_fusion_parser
+from galleria.cli.serve import add_serve_parser
+from galleria.cli.transform import add_transform_parser
+from galleria.cli.tune import add_index_tune_args, add_tune_parser
+from galleria.cli.upgrade import add_upgrade_parser
 from galleria.errors import GalleriaError
 
 
@@ -45,7 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="galleria", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    from galleria import __version__
 
     p.add_argument("--version", action="version", version=f"galleria {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -94,7 +100,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the report as JSON")
     add_run_args(s)
     add_ray_args(s)
-    from galleria.cli.tune import add_index_tune_args, add_tune_parser
 
     add_index_tune_args(s)
     s.set_defaults(func=commands.cmd_index)
@@ -202,23 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_args(s)
     s.set_defaults(func=commands.cmd_repair)
 
-    from galleria.cli.transform import add_transform_parser
-
     add_transform_parser(sub)
-
-    from galleria.cli.upgrade import add_upgrade_parser
 
     add_upgrade_parser(sub)
 
-    from galleria.cli.fusion import add_fusion_parser
-
     add_fusion_parser(sub)
 
-    from galleria.cli.dedup import add_dedup_parser
-
     add_dedup_parser(sub)
-
-    from galleria.cli.serve import add_serve_parser
 
     add_serve_parser(sub)
     add_tune_parser(sub)

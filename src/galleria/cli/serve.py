@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from galleria.cli.common import set_threads, setup_logging
+from galleria.errors import InputError, MissingDependencyError
+from galleria.images.sources import is_gallery_folder
 
 
 def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -61,19 +63,17 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from galleria.errors import InputError, MissingDependencyError
-
     setup_logging(args.verbose)
     try:
-        import uvicorn
+        import uvicorn  # lazy: uvicorn
 
-        from galleria.service.app import create_app, create_multi_app
+        from galleria.service.app import create_app, create_multi_app  # lazy: PIL
     except ImportError as exc:
         raise MissingDependencyError(
             f"galleria serve needs the service extra: pip install 'galleria[service]' ({exc})"
         ) from exc
-    from galleria.service.auth import read_token_file, read_token_map
-    from galleria.service.engine import ServiceConfig
+    from galleria.service.auth import read_token_file, read_token_map  # lazy: fastapi
+    from galleria.service.engine import ServiceConfig  # lazy: PIL
 
     if not 0 < args.port < 65536:
         raise InputError(f"--port must be between 1 and 65535; got {args.port}")
@@ -122,8 +122,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _galleries(root: Path) -> list[str] | None:
     """The galleries in ``root`` (sub-folders with a gallery), or ``None`` when ``root`` is
     a gallery itself."""
-    from galleria.errors import InputError
-    from galleria.images.sources import is_gallery_folder
 
     if is_gallery_folder(root) or (root / "gallery.json").exists():
         return None

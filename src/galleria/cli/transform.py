@@ -12,6 +12,8 @@ from galleria.cli.common import (
     set_threads,
     setup_logging,
 )
+from galleria.store.gallery import Gallery
+from galleria.transforms.analysis import cosine_similarity_stats, plot_similarity_histograms
 
 
 def add_transform_parser(sub: Any) -> None:
@@ -51,9 +53,7 @@ def add_transform_parser(sub: Any) -> None:
 
 
 def cmd_fit_transform(args: argparse.Namespace) -> int:
-    from galleria.store.gallery import Gallery
-    from galleria.transforms.analysis import cosine_similarity_stats, plot_similarity_histograms
-    from galleria.transforms.attach import (
+    from galleria.transforms.attach import (  # lazy: CLI start-up
         add_transformed_space,
         check_can_apply,
         fit_on_gallery,

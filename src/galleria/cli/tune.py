@@ -8,6 +8,9 @@ import logging
 from typing import Any
 
 from galleria.cli.common import print_json, progress_bar, set_threads, setup_logging
+from galleria.errors import GalleriaError, InputError
+from galleria.store.gallery import Gallery
+from galleria.types import MISSING_KEY
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +43,7 @@ def add_index_tune_args(p: argparse.ArgumentParser) -> None:
 def run_tune(gallery_path: str, *, n: int = 200, seed: int = 0,
              pipelines: tuple[str, ...] | None = None, quiet: bool = False) -> dict[str, Any]:
     """Tune the gallery at ``gallery_path`` with a progress bar; returns the stored record."""
-    from galleria.store.gallery import Gallery
-    from galleria.tune.tuner import TuneConfig, progress_total, tune_and_store
+    from galleria.tune.tuner import TuneConfig, progress_total, tune_and_store  # lazy: PIL
 
     cfg = TuneConfig(n=n, seed=seed, pipelines=pipelines)
     with Gallery.open(gallery_path) as g, \
@@ -67,8 +69,6 @@ def tune_after_index(args: argparse.Namespace, gallery_path: str) -> None:
     (the gallery is indexed; the default then follows its spaces)."""
     if getattr(args, "no_tune", False):
         return
-    from galleria.errors import GalleriaError
-    from galleria.store.gallery import Gallery
 
     with Gallery.open(gallery_path, readonly=True) as g:
         if not g.state().of_kind("local"):
@@ -86,8 +86,7 @@ def result_probabilities(searcher: Any, res: Any, min_probability: float | None 
                          ) -> tuple[Any, Any]:
     """``(result, probabilities or None)`` of a search, with ``min_probability`` applied
     (an InputError when it is asked on a searcher the gallery was not tuned for)."""
-    from galleria.errors import InputError
-    from galleria.tune.record import at_least_probability, searcher_probabilities
+    from galleria.tune.record import at_least_probability, searcher_probabilities  # lazy: PIL
 
     if res is None:
         return None, None
@@ -106,7 +105,6 @@ def result_probabilities(searcher: Any, res: Any, min_probability: float | None 
 def result_rows(res: Any, prob: Any, q: int) -> list[dict[str, Any]]:
     """Query ``q``'s results as ``[{"id", "score", "probability"}]`` (missing left out;
     ``probability`` None without a calibration)."""
-    from galleria.types import MISSING_KEY
 
     out = []
     for j, (i, s) in enumerate(zip(res.ids[q], res.scores[q], strict=True)):
@@ -119,7 +117,7 @@ def result_rows(res: Any, prob: Any, q: int) -> list[dict[str, Any]]:
 
 def info_data(g: Any) -> dict[str, Any] | None:
     """The tuned part of ``galleria info --json`` (``None``: never tuned)."""
-    from galleria.tune.record import TUNED_KEY, tuned_summary
+    from galleria.tune.record import TUNED_KEY, tuned_summary  # lazy: PIL
 
     return tuned_summary(g.get_setting(TUNED_KEY), g.state())
 

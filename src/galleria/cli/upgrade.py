@@ -18,6 +18,7 @@ from galleria.cli.common import (
     set_threads,
     setup_logging,
 )
+from galleria.errors import GalleriaError
 
 DESCRIPTION = """Move a live gallery to a new model while search keeps serving (online
 backfilling):
@@ -162,9 +163,9 @@ def _fmt_s(s: float | None) -> str:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    from galleria.upgrade import change
-    from galleria.upgrade.job import start_upgrade
-    from galleria.upgrade.online import OnlineConfig
+    from galleria.upgrade import change  # lazy: PIL
+    from galleria.upgrade.job import start_upgrade  # lazy: PIL
+    from galleria.upgrade.online import OnlineConfig  # lazy: PIL
 
     setup_logging(args.verbose)
     common = {"order": args.order, "seed": args.seed, "calib_size": args.calib_size}
@@ -193,7 +194,7 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from galleria.upgrade.job import run_upgrade, upgrade_status
+    from galleria.upgrade.job import run_upgrade, upgrade_status  # lazy: PIL
 
     setup_logging(args.verbose)
     threads = set_threads(args.threads)
@@ -226,7 +227,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from galleria.upgrade.job import upgrade_status
+    from galleria.upgrade.job import upgrade_status  # lazy: PIL
 
     st = upgrade_status(args.gallery)
     d = st.to_dict()
@@ -258,7 +259,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_finish(args: argparse.Namespace) -> int:
-    from galleria.upgrade.job import finish_upgrade
+    from galleria.upgrade.job import finish_upgrade  # lazy: PIL
 
     setup_logging(args.verbose)
     rep = finish_upgrade(args.gallery, force=args.force)
@@ -273,7 +274,7 @@ def cmd_finish(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from galleria.upgrade.search import BackfillSearcher
+    from galleria.upgrade.search import BackfillSearcher  # lazy: PIL
 
     setup_logging(args.verbose)
     threads = set_threads(args.threads)
@@ -307,7 +308,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_train_transform(args: argparse.Namespace) -> int:
-    from galleria.upgrade.train import train_transform
+    from galleria.upgrade.train import train_transform  # lazy: PIL
 
     setup_logging(args.verbose)
     threads = set_threads(args.threads)
@@ -336,7 +337,6 @@ def cmd_train_transform(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry (``python -m galleria.cli.upgrade upgrade ...``), as ``galleria``."""
-    from galleria.errors import GalleriaError
 
     parser = argparse.ArgumentParser(prog="galleria")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -10,6 +10,7 @@ already connected (``ray.is_initialized()``) is reused and left connected.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import socket
 import threading
@@ -28,7 +29,7 @@ NAMESPACE = "galleria"
 def require_ray() -> Any:
     """The ``ray`` module, or a MissingDependencyError saying how to install it."""
     try:
-        import ray
+        import ray  # lazy: ray
     except ImportError as exc:  # pragma: no cover - exercised with a blocked import
         raise MissingDependencyError(
             "distributed indexing and search need Ray: pip install 'galleria[ray]' "
@@ -197,7 +198,6 @@ def unwrap_task_error(exc: BaseException) -> BaseException:
 
 def import_modules(names: Sequence[str]) -> None:
     """Import ``names`` in a worker (modules that register a user's own extractors)."""
-    import importlib
 
     for name in names:
         importlib.import_module(name)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -118,9 +119,8 @@ class EmbedWorker:
 
     def load(self) -> dict[str, Any]:
         """Build the model (once); returns where this worker runs."""
-        import os
 
-        import ray
+        import ray  # lazy: ray
 
         with self._build:
             if self._ext is None:
@@ -143,7 +143,7 @@ _REMOTE: Any = None
 def _remote_worker() -> Any:
     global _REMOTE
     if _REMOTE is None:
-        import ray
+        import ray  # lazy: ray
 
         _REMOTE = ray.remote(EmbedWorker)
     return _REMOTE
@@ -231,7 +231,7 @@ class RayEmbedder:
         """Kill the actors (their processes free the CPUs at once)."""
         if not self._pool:
             return
-        import ray
+        import ray  # lazy: ray
 
         for a in self._pool:
             try:
@@ -249,7 +249,7 @@ class RayEmbedder:
     def warm(self, extractor: Extractor, *, timeout_s: float = 600.0) -> float:
         """Start the pool for ``extractor`` and wait until every actor has built its model;
         returns the seconds it took (benchmarks separate start-up from throughput)."""
-        import ray
+        import ray  # lazy: ray
 
         t0 = time.perf_counter()
         self._ensure_pool(extractor)
@@ -278,7 +278,7 @@ class RayEmbedder:
                  for it in items]
         if not items:
             return
-        import ray
+        import ray  # lazy: ray
 
         lost = worker_lost_errors()
         self._ensure_pool(extractor)
@@ -346,7 +346,7 @@ class RayEmbedder:
             a.load += 1
 
     def _came_up(self, ref: Any, lost: tuple[type[BaseException], ...]) -> None:
-        import ray
+        import ray  # lazy: ray
 
         for a in list(self._pool):
             if a.ready is not ref:

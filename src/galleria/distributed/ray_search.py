@@ -118,9 +118,9 @@ class ShardedSearcher(Searcher):
                  cpus_per_shard: float = 1.0, runtime: str = "auto",
                  threads: int | None = None, with_model: bool = True,
                  ready_timeout_s: float = 300.0, search_timeout_s: float = 120.0) -> None:
-        import ray
-        from ray.util.placement_group import placement_group, remove_placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        import ray  # lazy: ray
+        from ray.util.placement_group import placement_group, remove_placement_group  # lazy: ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # lazy: ray
 
         if isinstance(shards, bool) or int(shards) < 1:
             raise InputError(f"shards must be a positive integer, got {shards!r}")
@@ -225,7 +225,7 @@ class ShardedSearcher(Searcher):
         return self.shard_info
 
     def _call(self, refs: list[Any], timeout: float) -> list[Any]:
-        import ray
+        import ray  # lazy: ray
 
         try:
             return list(ray.get(refs, timeout=timeout))
@@ -243,7 +243,7 @@ class ShardedSearcher(Searcher):
 
     def close(self) -> None:
         """Kill the shard actors and release their placement group."""
-        import ray
+        import ray  # lazy: ray
 
         for a in getattr(self, "_actors", []):
             try:

@@ -29,6 +29,7 @@ from galleria.extractors.registry import create_extractor, model_kind
 from galleria.fingerprint import digest, slug
 from galleria.index.exact import ExactIndex
 from galleria.local.base import LocalIndex
+from galleria.local.cann import PRESETS
 from galleria.local.factory import create_local_index, load_local_index
 from galleria.search.pipelines import HYBRID_OPTIONS, PIPELINES, QueryBatch, make_pipeline
 from galleria.types import LocalFeatures, SearchResult
@@ -224,8 +225,6 @@ def evaluate_pipeline(
         parts["fetch_local"] = lambda keys: [gal[int(k)] for k in keys]
     if pipeline in ("local", "local+mds", "hybrid"):
         if index == "cann":
-            from galleria.local.cann import PRESETS
-
             index_params = {**PRESETS.get(local, {}), **(index_params or {})}
         lidx = build_local_index(index, gal, dim=ext.dim, fingerprint=ext.fingerprint,
                                  params=index_params, cache_key=cache_key)

@@ -62,10 +62,10 @@ def _require_checkpoint(checkpoint: str | os.PathLike[str] | None, what: str) ->
 
 def load_state_dict(path: Path) -> dict[str, Any]:
     """Read a state dict from ``.safetensors`` or a torch file (tensors only)."""
-    import torch
+    import torch  # lazy: torch
 
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # lazy: safetensors
 
         return load_file(str(path))
     try:
@@ -117,7 +117,7 @@ def _timm_extractor(
     timm: Any,
     source: str,
 ) -> TorchExtractor:
-    import torch
+    import torch  # lazy: torch
 
     model.eval()
     is_cnn = hasattr(model, "forward_features") and not hasattr(model, "patch_embed")
@@ -206,7 +206,7 @@ def create_dinov2(
         raise InputError(f"unknown DINOv2 architecture {arch!r}; one of {sorted(DINOV2_ARCHS)}")
     ckpt = _require_checkpoint(checkpoint, what)
     timm = _require("timm", "timm", what)
-    from timm.models.vision_transformer import checkpoint_filter_fn
+    from timm.models.vision_transformer import checkpoint_filter_fn  # lazy: timm
 
     model = timm.create_model(DINOV2_ARCHS[arch], pretrained=False, num_classes=0, img_size=size)
     state = load_state_dict(ckpt)
@@ -239,7 +239,7 @@ def create_clip(
     what = f"clip:{arch}"
     ckpt = _require_checkpoint(checkpoint, what)
     open_clip = _require("open_clip", "open_clip_torch", what)
-    import torch
+    import torch  # lazy: torch
 
     if arch not in open_clip.list_models():
         raise InputError(f"open_clip has no architecture {arch!r}")

@@ -18,6 +18,7 @@ not enter the fingerprint: both compute the same function (checked in tests to
 from __future__ import annotations
 
 import abc
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -196,7 +197,6 @@ class Extractor(abc.ABC):
 
 
 def _copy_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    import json
 
     return json.loads(json.dumps(cfg))
 

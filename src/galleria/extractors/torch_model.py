@@ -9,9 +9,11 @@ to the cache and run by ONNX Runtime.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 def _torch() -> Any:
-    import torch
+    import torch  # lazy: torch
 
     return torch
 
@@ -57,8 +59,6 @@ def export_module_onnx(
 ) -> None:
     """Export ``module`` to ONNX at the example's spatial size, dynamic batch, atomically."""
     torch = _torch()
-    import io
-    import warnings
 
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
@@ -81,7 +81,7 @@ def ort_session(path: str | os.PathLike[str], *, threads: int | None = None) -> 
     """An ONNX Runtime CPU session. Its worker threads do not spin between runs: a
     spinning pool starves numpy/BLAS work in the same process (the search and the
     transforms after each batch), measured at 20-30x slower matmuls."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # lazy: onnxruntime
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -424,7 +424,7 @@ def apply_map(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
 def sample_rows(ids: Sequence[str], n: int, seed: int) -> np.ndarray:
     """Sorted rows of a seeded sample of ``n`` of ``ids`` (independent of their order;
     :func:`galleria.images.pseudo.sample_ids`)."""
-    from galleria.images.pseudo import sample_ids
+    from galleria.images.pseudo import sample_ids  # lazy: PIL
 
     pos = {i: r for r, i in enumerate(ids)}
     return np.sort(np.array([pos[i] for i in sample_ids(ids, n, seed=seed)], np.int64))

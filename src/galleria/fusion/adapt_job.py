@@ -50,14 +50,16 @@ import numpy as np
 from galleria.errors import CompatibilityError, GalleriaError, InputError
 from galleria.extract.embed import embed_stream
 from galleria.extract.spaces import space_info
-from galleria.extractors.registry import resolve_path
+from galleria.extractors.registry import extractor_from_config, resolve_path
 from galleria.fingerprint import digest
 from galleria.fusion.adapt import AdaptConfig, Fit, FitData, fit_adaptation, sample_rows
 from galleria.fusion.adaptation import QueryAdaptation
 from galleria.fusion.extractor import FusionLightExtractor, light_fingerprint
 from galleria.fusion.model import FusionModel
+from galleria.images.decode import load_image
 from galleria.images.sources import SourceItem
 from galleria.io.atomic import atomic_open
+from galleria.store.gallery import Gallery
 
 log = logging.getLogger(__name__)
 
@@ -197,8 +199,7 @@ def view_features(light: Any, items: Sequence[SourceItem], cfg: AdaptConfig, fol
     """``({id: (views, D)}, unreadable)``: light vectors of ``cfg.views`` phone-like views
     of each item (:func:`galleria.images.pseudo.make_views`), cached under ``folder`` by
     item id, light model, seed and augmentation."""
-    from galleria.images.decode import load_image
-    from galleria.images.pseudo import PSEUDO_AUGMENT, make_views
+    from galleria.images.pseudo import PSEUDO_AUGMENT, make_views  # lazy: PIL
 
     key = digest("fusion-adapt-views", light.fingerprint, cfg.seed, cfg.views,
                  PSEUDO_AUGMENT.to_dict())
@@ -261,7 +262,6 @@ def adapt_gallery(gallery: Any, *, config: AdaptConfig | None = None, refit: boo
     Returns:
         a JSON-able report (what was done, the decision, seconds per step).
     """
-    from galleria.store.gallery import Gallery
 
     own = not hasattr(gallery, "spaces")
     g = Gallery.open(gallery) if own else gallery
@@ -278,7 +278,7 @@ def adapt_gallery(gallery: Any, *, config: AdaptConfig | None = None, refit: boo
 def _adapt_lock(root: Path) -> Iterator[None]:
     """One adaptation of a gallery at a time: a second one waits for the first (and then
     finds its work done); the lock dies with its process."""
-    import fcntl
+    import fcntl  # lazy: posix
 
     folder = root / WORK_DIR
     folder.mkdir(parents=True, exist_ok=True)
@@ -294,8 +294,6 @@ def _bar(progress: Callable[..., Any] | None, total: int, desc: str) -> Any:
 def _adapt(g: Any, config: AdaptConfig | None, refit: bool, updated: Sequence[str],
            runtime: str, threads: int | None, batch_size: int, workers: int,
            commit_every: int, progress: Callable[..., Any] | None) -> dict[str, Any]:
-    from galleria.extractors.registry import extractor_from_config
-
     t0 = time.perf_counter()
     spaces = fused_spaces(g)
     if spaces is None:

@@ -75,7 +75,7 @@ class QueryAdaptation:
     def save(self, folder: str | os.PathLike[str]) -> Path:
         """Write ``folder`` atomically (a temporary sibling renamed into place; an existing
         folder of the same digest is kept)."""
-        from safetensors.numpy import save
+        from safetensors.numpy import save  # lazy: safetensors
 
         dest = Path(folder)
         if dest.is_dir():
@@ -100,7 +100,7 @@ class QueryAdaptation:
     def load(cls, folder: str | os.PathLike[str], *, digest: str | None = None,
              model_fingerprint: str | None = None) -> QueryAdaptation:
         """Read and check a folder (``digest`` / ``model_fingerprint``: what it must be)."""
-        from safetensors.numpy import load_file
+        from safetensors.numpy import load_file  # lazy: safetensors
 
         p = Path(folder)
         h = load_header(p / HEADER_FILE, type=ARTIFACT_TYPE, format_version=FORMAT_VERSION)

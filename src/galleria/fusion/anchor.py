@@ -43,6 +43,7 @@ import numpy as np
 from galleria.errors import InputError
 from galleria.eval.metrics import retrieval_metrics
 from galleria.fusion.options import options_of
+from galleria.transforms.linear import learn_pca
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,6 @@ def pca_projection(x: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
     As the concatenation + PCA baseline (:mod:`galleria.transforms` ``pca``): the first
     ``d`` eigenvectors of the covariance, those beyond the data's rank included.
     """
-    from galleria.transforms.linear import learn_pca
 
     mean, _, comps = learn_pca(np.asarray(x, np.float64))
     k = min(d, comps.shape[0])

@@ -42,7 +42,7 @@ def load_opt_state(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
 
 def save_checkpoint(path: Path, run: Any, opt: torch.optim.Optimizer,
                     best: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    from safetensors.torch import save
+    from safetensors.torch import save  # lazy: safetensors
 
     tensors = {f"cur.{k}": v.detach().contiguous() for k, v in run.modules_state().items()}
     tensors.update({f"best.{k}": v for k, v in best.items()})
@@ -54,8 +54,8 @@ def save_checkpoint(path: Path, run: Any, opt: torch.optim.Optimizer,
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    from safetensors import safe_open  # lazy: safetensors
+    from safetensors.torch import load_file  # lazy: safetensors
 
     try:
         with safe_open(str(path), framework="pt") as fh:

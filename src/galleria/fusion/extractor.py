@@ -43,18 +43,23 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from galleria.errors import CompatibilityError
+from galleria.cache import cache_dir
+from galleria.errors import CompatibilityError, FormatError
+from galleria.extractors import effnet
 from galleria.extractors.base import Extractor, ModelInfo
 from galleria.extractors.pooling import Pooling
+from galleria.extractors.preprocessing import Preprocessing
+from galleria.extractors.registry import extractor_from_config, resolve_path
+from galleria.extractors.torch_model import export_module_onnx, ort_session
+from galleria.fingerprint import chain, slug
 from galleria.fusion.adaptation import QueryAdaptation
-from galleria.fusion.model import FusionModel
+from galleria.fusion.members import input_spec
+from galleria.fusion.model import HEADER_FILE, MIXER_FILE, ONNX_FILE, QUERY_FILE, FusionModel
+from galleria.fusion.query_model import HEAD_DIM, LightNet, QueryNet
 from galleria.validate import l2_normalize
 
 
 def _model(config: dict[str, Any], root: str | None) -> tuple[FusionModel, str]:
-    from galleria.errors import FormatError
-    from galleria.extractors.registry import resolve_path
-
     if "model" not in config:
         raise FormatError(f"a {config.get('type')} config needs 'model' (the fusion folder): "
                           f"{config!r}")
@@ -63,9 +68,6 @@ def _model(config: dict[str, Any], root: str | None) -> tuple[FusionModel, str]:
 
 
 def _lite_preprocessing() -> Any:
-    from galleria.extractors import effnet
-    from galleria.extractors.preprocessing import Preprocessing
-
     return Preprocessing(size=(224, 224), resize="squash", crop_pct=0.875,
                          mean=effnet.LITE_MEAN, std=effnet.LITE_STD)
 
@@ -74,8 +76,6 @@ class FusionGalleryExtractor(Extractor):
     """Every member + the mixer; ``(B, d)`` L2-normalised fused gallery vectors."""
 
     def __init__(self, model: FusionModel, members: Sequence[Extractor]) -> None:
-        from galleria.fusion.members import input_spec
-
         model.check_members([input_spec(m) for m in members])
         self.model = model
         self.members = list(members)
@@ -198,13 +198,9 @@ class FusionQueryExtractor(Extractor):
         if self.runtime == "onnx":
             with self._lock:
                 if self._session is None:
-                    from galleria.extractors.torch_model import ort_session
-
                     self._session = ort_session(self.model.onnx_path, threads=self.threads)
             return self._session.run(None, {"images": batch})[0]
-        import torch
-
-        from galleria.fusion.query_model import QueryNet
+        import torch  # lazy: torch
 
         with self._lock:
             if self._net is None:
@@ -220,8 +216,6 @@ class FusionLightExtractor(Extractor):
 
     def __init__(self, model: FusionModel, *, runtime: str = "onnx",
                  threads: int | None = None) -> None:
-        from galleria.fusion.query_model import HEAD_DIM
-
         if runtime not in ("onnx", "torch"):
             raise ValueError(f"runtime must be onnx or torch, got {runtime!r}")
         self.model = model
@@ -247,14 +241,12 @@ class FusionLightExtractor(Extractor):
                          runtime=self.runtime, fingerprint=self.fingerprint)
 
     def _torch_net(self) -> Any:
-        from galleria.fusion.query_model import LightNet
-
         if self._net is None:
             self._net = LightNet(self.model.trunk(), self.model.tail).eval()
         return self._net
 
     def _embed_scale(self, batch: np.ndarray, scale: float) -> np.ndarray:
-        import torch
+        import torch  # lazy: torch
 
         if self.runtime == "onnx":
             with self._lock:
@@ -265,10 +257,6 @@ class FusionLightExtractor(Extractor):
             return l2_normalize(self._torch_net()(torch.from_numpy(batch)).numpy())
 
     def _onnx_session(self) -> Any:
-        from galleria.cache import cache_dir
-        from galleria.extractors.torch_model import export_module_onnx, ort_session
-        from galleria.fingerprint import slug
-
         path = cache_dir("onnx") / f"{slug(self.fingerprint)}.onnx"
         if not path.is_file():  # exported atomically; two exporters write the same graph
             size = int(self.model.query_params.get("size", 224))
@@ -278,7 +266,6 @@ class FusionLightExtractor(Extractor):
 
 def light_fingerprint(model_fingerprint: str) -> str:
     """The fingerprint of a fusion model's light vectors (its light space)."""
-    from galleria.fingerprint import chain
 
     return chain(model_fingerprint, "light")
 
@@ -290,7 +277,6 @@ def _exec(runtime: str) -> str:
 def gallery_from_config(config: dict[str, Any], *, root: str | None, runtime: str,
                         threads: int | None) -> FusionGalleryExtractor:
     """Rebuild ``{"type": "fusion-gallery", "model": F}`` (members from their configs)."""
-    from galleria.extractors.registry import extractor_from_config
 
     model, _ = _model(config, root)
     members = []
@@ -311,8 +297,6 @@ def query_from_config(config: dict[str, Any], *, root: str | None, runtime: str,
                       threads: int | None) -> Extractor:
     """Rebuild ``{"type": "fusion-query", "model": F[, "adaptation": {"path", "digest"}]
     [, "output": "light"]}`` (see the module docstring)."""
-    from galleria.errors import FormatError
-    from galleria.extractors.registry import resolve_path
 
     model, _ = _model(config, root)
     output = config.get("output", "query")
@@ -343,8 +327,6 @@ def attach_to_gallery(model_dir: str | os.PathLike[str], gallery_dir: str | os.P
     The model is loaded (and so checked) first; a copy already there is reused.
     The gallery folder is created if needed (the gallery itself is not).
     """
-    from galleria.fingerprint import slug
-    from galleria.fusion.model import HEADER_FILE, MIXER_FILE, ONNX_FILE, QUERY_FILE
 
     model = FusionModel.load(model_dir)
     rel = Path("fusion") / slug(model.fingerprint)
@@ -370,7 +352,6 @@ def gallery_extractor(model_dir: str | os.PathLike[str], gallery_dir: str | os.P
                       *, runtime: str = "auto", threads: int | None = None
                       ) -> FusionGalleryExtractor:
     """The fused-gallery extractor for indexing into ``gallery_dir`` (model copied in)."""
-    from galleria.extractors.registry import extractor_from_config
 
     rel = attach_to_gallery(model_dir, gallery_dir)
     # an absolute root: Ray workers rebuild the extractor from its config in another cwd

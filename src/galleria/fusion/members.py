@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from galleria.errors import InputError
+from galleria.errors import FormatError, InputError
 from galleria.extractors.base import Extractor
 from galleria.extractors.pooling import Pooling
+from galleria.extractors.registry import extractor_from_config, model_kind
 from galleria.fingerprint import chain
 from galleria.fusion.mixer import InputSpec
 from galleria.types import LocalFeatures
@@ -106,8 +107,6 @@ class PackedLocalExtractor(Extractor):
 def packed_from_config(config: dict[str, Any], *, root: str | None, runtime: str,
                        threads: int | None) -> PackedLocalExtractor:
     """Rebuild ``{"type": "packed-local", "base": {...}, "top_n": N, "desc_dim": d}``."""
-    from galleria.errors import FormatError
-    from galleria.extractors.registry import extractor_from_config
 
     try:
         base_cfg, top_n, desc_dim = config["base"], int(config["top_n"]), int(config["desc_dim"])
@@ -152,7 +151,6 @@ def member_config(name: str) -> dict[str, Any]:
 def build_member(name: str, *, runtime: str = "auto", threads: int | None = None,
                  top_n: int = DEFAULT_TOP_N) -> Extractor:
     """The extractor for one member name; a local extractor comes packed (``top_n``)."""
-    from galleria.extractors.registry import extractor_from_config, model_kind
 
     cfg = member_config(name)
     if cfg["type"] != "packed-local" and model_kind(cfg["type"]) == "local":

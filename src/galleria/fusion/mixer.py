@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from galleria.errors import CompatibilityError, InputError
+from galleria.fusion.anchor import pca_projection
 
 MIXER_KINDS = ("transformer", "mlp")
 
@@ -208,7 +209,6 @@ class AnchoredMixer(nn.Module):
         stored_dim)`` array per input. Components beyond the data's rank are kept (as the
         concatenation + PCA baseline). Other anchors: :meth:`set_projection`.
         """
-        from galleria.fusion.anchor import pca_projection
 
         x = concat_inputs(self.specs, as_mixer_inputs(self.specs, features)).double().numpy()
         self.set_projection(*pca_projection(x, self.d))

@@ -28,9 +28,10 @@ import numpy as np
 import torch
 
 from galleria.errors import CompatibilityError, FormatError
+from galleria.extractors.pooling import Pooling
 from galleria.fingerprint import digest, file_sha256, make_fingerprint
 from galleria.fusion.mixer import InputSpec, build_mixer, check_inputs, mix
-from galleria.fusion.query_model import QueryTail, Trunk, build, export_onnx
+from galleria.fusion.query_model import QueryTail, Trunk, build, export_onnx, query_weights_id
 from galleria.io.artifact import load_header, make_header, save_header
 from galleria.io.atomic import write_bytes
 
@@ -126,7 +127,6 @@ class FusionModel:
 
     def trunk(self) -> Trunk:
         """The frozen query trunk, rebuilt from the pretrained weights (weights id checked)."""
-        from galleria.fusion.query_model import query_weights_id
 
         wid = query_weights_id(self.query_params["model"])
         if wid != self.query_params["weights_id"]:
@@ -151,7 +151,7 @@ class FusionModel:
 
     def save(self, folder: str | os.PathLike[str], *, trunk: Trunk | None = None) -> Path:
         """Write the folder (weights, ONNX graph, then the header last)."""
-        from safetensors.torch import save
+        from safetensors.torch import save  # lazy: safetensors
 
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
@@ -172,7 +172,7 @@ class FusionModel:
     def load(cls, folder: str | os.PathLike[str], *, fingerprint: str | None = None
              ) -> FusionModel:
         """Read and check a fusion model folder (``fingerprint``: the one it must have)."""
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # lazy: safetensors
 
         p = Path(folder)
         h = load_header(p / HEADER_FILE, type=ARTIFACT_TYPE, format_version=FORMAT_VERSION)
@@ -218,9 +218,7 @@ class FusionModel:
 
 def _empty_tail(qp: dict[str, Any]) -> QueryTail:
     """A tail of the recorded shape without loading pretrained weights (they are overwritten)."""
-    from efficientnet_lite_pytorch import EfficientNet
-
-    from galleria.extractors.pooling import Pooling
+    from efficientnet_lite_pytorch import EfficientNet  # lazy: efficientnet_lite_pytorch
 
     arch = {"effnet-lite0": "efficientnet-lite0"}.get(qp["model"])
     if arch is None:

@@ -26,12 +26,15 @@ from typing import Any
 from galleria.errors import GalleriaError, InputError
 from galleria.fingerprint import digest
 from galleria.fusion.data import compute_views, fill_features, load_features, manifest_labels
+from galleria.fusion.extractor import _lite_preprocessing
 from galleria.fusion.members import DEFAULT_TOP_N, build_member, input_spec
 from galleria.fusion.model import FusionModel
 from galleria.fusion.options import options_of
 from galleria.fusion.query_model import build, query_weights_id, trunk_runner
 from galleria.fusion.recipe import DEFAULT_MEMBERS
 from galleria.fusion.train import FusionRecipe, TrainingData, fit_fusion
+from galleria.images.sources import list_source
+from galleria.store.gallery import Gallery
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +87,6 @@ def train_from_manifest(
     Returns:
         A JSON-able report (counts, seconds per step, training summary, fingerprint).
     """
-    from galleria.images.sources import list_source
 
     run = options_of(TrainRun, run, run_options)
     recipe = recipe or FusionRecipe()
@@ -102,7 +104,7 @@ def train_from_manifest(
 @contextlib.contextmanager
 def _work_lock(work_dir: Path) -> Iterator[None]:
     """One trainer per work folder (a second one is refused; the lock dies with its process)."""
-    import fcntl
+    import fcntl  # lazy: posix
 
     fh = open(work_dir / ".lock", "a+")  # noqa: SIM115 - held for the whole run
     try:
@@ -120,8 +122,6 @@ def _work_lock(work_dir: Path) -> Iterator[None]:
 def _train(items: list[Any], out: str | os.PathLike[str], work_dir: Path,
            gallery_models: Sequence[str], label_column: str | None, recipe: FusionRecipe,
            top_n: int, run: TrainRun, t0: float, images: Any) -> dict[str, Any]:
-    from galleria.store.gallery import Gallery
-
     threads, batch_size, workers, progress = run.threads, run.batch_size, run.workers, \
         run.progress
     checkpoint_seconds = run.checkpoint_seconds
@@ -157,7 +157,6 @@ def _train(items: list[Any], out: str | os.PathLike[str], work_dir: Path,
 
     t1 = time.perf_counter()
     trunk, _ = build(recipe.query_model, recipe.train_blocks, recipe.d)
-    from galleria.fusion.extractor import _lite_preprocessing
 
     wid = query_weights_id(recipe.query_model)
     trunk_id = digest(recipe.query_model, wid, recipe.train_blocks)

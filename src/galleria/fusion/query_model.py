@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,10 @@ import torch
 from torch import nn
 
 from galleria.errors import InputError
+from galleria.extractors import effnet
 from galleria.extractors.pooling import Pooling, pool_torch
+from galleria.extractors.torch_model import export_module_onnx, ort_session
+from galleria.fingerprint import file_sha256
 from galleria.fusion.recipe import N_BLOCKS, check_train_blocks
 from galleria.transforms.whiten import learn_pca
 
@@ -33,8 +37,6 @@ HEAD_DIM = 1280
 
 
 def _net(variant: str) -> Any:
-    from galleria.extractors import effnet
-
     if variant not in TRUNK_MODELS:
         raise InputError(f"query model must be one of {TRUNK_MODELS}, not {variant!r}")
     return effnet._backbone(variant, effnet.weights_path(variant)).net
@@ -42,8 +44,6 @@ def _net(variant: str) -> Any:
 
 def query_weights_id(variant: str) -> str:
     """SHA-256 of the pretrained weights the trunk comes from."""
-    from galleria.extractors import effnet
-    from galleria.fingerprint import file_sha256
 
     return file_sha256(effnet.weights_path(variant))
 
@@ -219,7 +219,6 @@ def init_regression(tail: QueryTail, pooled: np.ndarray, targets: np.ndarray, *,
 def export_onnx(trunk: Trunk, tail: QueryTail, path: str | os.PathLike[str], size: int = 224
                 ) -> None:
     """Write trunk + tail as one ONNX graph ``images (B,3,S,S) -> embedding (B,d)``, atomically."""
-    from galleria.extractors.torch_model import export_module_onnx
 
     was = tail.training
     net = QueryNet(trunk, tail).eval()
@@ -237,9 +236,6 @@ def trunk_runner(trunk: Trunk, path: str | os.PathLike[str], *, threads: int | N
     2-core machine: ONNX Runtime 13 ms per image at micro-batches of 2 against
     130-500 ms for the eager torch module (dynamic 'same' padding in every conv).
     """
-    from pathlib import Path
-
-    from galleria.extractors.torch_model import export_module_onnx, ort_session
 
     p = Path(path)
     if not p.is_file():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -190,7 +191,6 @@ class PrefixIndex(ExactIndex):
         cls, path: str | os.PathLike[str], *, fingerprint: str | None = None,
         dim: int | None = None,
     ) -> PrefixIndex:
-        from pathlib import Path
 
         index = super().load(path, fingerprint=fingerprint, dim=dim)
         assert isinstance(index, PrefixIndex)

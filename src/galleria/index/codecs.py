@@ -98,7 +98,7 @@ class Codec:
 
     def gallery_tensor(self, codes: np.ndarray) -> Any:
         """A torch view (no copy) of the code array."""
-        import torch
+        import torch  # lazy: torch
 
         return torch.from_numpy(codes)
 
@@ -122,7 +122,7 @@ class Bf16Codec(Codec):
         return bf16_values(codes)
 
     def queries(self, q: np.ndarray) -> QueryCodes:
-        import torch
+        import torch  # lazy: torch
 
         bits = bf16_bits(q)
         dec = bf16_values(bits)
@@ -139,12 +139,12 @@ class Bf16Codec(Codec):
         )
 
     def gallery_tensor(self, codes: np.ndarray) -> Any:
-        import torch
+        import torch  # lazy: torch
 
         return torch.from_numpy(codes).view(torch.bfloat16)
 
     def fill(self, g: Any, qc: Any, r0: int, w: int, out: np.ndarray) -> None:
-        import torch
+        import torch  # lazy: torch
 
         block = torch.mm(qc, g[r0 : r0 + w].T)  # (m, w) bf16
         torch.from_numpy(out).copy_(block)
@@ -236,7 +236,7 @@ class Int8Codec(Codec):
         return (self.mu + self.sigma * codes.astype(np.float32)).astype(np.float32)
 
     def queries(self, q: np.ndarray) -> QueryCodes:
-        import torch
+        import torch  # lazy: torch
 
         q64 = q.astype(np.float64)
         qp = q64 * self.sigma.astype(np.float64)
@@ -255,7 +255,7 @@ class Int8Codec(Codec):
         )
 
     def fill(self, g: Any, qc: Any, r0: int, w: int, out: np.ndarray) -> None:
-        import torch
+        import torch  # lazy: torch
 
         torch._int_mm(qc, g[r0 : r0 + w].T, out=torch.from_numpy(out))
 

@@ -53,7 +53,7 @@ _RESCORE_BLOCK_BYTES = 64 << 20
 
 def _faiss() -> Any:
     try:
-        import faiss
+        import faiss  # lazy: faiss
     except ImportError as exc:  # pragma: no cover - faiss-cpu is a dependency
         raise MissingDependencyError("FaissIndex needs faiss-cpu (pip install faiss-cpu)") from exc
     return faiss

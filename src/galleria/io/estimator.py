@@ -87,7 +87,7 @@ def save_estimator(
     Returns:
         The folder.
     """
-    from safetensors.numpy import save as st_save
+    from safetensors.numpy import save as st_save  # lazy: safetensors
 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -171,8 +171,8 @@ def load_state(path: str | os.PathLike[str], header: dict[str, Any]) -> dict[str
     Raises:
         FormatError: the file is missing, unreadable or not safetensors.
     """
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+    from safetensors import SafetensorError  # lazy: safetensors
+    from safetensors.numpy import load_file  # lazy: safetensors
 
     p = Path(path)
     name = str(header.get("state_file", STATE_FILE))

@@ -42,7 +42,8 @@ from typing import Any
 import numpy as np
 
 from galleria.errors import FormatError, InputError
-from galleria.local.base import LocalIndex
+from galleria.index.base import as_keys
+from galleria.local.base import LocalIndex, Rows
 from galleria.local.codebook import (
     Codebook,
     check_recorded,
@@ -237,7 +238,7 @@ class AsmkIndex(LocalIndex):
         return cb
 
     def train(self, features: Sequence[LocalFeatures]) -> AsmkIndex:
-        import faiss
+        import faiss  # lazy: faiss
 
         feats = check_features(features, dim=self.dim)
         if len(self):
@@ -347,7 +348,6 @@ class AsmkIndex(LocalIndex):
     def add_encoded(self, keys: np.ndarray, encoded: Sequence[tuple[np.ndarray, np.ndarray]]
                     ) -> None:
         """Add images given as :meth:`encode` output (the index must be trained)."""
-        from galleria.index.base import as_keys
 
         if not self.is_trained:
             raise InputError("train the ASMK index before adding encoded images")
@@ -439,7 +439,6 @@ class AsmkIndex(LocalIndex):
 
     def pairwise(self, keys: np.ndarray) -> np.ndarray:
         """``(n, n)`` float32 ASMK similarities among gallery images (diagonal 1)."""
-        from galleria.index.base import as_keys
 
         rows = self._rows.rows_of(as_keys(keys, unique=False))
         n = rows.size
@@ -497,7 +496,6 @@ class AsmkIndex(LocalIndex):
 
     def empty_like(self) -> AsmkIndex:
         """An empty index with this one's codebook (scores comparable with this index's)."""
-        from galleria.local.base import Rows
 
         out = AsmkIndex.__new__(AsmkIndex)
         out.__dict__.update(self.__dict__)  # parameters, codebook, quantizer (read-only)
@@ -538,8 +536,6 @@ class AsmkIndex(LocalIndex):
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, fingerprint: str | None = None,
              dim: int | None = None) -> AsmkIndex:
-        from galleria.local.base import Rows
-
         header = cls._load_header(path, fingerprint=fingerprint, dim=dim)
         p = Path(path)
         files = header.get("files", {})

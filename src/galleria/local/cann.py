@@ -123,7 +123,7 @@ class CannIndex(LocalIndex):
         return self._faiss is not None
 
     def train(self, features: Sequence[LocalFeatures]) -> CannIndex:
-        import faiss
+        import faiss  # lazy: faiss
 
         feats = check_features(features, dim=self.dim)
         if len(self):
@@ -167,7 +167,7 @@ class CannIndex(LocalIndex):
             start = stop
 
     def _remove_rows(self, rows: np.ndarray) -> None:
-        import faiss
+        import faiss  # lazy: faiss
 
         ids = np.concatenate([(np.int64(r) << ID_SHIFT) + np.arange(int(self._ndesc[r]),
                                                                       dtype=np.int64)
@@ -177,7 +177,7 @@ class CannIndex(LocalIndex):
         self._ndesc[rows] = 0
 
     def _search_params(self) -> Any:
-        import faiss
+        import faiss  # lazy: faiss
 
         if faiss.try_extract_index_ivf(self._faiss) is not None:
             return faiss.SearchParametersIVF(nprobe=self.nprobe)
@@ -199,7 +199,7 @@ class CannIndex(LocalIndex):
         return vote(d2, ids, r, p0=self.p0, p1=self.p1)
 
     def copy(self) -> CannIndex:
-        import faiss
+        import faiss  # lazy: faiss
 
         out = CannIndex.__new__(CannIndex)
         out.__dict__.update(self.__dict__)
@@ -210,9 +210,7 @@ class CannIndex(LocalIndex):
 
     def empty_like(self) -> CannIndex:
         """An empty index with this one's trained FAISS structure (same parameters)."""
-        import faiss
-
-        from galleria.local.base import Rows
+        import faiss  # lazy: faiss
 
         out = CannIndex.__new__(CannIndex)
         out.__dict__.update(self.__dict__)
@@ -226,7 +224,7 @@ class CannIndex(LocalIndex):
         return out
 
     def nbytes(self) -> int:
-        import faiss
+        import faiss  # lazy: faiss
 
         n = self._ndesc.nbytes + self._rows.row_key.nbytes
         if self._faiss is not None:
@@ -234,7 +232,7 @@ class CannIndex(LocalIndex):
         return int(n)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        import faiss
+        import faiss  # lazy: faiss
 
         if not self.is_trained:
             raise InputError("an untrained CANN index has nothing to save")
@@ -248,7 +246,7 @@ class CannIndex(LocalIndex):
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, fingerprint: str | None = None,
              dim: int | None = None) -> CannIndex:
-        import faiss
+        import faiss  # lazy: faiss
 
         header = cls._load_header(path, fingerprint=fingerprint, dim=dim)
         p = Path(path)

@@ -7,15 +7,14 @@ from typing import Any
 
 from galleria.errors import FormatError, InputError
 from galleria.index.base import read_header_type
+from galleria.local.asmk import AsmkIndex
 from galleria.local.base import LocalIndex
+from galleria.local.cann import CannIndex
 
 LOCAL_INDEXES = ("asmk", "cann")
 
 
 def _classes() -> dict[str, type[LocalIndex]]:
-    from galleria.local.asmk import AsmkIndex
-    from galleria.local.cann import CannIndex
-
     return {"asmk": AsmkIndex, "cann": CannIndex}
 
 

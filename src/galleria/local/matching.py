@@ -57,7 +57,7 @@ def homography_inliers(
     confidence: float = 0.999,
 ) -> int:
     """Inliers of the MAGSAC++ homography between ``(k, 2)`` point sets (0 if k < 4)."""
-    import cv2
+    import cv2  # lazy: cv2
 
     if src.shape[0] < 4:
         return 0

@@ -29,6 +29,7 @@ from galleria.errors import InputError
 from galleria.extract.queries import Queries, QueryFailure
 from galleria.extract.spaces import extractor_from_space
 from galleria.extractors.base import Extractor
+from galleria.local.asmk import AsmkIndex
 from galleria.search.contract import Searcher, SearchOptions
 from galleria.search.pipelines import (
     PIPELINES,
@@ -40,6 +41,7 @@ from galleria.search.pipelines import (
     QueryBatch,
 )
 from galleria.store.gallery import Gallery
+from galleria.store.reader import merge_view
 from galleria.store.views import SpaceView
 from galleria.types import LocalFeatures, SearchResult, clamp_k
 
@@ -167,7 +169,6 @@ class PipelineSearcher(Searcher):
         if p.get("blend"):
             gspace = self.global_space
             fetch = lambda keys: g.get_vectors(keys, space=gspace)  # noqa: E731
-        from galleria.local.asmk import AsmkIndex
 
         if not isinstance(index, AsmkIndex):
             raise InputError("local+mds needs image-to-image similarities from an ASMK index; "
@@ -181,7 +182,6 @@ class PipelineSearcher(Searcher):
         with self._lock:
             if self._single is not None and self._single[0] == view.generation:
                 return self._single[1]
-            from galleria.store.reader import merge_view
 
             idx = merge_view(view, force=True).base
             self._single = (view.generation, idx)

@@ -240,8 +240,8 @@ def create_multi_app(configs: dict[str, ServiceConfig], *, single: bool = False)
 def add_docs(app: FastAPI) -> None:
     """``/docs``: Swagger UI from local files (the fastapi-offline package's copy), so the
     page works without internet; without that package, FastAPI's CDN page."""
-    from fastapi.openapi.docs import get_swagger_ui_html
-    from fastapi.responses import HTMLResponse
+    from fastapi.openapi.docs import get_swagger_ui_html  # lazy: fastapi
+    from fastapi.responses import HTMLResponse  # lazy: fastapi
 
     try:
         import fastapi_offline  # optional (galleria[service]): Swagger UI 5 files

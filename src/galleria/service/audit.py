@@ -126,7 +126,7 @@ class StoreRecorder:
 
     def keep_pairs(self) -> None:
         """Read the upgrade job's calibration cohort (call before ``finish`` deletes it)."""
-        from galleria.upgrade.pairs import cohort_pairs
+        from galleria.upgrade.pairs import cohort_pairs  # lazy: PIL
 
         old, new = cohort_pairs(self.path)
         self.pairs = ([], old, new)
@@ -205,7 +205,7 @@ def brute_force(rec: StoreRecorder, resp: dict[str, Any], *, k: int) -> SearchRe
         space = resp["model"]
         ids, vecs = rec.state(space, int(gen))
         return _top(np.asarray(query[space], np.float32), ids, vecs, k)
-    from galleria.upgrade.merge import CohortNorm, merge_results
+    from galleria.upgrade.merge import CohortNorm, merge_results  # lazy: PIL
 
     old, new = merge["old_space"], merge["new_space"]
     if merge["rule"] not in ("rank-merge", "naive"):

@@ -39,6 +39,7 @@ from galleria.errors import GalleriaError, InputError
 from galleria.extract.queries import Queries
 from galleria.extract.spaces import extractor_from_space
 from galleria.extractors.base import Extractor
+from galleria.filters import to_json
 from galleria.images.decode import load_image, load_image_bytes
 from galleria.search.contract import Searcher
 from galleria.service.errors import ServiceError, from_galleria, not_found, unprocessable
@@ -484,8 +485,6 @@ class Engine:
             if "merge" in info:
                 resp["merge"] = info["merge"]
             if options and options.get("where") is not None:
-                from galleria.filters import to_json
-
                 resp["filter"] = to_json(options["where"])
             if options and options.get("min_score") is not None:
                 resp["min_score"] = options["min_score"]

@@ -16,6 +16,7 @@ from galleria.errors import (
     MissingDependencyError,
     StorageError,
 )
+from galleria.images.decode import ImageDecodeError
 
 
 class ServiceError(Exception):
@@ -52,7 +53,6 @@ def overloaded(message: str, retry_after_s: int = 1) -> ServiceError:
 
 def from_galleria(exc: GalleriaError) -> ServiceError:
     """Map a library error to its HTTP status (the library's message is kept)."""
-    from galleria.images.decode import ImageDecodeError
 
     msg = str(exc)
     if isinstance(exc, ImageDecodeError):
@@ -69,7 +69,7 @@ def from_galleria(exc: GalleriaError) -> ServiceError:
         return ServiceError(507, "storage", msg)
     if isinstance(exc, (FormatError, MissingDependencyError)):
         return ServiceError(500, "gallery", msg)
-    from galleria.upgrade.state import UpgradeError
+    from galleria.upgrade.state import UpgradeError  # lazy: PIL
 
     if isinstance(exc, UpgradeError):
         return ServiceError(409, "upgrade", msg)

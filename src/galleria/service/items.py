@@ -29,7 +29,8 @@ from PIL import Image
 
 from galleria.errors import GalleriaError, InputError
 from galleria.ids import MAX_ID_CHARS as MAX_IDS
-from galleria.images.decode import ImageDecodeError, load_image, parse_bbox
+from galleria.images.decode import ImageDecodeError, load_image, load_image_bytes, parse_bbox
+from galleria.io.atomic import write_bytes
 from galleria.service import validation
 from galleria.service.engine import Engine, public_meta
 from galleria.service.errors import ServiceError, bad_request, from_galleria, not_found
@@ -66,7 +67,6 @@ def target_spaces(engine: Engine) -> tuple[list[str], list[str]]:
 def add_item(engine: Engine, item_id: str, data: bytes, *, filename: str = "upload",
              metadata: dict[str, Any] | None = None, replace: bool = False) -> dict[str, Any]:
     """Decode, store, embed and commit one uploaded image (see the module docstring)."""
-    from galleria.images.decode import load_image_bytes
 
     g = engine.gallery
     item_id = check_item_id(item_id)
@@ -115,7 +115,6 @@ def add_item(engine: Engine, item_id: str, data: bytes, *, filename: str = "uplo
 
 def save_upload(root: Path, data: bytes) -> Path:
     """Write the upload's bytes to ``uploads/<hh>/<sha256>.<ext>`` (atomic; idempotent)."""
-    from galleria.io.atomic import write_bytes
 
     h = hashlib.sha256(data).hexdigest()
     try:
@@ -248,7 +247,6 @@ FULL_MAX_SIDE = 4096
 def full_image(engine: Engine, item_id: str) -> tuple[bytes, str]:
     """``(JPEG bytes, ETag)`` of an item's image at full size (EXIF orientation and its crop
     box applied; at most ``FULL_MAX_SIDE`` pixels a side)."""
-    from galleria.images.decode import load_image
 
     item_id = check_item_id(item_id)
     rec = engine.gallery.item(item_id)

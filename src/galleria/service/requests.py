@@ -6,6 +6,8 @@ import base64
 import binascii
 from typing import Any
 
+from galleria.errors import InputError
+from galleria.filters import Bool, parse_filter, parse_where
 from galleria.service.engine import QuerySpec, ServiceConfig
 from galleria.service.errors import ServiceError, bad_request
 from galleria.service.limits import mib
@@ -39,8 +41,6 @@ def parse_filter_fields(src: dict[str, Any]) -> Any:
     """The payload filter of a request: ``filter`` (the JSON form: an object, or its text in
     a form field) and/or ``where`` (compact expressions: a string or a list); ``None``
     when neither is given. 400 with the parser's message when it is malformed."""
-    from galleria.errors import InputError
-    from galleria.filters import Bool, parse_filter, parse_where
 
     parts = []
     try:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from galleria.distributed.cluster import connect
 from galleria.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,6 @@ class ShardPool:
 
     def __init__(self, address: str, shards: int, *, connect_timeout_s: float = 30.0,
                  cpus_per_shard: float = 1.0) -> None:
-        from galleria.distributed.cluster import connect
-
         if isinstance(shards, bool) or int(shards) < 1:
             raise InputError(f"--shards must be a positive integer, got {shards!r}")
         self.address, self.shards = address, int(shards)
@@ -49,7 +48,7 @@ class ShardPool:
 
     def open(self, gallery: Any, *, runtime: str, threads: int | None) -> Any:
         """A sharded searcher of the gallery's primary space."""
-        from galleria.distributed.ray_search import ShardedSearcher
+        from galleria.distributed.ray_search import ShardedSearcher  # lazy: PIL
 
         s = ShardedSearcher(gallery, self.shards, runtime=runtime, threads=threads,
                             cpus_per_shard=self.cpus_per_shard)

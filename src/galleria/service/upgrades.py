@@ -18,8 +18,12 @@ import time
 from typing import Any
 
 from galleria.errors import GalleriaError
+from galleria.extractors.registry import create_extractor
 from galleria.service.engine import Engine
 from galleria.service.errors import ServiceError, from_galleria
+from galleria.upgrade.finish import upgrade_status
+from galleria.upgrade.job import finish_upgrade, run_upgrade, start_upgrade
+from galleria.upgrade.state import UpgradeError, require_upgrade
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +67,6 @@ class UpgradeRunner:
               **options: Any) -> dict[str, Any]:
         """Create the job (``model_options``: the new model's options, as ``galleria index``
         takes them: ``size``, ``pooling``, ``scales``...)."""
-        from galleria.extractors.registry import create_extractor
-        from galleria.upgrade.job import start_upgrade
 
         try:
             ext = create_extractor(new_model, runtime=self.engine.config.runtime,
@@ -79,8 +81,6 @@ class UpgradeRunner:
 
     def run(self, *, limit: int | None = None, batch_size: int = 16, commit_every: int = 64,
             retry_failed: bool = False, workers: int = 1) -> dict[str, Any]:
-        from galleria.upgrade.state import require_upgrade
-
         with self._lock:
             if self.running:
                 raise ServiceError(409, "running", "an upgrade run of this server is already "
@@ -103,8 +103,6 @@ class UpgradeRunner:
         return {"action": "run", "running": True, "limit": limit}
 
     def _run(self, kw: dict[str, Any]) -> None:
-        from galleria.upgrade.job import run_upgrade
-
         try:
             rep = run_upgrade(self.engine.path, progress=_Progress(self), **kw)
             self.last_report = rep.to_dict()
@@ -126,8 +124,6 @@ class UpgradeRunner:
         return {"action": "cancel", "running": self.running, "report": self.last_report}
 
     def finish(self, *, force: bool = False) -> dict[str, Any]:
-        from galleria.upgrade.job import finish_upgrade
-
         if self.running:
             raise ServiceError(409, "running", "an upgrade run of this server is still "
                                "running; wait for it (or cancel it) before finishing")
@@ -142,8 +138,6 @@ class UpgradeRunner:
     # ------------------------------------------------------------- status
     def status(self) -> dict[str, Any]:
         """The job's state (fraction, rate, ETA) plus this server's run, cached 1 s."""
-        from galleria.upgrade.finish import upgrade_status
-        from galleria.upgrade.state import UpgradeError
 
         at, cached = self._status
         if cached is None or time.monotonic() - at > STATUS_CACHE_S:

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from galleria.errors import InputError
+from galleria.errors import GalleriaError, InputError
 from galleria.filters import (
     AnyOf,
     Bool,
@@ -47,13 +47,14 @@ from galleria.filters import (
     Filter,
     Match,
     Range,
+    as_filter,
     bind,
     cache_key,
     conditions,
     is_empty,
     matches,
 )
-from galleria.filters.values import BOOL, DATE, NUMBER, STRING, typed_values
+from galleria.filters.values import BOOL, DATE, NUMBER, STRING, parse_date, typed_values
 from galleria.store.db import chunks
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,6 @@ def ensure_on(db: Any) -> None:
     """:func:`ensure` on a :class:`~galleria.store.db.Database` opened for writing (a read
     first: nothing is written when the table is current). A gallery that cannot be
     written is filtered by the reference evaluator instead."""
-    from galleria.errors import GalleriaError
 
     try:
         with db.read() as c:
@@ -260,11 +260,8 @@ def _not_of_kind(vals: Sequence[str], kind: str) -> str | None:
             return v
         if kind == "bool" and v.lower() not in ("true", "false"):
             return v
-        if kind == "date":
-            from galleria.filters.values import parse_date
-
-            if parse_date(v) is None:
-                return v
+        if kind == "date" and parse_date(v) is None:
+            return v
     return None
 
 
@@ -439,7 +436,6 @@ def _union(parts: list[np.ndarray]) -> np.ndarray:
 
 def check_where(where: Any) -> Filter:
     """``where`` as a filter (any form :func:`galleria.filters.as_filter` takes)."""
-    from galleria.filters import as_filter
 
     f = as_filter(where)
     if f is None:

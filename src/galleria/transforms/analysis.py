@@ -90,8 +90,8 @@ def plot_similarity_histograms(
     try:
         # The Agg canvas is chosen here, on a private Figure: neither importing this
         # module nor calling it touches the global (pyplot) backend.
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: matplotlib
+        from matplotlib.figure import Figure  # lazy: matplotlib
     except ImportError as exc:  # pragma: no cover - matplotlib is a dev/plots extra
         raise MissingDependencyError(
             "plotting needs matplotlib: pip install 'galleria[plots]'"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -118,7 +119,6 @@ def fit_on_gallery(
     ``space``: None fits on the model's own space (the root of the primary
     space); a transformed space needs ``stack=True`` (:func:`fit_space`).
     """
-    import time
 
     fitted = fit_space(gallery, space, stack=stack)
     _, x = gallery.load_vectors(fitted)

@@ -36,10 +36,12 @@ from typing import Any
 
 import numpy as np
 
+from galleria import __version__
 from galleria.errors import GalleriaError, InputError
 from galleria.extract.embed import Progress
 from galleria.extract.queries import Queries
 from galleria.images.pseudo import TUNE_SCENE, PseudoQueries, make_pseudo_queries
+from galleria.local.matching import verify_pairs
 from galleria.rerank.mds import scaled_defaults
 from galleria.search.pipelines import PIPELINES
 from galleria.tune import calibrate
@@ -314,7 +316,6 @@ def equivalents(gallery: Any, pq: PseudoQueries, returned: Sequence[np.ndarray],
     inliers of mutual nearest-neighbour matches of the stored local features);
     ``>= min_inliers`` inliers make it an equivalent. Without a local space: none.
     """
-    from galleria.local.matching import verify_pairs
 
     out: list[set[str]] = [set() for _ in range(len(pq))]
     local = gallery.state().of_kind("local")
@@ -446,8 +447,6 @@ def _entry(r: CandidateScore, cfg: TuneConfig) -> dict[str, Any]:
 
 
 def _version() -> str:
-    from galleria import __version__
-
     return str(__version__)
 
 

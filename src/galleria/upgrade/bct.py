@@ -95,10 +95,10 @@ class BCTHead(CrossModelMap):
         progress: Any = None,
     ) -> BCTHead:
         """Train the old classifier, then the head (see the module docstring)."""
-        import torch
-        from torch import nn
+        import torch  # lazy: torch
+        from torch import nn  # lazy: torch
 
-        from galleria.train.loop import TrainConfig, seeded_init, train
+        from galleria.train.loop import TrainConfig, seeded_init, train  # lazy: torch
 
         if labels is None:
             raise InputError("BCT needs class labels (the old classifier is trained on them)")

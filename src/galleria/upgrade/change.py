@@ -40,16 +40,23 @@ from galleria.extract.spaces import space_info
 from galleria.extractors.base import Extractor
 from galleria.extractors.registry import create_extractor
 from galleria.store.gallery import Gallery
+from galleria.transforms.attach import check_can_apply, copy_into_gallery, fit_space
+from galleria.transforms.registry import load_transform
 from galleria.upgrade.job import check_can_start, start_upgrade
 from galleria.upgrade.online import OnlineConfig
-from galleria.upgrade.state import STATE_KEY, UpgradeError, UpgradeState, job_folder, save_state
+from galleria.upgrade.state import (
+    PROGRESS_KEY,
+    STATE_KEY,
+    UpgradeError,
+    UpgradeState,
+    job_folder,
+    save_state,
+)
 
 log = logging.getLogger(__name__)
 
 
 def _record_job(gallery: Gallery, state: UpgradeState) -> UpgradeState:
-    from galleria.upgrade.state import PROGRESS_KEY
-
     save_state(gallery, state)
     gallery.set_setting(PROGRESS_KEY, {"runs": []})
     job_folder(gallery).mkdir(parents=True, exist_ok=True)
@@ -80,8 +87,6 @@ def start_transform(
         UpgradeError: a job is in progress, or the gallery already searches that space.
         CompatibilityError: the transform was fitted on another model's embeddings.
     """
-    from galleria.transforms.attach import check_can_apply, copy_into_gallery, fit_space
-    from galleria.transforms.registry import load_transform
 
     with Gallery.open(gallery_path) as gallery:
         check_can_start(gallery)
@@ -185,7 +190,7 @@ def start_fusion(
     The model is copied into the gallery (as ``galleria index --fusion`` does);
     ``options`` go to :func:`~galleria.upgrade.job.start_upgrade`.
     """
-    from galleria.fusion.extractor import gallery_extractor
+    from galleria.fusion.extractor import gallery_extractor  # lazy: torch
 
     with Gallery.open(gallery_path) as gallery:
         check_can_start(gallery)

@@ -75,7 +75,7 @@ def encode_labels(labels: Any, n: int) -> np.ndarray:
 
 def build_mlp(dims: list[int]) -> Any:
     """A torch MLP ``dims[0] -> ... -> dims[-1]`` with ReLU between the linear layers."""
-    from torch import nn
+    from torch import nn  # lazy: torch
 
     layers: list[nn.Module] = []
     for i in range(len(dims) - 1):
@@ -87,7 +87,7 @@ def build_mlp(dims: list[int]) -> Any:
 
 def mlp_weights(net: Any) -> list[tuple[np.ndarray, np.ndarray]]:
     """``[(weight (out, in), bias (out,)), ...]`` float32 copies of a torch MLP's linear layers."""
-    from torch import nn
+    from torch import nn  # lazy: torch
 
     out = []
     for m in net.modules():

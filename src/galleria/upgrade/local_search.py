@@ -33,6 +33,7 @@ from galleria.extract.spaces import extractor_from_space
 from galleria.extractors.base import Extractor
 from galleria.search.contract import Searcher, SearchOptions
 from galleria.store.gallery import Gallery
+from galleria.store.reader import merge_view
 from galleria.types import LocalFeatures, SearchResult
 from galleria.upgrade.merge import merge_results, znorm_result
 from galleria.upgrade.parts import QueryCost, search_excluding
@@ -137,7 +138,6 @@ class LocalChangeSearcher(Searcher):
         with self._lock:
             if self._local is not None and self._local[0] == view.generation:
                 return self._local[1]
-            from galleria.store.reader import merge_view
 
             idx = merge_view(view, force=True).base
             self._local = (view.generation, idx)

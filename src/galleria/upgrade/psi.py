@@ -134,9 +134,9 @@ class ReverseTransform(CrossModelMap):
                 (recorded, checked whenever the map is used).
             progress: optional tqdm-like factory for the training loop.
         """
-        import torch
+        import torch  # lazy: torch
 
-        from galleria.train.loop import TrainConfig, seeded_init, split_indices, train
+        from galleria.train.loop import TrainConfig, seeded_init, split_indices, train  # lazy
 
         if self.loss not in LOSSES:
             raise InputError(f"unknown psi loss {self.loss!r}; known: {LOSSES}")
@@ -211,7 +211,7 @@ def metric_compatible_loss(
         ``-mean_{pos} log softmax`` over the ``2(B-1)`` candidates
         ``{p_i . o_j} U {n_i . n_j}``, ``j != i``.
     """
-    import torch
+    import torch  # lazy: torch
 
     b = p.shape[0]
     eye = torch.eye(b, dtype=torch.bool, device=p.device)

@@ -19,6 +19,7 @@ from typing import Any
 
 from galleria.errors import GalleriaError
 from galleria.store.gallery import Gallery
+from galleria.upgrade.psi import load_cross_map
 
 STATE_KEY = "upgrade"
 PROGRESS_KEY = "upgrade:progress"
@@ -102,7 +103,6 @@ def save_state(gallery: Gallery, state: UpgradeState) -> None:
 
 def attach_transform(gallery: Gallery, name: str, path: str | os.PathLike[str]) -> UpgradeState:
     """Record a trained map (psi / BCT head) under ``name`` in the job (checks its models)."""
-    from galleria.upgrade.psi import load_cross_map
 
     state = require_upgrade(gallery)
     load_cross_map(path, old_fingerprint=state.old_space, new_fingerprint=state.new_space)

@@ -7,6 +7,8 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from galleria.dedup import DedupConfig, find_duplicates
+from galleria.errors import GalleriaError
 from galleria.service.context import Ctx, all_contexts
 from galleria.service.errors import ServiceError, bad_request, from_galleria
 from galleria.service.requests import (
@@ -87,9 +89,6 @@ async def upgrade_action(request: Request, ctx: Ctx) -> Any:
 @router.post("/dedup", tags=["gallery"], responses=ERRORS, openapi_extra=DEDUP_BODY,
              summary="near-duplicate groups (global candidates, local verification)")
 async def dedup(request: Request, ctx: Ctx) -> Any:
-    from galleria.dedup import DedupConfig, find_duplicates
-    from galleria.errors import GalleriaError
-
     ctx.guard(request, write=False)
     raw = await request.body()
     body = parse_json_body(raw) if raw.strip() else {}
