@@ -105,13 +105,15 @@ def result_probabilities(searcher: Any, res: Any, min_probability: float | None 
 def result_rows(res: Any, prob: Any, q: int) -> list[dict[str, Any]]:
     """Query ``q``'s results as ``[{"id", "score", "probability"}]`` (missing left out;
     ``probability`` None without a calibration)."""
+    from galleria.tune.record import PROB_DECIMALS  # lazy: PIL
 
     out = []
     for j, (i, s) in enumerate(zip(res.ids[q], res.scores[q], strict=True)):
         if i is None or (not isinstance(i, str) and int(i) == MISSING_KEY):
             continue
+        p = None if prob is None else round(float(prob[q, j]), PROB_DECIMALS)
         out.append({"id": i.item() if hasattr(i, "item") else i, "score": round(float(s), 6),
-                    "probability": None if prob is None else round(float(prob[q, j]), 4)})
+                    "probability": p})
     return out
 
 

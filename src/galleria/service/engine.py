@@ -48,6 +48,7 @@ from galleria.service.sharded import ShardPool
 from galleria.store.gallery import Gallery
 from galleria.store.state import GalleryState
 from galleria.tune.record import (
+    PROB_DECIMALS,
     PROBABILITY_MEANING,
     TUNED_KEY,
     at_least_probability,
@@ -468,7 +469,7 @@ class Engine:
                 continue
             assert res is not None
             r = order.index(n)
-            hits = [(i, s, None if prob is None else round(float(prob[r, j]), 4))
+            hits = [(i, s, None if prob is None else round(float(prob[r, j]), PROB_DECIMALS))
                     for j, (i, s) in enumerate(zip(res.ids[r], res.scores[r], strict=True))
                     if i is not None][offset : offset + k]
             resp: dict[str, Any] = {

@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 
 RECORD_TYPE = "galleria-tuned"
 FORMAT_VERSION = 1
+PROB_DECIMALS = 4
+"""Decimals of the probabilities in answers (JSON, HTML, UI)."""
 STALE_GROWTH = 0.25
 """Relative change of a space's item count past which a tuned record is stale."""
 
@@ -219,8 +221,11 @@ def searcher_probabilities(searcher: Any, result: SearchResult,
 def at_least_probability(result: SearchResult, prob: np.ndarray, min_probability: float
                          ) -> tuple[SearchResult, np.ndarray]:
     """``result`` and ``prob`` without the entries below ``min_probability`` (kept ones
-    first in rank order, the rest padded as missing: ``None`` id, ``-inf`` score, 0)."""
-    low = (prob < float(min_probability)) | ~np.isfinite(result.scores)
+    first in rank order, the rest padded as missing: ``None`` id, ``-inf`` score, 0).
+    Probabilities are compared as they are shown (:data:`PROB_DECIMALS` decimals), so a
+    threshold copied from an answer keeps that answer."""
+    shown = np.round(np.asarray(prob, np.float64), PROB_DECIMALS)
+    low = (shown < float(min_probability)) | ~np.isfinite(result.scores)
     order = np.argsort(low, axis=1, kind="stable")
     low = np.take_along_axis(low, order, 1)
     scores = np.where(low, -np.inf, np.take_along_axis(result.scores, order, 1))
