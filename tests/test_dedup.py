@@ -198,3 +198,58 @@ def test_complete_linkage_groups_are_cliques_and_single_linkage_components():
         groups(chain, linkage="average")
     with pytest.raises(InputError):
         DedupConfig(linkage="average")
+
+
+def test_score_at_inverts_the_calibration():
+    """The threshold meaning "P(match) >= p": the smallest score whose calibrated
+    probability reaches p (isotonic and logistic maps, against a dense grid)."""
+    from galleria.tune.calibrate import apply, fit, score_at
+
+    rng = np.random.default_rng(0)
+    s = np.concatenate([rng.normal(0.9, 0.05, 300), rng.normal(0.6, 0.1, 900)])
+    y = np.concatenate([np.ones(300, bool), np.zeros(900, bool)])
+    grid = np.linspace(-1, 1, 20001)
+    for method in ("isotonic", "logistic"):
+        cal = fit(s[:, None], y[:, None], method=method)
+        pr = apply(cal, grid[None, :])[0]
+        for p in (0.2, 0.5, 0.9):
+            t = score_at(cal, p)
+            first = grid[np.flatnonzero(pr >= p - 1e-6)[0]]
+            assert t is not None and abs(t - first) <= 2e-4, (method, p, t, first)
+        assert score_at(cal, 1.0) is None or apply(cal, np.array([[score_at(cal, 1.0)]]))[0, 0] \
+            >= 1.0 - 1e-6
+
+
+def test_dedup_threshold_from_the_calibrated_probability(tmp_path, capsys):
+    """`--min-probability P` takes the threshold from the gallery's tuned calibration of
+    its global model; without one it is a clear error, never a silent default."""
+    import _tiny
+    from galleria.cli.main import main as cli
+    from galleria.extract.job import index_images
+    from galleria.tune.calibrate import fit
+    from galleria.tune.record import FORMAT_VERSION, RECORD_TYPE, TUNED_KEY
+
+    rng = np.random.default_rng(2)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).resize(
+            (96, 96), Image.Resampling.NEAREST).save(src / f"{i}.png")
+    Image.open(src / "3.png").save(src / "3-copy.jpg", quality=95)
+    g = tmp_path / "g"
+    index_images(src, g, extractor=_tiny.tiny(3))
+    with pytest.raises(InputError, match="galleria tune"), Gallery.open(g, readonly=True) as gal:
+        find_duplicates(gal, DedupConfig(min_probability=0.5))
+    s = np.concatenate([np.full(50, 0.99), np.full(50, 0.2)])
+    cal = fit(s[:, None], (s > 0.5)[:, None], method="logistic")
+    with Gallery.open(g) as gal:
+        space = gal.primary_space
+        gal.update_settings({TUNED_KEY: {
+            "type": RECORD_TYPE, "format_version": FORMAT_VERSION, "candidates": [
+                {"key": "global", "pipeline": "global", "params": {}, "supported": True,
+                 "spaces": [space], "calibration": cal}]}})
+    out = tmp_path / "r.json"
+    assert cli(["dedup", str(g), "--min-probability", "0.5", "--out", str(out), "-q"]) == 0
+    rep = json.loads(out.read_text())
+    assert "calibrated match probability" in rep["thresholds_from"]
+    assert ["3-copy.jpg", "3.png"] in rep["groups"]

@@ -42,6 +42,10 @@ def add_dedup_parser(sub: Any) -> argparse.ArgumentParser:
     s.add_argument("--linkage", default=d.linkage, choices=["complete", "single"],
                    help="groups: every pair in a group confirmed (complete, default) or "
                         "connected components of the confirmed pairs (single: chains)")
+    s.add_argument("--min-probability", type=float, default=None, metavar="P",
+                   help="take the threshold from the gallery's calibrated match probability "
+                        "(run `galleria tune G` first): pairs whose global match probability "
+                        "is at least P")
     s.add_argument("--out", "-o", default=None, metavar="FILE.json",
                    help="write the JSON report (groups, confirmed pairs, rule, timings)")
     s.add_argument("--html", default=None, metavar="FILE.html",
@@ -60,7 +64,7 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     cfg = DedupConfig(k=args.k, candidate=args.candidate, threshold=args.threshold,
                       sure=args.sure, min_inliers=args.min_inliers, verify=args.verify,
-                      linkage=args.linkage)
+                      linkage=args.linkage, min_probability=args.min_probability)
     with Gallery.open(args.gallery, readonly=True) as g:
         rep = find_duplicates(g, cfg, progress=lambda desc, total: progress_bar(
             total, desc, enabled=not args.quiet))

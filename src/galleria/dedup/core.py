@@ -23,9 +23,10 @@ The thresholds are cosine similarities of L2-normalised global embeddings, so
 they depend on the model; the defaults were chosen for the EfficientNet-Lite
 models on a tuning set of planted copies of Caltech-101 *train* images and
 checked on copies of other images (``benchmarks/bench_dedup.py``,
-``benchmarks/results/dedup.md``). :func:`calibrated_threshold` is where a
-gallery's own calibrated score (``galleria tune``) takes over once it records
-one.
+``benchmarks/results/dedup.md``). With ``min_probability`` the threshold comes
+from the gallery's own calibrated match probability (``galleria tune``): the
+cosine from which a result of the global model is a true match with at least that
+probability, on phone-like views of the gallery's own images.
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ class DedupConfig:
         max_features: keypoints per image used for verification (the strongest).
         linkage: how pairs form groups: ``complete`` (every pair in a group is a
             near-duplicate) or ``single`` (connected components).
+        min_probability: take ``threshold`` from the gallery's calibrated match
+            probability (``galleria tune``): the cosine from which the global model's
+            probability of a true match is at least this (``None``: the cosines above).
     """
 
     k: int = 10
@@ -71,6 +75,7 @@ class DedupConfig:
     verify: str = "auto"
     max_features: int = 1000
     linkage: str = "complete"
+    min_probability: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or not 1 <= self.k <= 1000:
@@ -79,6 +84,10 @@ class DedupConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not -1.0 <= float(v) <= 1.0:
                 raise InputError(f"{name} must be a cosine similarity in [-1, 1]; got {v!r}")
+        mp = self.min_probability
+        if mp is not None and (isinstance(mp, bool) or not isinstance(mp, (int, float))
+                               or not 0.0 <= float(mp) <= 1.0):
+            raise InputError(f"min_probability must be in [0, 1]; got {mp!r}")
         if self.linkage not in LINKAGE:
             raise InputError(f"linkage must be one of {LINKAGE}; got {self.linkage!r}")
         if self.verify not in VERIFY:
@@ -93,9 +102,9 @@ class DedupConfig:
 def calibrated_threshold(settings: dict[str, Any]) -> dict[str, float] | None:
     """Thresholds a calibration recorded for this gallery's model (``None``: none yet).
 
-    ``galleria tune`` (calibrated scores per gallery) is not part of this release; when
-    it records ``CALIBRATION_KEY``, ``galleria dedup`` uses its ``threshold`` /
-    ``candidate`` instead of the defaults, and says so in its report.
+    When a gallery records ``CALIBRATION_KEY``, ``galleria dedup`` uses its ``threshold``
+    / ``candidate`` instead of the defaults, and says so in its report (the calibrated
+    match probability of ``galleria tune`` is used with ``min_probability``).
     """
     rec = settings.get(CALIBRATION_KEY)
     if not isinstance(rec, dict):

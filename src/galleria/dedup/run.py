@@ -27,6 +27,8 @@ from galleria.dedup.core import (
 from galleria.errors import InputError
 from galleria.local.matching import verify_pairs
 from galleria.store.gallery import Gallery
+from galleria.tune.calibrate import score_at
+from galleria.tune.record import TUNED_KEY, calibration_for
 from galleria.types import LocalFeatures
 
 log = logging.getLogger(__name__)
@@ -94,6 +96,22 @@ class Candidates:
     seconds: dict[str, float]
 
 
+def probability_threshold(state: Any, space: str, probability: float) -> float:
+    """The cosine of ``space`` from which the gallery's calibrated probability of a true
+    match (the ``global`` pipeline's calibration, ``galleria tune``) is at least
+    ``probability``; an InputError when the gallery has none or it never gets there."""
+    cal = calibration_for(state.setting(TUNED_KEY), "global", {}, spaces=[space])
+    if cal is None:
+        raise InputError("min_probability needs the gallery's calibrated match probability "
+                         "of its global model: run `galleria tune G` first (or give cosine "
+                         "thresholds)")
+    t = score_at(cal, probability)
+    if t is None:
+        raise InputError(f"no cosine reaches a match probability of {probability:g} on this "
+                         "gallery; ask for less")
+    return float(min(1.0, max(-1.0, t)))
+
+
 def score_candidates(gallery: Gallery, config: DedupConfig | None = None, *,
                      progress: ProgressFactory | None = None) -> Candidates:
     """Candidate pairs of ``gallery`` from its global index, verified with its local
@@ -112,6 +130,11 @@ def score_candidates(gallery: Gallery, config: DedupConfig | None = None, *,
     if cal:
         config = dataclasses.replace(config, **cal)
         source = "calibrated (gallery setting)"
+    if config.min_probability is not None:
+        t = probability_threshold(state, prim.space, config.min_probability)
+        config = dataclasses.replace(config, threshold=t, candidate=min(config.candidate, t))
+        source = (f"calibrated match probability >= {config.min_probability:g} "
+                  f"(galleria tune): cosine {t:.4f}")
     locals_ = state.of_kind("local")
     local = max(locals_, key=lambda s: s.count).space if locals_ else None
     if config.verify == "always" and local is None:

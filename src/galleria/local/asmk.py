@@ -146,6 +146,19 @@ def _quantizer(centroids: np.ndarray, kind: str) -> tuple[Any, int]:
     return q, int(faiss.serialize_index(q).nbytes)
 
 
+@dataclass(frozen=True)
+class KMeansConfig:
+    """Codebook training on the gallery: k-means iterations, training sample size per
+    word, and the seed of the sample and of k-means."""
+
+    iters: int = 10
+    points_per_word: int = 32
+    seed: int = 0
+
+
+_KMEANS_KEYS = ("kmeans_iters", "points_per_word", "seed")
+
+
 class AsmkIndex(LocalIndex):
     """ASMK* index (see the module docstring).
 
@@ -157,8 +170,9 @@ class AsmkIndex(LocalIndex):
         multiple_assignment: words per query descriptor (ASMK*: 5); the gallery
             side uses one.
         quantizer: ``"flat"``, ``"hnsw"`` or ``"auto"``.
-        kmeans_iters, points_per_word: k-means iterations and training sample
-            size per word; ``seed`` seeds the sample and k-means.
+        kmeans: how a codebook is trained on the gallery (:class:`KMeansConfig`; the
+            flat keywords ``kmeans_iters``, ``points_per_word`` and ``seed`` are
+            accepted, and saved indexes record them flat).
         codebook: ``"auto"`` (the shipped codebook of the fingerprint's extractor
             when ``codebook_size`` is ``"auto"``, else trained on the gallery),
             ``"gallery"`` (train on the gallery), or a shipped codebook's name
@@ -172,10 +186,17 @@ class AsmkIndex(LocalIndex):
     def __init__(
         self, dim: int, *, fingerprint: str | None = None, codebook_size: int | str = "auto",
         alpha: float = 3.0, tau: float = 0.0, multiple_assignment: int = 5,
-        quantizer: str = "auto", kmeans_iters: int = 10, points_per_word: int = 32,
-        seed: int = 0, codebook: str = "auto",
+        quantizer: str = "auto", codebook: str = "auto", kmeans: KMeansConfig | None = None,
+        **flat: Any,
     ) -> None:
         super().__init__(dim, fingerprint=fingerprint)
+        unknown = sorted(set(flat) - set(_KMEANS_KEYS))
+        if unknown:
+            raise InputError(f"unknown ASMK parameters {unknown}")
+        km = kmeans or KMeansConfig()
+        kmeans_iters = flat.get("kmeans_iters", km.iters)
+        points_per_word = flat.get("points_per_word", km.points_per_word)
+        seed = flat.get("seed", km.seed)
         if codebook_size != "auto" and (not isinstance(codebook_size, (int, np.integer))
                                         or int(codebook_size) < 2):
             raise InputError(f"codebook_size must be 'auto' or an integer >= 2: {codebook_size!r}")

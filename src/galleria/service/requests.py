@@ -26,7 +26,7 @@ UPGRADE_KEYS = frozenset(("action", "new_model", "model_options", "mode", "order
                           "force"))
 SCROLL_KEYS = frozenset(("filter", "where", "limit", "cursor", "count", "space"))
 DEDUP_KEYS = frozenset(("k", "candidate", "threshold", "sure", "min_inliers", "verify",
-                        "linkage"))
+                        "linkage", "min_probability"))
 
 
 def check_fields(given: Any, allowed: frozenset[str], what: str) -> None:

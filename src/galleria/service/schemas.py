@@ -82,7 +82,10 @@ DEDUP_BODY = {"requestBody": {"content": {"application/json": {"schema": {
         "min_inliers": {"type": "integer", "description": "homography inliers that confirm"},
         "verify": {"enum": ["auto", "always", "never"]},
         "linkage": {"enum": ["complete", "single"], "description": "complete: every pair "
-                    "in a group is a near-duplicate; single: connected components"}}}}}}}
+                    "in a group is a near-duplicate; single: connected components"},
+        "min_probability": {"type": "number", "minimum": 0, "maximum": 1,
+                            "description": "threshold from the gallery's calibrated match "
+                                           "probability (galleria tune)"}}}}}}}
 
 
 class SearchJSON(BaseModel):

@@ -183,6 +183,31 @@ def apply(params: dict[str, Any], scores: np.ndarray) -> np.ndarray:
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
+def score_at(params: dict[str, Any], probability: float) -> float | None:
+    """The smallest score whose calibrated probability is at least ``probability`` (the
+    inverse of :func:`apply`; ``None`` when no score reaches it). A threshold on raw
+    scores that means "P(match) >= probability" (``galleria dedup --min-probability``)."""
+    p = check(params)
+    q = float(probability)
+    if not 0.0 <= q <= 1.0:
+        raise InputError(f"a probability is in [0, 1]; got {probability!r}")
+    if p["method"] == "isotonic":
+        x, y = np.asarray(p["x"], np.float64), np.asarray(p["y"], np.float64)
+        hit = np.flatnonzero(y >= q)
+        if hit.size == 0:
+            return None
+        i = int(hit[0])
+        if i == 0 or y[i] == y[i - 1]:
+            return float(x[i])
+        return float(x[i - 1] + (q - y[i - 1]) * (x[i] - x[i - 1]) / (y[i] - y[i - 1]))
+    a, b = float(p["a"]), float(p["b"])
+    if q >= 1.0 or a <= 0.0:
+        return None
+    if q <= 0.0:
+        return -np.inf
+    return float((np.log(q / (1.0 - q)) - b) / a)
+
+
 # ------------------------------------------------------------------ quality
 
 

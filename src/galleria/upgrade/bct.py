@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from galleria.errors import InputError
+from galleria.train.config import TrainConfig
 from galleria.upgrade.crossmap import CrossModelMap, build_mlp, encode_labels, mlp_weights
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,9 @@ class BCTHead(CrossModelMap):
         scale: logit scale of the cosine classifiers.
         old_classifier: ``"prototypes"`` or ``"trained"`` (see the module docstring).
         new_weight: weight of the new classifier's loss.
-        epochs, batch_size, lr, weight_decay, patience, val_fraction, seed:
-            training (both steps).
+        train: training of both steps (:class:`~galleria.train.config.TrainConfig`,
+            default :attr:`default_train`; flat keywords such as ``epochs=5`` are
+            accepted and saved headers store them flat).
     """
 
     kind: ClassVar[str] = "bct"
@@ -63,26 +65,15 @@ class BCTHead(CrossModelMap):
         scale: float = 16.0,
         old_classifier: str = "prototypes",
         new_weight: float = 1.0,
-        epochs: int = 60,
-        batch_size: int = 512,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-4,
-        patience: int = 5,
-        val_fraction: float = 0.1,
-        seed: int = 0,
+        train: TrainConfig | None = None,
+        **flat: Any,
     ) -> None:
         self.hidden = hidden
         self.layers = layers
         self.scale = scale
         self.old_classifier = old_classifier
         self.new_weight = new_weight
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.patience = patience
-        self.val_fraction = val_fraction
-        self.seed = seed
+        self.train = self._train_of(train, flat)
 
     def fit(
         self,
@@ -98,18 +89,14 @@ class BCTHead(CrossModelMap):
         import torch  # lazy: torch
         from torch import nn  # lazy: torch
 
-        from galleria.train.loop import TrainConfig, seeded_init, train  # lazy: torch
+        from galleria.train.loop import seeded_init, train  # lazy: torch
 
         if labels is None:
             raise InputError("BCT needs class labels (the old classifier is trained on them)")
         n, o = self._prepare_fit(new, old, new_fingerprint, old_fingerprint)
         y = encode_labels(labels, n.shape[0])
         n_classes = int(y.max()) + 1
-        config = TrainConfig(
-            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
-            weight_decay=self.weight_decay, val_fraction=self.val_fraction,
-            patience=self.patience, seed=self.seed,
-        )
+        config = self.train
         s = float(self.scale)
         ce = nn.functional.cross_entropy
 
@@ -146,7 +133,7 @@ class BCTHead(CrossModelMap):
                 self.head = build_mlp(dims)
                 self.new_cls = nn.Linear(dims[-1], n_classes, bias=False)
 
-        model = seeded_init(self.seed + 1, Model)
+        model = seeded_init(self.train.seed + 1, Model)
         lam = float(self.new_weight)
 
         def loss(nb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -32,6 +33,7 @@ from galleria.io.estimator import (
     read_saved,
     save_estimator,
 )
+from galleria.train.config import TrainConfig
 from galleria.upgrade.merge import Calibration, fit_calibration
 from galleria.validate import as_embeddings, l2_normalize
 
@@ -101,6 +103,10 @@ def mlp_weights(net: Any) -> list[tuple[np.ndarray, np.ndarray]]:
     return out
 
 
+TRAIN_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "patience", "val_fraction", "seed")
+"""The training options a trained map records (flat, in its header)."""
+
+
 class CrossModelMap:
     """Base: a learned map of new-model embeddings into the old model's space.
 
@@ -110,10 +116,28 @@ class CrossModelMap:
     """
 
     kind: ClassVar[str] = ""
+    #: training defaults of the trained maps (their ``train`` parameter overrides them)
+    default_train: ClassVar[TrainConfig] = TrainConfig(
+        epochs=60, batch_size=512, lr=1e-3, weight_decay=1e-4, patience=5, val_fraction=0.1,
+        seed=0)
+
+    def _train_of(self, train: TrainConfig | None, flat: dict[str, Any]) -> TrainConfig:
+        """``train`` (default :attr:`default_train`) with the flat training keywords of
+        :data:`TRAIN_KEYS` (``epochs=5``, a saved header) folded in."""
+        unknown = sorted(set(flat) - set(TRAIN_KEYS))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}() got unexpected parameters {unknown}")
+        return replace(train or self.default_train, **flat)
 
     # ------------------------------------------------------------ params
     def get_params(self) -> dict[str, Any]:
-        return get_params(self)
+        """The constructor parameters; a ``train`` config is written flat (the keys of
+        :data:`TRAIN_KEYS`), the layout every saved map has (same fingerprints)."""
+        params = get_params(self)
+        train = params.pop("train", None)
+        if isinstance(train, TrainConfig):
+            params.update({k: getattr(train, k) for k in TRAIN_KEYS})
+        return params
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())

@@ -37,6 +37,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from galleria.errors import FormatError, InputError
+from galleria.train.config import TrainConfig
 from galleria.upgrade.bct import BCTHead
 from galleria.upgrade.crossmap import (
     ARTIFACT_TYPE,
@@ -79,10 +80,11 @@ class ReverseTransform(CrossModelMap):
         layers: number of linear layers (>= 1; ``hidden=0`` forces 1).
         temperature: softmax temperature of the contrastive loss.
         reg_weight: weight of the regression term in the metric-compatible loss.
-        epochs, batch_size, lr, weight_decay, patience, val_fraction: training
-            (:class:`galleria.train.loop.TrainConfig`; early stopping on a
-            seeded held-out split, whose pairs also fit the stored calibrations).
-        seed: seeds initialisation, split and batch order.
+        train: training (:class:`~galleria.train.config.TrainConfig`, default
+            :attr:`default_train`; flat keywords such as ``epochs=5`` are accepted and
+            saved headers store them flat): early stopping on a seeded held-out
+            split, whose pairs also fit the stored calibrations; its ``seed`` seeds
+            initialisation, split and batch order.
     """
 
     kind: ClassVar[str] = "psi"
@@ -95,26 +97,15 @@ class ReverseTransform(CrossModelMap):
         layers: int = 2,
         temperature: float = 0.05,
         reg_weight: float = 1.0,
-        epochs: int = 60,
-        batch_size: int = 512,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-4,
-        patience: int = 5,
-        val_fraction: float = 0.1,
-        seed: int = 0,
+        train: TrainConfig | None = None,
+        **flat: Any,
     ) -> None:
         self.loss = loss
         self.hidden = hidden
         self.layers = layers
         self.temperature = temperature
         self.reg_weight = reg_weight
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.patience = patience
-        self.val_fraction = val_fraction
-        self.seed = seed
+        self.train = self._train_of(train, flat)
 
     def fit(
         self,
@@ -136,7 +127,7 @@ class ReverseTransform(CrossModelMap):
         """
         import torch  # lazy: torch
 
-        from galleria.train.loop import TrainConfig, seeded_init, split_indices, train  # lazy
+        from galleria.train.loop import seeded_init, split_indices, train  # lazy: torch
 
         if self.loss not in LOSSES:
             raise InputError(f"unknown psi loss {self.loss!r}; known: {LOSSES}")
@@ -145,12 +136,8 @@ class ReverseTransform(CrossModelMap):
         n, o = self._prepare_fit(new, old, new_fingerprint, old_fingerprint)
         codes = encode_labels(labels, n.shape[0]) if labels is not None else None
         dims = self._dims()
-        net = seeded_init(self.seed, lambda: build_mlp(dims))
-        config = TrainConfig(
-            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
-            weight_decay=self.weight_decay, val_fraction=self.val_fraction,
-            patience=self.patience, seed=self.seed,
-        )
+        net = seeded_init(self.train.seed, lambda: build_mlp(dims))
+        config = self.train
         tau, reg = float(self.temperature), float(self.reg_weight)
 
         def regression(nb: torch.Tensor, ob: torch.Tensor) -> torch.Tensor:
@@ -176,7 +163,7 @@ class ReverseTransform(CrossModelMap):
         self.weights_ = mlp_weights(net)
         self.info_ = {"train": result.summary(), "n_pairs": int(n.shape[0]), "dims": dims}
         _, val = split_indices(
-            n.shape[0], val_fraction=self.val_fraction, max_val=config.max_val, seed=self.seed
+            n.shape[0], val_fraction=config.val_fraction, max_val=config.max_val, seed=config.seed
         )
         rows = val if val.size >= 3 else np.arange(n.shape[0])
         self._fit_calibrations(n, o, codes, rows)
