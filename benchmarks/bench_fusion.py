@@ -1,4 +1,4 @@
-"""Asymmetric feature fusion (METHODS.md section 3) on real data: fused gallery vs single
+"""Asymmetric feature fusion (docs/methods.md, AFF) on real data: fused gallery vs single
 features, light query model vs light symmetric, ablations, cost.
 
 Training sets (fixed seeded splits, see ``fusion_data.py``): Caltech-101, the train images

@@ -1,7 +1,7 @@
 """ArcFace (additive angular margin) loss and the momentum classifier update (pure functions).
 
 ArcFace (Deng et al., CVPR 2019), as used by asymmetric feature fusion (AFF,
-METHODS.md section 3, eqs. 9-11): for an embedding ``x`` with label ``y`` and a
+docs/methods.md, AFF, eqs. 9-11): for an embedding ``x`` with label ``y`` and a
 classifier ``W`` (one prototype per class),
 
 ``cos_j = <x / |x|, W_j / |W_j|>``,

@@ -1,6 +1,6 @@
 """The gallery-side mixer: several frozen features of one image -> one compact vector.
 
-AFF (METHODS.md section 3, paper eqs. 3-8): K global features ``g_i (D_i,)`` and
+AFF (docs/methods.md, AFF, paper eqs. 3-8): K global features ``g_i (D_i,)`` and
 M local feature sets ``l_i (n_i, d_i)`` are each projected by their own linear
 layer to ``d``, stacked into a sequence ``F (N, d)``, a learnable fusion token is
 prepended and C post-LN transformer layers (multi-head self-attention, GELU MLP

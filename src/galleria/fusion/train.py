@@ -1,4 +1,4 @@
-"""Joint training of the mixer and the light query model (AFF, METHODS.md section 3).
+"""Joint training of the mixer and the light query model (AFF, docs/methods.md, AFF).
 
 ``L = ArcFace(g_mix; W_mix) + ArcFace(q; W_q)``: ``g_mix`` is the mixer's output on
 the cached member features of an image, ``q`` the query tail's output on one of

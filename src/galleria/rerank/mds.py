@@ -1,7 +1,7 @@
 """On-the-fly global re-ranking features by multidimensional scaling (pure functions).
 
-Local-to-global re-ranking (Aiger, Cao, Chen, Araujo, arXiv 2509.04351; METHODS.md
-section 5): take the query and its top-``k`` local-search results, their
+Local-to-global re-ranking (Aiger, Cao, Chen, Araujo, arXiv 2509.04351;
+docs/methods.md, local-to-global): take the query and its top-``k`` local-search results, their
 pairwise local similarities ``S`` (query-to-image and image-to-image), turn them
 into distances ``D = 1 - S^p``, embed the ``k + 1`` points with metric MDS
 (classical MDS warm start, then SMACOF on the raw stress), and re-rank the
@@ -19,7 +19,7 @@ import numpy as np
 
 from galleria.errors import InputError
 
-#: Settings reported by a re-implementation of the paper (METHODS.md), on ROxford/RParis
+#: Settings reported by a re-implementation of the paper (docs/methods.md), on ROxford/RParis
 #: (4,993 / 6,322 database images): top-k embedded, candidates re-ranked, exponent, blend.
 PAPER_K = 700
 PAPER_CANDIDATES = 1600

@@ -17,7 +17,7 @@ key; nothing here knows about the gallery store.
 ``local``
     the local index (ASMK or CANN) alone.
 ``local+mds``
-    local search, then MDS re-ranking (METHODS.md section 5): the query and its
+    local search, then MDS re-ranking (docs/methods.md, local-to-global): the query and its
     top ``candidates`` results are embedded by SMACOF from their local
     similarities (query-to-image from the search, image-to-image from a
     :meth:`~galleria.local.base.LocalIndex.pairwise`-capable index, ASMK), and

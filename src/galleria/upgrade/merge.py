@@ -3,7 +3,7 @@
 During an online backfill every gallery item holds a vector of exactly one model:
 the *old* part (not yet re-embedded) and the *new* part (backfilled). A query is
 answered by searching both parts, each with a query embedding of its own space,
-and merging the two ranked lists by score (METHODS.md section 4, "distance rank
+and merging the two ranked lists by score (docs/methods.md, online backfilling, "distance rank
 merge"). The query embedding of the old part is either ``old(q)`` (two forward
 passes per query) or ``psi(new(q))`` (one pass, see :mod:`galleria.upgrade.psi`).
 

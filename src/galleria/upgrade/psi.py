@@ -1,4 +1,4 @@
-"""Reverse transformation ``psi: new space -> old space`` (METHODS.md section 4).
+"""Reverse transformation ``psi: new space -> old space`` (docs/methods.md, online backfilling).
 
 With ``psi`` a query needs only the new model: ``psi(new(q))`` searches the
 not-yet-backfilled (old) part of the gallery and ``new(q)`` the backfilled part.
