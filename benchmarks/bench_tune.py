@@ -42,7 +42,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -99,13 +99,20 @@ def _tol(metric: str) -> float:
 # ------------------------------------------------------------------ caches
 
 
+def record_key(cfg: TuneConfig) -> str:
+    """The cache key of a tuning record: its config with the selection rule (margins)
+    at fixed values, since the stored scores do not depend on the rule (a changed rule
+    re-selects from the same records, see :func:`reselect`)."""
+    return digest(asdict(replace(cfg, margin=3.0, global_margin=10.0)))[:10]
+
+
 def _read(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
 def tuned(row: str, gallery: Any, name: str, n: int, seed: int, retune: bool) -> dict[str, Any]:
     cfg = TuneConfig(n=n, seed=seed, **CONFIGS[name])
-    path = TUNE_DIR / "records" / f"{row}-{name}-{digest(asdict(cfg))[:10]}.json"
+    path = TUNE_DIR / "records" / f"{row}-{name}-{record_key(cfg)}.json"
     rec = None if retune else _read(path)
     if rec is None:
         t0 = time.perf_counter()
@@ -209,7 +216,7 @@ def run_choices(rows: list[str], n: int, seed: int) -> list[dict[str, Any]]:
     cfg = TuneConfig(n=n, seed=seed)
     out = []
     for row in rows:
-        path = TUNE_DIR / "records" / f"{row}-final-{digest(asdict(cfg))[:10]}.json"
+        path = TUNE_DIR / "records" / f"{row}-final-{record_key(cfg)}.json"
         rec = _read(path)
         if rec is None:
             continue

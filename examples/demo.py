@@ -101,7 +101,7 @@ def search_json(gallery: Path, queries: list[Path], k: int, pipeline: str) -> li
         code = main(argv)
     if code != 0:
         sys.exit("search failed")
-    return json.loads(buf.getvalue())
+    return [json.loads(line) for line in buf.getvalue().splitlines() if line.strip()]
 
 
 def compare(gallery: Path, queries: list[tuple[Path, str]], k: int, html: Path,
