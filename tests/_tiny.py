@@ -10,6 +10,7 @@ import no torch (subprocess tests start fast).
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -90,3 +91,14 @@ def tiny(seed: int = 1, **kw: object) -> Extractor:
 
 def tiny_local(n: int = 6) -> Extractor:
     return create_extractor("tiny-local", n=n)
+
+
+def noise_pngs(root: Path, n: int, seed: int, *, side: int = 16) -> Path:
+    """``n`` seeded noise images ``00.png``, ``01.png``... in ``root`` (returned)."""
+    from PIL import Image  # lazy: PIL (the module stays import-light for subprocesses)
+
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray((rng.random((side, side, 3)) * 255).astype(np.uint8)).save(
+            root / f"{i:02d}.png")
+    return root

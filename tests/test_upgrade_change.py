@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import _tiny
 from galleria.decision import open_searcher
@@ -39,12 +38,7 @@ N = 36
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    root = tmp_path_factory.mktemp("change-imgs")
-    rng = np.random.default_rng(5)
-    for n in range(N):
-        Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).save(
-            root / f"{n:02d}.png")
-    return root
+    return _tiny.noise_pngs(tmp_path_factory.mktemp("change-imgs"), N, 5)
 
 
 @pytest.fixture()

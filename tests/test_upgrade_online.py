@@ -124,12 +124,7 @@ def test_schedule_is_geometric_and_capped():
 # ------------------------------------------------------------------ the job
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    root = tmp_path_factory.mktemp("online-imgs")
-    rng = np.random.default_rng(3)
-    for n in range(N):
-        Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).save(
-            root / f"{n:02d}.png")
-    return root
+    return _tiny.noise_pngs(tmp_path_factory.mktemp("online-imgs"), N, 3)
 
 
 @pytest.fixture()
