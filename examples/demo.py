@@ -92,10 +92,11 @@ def search_json(gallery: Path, queries: list[Path], k: int, pipeline: str) -> li
 
     from galleria.cli.main import main
 
-    argv = ["search", str(gallery), *map(str, queries), "-k", str(k), "--pipeline", pipeline,
-            "--json", "--quiet"]
+    chosen = [] if pipeline == "default" else ["--pipeline", pipeline]  # default: the gallery's
+    argv = ["search", str(gallery), *map(str, queries), "-k", str(k), *chosen, "--json",
+            "--quiet"]
     print("$ galleria " + " ".join(argv[:2]) + f" ... ({len(queries)} queries) -k {k} "
-          f"--pipeline {pipeline} --json", flush=True)
+          + " ".join(chosen) + " --json", flush=True)
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         code = main(argv)
@@ -105,9 +106,11 @@ def search_json(gallery: Path, queries: list[Path], k: int, pipeline: str) -> li
 
 
 def compare(gallery: Path, queries: list[tuple[Path, str]], k: int, html: Path,
-            pipelines: tuple[str, ...] = ("global", "local", "local+mds"), shown: int = 6
+            pipelines: tuple[str, ...] = ("default", "global", "local", "local+mds"),
+            shown: int = 6
             ) -> dict[str, float]:
-    """Recall@1 of each pipeline; an HTML page of the first ``shown`` queries with the
+    """Recall@1 of each pipeline (``default``: no ``--pipeline``, the gallery's tuned
+    choice); an HTML page of the first ``shown`` queries with the
     pipelines side by side and the right result marked."""
     from galleria.search.html import write_pipelines_html
     from galleria.store.gallery import Gallery
