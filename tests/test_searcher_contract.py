@@ -95,7 +95,7 @@ def test_the_decision_is_pure_and_names_its_reason(galleries):
         state = g.state()
     a, b = choose(state, SearchRequest()), choose(state, SearchRequest())
     assert isinstance(a, SearchSpec) and a == b and hash(a) == hash(b)
-    assert (a.kind, a.pipeline, a.reason) == ("pipeline", "local", "gallery spaces")
+    assert (a.kind, a.pipeline, a.reason) == ("pipeline", "hybrid", "gallery spaces")
     assert choose(state, SearchRequest.of("global")).kind == "plain"
     assert choose(state, SearchRequest.of("global", sharded=True)).kind == "sharded"
     # a tuned default wins over the spaces' default, an explicit pipeline over both

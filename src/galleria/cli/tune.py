@@ -19,7 +19,7 @@ def add_tune_parser(sub: Any) -> None:
     s = sub.add_parser("tune", help="choose the gallery's default pipeline from pseudo-queries "
                                     "(phone-like views of its own images)")
     s.add_argument("gallery")
-    s.add_argument("--n", type=int, default=200, help="gallery items sampled (default 200)")
+    s.add_argument("--n", type=int, default=100, help="gallery items sampled (default 100)")
     s.add_argument("--seed", type=int, default=0, help="seed of the sample and the views")
     s.add_argument("--pipelines", default=None,
                    help="candidates limited to these pipelines, comma-separated")
@@ -40,7 +40,7 @@ def add_index_tune_args(p: argparse.ArgumentParser) -> None:
                         "100, seeded; `galleria tune G --n 200` for a finer choice)")
 
 
-def run_tune(gallery_path: str, *, n: int = 200, seed: int = 0,
+def run_tune(gallery_path: str, *, n: int = 100, seed: int = 0,
              pipelines: tuple[str, ...] | None = None, quiet: bool = False) -> dict[str, Any]:
     """Tune the gallery at ``gallery_path`` with a progress bar; returns the stored record."""
     from galleria.tune.tuner import TuneConfig, progress_total, tune_and_store  # lazy: PIL

@@ -221,7 +221,7 @@ def evaluate_pipeline(
         gidx.add(np.arange(G), g_vecs)
         parts["index"] = gidx
     t_build = time.perf_counter()
-    if pipeline == "global+sv" or (pipeline == "hybrid" and pparams.get("sv")):
+    if pipeline in ("global+sv", "hybrid"):  # hybrid: verification (verify=0 ignores it)
         parts["fetch_local"] = lambda keys: [gal[int(k)] for k in keys]
     if pipeline in ("local", "local+mds", "hybrid"):
         if index == "cann":
