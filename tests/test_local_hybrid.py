@@ -70,3 +70,17 @@ def test_verified_order_puts_verified_first_by_inliers_then_the_fused_order():
     assert order.tolist() == np.argsort(-fused, kind="stable").tolist()
     with pytest.raises(InputError):
         verified_order(fused, inl, 1)
+
+
+def test_mutual_ratio_matches_equal_the_general_matcher(rng):
+    from galleria.local.hybrid import mutual_ratio_matches
+    from galleria.local.matching import match_descriptors
+
+    for n, m in ((60, 80), (5, 1), (0, 4), (30, 30)):
+        a = rng.standard_normal((n, 16)).astype(np.float32)
+        b = np.r_[a[: min(n, m) // 2] + 0.1 * rng.standard_normal((min(n, m) // 2, 16)),
+                  rng.standard_normal((m - min(n, m) // 2, 16))].astype(np.float32)
+        a /= np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-9)
+        b /= np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-9)
+        want = match_descriptors(a, b, method="mutual+ratio", ratio=0.8)
+        np.testing.assert_array_equal(mutual_ratio_matches(a, b, 0.8), want)

@@ -152,11 +152,35 @@ def verify_shortlist(query: LocalFeatures, candidates: list[LocalFeatures], *,
             continue
         if c.dim != query.dim:
             raise InputError(f"candidate {j} has {c.dim}-d descriptors, query {query.dim}-d")
-        mt = match_descriptors(qd, float_descriptors(c.descriptors), method=method, ratio=ratio)
+        cd = float_descriptors(c.descriptors)
+        mt = (mutual_ratio_matches(qd, cd, ratio) if method == "mutual+ratio"
+              else match_descriptors(qd, cd, method=method, ratio=ratio))
         if mt.shape[0] >= max(4, min_matches):
             out[j] = homography_inliers(query.keypoints[mt[:, 0], :2], c.keypoints[mt[:, 1], :2],
                                         threshold=threshold, max_iters=max_iters)
     return out
+
+
+def mutual_ratio_matches(a: np.ndarray, b: np.ndarray, ratio: float = 0.8) -> np.ndarray:
+    """``match_descriptors(a, b, method="mutual+ratio")`` -> ``(k, 2)`` int64, faster.
+
+    The same matches: the ratio test (nearest L2 distance < ``ratio`` x the second
+    nearest) is evaluated only on the rows of mutual nearest neighbours, not on every
+    row of the ``(n, m)`` similarity matrix (the partition of every row is most of the
+    cost of the general matcher).
+    """
+    n, m = a.shape[0], b.shape[0]
+    if n == 0 or m < 2:
+        return np.zeros((0, 2), np.int64)
+    s = a @ b.T  # (n, m) cosine
+    nn = np.argmax(s, axis=1)
+    i = np.flatnonzero(np.argmax(s, axis=0)[nn] == np.arange(n))
+    if i.size == 0:
+        return np.zeros((0, 2), np.int64)
+    top2 = -np.partition(-s[i], 1, axis=1)[:, :2]
+    d = np.sqrt(np.maximum(2.0 - 2.0 * top2, 0.0))
+    i = i[d[:, 0] < ratio * d[:, 1]]
+    return np.stack([i, nn[i]], axis=1).astype(np.int64)
 
 
 def verified_order(fused: np.ndarray, inliers: np.ndarray, min_inliers: int, *,
