@@ -164,6 +164,11 @@ def table_markdown(payload: dict[str, Any], info: dict[str, Any]) -> str:
                   f"measured by this script in an earlier run ({', '.join(reused)}; same code "
                   "of those pipelines, same seeded query sample) and reused; every `hybrid` "
                   "cell and every cell of a row marked *unseen* is from this run.", ""]
+    skipped = payload.get("row_skip") or []
+    if skipped:
+        lines += ["Not run (blank cells; too slow for the sample): "
+                  + ", ".join(f"{p} on {r}" for r, p in skipped)
+                  + ". `default ok` compares with the pipelines that ran.", ""]
     cols = [*pipes, "default"]
     header = "| row | queries | metric | " + " | ".join(cols) + " | hybrid ok | default ok |"
     lines += [header, "|" + "---|" * (len(cols) + 5)]
@@ -318,6 +323,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--name", default="", help="suffix of the result files")
     ap.add_argument("--merge", default="", help="with --sections merge: result names to join")
+    ap.add_argument("--row-max", default="",
+                    help="per-row query sample, e.g. caltech101=200 (cells of that row not reused)")
+    ap.add_argument("--row-skip", default="",
+                    help="row=pipeline pairs not run, e.g. caltech101=local+mds (blank cells)")
     ap.add_argument("--reuse", default="",
                     help="result name (e.g. local-hybrid) whose cells of rows and pipelines not "
                          "run now are kept (marked in the table)")
@@ -331,13 +340,18 @@ def main() -> None:
         payload = {"rows": [], "max_queries": args.max_queries,
                    "pipelines": args.pipelines.split(",")}
         old = reusable(args.reuse, args.max_queries) if args.reuse else []
+        row_max = dict(x.split("=") for x in args.row_max.split(",") if x)
+        row_skip = {(r, p) for r, p in (x.split("=") for x in args.row_skip.split(",") if x)}
+        payload["row_max"], payload["row_skip"] = row_max, sorted(row_skip)
         for row in args.rows.split(","):  # written after every row: a stopped run keeps them
-            have = {r["pipeline"] for r in old if r["row"] == row}
-            todo = [p for p in payload["pipelines"]
-                    if p == "hybrid" or row in UNSEEN or p not in have]
-            got = run_table([row], todo, args.max_queries, args.threads)
+            mq = int(row_max[row]) if row in row_max else args.max_queries
+            have = {r["pipeline"] for r in old if r["row"] == row and row not in row_max}
+            todo = [p for p in payload["pipelines"] if (row, p) not in row_skip
+                    and (p == "hybrid" or row in UNSEEN or p not in have)]
+            got = run_table([row], todo, mq, args.threads)
             payload["rows"] += [r for r in old if r["row"] == row and r["pipeline"] not in todo
-                                and r["pipeline"] in payload["pipelines"]]
+                                and r["pipeline"] in payload["pipelines"]
+                                and row not in row_max]
             payload["rows"] += got["rows"]
             info["load_average_at_end"] = os.getloadavg()
             write_results(f"local-hybrid{args.name}", {**payload, "machine": info},

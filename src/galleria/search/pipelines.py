@@ -344,7 +344,7 @@ class HybridConfig:
 
     candidates: int = 100
     verify: int = 20
-    min_inliers: int = 15
+    min_inliers: int = 10
     order_verified: str = "inliers"
     matcher: str = "mutual+ratio"
     ratio: float = 0.8
