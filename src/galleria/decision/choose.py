@@ -44,6 +44,11 @@ TUNED_KEY = "tuned"
 FUSION_KEY = "fusion"
 """The gallery setting holding a fused gallery's adaptation decision (written by
 ``galleria.fusion.adapt_job``: ``{answer, space, reason, ...}``)."""
+TUNE_MODES = ("default", "select")
+"""``rule.mode`` of a tuned record the decision follows: ``default`` (the spaces' default,
+calibrated, maybe budgeted) or ``select`` (a vote among pipelines the user named). A
+record without a mode was made by the former automatic pseudo-query vote, which chose
+``local`` on landmark and category galleries: it no longer sets the pipeline."""
 KINDS = ("plain", "backfill", "pipeline", "sharded")
 NEEDS_GLOBAL = ("global", "global+sv", "hybrid")
 """Pipelines that search the gallery's global space (``hybrid``: global and local)."""
@@ -115,6 +120,9 @@ def tuned_default(state: GalleryState) -> tuple[str, tuple[tuple[str, Any], ...]
     rec = state.setting(TUNED_KEY)
     if not isinstance(rec, dict) or rec.get("pipeline") not in PIPELINES:
         return None
+    rule = rec.get("rule")
+    if not isinstance(rule, dict) or rule.get("mode") not in TUNE_MODES:
+        return None  # a record of the old pseudo-query vote (no mode): the spaces decide
     name = str(rec["pipeline"])
     glob, loc = global_local(state)
     if (name in NEEDS_GLOBAL and glob is None) or (name != "global" and loc is None):
