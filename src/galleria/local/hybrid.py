@@ -164,20 +164,26 @@ def verify_shortlist(query: LocalFeatures, candidates: list[LocalFeatures], *,
 def mutual_ratio_matches(a: np.ndarray, b: np.ndarray, ratio: float = 0.8) -> np.ndarray:
     """``match_descriptors(a, b, method="mutual+ratio")`` -> ``(k, 2)`` int64, faster.
 
-    The same matches: the ratio test (nearest L2 distance < ``ratio`` x the second
-    nearest) is evaluated only on the rows of mutual nearest neighbours, not on every
-    row of the ``(n, m)`` similarity matrix (the partition of every row is most of the
-    cost of the general matcher).
+    The same matches (but for exact ties of similarities): the ratio test (nearest L2
+    distance < ``ratio`` x the second nearest) is evaluated only on the rows of mutual
+    nearest neighbours, with a row maximum instead of a partition of every row of the
+    ``(n, m)`` similarity matrix (most of the cost of the general matcher).
     """
     n, m = a.shape[0], b.shape[0]
     if n == 0 or m < 2:
         return np.zeros((0, 2), np.int64)
     s = a @ b.T  # (n, m) cosine
     nn = np.argmax(s, axis=1)
-    i = np.flatnonzero(np.argmax(s, axis=0)[nn] == np.arange(n))
+    best = s[np.arange(n), nn]
+    # mutual: i is the best of its nearest neighbour's column (a column maximum is a fast
+    # reduction; the column argmax of the general matcher is a slow strided one). Exact
+    # ties of a column's maximum are measure-zero for real descriptors.
+    i = np.flatnonzero(best >= s.max(axis=0)[nn])
     if i.size == 0:
         return np.zeros((0, 2), np.int64)
-    top2 = -np.partition(-s[i], 1, axis=1)[:, :2]
+    rows = s[i]
+    rows[np.arange(i.size), nn[i]] = -np.inf
+    top2 = np.stack([best[i], rows.max(axis=1)], axis=1)
     d = np.sqrt(np.maximum(2.0 - 2.0 * top2, 0.0))
     i = i[d[:, 0] < ratio * d[:, 1]]
     return np.stack([i, nn[i]], axis=1).astype(np.int64)
