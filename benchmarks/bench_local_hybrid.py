@@ -194,7 +194,7 @@ def table_markdown(payload: dict[str, Any], info: dict[str, Any]) -> str:
     for row, cells in ms.items():
         if DEFAULT in cells:
             cells = {**cells, "default": cells[DEFAULT]}
-        lines.append(f"| {row} | " + " | ".join(f"{cells.get(p, float('nan')):.0f}"
+        lines.append(f"| {row} | " + " | ".join(f"{cells[p]:.0f}" if p in cells else "-"
                                                 for p in cols) + " |")
     lines += ["", "## Machine", "", machine_md(info)]
     return "\n".join(lines) + "\n"
@@ -362,6 +362,10 @@ def main() -> None:
         parts = [read_json(RESULTS / f"{n}.json") for n in args.merge.split(",")]
         payload = {"rows": [r for p in parts for r in p["rows"]],
                    "max_queries": parts[0]["max_queries"], "pipelines": parts[0]["pipelines"],
+                   "row_max": {k: v for p in parts for k, v in (p.get("row_max") or {}).items()},
+                   "row_skip": sorted({tuple(x) for p in parts for x in p.get("row_skip") or []}
+                                      | {tuple(x.split("=")) for x in args.row_skip.split(",")
+                                         if x}),
                    "merged": args.merge.split(",")}
         info = {**parts[0]["machine"], "runs": [p["machine"] for p in parts]}
         write_results(f"local-hybrid{args.name}", {**payload, "machine": info},
