@@ -99,13 +99,16 @@ def _timed_tune(g: Gallery, n: int, seed: int) -> dict[str, Any]:
 
 
 def complete(path: Path) -> bool:
-    """A gallery at ``path`` whose every space holds every item (a finished index run)."""
+    """A gallery at ``path`` whose every space holds every item and has a saved index (a
+    finished index run)."""
     if not (path / "gallery.sqlite").is_file():
         return False
     with Gallery.open(path, readonly=True) as g:
         st = g.state()
         counts = [s.count for s in st.spaces]
-    return len(counts) >= 2 and min(counts) >= ALL_IMAGES
+    saved = [d for d in (path / "indexes").iterdir() if d.is_dir()]
+    every_index = len(saved) >= 2 and all(any(d.iterdir()) for d in saved)
+    return len(counts) >= 2 and min(counts) >= ALL_IMAGES and every_index
 
 
 def run_cost(n: int, seed: int, threads: int = 2, all_path: Path | None = None

@@ -137,7 +137,10 @@ def table_markdown(payload: dict[str, Any], info: dict[str, Any]) -> str:
         by.setdefault(r["row"], {})[r["pipeline"]] = r["metrics"]
         meta[r["row"]] = r
     hyb = next((r["pipeline_params"] for r in payload["rows"] if r["pipeline"] == "hybrid"), {})
-    reused = sorted({r["reused_from"] for r in payload["rows"] if r.get("reused_from")})
+    reused: dict[str, set[str]] = {}
+    for r in payload["rows"]:
+        if r.get("reused_from"):
+            reused.setdefault(r["reused_from"], set()).add(f"{r['pipeline']} on {r['row']}")
     lines = ["# Every pipeline and the default on every set: local-to-global that never loses "
              "(issue 18)", "",
              "Global: effnet-lite0 GeM; local: sift (RootSIFT, <= 1,000 keypoints) with the "
@@ -160,10 +163,13 @@ def table_markdown(payload: dict[str, Any], info: dict[str, Any]) -> str:
              "pipeline of a row). Rows marked *unseen*: variants built by script after the "
              "hybrid's settings were fixed (not tuned on).", ""]
     if reused:
-        lines += ["Cells of pipelines other than `hybrid` on the rows they exist for were "
-                  f"measured by this script in an earlier run ({', '.join(reused)}; same code "
-                  "of those pipelines, same seeded query sample) and reused; every `hybrid` "
-                  "cell and every cell of a row marked *unseen* is from this run.", ""]
+        lines += ["Cells measured by this script in an earlier run (same code of those "
+                  "pipelines, same seeded query sample) and reused here: "
+                  + "; ".join(f"run of {when}: {len(c)} cells "
+                              f"({', '.join(sorted({x.split(' on ')[0] for x in c}))} on "
+                              f"{', '.join(sorted({x.split(' on ')[1] for x in c}))})"
+                              for when, c in sorted(reused.items()))
+                  + ". Every other cell (every `hybrid` cell) is from this run.", ""]
     skipped = payload.get("row_skip") or []
     if skipped:
         lines += ["Not run (blank cells; too slow for the sample): "
@@ -327,6 +333,8 @@ def main() -> None:
                     help="per-row query sample, e.g. caltech101=200 (cells of that row not reused)")
     ap.add_argument("--row-skip", default="",
                     help="row=pipeline pairs not run, e.g. caltech101=local+mds (blank cells)")
+    ap.add_argument("--rerun", default="hybrid",
+                    help="with --reuse: pipelines run again on every row (default hybrid)")
     ap.add_argument("--reuse", default="",
                     help="result name (e.g. local-hybrid) whose cells of rows and pipelines not "
                          "run now are kept (marked in the table)")
@@ -341,17 +349,19 @@ def main() -> None:
                    "pipelines": args.pipelines.split(",")}
         old = reusable(args.reuse, args.max_queries) if args.reuse else []
         row_max = dict(x.split("=") for x in args.row_max.split(",") if x)
+        rerun = set(args.rerun.split(","))
         row_skip = {(r, p) for r, p in (x.split("=") for x in args.row_skip.split(",") if x)}
         payload["row_max"], payload["row_skip"] = row_max, sorted(row_skip)
         for row in args.rows.split(","):  # written after every row: a stopped run keeps them
             mq = int(row_max[row]) if row in row_max else args.max_queries
-            have = {r["pipeline"] for r in old if r["row"] == row and row not in row_max}
+            same = [r for r in old if r["row"] == row  # the same query sample size
+                    and (row not in row_max or r["queries"] == int(row_max[row]))]
+            have = {r["pipeline"] for r in same}
             todo = [p for p in payload["pipelines"] if (row, p) not in row_skip
-                    and (p == "hybrid" or row in UNSEEN or p not in have)]
+                    and (p in rerun or p not in have)]
             got = run_table([row], todo, mq, args.threads)
-            payload["rows"] += [r for r in old if r["row"] == row and r["pipeline"] not in todo
-                                and r["pipeline"] in payload["pipelines"]
-                                and row not in row_max]
+            payload["rows"] += [r for r in same if r["pipeline"] not in todo
+                                and r["pipeline"] in payload["pipelines"]]
             payload["rows"] += got["rows"]
             info["load_average_at_end"] = os.getloadavg()
             write_results(f"local-hybrid{args.name}", {**payload, "machine": info},
