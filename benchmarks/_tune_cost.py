@@ -111,7 +111,8 @@ def complete(path: Path) -> bool:
     return len(counts) >= 2 and min(counts) >= ALL_IMAGES and every_index
 
 
-def run_cost(n: int, seed: int, threads: int = 2, all_path: Path | None = None
+def run_cost(n: int, seed: int, threads: int = 2, all_path: Path | None = None,
+             which: tuple[str, ...] = ("smvs_500", "all_images"), previous: dict | None = None
              ) -> dict[str, Any]:
     """Tuning time (default mode) of the 500-image SMVS gallery and of the 11.4k gallery.
 
@@ -120,12 +121,15 @@ def run_cost(n: int, seed: int, threads: int = 2, all_path: Path | None = None
     :func:`all_gallery` (hours of extraction on a cold cache).
     """
     set_threads(threads)
-    out: dict[str, Any] = {"threads": threads, "n": n, "seed": seed}
-    task = load_row_task("smvs")
-    g500 = task_gallery(task, TUNE_DIR / "galleries" / "smvs", task_data(task))
-    out["smvs_500"] = _timed_tune(g500, n, seed)
-    print("cost smvs 500", out["smvs_500"], flush=True)
-    if all_path is not None:
+    out: dict[str, Any] = {**(previous or {}), "threads": threads, "n": n, "seed": seed}
+    if "smvs_500" in which:
+        task = load_row_task("smvs")
+        g500 = task_gallery(task, TUNE_DIR / "galleries" / "smvs", task_data(task))
+        out["smvs_500"] = _timed_tune(g500, n, seed)
+        print("cost smvs 500", out["smvs_500"], flush=True)
+    if "all_images" not in which:
+        pass
+    elif all_path is not None:
         if complete(all_path):
             with Gallery.open(all_path, readonly=True) as g_all:
                 out["all_images"] = {**_timed_tune(g_all, n, seed), "gallery": str(all_path)}
@@ -134,7 +138,8 @@ def run_cost(n: int, seed: int, threads: int = 2, all_path: Path | None = None
                                  "error": "not a complete gallery of every shared image yet"}
     else:
         out["all_images"] = _timed_tune(all_gallery(threads), n, seed)
-    print("cost all", out["all_images"], flush=True)
+    if "all_images" in out:
+        print("cost all", out["all_images"], flush=True)
     out["note"] = ("tune_seconds: from scratch in the default mode (pseudo-query views of a "
                    "fixed seeded sample, their embedding in each space, the default pipeline's "
                    "search, equivalents, calibration), features of the gallery already "

@@ -389,6 +389,8 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(r for r, _ in ROWS))
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--cost", default="smvs_500,all_images",
+                    help="cost: the galleries measured (others kept from the results file)")
     ap.add_argument("--all-gallery", default="",
                     help="cost: an existing complete gallery of every shared image (read-only)")
     ap.add_argument("--seed", type=int, default=0)
@@ -420,7 +422,8 @@ def main() -> None:
 
             payload["cost"] = run_cost(args.n, args.seed, threads=max(args.threads, 1),
                                        all_path=Path(args.all_gallery) if args.all_gallery
-                                       else None)
+                                       else None, which=tuple(args.cost.split(",")),
+                                       previous=payload.get("cost"))
         else:
             raise SystemExit(f"unknown section {section!r}")
         payload.setdefault("section_info", {})[section] = {
