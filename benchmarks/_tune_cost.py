@@ -79,11 +79,12 @@ def _bytes_per_item(g: Gallery, items: int) -> dict[str, Any]:
 
 def _timed_tune(g: Gallery, n: int, seed: int) -> dict[str, Any]:
     load0 = os.getloadavg()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     rec = tune_gallery(g, TuneConfig(n=n, seed=seed))
-    sec = time.perf_counter() - t0
+    sec, cpu = time.perf_counter() - t0, time.process_time() - c0
     chosen = next(c for c in rec["candidates"] if c["key"] == rec["key"])
     return {"items": rec["state"]["items"], "tune_seconds": round(sec, 1),
+            "tune_cpu_seconds": round(cpu, 1),
             "pseudo_queries": rec["queries"], "chosen": rec["key"], "reason": rec["reason"],
             "chosen_ms_per_query": chosen["ms_per_query"],
             "chosen_search_ms": chosen["search_ms"], "chosen_embed_ms": chosen["embed_ms"],
