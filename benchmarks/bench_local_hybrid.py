@@ -73,6 +73,11 @@ def load_row(name: str) -> RetrievalTask:
     return load_variant(name) if name.startswith("smvs200") else load_task(name)
 
 
+def _tail(path: str | Path) -> str:
+    """The last two parts of an image path (class folder / file on Caltech-101)."""
+    return "/".join(Path(str(path)).parts[-2:])
+
+
 def run_table(rows: list[str], pipelines: list[str], max_queries: int | None,
               workers: int) -> dict[str, Any]:
     out: list[dict[str, Any]] = []
@@ -85,6 +90,10 @@ def run_table(rows: list[str], pipelines: list[str], max_queries: int | None,
             keep = {k: res[k] for k in ("metrics", "pipeline_params", "search_ms_per_query",
                                         "queries", "gallery", "seconds")}
             keep["codebook"] = res.get("index", {}).get("params", {}).get("codebook")
+            keep["top1"] = [_tail(task.gallery_paths[i]) if i >= 0 else None
+                            for i in res["top1"]]
+            keep["query_tails"] = [_tail(task.query_paths[int(i)]) for i in
+                                   sample_queries(task, max_queries)[1]]
             out.append({"row": row, "pipeline": pipe, "protocol": task.protocol,
                         "queries_full": task.num_queries, **keep})
             print(f"{row:<14} {pipe:<10} {res['metrics']} {res['search_ms_per_query']:.0f} ms/q "
@@ -116,6 +125,35 @@ def _check_default(cells: dict[str, dict[str, float]], metric: str) -> str:
         return "yes" if gap >= 0 else f"yes ({gap:+.2f} vs {best_p})" if metric == "N-S" \
             else f"yes ({gap:+.1f} vs {best_p})"
     return f"**no** ({gap:+.1f} vs {best_p})"
+
+
+def disagreements(payload: dict[str, Any]) -> list[str]:
+    """Where the default trails ``global`` on R@1: the queries whose first result differs in
+    correctness (from the same run's first results; rows that have them)."""
+    out: list[str] = []
+    by: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in payload["rows"]:
+        by.setdefault(r["row"], {})[r["pipeline"]] = r
+    for row, cells in by.items():
+        d, g = cells.get(DEFAULT), cells.get("global")
+        if not (d and g and d.get("top1") and g.get("top1")) or "R@1" not in d["metrics"]:
+            continue
+        if d["metrics"]["R@1"] >= g["metrics"]["R@1"] or len(g["top1"]) != len(d["top1"]):
+            continue
+        qs = d["query_tails"]
+
+        def cls(t: str | None) -> str:
+            return t.split("/")[0] if t else "-"
+
+        diff = [(q, a, b) for q, a, b in zip(qs, d["top1"], g["top1"], strict=True)
+                if (cls(a) == cls(q)) != (cls(b) == cls(q))]
+        out += ["", f"Rank-1 disagreements of the default with `global` on {row} (the default "
+                f"trails on R@1; query, the default's first result, global's first result; "
+                "the class is the folder):", "",
+                "| query | default's first | global's first | right |", "|---|---|---|---|"]
+        out += [f"| {q} | {a} | {b} | {'default' if cls(a) == cls(q) else 'global'} |"
+                for q, a, b in diff]
+    return out
 
 
 def mds_blend(payload: dict[str, Any]) -> str:
@@ -191,6 +229,7 @@ def table_markdown(payload: dict[str, Any], info: dict[str, Any]) -> str:
             lines.append(f"| {name if j == 0 else ''} | {qtxt if j == 0 else ''} | {metric} | "
                          + " | ".join(vals) + f" | {_check(cells, metric)} | "
                          f"{_check_default(cells, metric)} |")
+    lines += disagreements(payload)
     lines += ["", "ms per query (search only, features cached, one thread; a loaded shared "
               "machine: see the load average below):", "",
               "| row | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]

@@ -271,6 +271,7 @@ def evaluate_pipeline(
         "pipeline_params": pipe.params() if hasattr(pipe, "params") else {},
         **info,
         "metrics": {k: round(float(v), 4) for k, v in metrics.items()},
+        "top1": res.ids[:, 0].astype(np.int64).tolist(),  # gallery row of each first result
         "seconds": round(time.perf_counter() - t0, 2),
         "embed_seconds": round(t_embed, 2),
         "index_seconds": round(t_build, 2),
