@@ -269,7 +269,10 @@ def run_calibration(rows: list[str], n: int, seed: int) -> list[dict[str, Any]]:
                         "top1_precision@0.5": top1["precision"],
                         "top1_recall@0.5": top1["recall"],
                         "base_rate_real": round(float(t[finite].mean()), 4),
-                        "base_rate_pseudo": c["calibration"]["base_rate"]})
+                        "base_rate_pseudo": c["calibration"]["base_rate"],
+                        "metrics": {k: r["metrics"][k] for k in METRICS.get(row, [])
+                                    if k in r["metrics"]},
+                        "queries": r["queries"]})
             print(f"  {row:<14} {c['key']:<36} ECE {rel['ece']:.3f} P@.5 "
                   f"{thr['precision']:.3f} R@.5 {thr['recall']:.3f}", flush=True)
     return out
@@ -313,14 +316,17 @@ def rows_markdown(rows: list[dict[str, Any]]) -> list[str]:
 
 def calibration_markdown(cal: list[dict[str, Any]]) -> list[str]:
     md = ["| row | pipeline | ECE | Brier | precision @0.5 | recall @0.5 (of all true "
-          "matches) | top-1 precision @0.5 | real base rate (top 10) | pseudo base rate |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          "matches) | top-1 precision @0.5 | real base rate (top 10) | pseudo base rate | "
+          "real metrics (queries) |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
     for c in cal:
         mark = " **(default)**" if c["default"] else ""
+        real_m = ", ".join(f"{k} {_fmt(v, k)}" for k, v in (c.get("metrics") or {}).items())
         md.append(f"| {c['row']} | {c['key']}{mark} | {c['ece']:.3f} | {c['brier']:.3f} | "
                   f"{_pct(c['precision@0.5'])} | {_pct(c['recall@0.5'])} | "
                   f"{_pct(c['top1_precision@0.5'])} | {c['base_rate_real']:.3f} | "
-                  f"{c['base_rate_pseudo']:.3f} |")
+                  f"{c['base_rate_pseudo']:.3f} | {real_m}"
+                  + (f" ({c['queries']})" if c.get("queries") else "") + " |")
     return [*md, ""]
 
 
