@@ -52,9 +52,9 @@ from galleria.extract.embed import embed_stream
 from galleria.extract.spaces import space_info
 from galleria.extractors.registry import extractor_from_config, resolve_path
 from galleria.fingerprint import digest
-from galleria.fusion.adapt import AdaptConfig, Fit, FitData, fit_adaptation, sample_rows
+from galleria.fusion.adapt import AdaptConfig, Fit, FitData, fit_adaptation, normalize, sample_rows
 from galleria.fusion.adaptation import QueryAdaptation
-from galleria.fusion.extractor import FusionLightExtractor, light_fingerprint
+from galleria.fusion.extractor import FusionLightExtractor, light_fingerprint, whitened_fingerprint
 from galleria.fusion.model import FusionModel
 from galleria.images.decode import load_image
 from galleria.images.sources import SourceItem
@@ -319,6 +319,7 @@ def _adapt(g: Any, config: AdaptConfig | None, refit: bool, updated: Sequence[st
     n = g.count(spaces.fused)
     due, why = _due(g, rec, n, cfg, refit)
     report["fit"] = why
+    report["whitened_added"] = sync_whitened(g, spaces, rec)
     if not due:
         if not rec.get("adaptation"):
             _commit_unfitted(g, spaces, n, cfg, why)
@@ -376,6 +377,54 @@ def fit_rows(model: FusionModel, ids: Sequence[str], g: np.ndarray, x: np.ndarra
                           trained_candidate=trained_map(model) is not None)
 
 
+def sync_whitened(g: Any, spaces: FusedSpaces, rec: dict[str, Any]) -> int:
+    """Give items of the fused space missing from the recorded gallery-whitened space their
+    whitened vectors (``normalize(g P + c)``, the recorded transform); how many."""
+    wh = rec.get("whitening")
+    if rec.get("answer") != "whitened" or not wh:
+        return 0
+    t = QueryAdaptation.load(Path(g.path) / wh["path"], digest=wh["digest"],
+                             model_fingerprint=spaces.fused)
+    ids = g.ids(spaces.fused)
+    todo = [i for i, h in zip(ids, g.has(ids, wh["space"]), strict=True) if not h]
+    for s in range(0, len(todo), 4096):
+        chunk = todo[s:s + 4096]
+        gv = np.asarray(g.get_vectors(g.keys_of(chunk), space=spaces.fused), np.float64)
+        g.add(chunk, normalize(t.apply(gv)).astype(np.float32), space=wh["space"],
+              only_if_in=spaces.fused)
+    return len(todo)
+
+
+def _commit_whitened(g: Any, spaces: FusedSpaces, fit: Fit, n: int, cfg: AdaptConfig
+                     ) -> dict[str, Any]:
+    """The gallery-whitened fused space of ``fit`` (transform artifact, light map artifact,
+    the space and its vectors); ``{"space", "path", "digest", "query"}``."""
+    assert fit.whitening is not None and fit.whitened_map is not None
+    p, c = fit.whitening
+    t = QueryAdaptation(model_fingerprint=spaces.fused, light_fingerprint="gallery-whitening",
+                        w=p, b=c, params={**cfg.to_dict(), "n_items": n},
+                        info={"what": "fused vectors whitened on the gallery: normalize(g w + b)"})
+    t_rel = f"{ADAPT_DIR}/{t.digest}"
+    t.save(Path(g.path) / t_rel)
+    space = whitened_fingerprint(spaces.fused, t.digest)
+    wq, bq = fit.whitened_map
+    q = QueryAdaptation(model_fingerprint=space, light_fingerprint=spaces.light, w=wq, b=bq,
+                        params={**cfg.to_dict(), "n_items": n}, info=fit.info())
+    q_rel = f"{ADAPT_DIR}/{q.digest}"
+    q.save(Path(g.path) / q_rel)
+    wh = {"space": space, "path": t_rel, "digest": t.digest}
+    cfg_space = {"type": "fusion-gallery", "model": spaces.model_path,
+                 "whitening": {"path": t_rel, "digest": t.digest}}
+    qc = {"type": "fusion-query", "model": spaces.model_path, "output": "whitened",
+          "space": space, "adaptation": {"path": q_rel, "digest": q.digest}}
+    g.register_space(space, int(p.shape[1]), {
+        "name": "fusion-whitened", "dim": int(p.shape[1]), "kind": "global",
+        "source": f"the fused space {spaces.fused} whitened on this gallery",
+        "fingerprint": space, "config": cfg_space, "query_config": qc})
+    sync_whitened(g, spaces, {"answer": "whitened", "whitening": wh})
+    return {**wh, "query": qc["adaptation"]}
+
+
 def _due(g: Any, rec: dict[str, Any], n: int, cfg: AdaptConfig, refit: bool
          ) -> tuple[bool, str]:
     if n < cfg.min_items:
@@ -418,16 +467,19 @@ def _commit(g: Any, spaces: FusedSpaces, model: FusionModel, fit: Fit, n: int,
           "adaptation": {"path": rel, "digest": a.digest}}
     if info.get("query_config") != qc:
         g.update_space_info(spaces.fused, query_config=qc)
-    answer_space = spaces.light if fit.answer == "light" else spaces.fused
+    whitened = _commit_whitened(g, spaces, fit, n, cfg) if fit.answer == "whitened" else None
+    answer_space = {"light": spaces.light, "fused": spaces.fused,
+                    "whitened": (whitened or {}).get("space")}[fit.answer]
     if g.primary_space != answer_space:
         g.set_primary_space(answer_space)
     g.set_setting(FUSION_KEY, {
         "fused_space": spaces.fused, "light_space": spaces.light, "answer": fit.answer,
         "space": answer_space, "reason": fit.reason,
-        "adaptation": {"path": rel, "digest": a.digest}, "n_items": n,
+        "adaptation": {"path": rel, "digest": a.digest}, "whitening": whitened, "n_items": n,
         "refit_at": int(np.ceil(n * cfg.refit_growth)),
         "scores": {k: fit.info()[k] for k in ("chosen", "trained", "light", "candidates")},
-        "cosine": fit.cosine, "config": cfg.to_dict(), "fitted_at": time.time(),
+        "cosine": fit.cosine, "domain": fit.domain, "config": cfg.to_dict(),
+        "fitted_at": time.time(),
         "seconds": round(seconds, 2)})
     log.info("gallery %s adapted: %s answers (%s)", g.path, answer_space, fit.reason)
 
