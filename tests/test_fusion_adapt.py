@@ -89,14 +89,17 @@ def test_index_fusion_adapts_and_search_answers_from_the_recorded_space(
         assert qc["adaptation"] == st["adaptation"] and qc["type"] == "fusion-query"
         assert g.count(st["light_space"]) == 40
     # force each answer in turn and check search against brute force with the recorded model
-    for margin, want in (("-100", "fused"), ("100", "light")):
-        rc = main(["fusion", "adapt", str(g_dir), "--margin", margin, "--json", "-q",
-                   "--threads", "2", *CFG])
+    out_of_domain = ["--in-domain", "0", "--homogeneous", "2"]
+    for force, want in ((["--margin", "-100", *out_of_domain], "fused"),
+                        (["--margin", "100", *out_of_domain], "light"),
+                        (["--in-domain", "0", "--homogeneous", "0"], "whitened")):
+        rc = main(["fusion", "adapt", str(g_dir), *force, "--json", "-q", "--threads", "2",
+                   *CFG])
         out = json.loads(capsys.readouterr().out)
         assert rc == 0 and out["answer"] == want, out
         assert main(["fusion", "status", str(g_dir)]) == 0
-        assert ("light model's own vectors" if want == "light" else "light query -> fused") \
-            in capsys.readouterr().out
+        assert {"light": "light model's own vectors", "fused": "light query -> fused",
+                "whitened": "whitened on itself"}[want] in capsys.readouterr().out
         with Gallery.open(g_dir, readonly=True) as g:
             st = fusion_state(g)
             space = st["space"]
@@ -105,20 +108,29 @@ def test_index_fusion_adapts_and_search_answers_from_the_recorded_space(
             gv = g.get_vectors(g.keys_of(ids), space=space)
             model_q = extractor_from_config(info.get("query_config") or info["config"],
                                             root=str(g_dir), threads=2, fingerprint=space)
-        assert space == (st["light_space"] if want == "light" else fp)
+        assert space == {"light": st["light_space"], "fused": fp,
+                         "whitened": (st["whitening"] or {}).get("space")}[want]
         files = [str(root / rows[i]["path"]) for i in (3, 40)]
         from PIL import Image
 
         q = model_q.embed_images([Image.open(f).convert("RGB") for f in files])
-        if want == "fused":  # the adapted query: light vector x the gallery's map
+        if want != "light":  # the adapted query: light vector x the gallery's map
             from galleria.fusion.adaptation import QueryAdaptation
 
             light = extractor_from_config({"type": "fusion-query", "model":
                                            info["config"]["model"], "output": "light"},
                                           root=str(g_dir), threads=2)
-            a = QueryAdaptation.load(g_dir / st["adaptation"]["path"])
+            a = QueryAdaptation.load(g_dir / (st["adaptation"] if want == "fused"
+                                              else st["whitening"]["query"])["path"])
             x = light.embed_images([Image.open(f).convert("RGB") for f in files])
             np.testing.assert_allclose(q, apply_map(x, a.w, a.b), atol=1e-5)
+        if want == "whitened":  # the gallery side: the fused vectors whitened on the gallery
+            from galleria.fusion.adaptation import QueryAdaptation
+
+            t = QueryAdaptation.load(g_dir / st["whitening"]["path"])
+            with Gallery.open(g_dir, readonly=True) as g:
+                fv = g.get_vectors(g.keys_of(ids), space=fp)
+            np.testing.assert_allclose(gv, apply_map(fv, t.w, t.b), atol=2e-3)
         rc = main(["search", str(g_dir), *files, "-k", "5", "--json", "--threads", "2"])
         res = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
         assert rc == 0 and len(res) == 2

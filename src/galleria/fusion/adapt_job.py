@@ -96,8 +96,10 @@ def fused_spaces(gallery: Any) -> FusedSpaces | None:
 def fusion_state(gallery: Any) -> dict[str, Any] | None:
     """The recorded decision (``None`` on a gallery never adapted)::
 
-        {"fused_space", "light_space", "answer": "fused" | "light", "space": the one that
-         answers, "reason", "adaptation": {"digest", "path"} | None, "n_items": items the
+        {"fused_space", "light_space", "answer": "fused" | "light" | "whitened", "space":
+         the one that answers, "reason", "adaptation": {"digest", "path"} | None,
+         "whitening": {"space", "path", "digest", "query"} | None (the gallery-whitened
+         fused space), "domain": {"fused_mean", "light_mean", "ratio"}, "n_items": items the
          fit saw, "refit_at": fused-space size that triggers the next fit,
          "scores": {"chosen", "trained", "light", "candidates"}, "cosine", "config",
          "fitted_at", "seconds"}
@@ -349,7 +351,8 @@ def _adapt(g: Any, config: AdaptConfig | None, refit: bool, updated: Sequence[st
     t2 = time.perf_counter()
     report["fit_seconds"] = round(t2 - t1 - report["views_seconds"], 2)
     _commit(g, spaces, model, fit, n, cfg, time.perf_counter() - t0)
-    report.update({"answer": fit.answer, "reason": fit.reason, "fit_info": fit.info(),
+    report.update({"answer": fit.answer, "space": (fusion_state(g) or {}).get("space"),
+                   "reason": fit.reason, "fit_info": fit.info(),
                    "seconds": round(time.perf_counter() - t0, 2)})
     return report
 
