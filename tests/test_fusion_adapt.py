@@ -195,7 +195,8 @@ WORKER = textwrap.dedent("""
     import sys, json
     from galleria.fusion.adapt import AdaptConfig
     from galleria.fusion.adapt_job import adapt_gallery
-    cfg = AdaptConfig(min_items=20, pseudo_items=40, views=2)
+    # whitened forced: the longest commit (two maps, a new space) is compared too
+    cfg = AdaptConfig(min_items=20, pseudo_items=40, views=2, in_domain=0.0, homogeneous=0.0)
     rep = adapt_gallery(sys.argv[1], config=cfg, threads=1, workers=1, commit_every=4)
     print(json.dumps({"answer": rep["answer"], "light": rep["light_embedded"]}), flush=True)
 """)
@@ -268,4 +269,11 @@ def test_kill_9_during_adaptation_then_rerun_gives_the_uninterrupted_fit(model_d
     sb, xb = _fitted(b_dir)
     np.testing.assert_array_equal(xa, xb)
     assert sa["adaptation"] == sb["adaptation"]  # the same map, bit for bit (its digest)
-    assert sa["answer"] == sb["answer"] and sa["scores"] == sb["scores"]
+    assert sa["answer"] == sb["answer"] == "whitened" and sa["scores"] == sb["scores"]
+    assert sa["whitening"] == sb["whitening"] and sa["domain"] == sb["domain"]
+    with Gallery.open(a_dir, readonly=True) as ga, Gallery.open(b_dir, readonly=True) as gb:
+        sp = sa["whitening"]["space"]
+        ids = ga.ids(sp)
+        assert ids == gb.ids(sp) and len(ids) == len(rows)
+        np.testing.assert_array_equal(ga.get_vectors(ga.keys_of(ids), space=sp),
+                                      gb.get_vectors(gb.keys_of(ids), space=sp))
