@@ -80,10 +80,12 @@ class FusedSpaces:
 
 
 def fused_spaces(gallery: Any) -> FusedSpaces | None:
-    """The fused space of ``gallery`` (the one whose config is a ``fusion-gallery``), or
-    None. More than one is refused (adapt each by name: not supported yet)."""
+    """The fused space of ``gallery`` (the one whose config is a ``fusion-gallery``, not
+    its gallery-whitened copy), or None. More than one is refused (adapt each by name: not
+    supported yet)."""
     found = [s for s in gallery.spaces()
-             if (s.info.get("config") or {}).get("type") == "fusion-gallery"]
+             if (s.info.get("config") or {}).get("type") == "fusion-gallery"
+             and "whitening" not in s.info["config"]]  # not a gallery-whitened copy
     if not found:
         return None
     if len(found) > 1:
