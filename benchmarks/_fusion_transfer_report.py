@@ -250,10 +250,12 @@ def report(res: dict[str, Any], rows_spec: dict[str, Any], main: dict[str, str])
     if "cost" in res:
         c = res["cost"]
         md += ["## Cost of the adaptation (`adapt_gallery`, end to end)\n",
-               markdown_table(["gallery images", "wall s", "s per 1k", "light pass s",
-                               "views s", "fit s", "views made", "load before -> after"],
-                              [[v["items"], v["wall_s"], v["per_1k_s"], v["light_s"],
-                                v["views_s"], v["fit_s"], v["n_views"],
+               markdown_table(["gallery images", "wall s", "s per 1k", "CPU s (all threads)",
+                               "CPU s per 1k", "light pass s", "views s", "fit s",
+                               "views made", "answers", "load before -> after"],
+                              [[v["items"], v["wall_s"], v["per_1k_s"], v.get("cpu_s", ""),
+                                v.get("cpu_per_1k_s", ""), v["light_s"],
+                                v["views_s"], v["fit_s"], v["n_views"], v.get("answer", ""),
                                 f"{v['load_before'][0]:.1f} -> {v['load_after'][0]:.1f}"]
                                for v in c["sizes"].values()]),
                f"Threads: {c['threads']}. Query cost, ms per query (decoded image in, vector "
