@@ -273,6 +273,24 @@ def row(w: Work, tname: str, set_name: str, cfg: AdaptConfig,
     return out
 
 
+def redecide(r: dict[str, Any], cfg: AdaptConfig) -> dict[str, Any]:
+    """A cached row answered by ``cfg``'s rule (a pure function of the statistics the row
+    recorded: :func:`galleria.fusion.adapt.select`); the recorded answer is kept as
+    ``answer_recorded``."""
+    from galleria.fusion.adapt import select
+
+    f = r["fit"]
+    if cfg.decide_on != "domain" or not f.get("domain"):
+        return r
+    answer, reason = select(f["domain"], f["chosen"], f["light"], cfg)
+    r["answer_recorded"] = r.get("answer_recorded", f["answer"])
+    f["answer"], f["reason"] = answer, reason
+    c = r["cols"]
+    c["default"] = {"fused": c["asym:after"], "light": c["light:sym"],
+                    "whitened": c["asym:whitened"]}[answer]
+    return r
+
+
 def _views_rows(uid: list[str], views: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """``(view_item (M,), xv (M, D))`` of ``views`` ``{id: (V, D)}`` (rows of ``uid``)."""
     pos = {i: r for r, i in enumerate(uid)}
@@ -290,7 +308,7 @@ def table(w: Work, cfg: AdaptConfig, force: bool = False, only: set[str] | None 
 
     out: dict[str, Any] = {}
     # options added later leave the key of rows measured before them alone at their defaults
-    later: dict[str, Any] = {}
+    later: dict[str, Any] = {"out_of_domain": "light"}
     key = digest({k: v for k, v in cfg.to_dict().items() if later.get(k, object()) != v})
     for tname, rows in ROWS.items():
         if not w.model_dir(tname).is_dir():
@@ -302,12 +320,12 @@ def table(w: Work, cfg: AdaptConfig, force: bool = False, only: set[str] | None 
             tag = "" if sub is None else f"-sub{sub[0]}x{sub[1]}"
             f = w.work / "transfer" / f"{tname}-{set_name}{tag}-{key}.json"
             if f.is_file() and not force:
-                r = read_json(f)
+                r = redecide(read_json(f), cfg)
             elif only is not None and name not in only:
                 continue
             else:
                 log.info("row %s -> %s%s", tname, set_name, tag)
-                r = row(w, tname, set_name, cfg, sub)
+                r = redecide(row(w, tname, set_name, cfg, sub), cfg)
                 r["in_domain"] = in_domain
                 r["held_out"] = name in HELD_OUT
                 write_json(f, r)

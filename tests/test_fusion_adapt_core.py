@@ -114,7 +114,8 @@ def test_the_light_model_answers_where_the_fused_space_is_worse(rng):
     x, g, xv, vi = _gallery(rng, noise=3.0, light_noise=0.05)  # fused vectors mostly noise
     prior = (np.zeros((x.shape[1], g.shape[1])), np.zeros(g.shape[1]))
     fit = fit_adaptation(FitData(g, x, xv, vi, np.arange(0, 240, 3)), prior,
-                         AdaptConfig(pseudo_items=80, min_items=4), trained_candidate=False)
+                         AdaptConfig(pseudo_items=80, min_items=4, decide_on="self"),
+                         trained_candidate=False)
     assert fit.answer == "light" and fit.light["mrr"] > fit.chosen.score["mrr"]
     assert "its own vectors answer" in fit.reason
     assert all(c.name == "ridge" for c in fit.candidates)
@@ -244,5 +245,8 @@ def test_gallery_whitening_whitens_and_the_domain_rule_picks_each_space():
     fused, light = {"mrr": 10.0, "n": 5}, {"mrr": 90.0, "n": 5}
     assert select(d, fused, light, cfg)[0] == "fused"
     assert select({**d, "ratio": 0.9}, fused, light, cfg)[0] == "whitened"
-    assert select({**d, "ratio": 0.9, "light_mean": 0.5}, fused, light, cfg)[0] == "light"
-    assert select({**d, "ratio": 0.9, "light_mean": 0.5}, light, fused, cfg)[0] == "fused"
+    out = {**d, "ratio": 0.9, "light_mean": 0.5}
+    assert select(out, light, fused, cfg)[0] == "light"  # out of domain: the light model
+    pq = AdaptConfig(out_of_domain="pseudo-queries")
+    assert select(out, fused, light, pq)[0] == "light"
+    assert select(out, light, fused, pq)[0] == "fused"

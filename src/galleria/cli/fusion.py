@@ -136,7 +136,9 @@ def add_fusion_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--pseudo-items", type=int, default=None,
                    help=f"held-out items scored ({a.pseudo_items})")
     s.add_argument("--margin", type=float, default=None,
-                   help=f"MRR points the fused space must win by, out of domain ({a.margin:g})")
+                   help="out of domain: decide on pseudo-queries (instead of answering from the "
+                        "light model), the fused space winning when its MRR is higher by this "
+                        f"many points ({a.margin:g})")
     s.add_argument("--in-domain", type=float, default=None, dest="in_domain",
                    help="|mean fused| / |mean light| below this: the gallery is of the fused "
                         f"model's domain and the fused space answers ({a.in_domain:g})")
@@ -260,6 +262,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
                               "in_domain": args.in_domain, "homogeneous": args.homogeneous,
                               "min_items": args.min_items,
                               "refit_growth": args.refit_growth}.items() if v is not None}
+    if args.margin is not None:
+        over["out_of_domain"] = "pseudo-queries"
     config = None
     if over:
         with Gallery.open(args.gallery, readonly=True) as g:
