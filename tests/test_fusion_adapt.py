@@ -177,7 +177,7 @@ def test_refit_past_the_growth_threshold_and_mismatches_refused(model_dir, coil,
             assert g.count(st["light_space"]) == n and st["config"] == cfg.to_dict()
     assert st["n_items"] == 40 and st["refit_at"] == 60
     # a gallery whose space names another fit is refused when a searcher opens it
-    from galleria.search.searcher import open_searcher
+    from galleria.decision.open import open_searcher
 
     with Gallery.open(g_dir) as g:
         qc = dict(g.space_info(st["fused_space"]).info["query_config"])
