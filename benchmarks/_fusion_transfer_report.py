@@ -241,9 +241,13 @@ def report(res: dict[str, Any], rows_spec: dict[str, Any], main: dict[str, str])
            "In domain when |mean fused| / |mean light| < "
            f"{cfg.get('in_domain')} (the trained anchor centres its training domain); else "
            f"gallery-whitened when |mean light| >= {cfg.get('homogeneous')} (a homogeneous "
-           "gallery); else the pseudo-query MRR of the fused map vs the light model alone "
-           f"(margin {cfg.get('margin')}). Rows marked *held out* were added after the rule and "
-           "its thresholds were set on the others.\n", selector_table(rows)]
+           "gallery); else the light model's own vectors "
+           f"(`out_of_domain={cfg.get('out_of_domain', 'light')!r}`). `first design`: that last "
+           "case decided by the pseudo-query MRR of the fused map vs the light model alone "
+           f"(margin {cfg.get('margin')}), as the rows were first measured. Rows marked *held "
+           "out* were added after the rule and its thresholds were set on the others; the one "
+           "marked *held out from the first design* was seen before the revision.\n",
+           selector_table(rows)]
     if "teacher" in res:
         md += ["## Teacher agreement (suggested selector, measured, not adopted)\n",
                "Each path scored by how well the light vector of a held-out clean gallery image, "
