@@ -12,13 +12,17 @@
    model and cached in ``<gallery>/fusion/adapt-work/`` (parts written atomically,
    keyed by item id: a rerun and a grown gallery reuse them).
 3. **Fit** (:func:`galleria.fusion.adapt.fit_adaptation`): the query map, chosen on
-   pseudo-queries of held-out items, and the decision fused vs light.
+   pseudo-queries of held-out items, and which space answers
+   (:func:`galleria.fusion.adapt.select`): fused (in domain), the fused space whitened on
+   the gallery (homogeneous gallery) or the light model's own vectors.
 4. **Commit.** The map is saved as ``<gallery>/fusion/adapt/<digest>/``
    (:class:`~galleria.fusion.adaptation.QueryAdaptation`); the fused space's
    ``query_config`` names it (path + digest, checked on load); the gallery setting
    ``fusion`` records the decision (:data:`FUSION_KEY`, :func:`fusion_state`); the
-   primary space becomes the light space when the light model wins, the fused
-   space otherwise.
+   primary space becomes the space that answers: the light space, the fused
+   space, or the gallery-whitened space ``<fused fp>|whitened@<digest>`` (its transform
+   and its query map saved as two more such artifacts, its vectors computed from the
+   stored fused vectors and brought up to date by every later run).
 
 Refit: a later run refits when the fused space holds ``refit_growth`` times the
 items the fit saw (automatic after every ``index --fusion``), or when asked
