@@ -62,7 +62,7 @@ def coil(require_shared, tmp_path_factory) -> tuple[Path, list[dict[str, str]]]:
 CFG = ["--min-items", "20", "--pseudo-items", "40", "--views", "1"]
 
 
-@pytest.mark.slow  # ~50 s CPU: index, three fits, searches
+@pytest.mark.slow  # 304 s at load 13 (2 cores): index, four fits (fused, light, whitened), searches
 def test_index_fusion_adapts_and_search_answers_from_the_recorded_space(
         model_dir, coil, tmp_path, capsys):
     root, rows = coil
@@ -213,7 +213,7 @@ def _fitted(g_dir: Path) -> tuple[dict, np.ndarray]:
     return st, x
 
 
-@pytest.mark.slow  # 39 s at load 8, 186 s at load 20 (2 cores): a subprocess, 3 adaptations
+@pytest.mark.slow  # 117 s at load 13 (2 cores): a subprocess, 3 adaptations
 def test_kill_9_during_adaptation_then_rerun_gives_the_uninterrupted_fit(model_dir, coil,
                                                                          tmp_path):
     from galleria.extract.job import index_images
