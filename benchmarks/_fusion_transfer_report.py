@@ -27,6 +27,18 @@ ANSWER_TEXT = {"fused": "fused (trained/adapted map)", "light": "light alone",
                "whitened": "gallery-whitened fused"}
 
 
+def _first_design(r: dict[str, Any]) -> str:
+    """The answer of the selector's first design (out of domain and not homogeneous: the
+    pseudo-query MRR with margin 1) from the statistics the row recorded."""
+    from galleria.fusion.adapt import AdaptConfig, select
+
+    f = r["fit"]
+    if not f.get("domain"):
+        return str(r.get("answer_recorded", f["answer"]))
+    return select(f["domain"], f["chosen"], f["light"],
+                  AdaptConfig(out_of_domain="pseudo-queries", margin=1.0))[0]
+
+
 def oracle_gain(rows: list[dict[str, Any]]) -> float:
     """Mean gain over lite0 of the best of light / fused (adapted) / gallery-whitened per row."""
     g = [max(_pts(r["metric"], v) for v in (r["light"], r["after"], r["whitened"] or 0.0))
@@ -129,10 +141,10 @@ def judged(res: dict[str, Any], main: dict[str, str]) -> list[dict[str, Any]]:
                 "whitened": (c.get("asym:whitened") or {}).get(m),
                 "held_out": r.get("held_out", False) and key not in SEEN_BEFORE_REVISION,
                 "held_out_v1": r.get("held_out", False),
-                "answer_v1": r.get("answer_recorded", r["fit"]["answer"]),
+                "answer_v1": _first_design(r),
                 "default_v1": {"fused": c["asym:after"], "light": c["light:sym"],
                                "whitened": c.get("asym:whitened") or c["light:sym"]}[
-                    r.get("answer_recorded", r["fit"]["answer"])][m],
+                    _first_design(r)][m],
                 "domain": r["fit"].get("domain") or {}, "reason": r["fit"].get("reason", ""),
                 "default": c["default"][m], "answer": r["fit"]["answer"],
                 "lf_asym": c["labelfree:asym"][m], "lf_default": c["labelfree:default"][m],

@@ -92,7 +92,7 @@ class AdaptConfig:
         out_of_domain: ``decide_on="domain"``, a gallery neither of the model's domain nor
             homogeneous: ``light`` (default) answers from the light model's own vectors;
             ``pseudo-queries`` from the fused space when its pseudo-query MRR beats the light
-            model's by ``margin`` (the first design; it lost 2.5 points on a held-out row).
+            model's by ``margin`` (the first design; it lost 3.0 points on a held-out row).
     """
 
     views: int = 2
