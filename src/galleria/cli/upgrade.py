@@ -251,6 +251,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  online psi: search uses {o['rule']} ({o['source']}, {o['pairs']} pairs, "
               f"{o['fits']} fits, {o['total_s']:.1f} s" + (f"; pseudo-query MRR {mrr}" if mrr
                                                           else "; not checked") + ")")
+        v = o.get("verdict") or {}
+        if v.get("merged_vs_old") == "worse":
+            print(f"  note: on this gallery's pseudo-queries the merged answers ({v['merge_rule']}"
+                  f") are worse than the old model's (MRR {v['gain']:+.1f} points at "
+                  f"{o.get('moved')} items moved): search serves the old answers; the new "
+                  "model may be worse than the old one here -- check before `finish`")
     for f in d["failures"][:10]:
         print(f"  failed {f['id']}: {f['reason']}")
     if d["fraction"] >= 1.0 and not d["failed"]:

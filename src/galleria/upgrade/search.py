@@ -58,6 +58,7 @@ from galleria.upgrade.merge import (
     fit_calibration,
     merge_results,
 )
+from galleria.upgrade.oldonly import MovedOldVectors
 from galleria.upgrade.pairs import cohort_pairs, load_pairs
 from galleria.upgrade.parts import QueryCost, search_excluding
 from galleria.upgrade.psi import CrossModelMap, load_cross_map
@@ -88,9 +89,10 @@ OLD_MODEL_RULES = ("naive", "rank-merge", "fused", "old-only", "rescore")
 
 def resolve_rule(rule: str, gallery: Gallery, state: UpgradeState) -> str:
     """``auto``: old-only in shadow mode; else the rule the job's last pseudo-query
-    check chose (:mod:`galleria.upgrade.online`: ``psi`` or ``fused`` with the
-    psi it checked, only when it beat rank-merge on the gallery's own
-    pseudo-queries); else rank-merge. (metric-compatible is never chosen
+    check chose (:mod:`galleria.upgrade.online`: ``old-only`` -- the old model's
+    answers, until a merge rule beats them on the gallery's own pseudo-queries --,
+    or ``psi`` / ``fused`` with the psi it checked, only when they beat
+    rank-merge); else rank-merge. (metric-compatible is never chosen
     automatically: its gains come from the labels it was trained with and did
     not transfer across domains in the benchmark; ask for it by name.)"""
     if rule not in RULES:
@@ -105,6 +107,12 @@ def resolve_rule(rule: str, gallery: Gallery, state: UpgradeState) -> str:
     if d.get("checked") and d.get("rule") in ("psi", "fused") \
             and decision_psi_path(gallery, state) is not None:
         return str(d["rule"])
+    if state.change == "model" and d.get("checked") and d.get("rule") == "old-only":
+        return "old-only"  # the check found no merge rule better than the old answers
+    cfg = state.online.get("config") or {}
+    if state.change == "model" and not d and cfg.get("enabled", True) \
+            and cfg.get("guard", "off") != "off":
+        return "old-only"  # the old answers until the first check says otherwise
     return "rank-merge"
 
 
@@ -151,11 +159,12 @@ class BackfillSearcher(Searcher):
                 "in shadow mode the backfilled items keep their old vectors: search with "
                 "rule old-only until `galleria upgrade finish`"
             )
+        self.moved_old: MovedOldVectors | None = None
         if self.state.mode == "online" and self.rule == "old-only":
-            raise UpgradeError(
-                "rule old-only needs a shadow-mode upgrade (online mode moves items out of "
-                "the old space, so old-only would miss them)"
-            )
+            if self.state.change != "model":
+                raise UpgradeError("rule old-only applies to model upgrades")
+            # the moved items' old vectors are kept in the job's pairs
+            self.moved_old = MovedOldVectors(gallery.path)
         if self.rule in TRANSFORM_OF_RULE:
             if psi is None:
                 raise UpgradeError(f"rule {self.rule!r} needs a trained psi map")
@@ -331,8 +340,18 @@ class BackfillSearcher(Searcher):
         if self.state.change != "model":
             self.cost.index_searches += len(qo)
         if self.rule == "old-only":
-            self.cost.add_ms("search", time.perf_counter() - t)
             ov = views.get(old_space)
+            if self.moved_old is not None:  # online: the moved items by their kept old vectors
+                moved = self.moved_old.search(qo, k, views.get(new_space))
+                if moved is None:
+                    raise UpgradeError(
+                        "rule old-only: the job did not keep the old vectors of every moved "
+                        "item (more items moved than OnlineConfig.max_pairs); use rank-merge")
+                both = merge_results([old_res, moved], k).head(kk)  # one space: raw scores
+                self.cost.add_ms("search", time.perf_counter() - t)
+                return SearchResult(both.scores, both.ids,
+                                    {sp: v.generation for sp, v in views.items()})
+            self.cost.add_ms("search", time.perf_counter() - t)
             old_res = old_res.head(clamp_k(k, ov.count if ov is not None else 0))
             return SearchResult(old_res.scores, old_res.ids,
                                 {sp: v.generation for sp, v in views.items()})

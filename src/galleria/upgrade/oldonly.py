@@ -1,0 +1,96 @@
+"""The old model's own answers during an online backfill (rule ``old-only``).
+
+An online backfill moves each item out of the old space, but the job keeps the
+(old, new) vector pairs of the items it moves (:class:`~galleria.upgrade.pairs.PairStore`:
+the calibration cohort and the online-psi training pairs, up to
+``OnlineConfig.max_pairs``). With those, search can still answer exactly as the
+old model alone would on the whole gallery: the old part of the gallery plus
+the kept old vectors of the moved items, scored with ``old(q)`` in one space (no
+merge scale needed). The pseudo-query check (:mod:`galleria.upgrade.online`)
+uses this as the guard: search serves the old answers until a merge rule beats
+them on the gallery's own pseudo-queries.
+
+Only possible while the pairs cover every moved item (:meth:`MovedOldVectors.covers`);
+a job that moved more items than it keeps pairs for cannot serve old-only.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from galleria.types import SearchResult
+from galleria.upgrade.pairs import PairStore
+from galleria.upgrade.state import job_folder
+
+
+class MovedOldVectors:
+    """Old vectors of the moved items, read from the job's pairs (reloaded when they grow).
+
+    Args:
+        gallery_path: the gallery under upgrade.
+    """
+
+    def __init__(self, gallery_path: str | os.PathLike[str]) -> None:
+        folder = job_folder(gallery_path)
+        self.stores = [PairStore(folder / "pairs"), PairStore(folder / "online" / "pairs")]
+        self._sig: tuple[str, ...] | None = None
+        self.ids = np.empty(0, dtype=object)
+        self.old = np.zeros((0, 0), np.float32)
+
+    def _signature(self) -> tuple[str, ...]:
+        return tuple(str(p) for s in self.stores for p in s._chunks())
+
+    def load(self) -> None:
+        """(Re)read the pairs when chunks were added since the last read."""
+        sig = self._signature()
+        if sig == self._sig:
+            return
+        ids: list[str] = []
+        olds: list[np.ndarray] = []
+        seen: set[str] = set()
+        for store in self.stores:
+            got, old, _ = store.load()
+            keep = [j for j, i in enumerate(got) if i not in seen]
+            seen.update(got)
+            ids += [got[j] for j in keep]
+            if keep:
+                olds.append(old[keep])
+        self.ids = np.asarray(ids, dtype=object)
+        self.old = np.concatenate(olds) if olds else np.zeros((0, 0), np.float32)
+        self._sig = sig
+
+    def moved_rows(self, new_view: Any) -> tuple[np.ndarray, int]:
+        """``(rows of the kept vectors that are moved items now, moved items)``."""
+        self.load()
+        if new_view is None or not new_view.count:
+            return np.zeros(0, np.int64), 0
+        moved = new_view.ids.lookup(new_view.keys())
+        rows = np.flatnonzero(np.isin(self.ids, moved)) if len(self.ids) else \
+            np.zeros(0, np.int64)
+        return rows, len(moved)
+
+    def covers(self, new_view: Any) -> bool:
+        """Whether every moved item has its old vector kept."""
+        rows, moved = self.moved_rows(new_view)
+        return len(rows) >= moved
+
+    def search(self, q: np.ndarray, k: int, new_view: Any) -> SearchResult | None:
+        """Top-``k`` string ids among the moved items, scored by their old vectors
+        (``None`` when some moved item has no kept old vector)."""
+        rows, moved = self.moved_rows(new_view)
+        if len(rows) < moved:
+            return None
+        out = SearchResult.empty(len(q), k, object_ids=True)
+        if not len(rows):
+            return out
+        s = q @ self.old[rows].T
+        kk = min(k, len(rows))
+        top = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
+        order = np.argsort(-np.take_along_axis(s, top, 1), axis=1, kind="stable")
+        top = np.take_along_axis(top, order, 1)
+        out.scores[:, :kk] = np.take_along_axis(s, top, 1)
+        out.ids[:, :kk] = self.ids[rows][top]
+        return out
