@@ -20,9 +20,10 @@ def _pct(e: dict[str, Any]) -> str:
 def claims_table(res: dict[str, Any], short: dict[str, str]) -> list[str]:
     lines = ["| data | pair | order | old | new | gap | noise | default AUC - line | % of gap "
              "| 15 % resolvable | min - old (0-75 %) | NFR default / naive | AUC >= 15 % "
-             "| never below | NFR below | merge unless old wins, % | before, % |",
-             "|" + "---|" * 17]
-    other = next(n for n in VARIANTS if n != DEFAULT)
+             "| never below | NFR below | merge unless old wins, % | old until rank-merge / "
+             "psi / fused wins, % | before, % |",
+             "|" + "---|" * 18]
+    others = [n for n in VARIANTS if n != DEFAULT]
     for r in res["rows"]:
         d = r["rules"][DEFAULT]
         c = d["claims"]
@@ -33,7 +34,8 @@ def claims_table(res: dict[str, Any], short: dict[str, str]) -> list[str]:
             f"{'yes' if r.get('resolvable') else 'no'} | {d['min_minus_old']:+.2f} | "
             f"{d['nfr_interior']:.2f} / {r['rules']['naive']['nfr_interior']:.2f} | "
             f"{_yes(c['auc'])} | {_yes(c['never_below_old'])} | {_yes(c['nfr_below_naive'])} "
-            f"| {_pct(r['rules'][other])} | {_pct(r['rules'][BEFORE])} |")
+            + "".join(f"| {_pct(r['rules'][o])} " for o in others)
+            + f"| {_pct(r['rules'][BEFORE])} |")
     return lines
 
 

@@ -41,7 +41,7 @@ from galleria.fingerprint import digest, slug
 from galleria.images.decode import load_image
 from galleria.images.pseudo import make_views, sample_ids
 from galleria.io.atomic import write_npy
-from galleria.upgrade.merge import CohortNorm, fit_calibration, merged_scores
+from galleria.upgrade.merge import CohortNorm, cohort_stats, fit_calibration, merged_scores
 from galleria.upgrade.online import OnlineConfig, decide, decide_with_old, next_fit_at
 from galleria.upgrade.querylog import add_neighbours, front_load, query_priorities
 from galleria.upgrade.ridge import RidgePsi
@@ -52,14 +52,19 @@ CALIB_SIZE = 1000
 RULES = ["old-only -> switch", "naive", "rank-merge (quantile, self-cal.)",
          "rank-merge (top-100 z-norm)", "rank-merge (top-100 z-norm, + pseudo cohort)",
          "psi online (top-100 z-norm)",
-         "fused online (top-100 z-norm)", "auto before (merge rules, checked at fits)",
-         "auto: merge unless old wins", "auto (default): old until a merge rule wins"]
+         "fused online (top-100 z-norm)", "both models on moved items (z-norm mean)",
+         "auto before (merge rules, checked at fits)", "auto: merge unless old wins",
+         "auto: old until rank-merge / psi / fused wins",
+         "auto (default): old until a merge rule wins"]
 DEFAULT = "auto (default): old until a merge rule wins"
 BEFORE = "auto before (merge rules, checked at fits)"
-VARIANTS = {DEFAULT: "until-better", "auto: merge unless old wins": "unless-worse"}
+VARIANTS = {DEFAULT: "until-better", "auto: merge unless old wins": "unless-worse",
+            "auto: old until rank-merge / psi / fused wins": "until-better"}
+NO_BOTH = "auto: old until rank-merge / psi / fused wins"
 CANDIDATES = {"old-only": "old-only -> switch",
               "rank-merge": "rank-merge (top-100 z-norm, + pseudo cohort)",
-              "psi": "psi online (top-100 z-norm)", "fused": "fused online (top-100 z-norm)"}
+              "psi": "psi online (top-100 z-norm)", "fused": "fused online (top-100 z-norm)",
+              "both": "both models on moved items (z-norm mean)"}
 
 
 @dataclass
@@ -225,6 +230,23 @@ def _znorm(s_old: np.ndarray, s_new: np.ndarray, q_old: np.ndarray, q_new: np.nd
                          old_queries=q_old, new_queries=q_new)
 
 
+def _both(s_old: np.ndarray, s_new: np.ndarray, q_old: np.ndarray, q_new: np.ndarray,
+          mask: np.ndarray, go: np.ndarray, gn: np.ndarray, cohort: np.ndarray) -> np.ndarray:
+    """Rule ``both``: every item scored by the old model (Z-normed; the moved items by the
+    old vectors the job keeps), the moved items also by the new one: the mean of the
+    two Z-scores there (``s_old``: old-model scores of *every* item)."""
+    co, cn = go[cohort], gn[cohort]
+    if EXTRA_COHORT:
+        co = np.concatenate([co, EXTRA_COHORT["old"]])
+        cn = np.concatenate([cn, EXTRA_COHORT["new"]])
+    if len(co) < MIN_PAIRS:
+        return np.where(mask, 0.5 * (s_old + s_new), s_old)
+    mo, so = cohort_stats(q_old, co, top=COHORT_TOP)
+    mn, sn = cohort_stats(q_new, cn, top=COHORT_TOP)
+    zo = (s_old - mo) / so
+    return np.where(mask, 0.5 * (zo + (s_new - mn) / sn), zo)
+
+
 def _pseudo_rr(s: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """Reciprocal rank of each pseudo-query's source row in its score row."""
     own = s[np.arange(len(truth)), truth][:, None]
@@ -245,7 +267,8 @@ def pseudo_rr(task: Task, old: str, new: str, done: np.ndarray, psi: RidgePsi | 
     s_new = pn @ gn.T
     s_old = po @ go.T
     rr = {"old-only": _pseudo_rr(s_old, truth),
-          "rank-merge": _pseudo_rr(_znorm(s_old, s_new, po, pn, mask, go, gn, cohort), truth)}
+          "rank-merge": _pseudo_rr(_znorm(s_old, s_new, po, pn, mask, go, gn, cohort), truth),
+          "both": _pseudo_rr(_both(s_old, s_new, po, pn, mask, go, gn, cohort), truth)}
     if psi is not None:
         ps = psi.transform(pn)
         pf = l2_normalize(po + FUSE_WEIGHT * ps)
@@ -271,6 +294,7 @@ def fits_for(task: Task, old: str, new: str, order: np.ndarray, config: OnlineCo
         fit_s = time.perf_counter() - t
         rr = pseudo_rr(task, old, new, done, psi)
         rr.pop("old-only")
+        rr.pop("both")
         rule, scores = decide(rr)
         fits.append(Fit(m, psi, rule, scores, fit_s))
         nxt = next_fit_at(config, m)
@@ -292,9 +316,12 @@ def checks_for(task: Task, old: str, new: str, order: np.ndarray, fits: list[Fit
             continue
         fit = next((x for x in reversed(fits) if x.m <= nb), None)
         rr = pseudo_rr(task, old, new, order[:nb], None if fit is None else fit.psi)
-        rules, scores = {}, {}
+        rules, scores, verdict = {}, {}, {}
         for name, mode in VARIANTS.items():
-            rules[name], scores, verdict = decide_with_old(rr, mode=mode)
+            cands = {k: v for k, v in rr.items() if name != NO_BOTH or k != "both"}
+            rules[name], sc, vd = decide_with_old(cands, mode=mode)
+            if name == DEFAULT:
+                scores, verdict = sc, vd
         scores = {**scores, "verdict": verdict}
         out[nb] = Check(nb, None if fit is None else fit.m, rr, rules, scores)
     return out
@@ -356,7 +383,10 @@ def run_curves(task: Task, old: str, new: str, order: np.ndarray, rows: np.ndarr
             res["fused online (top-100 z-norm)"] = _znorm(pf @ go.T, s_nn, pf, qn, mask, go,
                                                           gn, cohort)
             chosen = fit.rule
-        by_rule = {"rank-merge": rank, "psi": res["psi online (top-100 z-norm)"],
+        res["both models on moved items (z-norm mean)"] = s_nn if done else _both(
+            s_oo, s_nn, qo, qn, mask, go, gn, cohort)
+        by_rule = {"both": res["both models on moved items (z-norm mean)"],
+                   "rank-merge": rank, "psi": res["psi online (top-100 z-norm)"],
                    "fused": res["fused online (top-100 z-norm)"], "old-only": res[
                        "old-only -> switch"]}
         res[BEFORE] = by_rule[chosen]

@@ -253,6 +253,7 @@ def rule_costs(old: str, new: str, c: dict[str, Any]) -> dict[str, float]:
         "rank-merge (top-100 z-norm, + pseudo cohort)": fo + fn + 2 * s + zm,
         "psi online (top-100 z-norm)": fn + p + 2 * s + zm,
         "fused online (top-100 z-norm)": fo + fn + p + 2 * s + zm,
+        "both models on moved items (z-norm mean)": fo + fn + 2 * s + zm,
         "new model alone (after finish)": fn + s,
     }
 
