@@ -150,12 +150,32 @@ def test_run_fits_checks_and_publishes_on_the_schedule(gallery):
         # between fits keep the fit schedule
         assert d["fits"] >= 2 and d["pairs"] == 40 and d["checked"]
         assert d["source"] in ("online", "recheck") and d["checks"] >= d["fits"]
-        assert d["moved"] == 40 and set(d["scores"]) == {"old-only", "rank-merge", "psi", "fused"}
+        assert d["moved"] == 40
+        assert set(d["scores"]) == {"old-only", "both", "rank-merge", "psi", "fused"}
         # old-only during an online job = the old model alone on the whole gallery
         # (the moved items by the old vectors the job kept): a brute-force reference
         q = l2_normalize(np.random.default_rng(5).standard_normal((6, 12)).astype(np.float32))
         got = BackfillSearcher(g, rule="old-only").search_vectors(old_queries=q, k=10)
         want = np.argsort(-(q @ v0.T), axis=1, kind="stable")[:, :10]
+        assert [list(r) for r in got.ids] == [[ids0[j] for j in r] for r in want]
+        # both: moved items by the mean of the Z-normed old and new scores, others by old
+        from galleria.upgrade.merge import CohortNorm, cohort_stats
+
+        _, c_old, c_new = all_pairs(g)
+        norm = CohortNorm(c_old, c_new, top=10)
+        qn = l2_normalize(np.random.default_rng(6).standard_normal((6, 10)).astype(np.float32))
+        got = BackfillSearcher(g, rule="both", calibration=norm).search_vectors(
+            old_queries=q, new_queries=qn, k=20)
+        kn, vn = g.load_vectors(st.new_space)
+        new_of = dict(zip(g.ids_of(kn), vn, strict=True))
+        mo, so = cohort_stats(q, norm.old_cohort, top=norm.top)
+        mn, sn = cohort_stats(qn, norm.new_cohort, top=norm.top)
+        zo = (q @ v0.T - mo) / so
+        zn = (qn @ np.stack([new_of.get(i, np.zeros(10, np.float32)) for i in ids0]).T
+              - mn) / sn
+        moved = np.array([i in new_of for i in ids0])
+        ref = np.where(moved, 0.5 * (zo + zn), zo)
+        want = np.argsort(-ref, axis=1, kind="stable")[:, :20]
         assert [list(r) for r in got.ids] == [[ids0[j] for j in r] for r in want]
         p = decision_psi_path(g, st)
         psi = load_cross_map(p, old_fingerprint=st.old_space, new_fingerprint=st.new_space)

@@ -1,4 +1,4 @@
-"""The old model's own answers during an online backfill (rule ``old-only``).
+"""The old model's own answers during an online backfill (rules ``old-only`` and ``both``).
 
 An online backfill moves each item out of the old space, but the job keeps the
 (old, new) vector pairs of the items it moves (:class:`~galleria.upgrade.pairs.PairStore`:
@@ -8,7 +8,9 @@ old model alone would on the whole gallery: the old part of the gallery plus
 the kept old vectors of the moved items, scored with ``old(q)`` in one space (no
 merge scale needed). The pseudo-query check (:mod:`galleria.upgrade.online`)
 uses this as the guard: search serves the old answers until a merge rule beats
-them on the gallery's own pseudo-queries.
+them on the gallery's own pseudo-queries. Rule ``both`` scores every moved item
+with both models (the mean of the two Z-normed scores: an ensemble of the two
+models where both vectors are known), the others with the old model.
 
 Only possible while the pairs cover every moved item (:meth:`MovedOldVectors.covers`);
 a job that moved more items than it keeps pairs for cannot serve old-only.
@@ -39,6 +41,7 @@ class MovedOldVectors:
         self._sig: tuple[str, ...] | None = None
         self.ids = np.empty(0, dtype=object)
         self.old = np.zeros((0, 0), np.float32)
+        self.new = np.zeros((0, 0), np.float32)
 
     def _signature(self) -> tuple[str, ...]:
         return tuple(str(p) for s in self.stores for p in s._chunks())
@@ -50,16 +53,19 @@ class MovedOldVectors:
             return
         ids: list[str] = []
         olds: list[np.ndarray] = []
+        news: list[np.ndarray] = []
         seen: set[str] = set()
         for store in self.stores:
-            got, old, _ = store.load()
+            got, old, new = store.load()
             keep = [j for j, i in enumerate(got) if i not in seen]
             seen.update(got)
             ids += [got[j] for j in keep]
             if keep:
                 olds.append(old[keep])
+                news.append(new[keep])
         self.ids = np.asarray(ids, dtype=object)
         self.old = np.concatenate(olds) if olds else np.zeros((0, 0), np.float32)
+        self.new = np.concatenate(news) if news else np.zeros((0, 0), np.float32)
         self._sig = sig
 
     def moved_rows(self, new_view: Any) -> tuple[np.ndarray, int]:
@@ -83,14 +89,33 @@ class MovedOldVectors:
         rows, moved = self.moved_rows(new_view)
         if len(rows) < moved:
             return None
-        out = SearchResult.empty(len(q), k, object_ids=True)
+        return top_ids(q @ self.old[rows].T if len(rows) else None, self.ids[rows], len(q), k)
+
+    def search_both(self, qo: np.ndarray, qn: np.ndarray, k: int, new_view: Any,
+                    norm: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+                    ) -> SearchResult | None:
+        """Top-``k`` moved items by ``0.5 (z_old + z_new)``; ``norm`` = per-query
+        ``(mean_old, std_old, mean_new, std_new)``, each ``(Q, 1)`` (``None``: some moved
+        item has no kept vectors)."""
+        rows, moved = self.moved_rows(new_view)
+        if len(rows) < moved:
+            return None
         if not len(rows):
-            return out
-        s = q @ self.old[rows].T
-        kk = min(k, len(rows))
-        top = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
-        order = np.argsort(-np.take_along_axis(s, top, 1), axis=1, kind="stable")
-        top = np.take_along_axis(top, order, 1)
-        out.scores[:, :kk] = np.take_along_axis(s, top, 1)
-        out.ids[:, :kk] = self.ids[rows][top]
+            return top_ids(None, self.ids[rows], len(qo), k)
+        mo, so, mn, sn = norm
+        z = 0.5 * ((qo @ self.old[rows].T - mo) / so + (qn @ self.new[rows].T - mn) / sn)
+        return top_ids(z, self.ids[rows], len(qo), k)
+
+
+def top_ids(s: np.ndarray | None, ids: np.ndarray, nq: int, k: int) -> SearchResult:
+    """Top-``k`` of a ``(Q, N)`` score matrix as string ids (padded; ``None``: empty)."""
+    out = SearchResult.empty(nq, k, object_ids=True)
+    if s is None or not s.shape[1]:
         return out
+    kk = min(k, s.shape[1])
+    top = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
+    order = np.argsort(-np.take_along_axis(s, top, 1), axis=1, kind="stable")
+    top = np.take_along_axis(top, order, 1)
+    out.scores[:, :kk] = np.take_along_axis(s, top, 1)
+    out.ids[:, :kk] = ids[top]
+    return out

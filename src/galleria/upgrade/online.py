@@ -9,21 +9,31 @@ grown by :attr:`OnlineConfig.growth`) the run
 
 1. fits a ridge psi (:class:`~galleria.upgrade.ridge.RidgePsi`; closed form,
    label-free) on all pairs so far;
-2. scores, on the gallery as it is now, every label-free rule that could use it
-   (``psi``, ``fused``) and the rule that needs none (``rank-merge``) with
+2. scores, on the gallery as it is now, every label-free rule with
    *pseudo-queries*: phone-like views of a seeded sample of the gallery's own
    images, whose one true answer is the item each was made from
    (:mod:`galleria.images.pseudo`; embedded once per job with both models and
-   kept in ``<job>/online/pseudo``);
+   kept in ``<job>/online/pseudo``): the old model's own answers (``old-only``,
+   from the old vectors the job keeps of the moved items), ``rank-merge``,
+   ``both`` (moved items scored by both models) and, with the psi, ``psi`` and
+   ``fused``;
 3. publishes: the map into ``<job>/online/psi-<pairs>/`` (an atomic estimator
    save), then the decision into the job record (one settings write):
-   ``state.online = {"rule", "psi", "map", "pairs", "scores", ...}``.
+   ``state.online = {"rule", "psi", "map", "pairs", "scores", "verdict", ...}``.
+
+Between fits the check runs again (same psi) each time
+:attr:`OnlineConfig.recheck_every` of the gallery has moved, so the decision is
+always about the gallery as it is now.
 
 ``auto`` search (:func:`galleria.upgrade.search.resolve_rule`) follows the
-published decision. A psi rule is chosen only when it beats rank-merge on the
-pseudo-queries by a margin that is unlikely to be noise (the one-sided 95 %
-bound of the mean paired difference of reciprocal ranks is above zero), so a
-gallery where psi does not help keeps the label-free rank-merge.
+published decision (:func:`decide_with_old`): the best merge rule (``psi``,
+``fused`` or ``both`` only when it beats rank-merge by a margin unlikely to be
+noise: the one-sided 95 % bound of the mean paired difference of reciprocal
+ranks is above zero), served only once it beats the old answers by the same
+test; the old answers until then (and before the first check). When the check
+finds the merged answers *worse* than the old ones, the decision records it
+(``verdict``) and ``upgrade status`` says so: the new model may be worse than
+the old one on this gallery.
 
 Kill -9 safe: a fit that dies before step 3 published nothing (the next run
 fits again at the same point; an orphan map folder is removed by the next
@@ -73,6 +83,7 @@ PSI_RULES = ("psi", "fused")
 BASELINE = "rank-merge"
 Z_ONE_SIDED_95 = 1.645
 OLD_ONLY = "old-only"
+BOTH = "both"
 GUARD_MODES = ("until-better", "unless-worse", "off")
 
 
@@ -308,19 +319,25 @@ def job_pseudo_queries(gallery: Gallery, state: UpgradeState, config: OnlineConf
 
 def check_rules(gallery: Gallery, pseudo: PseudoSet, psi: Any, *, depth: int = 100,
                 with_old: bool = True) -> dict[str, np.ndarray]:
-    """Per-pseudo-query reciprocal ranks of old-only (when the job kept the old vectors of
-    every moved item), rank-merge and the psi rules (with ``psi``) on the gallery now.
+    """Per-pseudo-query reciprocal ranks of old-only and both (when the job kept the
+    vectors of every moved item; old-only with ``with_old``), rank-merge and the psi
+    rules (with ``psi``) on the gallery now.
 
     Each rule is searched exactly as live search does it
     (:class:`~galleria.upgrade.search.BackfillSearcher` with the job's calibration).
     """
     out: dict[str, np.ndarray] = {}
-    if with_old and MovedOldVectors(gallery.path).covers(
-            gallery.views([require_upgrade(gallery).new_space]).get(
-                require_upgrade(gallery).new_space)):
+    new_space = require_upgrade(gallery).new_space
+    kept = MovedOldVectors(gallery.path).covers(gallery.views([new_space]).get(new_space))
+    if with_old and kept:
         s = BackfillSearcher(gallery, rule=OLD_ONLY)
         res = s.search_vectors(old_queries=pseudo.old, k=depth)
         out[OLD_ONLY] = reciprocal_ranks(res, pseudo.ids)
+    if kept:
+        s = BackfillSearcher(gallery, rule=BOTH, calibration=job_calibration(gallery,
+                                                                             "znorm-top"))
+        res = s.search_vectors(new_queries=pseudo.new, old_queries=pseudo.old, k=depth)
+        out[BOTH] = reciprocal_ranks(res, pseudo.ids)
     for rule in (BASELINE, *PSI_RULES):
         the_map = psi if rule in PSI_RULES else None
         if rule in PSI_RULES and psi is None:
