@@ -73,7 +73,7 @@ def add_upgrade_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="(old, new) pairs kept as the calibration cohort (0: none)")
     s.add_argument("--no-online-psi", action="store_true",
                    help="do not learn psi while the backfill runs")
-    s.add_argument("--pseudo-queries", type=int, default=200,
+    s.add_argument("--pseudo-queries", type=int, default=500,
                    help="gallery items whose phone-like views check psi against rank-merge")
     s.add_argument("--json", action="store_true")
     s.add_argument("--verbose", "-v", action="store_true")

@@ -111,7 +111,7 @@ class OnlineConfig:
     first_at: int = 128
     growth: float = 2.0
     max_pairs: int = 20000
-    pseudo_queries: int = 200
+    pseudo_queries: int = 500
     seed: int = 0
     depth: int = 100
     guard: str = "until-better"
