@@ -31,6 +31,7 @@ from galleria.upgrade.online import (
     OnlineConfig,
     all_pairs,
     decide,
+    decide_with_old,
     next_fit_at,
     online_folder,
 )
@@ -108,6 +109,28 @@ def test_decide_switches_only_on_a_gain_unlikely_to_be_noise():
     assert decide({"rank-merge": base, "fused": base - 0.1})[0] == "rank-merge"
     with pytest.raises(InputError):
         decide({"psi": base})
+
+
+def test_the_old_answers_stay_until_a_merge_rule_beats_them():
+    rng = np.random.default_rng(1)
+    old = rng.random(300)
+    worse = np.maximum(0.0, old - 0.05 + 0.02 * rng.standard_normal(300))
+    better = np.minimum(1.0, old + 0.05 + 0.02 * rng.standard_normal(300))
+    tied = old + 0.05 * rng.standard_normal(300)
+    rr = {"old-only": old, "rank-merge": worse}
+    rule, scores, verdict = decide_with_old(rr)
+    assert rule == "old-only" and verdict["merged_vs_old"] == "worse"
+    assert scores["old-only"]["gain"] > 0  # old-only's gain over the merge rule
+    assert decide_with_old({"old-only": old, "rank-merge": tied})[0] == "old-only"
+    # unless-worse serves the merge when the check cannot tell them apart
+    assert decide_with_old({"old-only": old, "rank-merge": tied},
+                           mode="unless-worse")[0] == "rank-merge"
+    rule, _, verdict = decide_with_old({"old-only": old, "rank-merge": old, "both": better})
+    assert rule == "both" and verdict == {"merged_vs_old": "better", "merge_rule": "both",
+                                          "gain": verdict["gain"], "n": 300}
+    assert decide_with_old(rr, mode="off")[0] == "rank-merge"
+    with pytest.raises(InputError):
+        decide_with_old(rr, mode="sometimes")
 
 
 def test_schedule_is_geometric_and_capped():
