@@ -23,13 +23,14 @@ from typing import Any
 
 import numpy as np
 
+from galleria.io.atomic import read_json
 from galleria.types import SearchResult
 from galleria.upgrade.pairs import PairStore
 from galleria.upgrade.state import job_folder
 
 
 class MovedOldVectors:
-    """Old vectors of the moved items, read from the job's pairs (reloaded when they grow).
+    """(old, new) vectors of the moved items, read from the job's pairs as they grow.
 
     Args:
         gallery_path: the gallery under upgrade.
@@ -38,35 +39,39 @@ class MovedOldVectors:
     def __init__(self, gallery_path: str | os.PathLike[str]) -> None:
         folder = job_folder(gallery_path)
         self.stores = [PairStore(folder / "pairs"), PairStore(folder / "online" / "pairs")]
-        self._sig: tuple[str, ...] | None = None
+        self._seen_chunks: set[str] = set()
+        self._seen_ids: set[str] = set()
         self.ids = np.empty(0, dtype=object)
         self.old = np.zeros((0, 0), np.float32)
         self.new = np.zeros((0, 0), np.float32)
 
-    def _signature(self) -> tuple[str, ...]:
-        return tuple(str(p) for s in self.stores for p in s._chunks())
-
     def load(self) -> None:
-        """(Re)read the pairs when chunks were added since the last read."""
-        sig = self._signature()
-        if sig == self._sig:
+        """Read the pair chunks written since the last call (chunks are append-only:
+        each is read once; an id already read keeps its first pair)."""
+        fresh = [p for st in self.stores for p in st._chunks() if str(p) not in self._seen_chunks]
+        if not fresh:
             return
         ids: list[str] = []
-        olds: list[np.ndarray] = []
-        news: list[np.ndarray] = []
-        seen: set[str] = set()
-        for store in self.stores:
-            got, old, new = store.load()
-            keep = [j for j, i in enumerate(got) if i not in seen]
-            seen.update(got)
-            ids += [got[j] for j in keep]
-            if keep:
-                olds.append(old[keep])
-                news.append(new[keep])
-        self.ids = np.asarray(ids, dtype=object)
-        self.old = np.concatenate(olds) if olds else np.zeros((0, 0), np.float32)
-        self.new = np.concatenate(news) if news else np.zeros((0, 0), np.float32)
-        self._sig = sig
+        olds: list[np.ndarray] = [self.old] if len(self.ids) else []
+        news: list[np.ndarray] = [self.new] if len(self.ids) else []
+        for p in fresh:
+            stem = p.name[: -len(".json")]
+            try:
+                meta = read_json(p)
+                o = np.load(p.parent / f"{stem}.old.npy", allow_pickle=False)
+                n = np.load(p.parent / f"{stem}.new.npy", allow_pickle=False)
+            except (OSError, ValueError):
+                continue  # a chunk being written: read at the next call
+            self._seen_chunks.add(str(p))
+            keep = [j for j, i in enumerate(meta["ids"]) if i not in self._seen_ids]
+            self._seen_ids.update(meta["ids"])
+            ids += [meta["ids"][j] for j in keep]
+            olds.append(o[keep])
+            news.append(n[keep])
+        if ids:
+            self.ids = np.concatenate([self.ids, np.asarray(ids, dtype=object)])
+            self.old = np.concatenate(olds).astype(np.float32, copy=False)
+            self.new = np.concatenate(news).astype(np.float32, copy=False)
 
     def moved_rows(self, new_view: Any) -> tuple[np.ndarray, int]:
         """``(rows of the kept vectors that are moved items now, moved items)``."""
