@@ -64,7 +64,7 @@ from galleria.upgrade.merge import (
     merge_results,
 )
 from galleria.upgrade.oldonly import MovedOldVectors
-from galleria.upgrade.pairs import cohort_pairs, load_pairs
+from galleria.upgrade.pairs import PairStore, cohort_pairs, load_pairs
 from galleria.upgrade.parts import QueryCost, search_excluding
 from galleria.upgrade.psi import CrossModelMap, load_cross_map
 from galleria.upgrade.rescore import RESCORE_DEPTH, TransformRescorer
@@ -72,6 +72,7 @@ from galleria.upgrade.state import (
     UpgradeError,
     UpgradeState,
     decision_psi_path,
+    job_folder,
     require_upgrade,
     transform_path,
 )
@@ -114,13 +115,21 @@ def resolve_rule(rule: str, gallery: Gallery, state: UpgradeState) -> str:
     if d.get("checked") and d.get("rule") in ("psi", "fused") \
             and decision_psi_path(gallery, state) is not None:
         return str(d["rule"])
-    if state.change == "model" and d.get("checked") and d.get("rule") in KEPT_OLD_RULES:
+    kept = state.change == "model" and kept_pairs_cover(gallery, state)
+    if kept and d.get("checked") and d.get("rule") in KEPT_OLD_RULES:
         return str(d["rule"])  # old-only: no merge rule beat the old answers
     cfg = state.online.get("config") or {}
-    if state.change == "model" and not d and cfg.get("enabled", True) \
-            and cfg.get("guard", "off") != "off":
+    if kept and not d and cfg.get("enabled", True) and cfg.get("guard", "off") != "off":
         return "old-only"  # the old answers until the first check says otherwise
     return "rank-merge"
+
+
+def kept_pairs_cover(gallery: Gallery, state: UpgradeState) -> bool:
+    """Whether the job kept (old, new) pairs for as many items as it moved (rules
+    ``old-only`` / ``both`` of an online job need them; :mod:`.oldonly`)."""
+    folder = job_folder(gallery)
+    kept = PairStore(folder / "pairs").count() + PairStore(folder / "online" / "pairs").count()
+    return kept >= gallery.count(state.new_space)
 
 
 class BackfillSearcher(Searcher):
