@@ -280,8 +280,14 @@ def merge_previous(previous: dict[str, Any], new: dict[str, Any]) -> dict[str, A
 
 def refresh_min(res: dict[str, Any]) -> None:
     """``min - old`` from the mean curve (runs of the ``queries`` order differ in their
-    old value: the minimum of one run against the mean old value mixed them)."""
+    old value: the minimum of one run against the mean old value mixed them); the
+    row's noise and agreement for the current :data:`DEFAULT`."""
     for r in res["rows"]:
+        d = r["rules"][DEFAULT]
+        if "auc_gain_boot_std" in d:
+            r["noise"] = round(max(d["auc_gain_seed_std"], d["auc_gain_boot_std"]), 3)
+            r["resolvable"] = bool(TARGET * abs(r["gap"]) >= 2 * r["noise"])
+        r["agreement"] = (r.get("agreement_by_variant") or {}).get(DEFAULT, r.get("agreement"))
         for e in r["rules"].values():
             e["min_minus_old"] = round(min(e["curve"][:-1]) - e["curve"][0], 3)
             e["claims"]["never_below_old"] = e["min_minus_old"] >= -1e-6

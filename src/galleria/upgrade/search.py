@@ -115,7 +115,10 @@ def resolve_rule(rule: str, gallery: Gallery, state: UpgradeState) -> str:
     if d.get("checked") and d.get("rule") in ("psi", "fused") \
             and decision_psi_path(gallery, state) is not None:
         return str(d["rule"])
-    kept = state.change == "model" and kept_pairs_cover(gallery, state)
+    # the old answers while there is an old part (at 100 % the gallery is the new
+    # model's, as after finish) and the job kept the old vectors of the moved items
+    kept = state.change == "model" and gallery.count(state.old_space) > 0 \
+        and kept_pairs_cover(gallery, state)
     if kept and d.get("checked") and d.get("rule") in KEPT_OLD_RULES:
         return str(d["rule"])  # old-only: no merge rule beat the old answers
     cfg = state.online.get("config") or {}
