@@ -72,9 +72,10 @@ def add_upgrade_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--calib-size", type=int, default=1000,
                    help="(old, new) pairs kept as the calibration cohort (0: none)")
     s.add_argument("--no-online-psi", action="store_true",
-                   help="do not learn psi while the backfill runs")
+                   help="no online psi and no pseudo-query check (search uses rank-merge)")
     s.add_argument("--pseudo-queries", type=int, default=500,
-                   help="gallery items whose phone-like views check psi against rank-merge")
+                   help="gallery items whose phone-like views check the rules (old answers, "
+                        "merges, psi) on the gallery as it is")
     s.add_argument("--json", action="store_true")
     s.add_argument("--verbose", "-v", action="store_true")
     s.set_defaults(func=cmd_start)
