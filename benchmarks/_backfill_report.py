@@ -95,7 +95,7 @@ def report_markdown(res: dict[str, Any], short: dict[str, str], fractions: np.nd
         "evaluated half, both ways; hubs order: the items most often among the old "
         "model's 10 nearest neighbours of the others first, no traffic). *default* = "
         "`auto`: at each check the job's pseudo-query check picks the best merge rule "
-        "(rank-merge, or psi / fused when they beat it) and serves it only once it beats "
+        "(rank-merge, or both / psi / fused when they beat it) and serves it only once it beats "
         "the old model's own answers (old-only) by a one-sided 95 % bound; old answers "
         "until then, the new model at finish. "
         "AUC = mean height over 0-100 %; *line* = straight line old -> new; gap = new - old. "
