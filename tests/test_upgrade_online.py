@@ -464,7 +464,7 @@ def test_kept_old_vectors_stay_consistent_while_threads_search_and_pairs_grow(tm
                 got = [[i for i in row if i is not None] for row in res.ids]
                 ref = np.argsort(-(q @ old[:m].T), axis=1, kind="stable")[:, :5]
                 assert got == [[ids[j] for j in row] for row in ref] or moved["n"] != m
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=searcher) for _ in range(4)]
