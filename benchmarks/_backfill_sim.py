@@ -41,8 +41,8 @@ from galleria.fingerprint import digest, slug
 from galleria.images.decode import load_image
 from galleria.images.pseudo import make_views, sample_ids
 from galleria.io.atomic import write_npy
-from galleria.upgrade.merge import CohortNorm, fit_calibration, merged_scores
-from galleria.upgrade.online import OnlineConfig, decide, next_fit_at
+from galleria.upgrade.merge import CohortNorm, cohort_stats, fit_calibration, merged_scores
+from galleria.upgrade.online import OnlineConfig, decide, decide_with_old, next_fit_at
 from galleria.upgrade.querylog import add_neighbours, front_load, query_priorities
 from galleria.upgrade.ridge import RidgePsi
 from galleria.upgrade.search import COHORT_TOP, FUSE_WEIGHT, MIN_PAIRS
@@ -52,8 +52,19 @@ CALIB_SIZE = 1000
 RULES = ["old-only -> switch", "naive", "rank-merge (quantile, self-cal.)",
          "rank-merge (top-100 z-norm)", "rank-merge (top-100 z-norm, + pseudo cohort)",
          "psi online (top-100 z-norm)",
-         "fused online (top-100 z-norm)", "auto (new default)"]
-DEFAULT = "auto (new default)"
+         "fused online (top-100 z-norm)", "both models on moved items (z-norm mean)",
+         "auto before (merge rules, checked at fits)", "auto: merge unless old wins",
+         "auto: old until rank-merge / psi / fused wins",
+         "auto (default): old until a merge rule wins"]
+DEFAULT = "auto (default): old until a merge rule wins"
+BEFORE = "auto before (merge rules, checked at fits)"
+VARIANTS = {DEFAULT: "until-better", "auto: merge unless old wins": "unless-worse",
+            "auto: old until rank-merge / psi / fused wins": "until-better"}
+NO_BOTH = "auto: old until rank-merge / psi / fused wins"
+CANDIDATES = {"old-only": "old-only -> switch",
+              "rank-merge": "rank-merge (top-100 z-norm, + pseudo cohort)",
+              "psi": "psi online (top-100 z-norm)", "fused": "fused online (top-100 z-norm)",
+              "both": "both models on moved items (z-norm mean)"}
 
 
 @dataclass
@@ -118,6 +129,20 @@ def random_order(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).permutation(n)
 
 
+def hub_order(task: Task, old: str, seed: int, k: int = 10) -> np.ndarray:
+    """Without traffic: the items most often among the old model's ``k`` nearest
+    neighbours of the other items first (k-occurrence, hubness), ties in random order."""
+    go = task.g[old]
+    s = go @ go.T
+    np.fill_diagonal(s, -np.inf)
+    top = np.argpartition(-s, k, axis=1)[:, :k]
+    occ = np.bincount(top.ravel(), minlength=go.shape[0])
+    base = random_order(go.shape[0], seed)
+    rank_in_base = np.empty_like(base)
+    rank_in_base[base] = np.arange(base.size)
+    return np.lexsort((rank_in_base, -occ))
+
+
 def popularity(task: Task, seed: int) -> np.ndarray:
     """``(Q,)`` how often users ask each query: Zipf (1 / rank) over the query groups
     (classes, covers, objects) in a seeded order, shared by the group's queries."""
@@ -172,6 +197,17 @@ class Fit:
     fit_s: float
 
 
+@dataclass
+class Check:
+    """The pseudo-query check on the gallery as it is with ``nb`` items done."""
+
+    nb: int
+    fit_m: int | None
+    rr: dict[str, np.ndarray]
+    rules: dict[str, str]
+    scores: dict[str, Any]
+
+
 EXTRA_COHORT: dict[str, np.ndarray] = {}
 """The pseudo-queries' embeddings, added to the cohort (set by :func:`use_pseudo_cohort`)."""
 
@@ -194,6 +230,23 @@ def _znorm(s_old: np.ndarray, s_new: np.ndarray, q_old: np.ndarray, q_new: np.nd
                          old_queries=q_old, new_queries=q_new)
 
 
+def _both(s_old: np.ndarray, s_new: np.ndarray, q_old: np.ndarray, q_new: np.ndarray,
+          mask: np.ndarray, go: np.ndarray, gn: np.ndarray, cohort: np.ndarray) -> np.ndarray:
+    """Rule ``both``: every item scored by the old model (Z-normed; the moved items by the
+    old vectors the job keeps), the moved items also by the new one: the mean of the
+    two Z-scores there (``s_old``: old-model scores of *every* item)."""
+    co, cn = go[cohort], gn[cohort]
+    if EXTRA_COHORT:
+        co = np.concatenate([co, EXTRA_COHORT["old"]])
+        cn = np.concatenate([cn, EXTRA_COHORT["new"]])
+    if len(co) < MIN_PAIRS:
+        return np.where(mask, 0.5 * (s_old + s_new), s_old)
+    mo, so = cohort_stats(q_old, co, top=COHORT_TOP)
+    mn, sn = cohort_stats(q_new, cn, top=COHORT_TOP)
+    zo = (s_old - mo) / so
+    return np.where(mask, 0.5 * (zo + (s_new - mn) / sn), zo)
+
+
 def _pseudo_rr(s: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """Reciprocal rank of each pseudo-query's source row in its score row."""
     own = s[np.arange(len(truth)), truth][:, None]
@@ -201,14 +254,36 @@ def _pseudo_rr(s: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + rank)
 
 
-def fits_for(task: Task, old: str, new: str, order: np.ndarray, config: OnlineConfig
-             ) -> list[Fit]:
-    """The online fits of one order, each with the decision of its pseudo-query check."""
-    import time
-
+def pseudo_rr(task: Task, old: str, new: str, done: np.ndarray, psi: RidgePsi | None
+              ) -> dict[str, np.ndarray]:
+    """Pseudo-query reciprocal ranks of every candidate rule with the items ``done`` moved."""
     go, gn = task.g[old], task.g[new]
     po, pn = task.pseudo[old], task.pseudo[new]
     truth = task.pseudo_rows
+    n = go.shape[0]
+    mask = np.zeros(n, bool)
+    mask[done] = True
+    cohort = done[:CALIB_SIZE]
+    s_new = pn @ gn.T
+    s_old = po @ go.T
+    rr = {"old-only": _pseudo_rr(s_old, truth),
+          "rank-merge": _pseudo_rr(_znorm(s_old, s_new, po, pn, mask, go, gn, cohort), truth),
+          "both": _pseudo_rr(_both(s_old, s_new, po, pn, mask, go, gn, cohort), truth)}
+    if psi is not None:
+        ps = psi.transform(pn)
+        pf = l2_normalize(po + FUSE_WEIGHT * ps)
+        rr["psi"] = _pseudo_rr(_znorm(ps @ go.T, s_new, ps, pn, mask, go, gn, cohort), truth)
+        rr["fused"] = _pseudo_rr(_znorm(pf @ go.T, s_new, pf, pn, mask, go, gn, cohort), truth)
+    return rr
+
+
+def fits_for(task: Task, old: str, new: str, order: np.ndarray, config: OnlineConfig
+             ) -> list[Fit]:
+    """The online fits of one order, each with the decision of its pseudo-query check
+    (the merge rules only: the rule before the old-model guard)."""
+    import time
+
+    go, gn = task.g[old], task.g[new]
     n = go.shape[0]
     fits: list[Fit] = []
     m = next_fit_at(config, None)
@@ -217,16 +292,9 @@ def fits_for(task: Task, old: str, new: str, order: np.ndarray, config: OnlineCo
         t = time.perf_counter()
         psi = RidgePsi(max_pairs=config.max_pairs, seed=config.seed).fit(gn[done], go[done])
         fit_s = time.perf_counter() - t
-        mask = np.zeros(n, bool)
-        mask[done] = True
-        cohort = done[:CALIB_SIZE]
-        ps = psi.transform(pn)
-        pf = l2_normalize(po + FUSE_WEIGHT * ps)
-        s_new = pn @ gn.T
-        rr = {"rank-merge": _pseudo_rr(_znorm(po @ go.T, s_new, po, pn, mask, go, gn, cohort),
-                                       truth),
-              "psi": _pseudo_rr(_znorm(ps @ go.T, s_new, ps, pn, mask, go, gn, cohort), truth),
-              "fused": _pseudo_rr(_znorm(pf @ go.T, s_new, pf, pn, mask, go, gn, cohort), truth)}
+        rr = pseudo_rr(task, old, new, done, psi)
+        rr.pop("old-only")
+        rr.pop("both")
         rule, scores = decide(rr)
         fits.append(Fit(m, psi, rule, scores, fit_s))
         nxt = next_fit_at(config, m)
@@ -236,8 +304,32 @@ def fits_for(task: Task, old: str, new: str, order: np.ndarray, config: OnlineCo
     return fits
 
 
+def checks_for(task: Task, old: str, new: str, order: np.ndarray, fits: list[Fit],
+               fractions: np.ndarray) -> dict[int, Check]:
+    """The check of the live job at each interior fraction: on the gallery as it is
+    then (``nb`` items moved), with the last psi fitted by then; every guard mode."""
+    n = task.g[old].shape[0]
+    out: dict[int, Check] = {}
+    for f in fractions:
+        nb = round(float(f) * n)
+        if nb <= 0 or nb >= n:
+            continue
+        fit = next((x for x in reversed(fits) if x.m <= nb), None)
+        rr = pseudo_rr(task, old, new, order[:nb], None if fit is None else fit.psi)
+        rules, scores, verdict = {}, {}, {}
+        for name, mode in VARIANTS.items():
+            cands = {k: v for k, v in rr.items() if name != NO_BOTH or k != "both"}
+            rules[name], sc, vd = decide_with_old(cands, mode=mode)
+            if name == DEFAULT:
+                scores, verdict = sc, vd
+        scores = {**scores, "verdict": verdict}
+        out[nb] = Check(nb, None if fit is None else fit.m, rr, rules, scores)
+    return out
+
+
 def run_curves(task: Task, old: str, new: str, order: np.ndarray, rows: np.ndarray,
-               fractions: np.ndarray, fits: list[Fit]) -> dict[str, Any]:
+               fractions: np.ndarray, fits: list[Fit], checks: dict[int, Check]
+               ) -> dict[str, Any]:
     """Per-query metrics of every rule at every fraction for the queries ``rows``."""
     qo, go = task.q[old][rows], task.g[old]
     qn, gn = task.q[new][rows], task.g[new]
@@ -291,10 +383,27 @@ def run_curves(task: Task, old: str, new: str, order: np.ndarray, rows: np.ndarr
             res["fused online (top-100 z-norm)"] = _znorm(pf @ go.T, s_nn, pf, qn, mask, go,
                                                           gn, cohort)
             chosen = fit.rule
-        res[DEFAULT] = {"rank-merge": rank, "psi": res["psi online (top-100 z-norm)"],
-                        "fused": res["fused online (top-100 z-norm)"]}[chosen]
-        out["decision"].append({"fraction": float(f), "rule": chosen,
-                                "fit_pairs": None if fit is None else fit.m})
+        res["both models on moved items (z-norm mean)"] = s_nn if done else _both(
+            s_oo, s_nn, qo, qn, mask, go, gn, cohort)
+        by_rule = {"both": res["both models on moved items (z-norm mean)"],
+                   "rank-merge": rank, "psi": res["psi online (top-100 z-norm)"],
+                   "fused": res["fused online (top-100 z-norm)"], "old-only": res[
+                       "old-only -> switch"]}
+        res[BEFORE] = by_rule[chosen]
+        check = checks.get(nb)
+        for name in VARIANTS:
+            res[name] = by_rule[check.rules[name]] if check is not None else \
+                (s_nn if done else s_oo)
+        entry: dict[str, Any] = {"fraction": float(f), "rule": chosen,
+                                 "fit_pairs": None if fit is None else fit.m}
+        if check is not None:
+            real = {c: task.evaluate(by_rule[c], rows)[task.metric] for c in check.rr}
+            entry.update(rules=check.rules, check_fit=check.fit_m,
+                         pseudo_mrr={c: round(100 * float(v.mean()), 3)
+                                     for c, v in check.rr.items()},
+                         real={c: round(100 * float(np.nanmean(v)), 3) for c, v in real.items()},
+                         scores=check.scores)
+        out["decision"].append(entry)
         for r in RULES:
             out[r].append(task.evaluate(res[r], rows))
     return out
@@ -312,10 +421,9 @@ def simulate(task: Task, old: str, new: str, order_kind: str, seed: int,
     """
     n_q, n = len(task.q_labels), task.g[old].shape[0]
     weights = np.full(n_q, 1.0 / n_q)
-    if order_kind == "random":
-        order = random_order(n, seed)
-        fits = fits_for(task, old, new, order, config)
-        parts = [(np.arange(n_q), order, fits)]
+    if order_kind in ("random", "hubs"):
+        order = random_order(n, seed) if order_kind == "random" else hub_order(task, old, seed)
+        parts = [(np.arange(n_q), order, fits_for(task, old, new, order, config))]
     else:
         if order_kind == "queries":
             weights = popularity(task, seed)
@@ -330,7 +438,8 @@ def simulate(task: Task, old: str, new: str, order_kind: str, seed: int,
     rows_all = np.concatenate([p[0] for p in parts])
     decisions = []
     for rows, order, fits in parts:
-        cur = run_curves(task, old, new, order, rows, fractions, fits)
+        checks = checks_for(task, old, new, order, fits, fractions)
+        cur = run_curves(task, old, new, order, rows, fractions, fits, checks)
         decisions.append({"fits": [{"pairs": x.m, "rule": x.rule, "scores": x.scores,
                                     "fit_s": round(x.fit_s, 4)} for x in fits],
                           "in_force": cur.pop("decision")})

@@ -233,10 +233,15 @@ def accuracy(url: str, rows: list[dict[str, str]], queries: list[int], pipeline:
     ranking = np.full((len(queries), 100), -1, np.int64)
     top10: list[list[str]] = []
     errors = 0
+    details: list[dict[str, Any]] = []
     for n, qi in enumerate(queries):
+        t = time.monotonic()
         status, body = search(url, Path(rows[qi]["file"]).read_bytes(), 100, pipeline)
         if status != 200:
             errors += 1
+            details.append({"query": rows[qi]["path"], "status": status,
+                            "seconds": round(time.monotonic() - t, 1),
+                            "body": str(body)[:400]})
             top10.append([])
             continue
         got = [pos[h["id"]] for h in body["results"] if h["id"] in pos]
@@ -247,7 +252,7 @@ def accuracy(url: str, rows: list[dict[str, str]], queries: list[int], pipeline:
                           query_gallery_index=np.asarray(queries))
     return {"mAP": round(100 * float(np.nanmean(m["mAP"])), 2),
             "R@1": round(100 * float(np.nanmean(m["R@1"])), 2), "errors": errors,
-            "top10": top10}
+            "error_details": details, "top10": top10}
 
 
 # ------------------------------------------------------------------ one change
@@ -312,9 +317,12 @@ def run_change(change: str, work: Path, man: Path, g0: Path, rows: list[dict[str
                     out.setdefault("run_s", []).append(round(time.perf_counter() - t, 1))
                     st = json.loads(galleria("upgrade", "status", str(g), "--json").stdout)
                     done = st["done"]
+                st = json.loads(galleria("upgrade", "status", str(g), "--json").stdout)
+                rule = (st.get("online_psi") or {}).get("rule")
                 acc = accuracy(server.url, rows, queries, None)
+                acc["rule"] = rule
                 print(f"   {int(100 * f):3d} %: mAP {acc['mAP']:.2f}  R@1 {acc['R@1']:.2f}  "
-                      f"errors {acc['errors']}", flush=True)
+                      f"errors {acc['errors']} {acc['error_details']}  rule {rule}", flush=True)
                 out["points"].append({"fraction": f, "done": done, **{
                     k: v for k, v in acc.items() if k != "top10"}})
             t = time.perf_counter()
@@ -391,6 +399,17 @@ def markdown(res: dict[str, Any]) -> str:
                           f"primary {c['finished_vs_fresh']['primary_equal']}, max vector "
                           f"diff {c['finished_vs_fresh']['max_abs_vector_diff']}"
                           for c in res["changes"]) + ".", ""]
+    for c in res["changes"]:
+        errs = ", ".join(f"{int(100 * p['fraction'])} %: {p['errors']}" for p in c["points"])
+        rules = ", ".join(f"{int(100 * p['fraction'])} %: {p.get('rule')}" for p in c["points"]
+                          if p.get("rule"))
+        lines.append(f"- {c['change']}: failed measured requests {errs}"
+                     + (f"; `auto` rule in force {rules}" if rules else "") + ".")
+        for p in c["points"]:
+            for d in p.get("error_details") or []:
+                lines.append(f"  - at {int(100 * p['fraction'])} %: {d['query']} -> status "
+                             f"{d['status']} after {d['seconds']} s: `{d['body'][:200]}`")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -403,6 +422,8 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=2)
     ap.add_argument("--pause", type=float, default=0.5, help="seconds between a client's requests")
     ap.add_argument("--quick", action="store_true", help="100 measured photos")
+    ap.add_argument("--update", action="store_true",
+                    help="replace only the changes run now in an existing backfill-live.json")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="backfill-live-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -416,9 +437,15 @@ def main() -> int:
     res: dict[str, Any] = {"machine": machine_info(1), "queries": len(queries),
                            "clients": args.clients, "pause_s": args.pause, "changes": [],
                            "workdir": str(work)}
+    kept: list[dict[str, Any]] = []
+    if args.update and (OUT / "backfill-live.json").is_file():
+        kept = [c for c in json.loads((OUT / "backfill-live.json").read_text())["changes"]
+                if c["change"] not in args.changes]
     for change in args.changes:
         res["changes"].append(run_change(change, work, man, g0, rows, queries, fusion,
                                          args.clients, args.pause))
+        res["changes"] = [c for c in kept if c["change"] not in
+                          {x["change"] for x in res["changes"]}] + res["changes"]
         OUT.mkdir(parents=True, exist_ok=True)
         (OUT / "backfill-live.json").write_text(json.dumps(res, indent=1, default=str))
         (OUT / "backfill-live.md").write_text(markdown(res))

@@ -225,8 +225,16 @@ def test_search_during_backfill_matches_brute_force(old_gallery):
             pn, po, new_fingerprint=Tiny(7).fingerprint, old_fingerprint=state.old_space)
         with pytest.raises(CompatibilityError, match="tiny7"):
             BackfillSearcher(g, rule="psi", psi=other)
-        with pytest.raises(UpgradeError, match="shadow"):
-            BackfillSearcher(g, rule="old-only")
+        # old-only in online mode: the old model alone on every item (moved items by the
+        # old vectors the job kept in its pairs)
+        pid, po_all, _ = upjob.load_pairs(old_gallery)
+        every_old = {**old_vecs, **dict(zip(pid, po_all, strict=True))}
+        assert len(every_old) == N
+        keys = sorted(every_old)
+        res = BackfillSearcher(g, rule="old-only").search_vectors(old_queries=qo, k=N)
+        ref = qo @ np.stack([every_old[i] for i in keys]).T
+        want = [[keys[j] for j in row] for row in np.argsort(-ref, axis=1, kind="stable")]
+        assert res.ids.tolist() == want
 
 
 def test_failures_are_kept_reported_and_finish_needs_force(old_gallery, images):

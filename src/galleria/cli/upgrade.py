@@ -72,9 +72,10 @@ def add_upgrade_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--calib-size", type=int, default=1000,
                    help="(old, new) pairs kept as the calibration cohort (0: none)")
     s.add_argument("--no-online-psi", action="store_true",
-                   help="do not learn psi while the backfill runs")
-    s.add_argument("--pseudo-queries", type=int, default=200,
-                   help="gallery items whose phone-like views check psi against rank-merge")
+                   help="no online psi and no pseudo-query check (search uses rank-merge)")
+    s.add_argument("--pseudo-queries", type=int, default=500,
+                   help="gallery items whose phone-like views check the rules (old answers, "
+                        "merges, psi) on the gallery as it is")
     s.add_argument("--json", action="store_true")
     s.add_argument("--verbose", "-v", action="store_true")
     s.set_defaults(func=cmd_start)
@@ -251,6 +252,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  online psi: search uses {o['rule']} ({o['source']}, {o['pairs']} pairs, "
               f"{o['fits']} fits, {o['total_s']:.1f} s" + (f"; pseudo-query MRR {mrr}" if mrr
                                                           else "; not checked") + ")")
+        v = o.get("verdict") or {}
+        if v.get("merged_vs_old") == "worse":
+            print(f"  note: on this gallery's pseudo-queries the merged answers ({v['merge_rule']}"
+                  f") are worse than the old model's (MRR {v['gain']:+.1f} points at "
+                  f"{o.get('moved')} items moved): search serves the old answers; the new "
+                  "model may be worse than the old one here -- check before `finish`")
     for f in d["failures"][:10]:
         print(f"  failed {f['id']}: {f['reason']}")
     if d["fraction"] >= 1.0 and not d["failed"]:

@@ -102,7 +102,7 @@ def _decision_summary(state: UpgradeState) -> dict[str, Any] | None:
     if not d:
         return None
     return {k: d.get(k) for k in ("rule", "checked", "source", "pairs", "map", "scores",
-                                  "fits", "total_s")}
+                                  "fits", "checks", "moved", "verdict", "total_s")}
 
 
 def upgrade_status(gallery_path: str | os.PathLike[str]) -> UpgradeStatus:

@@ -9,21 +9,31 @@ grown by :attr:`OnlineConfig.growth`) the run
 
 1. fits a ridge psi (:class:`~galleria.upgrade.ridge.RidgePsi`; closed form,
    label-free) on all pairs so far;
-2. scores, on the gallery as it is now, every label-free rule that could use it
-   (``psi``, ``fused``) and the rule that needs none (``rank-merge``) with
+2. scores, on the gallery as it is now, every label-free rule with
    *pseudo-queries*: phone-like views of a seeded sample of the gallery's own
    images, whose one true answer is the item each was made from
    (:mod:`galleria.images.pseudo`; embedded once per job with both models and
-   kept in ``<job>/online/pseudo``);
+   kept in ``<job>/online/pseudo``): the old model's own answers (``old-only``,
+   from the old vectors the job keeps of the moved items), ``rank-merge``,
+   ``both`` (moved items scored by both models) and, with the psi, ``psi`` and
+   ``fused``;
 3. publishes: the map into ``<job>/online/psi-<pairs>/`` (an atomic estimator
    save), then the decision into the job record (one settings write):
-   ``state.online = {"rule", "psi", "map", "pairs", "scores", ...}``.
+   ``state.online = {"rule", "psi", "map", "pairs", "scores", "verdict", ...}``.
+
+Between fits the check runs again (same psi) each time
+:attr:`OnlineConfig.recheck_every` of the gallery has moved, so the decision is
+always about the gallery as it is now.
 
 ``auto`` search (:func:`galleria.upgrade.search.resolve_rule`) follows the
-published decision. A psi rule is chosen only when it beats rank-merge on the
-pseudo-queries by a margin that is unlikely to be noise (the one-sided 95 %
-bound of the mean paired difference of reciprocal ranks is above zero), so a
-gallery where psi does not help keeps the label-free rank-merge.
+published decision (:func:`decide_with_old`): the best merge rule (``psi``,
+``fused`` or ``both`` only when it beats rank-merge by a margin unlikely to be
+noise: the one-sided 95 % bound of the mean paired difference of reciprocal
+ranks is above zero), served only once it beats the old answers by the same
+test; the old answers until then (and before the first check). When the check
+finds the merged answers *worse* than the old ones, the decision records it
+(``verdict``) and ``upgrade status`` says so: the new model may be worse than
+the old one on this gallery.
 
 Kill -9 safe: a fit that dies before step 3 published nothing (the next run
 fits again at the same point; an orphan map folder is removed by the next
@@ -53,10 +63,18 @@ from galleria.images.pseudo import make_pseudo_queries, rank_of_truth
 from galleria.io.atomic import read_json, write_json, write_npy
 from galleria.store.gallery import Gallery
 from galleria.types import SearchResult
+from galleria.upgrade.oldonly import MovedOldVectors
 from galleria.upgrade.pairs import PairStore
+from galleria.upgrade.psi import load_cross_map
 from galleria.upgrade.ridge import RidgePsi
 from galleria.upgrade.search import BackfillSearcher, job_calibration
-from galleria.upgrade.state import UpgradeState, job_folder, require_upgrade, save_state
+from galleria.upgrade.state import (
+    UpgradeState,
+    decision_psi_path,
+    job_folder,
+    require_upgrade,
+    save_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +82,9 @@ ONLINE_DIR = "online"
 PSI_RULES = ("psi", "fused")
 BASELINE = "rank-merge"
 Z_ONE_SIDED_95 = 1.645
+OLD_ONLY = "old-only"
+BOTH = "both"
+GUARD_MODES = ("until-better", "unless-worse", "off")
 
 
 @dataclass(frozen=True)
@@ -79,15 +100,22 @@ class OnlineConfig:
         pseudo_queries: how many gallery items the check makes views of.
         seed: seeds the pseudo-query sample, its views and the fit's subsample.
         depth: result depth of the check (ranks beyond it count as not found).
+        guard: how the old model's own answers (rule ``old-only``) take part in
+            the check (:func:`decide_with_old`): ``until-better`` (default: old
+            answers until a merge rule beats them), ``unless-worse``, ``off``.
+        recheck_every: between fits, check again (same psi, the gallery as it is
+            now) each time this fraction of the gallery has moved since the last check.
     """
 
     enabled: bool = True
     first_at: int = 128
     growth: float = 2.0
     max_pairs: int = 20000
-    pseudo_queries: int = 200
+    pseudo_queries: int = 500
     seed: int = 0
     depth: int = 100
+    guard: str = "until-better"
+    recheck_every: float = 0.05
 
     def __post_init__(self) -> None:
         if self.first_at < 16:
@@ -98,6 +126,10 @@ class OnlineConfig:
             raise InputError("online psi: max_pairs must be >= first_at")
         if self.pseudo_queries < 10:
             raise InputError("online psi: at least 10 pseudo-queries")
+        if self.guard not in GUARD_MODES:
+            raise InputError(f"online psi: guard must be one of {', '.join(GUARD_MODES)}")
+        if not 0.0 < self.recheck_every <= 1.0:
+            raise InputError("online psi: recheck_every must be in (0, 1]")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -157,6 +189,49 @@ def decide(rr: Mapping[str, np.ndarray], *, baseline: str = BASELINE) -> tuple[s
         if rule != baseline and lower > 0 and gain > best_gain:
             best, best_gain = rule, gain
     return best, out
+
+
+def decide_with_old(rr: Mapping[str, np.ndarray], *, mode: str = "until-better",
+                    baseline: str = BASELINE) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """:func:`decide` among the merge rules, then the old model's answers as a guard.
+
+    ``rr`` may hold :data:`OLD_ONLY`: the pseudo-queries answered by the old model
+    alone on the whole gallery (the job keeps the old vectors of moved items in its
+    pairs, so search can still give exactly the old answers). The best merge rule
+    ``m`` is chosen by :func:`decide`; then
+
+    - ``until-better``: serve ``m`` only when the one-sided 95 % lower bound of its
+      paired gain over old-only is above zero (old answers until a merge rule beats
+      them);
+    - ``unless-worse``: serve ``m`` unless old-only beats it by that bound;
+    - ``off``: ignore old-only.
+
+    Returns:
+        ``(rule, scores, verdict)``: ``scores`` as :func:`decide` (with old-only);
+        ``verdict["merged_vs_old"]`` is ``better`` / ``worse`` / ``same``: whether
+        the check finds the best merge rule better than, worse than or not
+        distinguishable from the old model's answers (``{}`` without old-only).
+    """
+    if mode not in GUARD_MODES:
+        raise InputError(f"unknown guard mode {mode!r}; known: {', '.join(GUARD_MODES)}")
+    mixed_rr = {k: v for k, v in rr.items() if k != OLD_ONLY}
+    rule, scores = decide(mixed_rr, baseline=baseline)
+    if OLD_ONLY not in rr or mode == "off":
+        return rule, scores, {}
+    old = np.asarray(rr[OLD_ONLY], dtype=np.float64)
+    d = np.asarray(mixed_rr[rule], dtype=np.float64) - old
+    if d.shape != old.shape:
+        raise InputError(f"old-only: {old.shape} ranks, {rule} {d.shape}")
+    gain = float(d.mean()) if d.size else 0.0
+    se = float(d.std(ddof=1)) / np.sqrt(d.size) if d.size > 1 else float("inf")
+    lower, upper = gain - Z_ONE_SIDED_95 * se, gain + Z_ONE_SIDED_95 * se
+    scores = {**scores, OLD_ONLY: {"mrr": round(100 * float(old.mean()), 3),
+                                   "gain": round(-100 * gain, 3), "lower": round(-100 * upper, 3)}}
+    verdict = {"merged_vs_old": "better" if lower > 0 else "worse" if upper < 0 else "same",
+               "merge_rule": rule, "gain": round(100 * gain, 3), "n": int(d.size)}
+    if mode == "until-better":
+        return (rule if lower > 0 else OLD_ONLY), scores, verdict
+    return (OLD_ONLY if upper < 0 else rule), scores, verdict
 
 
 # --------------------------------------------------------------------------- #
@@ -242,14 +317,27 @@ def job_pseudo_queries(gallery: Gallery, state: UpgradeState, config: OnlineConf
 # --------------------------------------------------------------------------- #
 
 
-def check_rules(gallery: Gallery, pseudo: PseudoSet, psi: Any, *, depth: int = 100
-                ) -> dict[str, np.ndarray]:
-    """Per-pseudo-query reciprocal ranks of rank-merge and the psi rules on the gallery now.
+def check_rules(gallery: Gallery, pseudo: PseudoSet, psi: Any, *, depth: int = 100,
+                with_old: bool = True) -> dict[str, np.ndarray]:
+    """Per-pseudo-query reciprocal ranks of old-only and both (when the job kept the
+    vectors of every moved item; old-only with ``with_old``), rank-merge and the psi
+    rules (with ``psi``) on the gallery now.
 
     Each rule is searched exactly as live search does it
     (:class:`~galleria.upgrade.search.BackfillSearcher` with the job's calibration).
     """
     out: dict[str, np.ndarray] = {}
+    new_space = require_upgrade(gallery).new_space
+    kept = MovedOldVectors(gallery.path).covers(gallery.views([new_space]).get(new_space))
+    if with_old and kept:
+        s = BackfillSearcher(gallery, rule=OLD_ONLY)
+        res = s.search_vectors(old_queries=pseudo.old, k=depth)
+        out[OLD_ONLY] = reciprocal_ranks(res, pseudo.ids)
+    if kept:
+        s = BackfillSearcher(gallery, rule=BOTH, calibration=job_calibration(gallery,
+                                                                             "znorm-top"))
+        res = s.search_vectors(new_queries=pseudo.new, old_queries=pseudo.old, k=depth)
+        out[BOTH] = reciprocal_ranks(res, pseudo.ids)
     for rule in (BASELINE, *PSI_RULES):
         the_map = psi if rule in PSI_RULES else None
         if rule in PSI_RULES and psi is None:
@@ -315,19 +403,44 @@ def online_run_step(gallery: Gallery, config: OnlineConfig, extractor: Extractor
     fatal to the backfill.
     """
     state = require_upgrade(gallery)
-    last = (state.online.get("decision") or {}).get("pairs")
-    if pair_count(gallery) < next_fit_at(config, last):
+    last = state.online.get("decision") or {}
+    fit_due = pair_count(gallery) >= next_fit_at(config, last.get("pairs"))
+    if not fit_due and not recheck_due(gallery, state, config):
         return
     try:
         if not models:
             models.extend(query_models(gallery, state, runtime=runtime, threads=threads,
                                        new_model=extractor))
-        maybe_fit(gallery, config, old_model=models[0], new_model=models[1])
+        if fit_due:
+            maybe_fit(gallery, config, old_model=models[0], new_model=models[1])
+        else:
+            recheck(gallery, config, old_model=models[0], new_model=models[1])
     except (GalleriaError, OSError, ValueError) as exc:
-        log.warning("online psi fit failed (the backfill goes on): %s", exc)
+        log.warning("online psi fit / check failed (the backfill goes on): %s", exc)
 
 
-def check_and_publish(gallery: Gallery, psi: Any, folder: Path, *, config: OnlineConfig,
+def recheck_due(gallery: Gallery, state: UpgradeState, config: OnlineConfig) -> bool:
+    """Whether :attr:`OnlineConfig.recheck_every` of the gallery moved since the last check."""
+    if state.mode != "online" or not config.enabled:
+        return False
+    last = state.online.get("decision") or {}
+    moved = gallery.count(state.new_space)
+    return moved - int(last.get("moved", 0)) >= config.recheck_every * max(len(gallery), 1)
+
+
+def recheck(gallery: Gallery, config: OnlineConfig, *, old_model: Extractor | None,
+            new_model: Extractor | None) -> dict[str, Any]:
+    """Check again on the gallery as it is now, with the published psi (if any); publish."""
+    state = require_upgrade(gallery)
+    folder = decision_psi_path(gallery, state)
+    psi = (load_cross_map(folder, old_fingerprint=state.old_space,
+                          new_fingerprint=state.new_space) if folder is not None else None)
+    return check_and_publish(gallery, psi, folder, config=config, old_model=old_model,
+                             new_model=new_model, source="recheck")
+
+
+def check_and_publish(gallery: Gallery, psi: Any, folder: Path | None, *,
+                      config: OnlineConfig,
                       old_model: Extractor | None, new_model: Extractor | None,
                       source: str, extra: dict[str, Any] | None = None,
                       spent_s: float = 0.0) -> dict[str, Any]:
@@ -339,27 +452,39 @@ def check_and_publish(gallery: Gallery, psi: Any, folder: Path, *, config: Onlin
     state = require_upgrade(gallery)
     last = dict(state.online.get("decision") or {})
     t1 = time.perf_counter()
-    rule, scores, checked = BASELINE, {}, False
+    rule, scores, checked, verdict = BASELINE, {}, False, {}
     if old_model is not None and new_model is not None:
         try:
             pseudo = job_pseudo_queries(gallery, state, config, old_model, new_model)
             t1 = time.perf_counter()  # the embedding of the pseudo-queries is a one-off
-            rule, scores = decide(check_rules(gallery, pseudo, psi, depth=config.depth))
+            rule, scores, verdict = decide_with_old(
+                check_rules(gallery, pseudo, psi, depth=config.depth,
+                            with_old=config.guard != "off"), mode=config.guard)
             checked = True
         except (GalleriaError, OSError) as exc:
             log.warning("online psi: the pseudo-query check failed (%s); search keeps %s",
                         exc, BASELINE)
     check_s = time.perf_counter() - t1
+    fit = source != "recheck"  # a recheck keeps the fit schedule (pairs of the last fit)
     decision = {
-        "rule": rule, "checked": checked, "source": source, "pairs": pair_count(gallery),
-        "map_pairs": int(psi.info_.get("n_pairs", 0)),
-        "psi": _relative(gallery, folder), "map": psi.fingerprint, "scores": scores,
+        **({} if fit else {k: v for k, v in last.items() if k in ("fit_s", "alpha")}),
+        "rule": rule, "checked": checked, "source": source,
+        "pairs": pair_count(gallery) if fit else int(last.get("pairs", 0)),
+        "moved": gallery.count(state.new_space), "verdict": verdict,
+        "map_pairs": int(psi.info_.get("n_pairs", 0)) if psi is not None else 0,
+        "psi": _relative(gallery, folder) if folder is not None else None,
+        "map": psi.fingerprint if psi is not None else None, "scores": scores,
         "check_s": round(check_s, 3), "at": time.time(),
         "total_s": round(float(last.get("total_s", 0.0)) + spent_s + check_s, 3),
-        "fits": int(last.get("fits", 0)) + 1, **(extra or {}),
+        "fits": int(last.get("fits", 0)) + int(fit), "checks": int(last.get("checks", 0)) + 1,
+        **(extra or {}),
     }
     publish(gallery, decision)
-    log.info("psi (%s, %d pairs) checked in %.2f s: search uses %s %s", source,
+    if verdict.get("merged_vs_old") == "worse":
+        log.warning("the pseudo-query check finds the merged gallery worse than the old "
+                    "model's answers (%s): search keeps the old answers; the new model may be "
+                    "worse than the old one on this gallery", verdict)
+    log.info("check (%s, psi of %d pairs) in %.2f s: search uses %s %s", source,
              decision["map_pairs"],
              check_s, rule, {r: v["mrr"] for r, v in scores.items()} if scores else "")
     return decision
@@ -395,7 +520,7 @@ def publish(gallery: Gallery, decision: dict[str, Any]) -> UpgradeState:
     online = {**state.online, "decision": decision}
     new = UpgradeState.from_dict({**state.to_dict(), "online": online})
     save_state(gallery, new)
-    keep = (Path(gallery.path) / decision["psi"]).resolve()
+    keep = (Path(gallery.path) / decision["psi"]).resolve() if decision.get("psi") else None
     prev = state.online.get("decision", {}).get("psi")
     keep_prev = (Path(gallery.path) / prev).resolve() if prev else None
     for p in online_folder(gallery).resolve().glob("psi-*"):

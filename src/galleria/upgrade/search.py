@@ -12,7 +12,11 @@ rule                   old part searched with               merge scale (default
 ``psi``                ``psi(new(q))`` (regression psi)     adaptive Z-norm (cohort)
 ``fused``              ``norm(old(q) + w psi(new(q)))``     adaptive Z-norm (cohort)
 ``metric-compatible``  ``psi_mc(new(q))`` (contrastive)     raw (trained to be)
-``old-only``           ``old(q)``, old space only (shadow mode baseline)
+``old-only``           ``old(q)`` on every item: shadow mode, or online with the
+                       old vectors the job kept of the moved items (the old answers)
+``both``               ``old(q)`` on every item (kept old     adaptive Z-norm (cohort);
+                       vectors of the moved ones); moved      moved items: mean of the
+                       items also ``new(q)``                  two Z-scores
 =====================  ===================================  =========================
 
 The new part is always searched with ``new(q)``. ``naive``, ``rank-merge`` and
@@ -55,10 +59,12 @@ from galleria.upgrade.merge import (
     Calibration,
     CohortNorm,
     ScoreMap,
+    cohort_stats,
     fit_calibration,
     merge_results,
 )
-from galleria.upgrade.pairs import cohort_pairs, load_pairs
+from galleria.upgrade.oldonly import MovedOldVectors
+from galleria.upgrade.pairs import PairStore, cohort_pairs, load_pairs
 from galleria.upgrade.parts import QueryCost, search_excluding
 from galleria.upgrade.psi import CrossModelMap, load_cross_map
 from galleria.upgrade.rescore import RESCORE_DEPTH, TransformRescorer
@@ -66,6 +72,7 @@ from galleria.upgrade.state import (
     UpgradeError,
     UpgradeState,
     decision_psi_path,
+    job_folder,
     require_upgrade,
     transform_path,
 )
@@ -74,7 +81,7 @@ from galleria.validate import as_embeddings, l2_normalize
 log = logging.getLogger(__name__)
 
 RULES = ("auto", "naive", "rank-merge", "psi", "fused", "metric-compatible", "old-only",
-         "rescore")
+         "both", "rescore")
 FUSE_WEIGHT = 0.5
 """Weight of ``psi(new(q))`` next to ``old(q)`` in the fused old-part query (set a priori)."""
 NORMALIZATIONS = ("znorm-top", "znorm", "quantile", "affine", "identity")
@@ -83,14 +90,17 @@ MIN_PAIRS = 50
 """Fewer job pairs than this: use the psi artifact's stored calibration instead."""
 TRANSFORM_OF_RULE = {"psi": "regression", "fused": "regression",
                      "metric-compatible": "metric-compatible"}
-OLD_MODEL_RULES = ("naive", "rank-merge", "fused", "old-only", "rescore")
+OLD_MODEL_RULES = ("naive", "rank-merge", "fused", "old-only", "both", "rescore")
+KEPT_OLD_RULES = ("old-only", "both")
+"""Rules that read the old vectors the job kept of the moved items (online mode)."""
 
 
 def resolve_rule(rule: str, gallery: Gallery, state: UpgradeState) -> str:
     """``auto``: old-only in shadow mode; else the rule the job's last pseudo-query
-    check chose (:mod:`galleria.upgrade.online`: ``psi`` or ``fused`` with the
-    psi it checked, only when it beat rank-merge on the gallery's own
-    pseudo-queries); else rank-merge. (metric-compatible is never chosen
+    check chose (:mod:`galleria.upgrade.online`: ``old-only`` -- the old model's
+    answers, until a merge rule beats them on the gallery's own pseudo-queries --,
+    or ``psi`` / ``fused`` with the psi it checked, only when they beat
+    rank-merge); else rank-merge. (metric-compatible is never chosen
     automatically: its gains come from the labels it was trained with and did
     not transfer across domains in the benchmark; ask for it by name.)"""
     if rule not in RULES:
@@ -105,7 +115,24 @@ def resolve_rule(rule: str, gallery: Gallery, state: UpgradeState) -> str:
     if d.get("checked") and d.get("rule") in ("psi", "fused") \
             and decision_psi_path(gallery, state) is not None:
         return str(d["rule"])
+    # the old answers while there is an old part (at 100 % the gallery is the new
+    # model's, as after finish) and the job kept the old vectors of the moved items
+    kept = state.change == "model" and gallery.count(state.old_space) > 0 \
+        and kept_pairs_cover(gallery, state)
+    if kept and d.get("checked") and d.get("rule") in KEPT_OLD_RULES:
+        return str(d["rule"])  # old-only: no merge rule beat the old answers
+    cfg = state.online.get("config") or {}
+    if kept and not d and cfg.get("enabled", True) and cfg.get("guard", "off") != "off":
+        return "old-only"  # the old answers until the first check says otherwise
     return "rank-merge"
+
+
+def kept_pairs_cover(gallery: Gallery, state: UpgradeState) -> bool:
+    """Whether the job kept (old, new) pairs for as many items as it moved (rules
+    ``old-only`` / ``both`` of an online job need them; :mod:`.oldonly`)."""
+    folder = job_folder(gallery)
+    kept = PairStore(folder / "pairs").count() + PairStore(folder / "online" / "pairs").count()
+    return kept >= gallery.count(state.new_space)
 
 
 class BackfillSearcher(Searcher):
@@ -151,11 +178,14 @@ class BackfillSearcher(Searcher):
                 "in shadow mode the backfilled items keep their old vectors: search with "
                 "rule old-only until `galleria upgrade finish`"
             )
-        if self.state.mode == "online" and self.rule == "old-only":
-            raise UpgradeError(
-                "rule old-only needs a shadow-mode upgrade (online mode moves items out of "
-                "the old space, so old-only would miss them)"
-            )
+        self.moved_old: MovedOldVectors | None = None
+        if self.rule == "both" and self.state.mode != "online":
+            raise UpgradeError("rule both needs an online upgrade")
+        if self.state.mode == "online" and self.rule in KEPT_OLD_RULES:
+            if self.state.change != "model":
+                raise UpgradeError(f"rule {self.rule} applies to model upgrades")
+            # the moved items' old vectors are kept in the job's pairs
+            self.moved_old = MovedOldVectors(gallery.path)
         if self.rule in TRANSFORM_OF_RULE:
             if psi is None:
                 raise UpgradeError(f"rule {self.rule!r} needs a trained psi map")
@@ -267,7 +297,7 @@ class BackfillSearcher(Searcher):
             the_map = load_cross_map(p, old_fingerprint=state.old_space,
                                      new_fingerprint=state.new_space)
         kind = calibration or (
-            "znorm-top" if rule in ("rank-merge", "psi", "fused") else "identity")
+            "znorm-top" if rule in ("rank-merge", "psi", "fused", "both") else "identity")
         cal = job_calibration(gallery, kind, psi=the_map if rule in TRANSFORM_OF_RULE else None)
         return cls(gallery, rule=rule, old_extractor=old_ext, new_extractor=new_ext,
                    psi=the_map, calibration=cal, rescorer=rescorer)
@@ -331,13 +361,25 @@ class BackfillSearcher(Searcher):
         if self.state.change != "model":
             self.cost.index_searches += len(qo)
         if self.rule == "old-only":
-            self.cost.add_ms("search", time.perf_counter() - t)
             ov = views.get(old_space)
+            if self.moved_old is not None:  # online: the moved items by their kept old vectors
+                moved = self.moved_old.search(qo, k, views.get(new_space))
+                if moved is None:
+                    raise UpgradeError(
+                        "rule old-only: the job did not keep the old vectors of every moved "
+                        "item (more items moved than OnlineConfig.max_pairs); use rank-merge")
+                both = merge_results([old_res, moved], k).head(kk)  # one space: raw scores
+                self.cost.add_ms("search", time.perf_counter() - t)
+                return SearchResult(both.scores, both.ids,
+                                    {sp: v.generation for sp, v in views.items()})
+            self.cost.add_ms("search", time.perf_counter() - t)
             old_res = old_res.head(clamp_k(k, ov.count if ov is not None else 0))
             return SearchResult(old_res.scores, old_res.ids,
                                 {sp: v.generation for sp, v in views.items()})
         if len(qn) != nq:
             raise InputError(f"{nq} old-side queries but {len(qn)} new-side queries")
+        if self.rule == "both":
+            return self._search_both(qo, qn, k, kk, old_res, views, t)
         new_res = self._search_part(qn, k, views.get(new_space))
         self.cost.add_ms("search", time.perf_counter() - t)
         t = time.perf_counter()
@@ -349,6 +391,31 @@ class BackfillSearcher(Searcher):
         out = merge_results([old_res, new_res], k, maps=maps)
         self.cost.add_ms("merge", time.perf_counter() - t)
         out = out.head(kk)
+        return SearchResult(out.scores, out.ids, {sp: v.generation for sp, v in views.items()})
+
+    def _search_both(self, qo: np.ndarray, qn: np.ndarray, k: int, kk: int,
+                     old_res: SearchResult, views: dict[str, Any], t: float) -> SearchResult:
+        """Rule ``both``: items not moved by their Z-normed old score, moved items by the
+        mean of their Z-normed old (kept) and new scores (:mod:`.oldonly`)."""
+        assert self.moved_old is not None
+        cal = self.calibration
+        if isinstance(cal, CohortNorm):
+            mo, so = cohort_stats(qo, cal.old_cohort, top=cal.top)
+            mn, sn = cohort_stats(qn, cal.new_cohort, top=cal.top)
+        else:  # too few pairs for a cohort: raw scores
+            one = np.ones((len(qo), 1), np.float32)
+            mo, so, mn, sn = 0 * one, one, 0 * one, one
+        moved = self.moved_old.search_both(qo, qn, k, views.get(self.state.new_space),
+                                           (mo, so, mn, sn))
+        if moved is None:
+            raise UpgradeError("rule both: the job did not keep the vectors of every moved "
+                               "item (more items moved than OnlineConfig.max_pairs)")
+        self.cost.index_searches += len(qo)
+        self.cost.add_ms("search", time.perf_counter() - t)
+        t = time.perf_counter()
+        z_old = SearchResult((old_res.scores - mo) / so, old_res.ids)
+        out = merge_results([z_old, moved], k).head(kk)
+        self.cost.add_ms("merge", time.perf_counter() - t)
         return SearchResult(out.scores, out.ids, {sp: v.generation for sp, v in views.items()})
 
     def _search_rescored(self, qo: np.ndarray, qn: np.ndarray, k: int, views: dict[str, Any],
