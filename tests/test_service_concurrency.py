@@ -124,8 +124,11 @@ def test_answers_equal_brute_force_while_other_processes_index_remove_and_upgrad
     queries = [p.read_bytes() for p in sorted(_images(tmp_path / "q", 8, 3).glob("*.png"))]
     (tmp_path / "token").write_text(TOKEN)
     rec = StoreRecorder(g).start(interval_s=0.05)
+    # rank-merge: the merge rule service.audit recomputes (the default `auto` serves the
+    # old answers until the job's check finds a better merge; old-only and both are
+    # checked against brute force in tests/test_upgrade_online.py)
     srv = ProcessServer(g, "--token-file", str(tmp_path / "token"), "--refresh-interval",
-                        "0.1", log=tmp_path / "server.log")
+                        "0.1", "--rule", "rank-merge", log=tmp_path / "server.log")
     try:
         with srv, Clients(srv.url, queries) as cl:
             cl.wait_for(15)

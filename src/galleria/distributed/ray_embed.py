@@ -253,16 +253,22 @@ class RayEmbedder:
 
         t0 = time.perf_counter()
         self._ensure_pool(extractor)
-        try:
-            for a, info in zip(self._pool, ray.get([a.ready for a in self._pool],
-                                                   timeout=timeout_s), strict=True):
-                a.up, a.node = True, info["node"]
-        except ray.exceptions.GetTimeoutError as exc:
-            raise ClusterError(f"the embedding workers did not start within {timeout_s:g} s "
-                               "(does the cluster have the CPUs asked for?)") from exc
-        except ray.exceptions.RayTaskError as exc:
-            raise unwrap_task_error(exc) from None
-        return time.perf_counter() - t0
+        lost = worker_lost_errors()
+        # a worker lost while starting (its node died) is replaced, as during a run
+        while True:
+            pending = [a.ready for a in self._pool if not a.up]
+            if not pending:
+                return time.perf_counter() - t0
+            left = timeout_s - (time.perf_counter() - t0)
+            done = ray.wait(pending, num_returns=1, timeout=max(left, 0.0))[0] \
+                if left > 0 else []
+            if not done:
+                raise ClusterError(f"the embedding workers did not start within "
+                                   f"{timeout_s:g} s (does the cluster have the CPUs asked "
+                                   "for?)")
+            for ref in done:
+                self._came_up(ref, lost)
+            self._replace_lost()
 
     def nodes(self) -> list[str]:
         """Node ids of the actors that are up."""
