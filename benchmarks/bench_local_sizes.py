@@ -1,0 +1,390 @@
+"""Issue 18: local search vs the plain RootSIFT voting script at every gallery size.
+
+One table, ``benchmarks/results/local-sizes-variants.{json,md}``: per gallery size,
+R@1 and mAP of the same seeded sample of SMVS phone photos for
+
+- ``baseline``: ``_local_baseline.py`` (RootSIFT, FAISS ``IndexFlatL2`` over every
+  gallery descriptor, Lowe ratio 0.8, one vote per match; exact voting, nothing
+  approximated), with its peak memory (anonymous RSS added while it runs);
+- ``local``: ASMK with the shipped ``sift-v1`` codebook (the default local index);
+- ``local (gallery codebook)``: the old default, a codebook trained on the gallery
+  (small galleries only: k-means of 16k words on the 11.4k gallery is not run);
+- ``local+mds``: ``local`` re-ranked by the MDS embedding (library defaults).
+
+Sizes:
+
+``smvs200-30``, ``smvs200-100``, ``smvs200-100+d400``
+    ``variants.py``: 30 / 100 SMVS covers at 200 px (+ 400 Caltech-101 distractors of
+    classes the codebook never saw), their phone photos as queries, searched through
+    :func:`galleria.eval.local.evaluate_pipeline` (features cached per variant).
+``all-11.4k``
+    the gallery ``benchmarks/build_g11k.py`` builds with the default
+    ``galleria index --model effnet-lite0 --local sift`` recipe from every real image
+    of ``$GALLERIA_DATASETS`` (``--gallery``, default ``/work/scratch/g11k``). The
+    local index and features are the gallery's own (its saved ASMK snapshot, read
+    through :func:`galleria.search.gallery_pipeline.open_pipeline`); SMVS phone
+    photos query it, each query's own image excluded; relevant = the other images of
+    its SMVS cover (the all-vs-all protocol inside 11.4k images).
+
+Queries: ``--queries N`` (default 60) seeded (``--seed``) per row, the same sample for
+every method of a row. Search is one thread; ms/query is search only (features
+stored). Rows are written after each one and merged with the rows already in the
+JSON (so sizes can run in separate processes). Run from the repository root::
+
+    nice -n 10 env OMP_NUM_THREADS=1 GALLERIA_DATASETS=../shared/datasets \\
+        .venv/bin/python benchmarks/bench_local_sizes.py \\
+        [--sizes smvs200-30,smvs200-100,smvs200-100+d400,all-11.4k] [--queries 60] \\
+        [--gallery /work/scratch/g11k] [--methods baseline,local,local+mds]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import MemoryMonitor, machine_info, machine_md, set_threads, write_results
+from _local_baseline import vote_scores
+from galleria.eval.local import LocalEvalConfig, evaluate_pipeline, sample_queries
+from galleria.eval.local_features import task_local_features
+from galleria.extractors.registry import create_extractor
+from variants import load_variant
+
+RESULTS = Path(__file__).resolve().parent / "results"
+NAME = "local-sizes-variants"
+SIZES = ("smvs200-30", "smvs200-100", "smvs200-100+d400", "all-11.4k")
+METHODS = ("baseline", "local", "local (gallery codebook)", "local+mds")
+CODEBOOK_DIR = (Path(__file__).resolve().parents[1] / "src" / "galleria" / "local" / "codebooks"
+                / "sift-v1")
+
+
+def average_precision(ranked_relevant: np.ndarray, n_relevant: int) -> float:
+    """AP of one ranking: ``ranked_relevant`` (n,) bool in rank order, ``n_relevant``
+    relevant items in total (those never ranked count as missed)."""
+    if n_relevant <= 0:
+        return float("nan")
+    hits = np.flatnonzero(ranked_relevant)
+    return float(np.sum(np.arange(1, hits.size + 1) / (hits + 1)) / n_relevant)
+
+
+def blas_threshold(value: int = 20) -> None:
+    """FAISS flat search through BLAS for every query batch above ``value`` rows.
+
+    FAISS 1.15 ships ``distance_compute_blas_threshold = 128000``: a batch of fewer
+    query descriptors (all of ours: <= 1,000 per image) takes the one-by-one SIMD path,
+    7x slower than BLAS here (300 x 200k x 128, one thread) with identical neighbours.
+    The baseline is exact voting either way; this gives it its fast exact path (the
+    historical FAISS default, 20). Process-wide: set once by this benchmark.
+    """
+    import faiss  # heavy optional dependency
+
+    faiss.cvar.distance_compute_blas_threshold = int(value)
+
+
+# ----------------------------------------------------------------------------- variants
+def variant_row(name: str, n_queries: int, seed: int, methods: list[str],
+                threads: int) -> dict[str, Any]:
+    full = load_variant(name)
+    row: dict[str, Any] = {"row": name, "gallery": full.num_gallery}
+    if "baseline" in methods:
+        ext = create_extractor("sift")
+        packed, g_rows, q_rows = task_local_features(full, ext, workers=threads)
+        task, keep = sample_queries(full, n_queries, seed)
+        gal = [packed[int(i)] for i in g_rows]
+        qs = [packed[int(q_rows[i])] for i in keep]
+        with MemoryMonitor() as mem:
+            t0 = time.perf_counter()
+            votes = vote_scores(gal, qs, ratio=0.8)
+            sec = time.perf_counter() - t0
+        m = task.evaluate(votes)
+        row.update({"queries": task.num_queries, "baseline R@1": float(m["R@1"]),
+                    "baseline mAP": float(m["mAP"]),
+                    "baseline ms/q": 1000 * sec / task.num_queries,
+                    "baseline peak MB": round(mem.peak_mb, 1),
+                    "descriptors": int(sum(len(f) for f in gal)),
+                    "feature bytes/image": float(sum(f.descriptors.nbytes + f.keypoints.nbytes
+                                                     for f in gal) / len(gal))})
+        print(name, "baseline", {k: v for k, v in row.items() if k.startswith("baseline")},
+              flush=True)
+    cfgs = {"local": LocalEvalConfig(pipeline="local"),
+            "local (gallery codebook)": LocalEvalConfig(pipeline="local",
+                                                        index_params={"codebook": "gallery"}),
+            "local+mds": LocalEvalConfig(pipeline="local+mds")}
+    for label in [m for m in methods if m in cfgs]:
+        res = evaluate_pipeline(full, dataclasses.replace(cfgs[label], max_queries=n_queries,
+                                                          query_seed=seed), workers=threads)
+        row["queries"] = res["queries"]
+        row[f"{label} R@1"] = res["metrics"]["R@1"]
+        row[f"{label} mAP"] = res["metrics"]["mAP"]
+        row[f"{label} ms/q"] = res["search_ms_per_query"]
+        row[f"{label} codebook"] = res["index"]["params"]["codebook"]
+        row[f"{label} bytes/image"] = res["index"]["bytes_per_image"]
+        if label == "local+mds":
+            row["local+mds params"] = res["pipeline_params"]
+        print(name, label, res["metrics"], res["search_ms_per_query"], "ms/q", flush=True)
+    return row
+
+
+# ----------------------------------------------------------------------------- 11.4k
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def gallery_row(gallery: str, n_queries: int, seed: int, methods: list[str],
+                baseline_queries: int) -> dict[str, Any]:
+    """The 11.4k row over the gallery ``build_g11k.py`` built (see the module docstring)."""
+    from galleria.eval.datasets import load_task
+    from galleria.eval.paths import datasets_root
+    from galleria.search.gallery_pipeline import open_pipeline
+    from galleria.search.pipelines import QueryBatch
+    from galleria.store.gallery import Gallery
+
+    root = datasets_root()
+    assert root is not None, "set GALLERIA_DATASETS"
+    smvs = load_task("smvs")
+    rel = [Path(p).resolve().relative_to(root.resolve()).as_posix()
+           for p in smvs.gallery_files()]
+    label_of = dict(zip(rel, smvs.gallery_labels.tolist(), strict=True))
+    qids = [Path(p).resolve().relative_to(root.resolve()).as_posix()
+            for p in smvs.query_files()]
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(qids), min(n_queries, len(qids)), replace=False))
+    qids = [qids[i] for i in pick]
+    row: dict[str, Any] = {"row": "all-11.4k", "queries": len(qids), "gallery_path": gallery}
+    with Gallery.open(gallery, readonly=True) as g:
+        s = open_pipeline(g, "local", with_models=False)
+        views = g.views(s.spaces)
+        pipe, view = s.build(views)
+        index = s.local_index(view)
+        keys = view.keys()
+        n = int(keys.size)
+        ids = view.ids.lookup(keys)
+        group = np.array([label_of.get(str(i), -1) for i in ids], np.int64)
+        row["gallery"] = n
+        qkeys = g.keys_of(qids)
+        assert (qkeys >= 0).all(), "a query image is not in the gallery"
+        pos = {int(k): j for j, k in enumerate(keys.tolist())}
+        qpos = np.array([pos[int(k)] for k in qkeys])
+        qfeats = g.get_local(qkeys, space=s.local_space)
+        qgroup = group[qpos]
+        n_rel = np.array([int(np.sum(group == gq)) - 1 for gq in qgroup])
+        lspace_dir = g.path / "segments" / _slug_dir(g, s.local_space)
+        gspace = s.global_space
+
+        # the baseline's own seeded sub-sample (exact voting over 3.6M descriptors costs
+        # minutes per query); every method is also scored on it
+        bsub = np.sort(np.random.default_rng(seed).choice(len(qids), min(baseline_queries,
+                                                                        len(qids)),
+                                                          replace=False))
+        row["baseline queries"] = int(bsub.size)
+
+        def score_ranking(rank_keys: np.ndarray, label: str, sec: float,
+                          rows_: np.ndarray | None = None) -> None:
+            rows_ = np.arange(len(qids)) if rows_ is None else rows_
+            r1, aps = [], []
+            for a, j in enumerate(rows_):
+                ks = rank_keys[a][rank_keys[a] >= 0]
+                ks = ks[ks != qkeys[j]]
+                rel_ = group[[pos[int(k)] for k in ks]] == qgroup[j]
+                r1.append(bool(rel_[0]) if rel_.size else False)
+                aps.append(average_precision(rel_, int(n_rel[j])))
+            r1a, apa = np.array(r1), np.array(aps)
+            row[f"{label} R@1"] = 100 * float(np.mean(r1a))
+            row[f"{label} mAP"] = 100 * float(np.mean(apa))
+            row[f"{label} ms/q"] = 1000 * sec / len(rows_)
+            if label != "baseline":  # the same methods on the baseline's sub-sample
+                sub = np.isin(rows_, bsub)
+                row[f"{label} R@1 (baseline queries)"] = 100 * float(np.mean(r1a[sub]))
+                row[f"{label} mAP (baseline queries)"] = 100 * float(np.mean(apa[sub]))
+            print("all-11.4k", label, row[f"{label} R@1"], row[f"{label} mAP"],
+                  f"{row[f'{label} ms/q']:.0f} ms/q", flush=True)
+
+        q = QueryBatch(local=qfeats, exclude=qkeys)
+        if "local" in methods:
+            t0 = time.perf_counter()
+            res = pipe.search(q, n)
+            score_ranking(res.ids, "local", time.perf_counter() - t0)
+            row["local codebook"] = index.params()["codebook"]
+            row["local bytes/image"] = index.nbytes() / n
+            row["local inverted-file bytes/image"] = float(
+                sum(sg.rows.nbytes + sg.codes.nbytes for sg in index._segs) / n)
+        if "local+mds" in methods:
+            mds = open_pipeline(g, "local+mds", with_models=False)
+            mpipe, _ = mds.build(g.views(mds.spaces))
+            t0 = time.perf_counter()
+            res = mpipe.search(q, n)
+            score_ranking(res.ids, "local+mds", time.perf_counter() - t0)
+            row["local+mds params"] = mpipe.params()
+            row["local+mds bytes/image"] = index.nbytes() / n
+        if lspace_dir.is_dir():
+            row["feature bytes/image"] = _dir_bytes(lspace_dir) / n
+        if gspace:
+            gdir = g.path / "segments" / _slug_dir(g, gspace)
+            if gdir.is_dir():
+                row["global bytes/image"] = _dir_bytes(gdir) / n
+        if "baseline" in methods:
+            feats = g.get_local(keys, space=s.local_space)
+            row["descriptors"] = int(sum(len(f) for f in feats))
+            with MemoryMonitor() as mem:
+                t0 = time.perf_counter()
+                votes = vote_scores(feats, [qfeats[int(j)] for j in bsub], ratio=0.8,
+                                    exclude=qpos[bsub])
+                sec = time.perf_counter() - t0
+            order = np.argsort(-votes, axis=1, kind="stable")
+            score_ranking(keys[order], "baseline", sec, bsub)
+            row["baseline peak MB"] = round(mem.peak_mb, 1)
+    return row
+
+
+def _slug_dir(g: Any, space: str) -> str:
+    """The segment folder name of ``space`` (``name-fingerprint`` with ``@`` -> ``-``)."""
+    base = g.path / "segments"
+    want = space.split("@")[0]
+    hits = [p.name for p in base.iterdir() if p.name.startswith(want)] if base.is_dir() else []
+    return hits[0] if len(hits) == 1 else space
+
+
+# ----------------------------------------------------------------------------- report
+def codebook_info() -> dict[str, Any]:
+    head = json.loads((CODEBOOK_DIR / "header.json").read_text())
+    return {"fingerprint": head["fingerprint"],
+            "bytes": sum(f.stat().st_size for f in CODEBOOK_DIR.iterdir()),
+            "build": {k: v for k, v in head["params"].get("build", {}).items()
+                      if k != "classes"},
+            "command": ".venv/bin/python benchmarks/build_codebook.py --threads 1"}
+
+
+def _f(r: dict[str, Any], key: str, fmt: str = "{:.1f}") -> str:
+    v = r.get(key)
+    return "" if v is None else fmt.format(v)
+
+
+def markdown(payload: dict[str, Any], info: dict[str, Any]) -> str:
+    order = {s: i for i, s in enumerate(SIZES)}
+    rows = sorted(payload["rows"], key=lambda r: order.get(r["row"], 99))
+    lines = [
+        "# Local search vs the plain RootSIFT voting script at every gallery size", "",
+        "R@1 / mAP (%) of a seeded sample of SMVS phone photos (the same sample for every "
+        "method of a row). Baseline: `benchmarks/_local_baseline.py` (RootSIFT, FAISS flat "
+        "over every gallery descriptor, Lowe ratio 0.8, one vote per match: exact). `local`: "
+        "ASMK with the shipped `sift-v1` codebook (the default). `local (gallery codebook)`: "
+        "the previous default, a codebook trained on the gallery's own descriptors (not run "
+        "at 11.4k). `local+mds`: `local` re-ranked by MDS (library defaults, params in the "
+        "JSON). Sizes 30 / 100: SMVS covers at 200 px (`variants.py`); 500: 100 covers + 400 "
+        "Caltech-101 distractors of classes the codebook never saw; 11.4k: the gallery "
+        "`benchmarks/build_g11k.py` builds from every real image of ../shared with the default "
+        "`galleria index --model effnet-lite0 --local sift` recipe (the phone photo's own "
+        "image excluded; relevant = the other images of its cover). `ok`: local R@1 >= "
+        "baseline R@1 - 3; `mds ok`: local+mds R@1 >= local R@1. ms/query: search only, one "
+        "thread.", "",
+        "| gallery | images | queries | baseline | local | local (gallery codebook) | "
+        "local+mds | ok | mds ok |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for sub in ("", " (baseline queries)"):
+            if sub and "baseline queries" not in r:
+                continue
+            nq = r.get("queries", "")
+            if "baseline queries" in r:  # the baseline ran on a sub-sample only
+                nq = r["baseline queries"] if sub else f"{nq} (baseline: not run)"
+            cells = [f"{_f(r, m + ' R@1' + sub)} / {_f(r, m + ' mAP' + sub)}"
+                     if (m + " R@1" + sub) in r else "" for m in METHODS]
+            if sub:
+                cells[0] = f"{_f(r, 'baseline R@1')} / {_f(r, 'baseline mAP')}"
+            lr = r.get("local R@1" + sub)
+            ok = ("yes" if lr >= r["baseline R@1"] - 3 else "**no**") \
+                if "baseline R@1" in r and lr is not None and (sub or "baseline queries"
+                                                               not in r) else ""
+            mr = r.get("local+mds R@1" + sub)
+            mok = ("yes" if mr >= lr else "**no**") if mr is not None and lr is not None else ""
+            lines.append(f"| {r['row']}{' (baseline sub-sample)' if sub else ''} | "
+                         f"{r['gallery']} | {nq} | " + " | ".join(cells) + f" | {ok} | {mok} |")
+    lines += ["", "Cost (one thread; bytes per image: `local` = the ASMK index in memory, "
+              "codebook and quantizer included; features = the stored RootSIFT keypoints + "
+              "descriptors the baseline indexes; baseline peak = anonymous RSS its FAISS flat "
+              "index and search added):", "",
+              "| gallery | descriptors | ms/q baseline | ms/q local | ms/q local+mds | "
+              "bytes/image local | bytes/image features | baseline peak MB |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['row']} | {_f(r, 'descriptors', '{:,}')} | "
+                     f"{_f(r, 'baseline ms/q', '{:,.0f}')} | {_f(r, 'local ms/q', '{:,.0f}')} | "
+                     f"{_f(r, 'local+mds ms/q', '{:,.0f}')} | "
+                     f"{_f(r, 'local bytes/image', '{:,.0f}')} | "
+                     f"{_f(r, 'feature bytes/image', '{:,.0f}')} | "
+                     f"{_f(r, 'baseline peak MB', '{:,.0f}')} |")
+    cb = payload.get("codebook") or {}
+    if cb:
+        lines += ["", "## The shipped codebook", "",
+                  f"`{cb['fingerprint']}`: {cb['bytes']:,} bytes on disk "
+                  f"(`src/galleria/local/codebooks/sift-v1/`), build parameters "
+                  f"`{json.dumps(cb['build'])}`. Built from the repository root by "
+                  f"`{cb['command']}` (`--check` rebuilds into a temporary folder and "
+                  "compares fingerprints)."]
+    build = payload.get("g11k_build")
+    if build:
+        lines += ["", "## The 11.4k gallery build", "", build]
+    lines += ["", "## Machine", "", machine_md(info)]
+    for r in rows:
+        if "load" in r:
+            lines.append(f"- load while {r['row']} ran: {r['load']}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default=",".join(SIZES))
+    ap.add_argument("--methods", default="baseline,local,local (gallery codebook),local+mds")
+    ap.add_argument("--queries", type=int, default=60)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--baseline-queries", type=int, default=20,
+                    help="11.4k: the baseline runs on a seeded sub-sample of this many queries")
+    ap.add_argument("--gallery", default="/work/scratch/g11k")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--fresh", action="store_true", help="drop the rows already in the JSON")
+    ap.add_argument("--build-note", default=None, help="text of the 11.4k build section")
+    args = ap.parse_args()
+    set_threads(args.threads)
+    blas_threshold()
+    info = machine_info(args.threads)
+    info["load_average_at_start"] = os.getloadavg()
+    info["command"] = " ".join(sys.argv)
+    methods = [m.strip() for m in args.methods.split(",")]
+    jpath = RESULTS / f"{NAME}.json"
+    old = json.loads(jpath.read_text()) if jpath.is_file() and not args.fresh else {}
+    keep_rows = [r for r in old.get("rows", []) if "baseline mAP" in r or "local mAP" in r]
+    payload: dict[str, Any] = {"rows": keep_rows, "queries": args.queries, "seed": args.seed,
+                               "codebook": codebook_info(),
+                               "g11k_build": args.build_note or old.get("g11k_build")}
+    for name in args.sizes.split(","):
+        load0 = os.getloadavg()
+        t0 = time.perf_counter()
+        row = (gallery_row(args.gallery, args.queries, args.seed, methods, args.baseline_queries)
+               if name == "all-11.4k" else
+               variant_row(name, args.queries, args.seed, methods, args.threads))
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        row["load"] = f"{load0[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end"
+        # merged with what other processes wrote meanwhile (sizes may run in parallel)
+        now = json.loads(jpath.read_text()) if jpath.is_file() else {}
+        current = {r["row"]: r for r in payload["rows"]}
+        current.update({r["row"]: r for r in now.get("rows", []) if r["row"] != name
+                        and "seconds" in r})
+        prev = current.get(name, {})
+        current[name] = {**prev, **row}
+        payload["rows"] = list(current.values())
+        info["load_average_at_end"] = os.getloadavg()
+        write_results(NAME, {**payload, "machine": info}, markdown(payload, info))
+        print("row", json.dumps(row, default=str), flush=True)
+
+
+if __name__ == "__main__":
+    main()
