@@ -49,7 +49,7 @@ from galleria.errors import InputError
 from galleria.local.base import LocalIndex
 from galleria.local.hybrid import fused_pairwise, fused_scores, to_unit
 from galleria.local.matching import MATCHERS, verify_pairs
-from galleria.rerank.mds import PAPER_P, mds_rerank_scores, scaled_defaults
+from galleria.rerank.mds import PAPER_P, floor_unmatched, mds_rerank_scores, scaled_defaults
 from galleria.types import MISSING_KEY, LocalFeatures, SearchResult
 
 log = logging.getLogger(__name__)
@@ -274,9 +274,14 @@ class LocalMDSPipeline:
         ``D = 1 - S^p`` with ``p = 0.01`` while every scored candidate sits within
         0.1 of the query; hundreds of such points form a unit simplex that takes every
         dimension of the embedding and leaves the query's neighbourhood to noise (the
-        R@1 0 % collapse on the 11,398-image gallery). With ``local_blend > 0`` the
-        new score is ``(1 - local_blend) * cos + local_blend * s / s_max`` (the local
-        evidence guards the order where similarities are too sparse to embed).
+        R@1 0 % collapse on the 11,398-image gallery). Among the embedded candidates a
+        pairwise similarity of 0 is raised to the smallest positive one
+        (:func:`~galleria.rerank.mds.floor_unmatched`: the same collapse from pairs of
+        candidates with no word in common, 100 covers + 400 unrelated images). With
+        ``local_blend > 0`` the new score is ``(1 - local_blend) * (cos + 1) / 2 +
+        local_blend * s / s_max``: both terms in [0, 1], so embedding noise cannot undo
+        a local margin of many times (the local evidence guards the order where
+        similarities are too sparse to embed).
         """
         vecs = queries.need_vectors(self.name) if self.blend else None
         kr, cand = self.sizes()
@@ -290,7 +295,7 @@ class LocalMDSPipeline:
             n_re = min(kr, n_emb)
             if n_re >= 2:
                 emb = ids[:n_emb]
-                pair = self.similarity.pairwise(emb)
+                pair = floor_unmatched(s[:n_emb], self.similarity.pairwise(emb))
                 glob = None
                 if vecs is not None:
                     assert self.fetch_vectors is not None
@@ -298,8 +303,9 @@ class LocalMDSPipeline:
                 new = mds_rerank_scores(s[:n_emb], pair, p=self.p, dim=self.dim,
                                         max_iter=self.max_iter, global_scores=glob,
                                         blend=self.blend)[:n_re].astype(np.float64)
-                if self.local_blend:
-                    new = (1.0 - self.local_blend) * new + self.local_blend * s[:n_re] / s[0]
+                if self.local_blend:  # both terms in [0, 1]
+                    new = ((1.0 - self.local_blend) * (new + 1.0) / 2.0
+                           + self.local_blend * s[:n_re] / s[0])
                 order = np.argsort(-new, kind="stable")
                 ids = np.concatenate([ids[:n_re][order], ids[n_re:]])
                 tail = s[n_re:]
