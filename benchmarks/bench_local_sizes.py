@@ -142,9 +142,10 @@ def _dir_bytes(path: Path) -> int:
 def gallery_row(gallery: str, n_queries: int, seed: int, methods: list[str],
                 baseline_queries: int) -> dict[str, Any]:
     """The 11.4k row over the gallery ``build_g11k.py`` built (see the module docstring)."""
+    from _local_cost import all_images
     from galleria.eval.datasets import load_task
     from galleria.eval.paths import datasets_root
-    from galleria.search.gallery_pipeline import open_pipeline
+    from galleria.search.gallery_pipeline import gallery_spaces, open_pipeline
     from galleria.search.pipelines import QueryBatch
     from galleria.store.gallery import Gallery
 
@@ -161,24 +162,23 @@ def gallery_row(gallery: str, n_queries: int, seed: int, methods: list[str],
     qids = [qids[i] for i in pick]
     row: dict[str, Any] = {"row": "all-11.4k", "queries": len(qids), "gallery_path": gallery}
     with Gallery.open(gallery, readonly=True) as g:
-        s = open_pipeline(g, "local", with_models=False)
-        views = g.views(s.spaces)
-        pipe, view = s.build(views)
-        index = s.local_index(view)
-        keys = view.keys()
+        gspace, lspace = gallery_spaces(g)
+        assert lspace is not None, f"{gallery} has no local features"
+        ids = [p.relative_to(root).as_posix() for p in all_images()]  # build_g11k's ids
+        keys = g.keys_of(ids)
+        ids = [i for i, k in zip(ids, keys.tolist(), strict=True) if k >= 0]
+        keys = keys[keys >= 0]
         n = int(keys.size)
-        ids = view.ids.lookup(keys)
         group = np.array([label_of.get(str(i), -1) for i in ids], np.int64)
         row["gallery"] = n
         qkeys = g.keys_of(qids)
         assert (qkeys >= 0).all(), "a query image is not in the gallery"
         pos = {int(k): j for j, k in enumerate(keys.tolist())}
         qpos = np.array([pos[int(k)] for k in qkeys])
-        qfeats = g.get_local(qkeys, space=s.local_space)
+        qfeats = g.get_local(qkeys, space=lspace)
         qgroup = group[qpos]
         n_rel = np.array([int(np.sum(group == gq)) - 1 for gq in qgroup])
-        lspace_dir = g.path / "segments" / _slug_dir(g, s.local_space)
-        gspace = s.global_space
+        lspace_dir = g.path / "segments" / _slug_dir(g, lspace)
 
         # the baseline's own seeded sub-sample (exact voting over 3.6M descriptors costs
         # minutes per query); every method is also scored on it
@@ -210,6 +210,9 @@ def gallery_row(gallery: str, n_queries: int, seed: int, methods: list[str],
 
         q = QueryBatch(local=qfeats, exclude=qkeys)
         if "local" in methods:
+            s = open_pipeline(g, "local", with_models=False)
+            pipe, view = s.build(g.views(s.spaces))
+            index = s.local_index(view)
             t0 = time.perf_counter()
             res = pipe.search(q, n)
             score_ranking(res.ids, "local", time.perf_counter() - t0)
@@ -224,7 +227,7 @@ def gallery_row(gallery: str, n_queries: int, seed: int, methods: list[str],
             res = mpipe.search(q, n)
             score_ranking(res.ids, "local+mds", time.perf_counter() - t0)
             row["local+mds params"] = mpipe.params()
-            row["local+mds bytes/image"] = index.nbytes() / n
+            row["local+mds bytes/image"] = mpipe.index.nbytes() / n
         if lspace_dir.is_dir():
             row["feature bytes/image"] = _dir_bytes(lspace_dir) / n
         if gspace:
@@ -232,7 +235,7 @@ def gallery_row(gallery: str, n_queries: int, seed: int, methods: list[str],
             if gdir.is_dir():
                 row["global bytes/image"] = _dir_bytes(gdir) / n
         if "baseline" in methods:
-            feats = g.get_local(keys, space=s.local_space)
+            feats = g.get_local(keys, space=lspace)
             row["descriptors"] = int(sum(len(f) for f in feats))
             with MemoryMonitor() as mem:
                 t0 = time.perf_counter()
@@ -253,14 +256,98 @@ def _slug_dir(g: Any, space: str) -> str:
     return hits[0] if len(hits) == 1 else space
 
 
+# ----------------------------------------------------------------------------- ablation
+#: local+mds variants re-scored from the library's pure functions: (floor the unmatched
+#: pairs, local_blend, map the cosine to [0, 1] before blending)
+ABLATION = {"cosine alone, before (no floor)": (False, 0.0, False),
+            "cosine alone, floored": (True, 0.0, False),
+            "blend 0.5, before (no floor, cosine in [-1, 1])": (False, 0.5, False),
+            "blend 0.5, floored, cosine in [-1, 1]": (True, 0.5, False),
+            "blend 0.5, no floor, cosine in [0, 1]": (False, 0.5, True),
+            "blend 0.5, floored, cosine in [0, 1] (the default now)": (True, 0.5, True)}
+
+
+def ablation_row(name: str, n_queries: int, seed: int, threads: int) -> dict[str, Any]:
+    """Each :data:`ABLATION` variant of local+mds on one task (the pipeline's candidate
+    lists and sizes, re-scored here), beside ``local``; R@1 / mAP of the same queries."""
+    from galleria.eval.datasets import load_task
+    from galleria.eval.local import build_local_index
+    from galleria.fingerprint import digest
+    from galleria.rerank.mds import floor_unmatched, mds_rerank_scores
+    from galleria.search.pipelines import LocalMDSPipeline, LocalPipeline, QueryBatch
+
+    full = load_variant(name) if name.startswith("smvs200") else load_task(name)
+    ext = create_extractor("sift")
+    packed, g_rows, q_rows = task_local_features(full, ext, workers=threads)
+    task, keep = sample_queries(full, n_queries, seed)
+    gal = [packed[int(i)] for i in g_rows]
+    qs = [packed[int(q_rows[i])] for i in keep]
+    G = task.num_gallery
+    idx = build_local_index("asmk", gal, dim=ext.dim, fingerprint=ext.fingerprint,
+                            cache_key=digest(full.name, G, [len(f) for f in gal]))
+    ex = (np.where(task.query_gallery_index >= 0, task.query_gallery_index, -1)
+          if task.exclude_self else None)
+    base = LocalPipeline(idx).search(QueryBatch(local=qs, exclude=ex), G)
+    kr, cand = LocalMDSPipeline(idx).sizes()
+    out: dict[str, Any] = {"row": name, "gallery": G, "queries": task.num_queries,
+                           "k": kr, "candidates": cand}
+    m = task.evaluate(base.ids)
+    out["local"] = {"R@1": float(m["R@1"]), "mAP": float(m["mAP"])}
+    for label, (floor, lb, mapped) in ABLATION.items():
+        ids_all = base.ids.copy()
+        for i in range(len(qs)):
+            ids, sc = base.ids[i], base.scores[i].astype(np.float64)
+            valid = (ids >= 0) & np.isfinite(sc)
+            ids, sc = ids[valid], sc[valid]
+            n_emb = min(cand, int(np.count_nonzero(sc[:cand] > 0)))
+            n_re = min(kr, n_emb)
+            if n_re < 2:
+                continue
+            pair = idx.pairwise(ids[:n_emb])
+            if floor:
+                pair = floor_unmatched(sc[:n_emb], pair)
+            new = mds_rerank_scores(sc[:n_emb], pair)[:n_re].astype(np.float64)
+            if lb:
+                new = (1 - lb) * ((new + 1) / 2 if mapped else new) + lb * sc[:n_re] / sc[0]
+            order = np.argsort(-new, kind="stable")
+            ids_all[i, :n_re] = ids[:n_re][order]
+        m = task.evaluate(ids_all)
+        out[label] = {"R@1": float(m["R@1"]), "mAP": float(m["mAP"])}
+        print(name, label, out[label], flush=True)
+    return out
+
+
+def ablation_markdown(payload: dict[str, Any], info: dict[str, Any]) -> str:
+    rows = payload["rows"]
+    labels = ["local", *ABLATION]
+    lines = ["# local+mds: what each part of the fix does (issue 18)", "",
+             "R@1 / mAP (%) of a seeded query sample (the same for every column of a row). "
+             "The local (ASMK, shipped codebook) candidate lists and the pipeline's sizes "
+             "(k re-ranked of the candidates embedded, the paper's 700 / 1,600 scaled to the "
+             "gallery) re-scored with `galleria.rerank.mds` (`mds_rerank_scores`, "
+             "`floor_unmatched`): with or without flooring the pairwise zeros, with or "
+             "without the local blend, the cosine in [-1, 1] or mapped to [0, 1]. Rows: "
+             "`smvs200-100+d400` = 100 SMVS covers at 200 px + 400 Caltech-101 images, phone "
+             "photos as queries; `smvs` = SMVS all-vs-all (the query's own image excluded).",
+             "", "| variant | " + " | ".join(f"{r['row']} ({r['gallery']} images, "
+                                             f"{r['queries']} q, k {r['k']} of "
+                                             f"{r['candidates']})" for r in rows) + " |",
+             "|---|" + "---|" * len(rows)]
+    for lab in labels:
+        lines.append(f"| {lab} | " + " | ".join(
+            f"{r[lab]['R@1']:.1f} / {r[lab]['mAP']:.1f}" for r in rows) + " |")
+    lines += ["", "## Machine", "", machine_md(info)]
+    return "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------------------- report
 def codebook_info() -> dict[str, Any]:
     head = json.loads((CODEBOOK_DIR / "header.json").read_text())
     return {"fingerprint": head["fingerprint"],
             "bytes": sum(f.stat().st_size for f in CODEBOOK_DIR.iterdir()),
             "build": {k: v for k, v in head["params"].get("build", {}).items()
-                      if k != "classes"},
-            "command": ".venv/bin/python benchmarks/build_codebook.py --threads 1"}
+                      if k not in ("classes", "command")},
+            "command": head["params"].get("build", {}).get("command")}
 
 
 def _f(r: dict[str, Any], key: str, fmt: str = "{:.1f}") -> str:
@@ -334,8 +421,9 @@ def markdown(payload: dict[str, Any], info: dict[str, Any]) -> str:
         lines += ["", "## The 11.4k gallery build", "", build]
     lines += ["", "## Machine", "", machine_md(info)]
     for r in rows:
-        if "load" in r:
-            lines.append(f"- load while {r['row']} ran: {r['load']}")
+        for k, v in r.items():
+            if k.startswith("load"):
+                lines.append(f"- {r['row']}, 1-minute load while {k[5:-1]} ran: {v}")
     return "\n".join(lines) + "\n"
 
 
@@ -351,6 +439,9 @@ def main() -> None:
     ap.add_argument("--gallery", default="/work/scratch/g11k")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fresh", action="store_true", help="drop the rows already in the JSON")
+    ap.add_argument("--ablation", default="",
+                    help="instead of the sizes: the local+mds ablation on these tasks "
+                         "(e.g. smvs200-100+d400,smvs) -> local-sizes-variants-mds-ablation.md")
     ap.add_argument("--build-note", default=None, help="text of the 11.4k build section")
     args = ap.parse_args()
     set_threads(args.threads)
@@ -359,6 +450,13 @@ def main() -> None:
     info["load_average_at_start"] = os.getloadavg()
     info["command"] = " ".join(sys.argv)
     methods = [m.strip() for m in args.methods.split(",")]
+    if args.ablation:
+        rows = [ablation_row(t, args.queries, args.seed, args.threads)
+                for t in args.ablation.split(",")]
+        info["load_average_at_end"] = os.getloadavg()
+        write_results(f"{NAME}-mds-ablation", {"rows": rows, "machine": info},
+                      ablation_markdown({"rows": rows}, info))
+        return
     jpath = RESULTS / f"{NAME}.json"
     old = json.loads(jpath.read_text()) if jpath.is_file() and not args.fresh else {}
     keep_rows = [r for r in old.get("rows", []) if "baseline mAP" in r or "local mAP" in r]
@@ -372,7 +470,8 @@ def main() -> None:
                if name == "all-11.4k" else
                variant_row(name, args.queries, args.seed, methods, args.threads))
         row["seconds"] = round(time.perf_counter() - t0, 1)
-        row["load"] = f"{load0[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end"
+        row[f"load ({', '.join(methods)})"] = (f"{load0[0]:.1f} at start, "
+                                               f"{os.getloadavg()[0]:.1f} at end")
         # merged with what other processes wrote meanwhile (sizes may run in parallel)
         now = json.loads(jpath.read_text()) if jpath.is_file() else {}
         current = {r["row"]: r for r in payload["rows"]}
