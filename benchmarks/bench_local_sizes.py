@@ -191,7 +191,7 @@ def _dir_bytes(path: Path) -> int:
 
 
 def gallery_row(gallery: str, n_queries: int, seed: int, methods: list[str],
-                baseline_queries: int) -> dict[str, Any]:
+                baseline_queries: int, mds_queries: int | None = None) -> dict[str, Any]:
     """The 11.4k row over the gallery ``build_g11k.py`` built (see the module docstring)."""
     from _local_cost import all_images
     from galleria.eval.datasets import load_task
@@ -237,6 +237,7 @@ def gallery_row(gallery: str, n_queries: int, seed: int, methods: list[str],
                                                                         len(qids)),
                                                           replace=False))
         row["baseline queries"] = int(bsub.size)
+        row["baseline query positions"] = bsub.tolist()
 
         def score_ranking(rank_keys: np.ndarray, label: str, sec: float,
                           rows_: np.ndarray | None = None) -> None:
@@ -252,10 +253,9 @@ def gallery_row(gallery: str, n_queries: int, seed: int, methods: list[str],
             row[f"{label} R@1"] = 100 * float(np.mean(r1a))
             row[f"{label} mAP"] = 100 * float(np.mean(apa))
             row[f"{label} ms/q"] = 1000 * sec / len(rows_)
-            if label != "baseline":  # the same methods on the baseline's sub-sample
-                sub = np.isin(rows_, bsub)
-                row[f"{label} R@1 (baseline queries)"] = 100 * float(np.mean(r1a[sub]))
-                row[f"{label} mAP (baseline queries)"] = 100 * float(np.mean(apa[sub]))
+            # per query (positions in the 60-query sample): any sub-sample is compared
+            row[f"{label} per-query"] = {"q": [int(j) for j in rows_], "R@1": r1a.tolist(),
+                                         "AP": apa.tolist()}
             print("all-11.4k", label, row[f"{label} R@1"], row[f"{label} mAP"],
                   f"{row[f'{label} ms/q']:.0f} ms/q", flush=True)
 
@@ -274,9 +274,17 @@ def gallery_row(gallery: str, n_queries: int, seed: int, methods: list[str],
         if "local+mds" in methods:
             mds = open_pipeline(g, "local+mds", with_models=False)
             mpipe, _ = mds.build(g.views(mds.spaces))
+            msub = np.arange(len(qids))
+            if mds_queries is not None and mds_queries < len(qids):  # bsub + seeded others
+                rest = np.setdiff1d(msub, bsub)
+                more = np.random.default_rng(seed + 1).choice(
+                    rest, max(0, mds_queries - bsub.size), replace=False)
+                msub = np.sort(np.r_[bsub, more]).astype(np.int64)
+            qm = QueryBatch(local=[qfeats[int(j)] for j in msub], exclude=qkeys[msub])
             t0 = time.perf_counter()
-            res = mpipe.search(q, n)
-            score_ranking(res.ids, "local+mds", time.perf_counter() - t0)
+            res = mpipe.search(qm, n)
+            score_ranking(res.ids, "local+mds", time.perf_counter() - t0, msub)
+            row["local+mds queries"] = int(msub.size)
             row["local+mds params"] = mpipe.params()
             row["local+mds bytes/image"] = mpipe.index.nbytes() / n
         if lspace_dir.is_dir():
@@ -401,6 +409,29 @@ def codebook_info() -> dict[str, Any]:
             "command": head["params"].get("build", {}).get("command")}
 
 
+def _subsample_metrics(r: dict[str, Any]) -> None:
+    """Fill ``<method> R@1 / mAP (<sub> queries)`` from the per-query results of the
+    11.4k row: every method on the baseline's and on local+mds's sub-samples."""
+    for sub in ("baseline", "local+mds"):
+        want = (r.get("baseline query positions") if sub == "baseline" else
+                (r.get(f"{sub} per-query") or {}).get("q"))
+        if not want or (sub == "local+mds" and r.get("local+mds queries") == r.get("queries")):
+            continue
+        for m in METHODS:
+            pq = r.get(f"{m} per-query")
+            if not pq or m == sub:
+                continue
+            at = {q: i for i, q in enumerate(pq["q"])}
+            if not all(q in at for q in want):
+                continue
+            r[f"{m} R@1 ({sub} queries)"] = 100 * float(np.mean([pq["R@1"][at[q]]
+                                                                 for q in want]))
+            r[f"{m} mAP ({sub} queries)"] = 100 * float(np.mean([pq["AP"][at[q]]
+                                                                 for q in want]))
+        r[f"{sub} R@1 ({sub} queries)"] = r.get(f"{sub} R@1")
+        r[f"{sub} mAP ({sub} queries)"] = r.get(f"{sub} mAP")
+
+
 def _f(r: dict[str, Any], key: str, fmt: str = "{:.1f}") -> str:
     v = r.get(key)
     return "" if v is None else fmt.format(v)
@@ -427,23 +458,26 @@ def markdown(payload: dict[str, Any], info: dict[str, Any]) -> str:
         "| gallery | images | queries | baseline | local | local (gallery codebook) | "
         "local+mds | ok | mds ok |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        for sub in ("", " (baseline queries)"):
-            if sub and "baseline queries" not in r:
+        _subsample_metrics(r)
+        for sub in ("", " (baseline queries)", " (local+mds queries)"):
+            if sub and (sub.strip(" ()") not in r or r.get(sub.strip(" ()")) == r.get("queries")):
                 continue
             nq = r.get("queries", "")
             if "baseline queries" in r:  # the baseline ran on a sub-sample only
                 nq = r["baseline queries"] if sub else f"{nq} (baseline: not run)"
             cells = [f"{_f(r, m + ' R@1' + sub)} / {_f(r, m + ' mAP' + sub)}"
                      if (m + " R@1" + sub) in r else "" for m in METHODS]
-            if sub:
+            if sub == " (baseline queries)":
                 cells[0] = f"{_f(r, 'baseline R@1')} / {_f(r, 'baseline mAP')}"
+            if sub == " (local+mds queries)":
+                nq = r["local+mds queries"]
             lr = r.get("local R@1" + sub)
             ok = ("yes" if lr >= r["baseline R@1"] - 3 else "**no**") \
-                if "baseline R@1" in r and lr is not None and (sub or "baseline queries"
-                                                               not in r) else ""
+                if "baseline R@1" in r and lr is not None and sub != " (local+mds queries)" \
+                and (sub or "baseline queries" not in r) else ""
             mr = r.get("local+mds R@1" + sub)
             mok = ("yes" if mr >= lr else "**no**") if mr is not None and lr is not None else ""
-            lines.append(f"| {r['row']}{' (baseline sub-sample)' if sub else ''} | "
+            lines.append(f"| {r['row']}{sub.replace('queries', 'sub-sample')} | "
                          f"{r['gallery']} | {nq} | " + " | ".join(cells) + f" | {ok} | {mok} |")
     lines += ["", "Cost (one thread; bytes per image: `local` = the ASMK index in memory, "
               "codebook and quantizer included; features = the stored RootSIFT keypoints + "
@@ -486,6 +520,9 @@ def main() -> None:
     ap.add_argument("--methods", default="baseline,local,local (gallery codebook),local+mds")
     ap.add_argument("--queries", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mds-queries", type=int, default=None,
+                    help="11.4k: local+mds on a seeded sub-sample of this many queries (the "
+                         "baseline's included)")
     ap.add_argument("--baseline-queries", type=int, default=20,
                     help="11.4k: the baseline runs on a seeded sub-sample of this many queries")
     ap.add_argument("--gallery", default="/work/scratch/g11k")
@@ -534,7 +571,8 @@ def main() -> None:
     for name in args.sizes.split(","):
         load0 = os.getloadavg()
         t0 = time.perf_counter()
-        row = (gallery_row(args.gallery, args.queries, args.seed, methods, args.baseline_queries)
+        row = (gallery_row(args.gallery, args.queries, args.seed, methods, args.baseline_queries,
+                           args.mds_queries)
                if name == "all-11.4k" else
                variant_row(name, args.queries, args.seed, methods, args.threads))
         row["seconds"] = round(time.perf_counter() - t0, 1)
