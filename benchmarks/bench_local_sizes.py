@@ -464,18 +464,23 @@ def markdown(payload: dict[str, Any], info: dict[str, Any]) -> str:
                 continue
             nq = r.get("queries", "")
             if "baseline queries" in r:  # the baseline ran on a sub-sample only
-                nq = r["baseline queries"] if sub else f"{nq} (baseline: not run)"
+                nq = r["baseline queries"] if sub else f"{nq} (sub-samples below)"
             cells = [f"{_f(r, m + ' R@1' + sub)} / {_f(r, m + ' mAP' + sub)}"
                      if (m + " R@1" + sub) in r else "" for m in METHODS]
+            if not sub:  # methods run on a sub-sample only are shown on their lines
+                for c, m in enumerate(METHODS):
+                    if r.get(f"{m} queries", r.get("queries")) != r.get("queries"):
+                        cells[c] = ""
             if sub == " (baseline queries)":
                 cells[0] = f"{_f(r, 'baseline R@1')} / {_f(r, 'baseline mAP')}"
             if sub == " (local+mds queries)":
                 nq = r["local+mds queries"]
+                cells[0] = ""
             lr = r.get("local R@1" + sub)
             ok = ("yes" if lr >= r["baseline R@1"] - 3 else "**no**") \
                 if "baseline R@1" in r and lr is not None and sub != " (local+mds queries)" \
                 and (sub or "baseline queries" not in r) else ""
-            mr = r.get("local+mds R@1" + sub)
+            mr = r.get("local+mds R@1" + sub) if cells[3] else None
             mok = ("yes" if mr >= lr else "**no**") if mr is not None and lr is not None else ""
             lines.append(f"| {r['row']}{sub.replace('queries', 'sub-sample')} | "
                          f"{r['gallery']} | {nq} | " + " | ".join(cells) + f" | {ok} | {mok} |")
