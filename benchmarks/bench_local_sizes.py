@@ -62,7 +62,10 @@ from variants import load_variant
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "local-sizes-variants"
 SIZES = ("smvs200-30", "smvs200-100", "smvs200-100+d400", "all-11.4k")
-METHODS = ("baseline", "local", "local (gallery codebook)", "local+mds")
+METHODS = ("baseline", "local", "local (gallery codebook)", "local+mds",
+           "local+mds (no evidence gate)")
+#: pipeline options of the local+mds methods
+MDS_METHODS = {"local+mds": {}, "local+mds (no evidence gate)": {"evidence": 0.0}}
 CODEBOOK_DIR = (Path(__file__).resolve().parents[1] / "src" / "galleria" / "local" / "codebooks"
                 / "sift-v1")
 
@@ -169,7 +172,9 @@ def variant_row(name: str, n_queries: int, seed: int, methods: list[str],
     cfgs = {"local": LocalEvalConfig(pipeline="local"),
             "local (gallery codebook)": LocalEvalConfig(pipeline="local",
                                                         index_params={"codebook": "gallery"}),
-            "local+mds": LocalEvalConfig(pipeline="local+mds")}
+            "local+mds": LocalEvalConfig(pipeline="local+mds"),
+            "local+mds (no evidence gate)": LocalEvalConfig(pipeline="local+mds",
+                                                         pipeline_params={"evidence": 0.0})}
     for label in [m for m in methods if m in cfgs]:
         res = evaluate_pipeline(full, dataclasses.replace(cfgs[label], max_queries=n_queries,
                                                           query_seed=seed), workers=threads)
@@ -179,8 +184,8 @@ def variant_row(name: str, n_queries: int, seed: int, methods: list[str],
         row[f"{label} ms/q"] = res["search_ms_per_query"]
         row[f"{label} codebook"] = res["index"]["params"]["codebook"]
         row[f"{label} bytes/image"] = res["index"]["bytes_per_image"]
-        if label == "local+mds":
-            row["local+mds params"] = res["pipeline_params"]
+        if label in MDS_METHODS:
+            row[f"{label} params"] = res["pipeline_params"]
         print(name, label, res["metrics"], res["search_ms_per_query"], "ms/q", flush=True)
     return row
 
@@ -271,8 +276,8 @@ def gallery_row(gallery: str, n_queries: int, seed: int, methods: list[str],
             row["local bytes/image"] = index.nbytes() / n
             row["local inverted-file bytes/image"] = float(
                 sum(sg.rows.nbytes + sg.codes.nbytes for sg in index._segs) / n)
-        if "local+mds" in methods:
-            mds = open_pipeline(g, "local+mds", with_models=False)
+        for mlabel in [m for m in methods if m in MDS_METHODS]:
+            mds = open_pipeline(g, "local+mds", with_models=False, **MDS_METHODS[mlabel])
             mpipe, _ = mds.build(g.views(mds.spaces))
             msub = np.arange(len(qids))
             if mds_queries is not None and mds_queries < len(qids):  # bsub + seeded others
@@ -283,10 +288,10 @@ def gallery_row(gallery: str, n_queries: int, seed: int, methods: list[str],
             qm = QueryBatch(local=[qfeats[int(j)] for j in msub], exclude=qkeys[msub])
             t0 = time.perf_counter()
             res = mpipe.search(qm, n)
-            score_ranking(res.ids, "local+mds", time.perf_counter() - t0, msub)
-            row["local+mds queries"] = int(msub.size)
-            row["local+mds params"] = mpipe.params()
-            row["local+mds bytes/image"] = mpipe.index.nbytes() / n
+            score_ranking(res.ids, mlabel, time.perf_counter() - t0, msub)
+            row[f"{mlabel} queries"] = int(msub.size)
+            row[f"{mlabel} params"] = mpipe.params()
+            row[f"{mlabel} bytes/image"] = mpipe.index.nbytes() / n
         if lspace_dir.is_dir():
             row["feature bytes/image"] = _dir_bytes(lspace_dir) / n
         if gspace:
@@ -457,7 +462,8 @@ def markdown(payload: dict[str, Any], info: dict[str, Any]) -> str:
         "`local` is flagged). ms/query: search only, one thread; the load differed between "
         "runs (Machine).", "",
         "| gallery | images | queries | baseline | local | local (gallery codebook) | "
-        "local+mds | ok | mds ok |", "|---|---|---|---|---|---|---|---|---|"]
+        "local+mds | local+mds (no evidence gate) | ok | mds ok |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         _subsample_metrics(r)
         for sub in ("", " (baseline queries)", " (local+mds queries)"):

@@ -99,7 +99,7 @@ def test_mds_pipeline_reorders_only_its_top_k(scene, rng):
     idx = AsmkIndex(D, codebook_size=8, multiple_assignment=1)
     idx.add(np.arange(12), gallery)
     base = LocalPipeline(idx).search(QueryBatch(local=queries), 12)
-    pipe = LocalMDSPipeline(idx, k=6, candidates=10, p=0.5, dim=4, local_blend=0.0)
+    pipe = LocalMDSPipeline(idx, k=6, candidates=10, p=0.5, dim=4, local_blend=0.0, evidence=0)
     assert pipe.sizes() == (6, 10) and pipe.params()["k"] == 6
     res = pipe.search(QueryBatch(local=queries), 12)
     for i in range(3):
@@ -290,7 +290,8 @@ def test_mds_unmatched_pairs_regression_zero_pairwise_similarities_are_floored()
         q, pair, true = _unmatched_pairs_case(seed)
         n = len(q)
         before += int(true[np.argmax(mds_rerank_scores(q, pair))])  # the cause
-        pipe = LocalMDSPipeline(_MatrixSimilarity(pair), k=n, candidates=n, local_blend=0.0)
+        pipe = LocalMDSPipeline(_MatrixSimilarity(pair), k=n, candidates=n, local_blend=0.0,
+                                evidence=0)  # every candidate embedded: the floor alone
         res = SearchResult(q[None].astype(np.float32), np.arange(n)[None])
         out = pipe.rerank(QueryBatch(local=[None]), res, 10)
         after += int(true[out.ids[0, 0]])  # the MDS cosine alone finds the cover again
@@ -305,3 +306,30 @@ def test_floor_unmatched_raises_only_off_diagonal_zeros():
     assert out[0, 1] == out[1, 0] == 0.01  # the smallest positive of query row and pairs
     assert out[1, 1] == 0.0 and out[0, 2] == 0.2 and pair[0, 1] == 0.0  # input untouched
     assert (floor_unmatched(np.zeros(2), np.zeros((2, 2))) == 0).all()  # nothing to floor
+
+
+def test_mds_evidence_gate_embeds_only_candidates_standing_out():
+    """Issue 18, 11.4k gallery: 1,600 embedded candidates of which ~4 are related give
+    noise cosines (local+mds mAP far below local); only candidates more than
+    ``evidence`` standard deviations above the candidates' mean are embedded."""
+    rng = np.random.default_rng(0)
+    n = 200
+    q = np.sort(np.r_[[0.05, 0.04, 0.03], rng.uniform(1e-3, 2e-3, n - 3)])[::-1]
+    pair = np.full((n, n), 1e-3)
+    np.fill_diagonal(pair, 1.0)
+    seen = []
+
+    class Spy(_MatrixSimilarity):
+        def pairwise(self, keys):
+            seen.append(len(keys))
+            return super().pairwise(keys)
+
+    res = SearchResult(q[None].astype(np.float32), np.arange(n)[None])
+    out = LocalMDSPipeline(Spy(pair), k=n, candidates=n).rerank(QueryBatch(local=[None]), res, n)
+    assert seen == [3] and sorted(out.ids[0, :3].tolist()) == [0, 1, 2]
+    assert out.ids[0, 3:].tolist() == list(range(3, n))  # the rest keeps the local order
+    LocalMDSPipeline(Spy(pair), k=n, candidates=n, evidence=0).rerank(
+        QueryBatch(local=[None]), res, n)
+    assert seen[-1] == n
+    with pytest.raises(InputError):
+        LocalMDSPipeline(Spy(pair), evidence=-1)
