@@ -322,13 +322,15 @@ def _slug_dir(g: Any, space: str) -> str:
 
 # ----------------------------------------------------------------------------- ablation
 #: local+mds variants re-scored from the library's pure functions: (floor the unmatched
-#: pairs, local_blend, map the cosine to [0, 1] before blending)
-ABLATION = {"cosine alone, before (no floor)": (False, 0.0, False),
-            "cosine alone, floored": (True, 0.0, False),
-            "blend 0.5, before (no floor, cosine in [-1, 1])": (False, 0.5, False),
-            "blend 0.5, floored, cosine in [-1, 1]": (True, 0.5, False),
-            "blend 0.5, no floor, cosine in [0, 1]": (False, 0.5, True),
-            "blend 0.5, floored, cosine in [0, 1] (the default now)": (True, 0.5, True)}
+#: pairs, local_blend, map the cosine to [0, 1] before blending, evidence gate)
+ABLATION = {"cosine alone, before (no floor)": (False, 0.0, False, 0.0),
+            "cosine alone, floored": (True, 0.0, False, 0.0),
+            "blend 0.5, before (no floor, cosine in [-1, 1])": (False, 0.5, False, 0.0),
+            "blend 0.5, floored, cosine in [-1, 1]": (True, 0.5, False, 0.0),
+            "blend 0.5, no floor, cosine in [0, 1]": (False, 0.5, True, 0.0),
+            "blend 0.5, floored, cosine in [0, 1], no evidence gate": (True, 0.5, True, 0.0),
+            "blend 0.5, floored, cosine in [0, 1], evidence 3 (the default now)":
+                (True, 0.5, True, 3.0)}
 
 
 def ablation_row(name: str, n_queries: int, seed: int, threads: int) -> dict[str, Any]:
@@ -357,13 +359,16 @@ def ablation_row(name: str, n_queries: int, seed: int, threads: int) -> dict[str
                            "k": kr, "candidates": cand}
     m = task.evaluate(base.ids)
     out["local"] = {"R@1": float(m["R@1"]), "mAP": float(m["mAP"])}
-    for label, (floor, lb, mapped) in ABLATION.items():
+    for label, (floor, lb, mapped, ev) in ABLATION.items():
         ids_all = base.ids.copy()
         for i in range(len(qs)):
             ids, sc = base.ids[i], base.scores[i].astype(np.float64)
             valid = (ids >= 0) & np.isfinite(sc)
             ids, sc = ids[valid], sc[valid]
             n_emb = min(cand, int(np.count_nonzero(sc[:cand] > 0)))
+            if ev and n_emb > 2:
+                top = sc[:n_emb]
+                n_emb = int(np.count_nonzero(top > top.mean() + ev * top.std()))
             n_re = min(kr, n_emb)
             if n_re < 2:
                 continue
