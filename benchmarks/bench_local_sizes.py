@@ -422,10 +422,10 @@ def codebook_info() -> dict[str, Any]:
 def _subsample_metrics(r: dict[str, Any]) -> None:
     """Fill ``<method> R@1 / mAP (<sub> queries)`` from the per-query results of the
     11.4k row: every method on the baseline's and on local+mds's sub-samples."""
-    for sub in ("baseline", "local+mds"):
+    for sub in ("baseline", *MDS_METHODS):
         want = (r.get("baseline query positions") if sub == "baseline" else
                 (r.get(f"{sub} per-query") or {}).get("q"))
-        if not want or (sub == "local+mds" and r.get("local+mds queries") == r.get("queries")):
+        if not want or (sub != "baseline" and r.get(f"{sub} queries") == r.get("queries")):
             continue
         for m in METHODS:
             pq = r.get(f"{m} per-query")
@@ -471,7 +471,7 @@ def markdown(payload: dict[str, Any], info: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         _subsample_metrics(r)
-        for sub in ("", " (baseline queries)", " (local+mds queries)"):
+        for sub in ("", " (baseline queries)", *(f" ({m} queries)" for m in MDS_METHODS)):
             if sub and (sub.strip(" ()") not in r or r.get(sub.strip(" ()")) == r.get("queries")):
                 continue
             nq = r.get("queries", "")
@@ -485,12 +485,13 @@ def markdown(payload: dict[str, Any], info: dict[str, Any]) -> str:
                         cells[c] = ""
             if sub == " (baseline queries)":
                 cells[0] = f"{_f(r, 'baseline R@1')} / {_f(r, 'baseline mAP')}"
-            if sub == " (local+mds queries)":
-                nq = r["local+mds queries"]
+            mds_sub = sub not in ("", " (baseline queries)")
+            if mds_sub:
+                nq = r[sub.strip(" ()")]
                 cells[0] = ""
             lr = r.get("local R@1" + sub)
             ok = ("yes" if lr >= r["baseline R@1"] - 3 else "**no**") \
-                if "baseline R@1" in r and lr is not None and sub != " (local+mds queries)" \
+                if "baseline R@1" in r and lr is not None and not mds_sub \
                 and (sub or "baseline queries" not in r) else ""
             mr = r.get("local+mds R@1" + sub) if cells[3] else None
             mok = ("yes" if mr >= lr else "**no**") if mr is not None and lr is not None else ""

@@ -278,7 +278,7 @@ def _unmatched_pairs_case(seed, n=100, zero=0.07):
     return q[order], pair[np.ix_(order, order)], order == 0
 
 
-@pytest.mark.slow  # 12 SMACOF runs of 101 points: ~20 s on a loaded 2-core machine
+@pytest.mark.slow  # 12 SMACOF runs of 101 points (~1 s)
 def test_mds_unmatched_pairs_regression_zero_pairwise_similarities_are_floored():
     """Issue 18: local+mds R@1 1.7 % (cosine alone) / 58 % (local_blend 0.5) vs local
     98.3 % on 100 covers + 400 Caltech-101 images. Cause: pairs of candidates with no
