@@ -44,15 +44,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import machine_info, machine_md, set_threads, write_results
 from _local_baseline import vote_scores
+from galleria.decision.choose import default_pipeline
 from galleria.eval.datasets import RetrievalTask, load_task
 from galleria.eval.local import LocalEvalConfig, evaluate_pipeline, sample_queries
 from galleria.eval.local_features import task_local_features
 from galleria.extractors.registry import create_extractor
-from variants import load_variant
+from variants import load_variant, smvs_variant
 
 PIPELINES = ("global", "global+sv", "local", "local+mds", "hybrid")
 ROWS = ("smvs", "smvs-ref", "rparis250", "ukbench56", "oxford_affine", "caltech101",
-        "smvs200-30", "smvs200-100")
+        "smvs200-30", "smvs200-100", "smvs200-100+d400", "smvs120-50@Palm-s1")
+#: rows built by script that the verified hybrid's settings were not tuned on
+UNSEEN = {"smvs200-100+d400": {"covers": 100, "ref_side": 200, "distractors": 400},
+          "smvs120-50@Palm-s1": {"covers": 50, "ref_side": 120, "devices": ("Palm",),
+                                 "seed": 1}}
+#: the pipeline a gallery with a global and a local space answers with when none is named
+DEFAULT = default_pipeline(True, True)
 #: the metrics shown per row (first one is the row's headline for the check)
 METRICS = {"revisitop": ("M_mAP", "E_mAP", "H_mAP"), "instance": ("R@1", "mAP"),
            "ukbench": ("N-S",), "class": ("mAP@R", "R@1")}
@@ -61,7 +68,14 @@ SIZES = ("smvs200-30", "smvs200-100", "smvs200-100+d400", "all-11.4k")
 
 
 def load_row(name: str) -> RetrievalTask:
+    if name in UNSEEN:
+        return smvs_variant(**UNSEEN[name], name=name)
     return load_variant(name) if name.startswith("smvs200") else load_task(name)
+
+
+def _tail(path: str | Path) -> str:
+    """The last two parts of an image path (class folder / file on Caltech-101)."""
+    return "/".join(Path(str(path)).parts[-2:])
 
 
 def run_table(rows: list[str], pipelines: list[str], max_queries: int | None,
@@ -76,6 +90,10 @@ def run_table(rows: list[str], pipelines: list[str], max_queries: int | None,
             keep = {k: res[k] for k in ("metrics", "pipeline_params", "search_ms_per_query",
                                         "queries", "gallery", "seconds")}
             keep["codebook"] = res.get("index", {}).get("params", {}).get("codebook")
+            keep["top1"] = [_tail(task.gallery_paths[i]) if i >= 0 else None
+                            for i in res["top1"]]
+            keep["query_tails"] = [_tail(task.query_paths[int(i)]) for i in
+                                   sample_queries(task, max_queries)[1]]
             out.append({"row": row, "pipeline": pipe, "protocol": task.protocol,
                         "queries_full": task.num_queries, **keep})
             print(f"{row:<14} {pipe:<10} {res['metrics']} {res['search_ms_per_query']:.0f} ms/q "
@@ -83,58 +101,146 @@ def run_table(rows: list[str], pipelines: list[str], max_queries: int | None,
     return {"rows": out, "max_queries": max_queries, "pipelines": pipelines}
 
 
+def _margin(metric: str, points: float) -> float:
+    return points * 0.04 if metric == "N-S" else points  # N-S is out of 4: 1 point = 0.04
+
+
 def _check(cells: dict[str, dict[str, float]], metric: str) -> str:
+    """``hybrid >= max(global, local) - 1``."""
     need = [p for p in ("global", "local", "hybrid") if p in cells]
     if len(need) < 3:
         return ""
     best = max(cells["global"][metric], cells["local"][metric])
-    margin = 0.04 if metric == "N-S" else 1.0  # N-S is out of 4: 1 point = 0.04
-    ok = cells["hybrid"][metric] >= best - margin
+    ok = cells["hybrid"][metric] >= best - _margin(metric, 1.0)
     return "yes" if ok else f"**no** ({cells['hybrid'][metric] - best:+.1f})"
 
 
+def _check_default(cells: dict[str, dict[str, float]], metric: str) -> str:
+    """The default within 2 points of the best pipeline."""
+    if DEFAULT not in cells:
+        return ""
+    best_p = max(cells, key=lambda p: cells[p][metric])
+    gap = cells[DEFAULT][metric] - cells[best_p][metric]
+    if gap >= -_margin(metric, 2.0):
+        return "yes" if gap >= 0 else f"yes ({gap:+.2f} vs {best_p})" if metric == "N-S" \
+            else f"yes ({gap:+.1f} vs {best_p})"
+    return f"**no** ({gap:+.1f} vs {best_p})"
+
+
+def disagreements(payload: dict[str, Any]) -> list[str]:
+    """Where the default trails ``global`` on R@1: the queries whose first result differs in
+    correctness (from the same run's first results; rows that have them)."""
+    out: list[str] = []
+    by: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in payload["rows"]:
+        by.setdefault(r["row"], {})[r["pipeline"]] = r
+    for row, cells in by.items():
+        d, g = cells.get(DEFAULT), cells.get("global")
+        if not (d and g and d.get("top1") and g.get("top1")) or "R@1" not in d["metrics"]:
+            continue
+        if d["metrics"]["R@1"] >= g["metrics"]["R@1"] or len(g["top1"]) != len(d["top1"]):
+            continue
+        qs = d["query_tails"]
+
+        def cls(t: str | None) -> str:
+            return t.split("/")[0] if t else "-"
+
+        diff = [(q, a, b) for q, a, b in zip(qs, d["top1"], g["top1"], strict=True)
+                if (cls(a) == cls(q)) != (cls(b) == cls(q))]
+        out += ["", f"Rank-1 disagreements of the default with `global` on {row} (the default "
+                f"trails on R@1; query, the default's first result, global's first result; "
+                "the class is the folder):", "",
+                "| query | default's first | global's first | right |", "|---|---|---|---|"]
+        out += [f"| {q} | {a} | {b} | {'default' if cls(a) == cls(q) else 'global'} |"
+                for q, a, b in diff]
+    return out
+
+
+def mds_blend(payload: dict[str, Any]) -> str:
+    """The ``local_blend`` of the ``local+mds`` cells, per row where they differ."""
+    got = {r["row"]: r["pipeline_params"].get("local_blend") for r in payload["rows"]
+           if r["pipeline"] == "local+mds"}
+    vals = sorted({str(v) for v in got.values()})
+    if len(vals) <= 1:
+        return vals[0] if vals else "-"
+    return "; ".join(f"{v} on {', '.join(r for r, x in got.items() if str(x) == v)}"
+                     for v in vals)
+
+
 def table_markdown(payload: dict[str, Any], info: dict[str, Any]) -> str:
-    pipes = payload["pipelines"]
+    pipes = [p for p in PIPELINES if any(r["pipeline"] == p for r in payload["rows"])]
     by: dict[str, dict[str, dict[str, float]]] = {}
     meta: dict[str, dict[str, Any]] = {}
     for r in payload["rows"]:
         by.setdefault(r["row"], {})[r["pipeline"]] = r["metrics"]
         meta[r["row"]] = r
-    mds = sorted({str(r["pipeline_params"].get("local_blend", 0.0)) for r in payload["rows"]
-                  if r["pipeline"] == "local+mds"})
-    lines = ["# Every pipeline on every set: local-to-global that never loses (issue 18)", "",
+    hyb = next((r["pipeline_params"] for r in payload["rows"] if r["pipeline"] == "hybrid"), {})
+    reused: dict[str, set[str]] = {}
+    for r in payload["rows"]:
+        if r.get("reused_from"):
+            reused.setdefault(r["reused_from"], set()).add(f"{r['pipeline']} on {r['row']}")
+    lines = ["# Every pipeline and the default on every set: local-to-global that never loses "
+             "(issue 18)", "",
              "Global: effnet-lite0 GeM; local: sift (RootSIFT, <= 1,000 keypoints) with the "
              "shipped `sift-v1` codebook (16,384 words trained once on the 50 seen Caltech-101 "
              "classes; the Caltech-101 row's gallery and queries include those classes). "
              "`global+sv`: global top 100 re-ranked by MAGSAC++ inliers. `local+mds`: ASMK "
-             "results re-ranked by MDS (paper settings scaled to the gallery, zero-score "
-             f"candidates not embedded, local_blend {', '.join(mds) or '-'} in these runs). "
-             "`hybrid`: global top 100 + local top 100, each source standardised against its "
-             "own shortlist, fused as relu(z_g - 3) + relu(z_l - 3) + 0.01 z_g "
-             "(`galleria.local.hybrid`). Percent; N-S out of 4. `ok`: hybrid >= max(global, "
-             "local) - 1 point (N-S: - 0.04) on that metric. Queries: a seeded sample where "
-             "marked (the same sample for every pipeline of a row).", ""]
-    header = "| row | queries | metric | " + " | ".join(pipes) + " | ok |"
-    lines += [header, "|" + "---|" * (len(pipes) + 4)]
+             "results re-ranked by MDS (zero-score candidates not embedded; local_blend "
+             f"{mds_blend(payload)}). `hybrid` (verified): global top "
+             f"{hyb.get('candidates', '?')} + local top {hyb.get('candidates', '?')}; the local "
+             f"top {hyb.get('verify', '?')} and the global top {hyb.get('verify', '?')} are "
+             f"spatially verified (MAGSAC++, {hyb.get('matcher', '?')} matches, pairs with "
+             f"fewer than {hyb.get('min_inliers', '?')} tentative matches skipped); those with "
+             f">= {hyb.get('min_inliers', '?')} inliers come first by inliers, the rest in the "
+             f"global order (unverified local scores weigh {hyb.get('local_weight', '?')}). "
+             f"`default`: the pipeline `decision.choose` answers with on a gallery with a global "
+             f"and a local space when none is named (`{DEFAULT}`, its default parameters; the "
+             "same measured run). Percent; N-S out of 4. `hybrid ok`: hybrid >= max(global, "
+             "local) - 1 point (N-S: - 0.04); `default ok`: default >= best pipeline - 2 points "
+             "(N-S: - 0.08). Queries: a seeded sample where marked (the same sample for every "
+             "pipeline of a row). Rows marked *unseen*: variants built by script after the "
+             "hybrid's settings were fixed (not tuned on).", ""]
+    if reused:
+        lines += ["Cells measured by this script in an earlier run (same code of those "
+                  "pipelines, same seeded query sample) and reused here: "
+                  + "; ".join(f"run of {when}: {len(c)} cells "
+                              f"({', '.join(sorted({x.split(' on ')[0] for x in c}))} on "
+                              f"{', '.join(sorted({x.split(' on ')[1] for x in c}))})"
+                              for when, c in sorted(reused.items()))
+                  + ". Every other cell (every `hybrid` cell) is from this run.", ""]
+    skipped = payload.get("row_skip") or []
+    if skipped:
+        lines += ["Not run (blank cells; too slow for the sample): "
+                  + ", ".join(f"{p} on {r}" for r, p in skipped)
+                  + ". `default ok` compares with the pipelines that ran.", ""]
+    cols = [*pipes, "default"]
+    header = "| row | queries | metric | " + " | ".join(cols) + " | hybrid ok | default ok |"
+    lines += [header, "|" + "---|" * (len(cols) + 5)]
     for row, cells in by.items():
         m = meta[row]
         metrics = METRICS[m["protocol"]]
         nq = m["queries"]
         qtxt = f"{nq}" if nq == m["queries_full"] else f"{nq} of {m['queries_full']} (seeded)"
+        name = f"{row} *unseen*" if row in UNSEEN else row
+        full = {**cells, "default": cells[DEFAULT]} if DEFAULT in cells else cells
         for j, metric in enumerate(metrics):
-            vals = [f"{cells[p][metric]:.2f}" if metric == "N-S" else f"{cells[p][metric]:.1f}"
-                    if p in cells else "" for p in pipes]
-            ok = _check(cells, metric)
-            lines.append(f"| {row if j == 0 else ''} | {qtxt if j == 0 else ''} | {metric} | "
-                         + " | ".join(vals) + f" | {ok} |")
-    lines += ["", "ms per query (search only, features cached):", "",
-              "| row | " + " | ".join(pipes) + " |", "|" + "---|" * (len(pipes) + 1)]
+            vals = [(f"{full[p][metric]:.2f}" if metric == "N-S" else f"{full[p][metric]:.1f}")
+                    if p in full else "" for p in cols]
+            lines.append(f"| {name if j == 0 else ''} | {qtxt if j == 0 else ''} | {metric} | "
+                         + " | ".join(vals) + f" | {_check(cells, metric)} | "
+                         f"{_check_default(cells, metric)} |")
+    lines += disagreements(payload)
+    lines += ["", "ms per query (search only, features cached, one thread; a loaded shared "
+              "machine: see the load average below):", "",
+              "| row | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
     ms: dict[str, dict[str, float]] = {}
     for r in payload["rows"]:
         ms.setdefault(r["row"], {})[r["pipeline"]] = r["search_ms_per_query"]
     for row, cells in ms.items():
-        lines.append(f"| {row} | " + " | ".join(f"{cells.get(p, float('nan')):.0f}"
-                                                for p in pipes) + " |")
+        if DEFAULT in cells:
+            cells = {**cells, "default": cells[DEFAULT]}
+        lines.append(f"| {row} | " + " | ".join(f"{cells[p]:.0f}" if p in cells else "-"
+                                                for p in cols) + " |")
     lines += ["", "## Machine", "", machine_md(info)]
     return "\n".join(lines) + "\n"
 
@@ -236,6 +342,21 @@ def sizes_markdown(payload: dict[str, Any], info: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def reusable(name: str, max_queries: int | None) -> list[dict[str, Any]]:
+    """Rows of an earlier run of this script with the same query sample (``reused_from``:
+    that run's date)."""
+    from galleria.io.atomic import read_json
+
+    path = RESULTS / f"{name}.json"
+    if not path.is_file():
+        return []
+    old = read_json(path)
+    if old.get("max_queries") != max_queries:
+        return []
+    when = str(old.get("machine", {}).get("date", name))
+    return [{**r, "reused_from": r.get("reused_from") or when} for r in old["rows"]]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -247,6 +368,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--name", default="", help="suffix of the result files")
     ap.add_argument("--merge", default="", help="with --sections merge: result names to join")
+    ap.add_argument("--row-max", default="",
+                    help="per-row query sample, e.g. caltech101=200 (cells of that row not reused)")
+    ap.add_argument("--row-skip", default="",
+                    help="row=pipeline pairs not run, e.g. caltech101=local+mds (blank cells)")
+    ap.add_argument("--rerun", default="hybrid",
+                    help="with --reuse: pipelines run again on every row (default hybrid)")
+    ap.add_argument("--reuse", default="",
+                    help="result name (e.g. local-hybrid) whose cells of rows and pipelines not "
+                         "run now are kept (marked in the table)")
     args = ap.parse_args()
     set_threads(args.threads)
     info = machine_info(args.threads)
@@ -256,8 +386,21 @@ def main() -> None:
     if "table" in sections:
         payload = {"rows": [], "max_queries": args.max_queries,
                    "pipelines": args.pipelines.split(",")}
+        old = reusable(args.reuse, args.max_queries) if args.reuse else []
+        row_max = dict(x.split("=") for x in args.row_max.split(",") if x)
+        rerun = set(args.rerun.split(","))
+        row_skip = {(r, p) for r, p in (x.split("=") for x in args.row_skip.split(",") if x)}
+        payload["row_max"], payload["row_skip"] = row_max, sorted(row_skip)
         for row in args.rows.split(","):  # written after every row: a stopped run keeps them
-            got = run_table([row], payload["pipelines"], args.max_queries, args.threads)
+            mq = int(row_max[row]) if row in row_max else args.max_queries
+            same = [r for r in old if r["row"] == row  # the same query sample size
+                    and (row not in row_max or r["queries"] == int(row_max[row]))]
+            have = {r["pipeline"] for r in same}
+            todo = [p for p in payload["pipelines"] if (row, p) not in row_skip
+                    and (p in rerun or p not in have)]
+            got = run_table([row], todo, mq, args.threads)
+            payload["rows"] += [r for r in same if r["pipeline"] not in todo
+                                and r["pipeline"] in payload["pipelines"]]
             payload["rows"] += got["rows"]
             info["load_average_at_end"] = os.getloadavg()
             write_results(f"local-hybrid{args.name}", {**payload, "machine": info},
@@ -268,6 +411,10 @@ def main() -> None:
         parts = [read_json(RESULTS / f"{n}.json") for n in args.merge.split(",")]
         payload = {"rows": [r for p in parts for r in p["rows"]],
                    "max_queries": parts[0]["max_queries"], "pipelines": parts[0]["pipelines"],
+                   "row_max": {k: v for p in parts for k, v in (p.get("row_max") or {}).items()},
+                   "row_skip": sorted({tuple(x) for p in parts for x in p.get("row_skip") or []}
+                                      | {tuple(x.split("=")) for x in args.row_skip.split(",")
+                                         if x}),
                    "merged": args.merge.split(",")}
         info = {**parts[0]["machine"], "runs": [p["machine"] for p in parts]}
         write_results(f"local-hybrid{args.name}", {**payload, "machine": info},

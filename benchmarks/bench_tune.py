@@ -269,7 +269,10 @@ def run_calibration(rows: list[str], n: int, seed: int) -> list[dict[str, Any]]:
                         "top1_precision@0.5": top1["precision"],
                         "top1_recall@0.5": top1["recall"],
                         "base_rate_real": round(float(t[finite].mean()), 4),
-                        "base_rate_pseudo": c["calibration"]["base_rate"]})
+                        "base_rate_pseudo": c["calibration"]["base_rate"],
+                        "metrics": {k: r["metrics"][k] for k in METRICS.get(row, [])
+                                    if k in r["metrics"]},
+                        "queries": r["queries"]})
             print(f"  {row:<14} {c['key']:<36} ECE {rel['ece']:.3f} P@.5 "
                   f"{thr['precision']:.3f} R@.5 {thr['recall']:.3f}", flush=True)
     return out
@@ -313,19 +316,48 @@ def rows_markdown(rows: list[dict[str, Any]]) -> list[str]:
 
 def calibration_markdown(cal: list[dict[str, Any]]) -> list[str]:
     md = ["| row | pipeline | ECE | Brier | precision @0.5 | recall @0.5 (of all true "
-          "matches) | top-1 precision @0.5 | real base rate (top 10) | pseudo base rate |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          "matches) | top-1 precision @0.5 | real base rate (top 10) | pseudo base rate | "
+          "real metrics (queries) |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
     for c in cal:
         mark = " **(default)**" if c["default"] else ""
+        real_m = ", ".join(f"{k} {_fmt(v, k)}" for k, v in (c.get("metrics") or {}).items())
         md.append(f"| {c['row']} | {c['key']}{mark} | {c['ece']:.3f} | {c['brier']:.3f} | "
                   f"{_pct(c['precision@0.5'])} | {_pct(c['recall@0.5'])} | "
                   f"{_pct(c['top1_precision@0.5'])} | {c['base_rate_real']:.3f} | "
-                  f"{c['base_rate_pseudo']:.3f} |")
+                  f"{c['base_rate_pseudo']:.3f} | {real_m}"
+                  + (f" ({c['queries']})" if c.get("queries") else "") + " |")
     return [*md, ""]
 
 
 def _pct(v: Any) -> str:
     return "" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{100 * v:.1f}"
+
+
+def cost_markdown(cost: dict[str, Any]) -> list[str]:
+    """Tuning time and the default's query cost per gallery (the default mode)."""
+    out = [f"Tuning from scratch in the default mode: {cost.get('n')} pseudo-queries (seed "
+           f"{cost.get('seed')}), {cost.get('threads')} threads, gallery features already "
+           "extracted. ms/query: the chosen default on the pseudo-queries (search; embed).", "",
+           "| gallery | items | tuning s (wall) | tuning CPU s (all threads) | default | "
+           "pseudo R@1 / MRR | search ms/query | embed ms/query | record bytes | "
+           "gallery bytes/item | load before -> after |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, c in cost.items():
+        if not isinstance(c, dict):
+            continue
+        if "error" in c and "tune_seconds" not in c:
+            out.append(f"| {name} ({c.get('gallery')}) | - | not run: {c['error']} |"
+                       " | | | | | | | |")
+            continue
+        ps = c.get("chosen_pseudo") or {}
+        lb, la = c.get("load_average_before") or [0], c.get("load_average_after") or [0]
+        out.append(f"| {name} | {c['items']} | {c['tune_seconds']} | "
+                   f"{c.get('tune_cpu_seconds', '-')} | {c['chosen']} | "
+                   f"{ps.get('r1')} / {ps.get('mrr')} | {c['chosen_search_ms']:.0f} | "
+                   f"{c['chosen_embed_ms']:.0f} | {c['record_bytes']} | "
+                   f"{c['gallery_bytes_per_item']['total']} | {lb[0]:.1f} -> {la[0]:.1f} |")
+    return out
 
 
 def markdown(payload: dict[str, Any]) -> str:
@@ -351,7 +383,9 @@ def markdown(payload: dict[str, Any]) -> str:
                "From the cached tuning records alone (pseudo-queries; no labels used).", "",
                *choices_markdown(payload["choices"])]
     if "cost" in payload:
-        md += ["## Cost", "", "```", json.dumps(payload["cost"], indent=1), "```", ""]
+        md += ["## Cost", "", *cost_markdown(payload["cost"]), "", "<details><summary>raw"
+               "</summary>", "", "```", json.dumps(payload["cost"], indent=1), "```", "",
+               "</details>", ""]
     md += ["## Machine", "", *(f"- {k}: {v}" for k, v in payload.get("machine", {}).items()),
            ""]
     return "\n".join(md)
@@ -362,7 +396,11 @@ def main() -> None:
     ap.add_argument("--sections", default="rows,calibration,cost")
     ap.add_argument("--rows", default=",".join(r for r, _ in ROWS))
     ap.add_argument("--configs", default=",".join(CONFIGS))
-    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--cost", default="smvs_500,all_images",
+                    help="cost: the galleries measured (others kept from the results file)")
+    ap.add_argument("--all-gallery", default="",
+                    help="cost: an existing complete gallery of every shared image (read-only)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--retune", action="store_true", help="ignore cached tuning records")
     ap.add_argument("--threads", type=int, default=1)
@@ -390,7 +428,10 @@ def main() -> None:
         elif section == "cost":
             from _tune_cost import run_cost
 
-            payload["cost"] = run_cost(args.n, args.seed)
+            payload["cost"] = run_cost(args.n, args.seed, threads=max(args.threads, 1),
+                                       all_path=Path(args.all_gallery) if args.all_gallery
+                                       else None, which=tuple(args.cost.split(",")),
+                                       previous=payload.get("cost"))
         else:
             raise SystemExit(f"unknown section {section!r}")
         payload.setdefault("section_info", {})[section] = {

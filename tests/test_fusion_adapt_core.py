@@ -114,7 +114,8 @@ def test_the_light_model_answers_where_the_fused_space_is_worse(rng):
     x, g, xv, vi = _gallery(rng, noise=3.0, light_noise=0.05)  # fused vectors mostly noise
     prior = (np.zeros((x.shape[1], g.shape[1])), np.zeros(g.shape[1]))
     fit = fit_adaptation(FitData(g, x, xv, vi, np.arange(0, 240, 3)), prior,
-                         AdaptConfig(pseudo_items=80, min_items=4), trained_candidate=False)
+                         AdaptConfig(pseudo_items=80, min_items=4, decide_on="self"),
+                         trained_candidate=False)
     assert fit.answer == "light" and fit.light["mrr"] > fit.chosen.score["mrr"]
     assert "its own vectors answer" in fit.reason
     assert all(c.name == "ridge" for c in fit.candidates)
@@ -217,3 +218,35 @@ def test_consensus_neighbours_and_their_average_precision_against_brute_force(rn
     assert np.isnan(neighbour_ap(q[:1], g, rows[:1], [np.zeros(0, np.int64)]))[0]
     with pytest.raises(InputError):
         AdaptConfig(decide_on="labels")
+
+
+def test_gallery_whitening_whitens_and_the_domain_rule_picks_each_space():
+    from galleria.fusion.adapt import domain_stats, gallery_whitening, select, whitened_map
+
+    rng = np.random.default_rng(3)
+    g = rng.standard_normal((200, 8)) @ rng.standard_normal((8, 8)) + 2.0
+    p, c = gallery_whitening(g, shrink=0.0)
+    z = g @ p + c
+    np.testing.assert_allclose(z.mean(0), 0.0, atol=1e-9)
+    np.testing.assert_allclose(z.T @ z / len(z), np.eye(8), atol=1e-8)
+    # the light map into it is the closed-form ridge on centred rows
+    x = rng.standard_normal((200, 5))
+    w, b = whitened_map(g, x, np.zeros((0, 5)), np.zeros(0, np.int64), (p, c), 0.3)
+    gw = z / np.linalg.norm(z, axis=1, keepdims=True)
+    xc, tc = x - x.mean(0), gw - gw.mean(0)
+    lam = 0.3 * np.trace(xc.T @ xc) / 5
+    np.testing.assert_allclose(w, np.linalg.solve(xc.T @ xc + lam * np.eye(5), xc.T @ tc),
+                               atol=1e-9)
+    np.testing.assert_allclose(b, gw.mean(0) - x.mean(0) @ w, atol=1e-9)
+    # a centred gallery is of the model's domain; an offset light space is homogeneous
+    d = domain_stats(g - g.mean(0), x + 5.0)
+    assert d["ratio"] < 0.2 and d["light_mean"] > 0.9
+    cfg = AdaptConfig()
+    fused, light = {"mrr": 10.0, "n": 5}, {"mrr": 90.0, "n": 5}
+    assert select(d, fused, light, cfg)[0] == "fused"
+    assert select({**d, "ratio": 0.9}, fused, light, cfg)[0] == "whitened"
+    out = {**d, "ratio": 0.9, "light_mean": 0.5}
+    assert select(out, light, fused, cfg)[0] == "light"  # out of domain: the light model
+    pq = AdaptConfig(out_of_domain="pseudo-queries")
+    assert select(out, fused, light, pq)[0] == "light"
+    assert select(out, light, fused, pq)[0] == "fused"

@@ -155,6 +155,7 @@ def test_instance_labels_score_an_augmented_view_and_no_split_uses_defaults():
         m.set_projection(np.zeros(20), np.zeros((8, 21)))
 
 
+@pytest.mark.slow  # default suite budget: 20-70 s on 2 cores under load
 def test_default_recipe_starts_from_the_closed_form_and_drops_noise():
     d = synthetic(n_classes=48, per=4)
     rng = np.random.default_rng(3)

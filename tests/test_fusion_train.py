@@ -56,6 +56,7 @@ def test_split_holds_out_whole_classes():
     assert len(va2) == 5 and not set(tr2) & set(va2)
 
 
+@pytest.mark.slow  # default suite budget: 20-70 s on 2 cores under load
 def test_training_improves_held_out_retrieval():
     # seed-fragile at this size (6 epochs, 64 classes): over data seeds 0-3 both gains below
     # exceed 0.005 on 2 of 4 (seeds 2, 3) with the PCA start of galleria.transforms.whiten
@@ -97,6 +98,7 @@ def _run(script, *args, timeout=120):
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # default suite budget: 20-70 s on 2 cores under load
 def test_resume_after_kill_9_gives_the_uninterrupted_result(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(tests=str(Path(__file__).parent)))

@@ -14,6 +14,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 import galleria
 
 SRC = Path(galleria.__file__).parent
@@ -178,6 +180,7 @@ def test_eval_holds_no_cli_code():
             assert "argparse" not in _modules()[m].read_text(encoding="utf-8"), m
 
 
+@pytest.mark.slow  # default suite budget: 20-70 s on 2 cores under load
 def test_every_module_imports_alone_in_a_fresh_interpreter():
     """One fresh interpreter forks a child per module, so each import starts with no
     galleria module loaded (third-party packages are preloaded once, for speed)."""

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from galleria.errors import InputError
-from galleria.local.hybrid import fused_pairwise, fused_scores, standardize, to_unit
+from galleria.local.hybrid import (
+    fused_pairwise,
+    fused_scores,
+    standardize,
+    to_unit,
+    verified_order,
+)
 
 
 def test_standardize_matches_the_closed_form(rng):
@@ -48,3 +54,33 @@ def test_fused_pairwise_is_a_symmetric_similarity(rng):
     assert s.shape == (6, 6) and np.allclose(s, s.T) and np.allclose(np.diag(s), 1.0)
     assert ((s >= 0) & (s <= 1)).all()
     assert to_unit(np.array([-1.0, 0.0]))[1] == 0.0 and to_unit(np.array([-1.0]))[0] == 0.0
+
+
+def test_verified_order_puts_verified_first_by_inliers_then_the_fused_order():
+    fused = np.array([0.9, 0.5, 0.1, -0.2, 0.3])
+    inl = np.array([0, 40, 14, 15, 0])
+    order, score = verified_order(fused, inl, 15)
+    assert order.tolist() == [1, 3, 0, 4, 2]  # 40, 15 inliers; then fused 0.9, 0.3, 0.1
+    np.testing.assert_allclose(score[:2], [40, 15])
+    np.testing.assert_allclose(score[2:], np.tanh(fused[[0, 4, 2]] / 4.0))
+    # verified in the fused order instead
+    order, score = verified_order(fused, inl, 15, by="fused")
+    assert order.tolist() == [1, 3, 0, 4, 2] and (np.diff(score) <= 0).all()
+    order, _ = verified_order(fused, np.zeros(5), 15)
+    assert order.tolist() == np.argsort(-fused, kind="stable").tolist()
+    with pytest.raises(InputError):
+        verified_order(fused, inl, 1)
+
+
+def test_mutual_ratio_matches_equal_the_general_matcher(rng):
+    from galleria.local.hybrid import mutual_ratio_matches
+    from galleria.local.matching import match_descriptors
+
+    for n, m in ((60, 80), (5, 1), (0, 4), (30, 30)):
+        a = rng.standard_normal((n, 16)).astype(np.float32)
+        b = np.r_[a[: min(n, m) // 2] + 0.1 * rng.standard_normal((min(n, m) // 2, 16)),
+                  rng.standard_normal((m - min(n, m) // 2, 16))].astype(np.float32)
+        a /= np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-9)
+        b /= np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-9)
+        want = match_descriptors(a, b, method="mutual+ratio", ratio=0.8)
+        np.testing.assert_array_equal(mutual_ratio_matches(a, b, 0.8), want)

@@ -140,4 +140,4 @@ def test_smvs_every_pipeline(require_shared, tmp_path, capsys):
         if pipeline != "global":
             assert right == 1.0, (pipeline, top)
     with Gallery.open(g, readonly=True) as gal:
-        assert choose(gal.state(), SearchRequest()).pipeline == "local"
+        assert choose(gal.state(), SearchRequest()).pipeline == "hybrid"

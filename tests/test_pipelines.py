@@ -150,58 +150,80 @@ def crowd(rng):
             "fetch": lambda keys: vecs[np.asarray(keys, np.int64)]}
 
 
-def test_hybrid_takes_the_local_match_when_the_global_model_misses_it(crowd, rng):
+def _hybrid(c, **options):
+    return make_pipeline("hybrid", index=c["gidx"], local_index=c["lidx"],
+                         fetch_vectors=c["fetch"],
+                         fetch_local=lambda keys: [c["gallery"][int(k)] for k in keys],
+                         **options)
+
+
+def test_hybrid_puts_a_verified_match_first(crowd, rng):
     c, labels = crowd, crowd["labels"]
     # the global vector of every query leans towards an unrelated image
     qv = _unit(c["vecs"][[10, 20, 30]] + 0.3 * rng.standard_normal((3, 8)))
     batch = QueryBatch(vectors=qv, local=c["queries"])
     glob = GlobalPipeline(c["gidx"]).search(batch, 5)
     assert (labels[glob.ids[:, 0]] == -1).all()
-    pipe = make_pipeline("hybrid", index=c["gidx"], local_index=c["lidx"],
-                         fetch_vectors=c["fetch"], candidates=30)
+    pipe = _hybrid(c, candidates=30, verify=5, min_inliers=15)
     n = len(c["gallery"])
     res = pipe.search(batch, n)
-    assert labels[res.ids[:, 0]].tolist() == [0, 1, 2]
+    # both views of each object verify (a homography each) and come first, by inliers
+    assert [set(labels[r[:2]].tolist()) for r in res.ids] == [{0}, {1}, {2}]
+    assert (res.scores[:, 1] >= 15).all() and (res.scores[:, 2] < 1).all()
     # every gallery key once per row, scores non-increasing
     assert all(sorted(r.tolist()) == list(range(n)) for r in res.ids)
     assert (np.diff(res.scores, axis=1) <= 1e-9).all()
+    # after the verified ones: the global order of the rest
+    for i in range(3):
+        rest = [x for x in glob_order(c, qv[i]) if x not in set(res.ids[i, :2].tolist())]
+        assert res.ids[i, 2:].tolist() == rest
     # exclusion, as the other pipelines
     ex = pipe.search(QueryBatch(vectors=c["vecs"][:1], local=c["gallery"][:1],
                                 exclude=np.array([0])), n)
     assert 0 not in ex.ids[0] and ex.ids[0, -1] == -1
 
 
-def test_hybrid_keeps_the_global_order_when_local_evidence_is_flat(crowd, rng):
+def glob_order(c, v):
+    return np.argsort(-(c["vecs"] @ v), kind="stable").tolist()
+
+
+def test_hybrid_keeps_the_global_order_when_no_candidate_verifies(crowd, rng):
     c = crowd
-    # queries whose local features match nothing (fresh random descriptors): a flat
-    # local shortlist must not reorder the global top results
+    # queries whose local features match nothing (fresh random descriptors): nothing
+    # verifies, and the unverified local scores carry no weight: the global order
     blank = [_feats(rng.uniform(0, 500, (150, 2)), _unit(rng.standard_normal((150, D))))
              for _ in range(3)]
     qv = _unit(c["vecs"][[10, 20, 30]] + 0.05 * rng.standard_normal((3, 8)))
     batch = QueryBatch(vectors=qv, local=blank)
-    glob = GlobalPipeline(c["gidx"]).search(batch, 3)
-    res = make_pipeline("hybrid", index=c["gidx"], local_index=c["lidx"],
-                        fetch_vectors=c["fetch"], candidates=20).search(batch, 3)
-    np.testing.assert_array_equal(res.ids[:, 0], glob.ids[:, 0])
+    n = len(c["gallery"])
+    glob = GlobalPipeline(c["gidx"]).search(batch, n)
+    pipe = _hybrid(c, candidates=20, verify=10)
+    res = pipe.search(batch, n)
+    np.testing.assert_array_equal(res.ids, glob.ids)
+    assert (res.scores < 1).all() and pipe.verified_pairs > 0
 
 
-def test_hybrid_mds_and_sv_steps_and_options(crowd, rng):
+def test_hybrid_mds_and_verify_options(crowd, rng):
     c, labels = crowd, crowd["labels"]
     qv = _unit(c["vecs"][[10, 20, 30]] + 0.3 * rng.standard_normal((3, 8)))
     batch = QueryBatch(vectors=qv, local=c["queries"])
     parts = {"index": c["gidx"], "local_index": c["lidx"], "fetch_vectors": c["fetch"]}
-    pipe = make_pipeline("hybrid", **parts,
-                         fetch_local=lambda keys: [c["gallery"][int(k)] for k in keys],
-                         candidates=30, mds_k=10, sv=4)
+    pipe = _hybrid(c, candidates=30, mds_k=10, verify=4, local_weight=1.0)
     res = pipe.search(batch, 5)
     assert labels[res.ids[:, 0]].tolist() == [0, 1, 2]
-    assert pipe.params()["mds_k"] == 10 and pipe.params()["sv"] == 4
+    assert pipe.params()["mds_k"] == 10 and pipe.params()["verify"] == 4
+    # without verification, the local evidence (local_weight 1) still finds them
+    res = make_pipeline("hybrid", **parts, candidates=30, verify=0, local_weight=1.0).search(
+        batch, 5)
+    assert labels[res.ids[:, 0]].tolist() == [0, 1, 2]
     with pytest.raises(InputError):
         make_pipeline("hybrid", **parts, nope=1)
     with pytest.raises(InputError):
-        make_pipeline("hybrid", **parts, sv=3)  # no fetch_local
+        make_pipeline("hybrid", **parts)  # verify > 0 without fetch_local
     with pytest.raises(InputError):
-        make_pipeline("hybrid", **parts, candidates=0)
+        make_pipeline("hybrid", **parts, verify=0, candidates=0)
+    with pytest.raises(InputError):
+        make_pipeline("hybrid", **parts, verify=0, min_inliers=3)
 
 
 class _MatrixSimilarity:

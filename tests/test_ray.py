@@ -368,6 +368,9 @@ def test_worker_node_killed_without_retry_stops_then_rerun_completes(cluster, re
     killer = threading.Thread(target=_kill_when,
                               args=(out, 24, lambda: cluster.kill_node(victim)))
     try:
+        # every actor up before the first chunk: under load a worker still starting
+        # when its node dies is only replaced (no chunk lost), and nothing would raise
+        emb.warm(ext, timeout_s=120)
         killer.start()
         with pytest.raises(ClusterError, match="run the same command again"):
             index_images(items, out, extractor=ext, embedder=emb, batch_size=4, flush_every=8)

@@ -95,15 +95,21 @@ def test_the_decision_is_pure_and_names_its_reason(galleries):
         state = g.state()
     a, b = choose(state, SearchRequest()), choose(state, SearchRequest())
     assert isinstance(a, SearchSpec) and a == b and hash(a) == hash(b)
-    assert (a.kind, a.pipeline, a.reason) == ("pipeline", "local", "gallery spaces")
+    assert (a.kind, a.pipeline, a.reason) == ("pipeline", "hybrid", "gallery spaces")
     assert choose(state, SearchRequest.of("global")).kind == "plain"
     assert choose(state, SearchRequest.of("global", sharded=True)).kind == "sharded"
     # a tuned default wins over the spaces' default, an explicit pipeline over both
     tuned = type(state)(state.path, state.spaces, state.primary,
-                        {**state.settings, "tuned": {"pipeline": "global+sv", "params": {}}})
+                        {**state.settings, "tuned": {"pipeline": "global+sv", "params": {},
+                                                      "rule": {"mode": "select"}}})
     t = choose(tuned, SearchRequest())
     assert (t.pipeline, t.reason) == ("global+sv", "tuned") and t != a
     assert choose(tuned, SearchRequest.of("local")).pipeline == "local"
+    # a record of the former automatic vote (no rule mode) no longer sets the pipeline
+    old = type(state)(state.path, state.spaces, state.primary,
+                      {**state.settings, "tuned": {"pipeline": "local", "params": {}}})
+    assert (choose(old, SearchRequest()).pipeline, choose(old, SearchRequest()).reason) == \
+        ("hybrid", "gallery spaces")
     with pytest.raises(InputError, match="unknown pipeline"):
         SearchRequest.of("nope")
     with Gallery.open(galleries["upgrade"], readonly=True) as g:

@@ -23,7 +23,16 @@ from galleria.tune.record import (
     stale_reasons,
     state_summary,
 )
-from galleria.tune.tuner import Candidate, candidates_for, select, summarise
+from galleria.tune.tuner import (
+    HYBRID_VARIANTS,
+    Candidate,
+    CandidateScore,
+    candidates_for,
+    default_candidates,
+    default_choice,
+    select,
+    summarise,
+)
 from galleria.types import SearchResult
 
 # ------------------------------------------------------------------ selection
@@ -87,6 +96,31 @@ def test_candidates_in_preference_order_and_mds_bounded():
     small = candidates_for(pipes, items=30, has_global=True)
     assert [c.pipeline for c in small][:3] == ["global", "global+sv", "local"]
     assert candidate_key("x", {"b": 1, "a": 0.5}) == "x(a=0.5,b=1)"
+
+
+def test_the_default_mode_scores_the_spaces_default_and_walks_down_a_budget():
+    from galleria.decision.choose import default_pipeline
+
+    assert [default_pipeline(*h) for h in ((True, True), (True, False), (False, True))] == \
+        ["hybrid", "global", "local"]
+    assert [c.key for c in default_candidates(True, True)] == ["hybrid"]
+    assert [c.key for c in default_candidates(True, False, budget=True)] == ["global"]
+    walk = default_candidates(True, True, budget=True)
+    assert [dict(c.params) for c in walk] == list(HYBRID_VARIANTS)
+
+    def ran(ms):
+        return [CandidateScore(c, search_ms=m) for c, m in zip(walk, ms, strict=False)]
+
+    # no budget: the default parameters, whatever they cost
+    c, why = default_choice(ran([900.0]), None, True, True)
+    assert c == walk[0] and "global and local" in why
+    # a budget: the first (most thorough) variant within it; none within: the cheapest
+    c, why = default_choice(ran([900.0, 400.0, 100.0]), 500.0, True, True)
+    assert c == walk[1] and "within the 500 ms budget" in why
+    c, why = default_choice(ran([900.0, 800.0, 700.0, 600.0]), 50.0, True, True)
+    assert c == walk[3] and "over the 50 ms budget" in why
+    with pytest.raises(InputError):
+        default_choice([CandidateScore(walk[0], error="x")], None, True, True)
 
 
 # ------------------------------------------------------------------ staleness

@@ -90,6 +90,24 @@ def test_tuner_choice_follows_the_rule_and_is_deterministic_for_a_seed(smvs_gall
     assert len(json.dumps(a)) < 20_000
 
 
+@pytest.mark.slow  # hybrid on 10 pseudo-queries, twice (about 20 s on a busy machine)
+def test_the_default_mode_tunes_the_verified_hybrid_deterministically(smvs_gallery):
+    path, _ = smvs_gallery
+    cfg = TuneConfig(n=COVERS, seed=0)
+    with Gallery.open(path) as g:
+        a = tune_gallery(g, cfg)
+        b = tune_gallery(g, cfg)
+        state = g.state()
+    assert _choice(a) == _choice(b)
+    assert (a["pipeline"], a["params"]) == ("hybrid", {})  # the spaces' default, as is
+    assert [c["key"] for c in a["candidates"]] == ["hybrid"]  # no other candidate scored
+    assert "global and local" in a["reason"] and a["rule"]["mode"] == "default"
+    hyb = a["candidates"][0]
+    assert hyb["r1"] >= 90 and hyb["calibration"] is not None, hyb
+    # what the decision answers without a record is what the record names
+    assert choose(state, SearchRequest.of()).pipeline == "hybrid"
+
+
 @pytest.mark.slow  # re-indexes the gallery; staleness itself is unit-tested in test_tune.py
 def test_record_is_stored_used_shown_and_goes_stale(smvs_gallery, tmp_path, capsys):
     import shutil

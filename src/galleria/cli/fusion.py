@@ -136,7 +136,15 @@ def add_fusion_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--pseudo-items", type=int, default=None,
                    help=f"held-out items scored ({a.pseudo_items})")
     s.add_argument("--margin", type=float, default=None,
-                   help=f"MRR points the fused space must win by ({a.margin:g})")
+                   help="out of domain: decide on pseudo-queries (instead of answering from the "
+                        "light model), the fused space winning when its MRR is higher by this "
+                        f"many points ({a.margin:g})")
+    s.add_argument("--in-domain", type=float, default=None, dest="in_domain",
+                   help="|mean fused| / |mean light| below this: the gallery is of the fused "
+                        f"model's domain and the fused space answers ({a.in_domain:g})")
+    s.add_argument("--homogeneous", type=float, default=None,
+                   help="|mean light| at or above this (out of domain): the fused space "
+                        f"whitened on the gallery answers ({a.homogeneous:g})")
     s.add_argument("--min-items", type=int, default=None,
                    help=f"fewer items: no fit ({a.min_items})")
     s.add_argument("--refit-growth", type=float, default=None,
@@ -231,9 +239,11 @@ def run_adaptation(gallery: str, *, threads: int | None, runtime: str = "auto",
 def describe(rep: dict[str, Any]) -> str:
     """One line: which space answers and why (an adaptation report or a recorded state)."""
     space = rep.get("space") or (rep["light_space"] if rep.get("answer") == "light"
-                                 else rep.get("fused_space"))
-    what = "the light model's own vectors" if rep.get("answer") == "light" else \
-        "light query -> fused gallery"
+                                 else (rep.get("whitening") or {}).get("space")
+                                 or rep.get("fused_space"))
+    what = {"light": "the light model's own vectors",
+            "whitened": "light query -> the fused gallery whitened on itself"}.get(
+        str(rep.get("answer")), "light query -> fused gallery")
     return f"answers: {what} [{space}]: {rep.get('reason') or rep.get('fit', '')}"
 
 
@@ -249,8 +259,11 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         return 0
     over = {k: v for k, v in {"views": args.views, "view_items": args.view_items,
                               "pseudo_items": args.pseudo_items, "margin": args.margin,
+                              "in_domain": args.in_domain, "homogeneous": args.homogeneous,
                               "min_items": args.min_items,
                               "refit_growth": args.refit_growth}.items() if v is not None}
+    if args.margin is not None:
+        over["out_of_domain"] = "pseudo-queries"
     config = None
     if over:
         with Gallery.open(args.gallery, readonly=True) as g:

@@ -10,7 +10,7 @@ Commands (galleria COMMAND --help for the options of each):
     galleria eval --dataset NAME          official protocols on ../shared/datasets
     galleria eval --manifest CSV          your own labelled images
     galleria info G                       spaces, counts, failures, index, tuned default
-    galleria tune G [--n 200 --seed 0]    choose the default pipeline from pseudo-queries
+    galleria tune G [--n 100 --seed 0]    calibrate the default pipeline on pseudo-queries
     galleria remove G ID...               delete items
     galleria check G                      verify every file against its checksum
     galleria repair G                     restore the database, re-embed lost data, rebuild
@@ -109,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("images", nargs="+", help="query image files (one result list each)")
     s.add_argument("-k", type=int, default=10, help="results per query (default %(default)s)")
     s.add_argument("--pipeline", default=None,
-                   help="global | global+sv | local | local+mds | hybrid (default: the best the "
-                        "gallery supports)")
+                   help="global | global+sv | local | local+mds | hybrid (default: the gallery's "
+                        "tuned record, else hybrid with a global model and local features, "
+                        "else the one kind it holds)")
     s.add_argument("--json", action="store_true",
                    help="print JSON Lines: one object {\"query\": path, \"results\": [{\"id\", "
                         "\"score\", \"probability\"}, ...]} per query image, one per line "

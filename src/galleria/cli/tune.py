@@ -16,13 +16,19 @@ log = logging.getLogger(__name__)
 
 
 def add_tune_parser(sub: Any) -> None:
-    s = sub.add_parser("tune", help="choose the gallery's default pipeline from pseudo-queries "
-                                    "(phone-like views of its own images)")
+    s = sub.add_parser("tune", help="calibrate the gallery's default pipeline on pseudo-queries "
+                                    "(phone-like views of its own images); --pipelines: choose "
+                                    "among those instead")
     s.add_argument("gallery")
-    s.add_argument("--n", type=int, default=200, help="gallery items sampled (default 200)")
+    s.add_argument("--n", type=int, default=100, help="gallery items sampled (default 100)")
     s.add_argument("--seed", type=int, default=0, help="seed of the sample and the views")
     s.add_argument("--pipelines", default=None,
-                   help="candidates limited to these pipelines, comma-separated")
+                   help="choose the default among these pipelines by pseudo-query MRR, "
+                        "comma-separated (default: the gallery's spaces decide: hybrid with a "
+                        "global and a local space)")
+    s.add_argument("--budget-ms", type=float, default=None,
+                   help="query-cost budget (ms per query, search only, this machine): the "
+                        "hybrid's verification is reduced until it fits (default: none)")
     s.add_argument("--json", action="store_true", help="print the stored record as JSON")
     s.add_argument("--threads", type=int, default=None, help="compute threads (default: all)")
     s.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -40,12 +46,13 @@ def add_index_tune_args(p: argparse.ArgumentParser) -> None:
                         "100, seeded; `galleria tune G --n 200` for a finer choice)")
 
 
-def run_tune(gallery_path: str, *, n: int = 200, seed: int = 0,
-             pipelines: tuple[str, ...] | None = None, quiet: bool = False) -> dict[str, Any]:
+def run_tune(gallery_path: str, *, n: int = 100, seed: int = 0,
+             pipelines: tuple[str, ...] | None = None, quiet: bool = False,
+             budget_ms: float | None = None) -> dict[str, Any]:
     """Tune the gallery at ``gallery_path`` with a progress bar; returns the stored record."""
     from galleria.tune.tuner import TuneConfig, progress_total, tune_and_store  # lazy: PIL
 
-    cfg = TuneConfig(n=n, seed=seed, pipelines=pipelines)
+    cfg = TuneConfig(n=n, seed=seed, pipelines=pipelines, budget_ms=budget_ms)
     with Gallery.open(gallery_path) as g, \
             progress_bar(progress_total(g, cfg), "tune", enabled=not quiet) as bar:
         return tune_and_store(g, cfg, progress=bar)
@@ -55,7 +62,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
     set_threads(args.threads)
     pipes = tuple(p.strip() for p in args.pipelines.split(",")) if args.pipelines else None
-    rec = run_tune(args.gallery, n=args.n, seed=args.seed, pipelines=pipes, quiet=args.quiet)
+    rec = run_tune(args.gallery, n=args.n, seed=args.seed, pipelines=pipes, quiet=args.quiet,
+                   budget_ms=args.budget_ms)
     if args.json:
         print_json(rec)
     else:

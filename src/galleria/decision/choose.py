@@ -12,9 +12,15 @@ The rules, in order:
 
 1. ``space`` named: plain search of that space (``asked``).
 2. ``pipeline`` named: that pipeline (``asked``); none named: the gallery's tuned
-   default when it still fits the gallery's spaces (``tuned``), else ``local``
-   when the gallery holds local features and ``global`` when it does not
-   (``gallery spaces``).
+   default when it still fits the gallery's spaces (``tuned``), else
+   :func:`default_pipeline` of the gallery's spaces (``gallery spaces``):
+   ``hybrid`` (global and local candidates, spatially verified ones first) when the
+   gallery holds a global and a local space, ``global`` or ``local`` when it holds
+   only one kind. The default does not depend on pseudo-queries: near-copies of
+   gallery images cannot tell a category or landmark gallery (where the global
+   model wins) from an object gallery (where verified local matches win); the
+   verified hybrid is measured within a few points of the best pipeline on both
+   (benchmarks/results/local-hybrid.md).
 3. ``global`` while an upgrade is in progress: the backfill searcher, which
    merges the old and the new space (``upgrade in progress``).
 4. ``global`` on a gallery with local features only: ``local`` when the pipeline
@@ -38,6 +44,11 @@ TUNED_KEY = "tuned"
 FUSION_KEY = "fusion"
 """The gallery setting holding a fused gallery's adaptation decision (written by
 ``galleria.fusion.adapt_job``: ``{answer, space, reason, ...}``)."""
+TUNE_MODES = ("default", "select")
+"""``rule.mode`` of a tuned record the decision follows: ``default`` (the spaces' default,
+calibrated, maybe budgeted) or ``select`` (a vote among pipelines the user named). A
+record without a mode was made by the former automatic pseudo-query vote, which chose
+``local`` on landmark and category galleries: it no longer sets the pipeline."""
 KINDS = ("plain", "backfill", "pipeline", "sharded")
 NEEDS_GLOBAL = ("global", "global+sv", "hybrid")
 """Pipelines that search the gallery's global space (``hybrid``: global and local)."""
@@ -109,6 +120,9 @@ def tuned_default(state: GalleryState) -> tuple[str, tuple[tuple[str, Any], ...]
     rec = state.setting(TUNED_KEY)
     if not isinstance(rec, dict) or rec.get("pipeline") not in PIPELINES:
         return None
+    rule = rec.get("rule")
+    if not isinstance(rule, dict) or rule.get("mode") not in TUNE_MODES:
+        return None  # a record of the old pseudo-query vote (no mode): the spaces decide
     name = str(rec["pipeline"])
     glob, loc = global_local(state)
     if (name in NEEDS_GLOBAL and glob is None) or (name != "global" and loc is None):
@@ -117,6 +131,13 @@ def tuned_default(state: GalleryState) -> tuple[str, tuple[tuple[str, Any], ...]
     if not isinstance(params, dict):
         return None
     return name, tuple(sorted(params.items()))
+
+
+def default_pipeline(has_global: bool, has_local: bool) -> str:
+    """The pipeline answering when none is named and no tuned record fits (rule 2)."""
+    if has_global and has_local:
+        return "hybrid"
+    return "global" if has_global or not has_local else "local"
 
 
 def global_local(state: GalleryState) -> tuple[str | None, str | None]:
@@ -169,7 +190,8 @@ def choose(state: GalleryState, request: SearchRequest) -> SearchSpec:
             params = tuple(sorted({**dict(params), **dict(request.params)}.items()))
             reason = "tuned"
         else:
-            pipeline, reason = ("global" if loc is None else "local"), "gallery spaces"
+            pipeline = default_pipeline(glob is not None, loc is not None)
+            reason = "gallery spaces"
     if pipeline == "global" and glob is None and upgrade is None:
         if request.pipeline is not None:
             raise InputError(f"gallery {state.path} holds local features only: search it with "

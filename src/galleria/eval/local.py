@@ -222,7 +222,7 @@ def evaluate_pipeline(
         gidx.add(np.arange(G), g_vecs)
         parts["index"] = gidx
     t_build = time.perf_counter()
-    if pipeline == "global+sv" or (pipeline == "hybrid" and pparams.get("sv")):
+    if pipeline in ("global+sv", "hybrid"):  # hybrid: verification (verify=0 ignores it)
         parts["fetch_local"] = lambda keys: [gal[int(k)] for k in keys]
     if pipeline in ("local", "local+mds", "hybrid"):
         if index == "cann":
@@ -272,6 +272,7 @@ def evaluate_pipeline(
         "pipeline_params": pipe.params() if hasattr(pipe, "params") else {},
         **info,
         "metrics": {k: round(float(v), 4) for k, v in metrics.items()},
+        "top1": res.ids[:, 0].astype(np.int64).tolist(),  # gallery row of each first result
         "seconds": round(time.perf_counter() - t0, 2),
         "embed_seconds": round(t_embed, 2),
         "index_seconds": round(t_build, 2),

@@ -12,13 +12,17 @@
    model and cached in ``<gallery>/fusion/adapt-work/`` (parts written atomically,
    keyed by item id: a rerun and a grown gallery reuse them).
 3. **Fit** (:func:`galleria.fusion.adapt.fit_adaptation`): the query map, chosen on
-   pseudo-queries of held-out items, and the decision fused vs light.
+   pseudo-queries of held-out items, and which space answers
+   (:func:`galleria.fusion.adapt.select`): fused (in domain), the fused space whitened on
+   the gallery (homogeneous gallery) or the light model's own vectors.
 4. **Commit.** The map is saved as ``<gallery>/fusion/adapt/<digest>/``
    (:class:`~galleria.fusion.adaptation.QueryAdaptation`); the fused space's
    ``query_config`` names it (path + digest, checked on load); the gallery setting
    ``fusion`` records the decision (:data:`FUSION_KEY`, :func:`fusion_state`); the
-   primary space becomes the light space when the light model wins, the fused
-   space otherwise.
+   primary space becomes the space that answers: the light space, the fused
+   space, or the gallery-whitened space ``<fused fp>|whitened@<digest>`` (its transform
+   and its query map saved as two more such artifacts, its vectors computed from the
+   stored fused vectors and brought up to date by every later run).
 
 Refit: a later run refits when the fused space holds ``refit_growth`` times the
 items the fit saw (automatic after every ``index --fusion``), or when asked
@@ -52,9 +56,9 @@ from galleria.extract.embed import embed_stream
 from galleria.extract.spaces import space_info
 from galleria.extractors.registry import extractor_from_config, resolve_path
 from galleria.fingerprint import digest
-from galleria.fusion.adapt import AdaptConfig, Fit, FitData, fit_adaptation, sample_rows
+from galleria.fusion.adapt import AdaptConfig, Fit, FitData, fit_adaptation, normalize, sample_rows
 from galleria.fusion.adaptation import QueryAdaptation
-from galleria.fusion.extractor import FusionLightExtractor, light_fingerprint
+from galleria.fusion.extractor import FusionLightExtractor, light_fingerprint, whitened_fingerprint
 from galleria.fusion.model import FusionModel
 from galleria.images.decode import load_image
 from galleria.images.sources import SourceItem
@@ -80,10 +84,12 @@ class FusedSpaces:
 
 
 def fused_spaces(gallery: Any) -> FusedSpaces | None:
-    """The fused space of ``gallery`` (the one whose config is a ``fusion-gallery``), or
-    None. More than one is refused (adapt each by name: not supported yet)."""
+    """The fused space of ``gallery`` (the one whose config is a ``fusion-gallery``, not
+    its gallery-whitened copy), or None. More than one is refused (adapt each by name: not
+    supported yet)."""
     found = [s for s in gallery.spaces()
-             if (s.info.get("config") or {}).get("type") == "fusion-gallery"]
+             if (s.info.get("config") or {}).get("type") == "fusion-gallery"
+             and "whitening" not in s.info["config"]]  # not a gallery-whitened copy
     if not found:
         return None
     if len(found) > 1:
@@ -96,8 +102,10 @@ def fused_spaces(gallery: Any) -> FusedSpaces | None:
 def fusion_state(gallery: Any) -> dict[str, Any] | None:
     """The recorded decision (``None`` on a gallery never adapted)::
 
-        {"fused_space", "light_space", "answer": "fused" | "light", "space": the one that
-         answers, "reason", "adaptation": {"digest", "path"} | None, "n_items": items the
+        {"fused_space", "light_space", "answer": "fused" | "light" | "whitened", "space":
+         the one that answers, "reason", "adaptation": {"digest", "path"} | None,
+         "whitening": {"space", "path", "digest", "query"} | None (the gallery-whitened
+         fused space), "domain": {"fused_mean", "light_mean", "ratio"}, "n_items": items the
          fit saw, "refit_at": fused-space size that triggers the next fit,
          "scores": {"chosen", "trained", "light", "candidates"}, "cosine", "config",
          "fitted_at", "seconds"}
@@ -319,6 +327,7 @@ def _adapt(g: Any, config: AdaptConfig | None, refit: bool, updated: Sequence[st
     n = g.count(spaces.fused)
     due, why = _due(g, rec, n, cfg, refit)
     report["fit"] = why
+    report["whitened_added"] = sync_whitened(g, spaces, rec)
     if not due:
         if not rec.get("adaptation"):
             _commit_unfitted(g, spaces, n, cfg, why)
@@ -348,7 +357,8 @@ def _adapt(g: Any, config: AdaptConfig | None, refit: bool, updated: Sequence[st
     t2 = time.perf_counter()
     report["fit_seconds"] = round(t2 - t1 - report["views_seconds"], 2)
     _commit(g, spaces, model, fit, n, cfg, time.perf_counter() - t0)
-    report.update({"answer": fit.answer, "reason": fit.reason, "fit_info": fit.info(),
+    report.update({"answer": fit.answer, "space": (fusion_state(g) or {}).get("space"),
+                   "reason": fit.reason, "fit_info": fit.info(),
                    "seconds": round(time.perf_counter() - t0, 2)})
     return report
 
@@ -374,6 +384,54 @@ def fit_rows(model: FusionModel, ids: Sequence[str], g: np.ndarray, x: np.ndarra
         prior = (np.zeros((x.shape[1], g.shape[1])), np.zeros(g.shape[1]))
     return fit_adaptation(FitData(g, x, xv, vi, pseudo), prior, cfg,
                           trained_candidate=trained_map(model) is not None)
+
+
+def sync_whitened(g: Any, spaces: FusedSpaces, rec: dict[str, Any]) -> int:
+    """Give items of the fused space missing from the recorded gallery-whitened space their
+    whitened vectors (``normalize(g P + c)``, the recorded transform); how many."""
+    wh = rec.get("whitening")
+    if rec.get("answer") != "whitened" or not wh:
+        return 0
+    t = QueryAdaptation.load(Path(g.path) / wh["path"], digest=wh["digest"],
+                             model_fingerprint=spaces.fused)
+    ids = g.ids(spaces.fused)
+    todo = [i for i, h in zip(ids, g.has(ids, wh["space"]), strict=True) if not h]
+    for s in range(0, len(todo), 4096):
+        chunk = todo[s:s + 4096]
+        gv = np.asarray(g.get_vectors(g.keys_of(chunk), space=spaces.fused), np.float64)
+        g.add(chunk, normalize(t.apply(gv)).astype(np.float32), space=wh["space"],
+              only_if_in=spaces.fused)
+    return len(todo)
+
+
+def _commit_whitened(g: Any, spaces: FusedSpaces, fit: Fit, n: int, cfg: AdaptConfig
+                     ) -> dict[str, Any]:
+    """The gallery-whitened fused space of ``fit`` (transform artifact, light map artifact,
+    the space and its vectors); ``{"space", "path", "digest", "query"}``."""
+    assert fit.whitening is not None and fit.whitened_map is not None
+    p, c = fit.whitening
+    t = QueryAdaptation(model_fingerprint=spaces.fused, light_fingerprint="gallery-whitening",
+                        w=p, b=c, params={**cfg.to_dict(), "n_items": n},
+                        info={"what": "fused vectors whitened on the gallery: normalize(g w + b)"})
+    t_rel = f"{ADAPT_DIR}/{t.digest}"
+    t.save(Path(g.path) / t_rel)
+    space = whitened_fingerprint(spaces.fused, t.digest)
+    wq, bq = fit.whitened_map
+    q = QueryAdaptation(model_fingerprint=space, light_fingerprint=spaces.light, w=wq, b=bq,
+                        params={**cfg.to_dict(), "n_items": n}, info=fit.info())
+    q_rel = f"{ADAPT_DIR}/{q.digest}"
+    q.save(Path(g.path) / q_rel)
+    wh = {"space": space, "path": t_rel, "digest": t.digest}
+    cfg_space = {"type": "fusion-gallery", "model": spaces.model_path,
+                 "whitening": {"path": t_rel, "digest": t.digest}}
+    qc = {"type": "fusion-query", "model": spaces.model_path, "output": "whitened",
+          "space": space, "adaptation": {"path": q_rel, "digest": q.digest}}
+    g.register_space(space, int(p.shape[1]), {
+        "name": "fusion-whitened", "dim": int(p.shape[1]), "kind": "global",
+        "source": f"the fused space {spaces.fused} whitened on this gallery",
+        "fingerprint": space, "config": cfg_space, "query_config": qc})
+    sync_whitened(g, spaces, {"answer": "whitened", "whitening": wh})
+    return {**wh, "query": qc["adaptation"]}
 
 
 def _due(g: Any, rec: dict[str, Any], n: int, cfg: AdaptConfig, refit: bool
@@ -418,16 +476,19 @@ def _commit(g: Any, spaces: FusedSpaces, model: FusionModel, fit: Fit, n: int,
           "adaptation": {"path": rel, "digest": a.digest}}
     if info.get("query_config") != qc:
         g.update_space_info(spaces.fused, query_config=qc)
-    answer_space = spaces.light if fit.answer == "light" else spaces.fused
+    whitened = _commit_whitened(g, spaces, fit, n, cfg) if fit.answer == "whitened" else None
+    answer_space = {"light": spaces.light, "fused": spaces.fused,
+                    "whitened": (whitened or {}).get("space")}[fit.answer]
     if g.primary_space != answer_space:
         g.set_primary_space(answer_space)
     g.set_setting(FUSION_KEY, {
         "fused_space": spaces.fused, "light_space": spaces.light, "answer": fit.answer,
         "space": answer_space, "reason": fit.reason,
-        "adaptation": {"path": rel, "digest": a.digest}, "n_items": n,
+        "adaptation": {"path": rel, "digest": a.digest}, "whitening": whitened, "n_items": n,
         "refit_at": int(np.ceil(n * cfg.refit_growth)),
         "scores": {k: fit.info()[k] for k in ("chosen", "trained", "light", "candidates")},
-        "cosine": fit.cosine, "config": cfg.to_dict(), "fitted_at": time.time(),
+        "cosine": fit.cosine, "domain": fit.domain, "config": cfg.to_dict(),
+        "fitted_at": time.time(),
         "seconds": round(seconds, 2)})
     log.info("gallery %s adapted: %s answers (%s)", g.path, answer_space, fit.reason)
 

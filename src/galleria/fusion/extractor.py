@@ -75,13 +75,17 @@ def _lite_preprocessing() -> Any:
 class FusionGalleryExtractor(Extractor):
     """Every member + the mixer; ``(B, d)`` L2-normalised fused gallery vectors."""
 
-    def __init__(self, model: FusionModel, members: Sequence[Extractor]) -> None:
+    def __init__(self, model: FusionModel, members: Sequence[Extractor], *,
+                 whitening: QueryAdaptation | None = None) -> None:
         model.check_members([input_spec(m) for m in members])
         self.model = model
+        #: a gallery's whitening of the fused vectors (its whitened space; see adapt_job)
+        self.whitening = whitening
         self.members = list(members)
         self._slots = [len(m.scales) for m in self.members]
         super().__init__(
-            name="fusion-gallery", dim=model.dim, preprocessing=members[0].preprocessing,
+            name="fusion-gallery", dim=model.dim if whitening is None else whitening.w.shape[1],
+            preprocessing=members[0].preprocessing,
             pooling=Pooling("model"), scales=(1.0,) * sum(self._slots),
             weights_id=model.fingerprint,
             source="fused: " + " + ".join(m.name for m in self.members),
@@ -92,6 +96,8 @@ class FusionGalleryExtractor(Extractor):
 
     @property
     def fingerprint(self) -> str:  # type: ignore[override]
+        if self.whitening is not None:
+            return whitened_fingerprint(self.model.fingerprint, self.whitening.digest)
         return self.model.fingerprint
 
     @property
@@ -99,7 +105,7 @@ class FusionGalleryExtractor(Extractor):
         """The light query model of the same fusion model (``None`` when built without a
         config: it could not be recorded). A space indexed by this extractor records its
         config as ``query_config``."""
-        if self._config is None:
+        if self._config is None or self.whitening is not None:  # its space records its own
             return None
         if self._query is None:
             ex = self._exec_options or {}
@@ -135,7 +141,10 @@ class FusionGalleryExtractor(Extractor):
     def embed_prepared(self, per_scale: Sequence[np.ndarray]) -> np.ndarray:
         feats = self.member_features(per_scale)
         with self._lock:  # the mixer module is shared; torch modules are not re-entrant-safe
-            return self.model.mix(feats)
+            out = self.model.mix(feats)
+        if self.whitening is not None:
+            out = l2_normalize(self.whitening.apply(out))
+        return out
 
     def _embed_scale(self, batch: np.ndarray, scale: float) -> np.ndarray:  # pragma: no cover
         raise NotImplementedError("FusionGalleryExtractor embeds through embed_prepared")
@@ -146,30 +155,36 @@ class FusionQueryExtractor(Extractor):
     ``adaptation``, the light model's own vector mapped by a gallery's fitted map."""
 
     def __init__(self, model: FusionModel, *, runtime: str = "onnx",
-                 threads: int | None = None, adaptation: QueryAdaptation | None = None
-                 ) -> None:
+                 threads: int | None = None, adaptation: QueryAdaptation | None = None,
+                 target: str | None = None) -> None:
         if runtime not in ("onnx", "torch"):
             raise ValueError(f"runtime must be onnx or torch, got {runtime!r}")
         self.model = model
         qp = model.query_params
         self.adaptation = adaptation
+        #: the space the queries land in (a gallery-whitened fused space needs ``adaptation``)
+        self.target = target or model.fingerprint
+        if self.target != model.fingerprint and adaptation is None:
+            raise CompatibilityError(f"a query into {self.target} needs its fitted map")
         self._light: FusionLightExtractor | None = None
         if adaptation is not None:
             self._light = FusionLightExtractor(model, runtime=runtime, threads=threads)
-            if adaptation.model_fingerprint != model.fingerprint or \
+            if adaptation.model_fingerprint != self.target or \
                     adaptation.light_fingerprint != self._light.fingerprint:
                 raise CompatibilityError(
                     f"query adaptation {adaptation.digest} maps {adaptation.light_fingerprint} "
                     f"into {adaptation.model_fingerprint}; this model is {model.fingerprint} "
                     f"(light {self._light.fingerprint})")
-            if adaptation.w.shape != (self._light.dim, model.dim):
+            want = model.dim if self.target == model.fingerprint else adaptation.w.shape[1]
+            if adaptation.w.shape != (self._light.dim, want):
                 raise CompatibilityError(f"query adaptation {adaptation.digest} is "
                                          f"{adaptation.w.shape}, not ({self._light.dim}, "
-                                         f"{model.dim})")
+                                         f"{want})")
         how = ("" if adaptation is None else
                f", adapted to its gallery (map {adaptation.digest})")
         super().__init__(
-            name="fusion-query", dim=model.dim, preprocessing=_lite_preprocessing(),
+            name="fusion-query", dim=model.dim if adaptation is None else adaptation.w.shape[1],
+            preprocessing=_lite_preprocessing(),
             pooling=Pooling("model"), scales=(1.0,), weights_id=model.fingerprint,
             source=f"{qp['model']} query model (blocks trained: {qp['train_blocks']}) of "
                    f"{model.fingerprint}{how}",
@@ -182,7 +197,7 @@ class FusionQueryExtractor(Extractor):
 
     @property
     def fingerprint(self) -> str:  # type: ignore[override]
-        return self.model.fingerprint
+        return self.target
 
     def info(self) -> ModelInfo:
         return ModelInfo(name=self.name, dim=self.dim, input_size=self.preprocessing.size,
@@ -270,6 +285,12 @@ def light_fingerprint(model_fingerprint: str) -> str:
     return chain(model_fingerprint, "light")
 
 
+def whitened_fingerprint(model_fingerprint: str, transform_digest: str) -> str:
+    """The fingerprint of a fused space whitened on one gallery (the transform's digest)."""
+
+    return chain(model_fingerprint, "whitened", transform_digest)
+
+
 def _exec(runtime: str) -> str:
     return "onnx" if runtime == "auto" else runtime
 
@@ -288,7 +309,11 @@ def gallery_from_config(config: dict[str, Any], *, root: str | None, runtime: st
             raise CompatibilityError(
                 f"fusion model {model.fingerprint}: member {m['config'].get('type')!r} cannot be "
                 f"rebuilt as trained: {exc}") from exc
-    ext = FusionGalleryExtractor(model, members)
+    wh = config.get("whitening")
+    whitening = None if wh is None else QueryAdaptation.load(
+        resolve_path(str(wh["path"]), root), digest=str(wh["digest"]),
+        model_fingerprint=model.fingerprint)
+    ext = FusionGalleryExtractor(model, members, whitening=whitening)
     ext.set_config(config, root=root, runtime=runtime, threads=threads)
     return ext
 
@@ -303,19 +328,24 @@ def query_from_config(config: dict[str, Any], *, root: str | None, runtime: str,
     ext: Extractor
     if output == "light":
         ext = FusionLightExtractor(model, runtime=_exec(runtime), threads=threads)
-    elif output != "query":
-        raise FormatError(f"fusion-query output must be query or light, not {output!r}")
+    elif output not in ("query", "whitened"):
+        raise FormatError(f"fusion-query output must be query, light or whitened, not "
+                          f"{output!r}")
     else:
         adaptation = None
         a = config.get("adaptation")
+        if a is not None and (not isinstance(a, dict) or "path" not in a
+                              or "digest" not in a):
+            raise FormatError(f"a fusion-query adaptation needs path and digest: {a!r}")
+        target = str(config["space"]) if output == "whitened" else model.fingerprint
+        if output == "whitened" and (a is None or not target.startswith(model.fingerprint)):
+            raise FormatError(f"a whitened fusion query needs its space and map: {config!r}")
         if a is not None:
-            if not isinstance(a, dict) or "path" not in a or "digest" not in a:
-                raise FormatError(f"a fusion-query adaptation needs path and digest: {a!r}")
             adaptation = QueryAdaptation.load(resolve_path(str(a["path"]), root),
                                               digest=str(a["digest"]),
-                                              model_fingerprint=model.fingerprint)
+                                              model_fingerprint=target)
         ext = FusionQueryExtractor(model, runtime=_exec(runtime), threads=threads,
-                                   adaptation=adaptation)
+                                   adaptation=adaptation, target=target)
     ext.set_config(config, root=root, runtime=runtime, threads=threads)
     return ext
 

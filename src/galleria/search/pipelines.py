@@ -26,11 +26,14 @@ key; nothing here knows about the gallery store.
 
 ``hybrid``
     local-to-global that never loses to its parts: the union of the global top
-    ``candidates`` and the local top ``candidates``, each candidate scored by both
-    sources, each source standardised against its own shortlist
-    (:mod:`galleria.local.hybrid`), ranked by the sum; optionally the top
-    ``mds_k`` re-ranked by the MDS embedding of the fused similarity and the top
-    ``sv`` by spatial verification; the rest keep the global order below.
+    ``candidates`` and the local top ``candidates``; the local top ``verify`` and the
+    global top ``verify`` are spatially verified (MAGSAC++ inliers, mutual +
+    ratio-test matches) and those with at least ``min_inliers`` inliers come first,
+    by inliers; the rest follow by a fused score in which unverified local scores
+    carry ``local_weight`` (0 by default: the global order), optionally re-ranked by
+    the MDS embedding of the fused similarity (``mds_k``); the global rest below
+    (:mod:`galleria.local.hybrid`). The default pipeline of a gallery with a global
+    and a local space.
 
 Scores of re-ranked pipelines are monotone in the returned order but are not
 similarities of one scale across pipelines.
@@ -47,7 +50,13 @@ import numpy as np
 
 from galleria.errors import InputError
 from galleria.local.base import LocalIndex
-from galleria.local.hybrid import fused_pairwise, fused_scores, to_unit
+from galleria.local.hybrid import (
+    fused_pairwise,
+    fused_scores,
+    to_unit,
+    verified_order,
+    verify_shortlist,
+)
 from galleria.local.matching import MATCHERS, verify_pairs
 from galleria.rerank.mds import PAPER_P, floor_unmatched, mds_rerank_scores, scaled_defaults
 from galleria.types import MISSING_KEY, LocalFeatures, SearchResult
@@ -332,23 +341,35 @@ class LocalMDSPipeline:
 
 @dataclass(frozen=True)
 class HybridConfig:
-    """Options of the ``hybrid`` pipeline.
+    """Options of the ``hybrid`` pipeline (see :mod:`galleria.local.hybrid`).
 
     Attributes:
-        candidates: shortlist of each source (global and local); the union is fused.
-        local_weight: weight of the local evidence (1: equal trust).
+        candidates: shortlist of each source (global and local); the union is ranked.
+        verify: the local top ``verify`` and the global top ``verify`` are spatially
+            verified (0: no verification: the fused order alone).
+        min_inliers: MAGSAC++ inliers a verified candidate needs to come first (a pair
+            with fewer tentative matches is skipped).
+        matcher: tentative matches of the verification (``mutual+ratio``: mutual nearest
+            neighbours passing Lowe's ``ratio``); ``sv_threshold``: MAGSAC threshold in
+            pixels; ``max_iters``: its iteration cap.
+        local_weight: weight of the unverified local evidence in the fused order
+            (0: the global order).
         threshold: standard deviations above a source's own shortlist where its
-            evidence starts; ``tie``: weight of the standardised global score (the
-            order where neither source has evidence). See :mod:`galleria.local.hybrid`.
+            evidence starts; ``tie``: weight of the standardised global score.
         mds_k: fused top results re-ranked by the MDS embedding of the fused
             similarity (0: off); ``mds_weight`` its weight against the fused score
             (both mapped to ``(0, 1)``); ``p``, ``dim``, ``max_iter``: the MDS.
-        sv: fused top results re-ranked by spatial verification (0: off), with
-            ``matcher`` and MAGSAC ``sv_threshold`` in pixels (needs ``fetch_local``).
     """
 
     candidates: int = 100
-    local_weight: float = 1.0
+    verify: int = 20
+    min_inliers: int = 10
+    order_verified: str = "inliers"
+    matcher: str = "mutual+ratio"
+    ratio: float = 0.8
+    sv_threshold: float = 6.0
+    max_iters: int = 1000
+    local_weight: float = 0.0
     threshold: float = 3.0
     tie: float = 0.01
     mds_k: int = 0
@@ -356,17 +377,16 @@ class HybridConfig:
     p: float = 1.0
     dim: int = 32
     max_iter: int = 100
-    sv: int = 0
-    matcher: str = "mutual"
-    sv_threshold: float = 6.0
 
     def __post_init__(self) -> None:
-        if self.candidates < 1 or self.mds_k < 0 or self.sv < 0:
-            raise InputError("candidates must be >= 1, mds_k and sv >= 0")
+        if self.candidates < 1 or self.mds_k < 0 or self.verify < 0 or self.max_iters < 1:
+            raise InputError("candidates and max_iters must be >= 1, mds_k and verify >= 0")
+        if self.min_inliers < 4:
+            raise InputError(f"min_inliers must be >= 4 (a homography); got {self.min_inliers}")
         if not (0.0 <= self.mds_weight <= 1.0 and self.local_weight >= 0 and self.p > 0
-                and self.threshold >= 0 and self.tie >= 0):
-            raise InputError("need 0 <= mds_weight <= 1, p > 0 and local_weight, threshold, "
-                             "tie >= 0")
+                and self.threshold >= 0 and self.tie >= 0 and 0 < self.ratio <= 1):
+            raise InputError("need 0 <= mds_weight <= 1, p > 0, 0 < ratio <= 1 and "
+                             "local_weight, threshold, tie >= 0")
         if self.matcher not in MATCHERS:
             raise InputError(f"matcher must be one of {MATCHERS}; got {self.matcher!r}")
 
@@ -375,7 +395,7 @@ HYBRID_OPTIONS = tuple(f.name for f in fields(HybridConfig))
 
 
 class HybridPipeline:
-    """``hybrid``: global and local candidates fused (see the module docstring).
+    """``hybrid``: global and local candidates, verified ones first (module docstring).
 
     Args:
         index: global index (``search((Q, D), k)``).
@@ -383,7 +403,8 @@ class HybridPipeline:
         fetch_vectors: global vectors of gallery images by key (scores every candidate).
         similarity: index giving image-to-image local similarities for the MDS step
             (default ``local_index``; needs ``pairwise``).
-        fetch_local: local features of gallery images by key (the ``sv`` step).
+        fetch_local: local features of gallery images by key (the verification; needed
+            when ``verify > 0``).
         config: :class:`HybridConfig`; keyword ``options`` replace its fields.
     """
 
@@ -396,11 +417,12 @@ class HybridPipeline:
         if unknown:
             raise InputError(f"hybrid takes {list(HYBRID_OPTIONS)}; unknown: {unknown}")
         self.config = replace(config or HybridConfig(), **options)
-        if self.config.sv and fetch_local is None:
-            raise InputError("hybrid with sv > 0 needs fetch_local (gallery local features)")
+        if self.config.verify and fetch_local is None:
+            raise InputError("hybrid with verify > 0 needs fetch_local (gallery local features)")
         self.index, self.local_index, self.fetch_vectors = index, local_index, fetch_vectors
         self.similarity = similarity if similarity is not None else local_index
         self.fetch_local = fetch_local
+        self.verified_pairs = 0  # pairs spatially verified so far (a cost counter)
 
     def params(self) -> dict[str, Any]:
         return {f: getattr(self.config, f) for f in HYBRID_OPTIONS}
@@ -424,35 +446,33 @@ class HybridPipeline:
 
     def _one(self, vec: np.ndarray, feat: LocalFeatures, gids: np.ndarray, gsc: np.ndarray,
              lids: np.ndarray, lsc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """One query: fused ``(ids, scores)`` best first (the union, then the global rest)."""
+        """One query: ``(ids, scores)`` best first over the global list and the local
+        shortlist (a local candidate outside the global list is scored by its vector)."""
         cfg = self.config
         gok, lok = gids >= 0, (lids >= 0) & np.isfinite(lsc)
         gids, gsc, lids, lsc = gids[gok], gsc[gok].astype(np.float64), lids[lok], lsc[lok]
         gref, lref = gsc[: cfg.candidates], lsc.astype(np.float64)
-        union = np.unique(np.concatenate([gids[: cfg.candidates], lids]))
-        if union.size == 0:
+        extra = lids[~np.isin(lids, gids)]
+        ids = np.concatenate([gids, extra])
+        if ids.size == 0:
             return gids, gsc
-        g_u = np.asarray(self.fetch_vectors(union), np.float32) @ vec
-        l_u = np.full(union.size, float(lref.min()) if lref.size else 0.0)
-        pos = np.searchsorted(union, lids)
-        l_u[pos] = lref
-        z = fused_scores(g_u, l_u, global_ref=gref, local_ref=lref,
+        g = np.concatenate([gsc, np.asarray(self.fetch_vectors(extra), np.float32) @ vec
+                            if extra.size else np.zeros(0)])
+        loc = np.full(ids.size, float(lref.min()) if lref.size else 0.0)
+        srt = np.argsort(ids, kind="stable")
+        loc[srt[np.searchsorted(ids[srt], lids)]] = lref
+        z = fused_scores(g, loc, global_ref=gref, local_ref=lref,
                          local_weight=cfg.local_weight, threshold=cfg.threshold, tie=cfg.tie)
         order = np.argsort(-z, kind="stable")
-        ids, score = union[order], z[order]
+        ids, score = ids[order], z[order]
         if cfg.mds_k >= 2 and ids.size >= 2:
-            ids, score = self._mds(vec, ids, score, g_u[order], l_u[order], gref, lref)
-        if cfg.sv and ids.size:
-            ids, score = self._sv(feat, ids, score)
-        rest = ~np.isin(gids, union)
-        low = float(score.min()) - 1.0 if score.size else 0.0
-        tail = gsc[rest]
-        tail_score = low - (float(tail.max()) - tail) if tail.size else tail
-        return np.concatenate([ids, gids[rest]]), np.concatenate([score, tail_score])
+            ids, score = self._mds(vec, ids, score, gref, lref)
+        if cfg.verify:
+            ids, score = self._verified(feat, ids, score, gids, lids)
+        return ids, score
 
-    def _mds(self, vec: np.ndarray, ids: np.ndarray, score: np.ndarray, g: np.ndarray,
-             loc: np.ndarray, gref: np.ndarray, lref: np.ndarray
-             ) -> tuple[np.ndarray, np.ndarray]:
+    def _mds(self, vec: np.ndarray, ids: np.ndarray, score: np.ndarray, gref: np.ndarray,
+             lref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Re-rank the top ``mds_k`` by MDS of the fused similarity, blended with ``score``."""
         cfg = self.config
         n = min(cfg.mds_k, ids.size)
@@ -471,20 +491,22 @@ class HybridPipeline:
         rest = new.min() - 1.0 - (rest.max() - rest) if rest.size else rest
         return np.concatenate([head[o], ids[n:]]), np.concatenate([new[o], rest])
 
-    def _sv(self, feat: LocalFeatures, ids: np.ndarray, score: np.ndarray
-            ) -> tuple[np.ndarray, np.ndarray]:
-        """Re-rank the top ``sv`` by MAGSAC++ inliers (ties keep the fused order)."""
+    def _verified(self, feat: LocalFeatures, ids: np.ndarray, score: np.ndarray,
+                  gids: np.ndarray, lids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Verify the local and global top ``verify``; verified first (by inliers)."""
         cfg = self.config
         assert self.fetch_local is not None
-        n = min(cfg.sv, ids.size)
-        inl = verify_pairs(feat, list(self.fetch_local(ids[:n])), method=cfg.matcher,
-                           threshold=cfg.sv_threshold)
-        frac = (score[:n] - score[:n].min()) / (np.ptp(score[:n]) + 1.0)  # [0, 1)
-        new = inl + frac
-        o = np.argsort(-new, kind="stable")
-        rest = score[n:]
-        rest = rest - rest.max() + new.min() - 1.0 if rest.size else rest
-        return np.concatenate([ids[:n][o], ids[n:]]), np.concatenate([new[o], rest])
+        want = np.unique(np.concatenate([lids[: cfg.verify], gids[: cfg.verify]]))
+        at = np.flatnonzero(np.isin(ids, want))
+        inl = np.zeros(ids.size, np.int32)
+        if at.size:
+            inl[at] = verify_shortlist(feat, list(self.fetch_local(ids[at])),
+                                       min_matches=cfg.min_inliers, method=cfg.matcher,
+                                       ratio=cfg.ratio, threshold=cfg.sv_threshold,
+                                       max_iters=cfg.max_iters)
+            self.verified_pairs += int(at.size)
+        o, new = verified_order(score, inl, cfg.min_inliers, by=cfg.order_verified)
+        return ids[o], new
 
 
 def make_pipeline(name: str, **parts: Any) -> Any:

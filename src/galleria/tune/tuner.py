@@ -1,4 +1,21 @@
-"""The self-tuned default: which pipeline answers a gallery nobody labelled.
+"""The self-tuned default: calibrated scores and cost of the default pipeline.
+
+The default pipeline is a rule of the gallery's spaces, not a pseudo-query vote
+(:func:`galleria.decision.choose.default_pipeline`: ``hybrid`` on a gallery with a
+global and a local space): pseudo-queries are near-copies of gallery images, which
+every instance matcher finds, so they favour local features on category and landmark
+galleries where the global model is far better (rparis250 Hard mAP 15.6 vs 68.1,
+Caltech-101 mAP@R 6.8 vs 64.4 with the old vote). What the tuner decides by default
+(:attr:`TuneConfig.pipelines` ``None``): it scores the default pipeline on a fixed,
+seeded sample of pseudo-queries (its size does not grow with the gallery), fits the
+calibrated match probabilities of its scores and records its query cost; with a
+query-cost budget (:attr:`TuneConfig.budget_ms`) it walks down
+:data:`HYBRID_VARIANTS` (smaller verification / shortlist) to the first one whose
+measured cost fits. The record is deterministic for a seed without a budget (no
+timing decides).
+
+With ``pipelines`` named (``galleria tune G --pipelines global,local``), the tuner
+scores those candidates and selects one by pseudo-query MRR as before:
 
 Every pipeline the gallery supports (:data:`galleria.search.pipelines.PIPELINES`,
 with a few parameter settings where they matter) searches the same seeded
@@ -38,6 +55,7 @@ from typing import Any
 import numpy as np
 
 from galleria import __version__
+from galleria.decision.choose import default_pipeline
 from galleria.errors import GalleriaError, InputError
 from galleria.extract.embed import Progress
 from galleria.extract.queries import Queries
@@ -67,6 +85,10 @@ SV_SHORTLIST = 100
 """``global+sv``'s default shortlist (global results verified per query)."""
 LOCAL_ONLY = ("local", "local+mds")
 """Pipelines that cannot search a query without keypoints (such a view counts as a miss)."""
+HYBRID_VARIANTS: tuple[dict[str, Any], ...] = (
+    {}, {"verify": 10}, {"verify": 5, "candidates": 50}, {"verify": 0, "candidates": 50})
+"""``hybrid`` parameter variants from the default down to the cheapest (verification of
+the local and global top 20, 10, 5, none): the steps of the query-cost budget."""
 MDS_CAP = (100, 200)
 """``(k, candidates)`` of the ``local+mds`` candidate when the scaled defaults exceed them
 (bounded tuning and query cost on large galleries)."""
@@ -104,9 +126,12 @@ class TuneConfig:
             object or facade); 0: only the source item counts.
         scene: place half of the views in a cluttered frame
             (:data:`galleria.images.pseudo.TUNE_SCENE`); ``False``: crops only.
+        budget_ms: query-cost budget of the default pipeline (ms per pseudo-query,
+            search only, this machine); ``None``: no budget (the default parameters).
+            Only with ``pipelines`` ``None``.
     """
 
-    n: int = 200
+    n: int = 100
     seed: int = 0
     views: int = 1
     k: int = 10
@@ -117,8 +142,11 @@ class TuneConfig:
     batch: int = 16
     min_inliers: int = 20
     scene: bool = True
+    budget_ms: float | None = None
 
     def __post_init__(self) -> None:
+        if self.budget_ms is not None and not self.budget_ms > 0:
+            raise InputError(f"budget_ms must be > 0; got {self.budget_ms}")
         if self.n < 1 or self.views < 1 or self.k < 1 or self.batch < 1 or self.min_inliers < 0:
             raise InputError("n, views, k and batch must be positive")
         if self.margin < 0 or self.global_margin < 0:
@@ -232,6 +260,41 @@ def select(scored: Sequence[tuple[Candidate, dict[str, float]]], *, margin: floa
                        f"({best_c.key}: {best['mrr']:.1f}); broader / cheaper first")
             return cand, why
     raise AssertionError("unreachable: the best candidate is within its own margin")
+
+
+def default_candidates(has_global: bool, has_local: bool, *, budget: bool = False
+                       ) -> list[Candidate]:
+    """The default pipeline of the gallery's spaces, then (with a budget) its cheaper
+    variants (:data:`HYBRID_VARIANTS`), most thorough first."""
+    name = default_pipeline(has_global, has_local)
+    grid = HYBRID_VARIANTS if (name == "hybrid" and budget) else ({},)
+    return [Candidate(name, tuple(sorted(p.items()))) for p in grid]
+
+
+def within_budget(search_ms: float, budget_ms: float | None) -> bool:
+    """No budget, or a measured cost within it."""
+    return budget_ms is None or search_ms <= budget_ms
+
+
+def default_choice(results: Sequence[CandidateScore], budget_ms: float | None,
+                   has_global: bool, has_local: bool) -> tuple[Candidate, str]:
+    """The default mode's choice among the scored variants (most thorough first) ->
+    ``(candidate, reason)``: the first within the budget, else the cheapest scored."""
+    ran = [r for r in results if r.error is None]
+    if not ran:
+        raise InputError("the default pipeline could not search this gallery: "
+                         + "; ".join(str(r.error) for r in results))
+    kinds = " and ".join(k for k, has in (("global", has_global), ("local", has_local)) if has)
+    why = f"the default of a gallery with {kinds} spaces"
+    if budget_ms is None:
+        return ran[0].candidate, why + "; scores calibrated on pseudo-queries"
+    for r in ran:
+        if within_budget(r.search_ms, budget_ms):
+            return r.candidate, (f"{why}; {r.search_ms:.0f} ms/query within the "
+                                 f"{budget_ms:g} ms budget")
+    last = ran[-1]
+    return last.candidate, (f"{why}; the cheapest variant ({last.search_ms:.0f} ms/query) "
+                            f"is over the {budget_ms:g} ms budget")
 
 
 # ------------------------------------------------------------------ over a gallery
@@ -369,9 +432,13 @@ def tune_gallery(gallery: Any, config: TuneConfig | None = None, *,
     summary = state_summary(state)
     if not summary["spaces"]:
         raise InputError(f"gallery {gallery.path} has no items yet: index images first")
-    pipes = [p for p in PIPELINES if cfg.pipelines is None or p in cfg.pipelines]
     has_global = any(s["kind"] == "global" for s in summary["spaces"])
-    cands = candidates_for(pipes, items=summary["items"], has_global=has_global)
+    has_local = any(s["kind"] == "local" for s in summary["spaces"])
+    if cfg.pipelines is None:
+        cands = default_candidates(has_global, has_local, budget=cfg.budget_ms is not None)
+    else:
+        pipes = [p for p in PIPELINES if p in cfg.pipelines]
+        cands = candidates_for(pipes, items=summary["items"], has_global=has_global)
     searchers: dict[Candidate, Any] = {}
     results: list[CandidateScore] = []
     for cand in cands:
@@ -399,6 +466,8 @@ def tune_gallery(gallery: Any, config: TuneConfig | None = None, *,
             continue
         cs.embed_ms = sum(embed_ms[sp] for sp in cs.spaces)
         results.append(cs)
+        if cfg.pipelines is None and within_budget(cs.search_ms, cfg.budget_ms):
+            break  # the default (or the first variant within the budget): no cheaper one
     t_eq = time.perf_counter()
     eq = equivalents(gallery, pq, [r.ids for r in results if r.ids is not None],
                      min_inliers=cfg.min_inliers)
@@ -407,8 +476,11 @@ def tune_gallery(gallery: Any, config: TuneConfig | None = None, *,
     t_eq = time.perf_counter() - t_eq
     results.sort(key=lambda r: cands.index(r.candidate))
     ran = [(r.candidate, summarise(r.ranks, cfg.k)) for r in results if r.error is None]
-    chosen, reason = select(ran, margin=cfg.margin, global_margin=cfg.global_margin,
-                            order=preference(summary["items"]))
+    if cfg.pipelines is None:
+        chosen, reason = default_choice(results, cfg.budget_ms, has_global, has_local)
+    else:
+        chosen, reason = select(ran, margin=cfg.margin, global_margin=cfg.global_margin,
+                                order=preference(summary["items"]))
     return {
         "type": RECORD_TYPE, "format_version": FORMAT_VERSION,
         "pipeline": chosen.pipeline, "params": dict(chosen.params), "key": chosen.key,
@@ -416,7 +488,9 @@ def tune_gallery(gallery: Any, config: TuneConfig | None = None, *,
         "views": int(cfg.views), "queries": len(pq), "skipped": len(pq.skipped),
         "augment": pq.augment, "pseudo_fingerprint": pq.fingerprint,
         "rule": {"metric": "mrr", "margin": cfg.margin, "global_margin": cfg.global_margin,
-                 "min_inliers": cfg.min_inliers, "order": [c.key for c in cands]},
+                 "min_inliers": cfg.min_inliers, "order": [c.key for c in cands],
+                 "mode": "default" if cfg.pipelines is None else "select",
+                 "budget_ms": cfg.budget_ms},
         "equivalents": {"views_with_any": sum(1 for e in eq if e),
                         "mean": round(float(np.mean([len(e) for e in eq])), 3),
                         "seconds": round(t_eq, 2)},
@@ -457,9 +531,13 @@ def progress_total(gallery: Any, config: TuneConfig | None = None) -> int:
     state = gallery.state()
     summary = state_summary(state)
     p = min(cfg.n, summary["items"]) * cfg.views
-    pipes = [x for x in PIPELINES if cfg.pipelines is None or x in cfg.pipelines]
     has_global = any(s["kind"] == "global" for s in summary["spaces"])
-    n_c = len(candidates_for(pipes, items=summary["items"], has_global=has_global))
+    has_local = any(s["kind"] == "local" for s in summary["spaces"])
+    if cfg.pipelines is None:
+        n_c = len(default_candidates(has_global, has_local, budget=cfg.budget_ms is not None))
+    else:
+        pipes = [x for x in PIPELINES if x in cfg.pipelines]
+        n_c = len(candidates_for(pipes, items=summary["items"], has_global=has_global))
     return p * (len(summary["spaces"]) + n_c)
 
 
