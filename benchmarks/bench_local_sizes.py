@@ -422,6 +422,8 @@ def codebook_info() -> dict[str, Any]:
 def _subsample_metrics(r: dict[str, Any]) -> None:
     """Fill ``<method> R@1 / mAP (<sub> queries)`` from the per-query results of the
     11.4k row: every method on the baseline's and on local+mds's sub-samples."""
+    for k in [k for k in r if k.endswith(" queries)")]:  # recomputed, never stale
+        del r[k]
     for sub in ("baseline", *MDS_METHODS):
         want = (r.get("baseline query positions") if sub == "baseline" else
                 (r.get(f"{sub} per-query") or {}).get("q"))
