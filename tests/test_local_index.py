@@ -299,3 +299,37 @@ def test_empty_like_keeps_the_training_and_the_scores(kind, data):
                 # one folded index for that reason)
                 assert s >= want.get(int(k), 0.0) - 1e-6
     assert len(base) == 20 and set(base.keys().tolist()) == set(range(20))
+
+
+def test_asmk_add_index_equals_add_without_quantizing_again(data):
+    """A store folds a delta into its base with ``add_index`` (the 11.4k gallery's save
+    quantized every descriptor twice: once into the delta, again into the base)."""
+    gallery, queries = data
+    base = _make("asmk")
+    base.add(np.arange(20), gallery[:20])
+    base.remove(np.array([3]))
+    delta = base.empty_like()
+    delta.add(np.arange(20, 30), gallery[20:])
+    delta.remove(np.array([25]))
+    delta.add(np.array([3]), [gallery[3]])  # a key removed from the base, re-added
+    ref = base.copy()
+    ref.add(np.r_[20:25, 26:30, 3], [*gallery[20:25], *gallery[26:30], gallery[3]])
+    calls = []
+    folded = base.copy()
+    folded._assign = lambda desc, m: calls.append(len(desc))  # type: ignore[method-assign]
+    folded.add_index(delta)
+    del folded._assign  # queries are quantized as usual
+    assert not calls and len(folded) == len(ref) == 29
+    for q in queries:
+        a, b = folded.search([q], 29), ref.search([q], 29)
+        got = dict(zip(a.ids[0].tolist(), a.scores[0].tolist(), strict=True))
+        want = dict(zip(b.ids[0].tolist(), b.scores[0].tolist(), strict=True))
+        assert got.keys() == want.keys()
+        assert all(got[k] == pytest.approx(want[k], abs=1e-5) for k in want)
+    assert len(base) == 19  # the base copy is untouched
+    with pytest.raises(InputError):  # keys already there
+        folded.add_index(delta)
+    other = AsmkIndex(D, codebook_size=16, fingerprint="fp@1", seed=1, multiple_assignment=1)
+    other.add(np.array([100]), [gallery[0]])
+    with pytest.raises(InputError):  # another codebook
+        folded.add_index(other)

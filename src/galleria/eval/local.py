@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 
 PIPELINE_PARAMS = {
     "global+sv": ("shortlist", "matcher", "ratio", "threshold", "max_iters"),
-    "local+mds": ("k", "candidates", "p", "dim", "max_iter", "blend", "local_blend"),
+    "local+mds": ("k", "candidates", "p", "dim", "max_iter", "blend", "local_blend",
+                  "evidence"),
     "hybrid": HYBRID_OPTIONS,
 }
 

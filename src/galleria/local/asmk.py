@@ -397,6 +397,38 @@ class AsmkIndex(LocalIndex):
                 np.concatenate([c for _, c in encoded]), nw))
             self._maybe_merge()
 
+    def add_index(self, other: AsmkIndex) -> None:
+        """Add every live image of ``other`` (an index with this one's codebook, e.g.
+        from :meth:`empty_like`) from its encoded entries: no descriptor is quantized
+        again. The same as ``add(other's keys, other's features)``, at the cost of a
+        segment copy (a store folds a delta index into its base this way).
+        """
+        if not isinstance(other, AsmkIndex) or other.centroids_ is None or \
+                self.centroids_ is None:
+            raise InputError("add_index needs two trained ASMK indexes")
+        if other.centroids_ is not self.centroids_ and not (
+                other.centroids_.shape == self.centroids_.shape
+                and np.array_equal(other.centroids_, self.centroids_)):
+            raise InputError("add_index: the two indexes use different codebooks")
+        live = np.flatnonzero(other._rows.alive()) if other._rows.capacity else \
+            np.zeros(0, np.int64)
+        keys = other._rows.row_key[live]
+        self._rows.check_new(keys)
+        rows = self._rows.append(keys)
+        cap = int(rows.max()) + 1 if rows.size else 0
+        if self._nwords.size < cap:
+            self._nwords = np.concatenate([self._nwords, np.zeros(cap - self._nwords.size,
+                                                                  np.int32)])
+        self._nwords[rows] = other._nwords[live]
+        new_row = np.full(max(other._rows.capacity, 1), -1, np.int64)
+        new_row[live] = rows
+        for seg in other._segs:
+            keep = new_row[seg.rows] >= 0
+            if keep.any():
+                self._segs.append(_segment(seg.words()[keep], new_row[seg.rows[keep]],
+                                           seg.codes[keep], int(self.codebook_size)))
+        self._maybe_merge()
+
     def _maybe_merge(self, full: bool = False) -> None:
         alive = self._alive_rows()
         nw = int(self.codebook_size)

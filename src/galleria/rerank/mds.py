@@ -51,6 +51,27 @@ def similarity_to_distance(s: np.ndarray, p: float) -> np.ndarray:
     return d
 
 
+def floor_unmatched(query_sims: np.ndarray, pairwise: np.ndarray) -> np.ndarray:
+    """``(k, k)`` pairwise similarities with every off-diagonal 0 raised to the smallest
+    positive similarity among ``query_sims`` ``(k,)`` and ``pairwise``.
+
+    A binarised local similarity of 0 means "no visual word in common": no evidence,
+    not "maximally different". Under ``D = 1 - S^p`` with ``p = 0.01`` a distance is
+    about ``p |ln S|`` (0.03-0.08 for every scored pair) while a 0 becomes 1: a few
+    such pairs dominate the stress, the embedding spends itself on them and the
+    query's cosines turn to noise (``local+mds`` R@1 1.7 % vs ``local`` 98.3 % on 100
+    covers + 400 unrelated images). Floored, an unmatched pair is as far apart as the
+    least similar scored pair. Without any positive similarity the input is returned.
+    """
+    pair = np.array(pairwise, np.float64, copy=True)
+    q = np.asarray(query_sims, np.float64).reshape(-1)
+    off = ~np.eye(pair.shape[0], dtype=bool)
+    pos = np.concatenate([q[q > 0], pair[off & (pair > 0)]])
+    if pos.size:
+        pair[off & (pair <= 0)] = pos.min()
+    return pair
+
+
 def classical_mds(d: np.ndarray, dim: int) -> np.ndarray:
     """Torgerson's classical MDS: ``(n, n)`` distances -> ``(n, dim)`` centred coordinates.
 

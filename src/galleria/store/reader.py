@@ -349,7 +349,11 @@ def merge_view(view: SpaceView, *, force: bool = False,
         base.attach_source(source() if source is not None else
                            ChainSource(old_src, view.delta_keys, view.delta_data))
     if len(view.delta_keys):
-        base.add(view.delta_keys, view.delta_data)
+        if view.delta is not None and hasattr(base, "add_index") and \
+                len(view.delta) == len(view.delta_keys):
+            base.add_index(view.delta)  # ASMK: the delta's codes, not a second quantization
+        else:
+            base.add(view.delta_keys, view.delta_data)
     base.generation = view.generation
     empty: Any = np.zeros((0, view.dim), np.float32) if view.kind == "global" else []
     return SpaceView(view.space, view.kind, view.dim, view.generation, len(base), view.spec,
