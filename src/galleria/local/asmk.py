@@ -61,45 +61,15 @@ from galleria.local.kernels import (
     selective_kernel,
 )
 from galleria.local.persist import read_array, write_array
+from galleria.local.segments import Segment as _Segment
+from galleria.local.segments import build_segment as _segment
+from galleria.local.segments import merge_segments as _merge
 from galleria.types import LocalFeatures
 
 log = logging.getLogger(__name__)
 
 #: Query/entry pairs scored per numpy block (bounds the temporaries of one search).
 _BLOCK_PAIRS = 1 << 20
-
-
-@dataclass(frozen=True)
-class _Segment:
-    """Immutable CSR inverted file: entries of word ``w`` are ``offsets[w]:offsets[w+1]``."""
-
-    offsets: np.ndarray  # (W + 1,) int64
-    rows: np.ndarray  # (E,) int32
-    codes: np.ndarray  # (E, nw) uint64
-
-    @property
-    def size(self) -> int:
-        return int(self.rows.shape[0])
-
-    def words(self) -> np.ndarray:
-        return np.repeat(np.arange(self.offsets.size - 1, dtype=np.int64), np.diff(self.offsets))
-
-
-def _segment(words: np.ndarray, rows: np.ndarray, codes: np.ndarray, nwords: int) -> _Segment:
-    order = np.lexsort((rows, words))
-    w = words[order]
-    offsets = np.zeros(nwords + 1, np.int64)
-    np.cumsum(np.bincount(w, minlength=nwords), out=offsets[1:])
-    return _Segment(offsets, np.ascontiguousarray(rows[order], np.int32),
-                    np.ascontiguousarray(codes[order]))
-
-
-def _merge(segs: Sequence[_Segment], alive: np.ndarray, nwords: int) -> _Segment:
-    words = np.concatenate([s.words() for s in segs])
-    rows = np.concatenate([s.rows for s in segs])
-    codes = np.concatenate([s.codes for s in segs])
-    keep = alive[rows]
-    return _segment(words[keep], rows[keep], codes[keep], nwords)
 
 
 def auto_codebook_size(n_descriptors: int) -> int:

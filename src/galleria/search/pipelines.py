@@ -217,6 +217,12 @@ class LocalPipeline:
         return _drop_excluded(res, ex, k)
 
 
+#: Options of ``local+mds`` and their defaults (see :class:`LocalMDSPipeline`).
+MDS_DEFAULTS: dict[str, Any] = {"k": None, "candidates": None, "p": PAPER_P, "dim": 32,
+                                "max_iter": 100, "blend": 0.0, "local_blend": 0.5,
+                                "evidence": 3.0}
+
+
 class LocalMDSPipeline:
     """``local+mds``: local search re-ranked by an on-the-fly MDS embedding.
 
@@ -244,10 +250,14 @@ class LocalMDSPipeline:
     name = "local+mds"
 
     def __init__(self, index: LocalIndex, *, similarity: LocalIndex | None = None,
-                 k: int | None = None, candidates: int | None = None, p: float = PAPER_P,
-                 dim: int = 32, max_iter: int = 100, blend: float = 0.0,
-                 fetch_vectors: FetchVectors | None = None, local_blend: float = 0.5,
-                 evidence: float = 3.0) -> None:
+                 fetch_vectors: FetchVectors | None = None, **options: Any) -> None:
+        unknown = sorted(set(options) - set(MDS_DEFAULTS))
+        if unknown:
+            raise InputError(f"local+mds takes {list(MDS_DEFAULTS)}; unknown: {unknown}")
+        o = {**MDS_DEFAULTS, **options}
+        k, candidates, p, dim, max_iter = (o["k"], o["candidates"], o["p"], o["dim"],
+                                           o["max_iter"])
+        blend, local_blend, evidence = o["blend"], o["local_blend"], o["evidence"]
         if blend and fetch_vectors is None:
             raise InputError("blend > 0 needs fetch_vectors (global vectors of the gallery)")
         if not 0.0 <= blend <= 1.0:
