@@ -70,7 +70,10 @@ PLAN: dict[tuple[str, str], tuple[str, str]] = {
     ("docs/upgrade.md", "galleria upgrade train-transform G --from-job"): (
         "slow", LITE0_G + " && galleria upgrade start G --new-model effnet-lite2 && "
                 "galleria upgrade run G -q"),
-    ("docs/local.md", "galleria index SRC --out G --local sift"): ("slow", ""),
+    ("docs/local.md", "galleria index SRC --out L --local sift"): ("slow", ""),
+    ("docs/fusion.md", "galleria search G q.jpg -k 10"): (
+        "skip: continues the `galleria fusion train` lines above it (a trained model F); "
+        "tests/test_fusion_cli.py runs train, index --fusion, search and status", ""),
     ("docs/local.md", "galleria eval --dataset smvs-ref --local sift --pipeline local --json"): (
         "slow", ""),
     ("docs/service.md", "pip install 'galleria[service]'"): (
