@@ -46,8 +46,7 @@ from __future__ import annotations
 import numpy as np
 
 from galleria.errors import InputError
-from galleria.local.features import float_descriptors
-from galleria.local.matching import homography_inliers, match_descriptors
+from galleria.local.matching import verify_pairs
 from galleria.types import LocalFeatures
 
 #: How verified candidates are ordered among themselves: by inlier count, or in the
@@ -143,22 +142,10 @@ def verify_shortlist(query: LocalFeatures, candidates: list[LocalFeatures], *,
     keeps the verification of a shortlist cheap (most wrong pairs of a mutual +
     ratio-test matcher have a handful of matches).
     """
-    out = np.zeros(len(candidates), np.int32)
-    if len(query) < 4:
-        return out
-    qd = float_descriptors(query.descriptors)
-    for j, c in enumerate(candidates):
-        if len(c) < 4:
-            continue
-        if c.dim != query.dim:
-            raise InputError(f"candidate {j} has {c.dim}-d descriptors, query {query.dim}-d")
-        cd = float_descriptors(c.descriptors)
-        mt = (mutual_ratio_matches(qd, cd, ratio) if method == "mutual+ratio"
-              else match_descriptors(qd, cd, method=method, ratio=ratio))
-        if mt.shape[0] >= max(4, min_matches):
-            out[j] = homography_inliers(query.keypoints[mt[:, 0], :2], c.keypoints[mt[:, 1], :2],
-                                        threshold=threshold, max_iters=max_iters)
-    return out
+    match = (lambda a, b: mutual_ratio_matches(a, b, ratio)) \
+        if method == "mutual+ratio" else None
+    return verify_pairs(query, candidates, method=method, ratio=ratio, threshold=threshold,
+                        max_iters=max_iters, min_matches=min_matches, matcher=match)
 
 
 def mutual_ratio_matches(a: np.ndarray, b: np.ndarray, ratio: float = 0.8) -> np.ndarray:

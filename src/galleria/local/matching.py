@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -70,9 +70,14 @@ def homography_inliers(
 
 def verify_pairs(
     query: LocalFeatures, candidates: Sequence[LocalFeatures], *, method: str = "mutual",
-    ratio: float = 0.8, threshold: float = 6.0, max_iters: int = 2000,
+    ratio: float = 0.8, threshold: float = 6.0, max_iters: int = 2000, min_matches: int = 4,
+    matcher: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> np.ndarray:
-    """``(n,)`` int32 MAGSAC homography inliers of ``query`` against each candidate."""
+    """``(n,)`` int32 MAGSAC homography inliers of ``query`` against each candidate.
+
+    A pair with fewer than ``min_matches`` (at least 4) tentative matches is not verified
+    (0 inliers). ``matcher``: ``(query (n, D), candidate (m, D)) -> (k, 2)`` matches in
+    place of :func:`match_descriptors` with ``method`` / ``ratio``."""
     out = np.zeros(len(candidates), np.int32)
     if len(query) == 0:
         return out
@@ -82,8 +87,10 @@ def verify_pairs(
             continue
         if c.dim != query.dim:
             raise InputError(f"candidate {j} has {c.dim}-d descriptors, query {query.dim}-d")
-        mt = match_descriptors(qd, float_descriptors(c.descriptors), method=method, ratio=ratio)
-        if mt.shape[0] >= 4:
+        cd = float_descriptors(c.descriptors)
+        mt = matcher(qd, cd) if matcher is not None else \
+            match_descriptors(qd, cd, method=method, ratio=ratio)
+        if mt.shape[0] >= max(4, min_matches):
             out[j] = homography_inliers(query.keypoints[mt[:, 0], :2], c.keypoints[mt[:, 1], :2],
                                         threshold=threshold, max_iters=max_iters)
     return out
