@@ -33,6 +33,15 @@ COMMAND = re.compile(r"(galleria|curl|pip|make|python|ray|bash|nice|\.venv)\b")
 
 LITE0 = "galleria index PHOTOS/ --model effnet-lite0 --out my.gallery -q"
 LITE0_G = "galleria index PHOTOS/ --model effnet-lite0 --out G -q"
+#: 12 photos (the 6 and their rotated mirror images) and manifests of them: psi training
+#: refuses fewer than 8 images or pairs
+GROW12 = ("for f in MORE/*.jpg; do cp \"$f\" \"PHOTOS/m_$(basename \"$f\")\"; done && "
+          "python -c \"import pathlib; ns = sorted(p.name for p in "
+          "pathlib.Path('PHOTOS').glob('*.jpg')); rows = ['path,label,split'] + "
+          "['PHOTOS/%s,%s,%s' % (n, ('cat', 'dog', 'bird')[i % 3], "
+          "'test' if i >= 10 else 'train') for i, n in enumerate(ns)]; "
+          "[pathlib.Path(f).write_text(chr(10).join(rows) + chr(10)) "
+          "for f in ('train.csv', 'manifest.csv')]\" && ")
 PLAN: dict[tuple[str, str], tuple[str, str]] = {
     # README.md
     ("README.md", "make demo"): ("skip: builds .venv and runs the demo; `make demo` is "
@@ -66,11 +75,13 @@ PLAN: dict[tuple[str, str], tuple[str, str]] = {
     ("docs/distributed.md", "galleria serve /shared/my.gallery --ray HEAD:6379 --shards 3"): (
         "skip: needs a Ray cluster; tests/test_ray.py runs sharded search", ""),
     ("docs/upgrade.md", "galleria upgrade train-transform G --images manifest.csv"): (
-        "slow", LITE0_G + " && galleria upgrade start G --new-model effnet-lite2"),
+        "slow", GROW12 + LITE0_G + " && galleria upgrade start G --new-model effnet-lite2"),
     ("docs/upgrade.md", "galleria upgrade train-transform G --from-job"): (
-        "slow", LITE0_G + " && galleria upgrade start G --new-model effnet-lite2 && "
+        "slow", GROW12 + LITE0_G + " && galleria upgrade start G --new-model effnet-lite2 && "
                 "galleria upgrade run G -q"),
     ("docs/local.md", "galleria index SRC --out L --local sift"): ("slow", ""),
+    ("docs/tune.md", "galleria search my.gallery q.jpg --json"): (
+        "slow", "galleria index PHOTOS/ --model effnet-lite0 --local sift --out my.gallery -q"),
     ("docs/fusion.md", "galleria search G q.jpg -k 10"): (
         "skip: continues the `galleria fusion train` lines above it (a trained model F); "
         "tests/test_fusion_cli.py runs train, index --fusion, search and status", ""),
@@ -96,7 +107,7 @@ PLAN: dict[tuple[str, str], tuple[str, str]] = {
     ("docs/upgrade.md", "galleria index photos/ --out G --model effnet-lite0"): ("slow", ""),
     ("docs/upgrade.md", "galleria upgrade start G --add-local sift"): ("slow", LITE0_G),
     ("docs/upgrade.md", "galleria upgrade train-transform G --images train.csv"): (
-        "slow", LITE0_G + " && galleria upgrade start G --new-model effnet-lite2 && "
+        "slow", GROW12 + LITE0_G + " && galleria upgrade start G --new-model effnet-lite2 && "
                 "galleria upgrade run G -q"),
 }
 #: figures quoted in the docs beside a command: (file, command) -> check(JSON output)
