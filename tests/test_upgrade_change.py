@@ -310,13 +310,13 @@ def test_searches_while_local_features_are_added_never_build_the_local_index(
     def job():
         try:
             run_upgrade(gallery, extractor=ext, batch_size=2, commit_every=2, workers=1)
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+        except BaseException as exc:  # reported by the main thread
             errors.append(exc)
 
     with Gallery.open(gallery) as g:
         s = open_searcher(g)
         assert isinstance(s, LocalChangeSearcher) and s.published_folder() is not None
-        q, good, _ = s.embed_paths(sorted(images.glob("*.png"))[:4], workers=1)
+        q, _, _ = s.embed_paths(sorted(images.glob("*.png"))[:4], workers=1)
         monkeypatch.setattr(reader, "merge_view", spy_fold)
         monkeypatch.setattr(ls, "saved_snapshot", spy_load)
         worker = threading.Thread(target=job, daemon=True)
