@@ -23,7 +23,7 @@ from galleria.extract.job import index_images
 from galleria.store.gallery import Gallery
 from galleria.tune import calibrate
 from galleria.tune.record import searcher_calibration, searcher_probabilities
-from galleria.upgrade.job import run_upgrade, start_upgrade
+from galleria.upgrade.job import run_upgrade, start_upgrade, upgrade_status
 from galleria.upgrade.online import OnlineConfig, check_rules, job_pseudo_queries
 from galleria.upgrade.probability import (
     PROBABILITY_TYPE,
@@ -117,6 +117,8 @@ def test_probabilities_during_an_upgrade_are_the_check_s_fit(upgraded):
         assert rec["moved"] == d["moved"] == 32 and rec["served"] == d["rule"]
         assert rec["new_space"] == st.new_space and rec["old_space"] == st.old_space
         assert set(rec["rules"]) <= set(d["scores"]) and d["rule"] in rec["rules"]
+        assert upgrade_status(upgraded).to_dict()["online_psi"]["calibrated"] == \
+            sorted(rec["rules"])
         # the published fit is calibrate.fit of the check's answers, recomputed
         pseudo = job_pseudo_queries(g, st, CFG, _tiny.tiny(1), _tiny.tiny(2, dim=10))
         answers: dict = {}
