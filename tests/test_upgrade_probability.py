@@ -168,3 +168,18 @@ def test_cli_and_service_show_them_during_an_upgrade(upgraded, images, capsys):
         assert [h["probability"] for h in hits] == ps
     finally:
         engine.stop()
+
+
+def test_probabilities_from_the_first_batch(tmp_path, images):
+    """The run's first check (before any psi fit) calibrates the old answers it serves."""
+    g = tmp_path / "g"
+    index_images(images, g, extractor=_tiny.tiny(1))
+    start_upgrade(g, "tiny-test", extractor=_tiny.tiny(2, dim=10), online=CFG, calib_size=32)
+    run_upgrade(g, limit=4, commit_every=4)  # fewer pairs than the first fit (16)
+    with Gallery.open(g) as gal:
+        d = require_upgrade(gal).online["decision"]
+        assert d["fits"] == 0 and d["checked"] and d["rule"] == "old-only"
+        s = open_searcher(gal, with_models=False)
+        q = l2_normalize(np.random.default_rng(3).standard_normal((3, 12)).astype(np.float32))
+        p = searcher_probabilities(s, s.search_vectors(old_queries=q, k=5))
+        assert p is not None and ((p >= 0) & (p <= 1)).all()

@@ -408,7 +408,9 @@ def maybe_fit(gallery: Gallery, config: OnlineConfig, *, old_model: Extractor | 
 def online_run_start(gallery: Gallery, config: OnlineConfig, extractor: Extractor,
                      models: list[Extractor | None], runtime: str, threads: int | None) -> None:
     """Before the first item moves: the job's pseudo-queries, embedded with both models
-    (the check's queries and, from the first query on, the calibration cohort)."""
+    (the check's queries and, from the first query on, the calibration cohort), and a
+    first check when the job has none yet (it serves the old answers, as before any
+    check, and calibrates their match probabilities from the start)."""
     state = require_upgrade(gallery)
     try:
         if not models:
@@ -416,6 +418,8 @@ def online_run_start(gallery: Gallery, config: OnlineConfig, extractor: Extracto
                                        new_model=extractor))
         if models[0] is not None and models[1] is not None:
             job_pseudo_queries(gallery, state, config, models[0], models[1])
+            if not state.online.get("decision"):
+                recheck(gallery, config, old_model=models[0], new_model=models[1])
     except (GalleriaError, OSError, ValueError) as exc:
         log.warning("no pseudo-queries for this job (the backfill goes on): %s", exc)
 
