@@ -23,7 +23,10 @@ grown by :attr:`OnlineConfig.growth`) the run
 
 Between fits the check runs again (same psi) each time
 :attr:`OnlineConfig.recheck_every` of the gallery has moved, so the decision is
-always about the gallery as it is now.
+always about the gallery as it is now; a first check runs when the first run
+starts (before any item moves). Each check also fits the match-probability
+calibration of every rule it searched (:mod:`galleria.upgrade.probability`),
+published with its decision.
 
 ``auto`` search (:func:`galleria.upgrade.search.resolve_rule`) follows the
 published decision (:func:`decide_with_old`): the best merge rule (``psi``,
