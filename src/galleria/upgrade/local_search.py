@@ -247,24 +247,24 @@ class LocalChangeSearcher(Searcher):
             self._published = Published(folder, gen, index, keys)  # one swap
             self.loads += 1
 
-    def _cohort_of(self, pub: Published) -> tuple[np.ndarray, np.ndarray]:
-        """``(keys (C,), global vectors (C, D))`` of a seeded sample of the published items."""
+    def _cohort_of(self, pub: Published, live: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(keys (C,), global vectors (C, D))`` of a seeded sample of the published items
+        still in the gallery (``live``: their keys)."""
+        tag = f"{pub.folder}#{len(live)}"
         with self._lock:
-            if self._cohort is not None and self._cohort[0] == pub.folder:
+            if self._cohort is not None and self._cohort[0] == tag:
                 return self._cohort[1], self._cohort[2]
-        keys = pub.item_keys
+        keys = live
         if keys.size > self.cohort_size:
             keys = np.sort(np.random.default_rng(self.seed).choice(keys, self.cohort_size,
                                                                     replace=False))
         try:
             vecs = self.gallery.get_vectors(keys, space=self.state.old_space) if keys.size \
                 else np.zeros((0, 1), np.float32)
-        except GalleriaError:  # an item removed since the snapshot: cohort without it
-            have = self.gallery.has(list(self.gallery.ids_of(keys)), self.state.old_space)
-            keys = keys[np.asarray(have, bool)]
-            vecs = self.gallery.get_vectors(keys, space=self.state.old_space)
+        except GalleriaError:  # an item removed this instant: no cohort for this search
+            return np.zeros(0, np.int64), np.zeros((0, 1), np.float32)
         with self._lock:
-            self._cohort = (pub.folder, keys, vecs)
+            self._cohort = (tag, keys, vecs)
         return keys, vecs
 
     # ---------------------------------------------------------------- search
@@ -304,7 +304,7 @@ class LocalChangeSearcher(Searcher):
         self.cost.index_searches += 2 * len(qg)
         self.cost.add_ms("search", time.perf_counter() - t)
         t = time.perf_counter()
-        keys, cvecs = self._cohort_of(pub)
+        keys, cvecs = self._cohort_of(pub, pub.item_keys[live])
         if keys.size >= MIN_COHORT:
             gs = qg @ cvecs.T
             stats_g = [top_stats(row) for row in gs]
