@@ -350,6 +350,12 @@ def run_change(change: str, work: Path, man: Path, g0: Path, rows: list[dict[str
     return out
 
 
+def _undigest(space: str | None) -> str:
+    """``fp|whitened@<digest>`` -> ``fp|whitened`` (other names as they are)."""
+    return (space or "").split("|whitened@")[0] + ("|whitened" if "|whitened@" in
+                                                    (space or "") else "")
+
+
 def compare_stores(a_path: Path, b_path: Path) -> dict[str, Any]:
     """Spaces, primary and the largest vector difference of the finished and fresh galleries."""
     from galleria.store.gallery import Gallery
@@ -359,6 +365,12 @@ def compare_stores(a_path: Path, b_path: Path) -> dict[str, Any]:
         out: dict[str, Any] = {"same_spaces": sa == sb, "primary_equal":
                                a.primary_space == b.primary_space,
                                "job_left": a.get_setting("upgrade") is not None}
+        # a fused gallery's whitened space is named by the digest of its whitening, which
+        # hashes float bytes: the same space up to float noise gets another name
+        out["same_spaces_modulo_digest"] = [_undigest(x) for x in sa] == \
+            [_undigest(x) for x in sb]
+        out["primary_equal_modulo_digest"] = _undigest(a.primary_space) == \
+            _undigest(b.primary_space)
         diffs = []
         for s in a.spaces():
             if s.kind != "global" or s.space not in sb:
@@ -373,6 +385,13 @@ def compare_stores(a_path: Path, b_path: Path) -> dict[str, Any]:
             diffs.append(max(float(np.abs(da[i] - db[i]).max()) for i in da))
         out["max_abs_vector_diff"] = max(diffs) if diffs else None
         return out
+
+
+def _modulo(v: dict[str, Any]) -> str:
+    if "same_spaces_modulo_digest" not in v or (v["same_spaces"] and v["primary_equal"]):
+        return ""
+    return (f" (up to the whitening digest in the space names: same spaces "
+            f"{v['same_spaces_modulo_digest']}, primary {v['primary_equal_modulo_digest']})")
 
 
 def markdown(res: dict[str, Any]) -> str:
@@ -396,7 +415,8 @@ def markdown(res: dict[str, Any]) -> str:
     lines += ["", "Cells: mAP / R@1 (%). Measured-query errors per point are in the JSON "
               "(`points[].errors`); stores compared after finish: "
               + "; ".join(f"{c['change']}: same spaces {c['finished_vs_fresh']['same_spaces']}, "
-                          f"primary {c['finished_vs_fresh']['primary_equal']}, max vector "
+                          f"primary {c['finished_vs_fresh']['primary_equal']}"
+                          + _modulo(c['finished_vs_fresh']) + ", max vector "
                           f"diff {c['finished_vs_fresh']['max_abs_vector_diff']}"
                           for c in res["changes"]) + ".", ""]
     for c in res["changes"]:

@@ -268,3 +268,78 @@ def test_a_model_upgrade_after_a_change_starts_clean(gallery, tmp_path):
     start_transform(gallery, folder)
     with pytest.raises(UpgradeError, match="already in progress"):
         start_upgrade(gallery, "tiny-test", extractor=_tiny.tiny(2))
+
+
+def test_searches_while_local_features_are_added_never_build_the_local_index(
+        gallery, images, monkeypatch):
+    """A search during a local change serves the job's last published local index: it
+    never folds or loads one itself (a background thread swaps newer ones in), every
+    answer is well formed and bounded in time, and the local part holds only items of
+    a published snapshot. Seeded; the job runs in a thread with a slowed extractor."""
+    import threading
+
+    import galleria.store.reader as reader
+    import galleria.upgrade.local_search as ls
+
+    monkeypatch.setattr(ls, "PUBLISH_EVERY_S", 0.05)
+    state = start_local(gallery, "tiny-local", extractor=_tiny.tiny_local(), seed=3)
+    run_upgrade(gallery, limit=6, commit_every=2)  # a first published snapshot
+    main = threading.get_ident()
+    on_request: list[str] = []
+    fold, load = reader.merge_view, ls.saved_snapshot
+
+    def spy_fold(view, **kw):
+        if view.kind == "local" and threading.get_ident() == main:
+            on_request.append("fold")
+        return fold(view, **kw)
+
+    def spy_load(*a, **kw):
+        if threading.get_ident() == main:
+            on_request.append("load")
+        return load(*a, **kw)
+
+    class Slow(_tiny.TinyLocal):
+        def embed_prepared(self, per_scale):
+            time.sleep(0.03)
+            return super().embed_prepared(per_scale)
+
+    ext = Slow()
+    ext.set_config(_tiny.tiny_local().config(), root=None)
+    errors: list[BaseException] = []
+
+    def job():
+        try:
+            run_upgrade(gallery, extractor=ext, batch_size=2, commit_every=2, workers=1)
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    with Gallery.open(gallery) as g:
+        s = open_searcher(g)
+        assert isinstance(s, LocalChangeSearcher) and s.published_folder() is not None
+        q, _, _ = s.embed_paths(sorted(images.glob("*.png"))[:4], workers=1)
+        monkeypatch.setattr(reader, "merge_view", spy_fold)
+        monkeypatch.setattr(ls, "saved_snapshot", spy_load)
+        worker = threading.Thread(target=job, daemon=True)
+        worker.start()
+        deadline, searches, slowest, seen = time.time() + 30, 0, 0.0, set()
+        while worker.is_alive() and time.time() < deadline:
+            t = time.perf_counter()
+            res = s.search(q, k=8)
+            slowest = max(slowest, time.perf_counter() - t)
+            searches += 1
+            pub = s._published
+            assert pub is not None
+            seen.add(pub.folder)
+            for row in res.ids:
+                got = [i for i in row if i is not None]
+                assert len(got) == len(set(got)) == 8
+        worker.join(timeout=max(1.0, deadline - time.time()))
+        assert not worker.is_alive() and not errors, errors
+        assert on_request == [] and searches >= 5 and slowest < 5.0
+        assert s.loads >= 2 and len(seen) >= 2  # newer snapshots were swapped in meanwhile
+        # at the end: the last publication holds every item, as a searcher opened now
+        s.refresh_published(wait=True)
+        assert s._published is not None and s._published.count == N
+        ref = LocalChangeSearcher.open(g).search(q, k=8)
+        assert (s.search(q, k=8).ids == ref.ids).all()
+        assert g.count(state.new_space) == N

@@ -104,8 +104,9 @@ def result_probabilities(searcher: Any, res: Any, min_probability: float | None 
     if min_probability is not None:
         if prob is None:
             raise InputError("--min-probability needs match probabilities: this gallery was "
-                             "not tuned for this pipeline (run `galleria tune G`), or an "
-                             "upgrade is in progress; use --min-score (raw score) instead")
+                             "not tuned for this pipeline (run `galleria tune G`), or the "
+                             "upgrade job has not calibrated its rule yet; use --min-score (raw "
+                             "score) instead")
         res, prob = at_least_probability(res, prob, min_probability)
     return res, prob
 

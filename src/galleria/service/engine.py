@@ -402,8 +402,9 @@ class Engine:
             if prob is None:
                 raise ServiceError(400, "not_calibrated",
                                    "min_probability needs match probabilities: the gallery "
-                                   "was not tuned for this pipeline (galleria tune), or an "
-                                   "upgrade is in progress; use min_score (raw score)")
+                                   "was not tuned for this pipeline (galleria tune), or the "
+                                   "upgrade job has not calibrated its rule yet; use "
+                                   "min_score (raw score)")
             res, prob = at_least_probability(res, prob, min_probability)
         info = searcher.describe()
         metas = self._metas(res) if res is not None else {}

@@ -361,6 +361,16 @@ def merge_view(view: SpaceView, *, force: bool = False,
                      view.params, view.keys_filter)
 
 
+def saved_snapshot(c: sqlite3.Connection, root: Path, space: str
+                   ) -> tuple[str, Any, int] | None:
+    """``(folder, index, generation)`` of the last saved snapshot of ``space`` (verified
+    as a view loads it), or ``None``: what a reader serving published indexes loads."""
+    row = space_row(c, space, root)
+    snap = c.execute("SELECT folder FROM index_snapshots WHERE space=?", (space,)).fetchone()
+    got = _load_snapshot(c, root, row) if snap is not None else None
+    return None if got is None else (str(snap[0]), got[0], got[1])
+
+
 def _load_snapshot(c: sqlite3.Connection, root: Path, row: SpaceRow) -> tuple[Any, int] | None:
     snap = c.execute("SELECT folder, generation, files, spec FROM index_snapshots WHERE space=?",
                      (row.space,)).fetchone()

@@ -171,8 +171,10 @@ def probabilities(result: SearchResult, calibration: dict[str, Any] | None
 PROBABILITY_MEANING = (
     "probability: the calibrated probability, in [0, 1], that the result shows the same "
     "object / scene as the query, fitted per pipeline on the gallery's own pseudo-queries "
-    "(galleria tune); comparable across pipelines and galleries; null when the gallery "
-    "was not tuned for the searcher that answered. score: the pipeline's raw score, on "
+    "(galleria tune), or during an upgrade per merge rule at the job's last check; "
+    "comparable across pipelines and galleries; null when the gallery was not tuned for "
+    "the searcher that answered (or the upgrade job has not checked its rule yet). "
+    "score: the pipeline's raw score, on "
     "its own scale (cosine similarity for global; larger is better for every pipeline)")
 """What the ``probability`` beside each result means (CLI JSON, HTTP, HTML, UI legend)."""
 
@@ -191,11 +193,18 @@ def searcher_request(searcher: Any) -> tuple[str, dict[str, Any]] | None:
 def searcher_calibration(searcher: Any, record: Any = None) -> dict[str, Any] | None:
     """The calibration of the searcher's pipeline + parameters in its gallery's tuned
     record (``record``: the ``tuned`` setting; default: read from ``searcher.gallery``);
-    ``None`` when there is none (not tuned, other parameters or spaces, an upgrade in
-    progress: a backfill searcher merges two spaces no calibration was fitted on)."""
+    ``None`` when there is none (not tuned, other parameters or spaces).
+
+    A backfill searcher (an upgrade in progress) merges two spaces no tuned record
+    describes: its calibration is the one the upgrade job fitted at its last
+    pseudo-query check for the rule it answers with (``searcher.match_calibration()``,
+    :mod:`galleria.upgrade.probability`; ``None`` until a check calibrated that rule)."""
     req = searcher_request(searcher)
     if req is None:
-        return None
+        spec = getattr(searcher, "spec", None)
+        kind = getattr(spec, "kind", None) or getattr(searcher, "kind", None)
+        own = getattr(searcher, "match_calibration", None)
+        return own() if kind == "backfill" and callable(own) else None
     if record is None:
         record = searcher.gallery.get_setting(TUNED_KEY)
     return calibration_for(record, req[0], req[1], spaces=list(searcher.spaces))

@@ -101,8 +101,12 @@ def _decision_summary(state: UpgradeState) -> dict[str, Any] | None:
     d = state.online.get("decision")
     if not d:
         return None
-    return {k: d.get(k) for k in ("rule", "checked", "source", "pairs", "map", "scores",
-                                  "fits", "checks", "moved", "verdict", "total_s")}
+    out = {k: d.get(k) for k in ("rule", "checked", "source", "pairs", "map", "scores",
+                                 "fits", "checks", "moved", "verdict", "total_s")}
+    prob = d.get("probability") or {}
+    # the rules whose answers carry match probabilities (upgrade/probability.py)
+    out["calibrated"] = sorted(prob.get("rules") or {})
+    return out
 
 
 def upgrade_status(gallery_path: str | os.PathLike[str]) -> UpgradeStatus:
@@ -237,7 +241,29 @@ def _clean_up(gallery: Gallery, state: UpgradeState) -> None:
             shutil.rmtree(Path(gallery.path) / folder, ignore_errors=True)
     gallery.compact(new)
     gallery.build_index(new, save=True)
+    if _is_fusion(gallery, new):
+        _adapt_fused(gallery)
     shutil.rmtree(job_folder(gallery), ignore_errors=True)
     with contextlib.suppress(GalleriaError, OSError):
         gallery.backup()
     gallery.delete_setting(FINISHING_KEY)  # the last step: until here, finish resumes
+
+
+def _is_fusion(gallery: Gallery, space: str) -> bool:
+    """Whether ``space`` holds a fused model's vectors (a ``galleria fusion train`` model)."""
+    if not gallery.has_space(space):
+        return False
+    cfg = gallery.space_info(space).info.get("config")
+    return isinstance(cfg, dict) and cfg.get("type") == "fusion-gallery"
+
+
+def _adapt_fused(gallery: Gallery) -> None:
+    """What ``galleria index --fusion`` does after indexing (docs/fusion.md): the light
+    space, the label-free query adaptation and the primary space that answers, so the
+    finished gallery is the one a fresh ``index --fusion`` builds. Resumable (a killed
+    finish runs it again; the adaptation skips the work already committed)."""
+    from galleria.fusion.adapt_job import adapt_gallery  # lazy: torch
+
+    rep = adapt_gallery(gallery)
+    log.info("fused gallery adapted as `index --fusion` does: %s answers (%s)",
+             rep.get("answer"), rep.get("fit"))

@@ -58,6 +58,7 @@ from galleria.io.atomic import write_json
 from galleria.store.gallery import Failure, Gallery
 from galleria.upgrade.config import RunConfig, StartConfig, with_options
 from galleria.upgrade.finish import FinishReport, UpgradeStatus, finish_upgrade, upgrade_status
+from galleria.upgrade.local_search import LocalPublisher
 from galleria.upgrade.online import (
     OnlineConfig,
     online_run_start,
@@ -429,6 +430,7 @@ def _run(
     buf_data: list[Any] = []
     fails: list[Failure] = []
     local = extractor.kind == "local"
+    publisher = LocalPublisher(new)
     reads_images = state.change != "transform"
 
     def keep_pairs(ids: list[str], vecs: np.ndarray) -> None:
@@ -483,6 +485,7 @@ def _run(
             feats = [f for chunk in buf_data for f in chunk]
             buf_data.clear()
             keys = gallery.add_local(ids, feats, space=new, only_if_in=old)
+            publisher.maybe(gallery)  # the index search serves, built here, not by a search
         else:
             vecs = np.concatenate(buf_data)
             buf_data.clear()

@@ -14,6 +14,16 @@ deviation of the query's ``top`` highest similarities to the cohort in each
 channel (the adaptive Z-norm the model upgrade uses, with the local index's
 image similarities as the second channel). At 0 % this is the global search,
 at 100 % the local pipeline.
+
+The local part is the local index the job last *published*: the job saves the
+local space's index as a verified snapshot at its commits (at most every
+:data:`PUBLISH_EVERY_S` seconds, or twice the last save's
+time, and at the end of each run; one row of the store points at the complete
+snapshot). A search never builds or folds a local index: it uses the snapshot it
+has loaded, and a newer one is loaded by a background thread and swapped in
+whole. Items done after that snapshot are answered by the global part until the
+next one (every item is in exactly one part), so the answers lag the job by at
+most one publication and never wait for it.
 """
 
 from __future__ import annotations
@@ -23,17 +33,18 @@ import os
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from galleria.errors import InputError
+from galleria.errors import GalleriaError, InputError
 from galleria.extract.queries import Queries, QueryFailure
 from galleria.extract.spaces import extractor_from_space
 from galleria.extractors.base import Extractor
 from galleria.search.contract import Searcher, SearchOptions
 from galleria.store.gallery import Gallery
-from galleria.store.reader import merge_view
+from galleria.store.reader import saved_snapshot
 from galleria.types import LocalFeatures, SearchResult
 from galleria.upgrade.merge import merge_results, znorm_result
 from galleria.upgrade.parts import QueryCost, search_excluding
@@ -44,6 +55,40 @@ log = logging.getLogger(__name__)
 
 COHORT_TOP = 100
 MIN_COHORT = 50
+PUBLISH_EVERY_S = 10.0
+"""The job publishes the local index at a commit at most this often (or twice the time
+its last publication took, when longer), and at the end of each run."""
+
+
+class LocalPublisher:
+    """Publish the local space's index while a job adds local features (the job's
+    commits call :meth:`maybe`): a saved snapshot (``Gallery.save_index``: built on a
+    copy, checksummed, recorded by one row), which :class:`LocalChangeSearcher` serves.
+    """
+
+    def __init__(self, space: str, every_s: float | None = None) -> None:
+        self.space = space
+        self.every_s = float(PUBLISH_EVERY_S if every_s is None else every_s)
+        self.last = time.monotonic()
+        self.took = 0.0
+        self.published = 0
+
+    def maybe(self, gallery: Gallery, *, force: bool = False) -> bool:
+        """Publish when due (``force``: now); a failure is logged (the run goes on)."""
+        if not force and time.monotonic() - self.last < max(self.every_s, 2 * self.took):
+            return False
+        t = time.monotonic()
+        try:
+            if gallery.count(self.space):
+                gallery.save_index(self.space)
+                self.published += 1
+        except (GalleriaError, OSError) as exc:
+            log.warning("could not publish the local index of %s: %s", self.space, exc)
+            return False
+        finally:
+            self.last = time.monotonic()
+            self.took = self.last - t
+        return True
 
 
 def top_stats(sims: np.ndarray, top: int = COHORT_TOP) -> tuple[float, float]:
@@ -52,6 +97,27 @@ def top_stats(sims: np.ndarray, top: int = COHORT_TOP) -> tuple[float, float]:
     if s.size > top:
         s = -np.partition(-s, top - 1)[:top]
     return float(s.mean()) if s.size else 0.0, max(float(s.std()) if s.size else 1.0, 1e-6)
+
+
+@dataclass(frozen=True)
+class Published:
+    """A local index the job published (a saved snapshot), loaded; never mutated.
+
+    ``count`` and ``keys()``: the items it holds (what
+    :func:`~galleria.upgrade.parts.search_excluding` leaves out of the global part).
+    """
+
+    folder: str
+    generation: int
+    index: Any
+    item_keys: np.ndarray
+
+    @property
+    def count(self) -> int:
+        return len(self.item_keys)
+
+    def keys(self) -> np.ndarray:
+        return self.item_keys
 
 
 class _Info:
@@ -92,13 +158,21 @@ class LocalChangeSearcher(Searcher):
                                   "channels": ["global", "local"]})
         self.cost = QueryCost()
         self._lock = threading.Lock()
-        self._local: tuple[int, Any] | None = None
-        self._cohort: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._published: Published | None = None
+        self._loading: threading.Thread | None = None
+        self._cohort: tuple[str, np.ndarray, np.ndarray] | None = None
+        self.loads = 0
+        self.refresh_published(wait=True)  # the snapshot there is now (not a search)
 
     @property
     def spaces(self) -> list[str]:  # type: ignore[override]
         """Query data of both spaces: global, local."""
         return [self.state.old_space, self.state.new_space]
+
+    def read_spaces(self) -> list[str]:
+        """The views the service keeps fresh: the global one (the local part is the
+        job's published snapshot, :meth:`refresh_published`)."""
+        return [self.state.old_space]
 
     @property
     def models(self) -> dict[str, Extractor]:  # type: ignore[override]
@@ -131,31 +205,66 @@ class LocalChangeSearcher(Searcher):
                    cohort=state.calib_size or 1000, seed=state.seed)
 
     # ----------------------------------------------------------------- parts
-    def _local_index(self, view: Any) -> Any:
-        """One index of everything in the local view (base + delta folded, on a copy)."""
-        if view.delta is None and not len(view.removed):
-            return view.base
-        with self._lock:
-            if self._local is not None and self._local[0] == view.generation:
-                return self._local[1]
+    def published_folder(self) -> str | None:
+        """The snapshot folder the store names for the local space now (one indexed read)."""
+        row = self.gallery.db.one("SELECT folder FROM index_snapshots WHERE space=?",
+                                  (self.state.new_space,))
+        return None if row is None else str(row[0])
 
-            idx = merge_view(view, force=True).base
-            self._local = (view.generation, idx)
-            return idx
-
-    def _cohort_of(self, view: Any) -> tuple[np.ndarray, np.ndarray]:
-        """``(keys (C,), global vectors (C, D))`` of a seeded sample of the done items."""
+    def refresh_published(self, *, wait: bool = False) -> Published | None:
+        """Load the job's last published local index when it is newer than the one in
+        use: in a background thread (``wait``: in this one); returns the one in use."""
+        folder = self.published_folder()
+        cur = self._published
+        if folder is None or (cur is not None and cur.folder == folder):
+            return cur
         with self._lock:
-            if self._cohort is not None and self._cohort[0] == view.generation:
+            busy = self._loading is not None and self._loading.is_alive()
+            if not busy:
+                self._loading = threading.Thread(target=self._load, name="galleria-local-load",
+                                                 daemon=True)
+                self._loading.start()
+            loader = self._loading
+        if wait:
+            loader.join()
+            if busy:  # that load may have started before this publication: once more
+                return self.refresh_published(wait=True)
+        return self._published
+
+    def _load(self) -> None:
+        try:
+            with self.gallery.db.read() as c:
+                got = saved_snapshot(c, self.gallery.path, self.state.new_space)
+        except (GalleriaError, OSError, ValueError) as exc:  # keep the snapshot in use
+            log.warning("could not load the published local index: %s", exc)
+            return
+        if got is None:
+            return
+        folder, index, gen = got
+        keys = np.asarray(index.keys(), np.int64) if len(index) else np.zeros(0, np.int64)
+        cur = self._published
+        if cur is None or gen >= cur.generation:
+            self._published = Published(folder, gen, index, keys)  # one swap
+            self.loads += 1
+
+    def _cohort_of(self, pub: Published, live: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(keys (C,), global vectors (C, D))`` of a seeded sample of the published items
+        still in the gallery (``live``: their keys)."""
+        tag = f"{pub.folder}#{len(live)}"
+        with self._lock:
+            if self._cohort is not None and self._cohort[0] == tag:
                 return self._cohort[1], self._cohort[2]
-        keys = view.keys()
+        keys = live
         if keys.size > self.cohort_size:
             keys = np.sort(np.random.default_rng(self.seed).choice(keys, self.cohort_size,
                                                                     replace=False))
-        vecs = self.gallery.get_vectors(keys, space=self.state.old_space) if keys.size else \
-            np.zeros((0, 1), np.float32)
+        try:
+            vecs = self.gallery.get_vectors(keys, space=self.state.old_space) if keys.size \
+                else np.zeros((0, 1), np.float32)
+        except GalleriaError:  # an item removed this instant: no cohort for this search
+            return np.zeros(0, np.int64), np.zeros((0, 1), np.float32)
         with self._lock:
-            self._cohort = (view.generation, keys, vecs)
+            self._cohort = (tag, keys, vecs)
         return keys, vecs
 
     # ---------------------------------------------------------------- search
@@ -171,26 +280,31 @@ class LocalChangeSearcher(Searcher):
         bad = [n for n, f in enumerate(ql) if not isinstance(f, LocalFeatures)]
         if bad:
             raise InputError(f"local queries {bad[:5]} are not LocalFeatures")
-        old, new = self.state.old_space, self.state.new_space
+        old = self.state.old_space
         self.cost.queries += len(qg)
         t = time.perf_counter()
-        views = self.gallery.views([old, new])
-        gv, lv = views.get(old), views.get(new)
-        g_part = search_excluding(qg, k, gv, lv)
-        if lv is None or not lv.count:
+        pub = self.refresh_published()  # never waits: a newer snapshot loads meanwhile
+        gv = self.gallery.views([old]).get(old)
+        gens = {old: gv.generation if gv is not None else 0}
+        if pub is None or not pub.count or gv is None:
+            g_part = search_excluding(qg, k, gv, None)
             self.cost.add_ms("search", time.perf_counter() - t)
-            return SearchResult(g_part.scores, g_part.ids,
-                                {sp: v.generation for sp, v in views.items()})
-        index = self._local_index(lv)
-        res = index.search(ql, min(k, lv.count))
+            return SearchResult(g_part.scores, g_part.ids, gens)
+        gens[self.state.new_space] = pub.generation
+        g_part = search_excluding(qg, k, gv, pub)
+        index = pub.index
+        live = np.isin(pub.item_keys, gv.keys())  # items removed since the snapshot: left out
+        res = index.search(ql, min(pub.count, k + int((~live).sum())))
+        ok = np.isin(res.ids, pub.item_keys[live]) & (res.ids >= 0)
         l_part = SearchResult.empty(len(ql), k, object_ids=True)
-        kk = res.ids.shape[1]
-        l_part.scores[:, :kk] = res.scores
-        l_part.ids[:, :kk] = lv.ids.lookup(res.ids)
+        for r in range(len(ql)):
+            cols = np.flatnonzero(ok[r])[:k]
+            l_part.scores[r, : cols.size] = res.scores[r, cols]
+            l_part.ids[r, : cols.size] = gv.ids.lookup(res.ids[r, cols])
         self.cost.index_searches += 2 * len(qg)
         self.cost.add_ms("search", time.perf_counter() - t)
         t = time.perf_counter()
-        keys, cvecs = self._cohort_of(lv)
+        keys, cvecs = self._cohort_of(pub, pub.item_keys[live])
         if keys.size >= MIN_COHORT:
             gs = qg @ cvecs.T
             stats_g = [top_stats(row) for row in gs]
@@ -202,7 +316,7 @@ class LocalChangeSearcher(Searcher):
             g_part, l_part = znorm_result(g_part, mg, sg), znorm_result(l_part, ml, sl)
         out = merge_results([g_part, l_part], k)
         self.cost.add_ms("merge", time.perf_counter() - t)
-        return SearchResult(out.scores, out.ids, {sp: v.generation for sp, v in views.items()})
+        return SearchResult(out.scores, out.ids, gens)
 
     def search_vectors(self, *, new_queries: Any = None, old_queries: Any = None,
                        k: int = 10) -> SearchResult:

@@ -23,7 +23,10 @@ grown by :attr:`OnlineConfig.growth`) the run
 
 Between fits the check runs again (same psi) each time
 :attr:`OnlineConfig.recheck_every` of the gallery has moved, so the decision is
-always about the gallery as it is now.
+always about the gallery as it is now; a first check runs when the first run
+starts (before any item moves). Each check also fits the match-probability
+calibration of every rule it searched (:mod:`galleria.upgrade.probability`),
+published with its decision.
 
 ``auto`` search (:func:`galleria.upgrade.search.resolve_rule`) follows the
 published decision (:func:`decide_with_old`): the best merge rule (``psi``,
@@ -65,6 +68,7 @@ from galleria.store.gallery import Gallery
 from galleria.types import SearchResult
 from galleria.upgrade.oldonly import MovedOldVectors
 from galleria.upgrade.pairs import PairStore
+from galleria.upgrade.probability import fit_rules, make_record, normalization_name
 from galleria.upgrade.psi import load_cross_map
 from galleria.upgrade.ridge import RidgePsi
 from galleria.upgrade.search import BackfillSearcher, job_calibration
@@ -318,35 +322,60 @@ def job_pseudo_queries(gallery: Gallery, state: UpgradeState, config: OnlineConf
 
 
 def check_rules(gallery: Gallery, pseudo: PseudoSet, psi: Any, *, depth: int = 100,
-                with_old: bool = True) -> dict[str, np.ndarray]:
+                with_old: bool = True, answers: dict[str, Any] | None = None
+                ) -> dict[str, np.ndarray]:
     """Per-pseudo-query reciprocal ranks of old-only and both (when the job kept the
     vectors of every moved item; old-only with ``with_old``), rank-merge and the psi
     rules (with ``psi``) on the gallery now.
 
     Each rule is searched exactly as live search does it
     (:class:`~galleria.upgrade.search.BackfillSearcher` with the job's calibration).
+    ``answers``: filled with ``rule -> (result, searcher)`` (the match-probability fit).
     """
     out: dict[str, np.ndarray] = {}
     new_space = require_upgrade(gallery).new_space
     kept = MovedOldVectors(gallery.path).covers(gallery.views([new_space]).get(new_space))
+
+    def score(rule: str, s: BackfillSearcher, res: SearchResult) -> None:
+        out[rule] = reciprocal_ranks(res, pseudo.ids)
+        if answers is not None:
+            answers[rule] = (res, s)
+
     if with_old and kept:
         s = BackfillSearcher(gallery, rule=OLD_ONLY)
-        res = s.search_vectors(old_queries=pseudo.old, k=depth)
-        out[OLD_ONLY] = reciprocal_ranks(res, pseudo.ids)
+        score(OLD_ONLY, s, s.search_vectors(old_queries=pseudo.old, k=depth))
     if kept:
         s = BackfillSearcher(gallery, rule=BOTH, calibration=job_calibration(gallery,
                                                                              "znorm-top"))
-        res = s.search_vectors(new_queries=pseudo.new, old_queries=pseudo.old, k=depth)
-        out[BOTH] = reciprocal_ranks(res, pseudo.ids)
+        score(BOTH, s, s.search_vectors(new_queries=pseudo.new, old_queries=pseudo.old,
+                                        k=depth))
     for rule in (BASELINE, *PSI_RULES):
         the_map = psi if rule in PSI_RULES else None
         if rule in PSI_RULES and psi is None:
             continue
         cal = job_calibration(gallery, "znorm-top", psi=the_map)
         s = BackfillSearcher(gallery, rule=rule, psi=the_map, calibration=cal)
-        res = s.search_vectors(new_queries=pseudo.new, old_queries=pseudo.old, k=depth)
-        out[rule] = reciprocal_ranks(res, pseudo.ids)
+        score(rule, s, s.search_vectors(new_queries=pseudo.new, old_queries=pseudo.old,
+                                        k=depth))
     return out
+
+
+def probability_record(gallery: Gallery, state: UpgradeState, pseudo: PseudoSet,
+                       answers: Mapping[str, Any], served: str) -> dict[str, Any]:
+    """The match-probability calibrations of the checked rules (:mod:`.probability`)."""
+    results = {r: res for r, (res, _) in answers.items()}
+    norms = {r: normalization_name(s.calibration) for r, (_, s) in answers.items()}
+    maps = {r: (s.psi.fingerprint if s.psi is not None else None)
+            for r, (_, s) in answers.items()}
+    gens: dict[str, int] = {}
+    for res in results.values():  # a backfill result's generation: one per space
+        if isinstance(res.generation, dict):
+            gens.update(res.generation)
+    return make_record(fit_rules(results, pseudo.ids, normalizations=norms, maps=maps),
+                       served=served, old_space=state.old_space, new_space=state.new_space,
+                       job_started=state.started, moved=gallery.count(state.new_space),
+                       items=len(gallery), generations=gens, pseudo=pseudo.fingerprint,
+                       queries=len(pseudo.ids))
 
 
 def maybe_fit(gallery: Gallery, config: OnlineConfig, *, old_model: Extractor | None,
@@ -382,7 +411,9 @@ def maybe_fit(gallery: Gallery, config: OnlineConfig, *, old_model: Extractor | 
 def online_run_start(gallery: Gallery, config: OnlineConfig, extractor: Extractor,
                      models: list[Extractor | None], runtime: str, threads: int | None) -> None:
     """Before the first item moves: the job's pseudo-queries, embedded with both models
-    (the check's queries and, from the first query on, the calibration cohort)."""
+    (the check's queries and, from the first query on, the calibration cohort), and a
+    first check when the job has none yet (it serves the old answers, as before any
+    check, and calibrates their match probabilities from the start)."""
     state = require_upgrade(gallery)
     try:
         if not models:
@@ -390,6 +421,8 @@ def online_run_start(gallery: Gallery, config: OnlineConfig, extractor: Extracto
                                        new_model=extractor))
         if models[0] is not None and models[1] is not None:
             job_pseudo_queries(gallery, state, config, models[0], models[1])
+            if not state.online.get("decision"):
+                recheck(gallery, config, old_model=models[0], new_model=models[1])
     except (GalleriaError, OSError, ValueError) as exc:
         log.warning("no pseudo-queries for this job (the backfill goes on): %s", exc)
 
@@ -453,14 +486,18 @@ def check_and_publish(gallery: Gallery, psi: Any, folder: Path | None, *,
     last = dict(state.online.get("decision") or {})
     t1 = time.perf_counter()
     rule, scores, checked, verdict = BASELINE, {}, False, {}
+    prob: dict[str, Any] | None = None
     if old_model is not None and new_model is not None:
         try:
             pseudo = job_pseudo_queries(gallery, state, config, old_model, new_model)
             t1 = time.perf_counter()  # the embedding of the pseudo-queries is a one-off
+            answers: dict[str, Any] = {}
             rule, scores, verdict = decide_with_old(
                 check_rules(gallery, pseudo, psi, depth=config.depth,
-                            with_old=config.guard != "off"), mode=config.guard)
+                            with_old=config.guard != "off", answers=answers),
+                mode=config.guard)
             checked = True
+            prob = probability_record(gallery, state, pseudo, answers, rule)
         except (GalleriaError, OSError) as exc:
             log.warning("online psi: the pseudo-query check failed (%s); search keeps %s",
                         exc, BASELINE)
@@ -477,6 +514,7 @@ def check_and_publish(gallery: Gallery, psi: Any, folder: Path | None, *,
         "check_s": round(check_s, 3), "at": time.time(),
         "total_s": round(float(last.get("total_s", 0.0)) + spent_s + check_s, 3),
         "fits": int(last.get("fits", 0)) + int(fit), "checks": int(last.get("checks", 0)) + 1,
+        "probability": prob,
         **(extra or {}),
     }
     publish(gallery, decision)

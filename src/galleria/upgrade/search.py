@@ -66,11 +66,13 @@ from galleria.upgrade.merge import (
 from galleria.upgrade.oldonly import MovedOldVectors
 from galleria.upgrade.pairs import PairStore, cohort_pairs, load_pairs
 from galleria.upgrade.parts import QueryCost, search_excluding
+from galleria.upgrade.probability import lookup, normalization_name
 from galleria.upgrade.psi import CrossModelMap, load_cross_map
 from galleria.upgrade.rescore import RESCORE_DEPTH, TransformRescorer
 from galleria.upgrade.state import (
     UpgradeError,
     UpgradeState,
+    active_upgrade,
     decision_psi_path,
     job_folder,
     require_upgrade,
@@ -301,6 +303,24 @@ class BackfillSearcher(Searcher):
         cal = job_calibration(gallery, kind, psi=the_map if rule in TRANSFORM_OF_RULE else None)
         return cls(gallery, rule=rule, old_extractor=old_ext, new_extractor=new_ext,
                    psi=the_map, calibration=cal, rescorer=rescorer)
+
+    def match_calibration(self) -> dict[str, Any] | None:
+        """The calibration (:mod:`galleria.tune.calibrate`) of this searcher's scores,
+        fitted by the job's last pseudo-query check (:mod:`.probability`); ``None`` when
+        that check did not calibrate this rule, psi map and normalisation, or the
+        gallery moved on since (the reason is logged at debug level)."""
+        state = active_upgrade(self.gallery)
+        if state is None:
+            return None
+        record = (state.online.get("decision") or {}).get("probability")
+        cal, why = lookup(record, rule=self.rule, old_space=state.old_space,
+                          new_space=state.new_space, job_started=state.started,
+                          map_fingerprint=self.psi.fingerprint if self.psi is not None
+                          else None, normalization=normalization_name(self.calibration),
+                          moved=self.gallery.count(state.new_space), items=len(self.gallery))
+        if cal is None:
+            log.debug("no match probabilities for rule %s: %s", self.rule, why)
+        return cal
 
     # ---------------------------------------------------------------- search
     def needs(self) -> tuple[bool, bool]:
