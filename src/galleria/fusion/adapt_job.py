@@ -392,6 +392,8 @@ def sync_whitened(g: Any, spaces: FusedSpaces, rec: dict[str, Any]) -> int:
     wh = rec.get("whitening")
     if rec.get("answer") != "whitened" or not wh:
         return 0
+    if g.space_info(wh["space"]).info.get("derived_from") != spaces.fused:  # adapted before
+        g.update_space_info(wh["space"], derived_from=spaces.fused)  # derived spaces existed
     t = QueryAdaptation.load(Path(g.path) / wh["path"], digest=wh["digest"],
                              model_fingerprint=spaces.fused)
     ids = g.ids(spaces.fused)
@@ -400,7 +402,7 @@ def sync_whitened(g: Any, spaces: FusedSpaces, rec: dict[str, Any]) -> int:
         chunk = todo[s:s + 4096]
         gv = np.asarray(g.get_vectors(g.keys_of(chunk), space=spaces.fused), np.float64)
         g.add(chunk, normalize(t.apply(gv)).astype(np.float32), space=wh["space"],
-              only_if_in=spaces.fused)
+              only_if_in=spaces.fused, replace=True)
     return len(todo)
 
 
@@ -429,7 +431,10 @@ def _commit_whitened(g: Any, spaces: FusedSpaces, fit: Fit, n: int, cfg: AdaptCo
     g.register_space(space, int(p.shape[1]), {
         "name": "fusion-whitened", "dim": int(p.shape[1]), "kind": "global",
         "source": f"the fused space {spaces.fused} whitened on this gallery",
-        "fingerprint": space, "config": cfg_space, "query_config": qc})
+        "fingerprint": space, "config": cfg_space, "query_config": qc,
+        "derived_from": spaces.fused})  # filled from the fused vectors at every commit
+    if g.space_info(space).info.get("retired"):  # the same fit again (after a reset)
+        g.update_space_info(space, retired=False, derived_from=spaces.fused)
     sync_whitened(g, spaces, {"answer": "whitened", "whitening": wh})
     return {**wh, "query": qc["adaptation"]}
 
@@ -481,6 +486,7 @@ def _commit(g: Any, spaces: FusedSpaces, model: FusionModel, fit: Fit, n: int,
                     "whitened": (whitened or {}).get("space")}[fit.answer]
     if g.primary_space != answer_space:
         g.set_primary_space(answer_space)
+    _retire_whitened(g, keep=(whitened or {}).get("space"))
     g.set_setting(FUSION_KEY, {
         "fused_space": spaces.fused, "light_space": spaces.light, "answer": fit.answer,
         "space": answer_space, "reason": fit.reason,
@@ -493,6 +499,15 @@ def _commit(g: Any, spaces: FusedSpaces, model: FusionModel, fit: Fit, n: int,
     log.info("gallery %s adapted: %s answers (%s)", g.path, answer_space, fit.reason)
 
 
+def _retire_whitened(g: Any, keep: str | None) -> None:
+    """Stop filling gallery-whitened spaces other than ``keep`` (a refit replaced them; they
+    stay for searchers opened before, :mod:`galleria.extract.derived`)."""
+    for s in g.spaces():
+        if s.space != keep and s.info.get("derived_from") and not s.info.get("retired") and (
+                (s.info.get("config") or {}).get("whitening")):
+            g.update_space_info(s.space, retired=True)
+
+
 def reset(gallery: Any) -> None:
     """Undo the adaptation: the trained query and the fused space answer again (the light
     space and the fitted maps stay on disk)."""
@@ -502,6 +517,7 @@ def reset(gallery: Any) -> None:
     gallery.update_space_info(spaces.fused, query_config={"type": "fusion-query",
                                                           "model": spaces.model_path})
     gallery.set_primary_space(spaces.fused)
+    _retire_whitened(gallery, keep=None)
     gallery.delete_setting(FUSION_KEY)
 
 
