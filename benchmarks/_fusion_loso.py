@@ -137,11 +137,14 @@ def _set_scores(w: Any, cfg: Any, ev: Any, m: str, cands: list[dict[str, Any]],
 
 def loso(w: Any, cfg: Any, main: dict[str, str], sets: list[str],
          specs: tuple[tuple[float, float], ...] = CANDIDATES,
-         compute: set[str] | None = None) -> dict[str, Any]:
+         compute: set[str] | None = None, check: tuple[str, ...] = ("caltech101-disjoint",)
+         ) -> dict[str, Any]:
     """Score every candidate on every gallery of ``sets`` (after adaptation) and choose by
     leave one set out; partial results survive a stop (``<work>/transfer/loso.json``).
     ``compute``: compute only these sets now (the others only from that cache; a set
-    missing there makes the result ``partial``)."""
+    missing there makes the result ``partial``). ``check``: in-domain galleries scored for
+    every candidate and reported, not used by the choice (the held-out classes stand for
+    the training domain)."""
     from galleria.fusion.extractor import light_fingerprint
 
     t0 = time.perf_counter()
@@ -151,9 +154,9 @@ def loso(w: Any, cfg: Any, main: dict[str, str], sets: list[str],
     assert light.fingerprint == light_fingerprint(model.fingerprint)
     part_f = w.work / "transfer" / "loso.json"  # {"set|alpha:lam": scores}, per candidate
     cache: dict[str, Any] = read_json(part_f) if part_f.is_file() else {}
-    metric = {s: "M_mAP" if s == "rparis250" else main[s] for s in sets}
+    metric = {s: "M_mAP" if s == "rparis250" else main[s] for s in [*sets, *check]}
     table: dict[str, list[dict[str, Any]]] = {}
-    for set_name in sets:
+    for set_name in [*sets, *check]:
         keys = [f"{set_name}|{c['alpha']}:{c['lam']}" for c in cands]
         todo = [c for c, k in zip(cands, keys, strict=True) if k not in cache]
         if todo and compute is not None and set_name not in compute:
@@ -174,10 +177,13 @@ def loso(w: Any, cfg: Any, main: dict[str, str], sets: list[str],
                                           "fit_seconds")} | {"held_out": round(c["score"], 4)}
                        for c in cands],
         "scores": table, "choice": {}, "partial": len(done) < len(sets),
-        "sets": sets, "setup_seconds": round(setup, 1),
+        "sets": sets, "check": {c: {"metric": metric[c], "default": [r["default"] for r in
+                                                                      table[c]]}
+                                for c in check if c in table},
+        "setup_seconds": round(setup, 1),
         "seconds": round(time.perf_counter() - t0, 1),
         "per_candidate_seconds": {s: round(float(np.mean([r["seconds"] for r in table[s]])), 2)
-                                  for s in done}}
+                                  for s in table}}
     recipe_pick = int(np.argmax(held))
     for t in done:
         others = [s for s in done if s != t]

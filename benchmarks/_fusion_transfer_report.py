@@ -246,6 +246,10 @@ def loso_md(res: dict[str, Any]) -> list[str]:
     out += ["", markdown_table(["gallery (metric)", "default per candidate (answer)",
                                 "recipe choice", "score", "leave-one-set-out choice",
                                 "score", "difference", "label-free", "training adds"], body),
+            "", "In domain (not used by the choice; the held-out classes stand for it): "
+            + "; ".join(f"{SET_TEXT[k]} ({v['metric']}) default per candidate "
+                        + " / ".join(_f(x, v["metric"]) for x in v["default"])
+                        for k, v in lo.get("check", {}).items()) + ".",
             "", "Per candidate per gallery (s, adaptation fit + evaluation): "
             + ", ".join(f"{k} {v}" for k, v in lo.get("per_candidate_seconds", {}).items())
             + f"; shared set-up {lo.get('setup_seconds')} s; whole phase {lo.get('seconds')} s."
