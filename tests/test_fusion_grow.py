@@ -209,3 +209,44 @@ def test_searches_while_items_are_added_and_a_refit_runs(model_dir, rows, tmp_pa
         st = fusion_state(g)
         assert g.count(st["fused_space"]) == 40 and g.primary_space == st["space"]
     assert len(_whitened_ok(g_dir, st)) == 40
+
+
+@pytest.mark.slow  # ~60 s at load 5: a server, 6 uploads, a background refit, searches
+def test_service_uploads_are_whitened_at_once_and_refit_in_the_background(model_dir, rows,
+                                                                         tmp_path):
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    from _service import ProcessServer
+
+    root, rs = rows
+    g_dir = tmp_path / "G"
+    st = _adapted(model_dir, root, rs[:24], g_dir, tmp_path)
+    (tmp_path / "token").write_text("t" * 24 + "\n")
+    auth = {"Authorization": "Bearer " + "t" * 24}
+    with ProcessServer(g_dir, "--token-file", str(tmp_path / "token"), "--threads", "1",
+                       log=tmp_path / "server.log") as srv, \
+            httpx.Client(base_url=srv.url, timeout=120) as c:
+        for n, r in enumerate(rs[24:30], 25):
+            data = (root / r["path"]).read_bytes()
+            got = c.post("/v1/items", files={"image": ("x.png", data, "image/png")},
+                         data={"id": f"up/{n}"}, headers=auth)
+            assert got.status_code == 201, got.text
+            assert st["whitening"]["space"] not in got.json()["spaces"]  # no members pass
+            with Gallery.open(g_dir, readonly=True) as g:  # in the answering space at once
+                assert g.has([f"up/{n}"], st["whitening"]["space"])[0] or \
+                    fusion_state(g)["n_items"] == 30  # (a refit may have replaced the space)
+            s = c.post("/v1/search", files={"image": ("q.png", data, "image/png")},
+                       data={"k": 3})
+            assert s.status_code == 200, s.text
+        deadline = time.monotonic() + 180  # the 6th upload crossed 24 x 1.25 = 30
+        while time.monotonic() < deadline:
+            with Gallery.open(g_dir, readonly=True) as g:
+                if fusion_state(g)["n_items"] == 30:
+                    break
+            assert c.post("/v1/search", files={"image": ("q.png", data, "image/png")},
+                          data={"k": 3}).status_code == 200
+            time.sleep(0.5)
+    with Gallery.open(g_dir, readonly=True) as g:
+        new = fusion_state(g)
+    assert new["n_items"] == 30 and new["refit_at"] == 38, new.get("n_items")
+    assert len(_whitened_ok(g_dir, new)) == 30

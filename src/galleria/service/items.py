@@ -94,7 +94,7 @@ def add_item(engine: Engine, item_id: str, data: bytes, *, filename: str = "uplo
             "filename": _printable(filename)[:255],
             "uploaded": round(time.time(), 3)}
     done: dict[str, int] = {}
-    derivers = Derivers(engine.path, build=lambda i: engine.models.for_space(i, query=False))
+    derivers = _derivers(engine)
     try:
         for sp in names:
             info = g.space_info(sp)
@@ -116,6 +116,16 @@ def add_item(engine: Engine, item_id: str, data: bytes, *, filename: str = "uplo
     _after_add(engine)
     return {"id": item_id, "replaced": exists, "spaces": list(done), "generation": done,
             "image_size": list(img.size)}
+
+
+def _derivers(engine: Engine) -> Derivers:
+    """The engine's derive functions (its model cache is keyed by fingerprint, which a
+    derived space shares with its query model: not used here)."""
+    d = getattr(engine, "_derivers", None)
+    if d is None:
+        d = Derivers(engine.path, runtime=engine.config.runtime, threads=engine.config.threads)
+        engine._derivers = d  # type: ignore[attr-defined]
+    return d
 
 
 def _after_add(engine: Engine) -> None:
