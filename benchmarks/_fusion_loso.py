@@ -31,24 +31,29 @@ from galleria.io.atomic import read_json, write_json
 log = logging.getLogger("bench_fusion_transfer")
 #: (alpha, lam): the first is the default recipe's own choice on Caltech (ties keep it)
 CANDIDATES = ((0.6, 0.5), (0.6, 1.0), (0.9, 0.5), (0.9, 1.0))
+#: the SMVS-trained recipe chooses alpha 0.1, lam 0.5: every shrinkage with its query start
+CANDIDATES_BY_MODEL = {"caltech": CANDIDATES,
+                       "smvs": ((0.1, 0.5), (0.3, 0.5), (0.6, 0.5), (0.9, 0.5))}
 
 
 def _pts(metric: str, v: float) -> float:
     return 25.0 * v if metric == "N-S" else v
 
 
-def parse_candidates(spec: str | None) -> tuple[tuple[float, float], ...]:
-    """``"0.6:0.5,0.9:1"`` -> ``((0.6, 0.5), (0.9, 1.0))`` (``None``: :data:`CANDIDATES`)."""
+def parse_candidates(spec: str | None, tname: str = "caltech"
+                     ) -> tuple[tuple[float, float], ...]:
+    """``"0.6:0.5,0.9:1"`` -> ``((0.6, 0.5), (0.9, 1.0))`` (``None``: the model's default
+    candidates, :data:`CANDIDATES_BY_MODEL`)."""
     if not spec:
-        return CANDIDATES
+        return CANDIDATES_BY_MODEL[tname]
     return tuple((float(a), float(b)) for a, b in (p.split(":") for p in spec.split(",")))
 
 
-def candidates(w: Any, specs: tuple[tuple[float, float], ...]) -> tuple[list[dict[str, Any]],
-                                                                          Any, float]:
-    """Each ``(alpha, lam)`` start fitted on the Caltech training classes (every input kept),
-    with its held-out-classes score; the Caltech-trained default model; seconds of the
-    shared set-up (features, views, spans)."""
+def candidates(w: Any, specs: tuple[tuple[float, float], ...], tname: str = "caltech"
+               ) -> tuple[list[dict[str, Any]], Any, float]:
+    """Each ``(alpha, lam)`` start fitted on the training classes of ``tname`` (``caltech``
+    or ``smvs``; every input kept), with its held-out-classes score; that default model;
+    seconds of the shared set-up (features, views, spans)."""
     import bench_fusion as bf
     from galleria.fusion.anchor import RIDGES, _Chooser
     from galleria.fusion.model import FusionModel
@@ -59,8 +64,8 @@ def candidates(w: Any, specs: tuple[tuple[float, float], ...]) -> tuple[list[dic
 
     t0 = time.perf_counter()
     rec = FusionRecipe()
-    model = FusionModel.load(w.model_dir("caltech"))
-    tr = fd.caltech()[0]
+    model = FusionModel.load(w.model_dir(tname))
+    tr = (fd.caltech() if tname == "caltech" else fd.smvs())[0]
     ids = [it.id for it in tr.items]
     names = [s.name for s in model.specs]
     feats = w.feats(ids, tuple(names))
@@ -137,8 +142,8 @@ def _set_scores(w: Any, cfg: Any, ev: Any, m: str, cands: list[dict[str, Any]],
 
 def loso(w: Any, cfg: Any, main: dict[str, str], sets: list[str],
          specs: tuple[tuple[float, float], ...] = CANDIDATES,
-         compute: set[str] | None = None, check: tuple[str, ...] = ("caltech101-disjoint",)
-         ) -> dict[str, Any]:
+         compute: set[str] | None = None, check: tuple[str, ...] = ("caltech101-disjoint",),
+         tname: str = "caltech") -> dict[str, Any]:
     """Score every candidate on every gallery of ``sets`` (after adaptation) and choose by
     leave one set out; partial results survive a stop (``<work>/transfer/loso.json``).
     ``compute``: compute only these sets now (the others only from that cache; a set
@@ -148,23 +153,24 @@ def loso(w: Any, cfg: Any, main: dict[str, str], sets: list[str],
     from galleria.fusion.extractor import light_fingerprint
 
     t0 = time.perf_counter()
-    cands, model, setup = candidates(w, specs)
+    cands, model, setup = candidates(w, specs, tname)
     names = [s.name for s in model.specs]
-    light = w.light(w.model_dir("caltech"))
+    light = w.light(w.model_dir(tname))
     assert light.fingerprint == light_fingerprint(model.fingerprint)
-    part_f = w.work / "transfer" / "loso.json"  # {"set|alpha:lam": scores}, per candidate
+    part_f = w.work / "transfer" / "loso.json"  # {"[model:]set|alpha:lam": scores}
+    pre = "" if tname == "caltech" else f"{tname}:"
     cache: dict[str, Any] = read_json(part_f) if part_f.is_file() else {}
     metric = {s: "M_mAP" if s == "rparis250" else main[s] for s in [*sets, *check]}
     table: dict[str, list[dict[str, Any]]] = {}
     for set_name in [*sets, *check]:
-        keys = [f"{set_name}|{c['alpha']}:{c['lam']}" for c in cands]
+        keys = [f"{pre}{set_name}|{c['alpha']}:{c['lam']}" for c in cands]
         todo = [c for c, k in zip(cands, keys, strict=True) if k not in cache]
         if todo and compute is not None and set_name not in compute:
             continue
         if todo:
             t = time.perf_counter()
             got = _set_scores(w, cfg, w.sets[set_name], metric[set_name], todo, names, light)
-            cache.update({f"{set_name}|{c['alpha']}:{c['lam']}": r
+            cache.update({f"{pre}{set_name}|{c['alpha']}:{c['lam']}": r
                           for c, r in zip(todo, got, strict=True)})
             write_json(part_f, cache)
             log.info("loso %s (%.0f s): %s", set_name, time.perf_counter() - t,
@@ -176,7 +182,7 @@ def loso(w: Any, cfg: Any, main: dict[str, str], sets: list[str],
         "candidates": [{k: c[k] for k in ("alpha", "lam", "keep", "ridge", "parts",
                                           "fit_seconds")} | {"held_out": round(c["score"], 4)}
                        for c in cands],
-        "scores": table, "choice": {}, "partial": len(done) < len(sets),
+        "model": tname, "scores": table, "choice": {}, "partial": len(done) < len(sets),
         "sets": sets, "check": {c: {"metric": metric[c], "default": [r["default"] for r in
                                                                       table[c]]}
                                 for c in check if c in table},

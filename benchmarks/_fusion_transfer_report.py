@@ -207,17 +207,19 @@ def _opt(c: dict[str, Any]) -> str:
     return f"alpha {c['alpha']}, lam {c['lam']}"
 
 
-def loso_md(res: dict[str, Any]) -> list[str]:
-    """The leave-one-set-out section (``_fusion_loso.py``)."""
-    lo = res["loso"]
+def loso_md(res: dict[str, Any], key: str = "loso") -> list[str]:
+    """The leave-one-set-out section (``_fusion_loso.py``) of one trained model."""
+    lo = res[key]
+    tname = lo.get("model", "caltech")
+    trained = {"caltech": "Caltech", "smvs": "SMVS"}[tname]
     rows = res.get("rows") or {}
     cands = lo["candidates"]
-    head = ("## Recipe options chosen on held-out data sets (leave one set out)"
-            + (" -- PARTIAL" if lo.get("partial") else "") + "\n")
-    out = [head, "Reduced candidate set: the closed-form start of the Caltech-trained recipe "
+    head = (f"## Recipe options chosen on held-out data sets (leave one set out), "
+            f"{trained}-trained" + (" -- PARTIAL" if lo.get("partial") else "") + "\n")
+    out = [head, f"Reduced candidate set: the closed-form start of the {trained}-trained recipe "
            "(every input kept; the query ridge chosen on the held-out classes, as the recipe "
            "does) for each (learned-whitening shrinkage alpha, query lam) below. `recipe`: "
-           "chosen on the held-out Caltech classes alone (what `galleria fusion train` "
+           "chosen on the held-out training classes alone (what `galleria fusion train` "
            "does); `leave one out`: chosen on the held-out classes and every *other* "
            "gallery below (each candidate's default answer after adaptation, in points; "
            "ties keep the first candidate, the recipe's own choice), then scored on this "
@@ -234,7 +236,7 @@ def loso_md(res: dict[str, Any]) -> list[str]:
     body = []
     for t, c in lo["choice"].items():
         m = c["metric"]
-        lf = ((rows.get(f"caltech:{t}") or {}).get("cols") or {}).get("labelfree:default")
+        lf = ((rows.get(f"{tname}:{t}") or {}).get("cols") or {}).get("labelfree:default")
         lf_v = None if lf is None else lf[m if m in lf else next(iter(lf))]
         per = " / ".join(f"{_f(r['default'], m)} ({r['answer'][0]})"
                          for r in lo["scores"][t])
@@ -356,8 +358,9 @@ def report(res: dict[str, Any], rows_spec: dict[str, Any], main: dict[str, str])
                + "; CPU: " + ", ".join(f"{k} {v}" for k, v in c.get("query_cpu_ms", {}).items())
                + f"; the map product alone {c.get('map_product_us')} us "
                f"(load {c.get('query_load')}).\n"]
-    if "loso" in res:
-        md += loso_md(res)
+    for key in ("loso", "loso_smvs"):
+        if key in res:
+            md += loso_md(res, key)
     if "models" in res:
         md += ["## In-domain rows re-run (bench_fusion.py default runs)\n",
                markdown_table(["model", "set", "fused sym", "light->fused (trained)",

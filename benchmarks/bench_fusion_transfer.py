@@ -468,6 +468,9 @@ def main() -> None:
     ap.add_argument("--loso-candidates", default=None,
                     help="loso phase: ALPHA:LAM,... candidate starts (default "
                          "0.6:0.5,0.6:1,0.9:0.5,0.9:1)")
+    ap.add_argument("--loso-models", default="caltech",
+                    help="loso phase: the trained models whose recipe is chosen "
+                         "(caltech,smvs)")
     ap.add_argument("--loso-sets", default=None,
                     help="loso phase: compute only these sets now (others from the cache; "
                          "missing ones make a partial table)")
@@ -506,9 +509,14 @@ def main() -> None:
     if "loso" in phases:
         from _fusion_loso import loso, parse_candidates
 
-        res["loso"] = loso(w, cfg, MAIN, [s for s, dom in ROWS["caltech"] if not dom],
-                           parse_candidates(args.loso_candidates),
-                           set(args.loso_sets.split(",")) if args.loso_sets else None)
+        for tname in args.loso_models.split(","):
+            key = "loso" if tname == "caltech" else f"loso_{tname}"
+            check = {"caltech": ("caltech101-disjoint",),
+                     "smvs": ("smvs-disjoint", "smvs-ref-disjoint")}[tname]
+            res[key] = loso(w, cfg, MAIN, [s for s, dom in ROWS[tname] if not dom],
+                            parse_candidates(args.loso_candidates, tname),
+                            set(args.loso_sets.split(",")) if args.loso_sets else None,
+                            check, tname)
     res["machine"]["load_average_at_end"] = os.getloadavg()
     write_json(res_f, res)
     if "rows" in res:
