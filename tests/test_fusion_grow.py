@@ -159,7 +159,10 @@ def test_searches_while_items_are_added_and_a_refit_runs(model_dir, rows, tmp_pa
             try:
                 fn()
             except BaseException as exc:
+                import traceback
+
                 errors.append(exc)
+                traceback.print_exc()
         return run
 
     def add() -> None:

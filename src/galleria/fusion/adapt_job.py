@@ -64,6 +64,7 @@ from galleria.images.decode import load_image
 from galleria.images.sources import SourceItem
 from galleria.io.atomic import atomic_open
 from galleria.store.gallery import Gallery
+from galleria.store.segments import NPY_HEADER_LOCK
 
 log = logging.getLogger(__name__)
 
@@ -161,13 +162,8 @@ def sync_light(gallery: Any, spaces: FusedSpaces, light: FusionLightExtractor, *
         chunk = items[s:s + flush_every]
         got, vecs, fails = _embed(light, chunk, batch_size, workers, progress)
         bad.extend(fails)
-        if got:
-            rep = [i in redo for i in got]
-            for flag in (False, True):  # new items, then items whose image changed
-                sel = [n for n, r in enumerate(rep) if r == flag]
-                if sel:
-                    gallery.add([got[n] for n in sel], vecs[sel], space=spaces.light,
-                                replace=flag, only_if_in=spaces.fused)
+        if got:  # replace: an index run may have given some of them the same vector meanwhile
+            gallery.add(got, vecs, space=spaces.light, replace=True, only_if_in=spaces.fused)
             done += len(got)
     for i, why in bad[:5]:
         log.warning("no light vector for %s: %s", i, why)
@@ -188,7 +184,7 @@ class ViewCache:
         if not self.root.is_dir():
             return out
         for f in sorted(self.root.glob("part-*.npz")):
-            with np.load(f, allow_pickle=False) as z:
+            with NPY_HEADER_LOCK, np.load(f, allow_pickle=False) as z:  # see the lock
                 for i, v in zip(z["ids"].tolist(), z["views"], strict=True):
                     out[str(i)] = v
         return out
