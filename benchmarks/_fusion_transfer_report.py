@@ -203,6 +203,62 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def _opt(c: dict[str, Any]) -> str:
+    return f"alpha {c['alpha']}, lam {c['lam']}"
+
+
+def loso_md(res: dict[str, Any], key: str = "loso") -> list[str]:
+    """The leave-one-set-out section (``_fusion_loso.py``) of one trained model."""
+    lo = res[key]
+    tname = lo.get("model", "caltech")
+    trained = {"caltech": "Caltech", "smvs": "SMVS"}[tname]
+    rows = res.get("rows") or {}
+    cands = lo["candidates"]
+    head = (f"## Recipe options chosen on held-out data sets (leave one set out), "
+            f"{trained}-trained" + (" -- PARTIAL" if lo.get("partial") else "") + "\n")
+    out = [head, f"Reduced candidate set: the closed-form start of the {trained}-trained recipe "
+           "(every input kept; the query ridge chosen on the held-out classes, as the recipe "
+           "does) for each (learned-whitening shrinkage alpha, query lam) below. `recipe`: "
+           "chosen on the held-out training classes alone (what `galleria fusion train` "
+           "does); `leave one out`: chosen on the held-out classes and every *other* "
+           "gallery below (each candidate's default answer after adaptation, in points; "
+           "ties keep the first candidate, the recipe's own choice), then scored on this "
+           "one. `label-free`: no training at all (the light query -> the gallery's own "
+           "PCA-whitened concatenation, chosen the same way); `training adds` = leave-one-"
+           "out choice - label-free. "
+           + (f"Only {len(lo['choice'])} of {len(lo['sets'])} galleries were scored "
+              "(the run was stopped): the choices use those alone.\n"
+              if lo.get("partial") else "\n"),
+           markdown_table(["candidate", "held-out classes (mean sym/asym mAP)", "ridge",
+                           "fit s"],
+                          [[_opt(c), f"{100 * c['held_out']:.2f}", c["ridge"],
+                            c["fit_seconds"]] for c in cands])]
+    body = []
+    for t, c in lo["choice"].items():
+        m = c["metric"]
+        lf = ((rows.get(f"{tname}:{t}") or {}).get("cols") or {}).get("labelfree:default")
+        lf_v = None if lf is None else lf[m if m in lf else next(iter(lf))]
+        per = " / ".join(f"{_f(r['default'], m)} ({r['answer'][0]})"
+                         for r in lo["scores"][t])
+        body.append([f"{SET_TEXT[t]} ({m})", per, _opt(c["recipe"]),
+                     _f(c["recipe"]["score"], m), _opt(c["loso"]), _f(c["loso"]["score"], m),
+                     _diff(c), "" if lf_v is None else _f(lf_v, m),
+                     "" if lf_v is None else
+                     f"{_pts(m, c['loso']['score']) - _pts(m, lf_v):+.1f}"])
+    out += ["", markdown_table(["gallery (metric)", "default per candidate (answer)",
+                                "recipe choice", "score", "leave-one-set-out choice",
+                                "score", "difference", "label-free", "training adds"], body),
+            "", "In domain (not used by the choice; the held-out classes stand for it): "
+            + "; ".join(f"{SET_TEXT[k]} ({v['metric']}) default per candidate "
+                        + " / ".join(_f(x, v["metric"]) for x in v["default"])
+                        for k, v in lo.get("check", {}).items()) + ".",
+            "", "Per candidate per gallery (s, adaptation fit + evaluation): "
+            + ", ".join(f"{k} {v}" for k, v in lo.get("per_candidate_seconds", {}).items())
+            + f"; shared set-up {lo.get('setup_seconds')} s; whole phase {lo.get('seconds')} s."
+            "\n"]
+    return out
+
+
 def report(res: dict[str, Any], rows_spec: dict[str, Any], main: dict[str, str]) -> str:
     rows = judged(res, main)
     head = ["trained on", "gallery (metric)", "lite0 sym", "best member sym", "concat sym",
@@ -302,23 +358,9 @@ def report(res: dict[str, Any], rows_spec: dict[str, Any], main: dict[str, str])
                + "; CPU: " + ", ".join(f"{k} {v}" for k, v in c.get("query_cpu_ms", {}).items())
                + f"; the map product alone {c.get('map_product_us')} us "
                f"(load {c.get('query_load')}).\n"]
-    if "loso" in res:
-        lo = res["loso"]
-        md += ["## Recipe options chosen on held-out data sets (leave one set out)\n",
-               "Candidates: the closed-form start of the Caltech-trained recipe for every "
-               "learned-whitening shrinkage alpha and every input set (all, or one member "
-               "dropped). `recipe`: chosen on the held-out Caltech classes alone (what "
-               "`galleria fusion train` does); `leave one out`: chosen on the held-out classes "
-               "and every *other* gallery below (after adaptation), then scored on this one.\n",
-               markdown_table(["gallery (metric)", "recipe choice", "default score",
-                               "leave-one-set-out choice", "default score", "difference"],
-                              [[f"{SET_TEXT[t]} ({c['metric']})",
-                                f"alpha {c['recipe']['alpha']}, {'+'.join(c['recipe']['keep'])}",
-                                _f(c["recipe"]["score"], c["metric"]),
-                                f"alpha {c['loso']['alpha']}, {'+'.join(c['loso']['keep'])}",
-                                _f(c["loso"]["score"], c["metric"]),
-                                _diff(c)]
-                               for t, c in lo["choice"].items()])]
+    for key in ("loso", "loso_smvs"):
+        if key in res:
+            md += loso_md(res, key)
     if "models" in res:
         md += ["## In-domain rows re-run (bench_fusion.py default runs)\n",
                markdown_table(["model", "set", "fused sym", "light->fused (trained)",

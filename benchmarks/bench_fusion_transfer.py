@@ -465,6 +465,15 @@ def main() -> None:
     ap.add_argument("--subsample", action="append", default=[],
                     help="model:set=G:Q, a seeded subsample of G gallery items and Q queries "
                          "of a class-protocol row (labelled so); repeatable")
+    ap.add_argument("--loso-candidates", default=None,
+                    help="loso phase: ALPHA:LAM,... candidate starts (default "
+                         "0.6:0.5,0.6:1,0.9:0.5,0.9:1)")
+    ap.add_argument("--loso-models", default="caltech",
+                    help="loso phase: the trained models whose recipe is chosen "
+                         "(caltech,smvs)")
+    ap.add_argument("--loso-sets", default=None,
+                    help="loso phase: compute only these sets now (others from the cache; "
+                         "missing ones make a partial table)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     set_threads(args.threads)
@@ -498,9 +507,16 @@ def main() -> None:
     elif cost_f.is_file():
         res["cost"] = read_json(cost_f)
     if "loso" in phases:
-        from _fusion_loso import loso
+        from _fusion_loso import loso, parse_candidates
 
-        res["loso"] = loso(w, cfg, MAIN, [s for s, dom in ROWS["caltech"] if not dom])
+        for tname in args.loso_models.split(","):
+            key = "loso" if tname == "caltech" else f"loso_{tname}"
+            check = {"caltech": ("caltech101-disjoint",),
+                     "smvs": ("smvs-disjoint", "smvs-ref-disjoint")}[tname]
+            res[key] = loso(w, cfg, MAIN, [s for s, dom in ROWS[tname] if not dom],
+                            parse_candidates(args.loso_candidates, tname),
+                            set(args.loso_sets.split(",")) if args.loso_sets else None,
+                            check, tname)
     res["machine"]["load_average_at_end"] = os.getloadavg()
     write_json(res_f, res)
     if "rows" in res:

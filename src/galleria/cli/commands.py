@@ -26,6 +26,7 @@ from galleria.extract.repair import repair
 from galleria.extractors.registry import PREFIXES, create_extractor, list_models
 from galleria.extractors.torch_model import TorchExtractor
 from galleria.filters import parse_where
+from galleria.fusion.grow import growth as fusion_growth
 from galleria.images.sources import list_source
 from galleria.search.html import write_results_html
 from galleria.store.gallery import Gallery
@@ -96,7 +97,9 @@ def cmd_index(args: argparse.Namespace) -> int:
             remote[1].close()
             remote[0].close()
     adapted = None
-    if getattr(args, "fusion", None):  # fit the light query to this gallery (docs/fusion.md)
+    # a fused gallery (given now or indexed before): bring its adaptation up to date, refit
+    # when it has grown enough since the fit (docs/fusion.md)
+    if getattr(args, "fusion", None) or fusion_growth(report.gallery) is not None:
 
         adapted = run_adaptation(args.out, threads=threads, runtime=runtime,
                                  quiet=args.quiet, updated=report.updated,
@@ -211,6 +214,7 @@ def cmd_info(args: argparse.Namespace) -> int:
                 if g.get_setting(FINISHING_KEY) else None),
             "searcher": searcher,
             "fusion": state.setting(FUSION_KEY),
+            "fusion_growth": fusion_growth(g),
             "tuned": info_data(g),
         }
         tuned = g.get_setting(TUNED_KEY)
@@ -227,6 +231,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         if searcher is not None:
             print(f"  search answers from {searcher['space'] or searcher['pipeline']} "
                   f"({searcher['searcher']}): {searcher['reason']}")
+        fg = data["fusion_growth"]
+        if fg and fg.get("fitted_on"):
+            print(f"  fusion fit: fitted on {fg['fitted_on']} items, the fused space holds "
+                  f"{fg['items']} (x{fg['growth']}); refit at {fg['refit_at']}"
+                  + (" (due: the next index run refits)" if fg["due"] else ""))
         if data["payload_fields"]:
             shown = ", ".join(f"{f} ({'/'.join(sorted(t))})"
                               for f, t in sorted(data["payload_fields"].items()))

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from galleria.errors import InputError
+from galleria.extract.derived import Derivers, derive_into
 from galleria.extract.embed import Embedder, Progress, embed_stream, file_content
 from galleria.extract.recipe import Recipe, check_explicit, recipe_extractor, recipe_spaces
 from galleria.extract.spaces import space_info
@@ -309,11 +310,12 @@ def index_images(
         report.recipe = recipe.reason if recipe is not None else "the models given"
         _set_total(progress, len(items) * len(plan))
         columns = infer_columns([it.meta for it in items])
+        derivers = Derivers(gallery.path, runtime=opts.runtime, threads=opts.threads)
         for ext, keep_info in plan:
             done_if_in = recipe.done_if_in if recipe is not None and not explicit else ()
             _index_space(gallery, items, ident, ext, report, opts, progress=progress,
                          embedder=embedder or embed_stream, keep_info=keep_info,
-                         done_if_in=done_if_in, columns=columns)
+                         done_if_in=done_if_in, columns=columns, derivers=derivers)
         report.space = report.spaces[0]
         report.embedded = len(report._embedded_ids)
         report.seconds = time.perf_counter() - t0
@@ -403,11 +405,13 @@ def _index_space(
     keep_info: bool = False,
     done_if_in: Sequence[str] = (),
     columns: ColumnTypes | None = None,
+    derivers: Derivers | None = None,
 ) -> None:
     """Embed the items ``space`` lacks (``keep_info``: an existing space of the gallery's
     recipe, whose recorded info is kept as it is; ``done_if_in``: spaces whose items
     count as done, e.g. the old space of an online upgrade, which they leave when
-    they are re-embedded)."""
+    they are re-embedded; ``derivers``: fill the spaces derived from ``space`` at each
+    commit, :mod:`galleria.extract.derived`)."""
     space = extractor.fingerprint
     gallery.register_space(space, extractor.dim, None if keep_info else space_info(extractor),
                            kind=extractor.kind)
@@ -447,8 +451,11 @@ def _index_space(
                                 "them): %s", len(blank), blank[:5])
                     report.no_keypoints.extend(blank)
             else:
-                gallery.add(ids, np.stack([b[1] for b in buf]), space=space, meta=metas,
+                vecs = np.stack([b[1] for b in buf])
+                gallery.add(ids, vecs, space=space, meta=metas,
                             contents=contents, replace=True, drop_spaces=drop)
+                if derivers is not None:  # e.g. the gallery-whitened fused space: a product
+                    derive_into(gallery, space, ids, vecs, derivers)
             report._embedded_ids.update(ids)
             report.embedded_per_space[space] = report.embedded_per_space.get(space, 0) + len(buf)
             buf.clear()

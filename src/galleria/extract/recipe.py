@@ -6,7 +6,8 @@ those extractors -- the same model, transform, fusion model and local features -
 or the new images land in a space nobody searches. :func:`recipe_spaces` is the
 pure rule (the same one the service applies to uploads):
 
-- every space holding data, plus the primary space;
+- every space holding data, plus the primary space, except derived spaces (filled from
+  their base space's vectors, :mod:`galleria.extract.derived`) and retired ones;
 - during an *online* upgrade, the new model's space instead of the old one (an
   image already in the old space is left to the upgrade run, which moves it);
   during a *shadow* upgrade, the old spaces only (the run adds the new vectors).
@@ -23,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from galleria.errors import CompatibilityError, InputError
+from galleria.extract.derived import is_derived
 from galleria.extract.spaces import extractor_from_space
 from galleria.extractors.base import Extractor
 from galleria.store.state import GalleryState, SpaceState
@@ -56,7 +58,8 @@ class Recipe:
 
 def recipe_spaces(state: GalleryState) -> Recipe | None:
     """The recipe of a gallery in ``state`` (``None`` for a gallery with no space yet)."""
-    targets = [s for s in state.spaces if s.count > 0 or s.space == state.primary]
+    targets = [s for s in state.spaces
+               if (s.count > 0 or s.space == state.primary) and not is_derived(s.info)]
     if not targets:
         return None
     up = state.setting(UPGRADE_KEY)

@@ -68,7 +68,7 @@ class AdaptConfig:
             fused space.
         min_items: fewer items than this: no fit (the trained model answers).
         refit_growth: the fit is redone automatically once the fused space holds this
-            many times the items it was fitted on (1.5: 50 % more).
+            many times the items it was fitted on (1.25: 25 % more).
         seed: the sample, the folds and every view.
         decide_on: which space answers. ``domain`` (default, :func:`select`): the fused
             space when the gallery is centred in it (``in_domain``), the gallery-whitened
@@ -103,7 +103,7 @@ class AdaptConfig:
     priors: tuple[str, ...] = PRIORS
     margin: float = 1.0
     min_items: int = 50
-    refit_growth: float = 1.5
+    refit_growth: float = 1.25
     seed: int = 0
     decide_on: str = "domain"
     neighbours: int = 10

@@ -64,6 +64,7 @@ from galleria.images.decode import load_image
 from galleria.images.sources import SourceItem
 from galleria.io.atomic import atomic_open
 from galleria.store.gallery import Gallery
+from galleria.store.segments import NPY_HEADER_LOCK
 
 log = logging.getLogger(__name__)
 
@@ -161,13 +162,8 @@ def sync_light(gallery: Any, spaces: FusedSpaces, light: FusionLightExtractor, *
         chunk = items[s:s + flush_every]
         got, vecs, fails = _embed(light, chunk, batch_size, workers, progress)
         bad.extend(fails)
-        if got:
-            rep = [i in redo for i in got]
-            for flag in (False, True):  # new items, then items whose image changed
-                sel = [n for n, r in enumerate(rep) if r == flag]
-                if sel:
-                    gallery.add([got[n] for n in sel], vecs[sel], space=spaces.light,
-                                replace=flag, only_if_in=spaces.fused)
+        if got:  # replace: an index run may have given some of them the same vector meanwhile
+            gallery.add(got, vecs, space=spaces.light, replace=True, only_if_in=spaces.fused)
             done += len(got)
     for i, why in bad[:5]:
         log.warning("no light vector for %s: %s", i, why)
@@ -188,7 +184,7 @@ class ViewCache:
         if not self.root.is_dir():
             return out
         for f in sorted(self.root.glob("part-*.npz")):
-            with np.load(f, allow_pickle=False) as z:
+            with NPY_HEADER_LOCK, np.load(f, allow_pickle=False) as z:  # see the lock
                 for i, v in zip(z["ids"].tolist(), z["views"], strict=True):
                     out[str(i)] = v
         return out
@@ -392,6 +388,8 @@ def sync_whitened(g: Any, spaces: FusedSpaces, rec: dict[str, Any]) -> int:
     wh = rec.get("whitening")
     if rec.get("answer") != "whitened" or not wh:
         return 0
+    if g.space_info(wh["space"]).info.get("derived_from") != spaces.fused:  # adapted before
+        g.update_space_info(wh["space"], derived_from=spaces.fused)  # derived spaces existed
     t = QueryAdaptation.load(Path(g.path) / wh["path"], digest=wh["digest"],
                              model_fingerprint=spaces.fused)
     ids = g.ids(spaces.fused)
@@ -400,7 +398,7 @@ def sync_whitened(g: Any, spaces: FusedSpaces, rec: dict[str, Any]) -> int:
         chunk = todo[s:s + 4096]
         gv = np.asarray(g.get_vectors(g.keys_of(chunk), space=spaces.fused), np.float64)
         g.add(chunk, normalize(t.apply(gv)).astype(np.float32), space=wh["space"],
-              only_if_in=spaces.fused)
+              only_if_in=spaces.fused, replace=True)
     return len(todo)
 
 
@@ -429,7 +427,10 @@ def _commit_whitened(g: Any, spaces: FusedSpaces, fit: Fit, n: int, cfg: AdaptCo
     g.register_space(space, int(p.shape[1]), {
         "name": "fusion-whitened", "dim": int(p.shape[1]), "kind": "global",
         "source": f"the fused space {spaces.fused} whitened on this gallery",
-        "fingerprint": space, "config": cfg_space, "query_config": qc})
+        "fingerprint": space, "config": cfg_space, "query_config": qc,
+        "derived_from": spaces.fused})  # filled from the fused vectors at every commit
+    if g.space_info(space).info.get("retired"):  # the same fit again (after a reset)
+        g.update_space_info(space, retired=False, derived_from=spaces.fused)
     sync_whitened(g, spaces, {"answer": "whitened", "whitening": wh})
     return {**wh, "query": qc["adaptation"]}
 
@@ -481,6 +482,7 @@ def _commit(g: Any, spaces: FusedSpaces, model: FusionModel, fit: Fit, n: int,
                     "whitened": (whitened or {}).get("space")}[fit.answer]
     if g.primary_space != answer_space:
         g.set_primary_space(answer_space)
+    _retire_whitened(g, keep=(whitened or {}).get("space"))
     g.set_setting(FUSION_KEY, {
         "fused_space": spaces.fused, "light_space": spaces.light, "answer": fit.answer,
         "space": answer_space, "reason": fit.reason,
@@ -493,6 +495,15 @@ def _commit(g: Any, spaces: FusedSpaces, model: FusionModel, fit: Fit, n: int,
     log.info("gallery %s adapted: %s answers (%s)", g.path, answer_space, fit.reason)
 
 
+def _retire_whitened(g: Any, keep: str | None) -> None:
+    """Stop filling gallery-whitened spaces other than ``keep`` (a refit replaced them; they
+    stay for searchers opened before, :mod:`galleria.extract.derived`)."""
+    for s in g.spaces():
+        if s.space != keep and s.info.get("derived_from") and not s.info.get("retired") and (
+                (s.info.get("config") or {}).get("whitening")):
+            g.update_space_info(s.space, retired=True)
+
+
 def reset(gallery: Any) -> None:
     """Undo the adaptation: the trained query and the fused space answer again (the light
     space and the fitted maps stay on disk)."""
@@ -502,6 +513,7 @@ def reset(gallery: Any) -> None:
     gallery.update_space_info(spaces.fused, query_config={"type": "fusion-query",
                                                           "model": spaces.model_path})
     gallery.set_primary_space(spaces.fused)
+    _retire_whitened(gallery, keep=None)
     gallery.delete_setting(FUSION_KEY)
 
 

@@ -146,6 +146,13 @@ class FusionGalleryExtractor(Extractor):
             out = l2_normalize(self.whitening.apply(out))
         return out
 
+    def derive(self, fused: np.ndarray) -> np.ndarray:
+        """The gallery-whitened vectors ``(N, d')`` of stored fused vectors ``(N, d)`` (one
+        matrix product; the space records ``derived_from``, :mod:`galleria.extract.derived`)."""
+        if self.whitening is None:
+            raise FormatError("only a gallery-whitened fused space is derived from the fused one")
+        return l2_normalize(self.whitening.apply(np.asarray(fused, np.float32)))
+
     def _embed_scale(self, batch: np.ndarray, scale: float) -> np.ndarray:  # pragma: no cover
         raise NotImplementedError("FusionGalleryExtractor embeds through embed_prepared")
 

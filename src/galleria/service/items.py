@@ -28,6 +28,7 @@ from typing import Any
 from PIL import Image
 
 from galleria.errors import GalleriaError, InputError
+from galleria.extract.derived import Derivers, derive_into, is_derived
 from galleria.ids import MAX_ID_CHARS as MAX_IDS
 from galleria.images.decode import ImageDecodeError, load_image, load_image_bytes, parse_bbox
 from galleria.io.atomic import write_bytes
@@ -50,7 +51,8 @@ def target_spaces(engine: Engine) -> tuple[list[str], list[str]]:
     state = engine.gallery.state()
     primary = state.primary
     st = engine.upgrade_state(state)
-    spaces = [s for s in state.spaces if s.count > 0 or s.space == primary]
+    spaces = [s for s in state.spaces
+              if (s.count > 0 or s.space == primary) and not is_derived(s.info)]
     names = [s.space for s in spaces]
     drop: list[str] = []
     if st is not None:
@@ -92,6 +94,7 @@ def add_item(engine: Engine, item_id: str, data: bytes, *, filename: str = "uplo
             "filename": _printable(filename)[:255],
             "uploaded": round(time.time(), 3)}
     done: dict[str, int] = {}
+    derivers = _derivers(engine)
     try:
         for sp in names:
             info = g.space_info(sp)
@@ -106,11 +109,34 @@ def add_item(engine: Engine, item_id: str, data: bytes, *, filename: str = "uplo
                 g.add([item_id], vec, space=sp, meta=[meta],
                       contents=[(digest, st.st_size, st.st_mtime_ns)], replace=True,
                       drop_spaces=other)
+                derive_into(g, sp, [item_id], vec, derivers)  # derived spaces: a product
             done[sp] = g.generation(sp)
     except GalleriaError as exc:
         raise from_galleria(exc) from exc
+    _after_add(engine)
     return {"id": item_id, "replaced": exists, "spaces": list(done), "generation": done,
             "image_size": list(img.size)}
+
+
+def _derivers(engine: Engine) -> Derivers:
+    """The engine's derive functions (its model cache is keyed by fingerprint, which a
+    derived space shares with its query model: not used here)."""
+    d = getattr(engine, "_derivers", None)
+    if d is None:
+        d = Derivers(engine.path, runtime=engine.config.runtime, threads=engine.config.threads)
+        engine._derivers = d  # type: ignore[attr-defined]
+    return d
+
+
+def _after_add(engine: Engine) -> None:
+    """A fused gallery grown past its adaptation's refit point: refit in the background
+    (:func:`galleria.fusion.grow.schedule_refit`; one at a time, published atomically)."""
+    rec = engine.gallery.get_setting("fusion")
+    if isinstance(rec, dict) and rec.get("refit_at"):
+        from galleria.fusion.grow import growth, schedule_refit  # lazy: torch
+
+        if (growth(engine.gallery) or {}).get("due"):
+            schedule_refit(engine.path, threads=engine.config.threads)
 
 
 def save_upload(root: Path, data: bytes) -> Path:

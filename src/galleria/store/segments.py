@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,12 @@ import numpy as np
 from galleria.errors import FormatError, InputError
 from galleria.io.atomic import atomic_open
 from galleria.types import LocalFeatures
+
+#: numpy parses a .npy header with ``ast.literal_eval``; CPython 3.11's AST constructor keeps
+#: its recursion depth in shared state, and two threads parsing at once can fail with
+#: "SystemError: AST constructor recursion depth mismatch" (python/cpython#106905). Readers
+#: in threads (a server, a refit beside searches) open segments under this lock.
+NPY_HEADER_LOCK = threading.Lock()
 
 HASH_CHUNK = 8 << 20
 
@@ -101,7 +108,8 @@ def open_array(path: Path, nbytes: int | None = None) -> np.ndarray:
                 f"{path} is damaged (truncated or extended: {os.path.getsize(path)} bytes, "
                 f"{nbytes} recorded); run `galleria repair {_gallery_of(path)}`"
             )
-        return np.load(path, mmap_mode="r", allow_pickle=False)
+        with NPY_HEADER_LOCK:  # the header parse only: the data is memory-mapped
+            return np.load(path, mmap_mode="r", allow_pickle=False)
     except FileNotFoundError:
         raise FormatError(
             f"{path} is missing (deleted?); run `galleria repair {_gallery_of(path)}`"

@@ -1,0 +1,95 @@
+"""Derived spaces: vectors that are a fixed function of another space's stored vectors.
+
+A space whose info records ``"derived_from": <base space>`` holds, for every item of the
+base space, ``extractor.derive(base vectors)`` where ``extractor`` is rebuilt from the
+space's ``config`` (for example a fused space whitened on its own gallery,
+:mod:`galleria.fusion.adapt_job`: one matrix product per batch). Indexing
+(:func:`galleria.extract.job.index_images`) and uploads (the service) never run a model for
+it: they fill it from the base vectors they have just committed (:func:`derive_into`), so an
+added item is searchable in the derived space as soon as it is in the base space.
+
+A space whose info records ``"retired": true`` (a derived space replaced by a refit) is kept
+for searchers opened before the replacement and no longer filled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from galleria.extract.spaces import extractor_from_space
+from galleria.validate import l2_normalize
+
+log = logging.getLogger(__name__)
+CHUNK = 4096
+
+
+def is_derived(info: dict[str, Any]) -> bool:
+    """True for a space filled from another one (or retired): no model embeds into it."""
+    return bool(info.get("derived_from")) or bool(info.get("retired"))
+
+
+class Derivers:
+    """The derive functions of a gallery's live derived spaces, rebuilt once per run
+    (``build(info)``: how to rebuild a space's extractor; default
+    :func:`~galleria.extract.spaces.extractor_from_space`, e.g. the service's model cache)."""
+
+    def __init__(self, root: str | os.PathLike[str], *, runtime: str = "auto",
+                 threads: int | None = None, build: Callable[[dict[str, Any]], Any] | None = None
+                 ) -> None:
+        self.root, self.runtime, self.threads = str(root), runtime, threads
+        self._build = build
+        self._built: dict[str, Any] = {}
+
+    def of(self, gallery: Any, base: str) -> list[tuple[str, Any]]:
+        """``[(derived space, extractor with .derive)]`` of ``base`` (not retired)."""
+        out = []
+        for s in gallery.spaces():
+            if s.info.get("derived_from") != base or s.info.get("retired"):
+                continue
+            if s.space not in self._built:
+                self._built[s.space] = (self._build(s.info) if self._build is not None else
+                                        extractor_from_space(s.info, root=self.root,
+                                                             runtime=self.runtime,
+                                                             threads=self.threads))
+            out.append((s.space, self._built[s.space]))
+        return out
+
+
+def derive_into(gallery: Any, base: str, ids: Sequence[str], vectors: np.ndarray,
+                derivers: Derivers) -> int:
+    """Give ``ids`` (just committed to ``base`` with ``(N, d)`` ``vectors``) their vectors in
+    every live derived space of ``base``; how many (item, space) rows were written."""
+    if not len(ids):
+        return 0
+    n = 0
+    x = l2_normalize(np.asarray(vectors, np.float32))
+    for space, ext in derivers.of(gallery, base):
+        gallery.add(list(ids), ext.derive(x), space=space, replace=True, only_if_in=base)
+        n += len(ids)
+    return n
+
+
+def derive_missing(gallery: Any, derivers: Derivers) -> int:
+    """Give every item of each live derived space's base the derived vector it lacks (from the
+    base's stored vectors); how many rows were written."""
+    n = 0
+    for s in gallery.spaces():
+        base = s.info.get("derived_from")
+        if not base or s.info.get("retired") or not gallery.has_space(base):
+            continue
+        ids = gallery.ids(base)
+        todo = [i for i, h in zip(ids, gallery.has(ids, s.space), strict=True) if not h]
+        for at in range(0, len(todo), CHUNK):
+            chunk = todo[at:at + CHUNK]
+            vec = gallery.get_vectors(gallery.keys_of(chunk), space=base)
+            for space, ext in derivers.of(gallery, base):
+                if space == s.space:
+                    gallery.add(chunk, ext.derive(l2_normalize(np.asarray(vec, np.float32))),
+                                space=space, replace=True, only_if_in=base)
+                    n += len(chunk)
+    return n

@@ -1,0 +1,59 @@
+"""Derived spaces (``galleria.extract.derived``): filled from their base space's vectors, never
+embedded by a model; retired ones no longer filled; the recipe skips both."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from galleria.extract.derived import Derivers, derive_into, derive_missing
+from galleria.extract.recipe import recipe_spaces
+from galleria.store.gallery import Gallery
+from galleria.store.state import GalleryState, SpaceState
+from galleria.validate import l2_normalize
+
+
+class _Affine:
+    """``normalize(x P + c)``: what a gallery-whitened fused space derives."""
+
+    def __init__(self, p: np.ndarray, c: np.ndarray) -> None:
+        self.p, self.c = p, c
+
+    def derive(self, x: np.ndarray) -> np.ndarray:
+        return l2_normalize(x @ self.p + self.c)
+
+
+def test_derived_spaces_are_filled_from_the_base_vectors_and_skipped_by_the_recipe(tmp_path):
+    rng = np.random.default_rng(0)
+    p = rng.standard_normal((8, 6)).astype(np.float32)
+    c = rng.standard_normal(6).astype(np.float32)
+    base = l2_normalize(rng.standard_normal((30, 8)).astype(np.float32))
+    ids = [f"i{n:02d}" for n in range(30)]
+    with Gallery.open_or_create(tmp_path / "G") as g:
+        g.register_space("base", 8, {"config": {"type": "x"}})
+        g.register_space("w1", 6, {"config": {"type": "y"}, "derived_from": "base"})
+        g.register_space("w0", 6, {"config": {"type": "y"}, "derived_from": "base",
+                                   "retired": True})
+        g.add(ids[:20], base[:20], space="base")
+        built: list[str] = []
+
+        def build(info: dict) -> _Affine:
+            built.append(info["config"]["type"])
+            return _Affine(p, c)
+
+        d = Derivers(g.path, build=build)
+        assert derive_missing(g, d) == 20  # a base filled before: the items w1 lacks
+        g.add(ids[20:], base[20:], space="base")
+        assert derive_into(g, "base", ids[20:], base[20:], d) == 10  # at the commit
+        assert built == ["y"]  # built once; the retired space never
+        assert g.count("w1") == 30 and g.count("w0") == 0
+        got = g.get_vectors(g.keys_of(ids), space="w1")
+        want = base @ p + c
+        np.testing.assert_allclose(got, want / np.linalg.norm(want, axis=1, keepdims=True),
+                                   atol=1e-6)
+        assert derive_missing(g, d) == 0
+    sp = [SpaceState(s, "global", 8, 30, 1, "exact", info)
+          for s, info in (("base", {}), ("w1", {"derived_from": "base"}),
+                          ("w0", {"retired": True}))]
+    rec = recipe_spaces(GalleryState(path=tmp_path, spaces=tuple(sp), primary="w1",
+                                     settings={}))
+    assert rec is not None and rec.names == ("base",)  # no model embeds a derived space
