@@ -8,6 +8,7 @@ import errno
 import os
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -207,3 +208,21 @@ def test_concurrent_writers_of_one_file(tmp_path):
     assert not errors and not torn
     assert target.read_bytes() in payloads
     assert [p.name for p in tmp_path.iterdir()] == ["shared.bin"]
+
+
+def test_load_array_waits_for_the_npy_header_lock(tmp_path):
+    """Every .npy read parses its header under one lock (numpy's header parse is not
+    thread-safe on CPython 3.11): a load waits while another thread holds it."""
+    from galleria.io.atomic import NPY_HEADER_LOCK, load_array
+
+    p = tmp_path / "a.npy"
+    write_npy(p, np.arange(6, dtype=np.float32).reshape(2, 3))
+    got: list = []
+    with NPY_HEADER_LOCK:
+        t = threading.Thread(target=lambda: got.append(load_array(p, mmap_mode="r")))
+        t.start()
+        time.sleep(0.2)
+        assert got == []  # blocked on the lock
+    t.join(timeout=10)
+    assert not t.is_alive()
+    np.testing.assert_array_equal(got[0], np.arange(6, dtype=np.float32).reshape(2, 3))

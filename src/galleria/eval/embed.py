@@ -20,7 +20,7 @@ from galleria.extract.embed import Progress, embed_items
 from galleria.extractors.base import Extractor
 from galleria.fingerprint import digest, slug
 from galleria.images.sources import SourceItem
-from galleria.io.atomic import read_json, write_json, write_npy
+from galleria.io.atomic import load_array, read_json, write_json, write_npy
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def task_embeddings(
     if use_cache and header.is_file() and array.is_file():
         meta = read_json(header)
         if meta.get("fingerprint") == extractor.fingerprint and meta.get("key") == key:
-            vecs = np.load(array)
+            vecs = load_array(array)
             if progress is not None:
                 progress.update(len(items))
             return vecs[q_rows], vecs[g_rows]

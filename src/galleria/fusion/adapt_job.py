@@ -62,9 +62,8 @@ from galleria.fusion.extractor import FusionLightExtractor, light_fingerprint, w
 from galleria.fusion.model import FusionModel
 from galleria.images.decode import load_image
 from galleria.images.sources import SourceItem
-from galleria.io.atomic import atomic_open
+from galleria.io.atomic import NPY_HEADER_LOCK, atomic_open
 from galleria.store.gallery import Gallery
-from galleria.store.segments import NPY_HEADER_LOCK
 
 log = logging.getLogger(__name__)
 

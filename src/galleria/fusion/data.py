@@ -37,7 +37,7 @@ from galleria.fusion.options import options_of
 from galleria.images.augment import PhoneAugment, phone_view
 from galleria.images.decode import load_image
 from galleria.images.sources import SourceItem
-from galleria.io.atomic import read_json, write_json, write_npy
+from galleria.io.atomic import load_array, read_json, write_json, write_npy
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def compute_views(
             f = root / f"part-{p:05d}.npy"
             chunk = items[start:start + part_size]
             if f.is_file():
-                arr = np.load(f)
+                arr = load_array(f)
                 if arr.shape[0] == len(chunk) and arr.shape[1] == n_views:
                     parts.append(arr)
                     if progress is not None:

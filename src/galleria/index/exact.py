@@ -31,7 +31,7 @@ import numpy as np
 from galleria.errors import FormatError, InputError
 from galleria.index.base import Index, as_keys, check_k, pad_result
 from galleria.index.topk import MIN_BLOCK_ROWS, scan_topk
-from galleria.io.atomic import atomic_open
+from galleria.io.atomic import atomic_open, load_array
 from galleria.types import SearchResult
 
 log = logging.getLogger(__name__)
@@ -259,7 +259,7 @@ def _write_npy(array: np.ndarray) -> Any:
 
 def _read_npy(path: Path, *, dtype: type, ndim: int) -> np.ndarray:
     try:
-        arr = np.load(path, allow_pickle=False)
+        arr = load_array(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise FormatError(f"{path} is not a readable .npy file: {exc}") from exc
     if arr.dtype != dtype or arr.ndim != ndim:

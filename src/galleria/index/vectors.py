@@ -27,6 +27,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from galleria.errors import FormatError, InputError
+from galleria.io.atomic import load_array
 
 #: Rows copied per step when a mapped file grows or is written out (bounded extra memory).
 _COPY_BYTES = 64 << 20
@@ -160,7 +161,7 @@ class MappedRows:
     def open(cls, path: Path, *, n: int, dim: int, scratch_dir: str | None = None) -> MappedRows:
         """Map a saved ``(n, dim)`` float32 ``.npy`` file read-only (copied on first change)."""
         try:
-            arr = np.load(path, mmap_mode="r" if n else None, allow_pickle=False)
+            arr = load_array(path, mmap_mode="r" if n else None, allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise FormatError(f"{path} is not a readable .npy file: {exc}") from exc
         if arr.dtype != np.float32 or arr.shape != (n, dim):

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import secrets
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -150,8 +151,23 @@ def write_npy(path: str | os.PathLike[str], array: np.ndarray) -> None:
     write_bytes(path, buf.getvalue())
 
 
+#: numpy parses a .npy header with ``ast.literal_eval``; CPython 3.11's AST constructor keeps
+#: its recursion depth in shared state, and two threads parsing at once can fail with
+#: "SystemError: AST constructor recursion depth mismatch" (python/cpython#106905). Every
+#: ``.npy`` / ``.npz`` read of the library goes through :func:`load_array` (or holds this lock).
+NPY_HEADER_LOCK = threading.Lock()
+
+
+def load_array(file: Any, mmap_mode: str | None = None, allow_pickle: bool = False) -> Any:
+    """``np.load`` under :data:`NPY_HEADER_LOCK` (safe beside other threads' loads).
+    Memory-mapped loads hold the lock for the header only; an ``.npz`` archive returned
+    here parses its members' headers on access: hold the lock around that access."""
+    with NPY_HEADER_LOCK:
+        return np.load(file, mmap_mode=mmap_mode, allow_pickle=allow_pickle)
+
+
 def read_npy(path: str | os.PathLike[str], *, mmap: bool = False) -> np.ndarray:
-    return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    return load_array(path, mmap_mode="r" if mmap else None)
 
 
 def _json_default(obj: Any) -> Any:

@@ -35,7 +35,7 @@ import numpy as np
 
 from galleria.errors import CompatibilityError, FormatError, InputError
 from galleria.io.artifact import load_header, make_header, save_header
-from galleria.io.atomic import atomic_open
+from galleria.io.atomic import atomic_open, load_array
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def load_codebook(path: str | os.PathLike[str]) -> Codebook:
     header = load_header(p / "header.json", type=TYPE, format_version=FORMAT_VERSION)
     prm = header.get("params", {})
     try:
-        c = np.load(p / "centroids.npy", allow_pickle=False)
+        c = load_array(p / "centroids.npy", allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise FormatError(f"{p}/centroids.npy is not a readable .npy file: {exc}") from exc
     if c.dtype != np.float16 or c.shape != (prm.get("words"), prm.get("dim")):

@@ -23,7 +23,7 @@ import numpy as np
 
 from galleria.errors import FormatError, InputError
 from galleria.io.artifact import check_fingerprint, load_header, make_header, save_header
-from galleria.io.atomic import write_npy
+from galleria.io.atomic import load_array, write_npy
 from galleria.types import LocalFeatures
 
 
@@ -133,7 +133,7 @@ def load_packed(path: str | os.PathLike[str], *, fingerprint: str | None = None,
         f = root / f"{name}.npy"
         if not f.is_file():
             raise FormatError(f"local features at {root}: {f.name} is missing")
-        arrs[name] = np.load(f, mmap_mode="r" if mmap else None)
+        arrs[name] = load_array(f, mmap_mode="r" if mmap else None)
     p = PackedFeatures(**arrs)
     if (len(p) != header.get("n") or int(p.offsets[-1]) != p.keypoints.shape[0]
             or p.descriptors.shape[0] != p.keypoints.shape[0] or p.sizes.shape[0] != len(p)):

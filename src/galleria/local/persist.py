@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from galleria.errors import FormatError
-from galleria.io.atomic import atomic_open
+from galleria.io.atomic import atomic_open, load_array
 
 
 def write_array(array: np.ndarray) -> Callable[[Path], None]:
@@ -31,6 +31,6 @@ def write_bytes_file(data: bytes) -> Callable[[Path], None]:
 
 def read_array(path: Path) -> np.ndarray:
     try:
-        return np.load(path, allow_pickle=False)
+        return load_array(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise FormatError(f"{path} is not a readable .npy file: {exc}") from exc

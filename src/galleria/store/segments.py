@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,14 +20,8 @@ from typing import IO, Any
 import numpy as np
 
 from galleria.errors import FormatError, InputError
-from galleria.io.atomic import atomic_open
+from galleria.io.atomic import NPY_HEADER_LOCK, atomic_open
 from galleria.types import LocalFeatures
-
-#: numpy parses a .npy header with ``ast.literal_eval``; CPython 3.11's AST constructor keeps
-#: its recursion depth in shared state, and two threads parsing at once can fail with
-#: "SystemError: AST constructor recursion depth mismatch" (python/cpython#106905). Readers
-#: in threads (a server, a refit beside searches) open segments under this lock.
-NPY_HEADER_LOCK = threading.Lock()
 
 HASH_CHUNK = 8 << 20
 

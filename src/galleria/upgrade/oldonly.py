@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from galleria.io.atomic import read_json
+from galleria.io.atomic import load_array, read_json
 from galleria.types import SearchResult
 from galleria.upgrade.pairs import PairStore
 from galleria.upgrade.state import job_folder
@@ -63,8 +63,8 @@ class MovedOldVectors:
                 stem = p.name[: -len(".json")]
                 try:
                     meta = read_json(p)
-                    o = np.load(p.parent / f"{stem}.old.npy", allow_pickle=False)
-                    n = np.load(p.parent / f"{stem}.new.npy", allow_pickle=False)
+                    o = load_array(p.parent / f"{stem}.old.npy", allow_pickle=False)
+                    n = load_array(p.parent / f"{stem}.new.npy", allow_pickle=False)
                 except (OSError, ValueError):
                     continue  # a chunk being written: read at the next call
                 self._seen_chunks.add(str(p))

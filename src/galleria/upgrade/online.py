@@ -63,7 +63,7 @@ from galleria.errors import GalleriaError, InputError
 from galleria.extract.spaces import extractor_from_space
 from galleria.extractors.base import Extractor
 from galleria.images.pseudo import make_pseudo_queries, rank_of_truth
-from galleria.io.atomic import read_json, write_json, write_npy
+from galleria.io.atomic import load_array, read_json, write_json, write_npy
 from galleria.store.gallery import Gallery
 from galleria.types import SearchResult
 from galleria.upgrade.oldonly import MovedOldVectors
@@ -295,8 +295,8 @@ def job_pseudo_queries(gallery: Gallery, state: UpgradeState, config: OnlineConf
         try:
             meta = read_json(head)
             if all(meta.get(k) == v for k, v in want.items()):
-                return PseudoSet(list(meta["ids"]), np.load(folder / "old.npy"),
-                                 np.load(folder / "new.npy"), str(meta["fingerprint"]))
+                return PseudoSet(list(meta["ids"]), load_array(folder / "old.npy"),
+                                 load_array(folder / "new.npy"), str(meta["fingerprint"]))
         except (OSError, ValueError, KeyError) as exc:
             log.warning("pseudo-queries of the job unreadable (%s): making them again", exc)
     t = time.perf_counter()

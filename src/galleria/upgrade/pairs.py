@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from galleria.errors import InputError
-from galleria.io.atomic import read_json, write_json, write_npy
+from galleria.io.atomic import load_array, read_json, write_json, write_npy
 from galleria.upgrade.state import job_folder
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class PairStore:
                 rows = [(j, i) for j, i in enumerate(meta["ids"]) if i in want]
                 if not rows:
                     continue
-                arr = np.load(self.folder / f"{p.name[: -len('.json')]}.old.npy",
+                arr = load_array(self.folder / f"{p.name[: -len('.json')]}.old.npy",
                               mmap_mode="r", allow_pickle=False)
             except (OSError, ValueError, KeyError):
                 continue
@@ -77,8 +77,8 @@ class PairStore:
             stem = p.name[: -len(".json")]
             try:
                 meta = read_json(p)
-                o = np.load(self.folder / f"{stem}.old.npy", allow_pickle=False)
-                n = np.load(self.folder / f"{stem}.new.npy", allow_pickle=False)
+                o = load_array(self.folder / f"{stem}.old.npy", allow_pickle=False)
+                n = load_array(self.folder / f"{stem}.new.npy", allow_pickle=False)
             except (OSError, ValueError) as exc:
                 log.warning("skipping unreadable pair chunk %s: %s", p, exc)
                 continue
@@ -108,8 +108,8 @@ def load_pseudo_pairs(gallery_path: str | os.PathLike[str]) -> tuple[np.ndarray,
     folder = job_folder(gallery_path) / "online" / "pseudo"
     try:
         meta = read_json(folder / "pseudo.json")
-        old = np.load(folder / "old.npy", allow_pickle=False)
-        new = np.load(folder / "new.npy", allow_pickle=False)
+        old = load_array(folder / "old.npy", allow_pickle=False)
+        new = load_array(folder / "new.npy", allow_pickle=False)
     except (OSError, ValueError):
         return None
     if not meta.get("cohort", True) or len(old) != len(new) or len(old) != len(meta.get("ids", [])):

@@ -24,7 +24,7 @@ from galleria.extract.spaces import extractor_from_space
 from galleria.extractors.base import Extractor
 from galleria.fingerprint import digest, slug
 from galleria.images.sources import SourceItem, list_source, split_problems
-from galleria.io.atomic import read_json, write_json, write_npy
+from galleria.io.atomic import load_array, read_json, write_json, write_npy
 from galleria.store.gallery import Gallery
 from galleria.upgrade.bct import BCTHead
 from galleria.upgrade.config import TrainConfig, with_options
@@ -64,7 +64,7 @@ def embed_cached(
     if fresh and read_json(header).get("fingerprint") == extractor.fingerprint:
         if progress is not None:
             progress.update(len(items))
-        return np.load(array), np.load(okf)
+        return load_array(array), load_array(okf)
     vecs, ok, fails = embed_items(items, extractor, batch_size=batch_size, workers=workers,
                                   progress=progress)
     for it, why in fails[:5]:
