@@ -35,12 +35,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import machine_info, set_threads
+from galleria import calibration as calibrate
 from galleria.decision import open_searcher
 from galleria.eval.datasets import load_task
 from galleria.eval.paths import dataset_dir
 from galleria.images.decode import load_image
 from galleria.store.gallery import Gallery
-from galleria.tune import calibrate
 from galleria.tune.record import searcher_probabilities
 from galleria.upgrade.job import run_upgrade
 from galleria.upgrade.online import (

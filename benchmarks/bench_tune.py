@@ -61,10 +61,10 @@ from _tune_rows import (
     task_gallery,
     truth_matrix,
 )
+from galleria import calibration as calibrate
 from galleria.fingerprint import digest, slug
 from galleria.io.atomic import write_json
 from galleria.threads import set_threads
-from galleria.tune import calibrate
 from galleria.tune.tuner import Candidate, TuneConfig, preference, select, tune_gallery
 
 ROWS: list[tuple[str, list[str]]] = [

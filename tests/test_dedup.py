@@ -203,7 +203,7 @@ def test_complete_linkage_groups_are_cliques_and_single_linkage_components():
 def test_score_at_inverts_the_calibration():
     """The threshold meaning "P(match) >= p": the smallest score whose calibrated
     probability reaches p (isotonic and logistic maps, against a dense grid)."""
-    from galleria.tune.calibrate import apply, fit, score_at
+    from galleria.calibration import apply, fit, score_at
 
     rng = np.random.default_rng(0)
     s = np.concatenate([rng.normal(0.9, 0.05, 300), rng.normal(0.6, 0.1, 900)])
@@ -224,9 +224,9 @@ def test_dedup_threshold_from_the_calibrated_probability(tmp_path, capsys):
     """`--min-probability P` takes the threshold from the gallery's tuned calibration of
     its global model; without one it is a clear error, never a silent default."""
     import _tiny
+    from galleria.calibration import fit
     from galleria.cli.main import main as cli
     from galleria.extract.job import index_images
-    from galleria.tune.calibrate import fit
     from galleria.tune.record import FORMAT_VERSION, RECORD_TYPE, TUNED_KEY
 
     rng = np.random.default_rng(2)

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from galleria import calibration as calibrate
 from galleria.decision import SearchSpec
 from galleria.errors import FormatError, InputError
 from galleria.store.state import GalleryState, SpaceState
-from galleria.tune import calibrate
 from galleria.tune.record import (
     FORMAT_VERSION,
     RECORD_TYPE,

@@ -17,11 +17,11 @@ import pytest
 from PIL import Image
 
 import _tiny
+from galleria import calibration as calibrate
 from galleria.cli.main import main
 from galleria.decision import open_searcher
 from galleria.extract.job import index_images
 from galleria.store.gallery import Gallery
-from galleria.tune import calibrate
 from galleria.tune.record import searcher_calibration, searcher_probabilities
 from galleria.upgrade.job import run_upgrade, start_upgrade, upgrade_status
 from galleria.upgrade.online import OnlineConfig, check_rules, job_pseudo_queries

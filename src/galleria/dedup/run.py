@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from galleria.calibration import score_at
 from galleria.dedup.core import (
     DedupConfig,
     calibrated_threshold,
@@ -27,7 +28,6 @@ from galleria.dedup.core import (
 from galleria.errors import InputError
 from galleria.local.matching import verify_pairs
 from galleria.store.gallery import Gallery
-from galleria.tune.calibrate import score_at
 from galleria.tune.record import TUNED_KEY, calibration_for
 from galleria.types import LocalFeatures
 

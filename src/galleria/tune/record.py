@@ -54,8 +54,8 @@ from typing import Any
 
 import numpy as np
 
+from galleria.calibration import apply
 from galleria.decision.choose import TUNED_KEY  # the setting the decision reads
-from galleria.tune.calibrate import apply
 from galleria.types import SearchResult
 
 log = logging.getLogger(__name__)

@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 
 from galleria import __version__
+from galleria import calibration as calibrate
 from galleria.decision.choose import default_pipeline
 from galleria.errors import GalleriaError, InputError
 from galleria.extract.embed import Progress
@@ -63,7 +64,6 @@ from galleria.images.pseudo import TUNE_SCENE, PseudoQueries, make_pseudo_querie
 from galleria.local.matching import verify_pairs
 from galleria.rerank.mds import scaled_defaults
 from galleria.search.pipelines import PIPELINES
-from galleria.tune import calibrate
 from galleria.tune.record import (
     FORMAT_VERSION,
     RECORD_TYPE,
@@ -118,7 +118,7 @@ class TuneConfig:
         margin: MRR points within which a broader/cheaper candidate beats the best.
         global_margin: the margin that applies to ``global`` (see the module docstring).
         pipelines: candidates limited to these pipelines (``None``: all).
-        calibration: ``isotonic`` or ``logistic`` (:mod:`galleria.tune.calibrate`).
+        calibration: ``isotonic`` or ``logistic`` (:mod:`galleria.calibration`).
         batch: queries per search call (progress granularity).
         min_inliers: a returned item counts as the view's answer too when it is the same
             scene as the source item: at least this many MAGSAC++ homography inliers

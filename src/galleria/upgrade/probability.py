@@ -6,7 +6,7 @@ searcher, whose scores merge two models' lists (Z-normed or raw). The job's
 pseudo-query check (:mod:`galleria.upgrade.online`) already searches ~500 views
 of the gallery's own images with every label-free rule at each check; this
 module fits, on those same answers, the tuner's monotone map score -> P(match)
-(:func:`galleria.tune.calibrate.fit`, isotonic, on the top :data:`DEPTH`
+(:func:`galleria.calibration.fit`, isotonic, on the top :data:`DEPTH`
 results: the view's source item is the positive, the other results negatives),
 one per rule checked, and records them with the decision (one settings write,
 atomic with the rule it is published with)::
@@ -37,8 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from galleria import calibration as calibrate
 from galleria.errors import InputError
-from galleria.tune import calibrate
 from galleria.types import SearchResult
 
 log = logging.getLogger(__name__)

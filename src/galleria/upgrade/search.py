@@ -305,7 +305,7 @@ class BackfillSearcher(Searcher):
                    psi=the_map, calibration=cal, rescorer=rescorer)
 
     def match_calibration(self) -> dict[str, Any] | None:
-        """The calibration (:mod:`galleria.tune.calibrate`) of this searcher's scores,
+        """The calibration (:mod:`galleria.calibration`) of this searcher's scores,
         fitted by the job's last pseudo-query check (:mod:`.probability`); ``None`` when
         that check did not calibrate this rule, psi map and normalisation, or the
         gallery moved on since (the reason is logged at debug level)."""
