@@ -433,6 +433,9 @@ class HybridPipeline:
         self.similarity = similarity if similarity is not None else local_index
         self.fetch_local = fetch_local
         self.verified_pairs = 0  # pairs spatially verified so far (a cost counter)
+        #: a list to record each query's ``(ids, fused score, inliers)`` before the verified
+        #: ordering (diagnostics, ``benchmarks/bench_hybrid_order.py``); ``None``: off
+        self.trace: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
 
     def params(self) -> dict[str, Any]:
         return {f: getattr(self.config, f) for f in HYBRID_OPTIONS}
@@ -515,6 +518,8 @@ class HybridPipeline:
                                        ratio=cfg.ratio, threshold=cfg.sv_threshold,
                                        max_iters=cfg.max_iters)
             self.verified_pairs += int(at.size)
+        if self.trace is not None:
+            self.trace.append((ids.copy(), score.copy(), inl.copy()))
         o, new = verified_order(score, inl, cfg.min_inliers, by=cfg.order_verified)
         return ids[o], new
 
