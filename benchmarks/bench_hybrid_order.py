@@ -4,9 +4,8 @@ Two sections, one JSON + one markdown file each (``benchmarks/results/``):
 
 ``diagnose`` -> ``hybrid-order.{json,md}``
     per row, the same seeded query sample as ``local-hybrid.md`` (``--max-queries``,
-    ``--row-max``): ``global`` and ``hybrid`` (its default parameters, or
-    ``--order`` for the verified ordering), with the hybrid's own trace (candidates,
-    fused order, inliers of the verified ones). Every query whose hybrid first result is
+    ``--row-max``): ``global`` and ``hybrid`` (its default parameters, or ``--params``),
+    with the hybrid's own trace (candidates, fused order, inliers of the verified ones). Every query whose hybrid first result is
     not the global first result is listed with both results' classes (or relevance),
     inliers and global cosines, and counted by kind: the global top-1 verified and
     overtaken by a candidate with more inliers, or not verified.
@@ -20,12 +19,14 @@ Run from the repository root::
 
     nice -n 10 env OMP_NUM_THREADS=1 GALLERIA_DATASETS=../shared/datasets \\
         .venv/bin/python benchmarks/bench_hybrid_order.py --sections diagnose,merged \\
-        --max-queries 40 --row-max caltech101=200 --threads 1 [--rows ...] [--order ...]
+        --max-queries 40 --row-max caltech101=200 --threads 1 [--rows ...] \\
+        [--params JSON] [--name=-x]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -230,7 +231,9 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--max-queries", type=int, default=40)
     ap.add_argument("--row-max", default="caltech101=200")
-    ap.add_argument("--order", default="", help="hybrid order_verified (default: its default)")
+    ap.add_argument("--params", default="",
+                    help='hybrid options as JSON, e.g. \'{"keep_first": 0}\' '
+                         '(default: its defaults)')
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--name", default="", help="suffix of the result files")
     args = ap.parse_args()
@@ -238,9 +241,11 @@ def main() -> None:
     info = machine_info(args.threads)
     info["load_average_at_start"] = os.getloadavg()
     info["command"] = " ".join(sys.argv)
-    params = {"order_verified": args.order} if args.order else {}
-    label = (f"`order_verified = {args.order}`" if args.order else
-             f"its default parameters (`order_verified = {HybridConfig().order_verified}`)")
+    params = json.loads(args.params) if args.params else {}
+    d = HybridConfig()
+    label = (", ".join(f"`{k} = {v}`" for k, v in params.items()) if params else
+             f"its default parameters (`order_verified = {d.order_verified}`, "
+             f"`keep_first = {d.keep_first}`)")
     row_max = dict(x.split("=") for x in args.row_max.split(",") if x)
     sections = args.sections.split(",")
     if "diagnose" in sections:

@@ -359,6 +359,11 @@ class HybridConfig:
             verified (0: no verification: the fused order alone).
         min_inliers: MAGSAC++ inliers a verified candidate needs to come first (a pair
             with fewer tentative matches is skipped).
+        order_verified: verified candidates by ``inliers`` or in the ``fused`` order.
+        keep_first: when the first candidate of the fused order (the global top-1)
+            verifies, another verified candidate comes before it only with more inliers
+            by more than ``keep_first`` standard deviations of the difference of two
+            counts (:func:`~galleria.local.hybrid.overturns`; 0: any more inliers).
         matcher: tentative matches of the verification (``mutual+ratio``: mutual nearest
             neighbours passing Lowe's ``ratio``); ``sv_threshold``: MAGSAC threshold in
             pixels; ``max_iters``: its iteration cap.
@@ -375,6 +380,7 @@ class HybridConfig:
     verify: int = 20
     min_inliers: int = 10
     order_verified: str = "inliers"
+    keep_first: float = 2.0
     matcher: str = "mutual+ratio"
     ratio: float = 0.8
     sv_threshold: float = 6.0
@@ -393,6 +399,8 @@ class HybridConfig:
             raise InputError("candidates and max_iters must be >= 1, mds_k and verify >= 0")
         if self.min_inliers < 4:
             raise InputError(f"min_inliers must be >= 4 (a homography); got {self.min_inliers}")
+        if not self.keep_first >= 0:
+            raise InputError(f"keep_first must be >= 0; got {self.keep_first}")
         if not (0.0 <= self.mds_weight <= 1.0 and self.local_weight >= 0 and self.p > 0
                 and self.threshold >= 0 and self.tie >= 0 and 0 < self.ratio <= 1):
             raise InputError("need 0 <= mds_weight <= 1, p > 0, 0 < ratio <= 1 and "
@@ -520,7 +528,8 @@ class HybridPipeline:
             self.verified_pairs += int(at.size)
         if self.trace is not None:
             self.trace.append((ids.copy(), score.copy(), inl.copy()))
-        o, new = verified_order(score, inl, cfg.min_inliers, by=cfg.order_verified)
+        o, new = verified_order(score, inl, cfg.min_inliers, by=cfg.order_verified,
+                                keep_first=cfg.keep_first)
         return ids[o], new
 
 
