@@ -5,10 +5,11 @@ Two sections, one JSON + one markdown file each (``benchmarks/results/``):
 ``diagnose`` -> ``hybrid-order.{json,md}``
     per row, the same seeded query sample as ``local-hybrid.md`` (``--max-queries``,
     ``--row-max``): ``global`` and ``hybrid`` (its default parameters, or ``--params``),
-    with the hybrid's own trace (candidates, fused order, inliers of the verified ones). Every query whose hybrid first result is
-    not the global first result is listed with both results' classes (or relevance),
-    inliers and global cosines, and counted by kind: the global top-1 verified and
-    overtaken by a candidate with more inliers, or not verified.
+    with the hybrid's own trace (candidates, fused order, inliers of the verified ones).
+    Every query whose hybrid first result is not the global first result is listed with
+    both results' classes (or relevance), inliers and global cosines, and counted by
+    kind: the global top-1 verified and overtaken by a candidate with more inliers, or
+    not verified.
 ``merged`` -> ``hybrid-faces-merged.{json,md}``
     Caltech-101 test -> train with ``Faces`` and ``Faces_easy`` counted as one class
     (``Faces_easy`` holds cropped copies of ``Faces`` photos: the same people, the same

@@ -494,15 +494,19 @@ class HybridPipeline:
 
     def _mds(self, vec: np.ndarray, ids: np.ndarray, score: np.ndarray, gref: np.ndarray,
              lref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Re-rank the top ``mds_k`` by MDS of the fused similarity, blended with ``score``."""
+        """Re-rank the top ``mds_k`` by MDS of the fused similarity, blended with ``score``
+        (unmatched pairs floored: :func:`~galleria.rerank.mds.floor_unmatched`; the cosine
+        mapped to ``[0, 1]``)."""
         cfg = self.config
         n = min(cfg.mds_k, ids.size)
         head = ids[:n]
         gv = np.asarray(self.fetch_vectors(head), np.float32)
-        pair = fused_pairwise(gv @ gv.T, self.similarity.pairwise(head), global_ref=gref,
-                              local_ref=lref, local_weight=cfg.local_weight,
-                              threshold=cfg.threshold, tie=cfg.tie)
         q = to_unit(score[:n])
+        # a pair without evidence (similarity 0) is "no evidence", not "maximally
+        # different": floored at the smallest positive similarity, as in local+mds
+        pair = floor_unmatched(q, fused_pairwise(
+            gv @ gv.T, self.similarity.pairwise(head), global_ref=gref, local_ref=lref,
+            local_weight=cfg.local_weight, threshold=cfg.threshold, tie=cfg.tie))
         cos = mds_rerank_scores(q, pair, p=cfg.p, dim=cfg.dim,
                                 max_iter=cfg.max_iter).astype(np.float64)
         new = (1.0 - cfg.mds_weight) * q + cfg.mds_weight * (cos + 1.0) / 2.0
