@@ -31,6 +31,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import galleria.eval.local as eval_local
 from _common import machine_info, machine_md, set_threads, write_results
-from bench_local_hybrid import ROWS, _tail, load_row
+from bench_local_hybrid import RESULTS, ROWS, _tail, load_row
 from galleria.eval.datasets import RetrievalTask
 from galleria.eval.embed import task_embeddings
 from galleria.eval.local import LocalEvalConfig, evaluate_pipeline, sample_queries
@@ -137,6 +138,19 @@ def _yn(x: bool | None) -> str:
     return "-" if x is None else ("yes" if x else "no")
 
 
+def _class_pairs(cases: list[dict[str, Any]]) -> list[tuple[tuple[str, str, str, str], int]]:
+    """``((query class, the loser's first result's class, winner, kind), count)``, most
+    frequent first, over the cases whose two first results differ in correctness."""
+    out: Counter[tuple[str, str, str, str]] = Counter()
+    for x in cases:
+        if bool(x["global_top1_right"]) == bool(x["hybrid_top1_right"]):
+            continue
+        win = "global" if x["global_top1_right"] else "hybrid"
+        lose = x["hybrid_top1"] if win == "global" else x["global_top1"]
+        out[(x["query"].split("/")[0], lose.split("/")[0], win, x["kind"])] += 1
+    return sorted(out.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
 def diagnose_markdown(payload: dict[str, Any], info: dict[str, Any]) -> str:
     lines = ["# Where the verified hybrid overturns the global top-1 (issue 18)", "",
              "Per row, the seeded query sample of `local-hybrid.md`; `hybrid` with "
@@ -159,6 +173,16 @@ def diagnose_markdown(payload: dict[str, Any], info: dict[str, Any]) -> str:
                      f"{r['global_top1_verified']} | {r['changed_top1']} | "
                      f"{r['top1_verified_overtaken']} | {r['top1_not_verified']} | {hr} / {gr} | "
                      + " | ".join("-" if v is None else f"{v:.1f}" for v in r1) + " |")
+    pairs = [(r["row"], k, n) for r in payload["rows"] if r["protocol"] == "class"
+             for k, n in _class_pairs(r["cases"])]
+    if pairs:
+        lines += ["", "Where the first results differ in correctness, by the query's class and "
+                  "the class of the other first result (class rows; `winner`: the pipeline "
+                  "whose first result is right):", "",
+                  "| row | query class | the other's class | winner | kind | queries |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {row} | {k[0]} | {k[1]} | {k[2]} | {k[3].replace('_', ' ')} | {n} |"
+                  for row, k, n in pairs]
     for r in payload["rows"]:
         if not r["cases"]:
             continue
@@ -259,6 +283,11 @@ def main() -> None:
             info["load_average_at_end"] = os.getloadavg()
             write_results(f"hybrid-order{args.name}", {**payload, "machine": info},
                           diagnose_markdown(payload, info))
+    if "render" in sections:  # the markdown again from the JSON (no search)
+        from galleria.io.atomic import read_json
+
+        old = read_json(RESULTS / f"hybrid-order{args.name}.json")
+        write_results(f"hybrid-order{args.name}", old, diagnose_markdown(old, old["machine"]))
     if "merged" in sections:
         mq = int(row_max.get("caltech101", args.max_queries))
         payload = {**run_merged(mq, args.threads, params), "label": label}
