@@ -48,6 +48,7 @@ from galleria.eval.embed import task_embeddings
 from galleria.eval.local import LocalEvalConfig, evaluate_pipeline, sample_queries
 from galleria.extractors.registry import create_extractor
 from galleria.search.pipelines import HybridConfig
+from galleria.types import SearchResult
 
 GLOBAL_MODEL = "effnet-lite0"
 
@@ -66,26 +67,42 @@ def _relevant(task: RetrievalTask, qi: int, g: int) -> bool | None:
     return None
 
 
-def traced_hybrid(task: RetrievalTask, max_queries: int | None, workers: int,
-                  params: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
-    """``evaluate_pipeline`` of ``hybrid`` with the pipeline's trace switched on."""
+def captured(task: RetrievalTask, cfg: LocalEvalConfig, workers: int
+             ) -> tuple[dict[str, Any], Any, list[SearchResult]]:
+    """``evaluate_pipeline(task, cfg)`` -> ``(its result, the pipeline it built, the
+    rankings it returned)``; a ``hybrid`` pipeline's trace is switched on."""
     made: list[Any] = []
+    ranks: list[SearchResult] = []
     orig = eval_local.make_pipeline
 
     def capture(name: str, **parts: Any) -> Any:  # the pipeline evaluate_pipeline builds
         pipe = orig(name, **parts)
-        pipe.trace = []
+        if name == "hybrid":
+            pipe.trace = []
+        search = pipe.search
+
+        def keep(queries: Any, k: int) -> SearchResult:
+            ranks.append(search(queries, k))
+            return ranks[-1]
+
+        pipe.search = keep
         made.append(pipe)
         return pipe
 
     eval_local.make_pipeline = capture
     try:
-        res = evaluate_pipeline(task, LocalEvalConfig(pipeline="hybrid", max_queries=max_queries,
-                                                      pipeline_params=params or None),
-                                workers=workers)
+        res = evaluate_pipeline(task, cfg, workers=workers)
     finally:
         eval_local.make_pipeline = orig
-    return res, made[0].trace
+    return res, made[0], ranks
+
+
+def traced_hybrid(task: RetrievalTask, max_queries: int | None, workers: int,
+                  params: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
+    """``evaluate_pipeline`` of ``hybrid`` with the pipeline's trace switched on."""
+    res, pipe, _ = captured(task, LocalEvalConfig(pipeline="hybrid", max_queries=max_queries,
+                                                  pipeline_params=params or None), workers)
+    return res, pipe.trace
 
 
 def diagnose_row(row: str, max_queries: int | None, workers: int,
@@ -212,16 +229,19 @@ def merged_faces(task: RetrievalTask) -> RetrievalTask:
 
 def run_merged(max_queries: int | None, workers: int, params: dict[str, Any]) -> dict[str, Any]:
     std = load_row("caltech101")
+    merged = sample_queries(merged_faces(std), max_queries)[0]
     rows = []
-    for labels, task in (("standard (102 classes)", std),
-                         ("Faces = Faces_easy (101 classes)", merged_faces(std))):
-        for pipe in ("global", "local", "hybrid"):
-            res = evaluate_pipeline(task, LocalEvalConfig(
-                pipeline=pipe, max_queries=max_queries,
-                pipeline_params=(params or None) if pipe == "hybrid" else None), workers=workers)
-            rows.append({"labels": labels, "pipeline": pipe, "metrics": res["metrics"],
-                         "queries": res["queries"], "pipeline_params": res["pipeline_params"]})
-            print("merged", labels, pipe, res["metrics"], flush=True)
+    for pipe in ("global", "local", "hybrid"):  # one search, two label sets
+        res, _, ranks = captured(std, LocalEvalConfig(
+            pipeline=pipe, max_queries=max_queries,
+            pipeline_params=(params or None) if pipe == "hybrid" else None), workers)
+        ids = np.concatenate([r.ids for r in ranks])
+        for labels, metrics in (("standard (102 classes)", res["metrics"]),
+                                ("Faces = Faces_easy (101 classes)", merged.evaluate(ids))):
+            rows.append({"labels": labels, "pipeline": pipe, "queries": res["queries"],
+                         "metrics": {k: round(float(v), 4) for k, v in metrics.items()},
+                         "pipeline_params": res["pipeline_params"]})
+            print("merged", labels, pipe, rows[-1]["metrics"], flush=True)
     return {"rows": rows, "queries_full": std.num_queries}
 
 
