@@ -4,7 +4,11 @@ Geometric evidence first (:func:`verify_shortlist`, :func:`verified_order`): the
 ``hybrid`` pipeline spatially verifies a small union of the local and the global
 shortlists (MAGSAC++ homography inliers of mutual + ratio-test matches; a pair with
 fewer tentative matches than the inlier bar is skipped, it cannot reach the bar)
-and ranks first the candidates with at least ``min_inliers`` inliers, by inliers.
+and ranks first the candidates with at least ``min_inliers`` inliers, by inliers,
+except that a first candidate of the fused order (the global top-1) that verifies itself
+is overturned only by significantly more inliers (:func:`overturns`: a verified
+near-duplicate of another class, e.g. Caltech-101's ``Faces_easy`` crops of ``Faces``
+photos, has a few more inliers than the right global top-1, within count noise).
 The bar is gallery-independent: it counts geometrically consistent matches, not a
 score on a gallery-dependent scale. Everything else follows in the order of the
 fused score below, in which unverified local scores carry no weight by default

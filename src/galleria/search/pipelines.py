@@ -29,7 +29,8 @@ key; nothing here knows about the gallery store.
     ``candidates`` and the local top ``candidates``; the local top ``verify`` and the
     global top ``verify`` are spatially verified (MAGSAC++ inliers, mutual +
     ratio-test matches) and those with at least ``min_inliers`` inliers come first,
-    by inliers; the rest follow by a fused score in which unverified local scores
+    by inliers (a verified global top-1 stays first unless significantly out-verified,
+    ``keep_first``); the rest follow by a fused score in which unverified local scores
     carry ``local_weight`` (0 by default: the global order), optionally re-ranked by
     the MDS embedding of the fused similarity (``mds_k``); the global rest below
     (:mod:`galleria.local.hybrid`). The default pipeline of a gallery with a global
