@@ -170,7 +170,8 @@ def _class_pairs(cases: list[dict[str, Any]]) -> list[tuple[tuple[str, str, str,
 
 def diagnose_markdown(payload: dict[str, Any], info: dict[str, Any]) -> str:
     lines = ["# Where the verified hybrid overturns the global top-1 (issue 18)", "",
-             "Per row, the seeded query sample of `local-hybrid.md`; `hybrid` with "
+             "Per row, the queries of the `queries` column (a seeded sample where fewer than "
+             "all: 40, and 200 on Caltech-101, is the sample of `local-hybrid.md`); `hybrid` with "
              f"{payload['label']}. `changed`: queries whose hybrid first result is not the "
              "global first result. `verified, overtaken`: the global top-1 itself has >= "
              "min_inliers inliers and another candidate has more; `not verified`: it has "

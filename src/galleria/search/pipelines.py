@@ -364,7 +364,8 @@ class HybridConfig:
         keep_first: when the first candidate of the fused order (the global top-1)
             verifies, another verified candidate comes before it only with more inliers
             by more than ``keep_first`` standard deviations of the difference of two
-            counts (:func:`~galleria.local.hybrid.overturns`; 0: any more inliers).
+            counts (:func:`~galleria.local.hybrid.overturns`; 0: any more inliers;
+            with ``order_verified = "inliers"``).
         matcher: tentative matches of the verification (``mutual+ratio``: mutual nearest
             neighbours passing Lowe's ``ratio``); ``sv_threshold``: MAGSAC threshold in
             pixels; ``max_iters``: its iteration cap.
