@@ -51,6 +51,8 @@ from galleria.search.pipelines import HybridConfig
 from galleria.types import SearchResult
 
 GLOBAL_MODEL = "effnet-lite0"
+#: the metrics of local-hybrid.md shown per row
+HEADLINE = ("R@1", "mAP", "mAP@R", "N-S", "E_mAP", "M_mAP", "H_mAP")
 
 
 def _relevant(task: RetrievalTask, qi: int, g: int) -> bool | None:
@@ -180,8 +182,9 @@ def diagnose_markdown(payload: dict[str, Any], info: dict[str, Any]) -> str:
              "hybrid's verification (0: not verified or fewer tentative matches than the "
              "bar); cos: the global (effnet-lite0 GeM) cosine to the query.", "",
              "| row | queries | global top-1 verified | changed | verified, overtaken | "
-             "not verified | changed, hybrid right / global right | R@1 global | R@1 hybrid |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "not verified | changed, hybrid right / global right | R@1 global | R@1 hybrid | "
+             "hybrid, the row's metrics |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in payload["rows"]:
         c = r["cases"]
         hr = sum(1 for x in c if x["hybrid_top1_right"] and not x["global_top1_right"])
@@ -190,7 +193,10 @@ def diagnose_markdown(payload: dict[str, Any], info: dict[str, Any]) -> str:
         lines.append(f"| {r['row']} | {r['queries']} of {r['queries_full']} | "
                      f"{r['global_top1_verified']} | {r['changed_top1']} | "
                      f"{r['top1_verified_overtaken']} | {r['top1_not_verified']} | {hr} / {gr} | "
-                     + " | ".join("-" if v is None else f"{v:.1f}" for v in r1) + " |")
+                     + " | ".join("-" if v is None else f"{v:.1f}" for v in r1) + " | "
+                     + ", ".join(f"{k} {v:.2f}" if k == "N-S" else f"{k} {v:.1f}"
+                                 for k, v in r["metrics"]["hybrid"].items()
+                                 if k in HEADLINE) + " |")
     pairs = [(r["row"], k, n) for r in payload["rows"] if r["protocol"] == "class"
              for k, n in _class_pairs(r["cases"])]
     if pairs:
@@ -307,8 +313,11 @@ def main() -> None:
     if "render" in sections:  # the markdown again from the JSON (no search)
         from galleria.io.atomic import read_json
 
-        old = read_json(RESULTS / f"hybrid-order{args.name}.json")
-        write_results(f"hybrid-order{args.name}", old, diagnose_markdown(old, old["machine"]))
+        for stem, render in (("hybrid-order", diagnose_markdown),
+                             ("hybrid-faces-merged", merged_markdown)):
+            if (RESULTS / f"{stem}{args.name}.json").is_file():
+                old = read_json(RESULTS / f"{stem}{args.name}.json")
+                write_results(f"{stem}{args.name}", old, render(old, old["machine"]))
     if "merged" in sections:
         mq = int(row_max.get("caltech101", args.max_queries))
         payload = {**run_merged(mq, args.threads, params), "label": label}

@@ -382,7 +382,7 @@ class HybridConfig:
     verify: int = 20
     min_inliers: int = 10
     order_verified: str = "inliers"
-    keep_first: float = 2.0
+    keep_first: float = 0.0
     matcher: str = "mutual+ratio"
     ratio: float = 0.8
     sv_threshold: float = 6.0
