@@ -191,8 +191,13 @@ def table_markdown(payload: dict[str, Any], info: dict[str, Any]) -> str:
              f"top {hyb.get('verify', '?')} and the global top {hyb.get('verify', '?')} are "
              f"spatially verified (MAGSAC++, {hyb.get('matcher', '?')} matches, pairs with "
              f"fewer than {hyb.get('min_inliers', '?')} tentative matches skipped); those with "
-             f">= {hyb.get('min_inliers', '?')} inliers come first by inliers, the rest in the "
-             f"global order (unverified local scores weigh {hyb.get('local_weight', '?')}). "
+             f">= {hyb.get('min_inliers', '?')} inliers come first by inliers"
+             + (f", except that a global top-1 that verifies itself stays before any verified "
+                f"candidate whose inliers n do not exceed its own n1 by more than "
+                f"{hyb['keep_first']} sqrt(n + n1) (`keep_first`)" if hyb.get("keep_first")
+                else " (`keep_first` 0)")
+             + f", the rest in the global order (unverified local scores weigh "
+             f"{hyb.get('local_weight', '?')}). "
              f"`default`: the pipeline `decision.choose` answers with on a gallery with a global "
              f"and a local space when none is named (`{DEFAULT}`, its default parameters; the "
              "same measured run). Percent; N-S out of 4. `hybrid ok`: hybrid >= max(global, "

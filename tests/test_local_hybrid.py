@@ -9,6 +9,7 @@ from galleria.errors import InputError
 from galleria.local.hybrid import (
     fused_pairwise,
     fused_scores,
+    overturns,
     standardize,
     to_unit,
     verified_order,
@@ -70,6 +71,28 @@ def test_verified_order_puts_verified_first_by_inliers_then_the_fused_order():
     assert order.tolist() == np.argsort(-fused, kind="stable").tolist()
     with pytest.raises(InputError):
         verified_order(fused, inl, 1)
+
+
+def test_verified_first_candidate_is_overturned_only_by_significantly_more_inliers():
+    # fused order 0..5; the first (global top-1) verifies with 30 inliers
+    fused = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    inl = np.array([30, 36, 49, 0, 12, 100])
+    # 36 - 30 = 6 <= 2 sqrt(66); 49 - 30 = 19 > 2 sqrt(79) = 17.8; 100 overturns
+    assert overturns(inl, 30.0, 2.0).tolist() == [False, False, True, False, False, True]
+    order, score = verified_order(fused, inl, 10, keep_first=2.0)
+    assert order.tolist() == [5, 2, 0, 1, 4, 3]
+    assert (np.diff(score) < 0).all() and score[2] == 36.5  # kept: above 36, below 49
+    # margin 0: the plain inlier order
+    assert verified_order(fused, inl, 10, keep_first=0.0)[0].tolist() == [5, 2, 1, 0, 4, 3]
+    # a first candidate that does not verify is not kept
+    inl2 = inl.copy()
+    inl2[0] = 9
+    assert verified_order(fused, inl2, 10, keep_first=2.0)[0].tolist() == [5, 2, 1, 4, 0, 3]
+    # nothing verified behind it: its score is its own count
+    order, score = verified_order(fused, np.array([30, 0, 0, 0, 0, 80]), 10, keep_first=2.0)
+    assert order.tolist() == [5, 0, 1, 2, 3, 4] and score[1] == 30
+    with pytest.raises(InputError):
+        verified_order(fused, inl, 10, keep_first=-1.0)
 
 
 def test_mutual_ratio_matches_equal_the_general_matcher(rng):

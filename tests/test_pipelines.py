@@ -226,6 +226,37 @@ def test_hybrid_mds_and_verify_options(crowd, rng):
         make_pipeline("hybrid", **parts, verify=0, min_inliers=3)
 
 
+def test_hybrid_mds_floors_unmatched_pairs_as_local_mds(crowd, rng, monkeypatch):
+    """Issue 18: the hybrid's optional MDS step embeds fused similarities in which a pair
+    without evidence is 0 (distance 1): the collapse of local+mds. It is floored at the
+    smallest positive similarity (the reference: ``floor_unmatched``). Seeded."""
+    import galleria.search.pipelines as pl
+
+    raw, seen = [], []
+    real_pair, real_mds = pl.fused_pairwise, pl.mds_rerank_scores
+
+    def pair_spy(*a, **kw):
+        raw.append(real_pair(*a, **kw))
+        return raw[-1]
+
+    def mds_spy(q, pair, **kw):
+        seen.append((np.array(q), np.array(pair)))
+        return real_mds(q, pair, **kw)
+
+    monkeypatch.setattr(pl, "fused_pairwise", pair_spy)
+    monkeypatch.setattr(pl, "mds_rerank_scores", mds_spy)
+    c = crowd
+    qv = _unit(c["vecs"][[10, 20, 30]] + 0.3 * rng.standard_normal((3, 8)))
+    _hybrid(c, candidates=30, mds_k=12, verify=0, local_weight=1.0).search(
+        QueryBatch(vectors=qv, local=c["queries"]), 5)
+    assert len(raw) == len(seen) == 3
+    off = ~np.eye(12, dtype=bool)
+    assert any((r[off] == 0).any() for r in raw)  # the case has unmatched pairs
+    for r, (q, pair) in zip(raw, seen, strict=True):
+        np.testing.assert_array_equal(pair, floor_unmatched(q, r))
+        assert (pair[off] > 0).all() and np.allclose(np.diag(pair), 1.0)
+
+
 class _MatrixSimilarity:
     """Image-to-image similarities given as a matrix (keys = rows): the test input."""
 

@@ -4,7 +4,11 @@ Geometric evidence first (:func:`verify_shortlist`, :func:`verified_order`): the
 ``hybrid`` pipeline spatially verifies a small union of the local and the global
 shortlists (MAGSAC++ homography inliers of mutual + ratio-test matches; a pair with
 fewer tentative matches than the inlier bar is skipped, it cannot reach the bar)
-and ranks first the candidates with at least ``min_inliers`` inliers, by inliers.
+and ranks first the candidates with at least ``min_inliers`` inliers, by inliers,
+except that a first candidate of the fused order (the global top-1) that verifies itself
+is overturned only by significantly more inliers (:func:`overturns`: a verified
+near-duplicate of another class, e.g. Caltech-101's ``Faces_easy`` crops of ``Faces``
+photos, has a few more inliers than the right global top-1, within count noise).
 The bar is gallery-independent: it counts geometrically consistent matches, not a
 score on a gallery-dependent scale. Everything else follows in the order of the
 fused score below, in which unverified local scores carry no weight by default
@@ -176,19 +180,40 @@ def mutual_ratio_matches(a: np.ndarray, b: np.ndarray, ratio: float = 0.8) -> np
     return np.stack([i, nn[i]], axis=1).astype(np.int64)
 
 
+def overturns(inliers: np.ndarray, first: float, margin: float) -> np.ndarray:
+    """``(n,)`` bool: which inlier counts beat a verified first candidate's ``first``.
+
+    ``n - first > margin * sqrt(n + first)``: more inliers than the first by more than
+    ``margin`` standard deviations of the difference of two Poisson counts. Inlier
+    counts of two true matches of one object vary with viewpoint, blur and crop; a
+    difference inside that noise is no evidence that the challenger is the better answer
+    than the one both sources agree on. ``margin = 0``: any larger count overturns.
+    """
+    n = np.asarray(inliers, np.float64)
+    return n - first > margin * np.sqrt(np.maximum(n + first, 0.0))
+
+
 def verified_order(fused: np.ndarray, inliers: np.ndarray, min_inliers: int, *,
-                   scale: float = 4.0, by: str = "inliers") -> tuple[np.ndarray, np.ndarray]:
+                   scale: float = 4.0, by: str = "inliers",
+                   keep_first: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Order of ``n`` candidates: verified first (by inliers), then by fused score.
 
     Args:
         fused: ``(n,)`` fused scores (:func:`fused_scores`; higher is better).
         inliers: ``(n,)`` inlier counts (0 for candidates not verified).
         min_inliers: the bar (>= 2) a verified candidate clears.
+        keep_first: with ``by="inliers"`` and ``> 0``: when the fused order's first
+            candidate (the global top-1 by default) verifies itself, only verified
+            candidates with significantly more inliers (:func:`overturns` with this
+            margin) come before it; it comes before every other candidate. ``0``: the
+            plain inlier order.
 
     Returns:
         ``(order (n,) int64, score (n,) float64)``, best first: a verified candidate's
-        score is its inlier count (``>= min_inliers``); any other's is
-        ``tanh(fused / scale)`` in ``(-1, 1)``. Ties keep the fused order.
+        score is its inlier count (``>= min_inliers``); a first candidate kept by
+        ``keep_first`` scores 0.5 above the largest count it keeps behind it (below
+        every count that overturns it); any other's is ``tanh(fused / scale)`` in
+        ``(-1, 1)``. Ties keep the fused order.
     """
     f = np.asarray(fused, np.float64).reshape(-1)
     inl = np.asarray(inliers, np.float64).reshape(-1)
@@ -199,11 +224,19 @@ def verified_order(fused: np.ndarray, inliers: np.ndarray, min_inliers: int, *,
                          f"got {min_inliers}")
     if by not in VERIFIED_BY:
         raise InputError(f"by must be one of {VERIFIED_BY}; got {by!r}")
+    if not keep_first >= 0:
+        raise InputError(f"keep_first must be >= 0; got {keep_first}")
     base = np.argsort(-f, kind="stable")  # the fused order breaks ties
     ok = inl[base] >= min_inliers
     unit = np.tanh(f[base] / scale)
     if by == "inliers":
         score = np.where(ok, inl[base], unit)
+        if keep_first > 0 and ok.size and ok[0]:
+            # the verified first candidate: behind what overturns it, before the rest
+            n1 = float(inl[base[0]])
+            kept = ok & ~overturns(inl[base], n1, keep_first)
+            kept[0] = False
+            score[0] = (float(score[kept].max()) + 0.5) if kept.any() else n1
     else:  # verified first, in the fused order: min_inliers + 1 + unit in (min_inliers, +2)
         score = np.where(ok, min_inliers + 1.0 + unit, unit)
     o = np.argsort(-score, kind="stable")

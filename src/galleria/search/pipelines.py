@@ -29,7 +29,8 @@ key; nothing here knows about the gallery store.
     ``candidates`` and the local top ``candidates``; the local top ``verify`` and the
     global top ``verify`` are spatially verified (MAGSAC++ inliers, mutual +
     ratio-test matches) and those with at least ``min_inliers`` inliers come first,
-    by inliers; the rest follow by a fused score in which unverified local scores
+    by inliers (a verified global top-1 stays first unless significantly out-verified,
+    ``keep_first``); the rest follow by a fused score in which unverified local scores
     carry ``local_weight`` (0 by default: the global order), optionally re-ranked by
     the MDS embedding of the fused similarity (``mds_k``); the global rest below
     (:mod:`galleria.local.hybrid`). The default pipeline of a gallery with a global
@@ -359,6 +360,12 @@ class HybridConfig:
             verified (0: no verification: the fused order alone).
         min_inliers: MAGSAC++ inliers a verified candidate needs to come first (a pair
             with fewer tentative matches is skipped).
+        order_verified: verified candidates by ``inliers`` or in the ``fused`` order.
+        keep_first: when the first candidate of the fused order (the global top-1)
+            verifies, another verified candidate comes before it only with more inliers
+            by more than ``keep_first`` standard deviations of the difference of two
+            counts (:func:`~galleria.local.hybrid.overturns`; 0: any more inliers;
+            with ``order_verified = "inliers"``).
         matcher: tentative matches of the verification (``mutual+ratio``: mutual nearest
             neighbours passing Lowe's ``ratio``); ``sv_threshold``: MAGSAC threshold in
             pixels; ``max_iters``: its iteration cap.
@@ -375,6 +382,7 @@ class HybridConfig:
     verify: int = 20
     min_inliers: int = 10
     order_verified: str = "inliers"
+    keep_first: float = 0.0
     matcher: str = "mutual+ratio"
     ratio: float = 0.8
     sv_threshold: float = 6.0
@@ -393,6 +401,8 @@ class HybridConfig:
             raise InputError("candidates and max_iters must be >= 1, mds_k and verify >= 0")
         if self.min_inliers < 4:
             raise InputError(f"min_inliers must be >= 4 (a homography); got {self.min_inliers}")
+        if not self.keep_first >= 0:
+            raise InputError(f"keep_first must be >= 0; got {self.keep_first}")
         if not (0.0 <= self.mds_weight <= 1.0 and self.local_weight >= 0 and self.p > 0
                 and self.threshold >= 0 and self.tie >= 0 and 0 < self.ratio <= 1):
             raise InputError("need 0 <= mds_weight <= 1, p > 0, 0 < ratio <= 1 and "
@@ -433,6 +443,9 @@ class HybridPipeline:
         self.similarity = similarity if similarity is not None else local_index
         self.fetch_local = fetch_local
         self.verified_pairs = 0  # pairs spatially verified so far (a cost counter)
+        #: a list to record each query's ``(ids, fused score, inliers)`` before the verified
+        #: ordering (diagnostics, ``benchmarks/bench_hybrid_order.py``); ``None``: off
+        self.trace: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
 
     def params(self) -> dict[str, Any]:
         return {f: getattr(self.config, f) for f in HYBRID_OPTIONS}
@@ -483,15 +496,19 @@ class HybridPipeline:
 
     def _mds(self, vec: np.ndarray, ids: np.ndarray, score: np.ndarray, gref: np.ndarray,
              lref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Re-rank the top ``mds_k`` by MDS of the fused similarity, blended with ``score``."""
+        """Re-rank the top ``mds_k`` by MDS of the fused similarity, blended with ``score``
+        (unmatched pairs floored: :func:`~galleria.rerank.mds.floor_unmatched`; the cosine
+        mapped to ``[0, 1]``)."""
         cfg = self.config
         n = min(cfg.mds_k, ids.size)
         head = ids[:n]
         gv = np.asarray(self.fetch_vectors(head), np.float32)
-        pair = fused_pairwise(gv @ gv.T, self.similarity.pairwise(head), global_ref=gref,
-                              local_ref=lref, local_weight=cfg.local_weight,
-                              threshold=cfg.threshold, tie=cfg.tie)
         q = to_unit(score[:n])
+        # a pair without evidence (similarity 0) is "no evidence", not "maximally
+        # different": floored at the smallest positive similarity, as in local+mds
+        pair = floor_unmatched(q, fused_pairwise(
+            gv @ gv.T, self.similarity.pairwise(head), global_ref=gref, local_ref=lref,
+            local_weight=cfg.local_weight, threshold=cfg.threshold, tie=cfg.tie))
         cos = mds_rerank_scores(q, pair, p=cfg.p, dim=cfg.dim,
                                 max_iter=cfg.max_iter).astype(np.float64)
         new = (1.0 - cfg.mds_weight) * q + cfg.mds_weight * (cos + 1.0) / 2.0
@@ -515,7 +532,10 @@ class HybridPipeline:
                                        ratio=cfg.ratio, threshold=cfg.sv_threshold,
                                        max_iters=cfg.max_iters)
             self.verified_pairs += int(at.size)
-        o, new = verified_order(score, inl, cfg.min_inliers, by=cfg.order_verified)
+        if self.trace is not None:
+            self.trace.append((ids.copy(), score.copy(), inl.copy()))
+        o, new = verified_order(score, inl, cfg.min_inliers, by=cfg.order_verified,
+                                keep_first=cfg.keep_first)
         return ids[o], new
 
 
