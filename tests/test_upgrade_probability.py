@@ -48,7 +48,9 @@ def _record(**over):
              "psi": {"calibration": cal, "normalization": "znorm-top100", "map": "M1"}}
     base = dict(served="rank-merge", old_space="O", new_space="N", job_started=1.0, moved=50,
                 items=100, generations={"O": 3, "N": 2}, pseudo="P", queries=20)
-    return make_record(rules, **{**base, **over})
+    base.update(over)
+    job = {k: base.pop(k) for k in ("old_space", "new_space", "job_started")}
+    return make_record(rules, job=job, **base)
 
 
 def _ask(record, **over):

@@ -372,8 +372,10 @@ def probability_record(gallery: Gallery, state: UpgradeState, pseudo: PseudoSet,
         if isinstance(res.generation, dict):
             gens.update(res.generation)
     return make_record(fit_rules(results, pseudo.ids, normalizations=norms, maps=maps),
-                       served=served, old_space=state.old_space, new_space=state.new_space,
-                       job_started=state.started, moved=gallery.count(state.new_space),
+                       served=served, job={"old_space": state.old_space,
+                                           "new_space": state.new_space,
+                                           "job_started": state.started},
+                       moved=gallery.count(state.new_space),
                        items=len(gallery), generations=gens, pseudo=pseudo.fingerprint,
                        queries=len(pseudo.ids))
 

@@ -91,14 +91,15 @@ def fit_rules(results: Mapping[str, SearchResult], truth_ids: Sequence[str], *,
     return out
 
 
-def make_record(rules: dict[str, dict[str, Any]], *, served: str, old_space: str,
-                new_space: str, job_started: float, moved: int, items: int,
-                generations: Mapping[str, int], pseudo: str, queries: int,
-                depth: int = DEPTH) -> dict[str, Any]:
-    """The record published with a decision (see the module docstring)."""
+def make_record(rules: dict[str, dict[str, Any]], *, served: str, job: Mapping[str, Any],
+                moved: int, items: int, generations: Mapping[str, int], pseudo: str,
+                queries: int, depth: int = DEPTH) -> dict[str, Any]:
+    """The record published with a decision (see the module docstring); ``job``: the
+    job it belongs to, ``{"old_space", "new_space", "job_started"}``."""
     return {"type": PROBABILITY_TYPE, "format_version": FORMAT_VERSION, "served": served,
-            "depth": int(depth), "method": METHOD, "old_space": old_space,
-            "new_space": new_space, "job_started": float(job_started), "moved": int(moved),
+            "depth": int(depth), "method": METHOD, "old_space": str(job["old_space"]),
+            "new_space": str(job["new_space"]), "job_started": float(job["job_started"]),
+            "moved": int(moved),
             "items": int(items), "fraction": round(moved / max(items, 1), 4),
             "generations": {str(k): int(v) for k, v in generations.items()},
             "pseudo": pseudo, "queries": int(queries), "rules": rules}
