@@ -226,3 +226,19 @@ def test_load_array_waits_for_the_npy_header_lock(tmp_path):
     t.join(timeout=10)
     assert not t.is_alive()
     np.testing.assert_array_equal(got[0], np.arange(6, dtype=np.float32).reshape(2, 3))
+
+
+def test_load_array_copies_npy_outside_the_lock(tmp_path):
+    """A plain (not memory-mapped) load returns an in-memory copy equal to np.load's, and
+    the lock is free again afterwards."""
+    from galleria.io.atomic import NPY_HEADER_LOCK, load_array
+
+    p = tmp_path / "b.npy"
+    a = np.random.default_rng(0).standard_normal((50, 7)).astype(np.float32)
+    write_npy(p, a)
+    got = load_array(p)
+    assert not isinstance(got, np.memmap) and got.flags.writeable
+    np.testing.assert_array_equal(got, np.load(p))
+    assert isinstance(load_array(p, mmap_mode="r"), np.memmap)
+    assert NPY_HEADER_LOCK.acquire(blocking=False)
+    NPY_HEADER_LOCK.release()

@@ -159,9 +159,21 @@ NPY_HEADER_LOCK = threading.Lock()
 
 
 def load_array(file: Any, mmap_mode: str | None = None, allow_pickle: bool = False) -> Any:
-    """``np.load`` under :data:`NPY_HEADER_LOCK` (safe beside other threads' loads).
-    Memory-mapped loads hold the lock for the header only; an ``.npz`` archive returned
-    here parses its members' headers on access: hold the lock around that access."""
+    """``np.load`` with its header parsed under :data:`NPY_HEADER_LOCK` (safe beside other
+    threads' loads). A ``.npy`` path is memory-mapped under the lock (the header parse only)
+    and, unless ``mmap_mode`` asks for the map, copied into memory outside it, so a large
+    read never holds up the other threads. Anything else (file objects, ``.npz``, object
+    arrays) is loaded under the lock; an ``.npz`` archive parses its members' headers on
+    access: hold the lock around that access."""
+    if isinstance(file, (str, os.PathLike)) and not allow_pickle \
+            and os.fspath(file).endswith(".npy"):
+        try:
+            with NPY_HEADER_LOCK:
+                mapped = np.load(file, mmap_mode=mmap_mode or "r", allow_pickle=False)
+        except ValueError:  # not mappable (e.g. an object array): the plain load says why
+            pass
+        else:
+            return mapped if mmap_mode else np.array(mapped)
     with NPY_HEADER_LOCK:
         return np.load(file, mmap_mode=mmap_mode, allow_pickle=allow_pickle)
 
