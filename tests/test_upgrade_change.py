@@ -343,3 +343,32 @@ def test_searches_while_local_features_are_added_never_build_the_local_index(
         ref = LocalChangeSearcher.open(g).search(q, k=8)
         assert (s.search(q, k=8).ids == ref.ids).all()
         assert g.count(state.new_space) == N
+
+
+def test_many_publications_keep_one_loader_thread_and_bounded_connections(gallery, images):
+    """Every snapshot the job publishes is loaded by the searcher's one loader thread:
+    the open connections and threads stay bounded however many it loads (a thread per
+    load kept one SQLite connection each until the gallery closed). Seeded, bounded."""
+    import threading
+
+    before = set(threading.enumerate())  # loaders of other tests' searchers left out
+    start_local(gallery, "tiny-local", extractor=_tiny.tiny_local(), seed=4)
+    run_upgrade(gallery, limit=4, commit_every=2)
+    with Gallery.open(gallery) as g:
+        s = open_searcher(g)
+        assert isinstance(s, LocalChangeSearcher)
+        q, _, _ = s.embed_paths(sorted(images.glob("*.png"))[:2], workers=1)
+        s.search(q, k=4)
+        conns, loads, folders = len(g.db._all), s.loads, set()
+        for _ in range(10):
+            run_upgrade(gallery, limit=2, commit_every=2)  # publishes a newer snapshot
+            s.search(q, k=4)  # sees it: wakes the loader
+            deadline = time.time() + 10
+            while s._published.folder != s.published_folder() and time.time() < deadline:
+                time.sleep(0.01)
+            assert s._published.folder == s.published_folder()
+            folders.add(s._published.folder)
+        assert len(folders) == 10 and s.loads == loads + 10
+        loaders = [t for t in set(threading.enumerate()) - before
+                   if t.name == "galleria-local-load"]
+        assert len(loaders) == 1 and len(g.db._all) <= conns + 1

@@ -20,10 +20,12 @@ local space's index as a verified snapshot at its commits (at most every
 :data:`PUBLISH_EVERY_S` seconds, or twice the last save's
 time, and at the end of each run; one row of the store points at the complete
 snapshot). A search never builds or folds a local index: it uses the snapshot it
-has loaded, and a newer one is loaded by a background thread and swapped in
-whole. Items done after that snapshot are answered by the global part until the
-next one (every item is in exactly one part), so the answers lag the job by at
-most one publication and never wait for it.
+has loaded, and a newer one is loaded by the searcher's one loader thread (woken
+when a search sees a newer publication; its connection closed when it stops at
+:meth:`LocalChangeSearcher.close`) and swapped in whole. Items done after that
+snapshot are answered by the global part until the next one (every item is in
+exactly one part), so the answers lag the job by at most one publication and
+never wait for it.
 """
 
 from __future__ import annotations
@@ -159,7 +161,9 @@ class LocalChangeSearcher(Searcher):
         self.cost = QueryCost()
         self._lock = threading.Lock()
         self._published: Published | None = None
-        self._loading: threading.Thread | None = None
+        self._loader: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
         self._cohort: tuple[str, np.ndarray, np.ndarray] | None = None
         self.loads = 0
         self.refresh_published(wait=True)  # the snapshot there is now (not a search)
@@ -213,23 +217,36 @@ class LocalChangeSearcher(Searcher):
 
     def refresh_published(self, *, wait: bool = False) -> Published | None:
         """Load the job's last published local index when it is newer than the one in
-        use: in a background thread (``wait``: in this one); returns the one in use."""
+        use: by the loader thread (``wait``: in this one); returns the one in use."""
         folder = self.published_folder()
         cur = self._published
         if folder is None or (cur is not None and cur.folder == folder):
             return cur
-        with self._lock:
-            busy = self._loading is not None and self._loading.is_alive()
-            if not busy:
-                self._loading = threading.Thread(target=self._load, name="galleria-local-load",
-                                                 daemon=True)
-                self._loading.start()
-            loader = self._loading
         if wait:
-            loader.join()
-            if busy:  # that load may have started before this publication: once more
-                return self.refresh_published(wait=True)
-        return self._published
+            self._load()
+            return self._published
+        with self._lock:
+            if self._stop.is_set():  # closed: keep answering with the snapshot in use
+                return cur
+            if self._loader is None:
+                self._loader = threading.Thread(target=self._run, name="galleria-local-load",
+                                                daemon=True)
+                self._loader.start()
+        self._wake.set()
+        return cur
+
+    def _run(self) -> None:
+        """The loader thread: one load per wake-up until :meth:`close`; its connection to
+        the database is closed when it ends."""
+        try:
+            while True:
+                self._wake.wait()
+                if self._stop.is_set():
+                    return
+                self._wake.clear()  # a publication seen after this is loaded by this load
+                self._load()
+        finally:
+            self.gallery.db.release_thread()
 
     def _load(self) -> None:
         try:
@@ -242,10 +259,11 @@ class LocalChangeSearcher(Searcher):
             return
         folder, index, gen = got
         keys = np.asarray(index.keys(), np.int64) if len(index) else np.zeros(0, np.int64)
-        cur = self._published
-        if cur is None or gen >= cur.generation:
-            self._published = Published(folder, gen, index, keys)  # one swap
-            self.loads += 1
+        with self._lock:
+            cur = self._published
+            if cur is None or gen >= cur.generation:
+                self._published = Published(folder, gen, index, keys)  # one swap
+                self.loads += 1
 
     def _cohort_of(self, pub: Published, live: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(keys (C,), global vectors (C, D))`` of a seeded sample of the published items
