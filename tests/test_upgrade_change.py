@@ -372,3 +372,69 @@ def test_many_publications_keep_one_loader_thread_and_bounded_connections(galler
         loaders = [t for t in set(threading.enumerate()) - before
                    if t.name == "galleria-local-load"]
         assert len(loaders) == 1 and len(g.db._all) <= conns + 1
+        s.close()  # joins the loader, which closes its connection
+        assert not loaders[0].is_alive() and len(g.db._all) <= conns
+        s.search(q, k=4)  # a closed searcher still answers (with the snapshot in use)
+
+
+def test_a_refused_snapshot_is_tried_once_and_the_loader_survives_any_error(
+        gallery, images, monkeypatch):
+    """A damaged published snapshot (a checksum mismatch) or a loader error of any type
+    keeps the snapshot in use, is tried once however many searches follow, and the next
+    publication loads. Seeded, bounded in time."""
+    import json
+
+    import galleria.upgrade.local_search as ls
+
+    state = start_local(gallery, "tiny-local", extractor=_tiny.tiny_local(), seed=5)
+    run_upgrade(gallery, limit=4, commit_every=2)
+    calls: list[str] = []
+    load = ls.saved_snapshot
+
+    def spy(*a, **kw):
+        calls.append("load")
+        if boom:
+            raise RuntimeError("unexpected")
+        return load(*a, **kw)
+
+    def settle(n):
+        deadline = time.time() + 10
+        while (len(calls) < n or s._failed != s.published_folder()) and time.time() < deadline:
+            s.search(q, k=4)
+            time.sleep(0.01)
+        for _ in range(5):  # more searches: no new load of a refused folder
+            s.search(q, k=4)
+            time.sleep(0.01)
+
+    boom = False
+    with Gallery.open(gallery) as g:
+        s = open_searcher(g)
+        q, _, _ = s.embed_paths(sorted(images.glob("*.png"))[:2], workers=1)
+        first = s._published.folder
+        monkeypatch.setattr(ls, "saved_snapshot", spy)
+        try:
+            run_upgrade(gallery, limit=2, commit_every=2)  # a newer snapshot, then damaged
+            folder, files = g.db.one("SELECT folder, files FROM index_snapshots WHERE space=?",
+                                     (state.new_space,))
+            name = max(json.loads(files), key=lambda n: json.loads(files)[n]["nbytes"])
+            path = g.path / folder / name
+            raw = bytearray(path.read_bytes())
+            raw[len(raw) // 2] ^= 0xFF
+            path.write_bytes(bytes(raw))
+            settle(1)
+            assert len(calls) == 1 and s._failed == folder and s._published.folder == first
+            boom = True  # an error no loader expects: logged, the thread lives on
+            run_upgrade(gallery, limit=2, commit_every=2)
+            settle(2)
+            assert len(calls) == 2 and s._published.folder == first
+            assert s._loader is not None and s._loader.is_alive()
+            boom = False
+            run_upgrade(gallery, limit=2, commit_every=2)  # the next publication loads
+            deadline = time.time() + 10
+            while s._published.folder != s.published_folder() and time.time() < deadline:
+                s.search(q, k=4)
+                time.sleep(0.01)
+            assert len(calls) == 3 and s._published.folder == s.published_folder() != first
+        finally:
+            s.close()
+        assert not s._loader.is_alive()
