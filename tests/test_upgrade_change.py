@@ -343,3 +343,98 @@ def test_searches_while_local_features_are_added_never_build_the_local_index(
         ref = LocalChangeSearcher.open(g).search(q, k=8)
         assert (s.search(q, k=8).ids == ref.ids).all()
         assert g.count(state.new_space) == N
+
+
+def test_many_publications_keep_one_loader_thread_and_bounded_connections(gallery, images):
+    """Every snapshot the job publishes is loaded by the searcher's one loader thread:
+    the open connections and threads stay bounded however many it loads (a thread per
+    load kept one SQLite connection each until the gallery closed). Seeded, bounded."""
+    import threading
+
+    before = set(threading.enumerate())  # loaders of other tests' searchers left out
+    start_local(gallery, "tiny-local", extractor=_tiny.tiny_local(), seed=4)
+    run_upgrade(gallery, limit=4, commit_every=2)
+    with Gallery.open(gallery) as g:
+        s = open_searcher(g)
+        assert isinstance(s, LocalChangeSearcher)
+        q, _, _ = s.embed_paths(sorted(images.glob("*.png"))[:2], workers=1)
+        s.search(q, k=4)
+        conns, loads, folders = len(g.db._all), s.loads, set()
+        for _ in range(10):
+            run_upgrade(gallery, limit=2, commit_every=2)  # publishes a newer snapshot
+            s.search(q, k=4)  # sees it: wakes the loader
+            deadline = time.time() + 10
+            while s._published.folder != s.published_folder() and time.time() < deadline:
+                time.sleep(0.01)
+            assert s._published.folder == s.published_folder()
+            folders.add(s._published.folder)
+        assert len(folders) == 10 and s.loads == loads + 10
+        loaders = [t for t in set(threading.enumerate()) - before
+                   if t.name == "galleria-local-load"]
+        assert len(loaders) == 1 and len(g.db._all) <= conns + 1
+        s.close()  # joins the loader, which closes its connection
+        assert not loaders[0].is_alive() and len(g.db._all) <= conns
+        s.search(q, k=4)  # a closed searcher still answers (with the snapshot in use)
+
+
+def test_a_refused_snapshot_is_tried_once_and_the_loader_survives_any_error(
+        gallery, images, monkeypatch):
+    """A damaged published snapshot (a checksum mismatch) or a loader error of any type
+    keeps the snapshot in use, is tried once however many searches follow, and the next
+    publication loads. Seeded, bounded in time."""
+    import json
+
+    import galleria.upgrade.local_search as ls
+
+    state = start_local(gallery, "tiny-local", extractor=_tiny.tiny_local(), seed=5)
+    run_upgrade(gallery, limit=4, commit_every=2)
+    calls: list[str] = []
+    load = ls.saved_snapshot
+
+    def spy(*a, **kw):
+        calls.append("load")
+        if boom:
+            raise RuntimeError("unexpected")
+        return load(*a, **kw)
+
+    def settle(n):
+        deadline = time.time() + 10
+        while (len(calls) < n or s._failed != s.published_folder()) and time.time() < deadline:
+            s.search(q, k=4)
+            time.sleep(0.01)
+        for _ in range(5):  # more searches: no new load of a refused folder
+            s.search(q, k=4)
+            time.sleep(0.01)
+
+    boom = False
+    with Gallery.open(gallery) as g:
+        s = open_searcher(g)
+        q, _, _ = s.embed_paths(sorted(images.glob("*.png"))[:2], workers=1)
+        first = s._published.folder
+        monkeypatch.setattr(ls, "saved_snapshot", spy)
+        try:
+            run_upgrade(gallery, limit=2, commit_every=2)  # a newer snapshot, then damaged
+            folder, files = g.db.one("SELECT folder, files FROM index_snapshots WHERE space=?",
+                                     (state.new_space,))
+            name = max(json.loads(files), key=lambda n: json.loads(files)[n]["nbytes"])
+            path = g.path / folder / name
+            raw = bytearray(path.read_bytes())
+            raw[len(raw) // 2] ^= 0xFF
+            path.write_bytes(bytes(raw))
+            settle(1)
+            assert len(calls) == 1 and s._failed == folder and s._published.folder == first
+            boom = True  # an error no loader expects: logged, the thread lives on
+            run_upgrade(gallery, limit=2, commit_every=2)
+            settle(2)
+            assert len(calls) == 2 and s._published.folder == first
+            assert s._loader is not None and s._loader.is_alive()
+            boom = False
+            run_upgrade(gallery, limit=2, commit_every=2)  # the next publication loads
+            deadline = time.time() + 10
+            while s._published.folder != s.published_folder() and time.time() < deadline:
+                s.search(q, k=4)
+                time.sleep(0.01)
+            assert len(calls) == 3 and s._published.folder == s.published_folder() != first
+        finally:
+            s.close()
+        assert not s._loader.is_alive()

@@ -185,3 +185,32 @@ def test_probabilities_from_the_first_batch(tmp_path, images):
         q = l2_normalize(np.random.default_rng(3).standard_normal((3, 12)).astype(np.float32))
         p = searcher_probabilities(s, s.search_vectors(old_queries=q, k=5))
         assert p is not None and ((p >= 0) & (p <= 1)).all()
+
+
+def test_a_failed_probability_fit_keeps_the_rule_the_check_chose(upgraded, monkeypatch):
+    """The fit of match probabilities is an add-on: when it raises, the decision still
+    publishes the rule the check chose (``checked``), without probabilities."""
+    from galleria.upgrade import online
+
+    chosen: list[str] = []
+    decide = online.decide_with_old
+
+    def spy(*a, **kw):
+        out = decide(*a, **kw)
+        chosen.append(out[0])
+        return out
+
+    def boom(*a, **kw):
+        raise RuntimeError("fit exploded")
+
+    monkeypatch.setattr(online, "decide_with_old", spy)
+    monkeypatch.setattr(online, "probability_record", boom)
+    with Gallery.open(upgraded) as g:
+        st = require_upgrade(g)
+        try:
+            d = online.recheck(g, CFG, old_model=_tiny.tiny(1), new_model=_tiny.tiny(2, dim=10))
+            assert len(chosen) == 1 and d["checked"] and d["rule"] == chosen[0]
+            assert d["probability"] is None and d["scores"]
+            assert require_upgrade(g).online["decision"]["rule"] == chosen[0]
+        finally:
+            save_state(g, st)

@@ -65,6 +65,19 @@ class Database:
             raise translate(exc, self.path) from exc
         return c
 
+    def release_thread(self) -> None:
+        """Close the calling thread's connection (a worker thread that ends calls this; a
+        later query of the thread opens a new one)."""
+        c = getattr(self._local, "conn", None)
+        if c is None:
+            return
+        self._local.conn = None
+        with self._lock:
+            self._all = [x for x in self._all if x is not c]
+        _rollback(c)
+        with contextlib.suppress(sqlite3.Error):
+            c.close()
+
     def close(self) -> None:
         with self._lock:
             self._closed = True

@@ -20,10 +20,12 @@ local space's index as a verified snapshot at its commits (at most every
 :data:`PUBLISH_EVERY_S` seconds, or twice the last save's
 time, and at the end of each run; one row of the store points at the complete
 snapshot). A search never builds or folds a local index: it uses the snapshot it
-has loaded, and a newer one is loaded by a background thread and swapped in
-whole. Items done after that snapshot are answered by the global part until the
-next one (every item is in exactly one part), so the answers lag the job by at
-most one publication and never wait for it.
+has loaded, and a newer one is loaded by the searcher's one loader thread (woken
+when a search sees a newer publication; its connection closed when it stops at
+:meth:`LocalChangeSearcher.close`) and swapped in whole. Items done after that
+snapshot are answered by the global part until the next one (every item is in
+exactly one part), so the answers lag the job by at most one publication and
+never wait for it.
 """
 
 from __future__ import annotations
@@ -159,7 +161,11 @@ class LocalChangeSearcher(Searcher):
         self.cost = QueryCost()
         self._lock = threading.Lock()
         self._published: Published | None = None
-        self._loading: threading.Thread | None = None
+        self._loader: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._failed: str | None = None  # a published folder that did not load: not retried
+        self._live: tuple[tuple[str, int], np.ndarray] | None = None
         self._cohort: tuple[str, np.ndarray, np.ndarray] | None = None
         self.loads = 0
         self.refresh_published(wait=True)  # the snapshot there is now (not a search)
@@ -213,39 +219,100 @@ class LocalChangeSearcher(Searcher):
 
     def refresh_published(self, *, wait: bool = False) -> Published | None:
         """Load the job's last published local index when it is newer than the one in
-        use: in a background thread (``wait``: in this one); returns the one in use."""
-        folder = self.published_folder()
+        use: by the loader thread (``wait``: in this one); returns the one in use."""
         cur = self._published
-        if folder is None or (cur is not None and cur.folder == folder):
+        if not self._newer(self.published_folder()):
             return cur
-        with self._lock:
-            busy = self._loading is not None and self._loading.is_alive()
-            if not busy:
-                self._loading = threading.Thread(target=self._load, name="galleria-local-load",
-                                                 daemon=True)
-                self._loading.start()
-            loader = self._loading
         if wait:
-            loader.join()
-            if busy:  # that load may have started before this publication: once more
-                return self.refresh_published(wait=True)
-        return self._published
+            self._load()
+            return self._published
+        with self._lock:
+            if self._stop.is_set():  # closed: keep answering with the snapshot in use
+                return cur
+            if self._loader is None:
+                self._loader = threading.Thread(target=self._run, name="galleria-local-load",
+                                                daemon=True)
+                self._loader.start()
+        self._wake.set()
+        return cur
+
+    def _newer(self, folder: str | None) -> bool:
+        """Whether ``folder`` (the one published now) is neither in use nor refused once
+        (a refused snapshot is not retried until a newer one is published)."""
+        cur = self._published
+        return folder is not None and folder != self._failed and \
+            (cur is None or cur.folder != folder)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the loader thread and wait for it (at most ``timeout`` s: a load under
+        way finishes first); searches keep answering with the snapshot in use."""
+        with self._lock:
+            self._stop.set()
+            loader = self._loader
+        self._wake.set()
+        if loader is not None and loader is not threading.current_thread():
+            loader.join(timeout)
+            if loader.is_alive():
+                log.warning("the local index loader did not stop within %.1f s (a load is "
+                            "under way); it stops when that load ends", timeout)
+
+    def _run(self) -> None:
+        """The loader thread: one load per wake-up until :meth:`close`; its connection to
+        the database is closed when it ends."""
+        try:
+            while True:
+                self._wake.wait()
+                if self._stop.is_set():
+                    return
+                self._wake.clear()  # a publication seen after this is loaded by this load
+                try:  # woken by several searches: load once
+                    due = self._newer(self.published_folder())
+                except Exception as exc:  # the loader thread must not die
+                    log.warning("could not read the published local index: %s", exc)
+                    continue
+                if due:
+                    self._load()
+        finally:
+            self.gallery.db.release_thread()
 
     def _load(self) -> None:
+        """Load the published snapshot; any failure keeps the one in use (logged) and the
+        folder that failed is not tried again until a newer one is published."""
+        folder: str | None = None
         try:
             with self.gallery.db.read() as c:
+                row = c.execute("SELECT folder FROM index_snapshots WHERE space=?",
+                                (self.state.new_space,)).fetchone()
+                folder = None if row is None else str(row[0])
                 got = saved_snapshot(c, self.gallery.path, self.state.new_space)
-        except (GalleriaError, OSError, ValueError) as exc:  # keep the snapshot in use
-            log.warning("could not load the published local index: %s", exc)
+            if got is None:
+                if folder is not None:  # refused (damaged, stale): logged by the reader
+                    self._failed = folder
+                return
+            folder, index, gen = got
+            keys = np.asarray(index.keys(), np.int64) if len(index) else np.zeros(0, np.int64)
+        except Exception as exc:  # the loader thread must not die: keep the snapshot in use
+            log.warning("could not load the published local index %s (%s: %s); searches "
+                        "keep the one in use", folder, type(exc).__name__, exc)
+            if folder is not None:
+                self._failed = folder
             return
-        if got is None:
-            return
-        folder, index, gen = got
-        keys = np.asarray(index.keys(), np.int64) if len(index) else np.zeros(0, np.int64)
-        cur = self._published
-        if cur is None or gen >= cur.generation:
-            self._published = Published(folder, gen, index, keys)  # one swap
-            self.loads += 1
+        with self._lock:
+            cur = self._published
+            if cur is None or gen >= cur.generation:
+                self._published = Published(folder, gen, index, keys)  # one swap
+                self.loads += 1
+
+    def _live_of(self, pub: Published, gv: Any) -> np.ndarray:
+        """``(pub.count,)`` bool: which published items the global view still holds (one
+        ``isin`` per snapshot and view generation, not per search)."""
+        tag = (pub.folder, int(gv.generation))
+        cached = self._live
+        if cached is not None and cached[0] == tag:
+            return cached[1]
+        live = np.isin(pub.item_keys, gv.keys())
+        self._live = (tag, live)
+        return live
 
     def _cohort_of(self, pub: Published, live: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(keys (C,), global vectors (C, D))`` of a seeded sample of the published items
@@ -293,7 +360,7 @@ class LocalChangeSearcher(Searcher):
         gens[self.state.new_space] = pub.generation
         g_part = search_excluding(qg, k, gv, pub)
         index = pub.index
-        live = np.isin(pub.item_keys, gv.keys())  # items removed since the snapshot: left out
+        live = self._live_of(pub, gv)  # items removed since the snapshot: left out
         res = index.search(ql, min(pub.count, k + int((~live).sum())))
         ok = np.isin(res.ids, pub.item_keys[live]) & (res.ids >= 0)
         l_part = SearchResult.empty(len(ql), k, object_ids=True)

@@ -499,10 +499,16 @@ def check_and_publish(gallery: Gallery, psi: Any, folder: Path | None, *,
                             with_old=config.guard != "off", answers=answers),
                 mode=config.guard)
             checked = True
-            prob = probability_record(gallery, state, pseudo, answers, rule)
         except (GalleriaError, OSError) as exc:
             log.warning("online psi: the pseudo-query check failed (%s); search keeps %s",
                         exc, BASELINE)
+        if checked:  # an add-on: its failure never undoes the rule the check chose
+            try:
+                prob = probability_record(gallery, state, pseudo, answers, rule)
+            except Exception as exc:  # any failure of the fit: no probabilities
+                log.warning("online psi: fitting match probabilities failed (%s: %s); the "
+                            "decision keeps %s without them", type(exc).__name__, exc, rule)
+                prob = None
     check_s = time.perf_counter() - t1
     fit = source != "recheck"  # a recheck keeps the fit schedule (pairs of the last fit)
     decision = {
