@@ -8,6 +8,11 @@ space's ``config`` (for example a fused space whitened on its own gallery,
 it: they fill it from the base vectors they have just committed (:func:`derive_into`), so an
 added item is searchable in the derived space as soon as it is in the base space.
 
+A commit of base vectors drops the items' rows in the live derived spaces in the same
+transaction (:func:`live_derived`): a kill before the derived fill leaves them missing there,
+never stale; :func:`derive_missing` (run at the start of every index run and service start)
+fills what is missing.
+
 A space whose info records ``"retired": true`` (a derived space replaced by a refit) is kept
 for searchers opened before the replacement and no longer filled.
 """
@@ -58,6 +63,15 @@ class Derivers:
                                                              threads=self.threads))
             out.append((s.space, self._built[s.space]))
         return out
+
+
+def live_derived(gallery: Any, base: str) -> list[str]:
+    """The live (not retired) derived spaces of ``base``: a commit that writes an item's new
+    ``base`` vector drops the item's rows there in the same transaction (``drop_spaces``), so a
+    kill before :func:`derive_into` leaves the item missing there (repaired by
+    :func:`derive_missing`), never answered with the vector of its previous image."""
+    return [s.space for s in gallery.spaces()
+            if s.info.get("derived_from") == base and not s.info.get("retired")]
 
 
 def derive_into(gallery: Any, base: str, ids: Sequence[str], vectors: np.ndarray,

@@ -36,6 +36,7 @@ from PIL import Image
 
 from galleria.decision import SearchRequest, SearchSpec, build, choose
 from galleria.errors import GalleriaError, InputError
+from galleria.extract.derived import Derivers, derive_missing
 from galleria.extract.queries import Queries
 from galleria.filters import to_json
 from galleria.images.decode import load_image, load_image_bytes
@@ -121,6 +122,8 @@ class Engine:
         self.path = self.gallery.path
         self.models = ModelCache(self.path, runtime=config.runtime, threads=config.threads,
                                  warm_up=config.warm_up)
+        #: the derive functions of the derived spaces (uploads fill them by a product)
+        self.derivers = Derivers(self.path, runtime=config.runtime, threads=config.threads)
         # one searcher per request (pipeline name), re-opened when its decision changes
         self._searchers: dict[SearchRequest, tuple[tuple[SearchSpec, int], Searcher]] = {}
         self.pool = ShardPool(config.ray, config.shards) if config.ray else None
@@ -140,6 +143,7 @@ class Engine:
         """Open the default searcher and warm its models (in a thread), then refresh views."""
         def boot() -> None:
             try:
+                self._repair_derived()
                 self._open_default()
                 self.refresh_once()
                 self.ready.set()
@@ -159,6 +163,13 @@ class Engine:
 
         self._refresher = threading.Thread(target=boot, name="galleria-refresher", daemon=True)
         self._refresher.start()
+
+    def _repair_derived(self) -> None:
+        """Fill the derived vectors a process killed between an add's two commits left
+        missing (:func:`galleria.extract.derived.derive_missing`; nothing to do: no model)."""
+        n = derive_missing(self.gallery, self.derivers)
+        if n:
+            log.info("filled %d missing derived vectors", n)
 
     def _open_default(self) -> None:
         if any(sp.count for sp in self.gallery.state().spaces):  # an empty gallery is ready
