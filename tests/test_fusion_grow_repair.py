@@ -5,10 +5,13 @@ missing; ``galleria index`` refits only a gallery that has a fit (not after ``--
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 import test_fusion_grow as fg
 from _fusionmodel import small_fusion_model
+from galleria.cli.main import main
 from galleria.extract import job
 from galleria.extract.job import index_images
 from galleria.fusion.adapt_job import fusion_state
@@ -83,3 +86,25 @@ def test_a_kill_between_the_fused_and_the_whitened_commit_leaves_nothing_stale(
     assert len(_whitened_ok(g_dir, st)) == 28
     with Gallery.open(g_dir, readonly=True) as g:
         assert fusion_state(g) == st  # no refit: 28 < 30
+
+
+@pytest.mark.slow  # ~30 s at load 2: an index run, a fit, a reset, two CLI index runs
+def test_index_does_not_re_adapt_a_gallery_after_reset(rows, tmp_path, tmp_path_factory, capsys):
+    model_dir = small_fusion_model(tmp_path_factory.mktemp("fusion-reset") / "F")
+    root, rs = rows
+    g_dir = tmp_path / "G"
+    st = _adapted(model_dir, root, rs[:24], g_dir, tmp_path)
+    assert main(["fusion", "adapt", str(g_dir), "--reset"]) == 0
+    capsys.readouterr()
+    man = _manifest(root, rs[:30], tmp_path / "c.csv")  # 30 = 24 x 1.25: was a refit
+    assert main(["index", str(man), "--out", str(g_dir), "-q", "--json", "--threads", "1"]) == 0
+    assert "fusion" not in json.loads(capsys.readouterr().out)
+    with Gallery.open(g_dir, readonly=True) as g:
+        assert g.get_setting("fusion") is None  # still reset: the trained query answers
+        assert g.primary_space == st["fused_space"] and g.count(st["fused_space"]) == 30
+    # an explicit --fusion run adapts again, as before (the default config: a fit record)
+    assert main(["index", str(man), "--out", str(g_dir), "-q", "--json", "--threads", "1",
+                 "--fusion", str(model_dir)]) == 0
+    assert "fusion" in json.loads(capsys.readouterr().out)
+    with Gallery.open(g_dir, readonly=True) as g:
+        assert g.get_setting("fusion")["refit_at"]
