@@ -112,6 +112,11 @@ class Prepared:
     error: ServiceError | None = None
 
 
+#: how long :meth:`Engine.stop` waits for a background job (a refit's fit step, which is not
+#: interrupted, or its wait for another process's adaptation lock)
+BACKGROUND_JOIN_S = 60.0
+
+
 class Engine:
     """The gallery, models and searchers of one service process."""
 
@@ -135,6 +140,9 @@ class Engine:
         self.startup_error: str | None = None
         self._stop = threading.Event()
         self._refresher: threading.Thread | None = None
+        #: background jobs (a fusion refit, galleria.fusion.grow.schedule_refit): stopped by
+        #: ``self._stop`` and joined by :meth:`stop`
+        self.background: list[threading.Thread] = []
         self.refreshes = 0
         self.refresh_errors = 0
 
@@ -179,6 +187,11 @@ class Engine:
         self._stop.set()
         if self._refresher is not None:
             self._refresher.join(timeout=10)
+        for t in self.background:  # a refit stops at its next embedded item (resumable)
+            t.join(timeout=BACKGROUND_JOIN_S)
+            if t.is_alive():
+                log.warning("background job %s still running after %.0f s; left to the "
+                            "process exit", t.name, BACKGROUND_JOIN_S)
         for _, s in self._searchers.values():
             s.close()
         if self.pool is not None:

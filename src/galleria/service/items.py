@@ -137,7 +137,10 @@ def _after_add(engine: Engine) -> None:
         from galleria.fusion.grow import growth, schedule_refit  # lazy: torch
 
         if (growth(engine.gallery) or {}).get("due"):
-            schedule_refit(engine.path, threads=engine.config.threads)
+            t = schedule_refit(engine.path, threads=engine.config.threads,
+                               runtime=engine.config.runtime, stop=engine._stop)
+            if t is not None:
+                engine.background = [b for b in engine.background if b.is_alive()] + [t]
 
 
 def save_upload(root: Path, data: bytes) -> Path:
