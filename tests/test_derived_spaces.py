@@ -3,6 +3,9 @@ embedded by a model; retired ones no longer filled; the recipe skips both."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 
 from galleria.extract.derived import (
@@ -99,3 +102,29 @@ def test_a_fill_racing_a_replacement_never_leaves_the_previous_image_s_derived_v
             want[[3, 7]] = new
             np.testing.assert_allclose(g.get_vectors(g.keys_of(ids), space="w"),
                                        aff.derive(want), atol=1e-6)
+
+
+def test_concurrent_adds_build_a_derived_space_s_deriver_once(tmp_path):
+    with Gallery.open_or_create(tmp_path / "G") as g:
+        g.register_space("base", 8, {"config": {"type": "x"}})
+        g.register_space("w", 6, {"config": {"type": "y"}, "derived_from": "base"})
+        built: list[int] = []
+        gate = threading.Barrier(4)
+
+        def build(info: dict) -> _Affine:
+            built.append(1)
+            time.sleep(0.05)  # a slow model load: the others arrive meanwhile
+            return _Affine(np.eye(8, 6, dtype=np.float32), np.zeros(6, np.float32))
+
+        d = Derivers(g.path, build=build)
+
+        def use() -> None:
+            gate.wait(5)
+            assert [s for s, _ in d.of(g, "base")] == ["w"]
+
+        ts = [threading.Thread(target=use) for _ in range(4)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(10)
+        assert built == [1]

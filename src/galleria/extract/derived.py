@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -51,6 +52,7 @@ class Derivers:
         self.root, self.runtime, self.threads = str(root), runtime, threads
         self._build = build
         self._built: dict[str, Any] = {}
+        self._lock = threading.Lock()  # two uploads at once build a space's deriver once
 
     def of(self, gallery: Any, base: str) -> list[tuple[str, Any]]:
         """``[(derived space, extractor with .derive)]`` of ``base`` (not retired)."""
@@ -58,12 +60,13 @@ class Derivers:
         for s in gallery.spaces():
             if s.info.get("derived_from") != base or s.info.get("retired"):
                 continue
-            if s.space not in self._built:
-                self._built[s.space] = (self._build(s.info) if self._build is not None else
-                                        extractor_from_space(s.info, root=self.root,
-                                                             runtime=self.runtime,
-                                                             threads=self.threads))
-            out.append((s.space, self._built[s.space]))
+            with self._lock:
+                if s.space not in self._built:
+                    self._built[s.space] = (self._build(s.info) if self._build is not None else
+                                            extractor_from_space(s.info, root=self.root,
+                                                                 runtime=self.runtime,
+                                                                 threads=self.threads))
+                out.append((s.space, self._built[s.space]))
         return out
 
 
