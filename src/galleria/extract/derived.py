@@ -118,7 +118,7 @@ def fill_missing(gallery: Any, base: str, space: str, ids: Sequence[str],
     add filled it from its own vector), and an item whose base vector changed between this
     read and this write is derived again from the new one (``rounds`` bounds the retries
     against a stream of replacements); how many rows were written."""
-    n = 0
+    n, done = 0, True
     for _ in range(rounds):
         done = True
         for at in range(0, len(ids), CHUNK):
@@ -138,6 +138,10 @@ def fill_missing(gallery: Any, base: str, space: str, ids: Sequence[str],
             n += _rederive_changed(gallery, base, space, chunk, x, derive, rounds)
         if done:
             break
+    if not done:
+        log.warning("derived space %s: some items still lack a vector after %d rounds (added, "
+                    "replaced or removed meanwhile); the next index run or start fills them",
+                    space, rounds)
     return n
 
 

@@ -175,7 +175,11 @@ class Engine:
     def _repair_derived(self) -> None:
         """Fill the derived vectors a process killed between an add's two commits left
         missing (:func:`galleria.extract.derived.derive_missing`; nothing to do: no model)."""
-        n = derive_missing(self.gallery, self.derivers)
+        try:
+            n = derive_missing(self.gallery, self.derivers)
+        except Exception:  # serve anyway (a derived space's model may be missing): the next
+            log.exception("could not fill the missing derived vectors")  # index run retries
+            return
         if n:
             log.info("filled %d missing derived vectors", n)
 
