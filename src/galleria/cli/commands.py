@@ -97,9 +97,10 @@ def cmd_index(args: argparse.Namespace) -> int:
             remote[1].close()
             remote[0].close()
     adapted = None
-    # a fused gallery (given now or indexed before): bring its adaptation up to date, refit
-    # when it has grown enough since the fit (docs/fusion.md)
-    if getattr(args, "fusion", None) or fusion_growth(report.gallery) is not None:
+    # a fused gallery (given now, or indexed before and adapted: its fit record has a refit
+    # point; none after `galleria fusion adapt --reset`, which this run must not undo): bring
+    # its adaptation up to date, refit when it has grown enough since the fit (docs/fusion.md)
+    if getattr(args, "fusion", None) or (fusion_growth(report.gallery) or {}).get("refit_at"):
 
         adapted = run_adaptation(args.out, threads=threads, runtime=runtime,
                                  quiet=args.quiet, updated=report.updated,

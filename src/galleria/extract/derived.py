@@ -8,6 +8,11 @@ space's ``config`` (for example a fused space whitened on its own gallery,
 it: they fill it from the base vectors they have just committed (:func:`derive_into`), so an
 added item is searchable in the derived space as soon as it is in the base space.
 
+A commit of base vectors drops the items' rows in the live derived spaces in the same
+transaction (:func:`live_derived`): a kill before the derived fill leaves them missing there,
+never stale; :func:`derive_missing` (run at the start of every index run and service start)
+fills what is missing.
+
 A space whose info records ``"retired": true`` (a derived space replaced by a refit) is kept
 for searchers opened before the replacement and no longer filled.
 """
@@ -16,12 +21,15 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
+from galleria.errors import GalleriaError, InputError
 from galleria.extract.spaces import extractor_from_space
+from galleria.types import MISSING_KEY
 from galleria.validate import l2_normalize
 
 log = logging.getLogger(__name__)
@@ -44,6 +52,7 @@ class Derivers:
         self.root, self.runtime, self.threads = str(root), runtime, threads
         self._build = build
         self._built: dict[str, Any] = {}
+        self._lock = threading.Lock()  # two uploads at once build a space's deriver once
 
     def of(self, gallery: Any, base: str) -> list[tuple[str, Any]]:
         """``[(derived space, extractor with .derive)]`` of ``base`` (not retired)."""
@@ -51,13 +60,23 @@ class Derivers:
         for s in gallery.spaces():
             if s.info.get("derived_from") != base or s.info.get("retired"):
                 continue
-            if s.space not in self._built:
-                self._built[s.space] = (self._build(s.info) if self._build is not None else
-                                        extractor_from_space(s.info, root=self.root,
-                                                             runtime=self.runtime,
-                                                             threads=self.threads))
-            out.append((s.space, self._built[s.space]))
+            with self._lock:
+                if s.space not in self._built:
+                    self._built[s.space] = (self._build(s.info) if self._build is not None else
+                                            extractor_from_space(s.info, root=self.root,
+                                                                 runtime=self.runtime,
+                                                                 threads=self.threads))
+                out.append((s.space, self._built[s.space]))
         return out
+
+
+def live_derived(gallery: Any, base: str) -> list[str]:
+    """The live (not retired) derived spaces of ``base``: a commit that writes an item's new
+    ``base`` vector drops the item's rows there in the same transaction (``drop_spaces``), so a
+    kill before :func:`derive_into` leaves the item missing there (repaired by
+    :func:`derive_missing`), never answered with the vector of its previous image."""
+    return [s.space for s in gallery.spaces()
+            if s.info.get("derived_from") == base and not s.info.get("retired")]
 
 
 def derive_into(gallery: Any, base: str, ids: Sequence[str], vectors: np.ndarray,
@@ -76,7 +95,7 @@ def derive_into(gallery: Any, base: str, ids: Sequence[str], vectors: np.ndarray
 
 def derive_missing(gallery: Any, derivers: Derivers) -> int:
     """Give every item of each live derived space's base the derived vector it lacks (from the
-    base's stored vectors); how many rows were written."""
+    base's stored vectors, :func:`fill_missing`); how many rows were written."""
     n = 0
     for s in gallery.spaces():
         base = s.info.get("derived_from")
@@ -84,12 +103,69 @@ def derive_missing(gallery: Any, derivers: Derivers) -> int:
             continue
         ids = gallery.ids(base)
         todo = [i for i, h in zip(ids, gallery.has(ids, s.space), strict=True) if not h]
-        for at in range(0, len(todo), CHUNK):
-            chunk = todo[at:at + CHUNK]
-            vec = gallery.get_vectors(gallery.keys_of(chunk), space=base)
-            for space, ext in derivers.of(gallery, base):
-                if space == s.space:
-                    gallery.add(chunk, ext.derive(l2_normalize(np.asarray(vec, np.float32))),
-                                space=space, replace=True, only_if_in=base)
-                    n += len(chunk)
+        for space, ext in (derivers.of(gallery, base) if todo else []):
+            if space == s.space:
+                n += fill_missing(gallery, base, space, todo, lambda x, e=ext: e.derive(
+                    l2_normalize(np.asarray(x, np.float32))))
+    return n
+
+
+def fill_missing(gallery: Any, base: str, space: str, ids: Sequence[str],
+                 derive: Callable[[np.ndarray], np.ndarray], *, rounds: int = 4) -> int:
+    """Write ``derive((N, d) base vectors)`` into ``space`` for those of ``ids`` lacking a row
+    there, safe against a concurrent add that replaces an item (its base vector, then its
+    derived one): a row present at commit time is never overwritten (skip-if-present: the
+    add filled it from its own vector), and an item whose base vector changed between this
+    read and this write is derived again from the new one (``rounds`` bounds the retries
+    against a stream of replacements); how many rows were written."""
+    n, done = 0, True
+    for _ in range(rounds):
+        done = True
+        for at in range(0, len(ids), CHUNK):
+            chunk = list(ids[at:at + CHUNK])
+            chunk = [i for i, h, b in zip(chunk, gallery.has(chunk, space),
+                                          gallery.has(chunk, base), strict=True) if b and not h]
+            if not chunk:
+                continue
+            try:
+                x = np.asarray(gallery.get_vectors(gallery.keys_of(chunk), space=base))
+                got = gallery.add(chunk, derive(x), space=space, only_if_in=base)
+            except (InputError, GalleriaError) as exc:  # filled or removed meanwhile: again
+                log.debug("derived fill of %s retried: %s", space, exc)
+                done = False
+                continue
+            n += int((np.asarray(got) != MISSING_KEY).sum())
+            n += _rederive_changed(gallery, base, space, chunk, x, derive, rounds)
+        if done:
+            break
+    if not done:
+        log.warning("derived space %s: some items still lack a vector after %d rounds (added, "
+                    "replaced or removed meanwhile); the next index run or start fills them",
+                    space, rounds)
+    return n
+
+
+def _rederive_changed(gallery: Any, base: str, space: str, ids: list[str], x: np.ndarray,
+                      derive: Callable[[np.ndarray], np.ndarray], rounds: int) -> int:
+    """Derive again the items of ``ids`` whose base vector is no longer ``x`` (replaced
+    between the read and the derived write); how many rows were rewritten."""
+    n = 0
+    for _ in range(rounds):
+        alive = [j for j, b in enumerate(gallery.has(ids, base)) if b]
+        if not alive:
+            return n
+        try:
+            now = np.asarray(gallery.get_vectors(gallery.keys_of([ids[j] for j in alive]),
+                                                 space=base))
+        except GalleriaError:  # removed meanwhile: read again
+            continue
+        changed = [j for k, j in enumerate(alive) if not np.array_equal(now[k], x[j])]
+        if not changed:
+            return n
+        new = now[[alive.index(j) for j in changed]]
+        gallery.add([ids[j] for j in changed], derive(new), space=space, replace=True,
+                    only_if_in=base)
+        x = x.copy()
+        x[changed] = new
+        n += len(changed)
     return n

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from galleria.errors import InputError
-from galleria.extract.derived import Derivers, derive_into
+from galleria.extract.derived import Derivers, derive_into, derive_missing, live_derived
 from galleria.extract.embed import Embedder, Progress, embed_stream, file_content
 from galleria.extract.recipe import Recipe, check_explicit, recipe_extractor, recipe_spaces
 from galleria.extract.spaces import space_info
@@ -311,6 +311,9 @@ def index_images(
         _set_total(progress, len(items) * len(plan))
         columns = infer_columns([it.meta for it in items])
         derivers = Derivers(gallery.path, runtime=opts.runtime, threads=opts.threads)
+        repaired = derive_missing(gallery, derivers)  # a run killed between its two commits
+        if repaired:
+            log.info("filled %d missing derived vectors", repaired)
         for ext, keep_info in plan:
             done_if_in = recipe.done_if_in if recipe is not None and not explicit else ()
             _index_space(gallery, items, ident, ext, report, opts, progress=progress,
@@ -452,8 +455,11 @@ def _index_space(
                     report.no_keypoints.extend(blank)
             else:
                 vecs = np.stack([b[1] for b in buf])
-                gallery.add(ids, vecs, space=space, meta=metas,
-                            contents=contents, replace=True, drop_spaces=drop)
+                # the items' derived rows go in this commit: missing until derive_into (or
+                # derive_missing after a kill), never the previous image's
+                stale = live_derived(gallery, space) if derivers is not None else []
+                gallery.add(ids, vecs, space=space, meta=metas, contents=contents,
+                            replace=True, drop_spaces=[*drop, *stale])
                 if derivers is not None:  # e.g. the gallery-whitened fused space: a product
                     derive_into(gallery, space, ids, vecs, derivers)
             report._embedded_ids.update(ids)

@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from galleria.errors import CompatibilityError, GalleriaError, InputError
+from galleria.extract.derived import fill_missing
 from galleria.extract.embed import embed_stream
 from galleria.extract.spaces import space_info
 from galleria.extractors.registry import extractor_from_config, resolve_path
@@ -64,6 +65,7 @@ from galleria.images.decode import load_image
 from galleria.images.sources import SourceItem
 from galleria.io.atomic import NPY_HEADER_LOCK, atomic_open
 from galleria.store.gallery import Gallery
+from galleria.types import MISSING_KEY
 
 log = logging.getLogger(__name__)
 
@@ -159,15 +161,42 @@ def sync_light(gallery: Any, spaces: FusedSpaces, light: FusionLightExtractor, *
     done = 0
     for s in range(0, len(items), flush_every):
         chunk = items[s:s + flush_every]
+        before = gallery.contents([it.id for it in chunk])
         got, vecs, fails = _embed(light, chunk, batch_size, workers, progress)
         bad.extend(fails)
-        if got:  # replace: an index run may have given some of them the same vector meanwhile
-            gallery.add(got, vecs, space=spaces.light, replace=True, only_if_in=spaces.fused)
-            done += len(got)
+        if got:
+            done += _write_light(gallery, spaces, got, vecs, before, redo)
     for i, why in bad[:5]:
         log.warning("no light vector for %s: %s", i, why)
     return {"light_embedded": done, "light_missing": len(bad),
             "light_missing_ids": [i for i, _ in bad[:20]]}
+
+
+def _write_light(gallery: Any, spaces: FusedSpaces, ids: list[str], vecs: np.ndarray,
+                 before: dict[str, Any], redo: set[str]) -> int:
+    """Commit light vectors embedded from the images ``before`` recorded, never over a
+    replacement made meanwhile: an item whose image changed since is left to the add that
+    changed it (it embeds its own light vector); one that got a light vector meanwhile is
+    skipped unless asked to be re-embedded (``redo``); how many written."""
+    now = gallery.contents(ids)
+    same = [n for n, i in enumerate(ids) if now.get(i) == before.get(i)]
+    n_out = 0
+    for replace in (True, False):  # the re-embedded items, then the ones lacking a vector
+        part = [n for n in same if (ids[n] in redo) == replace]
+        for _ in range(3):
+            if not replace:
+                have = gallery.has([ids[n] for n in part], spaces.light)
+                part = [n for n, h in zip(part, have, strict=True) if not h]
+            if not part:
+                break
+            try:
+                got = gallery.add([ids[n] for n in part], vecs[part], space=spaces.light,
+                                  replace=replace, only_if_in=spaces.fused)
+            except InputError:  # an add gave one of them its light vector meanwhile
+                continue
+            n_out += int((np.asarray(got) != MISSING_KEY).sum())
+            break
+    return n_out
 
 
 class ViewCache:
@@ -393,11 +422,10 @@ def sync_whitened(g: Any, spaces: FusedSpaces, rec: dict[str, Any]) -> int:
                              model_fingerprint=spaces.fused)
     ids = g.ids(spaces.fused)
     todo = [i for i, h in zip(ids, g.has(ids, wh["space"]), strict=True) if not h]
-    for s in range(0, len(todo), 4096):
-        chunk = todo[s:s + 4096]
-        gv = np.asarray(g.get_vectors(g.keys_of(chunk), space=spaces.fused), np.float64)
-        g.add(chunk, normalize(t.apply(gv)).astype(np.float32), space=wh["space"],
-              only_if_in=spaces.fused, replace=True)
+    # skip-if-present, re-derived if the fused vector changed meanwhile: an upload replacing
+    # an item during this sync is never overwritten with its previous image's vector
+    fill_missing(g, spaces.fused, wh["space"], todo, lambda gv: normalize(
+        t.apply(np.asarray(gv, np.float64))).astype(np.float32))
     return len(todo)
 
 

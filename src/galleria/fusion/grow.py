@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -65,28 +66,79 @@ def refit_if_due(gallery: Any, **kw: Any) -> dict[str, Any] | None:
 
 
 _running: dict[str, threading.Thread] = {}
+_failed: dict[str, tuple[float, int]] = {}  # gallery -> (monotonic time, items) of a failure
 _lock = threading.Lock()
+#: a failed background refit is retried after this long, or once the fused space has grown by
+#: RETRY_GROWTH more since the failure (not on every upload)
+RETRY_AFTER_S = 600.0
+RETRY_GROWTH = 1.1
+
+
+class RefitCancelled(Exception):
+    """The background refit was asked to stop (the service stops); the job is resumable."""
+
+
+def _cancellable(stop: threading.Event) -> Any:
+    """A progress factory whose bars raise :class:`RefitCancelled` once ``stop`` is set: the
+    adaptation stops at its next embedded item (what it committed stays; a rerun resumes)."""
+    class Bar:
+        def __init__(self, **_: Any) -> None:
+            pass
+
+        def update(self, n: int = 1) -> None:
+            if stop.is_set():
+                raise RefitCancelled
+
+        def close(self) -> None:
+            pass
+
+    return Bar
+
+
+def _backing_off(key: str, retry_after_s: float) -> bool:
+    """True while a failed refit of ``key`` is not to be retried yet (caller holds _lock)."""
+    f = _failed.get(key)
+    if f is None:
+        return False
+    if time.monotonic() - f[0] >= retry_after_s:
+        return False
+    g = growth(key) or {}
+    return int(g.get("items") or 0) < f[1] * RETRY_GROWTH
 
 
 def schedule_refit(path: str | os.PathLike[str], *, threads: int | None = None,
-                   runtime: str = "auto") -> threading.Thread | None:
+                   runtime: str = "auto", stop: threading.Event | None = None,
+                   retry_after_s: float = RETRY_AFTER_S) -> threading.Thread | None:
     """Refit ``path``'s adaptation in a background thread if due (one per gallery at a time in
     this process; across processes the adaptation's file lock serialises them). The thread
-    opens its own handle; the running thread, or None when one runs already."""
+    opens its own handle; ``stop`` set makes it stop at its next embedded item (join it: see
+    :meth:`galleria.service.engine.Engine.stop`). After a failure no new refit starts for
+    ``retry_after_s`` seconds unless the fused space grows by ``RETRY_GROWTH`` more. The
+    running thread, or None when one runs already or the back-off holds."""
     key = str(Path(path).resolve())
+    stop = stop if stop is not None else threading.Event()
     with _lock:
         t = _running.get(key)
-        if t is not None and t.is_alive():
+        if (t is not None and t.is_alive()) or _backing_off(key, retry_after_s):
             return None
 
         def run() -> None:
+            items = int((growth(key) or {}).get("items") or 0)
             try:
                 with Gallery.open(key) as g:
-                    rep = refit_if_due(g, threads=threads, runtime=runtime, workers=1)
+                    rep = refit_if_due(g, threads=threads, runtime=runtime, workers=1,
+                                       progress=_cancellable(stop))
+                with _lock:
+                    _failed.pop(key, None)
                 if rep is not None:
                     log.info("gallery %s refitted: %s", key, rep.get("fit"))
+            except RefitCancelled:
+                log.info("background refit of %s stopped (the next one resumes it)", key)
             except Exception:  # a background job must not die silently
-                log.exception("background refit of %s failed (the next add retries)", key)
+                with _lock:
+                    _failed[key] = (time.monotonic(), items)
+                log.exception("background refit of %s failed (retried after %.0f s or once "
+                              "the gallery grows by x%.2f)", key, retry_after_s, RETRY_GROWTH)
 
         t = threading.Thread(target=run, name=f"galleria-refit-{Path(key).name}", daemon=True)
         _running[key] = t
@@ -94,4 +146,4 @@ def schedule_refit(path: str | os.PathLike[str], *, threads: int | None = None,
         return t
 
 
-__all__ = ["growth", "refit_if_due", "schedule_refit"]
+__all__ = ["RefitCancelled", "growth", "refit_if_due", "schedule_refit"]

@@ -36,6 +36,7 @@ from PIL import Image
 
 from galleria.decision import SearchRequest, SearchSpec, build, choose
 from galleria.errors import GalleriaError, InputError
+from galleria.extract.derived import Derivers, derive_missing
 from galleria.extract.queries import Queries
 from galleria.filters import to_json
 from galleria.images.decode import load_image, load_image_bytes
@@ -111,6 +112,11 @@ class Prepared:
     error: ServiceError | None = None
 
 
+#: how long :meth:`Engine.stop` waits for a background job (a refit's fit step, which is not
+#: interrupted, or its wait for another process's adaptation lock)
+BACKGROUND_JOIN_S = 60.0
+
+
 class Engine:
     """The gallery, models and searchers of one service process."""
 
@@ -121,6 +127,8 @@ class Engine:
         self.path = self.gallery.path
         self.models = ModelCache(self.path, runtime=config.runtime, threads=config.threads,
                                  warm_up=config.warm_up)
+        #: the derive functions of the derived spaces (uploads fill them by a product)
+        self.derivers = Derivers(self.path, runtime=config.runtime, threads=config.threads)
         # one searcher per request (pipeline name), re-opened when its decision changes
         self._searchers: dict[SearchRequest, tuple[tuple[SearchSpec, int], Searcher]] = {}
         self.pool = ShardPool(config.ray, config.shards) if config.ray else None
@@ -132,6 +140,9 @@ class Engine:
         self.startup_error: str | None = None
         self._stop = threading.Event()
         self._refresher: threading.Thread | None = None
+        #: background jobs (a fusion refit, galleria.fusion.grow.schedule_refit): stopped by
+        #: ``self._stop`` and joined by :meth:`stop`
+        self.background: list[threading.Thread] = []
         self.refreshes = 0
         self.refresh_errors = 0
 
@@ -140,6 +151,7 @@ class Engine:
         """Open the default searcher and warm its models (in a thread), then refresh views."""
         def boot() -> None:
             try:
+                self._repair_derived()
                 self._open_default()
                 self.refresh_once()
                 self.ready.set()
@@ -160,6 +172,17 @@ class Engine:
         self._refresher = threading.Thread(target=boot, name="galleria-refresher", daemon=True)
         self._refresher.start()
 
+    def _repair_derived(self) -> None:
+        """Fill the derived vectors a process killed between an add's two commits left
+        missing (:func:`galleria.extract.derived.derive_missing`; nothing to do: no model)."""
+        try:
+            n = derive_missing(self.gallery, self.derivers)
+        except Exception:  # serve anyway (a derived space's model may be missing): the next
+            log.exception("could not fill the missing derived vectors")  # index run retries
+            return
+        if n:
+            log.info("filled %d missing derived vectors", n)
+
     def _open_default(self) -> None:
         if any(sp.count for sp in self.gallery.state().spaces):  # an empty gallery is ready
             self.searcher(None)
@@ -168,6 +191,11 @@ class Engine:
         self._stop.set()
         if self._refresher is not None:
             self._refresher.join(timeout=10)
+        for t in self.background:  # a refit stops at its next embedded item (resumable)
+            t.join(timeout=BACKGROUND_JOIN_S)
+            if t.is_alive():
+                log.warning("background job %s still running after %.0f s; left to the "
+                            "process exit", t.name, BACKGROUND_JOIN_S)
         for _, s in self._searchers.values():
             s.close()
         if self.pool is not None:

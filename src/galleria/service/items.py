@@ -28,7 +28,7 @@ from typing import Any
 from PIL import Image
 
 from galleria.errors import GalleriaError, InputError
-from galleria.extract.derived import Derivers, derive_into, is_derived
+from galleria.extract.derived import Derivers, derive_into, is_derived, live_derived
 from galleria.ids import MAX_ID_CHARS as MAX_IDS
 from galleria.images.decode import ImageDecodeError, load_image, load_image_bytes, parse_bbox
 from galleria.io.atomic import write_bytes
@@ -106,9 +106,10 @@ def add_item(engine: Engine, item_id: str, data: bytes, *, filename: str = "uplo
                             drop_spaces=other)
             else:
                 vec = ext.embed_images([img])
+                # its derived rows go in this commit: never the previous image's after a kill
                 g.add([item_id], vec, space=sp, meta=[meta],
                       contents=[(digest, st.st_size, st.st_mtime_ns)], replace=True,
-                      drop_spaces=other)
+                      drop_spaces=[*other, *live_derived(g, sp)])
                 derive_into(g, sp, [item_id], vec, derivers)  # derived spaces: a product
             done[sp] = g.generation(sp)
     except GalleriaError as exc:
@@ -121,10 +122,10 @@ def add_item(engine: Engine, item_id: str, data: bytes, *, filename: str = "uplo
 def _derivers(engine: Engine) -> Derivers:
     """The engine's derive functions (its model cache is keyed by fingerprint, which a
     derived space shares with its query model: not used here)."""
-    d = getattr(engine, "_derivers", None)
-    if d is None:
+    d = getattr(engine, "derivers", None)
+    if d is None:  # an engine built without Engine.__init__ (tests)
         d = Derivers(engine.path, runtime=engine.config.runtime, threads=engine.config.threads)
-        engine._derivers = d  # type: ignore[attr-defined]
+        engine.derivers = d
     return d
 
 
@@ -136,7 +137,10 @@ def _after_add(engine: Engine) -> None:
         from galleria.fusion.grow import growth, schedule_refit  # lazy: torch
 
         if (growth(engine.gallery) or {}).get("due"):
-            schedule_refit(engine.path, threads=engine.config.threads)
+            t = schedule_refit(engine.path, threads=engine.config.threads,
+                               runtime=engine.config.runtime, stop=engine._stop)
+            if t is not None:
+                engine.background = [b for b in engine.background if b.is_alive()] + [t]
 
 
 def save_upload(root: Path, data: bytes) -> Path:
