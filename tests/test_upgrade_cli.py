@@ -106,8 +106,9 @@ def test_kill9_resume_search_finish(folder, tmp_path):
         assert not o_ids & n_ids and o_ids | n_ids == set(gal.ids()) and len(gal) == N
         s = BackfillSearcher.open(gal, rule="rank-merge", runtime="torch", threads=1)
         queries = [folder / "c03.jpg", folder / sorted(n_ids)[0]]
-        emb, _, _ = s.embed_paths(queries)
-        res = s.search_vectors(old_queries=emb["old"], new_queries=emb["new"], k=N)
+        emb, _, _ = s.embed_paths(queries)  # Queries keyed by space
+        qo, qn = emb[old_fp], emb[new_fp]
+        res = s.search_vectors(old_queries=qo, new_queries=qn, k=N)
         ko, vo = gal.load_vectors(old_fp)
         kn, vn = gal.load_vectors(new_fp)
         ids = list(gal.ids_of(ko)) + list(gal.ids_of(kn))
@@ -115,8 +116,8 @@ def test_kill9_resume_search_finish(folder, tmp_path):
         gn = np.concatenate([np.zeros((len(ko), vn.shape[1]), np.float32), vn])
         mask = np.arange(len(ids)) >= len(ko)
         # (few pairs collected before the kill: below MIN_PAIRS the merge is raw)
-        ref = merged_scores(emb["old"] @ go.T, emb["new"] @ gn.T, mask, s.calibration,
-                            old_queries=emb["old"], new_queries=emb["new"])
+        ref = merged_scores(qo @ go.T, qn @ gn.T, mask, s.calibration,
+                            old_queries=qo, new_queries=qn)
         want = [[ids[j] for j in row] for row in np.argsort(-ref, axis=1, kind="stable")]
         assert res.ids.tolist() == want
         assert [r[0] for r in res.ids.tolist()] == ["c03.jpg", sorted(n_ids)[0]]
