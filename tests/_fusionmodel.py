@@ -4,6 +4,7 @@ on L2-normalised pooled features."""
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 
@@ -34,3 +35,13 @@ def small_fusion_model(out: Path) -> Path:
                       "pooling": {"kind": "gem", "p": 3.0, "eps": 1e-6}, "normalize": True},
         recipe={"note": "test"}, training={"epochs": 0}).save(out, trunk=trunk)
     return out
+
+
+def write_manifest(root: Path, rows: list[dict[str, str]], path: Path) -> Path:
+    """A manifest (``id,path``) of COIL-style ``rows`` under ``root``."""
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["id", "path"])
+        w.writeheader()
+        for r in rows:
+            w.writerow({"id": r["path"], "path": str(root / r["path"])})
+    return path

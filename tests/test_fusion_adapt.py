@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from _fusionmodel import small_fusion_model
+from _fusionmodel import write_manifest as _manifest
 from galleria.cli.main import main
 from galleria.errors import CompatibilityError, FormatError
 from galleria.extractors.registry import extractor_from_config
@@ -35,15 +36,6 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     return small_fusion_model(tmp_path_factory.mktemp("fusion-adapt") / "F")
-
-
-def _manifest(root: Path, rows: list[dict[str, str]], path: Path) -> Path:
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["id", "path"])
-        w.writeheader()
-        for r in rows:
-            w.writerow({"id": r["path"], "path": str(root / r["path"])})
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from _fusionmodel import small_fusion_model
+from _fusionmodel import write_manifest as _manifest
 from galleria.cli.main import main
 from galleria.extract.job import index_images
 from galleria.fusion.adapt import AdaptConfig, normalize
@@ -46,15 +47,6 @@ def rows(require_shared) -> tuple[Path, list[dict[str, str]]]:
     for r in got:
         by.setdefault(r["object"], []).append(r)
     return root, [r for o in sorted(by)[:8] for r in by[o][:5]]  # 40, fixed order
-
-
-def _manifest(root: Path, rows: list[dict[str, str]], path: Path) -> Path:
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["id", "path"])
-        w.writeheader()
-        for r in rows:
-            w.writerow({"id": r["path"], "path": str(root / r["path"])})
-    return path
 
 
 def _adapted(model_dir: Path, root: Path, rows: list[dict[str, str]], g_dir: Path,
