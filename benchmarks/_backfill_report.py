@@ -24,8 +24,8 @@ def claims_table(res: dict[str, Any], short: dict[str, str]) -> list[str]:
     lines = ["| data | pair | order | old | new | gap | noise | default AUC - line | % of gap "
              "| 15 % resolvable | min - old (0-75 %) | NFR default / naive | AUC >= 15 % "
              "| never below | NFR below | merge unless old wins, % | old until rank-merge / "
-             "psi / fused wins, % | before, % |",
-             "|" + "---|" * 18]
+             "psi / fused wins, % | previous default (no ensemble), % | before, % |",
+             "|" + "---|" * 19]
     others = [n for n in VARIANTS if n != DEFAULT]
     for r in res["rows"]:
         d = r["rules"][DEFAULT]
@@ -77,11 +77,11 @@ def decisions_text(r: dict[str, Any]) -> str:
 
 def oracle(r: dict[str, Any], fractions: np.ndarray) -> dict[str, Any] | None:
     """The curve of choosing, at each check, the candidate rule best on the real queries
-    (old-only, rank-merge, both, psi, fused, with the psi in force): the ceiling of any
-    label-free choice among these rules. From the per-check real metrics the bench stores
-    (``decisions[seed][fold].in_force[].real``); at a fraction no check has reached yet,
-    the best of the candidates' mean curves. ``None`` for the ``queries`` order (its curves
-    are popularity-weighted; the stored per-check metrics are not)."""
+    (old-only, rank-merge, both, psi, fused, ensemble, with the psi and phi in force): the
+    ceiling of any label-free choice among these rules. From the per-check real metrics
+    the bench stores (``decisions[seed][fold].in_force[].real``); at a fraction no check
+    has reached yet, the best of the candidates' mean curves. ``None`` for the ``queries``
+    order (its curves are popularity-weighted; the stored per-check metrics are not)."""
     if r["order"] == "queries" or not r.get("decisions"):
         return None
     cands = [r["rules"][name]["curve"] for name in CANDIDATES.values() if name in r["rules"]]
@@ -142,9 +142,9 @@ def report_markdown(res: dict[str, Any], short: dict[str, str], fractions: np.nd
         "evaluated half, both ways; hubs order: the items most often among the old "
         "model's 10 nearest neighbours of the others first, no traffic). *default* = "
         "`auto`: at each check the job's pseudo-query check picks the best merge rule "
-        "(rank-merge, or both / psi / fused when they beat it) and serves it only once it beats "
-        "the old model's own answers (old-only) by a one-sided 95 % bound; old answers "
-        "until then, the new model at finish. "
+        "(rank-merge, or both / psi / fused / ensemble when they beat it) and serves it only "
+        "once it beats the old model's own answers (old-only) by a one-sided 95 % bound; "
+        "old answers until then, the new model at finish. "
         "AUC = mean height over 0-100 %; *line* = straight line old -> new; gap = new - old. "
         "NFR = negative-flip rate (top-1 right with the old model, wrong now), mean over "
         "10-75 % (where neither the default nor the naive merge flips any query, NFR below "
@@ -161,11 +161,17 @@ def report_markdown(res: dict[str, Any], short: dict[str, str], fractions: np.nd
               "bootstrap spread over the queries (points); *15 % resolvable*: 15 % of |gap| "
               "is at least twice the noise (rows marked no cannot show the criterion either "
               "way). *merge unless old wins* and *before* (the rule of the previous default: "
-              "merge rules only, checked at psi fits) in % of gap.", "",
+              "merge rules only, checked at psi fits) in % of gap; *previous default*: "
+              "this default without the candidate ensemble. *ensemble*: every item by the "
+              "mean of its Z-normed old-model and new-model scores, the new side of an item "
+              "not moved yet from phi (a ridge map old -> new fitted on the moved items' "
+              "pairs and the pseudo-queries' pairs at each psi fit).", "",
               "## The pseudo-query check against the real queries", "",
               "At each interior fraction the check runs on the gallery as it is (the items "
-              "moved so far) with the candidates old-only, rank-merge, both and, once psi is "
-              "fitted, psi and fused. *pseudo order = real order*: over every pair of "
+              "moved so far) with the candidates old-only, rank-merge, both and, once psi and "
+              "phi are fitted, psi, fused and ensemble (its pseudo-query ranks cross-fitted: "
+              "each half of the pseudo-queries answered with a phi fitted without that "
+              "half's pairs). *pseudo order = real order*: over every pair of "
               "candidates whose real-query metric differs by more than 0.1 point, how "
               "often the pseudo-query MRR orders them the same way; *regret*: real metric of "
               "the best candidate minus the default's choice, mean over checks.", ""]
@@ -173,8 +179,8 @@ def report_markdown(res: dict[str, Any], short: dict[str, str], fractions: np.nd
     lines.append("")
     lines += ["## Oracle: the ceiling of a label-free rule choice (uses labels)", "",
               "**Not a method: it reads the real queries' labels.** At each check, the "
-              "candidate rule (old-only, rank-merge, both, psi, fused; psi as fitted by "
-              "then) that is best on the real queries' metric at that point, from the "
+              "candidate rule (old-only, rank-merge, both, psi, fused, ensemble; psi and phi "
+              "as fitted by then) that is best on the real queries' metric at that point, from the "
               "per-check real metrics this bench stores; before the first check, the best "
               "candidate curve. No label-free choice among the existing rules can do better, "
               "so a row whose oracle is below 15 % of |gap| cannot meet the criterion by "

@@ -49,22 +49,29 @@ from galleria.upgrade.search import COHORT_TOP, FUSE_WEIGHT, MIN_PAIRS
 from galleria.validate import l2_normalize
 
 CALIB_SIZE = 1000
+ENSEMBLE = "ensemble (both models on every item; phi for items not moved)"
+PREVIOUS = "auto without ensemble (the previous default)"
 RULES = ["old-only -> switch", "naive", "rank-merge (quantile, self-cal.)",
          "rank-merge (top-100 z-norm)", "rank-merge (top-100 z-norm, + pseudo cohort)",
          "psi online (top-100 z-norm)",
          "fused online (top-100 z-norm)", "both models on moved items (z-norm mean)",
          "auto before (merge rules, checked at fits)", "auto: merge unless old wins",
          "auto: old until rank-merge / psi / fused wins",
+         "ensemble (both models on every item; phi for items not moved)",
+         "auto without ensemble (the previous default)",
          "auto (default): old until a merge rule wins"]
 DEFAULT = "auto (default): old until a merge rule wins"
 BEFORE = "auto before (merge rules, checked at fits)"
 VARIANTS = {DEFAULT: "until-better", "auto: merge unless old wins": "unless-worse",
-            "auto: old until rank-merge / psi / fused wins": "until-better"}
+            "auto: old until rank-merge / psi / fused wins": "until-better",
+            PREVIOUS: "until-better"}
 NO_BOTH = "auto: old until rank-merge / psi / fused wins"
+WITHOUT = {NO_BOTH: ("both", "ensemble"), PREVIOUS: ("ensemble",)}
+"""Candidates a variant leaves out of its check."""
 CANDIDATES = {"old-only": "old-only -> switch",
               "rank-merge": "rank-merge (top-100 z-norm, + pseudo cohort)",
               "psi": "psi online (top-100 z-norm)", "fused": "fused online (top-100 z-norm)",
-              "both": "both models on moved items (z-norm mean)"}
+              "both": "both models on moved items (z-norm mean)", "ensemble": ENSEMBLE}
 
 
 @dataclass
@@ -190,11 +197,16 @@ def query_driven_order(task: Task, old: str, traffic: np.ndarray, seed: int, *,
 
 @dataclass
 class Fit:
+    """One online fit: psi (new -> old) and phi (old -> new, on the moved pairs and the
+    pseudo-query pairs; ``folds``: phi without each fold's pseudo pairs, for the check)."""
+
     m: int
     psi: RidgePsi
     rule: str
     scores: dict[str, Any]
     fit_s: float
+    phi: RidgePsi | None = None
+    folds: list[tuple[np.ndarray, RidgePsi]] = field(default_factory=list)
 
 
 @dataclass
@@ -254,9 +266,52 @@ def _pseudo_rr(s: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + rank)
 
 
-def pseudo_rr(task: Task, old: str, new: str, done: np.ndarray, psi: RidgePsi | None
+def _cohorts(go: np.ndarray, gn: np.ndarray, cohort: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray]:
+    co, cn = go[cohort], gn[cohort]
+    if EXTRA_COHORT:
+        co = np.concatenate([co, EXTRA_COHORT["old"]])
+        cn = np.concatenate([cn, EXTRA_COHORT["new"]])
+    return co, cn
+
+
+def _ensemble(s_old: np.ndarray, s_new: np.ndarray, q_old: np.ndarray, q_new: np.ndarray,
+              mask: np.ndarray, go: np.ndarray, gn: np.ndarray, cohort: np.ndarray,
+              phi: RidgePsi, ghat: np.ndarray) -> np.ndarray:
+    """Rule ``ensemble``: ``0.5 (z_old + z_new)`` on every item; the new side of an item not
+    moved yet from ``ghat = l2norm(phi(old vector))`` (``(N, D_new)``), Z-normed against
+    ``phi`` of the old cohort; moved items as rule ``both``."""
+    co, cn = _cohorts(go, gn, cohort)
+    s_est = q_new @ ghat.T
+    if len(co) < MIN_PAIRS:
+        return 0.5 * (s_old + np.where(mask, s_new, s_est))
+    mo, so = cohort_stats(q_old, co, top=COHORT_TOP)
+    mn, sn = cohort_stats(q_new, cn, top=COHORT_TOP)
+    me, se = cohort_stats(q_new, phi.transform(co), top=COHORT_TOP)
+    return 0.5 * ((s_old - mo) / so + np.where(mask, (s_new - mn) / sn, (s_est - me) / se))
+
+
+def fit_phi(task: Task, old: str, new: str, done: np.ndarray, config: OnlineConfig,
+            pseudo_rows: np.ndarray | None = None) -> RidgePsi:
+    """phi (old -> new ridge, L2-normalised output) on the moved items' pairs and the
+    pseudo-queries' pairs (``pseudo_rows``: a subset of them; ``None``: all)."""
+    po, pn = task.pseudo[old], task.pseudo[new]
+    if pseudo_rows is not None:
+        po, pn = po[pseudo_rows], pn[pseudo_rows]
+    return RidgePsi(max_pairs=config.max_pairs, seed=config.seed).fit(
+        np.concatenate([task.g[old][done], po]), np.concatenate([task.g[new][done], pn]))
+
+
+def pseudo_folds(n: int, seed: int) -> list[np.ndarray]:
+    """Two seeded halves of the pseudo-queries (the check's cross-fit of phi)."""
+    perm = np.random.default_rng(seed).permutation(n)
+    return [np.sort(perm[: n // 2]), np.sort(perm[n // 2:])]
+
+
+def pseudo_rr(task: Task, old: str, new: str, done: np.ndarray, fit: Fit | None
               ) -> dict[str, np.ndarray]:
-    """Pseudo-query reciprocal ranks of every candidate rule with the items ``done`` moved."""
+    """Pseudo-query reciprocal ranks of every candidate rule with the items ``done`` moved
+    (``ensemble`` cross-fitted: each fold's queries with the phi that never saw them)."""
     go, gn = task.g[old], task.g[new]
     po, pn = task.pseudo[old], task.pseudo[new]
     truth = task.pseudo_rows
@@ -269,11 +324,19 @@ def pseudo_rr(task: Task, old: str, new: str, done: np.ndarray, psi: RidgePsi | 
     rr = {"old-only": _pseudo_rr(s_old, truth),
           "rank-merge": _pseudo_rr(_znorm(s_old, s_new, po, pn, mask, go, gn, cohort), truth),
           "both": _pseudo_rr(_both(s_old, s_new, po, pn, mask, go, gn, cohort), truth)}
-    if psi is not None:
+    if fit is not None:
+        psi = fit.psi
         ps = psi.transform(pn)
         pf = l2_normalize(po + FUSE_WEIGHT * ps)
         rr["psi"] = _pseudo_rr(_znorm(ps @ go.T, s_new, ps, pn, mask, go, gn, cohort), truth)
         rr["fused"] = _pseudo_rr(_znorm(pf @ go.T, s_new, pf, pn, mask, go, gn, cohort), truth)
+        if fit.folds:
+            ens = np.zeros(len(truth))
+            for rows, phi in fit.folds:
+                ens[rows] = _pseudo_rr(_ensemble(
+                    s_old[rows], s_new[rows], po[rows], pn[rows], mask, go, gn, cohort, phi,
+                    phi.transform(go)), truth[rows])
+            rr["ensemble"] = ens
     return rr
 
 
@@ -292,11 +355,20 @@ def fits_for(task: Task, old: str, new: str, order: np.ndarray, config: OnlineCo
         t = time.perf_counter()
         psi = RidgePsi(max_pairs=config.max_pairs, seed=config.seed).fit(gn[done], go[done])
         fit_s = time.perf_counter() - t
-        rr = pseudo_rr(task, old, new, done, psi)
-        rr.pop("old-only")
-        rr.pop("both")
-        rule, scores = decide(rr)
-        fits.append(Fit(m, psi, rule, scores, fit_s))
+        t = time.perf_counter()
+        phi = fit_phi(task, old, new, done, config)
+        phi_s = time.perf_counter() - t
+        folds = pseudo_folds(len(task.pseudo_rows), config.seed)
+        fit = Fit(m, psi, "", {}, fit_s, phi,
+                  [(rows, fit_phi(task, old, new, done, config, other))
+                   for rows, other in zip(folds, folds[::-1], strict=True)])
+        fit.scores = {"phi_fit_s": round(phi_s, 4)}
+        rr = pseudo_rr(task, old, new, done, fit)
+        for gone in ("old-only", "both", "ensemble"):  # the previous default's merge rules
+            rr.pop(gone, None)
+        fit.rule, scores = decide(rr)
+        fit.scores.update(scores)
+        fits.append(fit)
         nxt = next_fit_at(config, m)
         if nxt <= m:
             break
@@ -315,10 +387,10 @@ def checks_for(task: Task, old: str, new: str, order: np.ndarray, fits: list[Fit
         if nb <= 0 or nb >= n:
             continue
         fit = next((x for x in reversed(fits) if x.m <= nb), None)
-        rr = pseudo_rr(task, old, new, order[:nb], None if fit is None else fit.psi)
+        rr = pseudo_rr(task, old, new, order[:nb], fit)
         rules, scores, verdict = {}, {}, {}
         for name, mode in VARIANTS.items():
-            cands = {k: v for k, v in rr.items() if name != NO_BOTH or k != "both"}
+            cands = {k: v for k, v in rr.items() if k not in WITHOUT.get(name, ())}
             rules[name], sc, vd = decide_with_old(cands, mode=mode)
             if name == DEFAULT:
                 scores, verdict = sc, vd
@@ -385,7 +457,13 @@ def run_curves(task: Task, old: str, new: str, order: np.ndarray, rows: np.ndarr
             chosen = fit.rule
         res["both models on moved items (z-norm mean)"] = s_nn if done else _both(
             s_oo, s_nn, qo, qn, mask, go, gn, cohort)
+        if fit is None or done or fit.phi is None:
+            res[ENSEMBLE] = res["both models on moved items (z-norm mean)"]
+        else:
+            res[ENSEMBLE] = _ensemble(s_oo, s_nn, qo, qn, mask, go, gn, cohort, fit.phi,
+                                      fit.phi.transform(go))
         by_rule = {"both": res["both models on moved items (z-norm mean)"],
+                   "ensemble": res[ENSEMBLE],
                    "rank-merge": rank, "psi": res["psi online (top-100 z-norm)"],
                    "fused": res["fused online (top-100 z-norm)"], "old-only": res[
                        "old-only -> switch"]}

@@ -181,13 +181,16 @@ def fit_costs(task: Task, old: str, new: str, config: OnlineConfig) -> dict[str,
     """Seconds of each online fit (ridge SVD) and of its pseudo-query check, one thread."""
     order = random_order(task.g[old].shape[0], 0)
     fits = fits_for(task, old, new, order, config)
-    rows = [{"pairs": f.m, "fit_s": round(f.fit_s, 4)} for f in fits]
+    rows = [{"pairs": f.m, "fit_s": round(f.fit_s, 4),
+             "phi_fit_s": f.scores.get("phi_fit_s")} for f in fits]
     t = time.perf_counter()
     fits_for(task, old, new, order, config)
     both = time.perf_counter() - t
     fit_total = sum(f.fit_s for f in fits)
+    phi_total = sum(float(f.scores.get("phi_fit_s") or 0.0) for f in fits)
     return {"fits": rows, "fit_total_s": round(fit_total, 3),
-            "check_total_s": round(max(0.0, both - fit_total), 3),
+            "phi_fit_total_s": round(phi_total, 3),
+            "check_total_s": round(max(0.0, both - fit_total - phi_total), 3),
             "pairs_at_last_fit": fits[-1].m if fits else 0,
             "pseudo_queries": int(task.pseudo_rows.size), "gallery": int(task.g[old].shape[0])}
 
@@ -237,8 +240,13 @@ def query_costs(models: list[str], gallery: int, n: int = 20) -> dict[str, Any]:
     zmerge = median_ms(znorm_merge, 50)
     psi = RidgePsi().fit(g[:2000], g[:2000][:, ::-1].copy())
     psi_ms = median_ms(lambda: psi.transform(q), 50)
+    # rule ensemble: phi of the candidates' old vectors (depth 200) and its cohort (1000)
+    phi_ms = median_ms(lambda: psi.transform(g[:200]), 20)
+    phi_cohort = psi.transform(cohort)  # once per phi fit, not per query
+    cohort_ms = median_ms(lambda: cohort_stats(q, phi_cohort, top=100), 20)
     return {"forward_ms": fwd, "search_ms": search, "merge_ms": merge,
-            "znorm_merge_ms": zmerge, "psi_ms": psi_ms, "gallery": gallery,
+            "znorm_merge_ms": zmerge, "psi_ms": psi_ms, "phi_candidates_ms": phi_ms,
+            "phi_cohort_ms": cohort_ms, "gallery": gallery,
             "statistic": "median, batch 1, one thread"}
 
 
@@ -254,6 +262,9 @@ def rule_costs(old: str, new: str, c: dict[str, Any]) -> dict[str, float]:
         "psi online (top-100 z-norm)": fn + p + 2 * s + zm,
         "fused online (top-100 z-norm)": fo + fn + p + 2 * s + zm,
         "both models on moved items (z-norm mean)": fo + fn + 2 * s + zm,
+        # two searches of the old part (old(q) and the linear surrogate), one of the new
+        "ensemble (both models on every item; phi for items not moved)":
+            fo + fn + 3 * s + zm + c.get("phi_candidates_ms", 0.0) + c.get("phi_cohort_ms", 0.0),
         "new model alone (after finish)": fn + s,
     }
 
