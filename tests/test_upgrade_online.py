@@ -174,7 +174,7 @@ def test_run_fits_checks_and_publishes_on_the_schedule(gallery):
         assert d["fits"] >= 2 and d["pairs"] == 40 and d["checked"]
         assert d["source"] in ("online", "recheck") and d["checks"] >= d["fits"]
         assert d["moved"] == 40
-        assert set(d["scores"]) == {"old-only", "both", "rank-merge", "psi", "fused"}
+        assert set(d["scores"]) == {"old-only", "both", "ensemble", "rank-merge", "psi", "fused"}
         # old-only during an online job = the old model alone on the whole gallery
         # (the moved items by the old vectors the job kept): a brute-force reference
         q = l2_normalize(np.random.default_rng(5).standard_normal((6, 12)).astype(np.float32))

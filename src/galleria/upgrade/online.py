@@ -355,12 +355,12 @@ def check_rules(gallery: Gallery, pseudo: PseudoSet, psi: Any, *, depth: int = 1
         score(BOTH, s, s.search_vectors(new_queries=pseudo.new, old_queries=pseudo.old,
                                         k=depth))
     if kept and phi is not None:  # cross-fitted: phi learns from the pseudo pairs
-        rr, res, served = ensemble_check(gallery, pseudo.ids, pseudo.old, pseudo.new, phi,
-                                         depth=depth, seed=seed,
-                                         moved=lambda: all_pairs(gallery)[1:])
-        out[ENSEMBLE] = rr
-        if answers is not None:
-            answers[ENSEMBLE] = (res, served)
+        ens = ensemble_check(gallery, pseudo.ids, pseudo.old, pseudo.new, phi, depth=depth,
+                             seed=seed, moved=lambda: all_pairs(gallery)[1:])
+        if ens is not None:
+            out[ENSEMBLE] = ens[0]
+            if answers is not None:
+                answers[ENSEMBLE] = ens[1:]
     for rule in (BASELINE, *PSI_RULES):
         the_map = psi if rule in PSI_RULES else None
         if rule in PSI_RULES and psi is None:

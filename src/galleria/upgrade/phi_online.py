@@ -106,7 +106,7 @@ def fold_maps(phi: PhiRidge, n_pseudo: int, moved: PairsFn, pseudo_old: np.ndarr
 
 def ensemble_check(gallery: Gallery, truth: Sequence[str], pseudo_old: np.ndarray,
                    pseudo_new: np.ndarray, phi: PhiRidge, *, depth: int, seed: int,
-                   moved: PairsFn) -> tuple[np.ndarray, SearchResult, Any]:
+                   moved: PairsFn) -> tuple[np.ndarray, SearchResult, Any] | None:
     """Per-pseudo-query reciprocal ranks of rule ``ensemble``, cross-fitted.
 
     Args:
@@ -118,7 +118,8 @@ def ensemble_check(gallery: Gallery, truth: Sequence[str], pseudo_old: np.ndarra
 
     Returns:
         ``(rr (P,), the merged result in the original order, an object with the
-        served searcher's ``calibration`` and ``map_fingerprint``)``.
+        served searcher's ``calibration`` and ``map_fingerprint``)``; ``None`` when a
+        fold's map cannot be fitted without that fold (fewer than 8 pairs left).
     """
     cal = job_calibration(gallery, "znorm-top")
     served = SimpleNamespace(calibration=cal, map_fingerprint=phi.fingerprint, psi=None)
@@ -131,9 +132,9 @@ def ensemble_check(gallery: Gallery, truth: Sequence[str], pseudo_old: np.ndarra
     out: SearchResult | None = None
     for f, m in enumerate(maps):
         rows = np.flatnonzero(folds == f)
-        if m is None:
-            m = phi  # too few pairs to fit without the fold (never with >= 8 pseudo pairs)
-            log.warning("ensemble check: fold %d scored with the served phi", f)
+        if m is None:  # too few pairs without the fold: no fair check of the rule
+            log.info("ensemble check: fold %d has too few pairs to fit phi without it", f)
+            return None
         s = BackfillSearcher(gallery, rule="ensemble", phi=m, calibration=cal)
         res = s.search_vectors(new_queries=pseudo_new[rows], old_queries=pseudo_old[rows],
                                k=depth)
