@@ -8,18 +8,19 @@ to :attr:`OnlineConfig.max_pairs` in ``<job>/online/pairs``). On a schedule
 grown by :attr:`OnlineConfig.growth`) the run
 
 1. fits a ridge psi (:class:`~galleria.upgrade.ridge.RidgePsi`; closed form,
-   label-free) on all pairs so far;
+   label-free) on all pairs so far, and the forward map phi of rule ``ensemble``
+   (old -> new, :mod:`galleria.upgrade.phi_online`; also on the pseudo-query pairs);
 2. scores, on the gallery as it is now, every label-free rule with
    *pseudo-queries*: phone-like views of a seeded sample of the gallery's own
    images, whose one true answer is the item each was made from
    (:mod:`galleria.images.pseudo`; embedded once per job with both models and
    kept in ``<job>/online/pseudo``): the old model's own answers (``old-only``,
    from the old vectors the job keeps of the moved items), ``rank-merge``,
-   ``both`` (moved items scored by both models) and, with the psi, ``psi`` and
-   ``fused``;
-3. publishes: the map into ``<job>/online/psi-<pairs>/`` (an atomic estimator
-   save), then the decision into the job record (one settings write):
-   ``state.online = {"rule", "psi", "map", "pairs", "scores", "verdict", ...}``.
+   ``both`` (moved items scored by both models), ``ensemble`` (cross-fitted) and,
+   with the psi, ``psi`` and ``fused``;
+3. publishes: the maps into ``<job>/online/psi-<pairs>/``, ``phi-<digest>/`` (atomic
+   estimator saves), then the decision into the job record (one settings write):
+   ``state.online = {"rule", "psi", "map", "phi", "phi_map", "pairs", "scores", ...}``.
 
 Between fits the check runs again (same psi) each time
 :attr:`OnlineConfig.recheck_every` of the gallery has moved, so the decision is

@@ -190,10 +190,12 @@ def fit_phi(moved_old: np.ndarray, moved_new: np.ndarray,
 
 
 def pseudo_folds(n: int, *, seed: int = 0, folds: int = FOLDS) -> np.ndarray:
-    """``(n,)`` fold of each pseudo-query (a seeded balanced split into ``folds``)."""
+    """``(n,)`` fold of each pseudo-query: a seeded permutation cut into ``folds``
+    consecutive parts of (nearly) equal size."""
     if n < folds:
         raise InputError(f"{n} pseudo-queries cannot be split into {folds} folds")
     perm = np.random.default_rng(seed).permutation(n)
     out = np.empty(n, np.int64)
-    out[perm] = np.arange(n) % folds
+    for f, part in enumerate(np.split(perm, (np.arange(1, folds) * n) // folds)):
+        out[part] = f  # 2 folds: perm[: n // 2] and perm[n // 2:]
     return out

@@ -116,7 +116,8 @@ def resolve_rule(rule: str, gallery: Gallery, state: UpgradeState) -> str:
     check chose (:mod:`galleria.upgrade.online`: ``old-only`` -- the old model's
     answers, until a merge rule beats them on the gallery's own pseudo-queries --,
     or ``psi`` / ``fused`` with the psi it checked, only when they beat
-    rank-merge); else rank-merge. (metric-compatible is never chosen
+    rank-merge; ``both`` / ``ensemble``, the latter with the phi it published);
+    else rank-merge. (metric-compatible is never chosen
     automatically: its gains come from the labels it was trained with and did
     not transfer across domains in the benchmark; ask for it by name.)"""
     if rule not in RULES:
