@@ -493,7 +493,7 @@ class BackfillSearcher(Searcher):
                                       candidate_depth(k), partial(
                                           read_old_vectors, self.gallery,
                                           self.state.old_space, self.moved_old))
-        self.cost.index_searches += 3 * len(qo)
+        self.cost.index_searches += 2 * len(qo)  # old part: surrogate and old(q)
         self.cost.map_calls += mapped
         self.cost.add_ms("phi+rescore", time.perf_counter() - t1)
         self.cost.add_ms("search", t1 - t)
