@@ -215,9 +215,10 @@ def test_phi_refuses_the_other_direction_and_other_models(gallery, tmp_path):
 
 
 def test_ensemble_search_while_the_job_moves_items(gallery):
-    """Searches from threads while the run moves items (and refits phi): every answer is
-    k distinct items, each item at most once (one committed state, kept old vectors for
-    items that moved between the view and the read)."""
+    """Searches from threads while the run moves items and republishes phi: every answer
+    is k distinct items, each item at most once (one committed state, kept old vectors for
+    items that moved between the view and the read); a searcher opened meanwhile loads
+    the phi its decision records."""
     run_upgrade(gallery, limit=16, commit_every=8)
     errors: list[BaseException] = []
     done = threading.Event()
@@ -227,18 +228,25 @@ def test_ensemble_search_while_the_job_moves_items(gallery):
         qo = l2_normalize(rng.standard_normal((4, 12)).astype(np.float32))
         qn = l2_normalize(rng.standard_normal((4, 10)).astype(np.float32))
 
-        def searcher() -> None:
+        def searcher(reopen: bool) -> None:
             try:
                 n = 0
                 while not done.is_set() or n < 3:
-                    res = s.search_vectors(old_queries=qo, new_queries=qn, k=N)
+                    if reopen:  # the published phi, read while the job republishes it
+                        with Gallery.open(gallery) as g2:
+                            s2 = BackfillSearcher.open(g2, rule="ensemble", with_models=False)
+                            res = s2.search_vectors(old_queries=qo, new_queries=qn, k=N)
+                            seen.add(s2.phi.fingerprint)
+                    else:
+                        res = s.search_vectors(old_queries=qo, new_queries=qn, k=N)
                     for row in res.ids:
                         assert None not in row and len(set(row)) == N
                     n += 1
             except BaseException as exc:
                 errors.append(exc)
 
-        threads = [threading.Thread(target=searcher) for _ in range(2)]
+        seen: set[str] = set()
+        threads = [threading.Thread(target=searcher, args=(r,)) for r in (False, True)]
         for t in threads:
             t.start()
         try:
@@ -248,6 +256,7 @@ def test_ensemble_search_while_the_job_moves_items(gallery):
             for t in threads:
                 t.join(timeout=60)
     assert not errors, errors[0]
+    assert len(seen) >= 1
     assert len(list(online_folder(gallery).glob("phi-*"))) <= 2  # current and previous
 
 

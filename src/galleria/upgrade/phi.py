@@ -32,10 +32,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from galleria.errors import CompatibilityError, InputError
+from galleria.errors import CompatibilityError, FormatError, InputError
 from galleria.upgrade.crossmap import mlp_forward
 from galleria.upgrade.ridge import RidgePsi
-from galleria.upgrade.state import UpgradeError, UpgradeState, decision_phi_path
+from galleria.upgrade.state import (
+    UpgradeError,
+    UpgradeState,
+    decision_phi_path,
+    require_upgrade,
+)
 from galleria.validate import as_embeddings, l2_normalize
 
 if TYPE_CHECKING:
@@ -151,19 +156,33 @@ def load_phi(path: str | os.PathLike[str], *, old_fingerprint: str | None = None
 def published_phi(gallery: Gallery, state: UpgradeState,
                   path: str | os.PathLike[str] | None = None) -> PhiRidge:
     """The forward map phi of rule ``ensemble``: ``path``, else the one the job's decision
-    published (refused unless it is the map the decision records: a stale folder)."""
+    published (refused unless it is the map the decision records: a stale folder).
+
+    The job keeps the previous map folder when it publishes a new one; a reader that
+    still lost the race (two publications while it loaded) reads the decision again.
+    """
     if path is not None:
         return load_phi(path, old_fingerprint=state.old_space, new_fingerprint=state.new_space)
-    p = decision_phi_path(gallery, state)
-    if p is None:
-        raise UpgradeError("rule ensemble needs the forward map phi the job fits while it "
-                           "runs (`galleria upgrade run`; not fitted yet)")
-    phi = load_phi(p, old_fingerprint=state.old_space, new_fingerprint=state.new_space)
-    want = (state.online.get("decision") or {}).get("phi_map")
-    if want is not None and phi.fingerprint != want:
-        raise UpgradeError(f"the phi in {p} is not the one the job's decision records "
+    err: Exception | None = None
+    for attempt in range(3):
+        st = state if attempt == 0 else require_upgrade(gallery)
+        p = decision_phi_path(gallery, st)
+        if p is None:
+            err = UpgradeError("rule ensemble needs the forward map phi the job fits while it "
+                               "runs (`galleria upgrade run`; not fitted yet)")
+            continue
+        try:
+            phi = load_phi(p, old_fingerprint=st.old_space, new_fingerprint=st.new_space)
+        except (FormatError, OSError) as exc:  # removed while it was read
+            err = exc
+            continue
+        want = (st.online.get("decision") or {}).get("phi_map")
+        if want is None or phi.fingerprint == want:
+            return phi
+        err = UpgradeError(f"the phi in {p} is not the one the job's decision records "
                            "(republished meanwhile): open the searcher again")
-    return phi
+    assert err is not None
+    raise err
 
 
 def fit_phi(moved_old: np.ndarray, moved_new: np.ndarray,

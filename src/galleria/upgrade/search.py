@@ -260,7 +260,8 @@ class BackfillSearcher(Searcher):
         cal = self.calibration
         info = dict(cal.info) if hasattr(cal, "info") else {}
         extra = {} if self.phi is None else {"phi": self.phi.fingerprint,
-                                             "candidate_depth": candidate_depth(1)}
+                                             "candidate_depth":
+                                             f"max({candidate_depth(1)}, 4 k)"}
         return {**super().describe(), "model": self.state.new_space, "pipeline": "global",
                 "merge": {"rule": self.rule, "old_space": self.state.old_space,
                           "new_space": self.state.new_space, "calibration": info, **extra}}
