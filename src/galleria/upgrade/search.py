@@ -36,9 +36,10 @@ the global maps come from the (old, new) pairs the backfill job keeps
 (:class:`galleria.upgrade.job.PairStore`); with fewer than :data:`MIN_PAIRS`
 pairs, psi rules fall back to the quantile map stored with psi, the others to
 raw scores. Measured in benchmarks/results/backfill.md. ``ensemble``
-(:mod:`galleria.upgrade.ensemble`) needs the job's forward map ``phi`` (old -> new,
-:mod:`galleria.upgrade.phi`) and scores the old part exactly on a candidate set. :class:`QueryCost`
-records forward passes, index searches and milliseconds per stage.
+(:mod:`galleria.upgrade.ensemble`) needs the job's forward map ``phi`` (old ->
+new, :mod:`galleria.upgrade.phi`) and scores the old part exactly on a candidate
+set. :class:`QueryCost` records forward passes, index searches and milliseconds
+per stage.
 """
 
 from __future__ import annotations
