@@ -110,6 +110,12 @@ def test_ensemble_search_equals_brute_force_and_its_candidates(gallery, monkeypa
         np.testing.assert_allclose(got.scores, np.take_along_axis(ref, want, 1), atol=1e-4)
         assert s.describe()["merge"]["phi"] == phi.fingerprint
         assert s.cost.per_query()["map_calls_per_query"] > 0
+        # no cohort (too few pairs at the start): raw scores, as rule both does then
+        raw = 0.5 * (qo @ old.T + np.where(moved[None, :], qn @ new.T, qn @ _phi(phi, old).T))
+        got = BackfillSearcher(g, rule="ensemble", phi=phi).search_vectors(
+            old_queries=qo, new_queries=qn, k=20)
+        want = np.argsort(-raw, axis=1, kind="stable")[:, :20]
+        assert [list(r) for r in got.ids] == [[ids[j] for j in r] for r in want]
 
         # small depth: exact on the moved items + the candidates of the two lists
         depth, k = 4, 10
