@@ -56,13 +56,17 @@ def fit_job_phi(gallery: Gallery, state: UpgradeState, folder: Path, *,
     ``folder/phi-<digest>``; ``None`` with fewer than 8 pairs in all."""
     pseudo = load_pseudo_pairs(gallery.path)
     po, pn = pseudo if pseudo is not None else (None, None)
-    phi = fit_phi(moved_old, moved_new, po, pn, old_fingerprint=state.old_space,
-                  new_fingerprint=state.new_space, max_pairs=max_pairs, seed=seed)
-    if phi is None:
+    try:  # an add-on of the fit: its failure never stops psi's publication
+        phi = fit_phi(moved_old, moved_new, po, pn, old_fingerprint=state.old_space,
+                      new_fingerprint=state.new_space, max_pairs=max_pairs, seed=seed)
+        if phi is None:
+            return None
+        phi.info_["pseudo_pairs"] = 0 if po is None else len(po)
+        out = folder / (PHI_PREFIX + hashlib.sha256(phi.fingerprint.encode()).hexdigest()[:8])
+        phi.save(out)  # a folder left half-written is dropped by the next publication
+    except (GalleriaError, OSError, ValueError) as exc:  # LinAlgError is a ValueError
+        log.warning("online phi: fit failed (%s); rule ensemble is left out", exc)
         return None
-    phi.info_["pseudo_pairs"] = 0 if po is None else len(po)
-    out = folder / (PHI_PREFIX + hashlib.sha256(phi.fingerprint.encode()).hexdigest()[:8])
-    phi.save(out)
     return phi, out
 
 
@@ -128,7 +132,11 @@ def ensemble_check(gallery: Gallery, truth: Sequence[str], pseudo_old: np.ndarra
         s = BackfillSearcher(gallery, rule="ensemble", phi=phi, calibration=cal)
         res = s.search_vectors(new_queries=pseudo_new, old_queries=pseudo_old, k=depth)
         return _rr(res, truth), res, served
-    folds, maps = fold_maps(phi, n, moved, pseudo_old, pseudo_new, seed=seed)
+    try:
+        folds, maps = fold_maps(phi, n, moved, pseudo_old, pseudo_new, seed=seed)
+    except (GalleriaError, OSError, ValueError) as exc:
+        log.warning("ensemble check: the fold maps failed (%s); rule left out", exc)
+        return None
     out: SearchResult | None = None
     for f, m in enumerate(maps):
         rows = np.flatnonzero(folds == f)
