@@ -282,3 +282,21 @@ def test_read_old_vectors_falls_back_to_the_kept_vectors(gallery):
 
         got = ens_mod.read_old_vectors(g, st.old_space, MovedOldVectors(g.path), keys, ids)
         np.testing.assert_array_equal(got, before)
+
+
+def test_a_failing_phi_fit_leaves_ensemble_out(gallery, monkeypatch):
+    """phi is an add-on of the online fit: its failure publishes psi and the check
+    without rule ensemble (and auto never serves it)."""
+    import galleria.upgrade.phi_online as phi_online
+
+    def boom(*a, **k):
+        raise np.linalg.LinAlgError("SVD did not converge")
+
+    monkeypatch.setattr(phi_online, "fit_phi", boom)
+    run_upgrade(gallery, limit=24, commit_every=8)
+    with Gallery.open(gallery) as g:
+        st = require_upgrade(g)
+        d = st.online["decision"]
+        assert d["checked"] and d["psi"] and d["fits"] >= 1
+        assert d["phi"] is None and "ensemble" not in d["scores"]
+        assert resolve_rule("auto", g, st) != "ensemble"
