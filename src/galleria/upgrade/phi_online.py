@@ -128,10 +128,12 @@ def ensemble_check(gallery: Gallery, truth: Sequence[str], pseudo_old: np.ndarra
     cal = job_calibration(gallery, "znorm-top")
     served = SimpleNamespace(calibration=cal, map_fingerprint=phi.fingerprint, psi=None)
     n = len(truth)
-    if load_pseudo_pairs(gallery.path) is None or n < 4:  # phi never saw the pseudo pairs
+    if load_pseudo_pairs(gallery.path) is None:  # phi never saw the pseudo pairs
         s = BackfillSearcher(gallery, rule="ensemble", phi=phi, calibration=cal)
         res = s.search_vectors(new_queries=pseudo_new, old_queries=pseudo_old, k=depth)
         return _rr(res, truth), res, served
+    if n < 4:
+        return None
     try:
         folds, maps = fold_maps(phi, n, moved, pseudo_old, pseudo_new, seed=seed)
     except (GalleriaError, OSError, ValueError) as exc:
