@@ -218,6 +218,11 @@ def test_phi_refuses_the_other_direction_and_other_models(gallery, tmp_path):
         publish(g, d)
         with pytest.raises(UpgradeError, match="republished"):
             BackfillSearcher.open(g, rule="ensemble", with_models=False)
+        # auto, told to serve ensemble but without a phi it can trust: the old answers
+        publish(g, dict(d, rule="ensemble", checked=True))
+        assert BackfillSearcher.open(g, with_models=False).rule == "old-only"
+        publish(g, dict(d, rule="ensemble", checked=True, phi_map=phi.fingerprint))
+        assert BackfillSearcher.open(g, with_models=False).rule == "ensemble"
 
 
 def test_ensemble_search_while_the_job_moves_items(gallery):

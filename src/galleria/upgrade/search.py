@@ -35,11 +35,9 @@ against the 100 most similar cohort images, :class:`~galleria.upgrade.merge.Coho
 the global maps come from the (old, new) pairs the backfill job keeps
 (:class:`galleria.upgrade.job.PairStore`); with fewer than :data:`MIN_PAIRS`
 pairs, psi rules fall back to the quantile map stored with psi, the others to
-raw scores. Measured in benchmarks/results/backfill.md. ``ensemble``
-(:mod:`galleria.upgrade.ensemble`) needs the job's forward map ``phi`` (old ->
-new, :mod:`galleria.upgrade.phi`) and scores the old part exactly on a candidate
-set. :class:`QueryCost` records forward passes, index searches and milliseconds
-per stage.
+raw scores. Measured in benchmarks/results/backfill.md. ``ensemble``: see
+:mod:`galleria.upgrade.ensemble`. :class:`QueryCost` records forward passes,
+index searches and milliseconds per stage.
 """
 
 from __future__ import annotations
@@ -54,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from galleria.errors import InputError
+from galleria.errors import FormatError, InputError
 from galleria.extract.queries import Queries, QueryFailure
 from galleria.extract.spaces import extractor_from_space
 from galleria.extractors.base import Extractor
@@ -260,9 +258,8 @@ class BackfillSearcher(Searcher):
     def describe(self) -> dict[str, Any]:
         cal = self.calibration
         info = dict(cal.info) if hasattr(cal, "info") else {}
-        extra = {} if self.phi is None else {"phi": self.phi.fingerprint,
-                                             "candidate_depth":
-                                             f"max({candidate_depth(1)}, 4 k)"}
+        extra = {} if self.phi is None else {
+            "phi": self.phi.fingerprint, "candidate_depth": f"max({candidate_depth(1)}, 4 k)"}
         return {**super().describe(), "model": self.state.new_space, "pipeline": "global",
                 "merge": {"rule": self.rule, "old_space": self.state.old_space,
                           "new_space": self.state.new_space, "calibration": info, **extra}}
@@ -308,6 +305,15 @@ class BackfillSearcher(Searcher):
                                             with_models=with_models)
         asked = rule
         rule = resolve_rule(rule, gallery, state)
+        the_phi = None
+        if rule == "ensemble":
+            try:
+                the_phi = published_phi(gallery, state, phi)
+            except (UpgradeError, FormatError, OSError) as exc:  # auto: the old answers
+                if asked != "auto":
+                    raise
+                log.warning("rule ensemble without its phi (%s): serving old-only", exc)
+                rule = "old-only"
         needs_old = rule in OLD_MODEL_RULES and with_models
         needs_new = rule != "old-only" and with_models
         rescorer = TransformRescorer(gallery, state) if rule == "rescore" else None
@@ -335,7 +341,6 @@ class BackfillSearcher(Searcher):
                 )
             the_map = load_cross_map(p, old_fingerprint=state.old_space,
                                      new_fingerprint=state.new_space)
-        the_phi = published_phi(gallery, state, phi) if rule == "ensemble" else None
         kind = calibration or ("znorm-top" if rule in ("rank-merge", "psi", "fused", "both",
                                                        "ensemble") else "identity")
         cal = job_calibration(gallery, kind, psi=the_map if rule in TRANSFORM_OF_RULE else None)
