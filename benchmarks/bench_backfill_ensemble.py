@@ -22,7 +22,8 @@ formula (full ranking) and of both top-100 lists (truncated at 100: the same
 cut for both), and the milliseconds per query (batch 1, one BLAS thread, median)
 of the old part's stage of ``ensemble`` (stats, two index searches, reading and
 mapping the candidates, scoring) against the same stage of ``both`` (one index
-search): what ``ensemble`` adds per query beside the two forward passes.
+search): what ``ensemble`` adds per query beside the two forward passes; and what
+the pseudo-query check adds for it (two fold maps, 500 pseudo-queries searched).
 
 Run:  nice -n 10 .venv/bin/python benchmarks/bench_backfill_ensemble.py [--quick]
 Writes benchmarks/results/backfill-ensemble.{json,md}. Needs the cached
@@ -55,7 +56,7 @@ from galleria.upgrade.ensemble import (
 )
 from galleria.upgrade.merge import CohortNorm, cohort_stats, merge_results
 from galleria.upgrade.oldonly import top_ids
-from galleria.upgrade.phi import fit_phi
+from galleria.upgrade.phi import fit_phi, pseudo_folds
 from galleria.upgrade.search import COHORT_TOP
 
 PAIRS = [("effnet-lite0", "effnet-lite2"), ("opennsfw-r50", "effnet-lite0")]
@@ -144,6 +145,16 @@ def run_row(task: Any, old: str, new: str, frac: float, *, quick: bool) -> dict[
             row["exact_top100"] = round(100 * metric_of_lists(task, ref), 2)
             row["searched_top100"] = round(100 * metric_of_lists(task, got), 2)
     row.update(stage_ms(scorer, qo, qn, go, moved, 10, 20 if quick else 50))
+    # the check's extra work for ensemble: two fold maps, then the pseudo-queries searched
+    # (depth 100, as OnlineConfig.depth) with one of them
+    folds = pseudo_folds(len(po), seed=0)
+    t = time.perf_counter()
+    fold = [fit_phi(go[done], gn[done], po[folds != f], pn[folds != f], old_fingerprint=old,
+                    new_fingerprint=new) for f in (0, 1)]
+    row["check_fold_fits_s"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
+    searched(EnsembleScorer(fold[0], norm), po, pn, go, gn, moved, 100)
+    row["check_search_s"] = round(time.perf_counter() - t, 2)
     return row
 
 
@@ -169,13 +180,17 @@ def main() -> None:
             ("same_top10", "same top-10 (% queries)"), ("same_top100", "same top-100"),
             ("recall100", "recall of exact top-100"), ("phi_fit_s", "phi fit (s)"),
             ("ensemble_old_part_ms", "ensemble old part (ms/q)"),
-            ("both_old_part_ms", "both old part (ms/q)")]
+            ("both_old_part_ms", "both old part (ms/q)"),
+            ("check_fold_fits_s", "check: 2 fold maps (s)"),
+            ("check_search_s", "check: 500 pseudo-queries searched (s)")]
     md = ("# Rule ensemble: candidate search against the formula, and its cost\n\n"
           "Real embeddings (cached), random order, seed 0; phi on the moved pairs + 500 "
           "pseudo-query pairs (served phi, not cross-fitted: this measures search, not the "
           "check). Metric: mAP@R on Caltech-101, mAP on SMVS; *top-100* columns: the "
           "metric of the top-100 list (the same truncation for both). ms/q: batch 1, one "
-          "thread, median; the old part's stage only (forward passes excluded).\n\n"
+          "thread, median; the old part's stage only (forward passes excluded). *check*: what "
+          "the pseudo-query check adds for ensemble (the two fold maps of its cross-fit, "
+          "then the 500 pseudo-queries searched at depth 100, every query at once).\n\n"
           + md_table(rows, cols) + "\n" + machine_md(info)
           + ("\nCommand: `nice -n 10 .venv/bin/python benchmarks/bench_backfill_ensemble.py"
              + (" --quick" if args.quick else "") + "`\n"))
