@@ -174,7 +174,8 @@ def test_run_fits_checks_and_publishes_on_the_schedule(gallery):
         assert d["fits"] >= 2 and d["pairs"] == 40 and d["checked"]
         assert d["source"] in ("online", "recheck") and d["checks"] >= d["fits"]
         assert d["moved"] == 40
-        assert set(d["scores"]) == {"old-only", "both", "rank-merge", "psi", "fused"}
+        assert set(d["scores"]) == {"old-only", "both", "ensemble", "rank-merge", "psi",
+                                    "fused"}
         # old-only during an online job = the old model alone on the whole gallery
         # (the moved items by the old vectors the job kept): a brute-force reference
         q = l2_normalize(np.random.default_rng(5).standard_normal((6, 12)).astype(np.float32))
@@ -325,6 +326,10 @@ def test_kill9_during_an_online_fit(gallery, tmp_path, sweep):
                 assert p is not None
                 assert load_cross_map(p, old_fingerprint=st.old_space,
                                       new_fingerprint=st.new_space).fingerprint == d["map"]
+            if d and d.get("phi"):  # the forward map of rule ensemble, published with it
+                from galleria.upgrade.phi import published_phi
+
+                assert published_phi(gal, st).fingerprint == d["phi_map"]
             BackfillSearcher.open(gal)  # search opens with whatever is there
         rep = run_upgrade(g, commit_every=8, limit=8)  # the resumed run fits (again) and goes on
         assert rep.moved == 8

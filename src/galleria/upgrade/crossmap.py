@@ -245,13 +245,24 @@ class CrossModelMap:
         return l2_normalize(mlp_forward(l2_normalize(x).astype(np.float32), self.weights_))
 
     @property
+    def input_fingerprint(self) -> str | None:
+        """The model whose embeddings the map takes (the new model; a forward map
+        ``phi``, :mod:`galleria.upgrade.phi`, takes the old one's)."""
+        return self.new_fingerprint_
+
+    @property
+    def output_fingerprint(self) -> str | None:
+        """The model whose space the map's outputs live in."""
+        return self.old_fingerprint_
+
+    @property
     def fingerprint(self) -> str:
-        """``<new fp>|<kind>@<digest(params, weights)>`` (the map's own identity)."""
+        """``<input fp>|<kind>@<digest(params, output fp, weights)>`` (the map's own identity)."""
         self._check_fitted()
-        parts: list[Any] = [self.get_params(), self.old_fingerprint_]
+        parts: list[Any] = [self.get_params(), self.output_fingerprint]
         for w, b in self.weights_:
             parts += [w.tobytes(), b.tobytes()]
-        return chain(self.new_fingerprint_ or "unknown", self.kind, digest(*parts))
+        return chain(self.input_fingerprint or "unknown", self.kind, digest(*parts))
 
     # ------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -267,7 +278,7 @@ class CrossModelMap:
             format_version=FORMAT_VERSION,
             kind=self.kind,
             params=self.get_params(),
-            fingerprint=self.new_fingerprint_,
+            fingerprint=self.input_fingerprint,
             state=state,
             old_fingerprint=self.old_fingerprint_,
             new_fingerprint=self.new_fingerprint_,

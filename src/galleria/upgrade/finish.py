@@ -101,8 +101,9 @@ def _decision_summary(state: UpgradeState) -> dict[str, Any] | None:
     d = state.online.get("decision")
     if not d:
         return None
-    out = {k: d.get(k) for k in ("rule", "checked", "source", "pairs", "map", "scores",
-                                 "fits", "checks", "moved", "verdict", "total_s")}
+    out = {k: d.get(k) for k in ("rule", "checked", "source", "pairs", "map", "phi_map",
+                                 "phi_pairs", "scores", "fits", "checks", "moved", "verdict",
+                                 "total_s")}
     prob = d.get("probability") or {}
     # the rules whose answers carry match probabilities (upgrade/probability.py)
     out["calibrated"] = sorted(prob.get("rules") or {})

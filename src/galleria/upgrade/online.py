@@ -8,18 +8,19 @@ to :attr:`OnlineConfig.max_pairs` in ``<job>/online/pairs``). On a schedule
 grown by :attr:`OnlineConfig.growth`) the run
 
 1. fits a ridge psi (:class:`~galleria.upgrade.ridge.RidgePsi`; closed form,
-   label-free) on all pairs so far;
+   label-free) on all pairs so far, and the forward map phi of rule ``ensemble``
+   (old -> new, :mod:`galleria.upgrade.phi_online`; also on the pseudo-query pairs);
 2. scores, on the gallery as it is now, every label-free rule with
    *pseudo-queries*: phone-like views of a seeded sample of the gallery's own
    images, whose one true answer is the item each was made from
    (:mod:`galleria.images.pseudo`; embedded once per job with both models and
    kept in ``<job>/online/pseudo``): the old model's own answers (``old-only``,
    from the old vectors the job keeps of the moved items), ``rank-merge``,
-   ``both`` (moved items scored by both models) and, with the psi, ``psi`` and
-   ``fused``;
-3. publishes: the map into ``<job>/online/psi-<pairs>/`` (an atomic estimator
-   save), then the decision into the job record (one settings write):
-   ``state.online = {"rule", "psi", "map", "pairs", "scores", "verdict", ...}``.
+   ``both`` (moved items scored by both models), ``ensemble`` (cross-fitted) and,
+   with the psi, ``psi`` and ``fused``;
+3. publishes: the maps into ``<job>/online/psi-<pairs>/``, ``phi-<digest>/`` (atomic
+   estimator saves), then the decision into the job record (one settings write):
+   ``state.online = {"rule", "psi", "map", "phi", "phi_map", "pairs", "scores", ...}``.
 
 Between fits the check runs again (same psi) each time
 :attr:`OnlineConfig.recheck_every` of the gallery has moved, so the decision is
@@ -68,7 +69,9 @@ from galleria.store.gallery import Gallery
 from galleria.types import SearchResult
 from galleria.upgrade.oldonly import MovedOldVectors
 from galleria.upgrade.pairs import PairStore
-from galleria.upgrade.probability import fit_rules, make_record, normalization_name
+from galleria.upgrade.phi import PhiRidge
+from galleria.upgrade.phi_online import drop_old_phis, ensemble_check, fit_job_phi, phi_for_check
+from galleria.upgrade.probability import probability_record
 from galleria.upgrade.psi import load_cross_map
 from galleria.upgrade.ridge import RidgePsi
 from galleria.upgrade.search import BackfillSearcher, job_calibration
@@ -88,6 +91,7 @@ BASELINE = "rank-merge"
 Z_ONE_SIDED_95 = 1.645
 OLD_ONLY = "old-only"
 BOTH = "both"
+ENSEMBLE = "ensemble"
 GUARD_MODES = ("until-better", "unless-worse", "off")
 
 
@@ -322,14 +326,16 @@ def job_pseudo_queries(gallery: Gallery, state: UpgradeState, config: OnlineConf
 
 
 def check_rules(gallery: Gallery, pseudo: PseudoSet, psi: Any, *, depth: int = 100,
-                with_old: bool = True, answers: dict[str, Any] | None = None
-                ) -> dict[str, np.ndarray]:
+                with_old: bool = True, answers: dict[str, Any] | None = None,
+                phi: PhiRidge | None = None, seed: int = 0) -> dict[str, np.ndarray]:
     """Per-pseudo-query reciprocal ranks of old-only and both (when the job kept the
-    vectors of every moved item; old-only with ``with_old``), rank-merge and the psi
-    rules (with ``psi``) on the gallery now.
+    vectors of every moved item; old-only with ``with_old``), ensemble (also with
+    ``phi``), rank-merge and the psi rules (with ``psi``) on the gallery now.
 
     Each rule is searched exactly as live search does it
-    (:class:`~galleria.upgrade.search.BackfillSearcher` with the job's calibration).
+    (:class:`~galleria.upgrade.search.BackfillSearcher` with the job's calibration);
+    ensemble cross-fitted on ``seed``-ed folds of the pseudo-queries
+    (:func:`~galleria.upgrade.phi_online.ensemble_check`: phi learns from them).
     ``answers``: filled with ``rule -> (result, searcher)`` (the match-probability fit).
     """
     out: dict[str, np.ndarray] = {}
@@ -349,6 +355,13 @@ def check_rules(gallery: Gallery, pseudo: PseudoSet, psi: Any, *, depth: int = 1
                                                                              "znorm-top"))
         score(BOTH, s, s.search_vectors(new_queries=pseudo.new, old_queries=pseudo.old,
                                         k=depth))
+    if kept and phi is not None:  # cross-fitted: phi learns from the pseudo pairs
+        ens = ensemble_check(gallery, pseudo.ids, pseudo.old, pseudo.new, phi, depth=depth,
+                             seed=seed, moved=lambda: all_pairs(gallery)[1:])
+        if ens is not None:
+            out[ENSEMBLE] = ens[0]
+            if answers is not None:
+                answers[ENSEMBLE] = ens[1:]
     for rule in (BASELINE, *PSI_RULES):
         the_map = psi if rule in PSI_RULES else None
         if rule in PSI_RULES and psi is None:
@@ -358,26 +371,6 @@ def check_rules(gallery: Gallery, pseudo: PseudoSet, psi: Any, *, depth: int = 1
         score(rule, s, s.search_vectors(new_queries=pseudo.new, old_queries=pseudo.old,
                                         k=depth))
     return out
-
-
-def probability_record(gallery: Gallery, state: UpgradeState, pseudo: PseudoSet,
-                       answers: Mapping[str, Any], served: str) -> dict[str, Any]:
-    """The match-probability calibrations of the checked rules (:mod:`.probability`)."""
-    results = {r: res for r, (res, _) in answers.items()}
-    norms = {r: normalization_name(s.calibration) for r, (_, s) in answers.items()}
-    maps = {r: (s.psi.fingerprint if s.psi is not None else None)
-            for r, (_, s) in answers.items()}
-    gens: dict[str, int] = {}
-    for res in results.values():  # a backfill result's generation: one per space
-        if isinstance(res.generation, dict):
-            gens.update(res.generation)
-    return make_record(fit_rules(results, pseudo.ids, normalizations=norms, maps=maps),
-                       served=served, job={"old_space": state.old_space,
-                                           "new_space": state.new_space,
-                                           "job_started": state.started},
-                       moved=gallery.count(state.new_space),
-                       items=len(gallery), generations=gens, pseudo=pseudo.fingerprint,
-                       queries=len(pseudo.ids))
 
 
 def maybe_fit(gallery: Gallery, config: OnlineConfig, *, old_model: Extractor | None,
@@ -404,10 +397,15 @@ def maybe_fit(gallery: Gallery, config: OnlineConfig, *, old_model: Extractor | 
     fit_s = time.perf_counter() - t0
     folder = online_folder(gallery) / f"psi-{len(ids):08d}"
     psi.save(folder)
+    t1 = time.perf_counter()
+    phi = fit_job_phi(gallery, state, online_folder(gallery), moved_old=old, moved_new=new,
+                      max_pairs=config.max_pairs, seed=config.seed)
+    phi_s = time.perf_counter() - t1
     return check_and_publish(gallery, psi, folder, config=config, old_model=old_model,
                              new_model=new_model, source="online",
-                             extra={"fit_s": round(fit_s, 3), "alpha": psi.info_["alpha"]},
-                             spent_s=fit_s)
+                             extra={"fit_s": round(fit_s, 3), "alpha": psi.info_["alpha"],
+                                    "phi_fit_s": round(phi_s, 3)},
+                             spent_s=fit_s + phi_s, phi=phi)
 
 
 def online_run_start(gallery: Gallery, config: OnlineConfig, extractor: Extractor,
@@ -470,16 +468,27 @@ def recheck(gallery: Gallery, config: OnlineConfig, *, old_model: Extractor | No
     folder = decision_psi_path(gallery, state)
     psi = (load_cross_map(folder, old_fingerprint=state.old_space,
                           new_fingerprint=state.new_space) if folder is not None else None)
+    def fit() -> tuple[PhiRidge, Path] | None:  # no phi yet: pseudo (+ moved) pairs make one
+        if old_model is None or new_model is None:
+            return None
+        job_pseudo_queries(gallery, state, config, old_model, new_model)
+        _, o, n = all_pairs(gallery)
+        return fit_job_phi(gallery, state, online_folder(gallery), moved_old=o, moved_new=n,
+                           max_pairs=config.max_pairs, seed=config.seed)
+
+    phi, spent = phi_for_check(gallery, state, fit)
     return check_and_publish(gallery, psi, folder, config=config, old_model=old_model,
-                             new_model=new_model, source="recheck")
+                             new_model=new_model, source="recheck", phi=phi, spent_s=spent)
 
 
 def check_and_publish(gallery: Gallery, psi: Any, folder: Path | None, *,
                       config: OnlineConfig,
                       old_model: Extractor | None, new_model: Extractor | None,
                       source: str, extra: dict[str, Any] | None = None,
-                      spent_s: float = 0.0) -> dict[str, Any]:
-    """Check a saved psi (``folder``) on the pseudo-queries and publish the decision.
+                      spent_s: float = 0.0, phi: tuple[PhiRidge, Path] | None = None
+                      ) -> dict[str, Any]:
+    """Check a saved psi (``folder``) and phi (``(map, folder)``, rule ensemble) on the
+    pseudo-queries and publish the decision.
 
     Without both query models the pseudo-queries cannot be embedded: the map is
     published with ``rule = rank-merge`` and ``checked = False``.
@@ -496,7 +505,8 @@ def check_and_publish(gallery: Gallery, psi: Any, folder: Path | None, *,
             answers: dict[str, Any] = {}
             rule, scores, verdict = decide_with_old(
                 check_rules(gallery, pseudo, psi, depth=config.depth,
-                            with_old=config.guard != "off", answers=answers),
+                            with_old=config.guard != "off", answers=answers,
+                            phi=phi[0] if phi is not None else None, seed=config.seed),
                 mode=config.guard)
             checked = True
         except (GalleriaError, OSError) as exc:
@@ -523,6 +533,9 @@ def check_and_publish(gallery: Gallery, psi: Any, folder: Path | None, *,
         "total_s": round(float(last.get("total_s", 0.0)) + spent_s + check_s, 3),
         "fits": int(last.get("fits", 0)) + int(fit), "checks": int(last.get("checks", 0)) + 1,
         "probability": prob,
+        "phi": _relative(gallery, phi[1]) if phi is not None else None,
+        "phi_map": phi[0].fingerprint if phi is not None else None,
+        "phi_pairs": int(phi[0].info_.get("n_pairs", 0)) if phi is not None else 0,
         **(extra or {}),
     }
     publish(gallery, decision)
@@ -572,6 +585,9 @@ def publish(gallery: Gallery, decision: dict[str, Any]) -> UpgradeState:
     for p in online_folder(gallery).resolve().glob("psi-*"):
         if p != keep and p != keep_prev:  # the previous one: a searcher may be loading it
             shutil.rmtree(p, ignore_errors=True)
+    prev_phi = state.online.get("decision", {}).get("phi")
+    drop_old_phis(online_folder(gallery), [
+        Path(gallery.path) / r if r else None for r in (decision.get("phi"), prev_phi)])
     return new
 
 

@@ -33,13 +33,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from galleria import calibration as calibrate
 from galleria.errors import InputError
 from galleria.types import SearchResult
+
+if TYPE_CHECKING:
+    from galleria.store.gallery import Gallery
+    from galleria.upgrade.state import UpgradeState
 
 log = logging.getLogger(__name__)
 
@@ -138,3 +142,23 @@ def lookup(record: Any, *, rule: str, old_space: str, new_space: str, job_starte
     if then < 0 or abs(int(moved) - then) > stale_moved * max(int(items), 1):
         return None, f"fitted at {then} moved items, {moved} now: wait for the next check"
     return dict(entry["calibration"]), ""
+
+
+def probability_record(gallery: Gallery, state: UpgradeState, pseudo: Any,
+                       answers: Mapping[str, Any], served: str) -> dict[str, Any]:
+    """The match-probability record of the rules a check searched (``answers``: rule ->
+    ``(result, searcher)``; ``pseudo``: the check's :class:`~galleria.upgrade.online.PseudoSet`)."""
+    results = {r: res for r, (res, _) in answers.items()}
+    norms = {r: normalization_name(s.calibration) for r, (_, s) in answers.items()}
+    maps = {r: s.map_fingerprint for r, (_, s) in answers.items()}
+    gens: dict[str, int] = {}
+    for res in results.values():  # a backfill result's generation: one per space
+        if isinstance(res.generation, dict):
+            gens.update(res.generation)
+    return make_record(fit_rules(results, pseudo.ids, normalizations=norms, maps=maps),
+                       served=served, job={"old_space": state.old_space,
+                                           "new_space": state.new_space,
+                                           "job_started": state.started},
+                       moved=gallery.count(state.new_space),
+                       items=len(gallery), generations=gens, pseudo=pseudo.fingerprint,
+                       queries=len(pseudo.ids))

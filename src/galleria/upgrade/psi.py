@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from galleria.errors import FormatError, InputError
+from galleria.errors import CompatibilityError, FormatError, InputError
 from galleria.train.config import TrainConfig
 from galleria.upgrade.bct import BCTHead
 from galleria.upgrade.crossmap import (
@@ -230,6 +230,9 @@ def load_cross_map(
     kinds: dict[str, type[CrossModelMap]] = {"psi": ReverseTransform, "bct": BCTHead,
                                              "psi-ridge": RidgePsi}
     cls = kinds.get(str(header.get("kind")))
+    if header.get("kind") == "phi-ridge":  # galleria.upgrade.phi: the other direction
+        raise CompatibilityError(f"{p} holds a forward map phi (old -> new) of rule "
+                                 "ensemble, not a psi (new -> old)")
     if cls is None:
         raise FormatError(f"{p} holds an unknown map kind {header.get('kind')!r}")
     obj = cls._from_saved(p, header, state)

@@ -110,16 +110,7 @@ class RidgePsi(CrossModelMap):
             raise InputError(f"max_pairs must be >= 8, got {self.max_pairs}")
         n, o = self._prepare_fit(new, old, new_fingerprint, old_fingerprint)
         total = n.shape[0]
-        if total > self.max_pairs:
-            pick = np.sort(np.random.default_rng(self.seed).choice(total, self.max_pairs,
-                                                                  replace=False))
-            n, o = n[pick], o[pick]
-        mu_n = n.mean(axis=0)
-        mu_o = o.mean(axis=0)
-        w, alpha, scores = ridge_gcv(n - mu_n, o - mu_o, self.alphas or ALPHA_GRID)
-        # psi(x) = (x - mu_n) W + mu_o = x W + (mu_o - mu_n W): one linear layer, (out, in)
-        bias = (mu_o - mu_n @ w).astype(np.float32)
-        self.weights_ = [(np.ascontiguousarray(w.T), bias)]
+        n, o, alpha, scores = self._fit_linear(n, o)
         fitted = self.transform(n)
         self.info_ = {"n_pairs": int(total), "fitted_on": int(n.shape[0]),
                       "alpha": alpha, "gcv": scores,
@@ -127,3 +118,21 @@ class RidgePsi(CrossModelMap):
         log.info("ridge psi on %d pairs: alpha %.3g, train cos(psi(new), old) = %.4f",
                  n.shape[0], alpha, self.info_["train_cosine_to_old"])
         return self
+
+    def _fit_linear(self, x: np.ndarray, y: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, float, dict[str, float]]:
+        """Sets ``weights_`` to the ridge map ``x -> y`` with an intercept (one linear
+        layer, ``(out, in)`` layout) on at most :attr:`max_pairs` seeded pairs; returns
+        ``(x used, y used, alpha, GCV scores)``."""
+        total = x.shape[0]
+        if total > self.max_pairs:
+            pick = np.sort(np.random.default_rng(self.seed).choice(total, self.max_pairs,
+                                                                  replace=False))
+            x, y = x[pick], y[pick]
+        mu_x = x.mean(axis=0)
+        mu_y = y.mean(axis=0)
+        w, alpha, scores = ridge_gcv(x - mu_x, y - mu_y, self.alphas or ALPHA_GRID)
+        # f(x) = (x - mu_x) W + mu_y = x W + (mu_y - mu_x W): one linear layer, (out, in)
+        bias = (mu_y - mu_x @ w).astype(np.float32)
+        self.weights_ = [(np.ascontiguousarray(w.T), bias)]
+        return x, y, alpha, scores

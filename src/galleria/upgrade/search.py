@@ -17,6 +17,9 @@ rule                   old part searched with               merge scale (default
 ``both``               ``old(q)`` on every item (kept old     adaptive Z-norm (cohort);
                        vectors of the moved ones); moved      moved items: mean of the
                        items also ``new(q)``                  two Z-scores
+``ensemble``           as ``both``; items not moved yet       adaptive Z-norm (cohort);
+                       also ``new(q)`` against               every item: mean of the
+                       ``normalize(phi(old(x)))``             two Z-scores
 =====================  ===================================  =========================
 
 The new part is always searched with ``new(q)``. ``naive``, ``rank-merge`` and
@@ -32,8 +35,9 @@ against the 100 most similar cohort images, :class:`~galleria.upgrade.merge.Coho
 the global maps come from the (old, new) pairs the backfill job keeps
 (:class:`galleria.upgrade.job.PairStore`); with fewer than :data:`MIN_PAIRS`
 pairs, psi rules fall back to the quantile map stored with psi, the others to
-raw scores. Measured in benchmarks/results/backfill.md. :class:`QueryCost`
-records forward passes, index searches and milliseconds per stage.
+raw scores. Measured in benchmarks/results/backfill.md. ``ensemble``: see
+:mod:`galleria.upgrade.ensemble`. :class:`QueryCost` records forward passes,
+index searches and milliseconds per stage.
 """
 
 from __future__ import annotations
@@ -42,18 +46,25 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from galleria.errors import InputError
+from galleria.errors import FormatError, InputError
 from galleria.extract.queries import Queries, QueryFailure
 from galleria.extract.spaces import extractor_from_space
 from galleria.extractors.base import Extractor
 from galleria.search.contract import Searcher, SearchOptions
 from galleria.store.gallery import Gallery
 from galleria.types import SearchResult, clamp_k
+from galleria.upgrade.ensemble import (
+    EnsembleScorer,
+    candidate_depth,
+    read_old_vectors,
+    search_unmoved,
+)
 from galleria.upgrade.local_search import LocalChangeSearcher
 from galleria.upgrade.merge import (
     Calibration,
@@ -66,6 +77,7 @@ from galleria.upgrade.merge import (
 from galleria.upgrade.oldonly import MovedOldVectors
 from galleria.upgrade.pairs import PairStore, cohort_pairs, load_pairs
 from galleria.upgrade.parts import QueryCost, search_excluding
+from galleria.upgrade.phi import PhiRidge, published_phi
 from galleria.upgrade.probability import lookup, normalization_name
 from galleria.upgrade.psi import CrossModelMap, load_cross_map
 from galleria.upgrade.rescore import RESCORE_DEPTH, TransformRescorer
@@ -73,6 +85,7 @@ from galleria.upgrade.state import (
     UpgradeError,
     UpgradeState,
     active_upgrade,
+    decision_phi_path,
     decision_psi_path,
     job_folder,
     require_upgrade,
@@ -83,7 +96,7 @@ from galleria.validate import as_embeddings, l2_normalize
 log = logging.getLogger(__name__)
 
 RULES = ("auto", "naive", "rank-merge", "psi", "fused", "metric-compatible", "old-only",
-         "both", "rescore")
+         "both", "ensemble", "rescore")
 FUSE_WEIGHT = 0.5
 """Weight of ``psi(new(q))`` next to ``old(q)`` in the fused old-part query (set a priori)."""
 NORMALIZATIONS = ("znorm-top", "znorm", "quantile", "affine", "identity")
@@ -92,8 +105,8 @@ MIN_PAIRS = 50
 """Fewer job pairs than this: use the psi artifact's stored calibration instead."""
 TRANSFORM_OF_RULE = {"psi": "regression", "fused": "regression",
                      "metric-compatible": "metric-compatible"}
-OLD_MODEL_RULES = ("naive", "rank-merge", "fused", "old-only", "both", "rescore")
-KEPT_OLD_RULES = ("old-only", "both")
+OLD_MODEL_RULES = ("naive", "rank-merge", "fused", "old-only", "both", "ensemble", "rescore")
+KEPT_OLD_RULES = ("old-only", "both", "ensemble")
 """Rules that read the old vectors the job kept of the moved items (online mode)."""
 
 
@@ -102,7 +115,8 @@ def resolve_rule(rule: str, gallery: Gallery, state: UpgradeState) -> str:
     check chose (:mod:`galleria.upgrade.online`: ``old-only`` -- the old model's
     answers, until a merge rule beats them on the gallery's own pseudo-queries --,
     or ``psi`` / ``fused`` with the psi it checked, only when they beat
-    rank-merge); else rank-merge. (metric-compatible is never chosen
+    rank-merge; ``both`` / ``ensemble``, the latter with the phi it published);
+    else rank-merge. (metric-compatible is never chosen
     automatically: its gains come from the labels it was trained with and did
     not transfer across domains in the benchmark; ask for it by name.)"""
     if rule not in RULES:
@@ -122,6 +136,8 @@ def resolve_rule(rule: str, gallery: Gallery, state: UpgradeState) -> str:
     kept = state.change == "model" and gallery.count(state.old_space) > 0 \
         and kept_pairs_cover(gallery, state)
     if kept and d.get("checked") and d.get("rule") in KEPT_OLD_RULES:
+        if d["rule"] == "ensemble" and decision_phi_path(gallery, state) is None:
+            return "old-only"  # its phi is gone: the old answers, never an unchecked rule
         return str(d["rule"])  # old-only: no merge rule beat the old answers
     cfg = state.online.get("config") or {}
     if kept and not d and cfg.get("enabled", True) and cfg.get("guard", "off") != "off":
@@ -165,6 +181,7 @@ class BackfillSearcher(Searcher):
         psi: CrossModelMap | None = None,
         calibration: Calibration | CohortNorm | None = None,
         rescorer: TransformRescorer | None = None,
+        phi: PhiRidge | None = None,
     ) -> None:
         self.gallery = gallery
         self.state = require_upgrade(gallery)
@@ -181,18 +198,23 @@ class BackfillSearcher(Searcher):
                 "rule old-only until `galleria upgrade finish`"
             )
         self.moved_old: MovedOldVectors | None = None
-        if self.rule == "both" and self.state.mode != "online":
-            raise UpgradeError("rule both needs an online upgrade")
+        if self.rule in ("both", "ensemble") and self.state.mode != "online":
+            raise UpgradeError(f"rule {self.rule} needs an online upgrade")
         if self.state.mode == "online" and self.rule in KEPT_OLD_RULES:
             if self.state.change != "model":
                 raise UpgradeError(f"rule {self.rule} applies to model upgrades")
             # the moved items' old vectors are kept in the job's pairs
             self.moved_old = MovedOldVectors(gallery.path)
         if self.rule in TRANSFORM_OF_RULE:
-            if psi is None:
-                raise UpgradeError(f"rule {self.rule!r} needs a trained psi map")
+            if psi is None or isinstance(psi, PhiRidge):
+                raise UpgradeError(f"rule {self.rule!r} needs a trained psi map (new -> old)")
             psi.check_models(old=self.state.old_space, new=self.state.new_space)
         self.psi = psi
+        self.phi = phi if self.rule == "ensemble" else None
+        if self.rule == "ensemble":
+            if not isinstance(phi, PhiRidge):
+                raise UpgradeError("rule ensemble needs the job's forward map phi (old -> new)")
+            phi.check_models(old=self.state.old_space, new=self.state.new_space)
         self.old_extractor = old_extractor
         self.new_extractor = new_extractor
         for ext, space, what in ((old_extractor, self.state.old_space, "old"),
@@ -203,6 +225,7 @@ class BackfillSearcher(Searcher):
                     f"space is {space!r}"
                 )
         self.calibration = calibration or Calibration.identity()
+        self.ensemble = EnsembleScorer(phi, self.calibration) if self.phi is not None else None
         self.cost = QueryCost()
 
     @property
@@ -235,9 +258,17 @@ class BackfillSearcher(Searcher):
     def describe(self) -> dict[str, Any]:
         cal = self.calibration
         info = dict(cal.info) if hasattr(cal, "info") else {}
+        extra = {} if self.phi is None else {
+            "phi": self.phi.fingerprint, "candidate_depth": f"max({candidate_depth(1)}, 4 k)"}
         return {**super().describe(), "model": self.state.new_space, "pipeline": "global",
                 "merge": {"rule": self.rule, "old_space": self.state.old_space,
-                          "new_space": self.state.new_space, "calibration": info}}
+                          "new_space": self.state.new_space, "calibration": info, **extra}}
+
+    @property
+    def map_fingerprint(self) -> str | None:
+        """The learned map the rule uses (psi, or phi of rule ensemble), or ``None``."""
+        m = self.psi if self.psi is not None else self.phi
+        return m.fingerprint if m is not None else None
 
     # ------------------------------------------------------------------ open
     @classmethod
@@ -251,6 +282,7 @@ class BackfillSearcher(Searcher):
         runtime: str = "auto",
         threads: int | None = None,
         with_models: bool = True,
+        phi: str | os.PathLike[str] | None = None,
     ) -> BackfillSearcher | LocalChangeSearcher:
         """Open a gallery under upgrade for search (a :class:`LocalChangeSearcher` while
         local features are added; ``with_models=False``: query vectors only).
@@ -260,6 +292,8 @@ class BackfillSearcher(Searcher):
             psi: a trained map folder (default: the job's map for the rule).
             calibration: one of :data:`NORMALIZATIONS` (default ``znorm-top``
                 for rank-merge and psi, ``identity`` for the others).
+            phi: a forward map folder for rule ``ensemble`` (default: the one the
+                job published, refused when it is not the map its decision records).
         """
         gallery = path if isinstance(path, Gallery) else Gallery.open(path)
         state = require_upgrade(gallery)
@@ -271,6 +305,15 @@ class BackfillSearcher(Searcher):
                                             with_models=with_models)
         asked = rule
         rule = resolve_rule(rule, gallery, state)
+        the_phi = None
+        if rule == "ensemble":
+            try:
+                the_phi = published_phi(gallery, state, phi)
+            except (UpgradeError, FormatError, OSError) as exc:  # auto: the old answers
+                if asked != "auto":
+                    raise
+                log.warning("rule ensemble without its phi (%s): serving old-only", exc)
+                rule = "old-only"
         needs_old = rule in OLD_MODEL_RULES and with_models
         needs_new = rule != "old-only" and with_models
         rescorer = TransformRescorer(gallery, state) if rule == "rescore" else None
@@ -298,11 +341,11 @@ class BackfillSearcher(Searcher):
                 )
             the_map = load_cross_map(p, old_fingerprint=state.old_space,
                                      new_fingerprint=state.new_space)
-        kind = calibration or (
-            "znorm-top" if rule in ("rank-merge", "psi", "fused", "both") else "identity")
+        kind = calibration or ("znorm-top" if rule in ("rank-merge", "psi", "fused", "both",
+                                                       "ensemble") else "identity")
         cal = job_calibration(gallery, kind, psi=the_map if rule in TRANSFORM_OF_RULE else None)
         return cls(gallery, rule=rule, old_extractor=old_ext, new_extractor=new_ext,
-                   psi=the_map, calibration=cal, rescorer=rescorer)
+                   psi=the_map, calibration=cal, rescorer=rescorer, phi=the_phi)
 
     def match_calibration(self) -> dict[str, Any] | None:
         """The calibration (:mod:`galleria.calibration`) of this searcher's scores,
@@ -315,8 +358,8 @@ class BackfillSearcher(Searcher):
         record = (state.online.get("decision") or {}).get("probability")
         cal, why = lookup(record, rule=self.rule, old_space=state.old_space,
                           new_space=state.new_space, job_started=state.started,
-                          map_fingerprint=self.psi.fingerprint if self.psi is not None
-                          else None, normalization=normalization_name(self.calibration),
+                          map_fingerprint=self.map_fingerprint,
+                          normalization=normalization_name(self.calibration),
                           moved=self.gallery.count(state.new_space), items=len(self.gallery))
         if cal is None:
             log.debug("no match probabilities for rule %s: %s", self.rule, why)
@@ -372,6 +415,10 @@ class BackfillSearcher(Searcher):
         views = self.gallery.views([old_space, new_space])
         # k is clamped to the items searched, as every searcher does
         kk = clamp_k(k, sum(v.count for v in views.values()))
+        if self.rule == "ensemble":
+            if len(qn) != nq:
+                raise InputError(f"{nq} old-side queries but {len(qn)} new-side queries")
+            return self._search_ensemble(qo, qn, k, kk, views, t)
         if self.rule == "rescore":
             assert self.rescorer is not None
             return self._search_rescored(qo, qn, k, views, t).head(kk)
@@ -435,6 +482,30 @@ class BackfillSearcher(Searcher):
         t = time.perf_counter()
         z_old = SearchResult((old_res.scores - mo) / so, old_res.ids)
         out = merge_results([z_old, moved], k).head(kk)
+        self.cost.add_ms("merge", time.perf_counter() - t)
+        return SearchResult(out.scores, out.ids, {sp: v.generation for sp, v in views.items()})
+
+    def _search_ensemble(self, qo: np.ndarray, qn: np.ndarray, k: int, kk: int,
+                         views: dict[str, Any], t: float) -> SearchResult:
+        """Rule ``ensemble`` (:mod:`.ensemble`): moved items as rule ``both``; items not
+        moved yet by ``0.5 (z_old + z_new(phi(old)))``, exact on their candidates."""
+        assert self.moved_old is not None and self.ensemble is not None
+        st = self.ensemble.stats(qo, qn)
+        moved = self.moved_old.search_both(qo, qn, k, views.get(self.state.new_space), st[:4])
+        if moved is None:
+            raise UpgradeError("rule ensemble: the job did not keep the vectors of every moved "
+                               "item (more items moved than OnlineConfig.max_pairs)")
+        t1 = time.perf_counter()
+        rest, mapped = search_unmoved(self.ensemble, qo, qn, st, views.get(self.state.old_space),
+                                      candidate_depth(k), partial(
+                                          read_old_vectors, self.gallery,
+                                          self.state.old_space, self.moved_old))
+        self.cost.index_searches += 2 * len(qo)  # old part: surrogate and old(q)
+        self.cost.map_calls += mapped
+        self.cost.add_ms("phi+rescore", time.perf_counter() - t1)
+        self.cost.add_ms("search", t1 - t)
+        t = time.perf_counter()
+        out = merge_results([rest, moved], k).head(kk)
         self.cost.add_ms("merge", time.perf_counter() - t)
         return SearchResult(out.scores, out.ids, {sp: v.generation for sp, v in views.items()})
 

@@ -152,6 +152,15 @@ def decision_psi_path(gallery: Gallery, state: UpgradeState) -> Path | None:
     return p if (p / "header.json").is_file() else None
 
 
+def decision_phi_path(gallery: Gallery, state: UpgradeState) -> Path | None:
+    """The folder of the published forward map phi (rule ``ensemble``), when it exists."""
+    rel = (state.online.get("decision") or {}).get("phi")
+    if not rel:
+        return None
+    p = Path(gallery.path) / rel
+    return p if (p / "header.json").is_file() else None
+
+
 def pending_space(upgrade_record: Mapping[str, Any] | None) -> str | None:
     """The space an active job is filling that no pipeline may search by default.
 
