@@ -70,9 +70,10 @@ def decisions_text(r: dict[str, Any]) -> str:
         real = ", ".join(f"{k} {v:.1f}" for k, v in x["real"].items())
         parts.append(f"{int(100 * x['fraction'])}%: **{x['rules'][DEFAULT]}** (pseudo MRR "
                      f"{mrr}; real {real})")
-    fits = ", ".join(str(f["pairs"]) for f in d["fits"])
+    fits = ", ".join(str(f["pairs"]) for f in d["fits"] if f["pairs"])
     return ("at each check (first seed): " + "; ".join(parts)
-            + f". psi fits at {fits or 'none (fewer pairs than first_at)'} pairs.")
+            + f". psi fits at {fits or 'none (fewer pairs than first_at)'} pairs (phi at "
+            "each of them and, before any item moves, on the pseudo-query pairs alone).")
 
 
 def oracle(r: dict[str, Any], fractions: np.ndarray) -> dict[str, Any] | None:
@@ -215,14 +216,20 @@ def report_markdown(res: dict[str, Any], short: dict[str, str], fractions: np.nd
                          + " |")
         lines += ["", "Default's rule " + decisions_text(r), ""]
     lines += ["## Cost", "", "Online psi (ridge, closed form; one thread): seconds per fit "
-              "at each pair count of the schedule, and the pseudo-query check (3 merged "
-              "searches of the pseudo-queries) over all fits of one backfill "
+              "at each pair count of the schedule, phi (old -> new, the same ridge on the moved "
+              "and the pseudo-query pairs) at the same points, and the pseudo-query check "
+              "(its merged searches of the pseudo-queries, and the two fold phis of "
+              "ensemble's cross-fit, before any item moves included) over all fits of one "
+              "backfill "
               f"(load before: {res.get('load_before_costs', '?')}).", "",
-              "| data, pair | fits: pairs (s) | all fits (s) | all checks (s) | gallery |",
-              "|---|---|---|---|---|"]
+              "| data, pair | psi fits: pairs (s) | all psi fits (s) | all phi fits (s) | "
+              "all checks, with their fold phis (s) | gallery |",
+              "|---|---|---|---|---|---|"]
     for key, c in res["fit_costs"].items():
         fits = ", ".join(f"{f['pairs']} ({f['fit_s']:.3f})" for f in c["fits"]) or "none"
-        lines.append(f"| {key} | {fits} | {c['fit_total_s']:.2f} | {c['check_total_s']:.2f} "
+        phi = c.get("phi_fit_total_s")
+        lines.append(f"| {key} | {fits} | {c['fit_total_s']:.2f} | "
+                     f"{'-' if phi is None else f'{phi:.2f}'} | {c['check_total_s']:.2f} "
                      f"| {c['gallery']} |")
     q = res["query_costs"]
     lines += ["", "Query cost (ms per query, batch 1, one thread; forward: "

@@ -201,7 +201,7 @@ class Fit:
     pseudo-query pairs; ``folds``: phi without each fold's pseudo pairs, for the check)."""
 
     m: int
-    psi: RidgePsi
+    psi: RidgePsi | None
     rule: str
     scores: dict[str, Any]
     fit_s: float
@@ -324,19 +324,19 @@ def pseudo_rr(task: Task, old: str, new: str, done: np.ndarray, fit: Fit | None
     rr = {"old-only": _pseudo_rr(s_old, truth),
           "rank-merge": _pseudo_rr(_znorm(s_old, s_new, po, pn, mask, go, gn, cohort), truth),
           "both": _pseudo_rr(_both(s_old, s_new, po, pn, mask, go, gn, cohort), truth)}
-    if fit is not None:
+    if fit is not None and fit.psi is not None:
         psi = fit.psi
         ps = psi.transform(pn)
         pf = l2_normalize(po + FUSE_WEIGHT * ps)
         rr["psi"] = _pseudo_rr(_znorm(ps @ go.T, s_new, ps, pn, mask, go, gn, cohort), truth)
         rr["fused"] = _pseudo_rr(_znorm(pf @ go.T, s_new, pf, pn, mask, go, gn, cohort), truth)
-        if fit.folds:
-            ens = np.zeros(len(truth))
-            for rows, phi in fit.folds:
-                ens[rows] = _pseudo_rr(_ensemble(
-                    s_old[rows], s_new[rows], po[rows], pn[rows], mask, go, gn, cohort, phi,
-                    phi.transform(go)), truth[rows])
-            rr["ensemble"] = ens
+    if fit is not None and fit.folds:
+        ens = np.zeros(len(truth))
+        for rows, phi in fit.folds:
+            ens[rows] = _pseudo_rr(_ensemble(
+                s_old[rows], s_new[rows], po[rows], pn[rows], mask, go, gn, cohort, phi,
+                phi.transform(go)), truth[rows])
+        rr["ensemble"] = ens
     return rr
 
 
@@ -348,7 +348,12 @@ def fits_for(task: Task, old: str, new: str, order: np.ndarray, config: OnlineCo
 
     go, gn = task.g[old], task.g[new]
     n = go.shape[0]
-    fits: list[Fit] = []
+    folds = pseudo_folds(len(task.pseudo_rows), config.seed)
+    # the job's first check, before any item moves: phi on the pseudo-query pairs alone
+    fits: list[Fit] = [Fit(0, None, "rank-merge", {}, 0.0,
+                           fit_phi(task, old, new, order[:0], config),
+                           [(rows, fit_phi(task, old, new, order[:0], config, other))
+                            for rows, other in zip(folds, folds[::-1], strict=True)])]
     m = next_fit_at(config, None)
     while m <= min(n, config.max_pairs):
         done = order[:m]
@@ -358,7 +363,6 @@ def fits_for(task: Task, old: str, new: str, order: np.ndarray, config: OnlineCo
         t = time.perf_counter()
         phi = fit_phi(task, old, new, done, config)
         phi_s = time.perf_counter() - t
-        folds = pseudo_folds(len(task.pseudo_rows), config.seed)
         fit = Fit(m, psi, "", {}, fit_s, phi,
                   [(rows, fit_phi(task, old, new, done, config, other))
                    for rows, other in zip(folds, folds[::-1], strict=True)])
@@ -412,6 +416,7 @@ def run_curves(task: Task, old: str, new: str, order: np.ndarray, rows: np.ndarr
     cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def psi_queries(fit: Fit) -> tuple[np.ndarray, np.ndarray]:
+        assert fit.psi is not None
         if fit.m not in cache:
             ps = fit.psi.transform(qn)
             cache[fit.m] = (ps, l2_normalize(qo + FUSE_WEIGHT * ps))
@@ -444,7 +449,7 @@ def run_curves(task: Task, old: str, new: str, order: np.ndarray, rows: np.ndarr
             cal = fit_calibration("quantile", old_queries=go[cohort], old_gallery=go[cohort],
                                   new_embeddings=gn[cohort])
             res["rank-merge (quantile, self-cal.)"] = merged_scores(s_oo, s_nn, mask, cal)
-        if fit is None or done:
+        if fit is None or fit.psi is None or done:
             res["psi online (top-100 z-norm)"] = rank
             res["fused online (top-100 z-norm)"] = rank
             chosen = "rank-merge"
