@@ -74,10 +74,14 @@ def phi_for_check(gallery: Gallery, state: UpgradeState,
                   fit: Callable[[], tuple[PhiRidge, Path] | None]
                   ) -> tuple[tuple[PhiRidge, Path] | None, float]:
     """``((phi, folder) or None, seconds spent fitting)`` for a check between fits: the
-    published phi, else ``fit()`` (a failure is logged: the check goes on without it)."""
+    published phi, else ``fit()`` (a failure is logged: the check goes on without it;
+    a published phi that cannot be read is fitted again, never stopping the check)."""
     at = decision_phi_path(gallery, state)
     if at is not None:
-        return (published_phi(gallery, state), at), 0.0
+        try:
+            return (published_phi(gallery, state), at), 0.0
+        except (GalleriaError, OSError) as exc:  # damaged on disk: an add-on, fit again
+            log.warning("the published phi cannot be read (%s): fitting it again", exc)
     t = time.perf_counter()
     try:
         return fit(), time.perf_counter() - t

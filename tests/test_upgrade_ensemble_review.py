@@ -1,0 +1,142 @@
+"""Review of rule ``ensemble``: edge cases of its searcher and of its check.
+
+References: the formula of rule ensemble written out in numpy over every item
+(``test_upgrade_ensemble._reference``); the cross-fit's promise that a fold's map
+never saw that fold's pseudo pairs (checked by refitting here).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from galleria.store.gallery import Gallery
+from galleria.upgrade.job import run_upgrade
+from galleria.upgrade.merge import CohortNorm
+from galleria.upgrade.online import all_pairs
+from galleria.upgrade.phi import load_phi
+from galleria.upgrade.search import BackfillSearcher
+from galleria.upgrade.state import decision_phi_path, require_upgrade
+from galleria.validate import l2_normalize
+from test_upgrade_ensemble import CFG, N, _reference, _state, gallery, images  # noqa: F401
+
+
+def _queries(seed: int, nq: int = 4):
+    rng = np.random.default_rng(seed)
+    return (l2_normalize(rng.standard_normal((nq, 12)).astype(np.float32)),
+            l2_normalize(rng.standard_normal((nq, 10)).astype(np.float32)))
+
+
+def _served(g):
+    st = require_upgrade(g)
+    phi = load_phi(decision_phi_path(g, st), old_fingerprint=st.old_space,
+                   new_fingerprint=st.new_space)
+    _, c_old, c_new = all_pairs(g)
+    return phi, CohortNorm(c_old, c_new, top=10)
+
+
+def _check_exact(g, phi, norm, k):
+    ids, old, new, moved = _state(g)
+    qo, qn = _queries(5)
+    ref = _reference(phi, norm, qo, qn, old, new, moved)
+    got = BackfillSearcher(g, rule="ensemble", phi=phi, calibration=norm).search_vectors(
+        old_queries=qo, new_queries=qn, k=k)
+    kk = min(k, len(ids))
+    want = np.argsort(-ref, axis=1, kind="stable")[:, :kk]
+    assert got.ids.shape == (len(qo), kk)
+    assert [list(r) for r in got.ids] == [[ids[j] for j in r] for r in want]
+    np.testing.assert_allclose(got.scores, np.take_along_axis(ref, want, 1), atol=1e-4)
+
+
+@pytest.mark.parametrize("k", [1, N, 3 * N])
+def test_ensemble_k_up_to_and_beyond_the_gallery_is_exact(gallery, k):  # noqa: F811
+    run_upgrade(gallery, limit=24, commit_every=8)
+    with Gallery.open(gallery) as g:
+        phi, norm = _served(g)
+        _check_exact(g, phi, norm, k)
+
+
+def test_ensemble_with_every_item_moved_is_rule_both(gallery):  # noqa: F811
+    run_upgrade(gallery, limit=24, commit_every=8)
+    with Gallery.open(gallery) as g:
+        phi, _ = _served(g)
+    run_upgrade(gallery, limit=N, commit_every=8)
+    with Gallery.open(gallery) as g:
+        st = require_upgrade(g)
+        assert g.count(st.new_space) == N
+        _, c_old, c_new = all_pairs(g)
+        _check_exact(g, phi, CohortNorm(c_old, c_new, top=10), N)
+
+
+@pytest.mark.parametrize("rows", [0, 5, 40])
+def test_ensemble_chunks_and_a_full_candidate_cache_stay_exact(gallery, monkeypatch, rows):  # noqa: F811
+    """Many query chunks sharing candidates, with the per-call cache empty, partly full
+    and holding everything: the answers are the formula's."""
+    from galleria.upgrade import ensemble as ens_mod
+
+    monkeypatch.setattr(ens_mod, "QUERY_CHUNK", 3)
+    monkeypatch.setattr(ens_mod, "CACHE_ROWS", rows)
+    run_upgrade(gallery, limit=24, commit_every=8)
+    with Gallery.open(gallery) as g:
+        phi, norm = _served(g)
+        ids, old, new, moved = _state(g)
+        qo, qn = _queries(7, nq=11)
+        ref = _reference(phi, norm, qo, qn, old, new, moved)
+        got = BackfillSearcher(g, rule="ensemble", phi=phi, calibration=norm).search_vectors(
+            old_queries=qo, new_queries=qn, k=N)
+        want = np.argsort(-ref, axis=1, kind="stable")
+        assert [list(r) for r in got.ids] == [[ids[j] for j in r] for r in want]
+        np.testing.assert_allclose(got.scores, np.take_along_axis(ref, want, 1), atol=1e-4)
+
+
+def test_ensemble_items_moved_or_removed_between_the_view_and_the_read(gallery, monkeypatch):  # noqa: F811
+    """The search's view is taken, then the job moves items and some old-part items
+    are removed: moved ones are scored from their kept old vectors (as in the view),
+    removed ones are left out, nothing else changes."""
+    run_upgrade(gallery, limit=16, commit_every=8)
+    with Gallery.open(gallery) as g:
+        phi, norm = _served(g)
+        st = require_upgrade(g)
+        ids, old, new, moved = _state(g)
+        views = g.views([st.old_space, st.new_space])
+    run_upgrade(gallery, limit=16, commit_every=8)  # 16 more items move
+    with Gallery.open(gallery) as g:
+        unmoved = [i for i, m in zip(ids, moved, strict=True) if not m]
+        now_old = set(g.ids(st.old_space))
+        gone = [i for i in unmoved if i in now_old][:3]
+        assert len(gone) == 3 and len(set(unmoved) - now_old) == 16
+        g.remove(gone)
+        monkeypatch.setattr(g, "views", lambda spaces: views)
+        qo, qn = _queries(9)
+        ref = _reference(phi, norm, qo, qn, old, new, moved)
+        ref[:, [ids.index(i) for i in gone]] = -np.inf
+        got = BackfillSearcher(g, rule="ensemble", phi=phi, calibration=norm).search_vectors(
+            old_queries=qo, new_queries=qn, k=N)
+        want = np.argsort(-ref, axis=1, kind="stable")[:, : N - 3]
+        assert [list(r[: N - 3]) for r in got.ids] == [[ids[j] for j in r] for r in want]
+        assert all(r[N - 3:].tolist() == [None] * 3 for r in got.ids)
+
+
+def test_a_damaged_published_phi_does_not_stop_the_rechecks(gallery):  # noqa: F811
+    """phi is an add-on of the check: when the folder the decision names cannot be read,
+    a recheck still checks and publishes every rule (phi fitted again), and search
+    with rule ensemble works again afterwards."""
+    import _tiny
+    from galleria.upgrade.online import recheck
+
+    run_upgrade(gallery, limit=24, commit_every=8)
+    with Gallery.open(gallery) as g:
+        st = require_upgrade(g)
+        for f in decision_phi_path(g, st).glob("state-*"):
+            f.write_bytes(f.read_bytes()[:40])  # damaged on disk
+        checks = st.online["decision"]["checks"]
+        d = recheck(g, CFG, old_model=_tiny.tiny(1), new_model=_tiny.tiny(2, dim=10))
+        assert d["checked"] and d["checks"] == checks + 1
+        assert {"old-only", "both", "rank-merge", "ensemble"} <= set(d["scores"])
+        st = require_upgrade(g)
+        phi = load_phi(decision_phi_path(g, st), old_fingerprint=st.old_space,
+                       new_fingerprint=st.new_space)
+        assert phi.fingerprint == d["phi_map"]
+        s = BackfillSearcher.open(g, rule="ensemble", with_models=False)
+        qo, qn = _queries(2)
+        assert s.search_vectors(old_queries=qo, new_queries=qn, k=5).ids.shape == (4, 5)
