@@ -140,3 +140,32 @@ def test_a_damaged_published_phi_does_not_stop_the_rechecks(gallery):  # noqa: F
         s = BackfillSearcher.open(g, rule="ensemble", with_models=False)
         qo, qn = _queries(2)
         assert s.search_vectors(old_queries=qo, new_queries=qn, k=5).ids.shape == (4, 5)
+
+
+def test_fold_maps_kept_in_memory_never_serve_other_folds():
+    """The fold maps kept for a served phi are reused only for the same folds of the same
+    pseudo pairs: asked for other folds (another seed) or other pseudo pairs, each fold's
+    map is the one fitted without that fold's pairs."""
+    from galleria.upgrade.phi import fit_phi, pseudo_folds
+    from galleria.upgrade.phi_online import fold_maps
+
+    rng = np.random.default_rng(0)
+    mo = l2_normalize(rng.standard_normal((30, 12)).astype(np.float32))
+    mn = l2_normalize(rng.standard_normal((30, 10)).astype(np.float32))
+    po = l2_normalize(rng.standard_normal((24, 12)).astype(np.float32))
+    pn = l2_normalize(rng.standard_normal((24, 10)).astype(np.float32))
+    fp = {"old_fingerprint": "old-m", "new_fingerprint": "new-m"}
+    phi = fit_phi(mo, mn, po, pn, **fp)
+
+    def expect(seed, a, b):
+        folds, maps = fold_maps(phi, len(a), lambda: (mo, mn), a, b, seed=seed)
+        np.testing.assert_array_equal(folds, pseudo_folds(len(a), seed=seed))
+        for f, m in enumerate(maps):
+            want = fit_phi(mo, mn, a[folds != f], b[folds != f], **fp)
+            assert m.fingerprint == want.fingerprint, (seed, f)
+
+    expect(0, po, pn)
+    expect(0, po, pn)  # from memory
+    expect(1, po, pn)  # other folds of the same pairs
+    expect(0, po[::-1].copy(), pn[::-1].copy())  # other pseudo pairs (same count)
+    expect(0, po[:20], pn[:20])  # fewer pseudo-queries

@@ -43,7 +43,7 @@ from galleria.upgrade.state import UpgradeState, decision_phi_path
 log = logging.getLogger(__name__)
 
 PHI_PREFIX = "phi-"
-_FOLD_MAPS: dict[str, list[PhiRidge | None]] = {}
+_FOLD_MAPS: dict[tuple[str, int, str], list[PhiRidge | None]] = {}
 _FOLD_LOCK = threading.Lock()
 
 PairsFn = Callable[[], tuple[np.ndarray, np.ndarray]]
@@ -95,8 +95,12 @@ def fold_maps(phi: PhiRidge, n_pseudo: int, moved: PairsFn, pseudo_old: np.ndarr
     """``(fold of each pseudo-query, phi of each fold)``: fold ``f``'s map never saw
     fold ``f``'s pseudo pairs (fitted on the moved pairs + the other folds' pairs)."""
     folds = pseudo_folds(n_pseudo, seed=seed)
+    # the maps hold for these folds of these pseudo pairs only (not for another seed/set)
+    pairs = hashlib.sha256(np.ascontiguousarray(pseudo_old, np.float32).tobytes()
+                           + np.ascontiguousarray(pseudo_new, np.float32).tobytes())
+    key = (phi.fingerprint, int(seed), f"{n_pseudo}:{pairs.hexdigest()}")
     with _FOLD_LOCK:
-        maps = _FOLD_MAPS.get(phi.fingerprint)
+        maps = _FOLD_MAPS.get(key)
     if maps is None:
         mo, mn = moved()
         maps = []
@@ -108,7 +112,7 @@ def fold_maps(phi: PhiRidge, n_pseudo: int, moved: PairsFn, pseudo_old: np.ndarr
                                 max_pairs=phi.max_pairs, seed=phi.seed))
         with _FOLD_LOCK:
             _FOLD_MAPS.clear()  # only the served phi's folds are worth keeping
-            _FOLD_MAPS[phi.fingerprint] = maps
+            _FOLD_MAPS[key] = maps
     return folds, maps
 
 
