@@ -169,3 +169,34 @@ def test_fold_maps_kept_in_memory_never_serve_other_folds():
     expect(1, po, pn)  # other folds of the same pairs
     expect(0, po[::-1].copy(), pn[::-1].copy())  # other pseudo pairs (same count)
     expect(0, po[:20], pn[:20])  # fewer pseudo-queries
+
+
+def test_auto_never_serves_a_phi_republished_unchecked_while_it_loads(gallery, monkeypatch):  # noqa: F811
+    """auto resolves to ensemble on the decision it read; the job publishes twice while
+    the searcher loads that decision's phi (its folder is removed), and the phi named
+    now was never checked: auto serves the old answers, not ensemble with that phi."""
+    from galleria.upgrade import search as search_mod
+    from galleria.upgrade.online import online_folder, publish
+    from galleria.upgrade.phi import fit_phi
+
+    run_upgrade(gallery, limit=24, commit_every=8)
+    with Gallery.open(gallery) as g:
+        st = require_upgrade(g)
+        d = dict(st.online["decision"], rule="ensemble", checked=True)
+        publish(g, d)
+        _, po, pn = all_pairs(g)
+        real = search_mod.published_phi
+
+        def racing(gallery_, state, path=None):
+            for n in (10, 12):  # two publications: the folder read first is dropped
+                m = fit_phi(po[:n], pn[:n], None, None, old_fingerprint=st.old_space,
+                            new_fingerprint=st.new_space)  # right models, never checked
+                m.save(online_folder(g) / f"phi-unchecked{n}")
+                publish(g, dict(d, checked=False, rule="rank-merge",
+                                phi=f"upgrade/online/phi-unchecked{n}", phi_map=m.fingerprint))
+            assert decision_phi_path(g, state) is None
+            return real(gallery_, state, path)
+
+        monkeypatch.setattr(search_mod, "published_phi", racing)
+        s = BackfillSearcher.open(g, with_models=False)
+        assert s.rule != "ensemble" or s.phi.fingerprint == d["phi_map"], s.phi.fingerprint

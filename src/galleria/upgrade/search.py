@@ -309,6 +309,10 @@ class BackfillSearcher(Searcher):
         if rule == "ensemble":
             try:
                 the_phi = published_phi(gallery, state, phi)
+                checked = (state.online.get("decision") or {}).get("phi_map")
+                if asked == "auto" and phi is None and the_phi.fingerprint != checked:
+                    raise UpgradeError("the job republished phi while it was loaded; the one "
+                                       "read now is not the one the check chose ensemble with")
             except (UpgradeError, FormatError, OSError) as exc:  # auto: the old answers
                 if asked != "auto":
                     raise
