@@ -200,3 +200,21 @@ def test_auto_never_serves_a_phi_republished_unchecked_while_it_loads(gallery, m
         monkeypatch.setattr(search_mod, "published_phi", racing)
         s = BackfillSearcher.open(g, with_models=False)
         assert s.rule != "ensemble" or s.phi.fingerprint == d["phi_map"], s.phi.fingerprint
+
+
+def test_brute_force_is_the_formula(gallery):  # noqa: F811
+    """``ensemble.brute_force`` (the benchmark's reference for the candidate search) is the
+    formula written out, with and without a cohort."""
+    from galleria.upgrade.ensemble import EnsembleScorer, brute_force
+
+    run_upgrade(gallery, limit=24, commit_every=8)
+    with Gallery.open(gallery) as g:
+        phi, norm = _served(g)
+        _, old, new, moved = _state(g)
+        qo, qn = _queries(11)
+        np.testing.assert_allclose(brute_force(EnsembleScorer(phi, norm), qo, qn, old, new, moved),
+                                   _reference(phi, norm, qo, qn, old, new, moved), atol=1e-5)
+        ghat = l2_normalize(l2_normalize(old) @ phi.weights_[0][0].T + phi.weights_[0][1])
+        raw = 0.5 * (qo @ old.T + np.where(moved[None, :], qn @ new.T, qn @ ghat.T))
+        np.testing.assert_allclose(brute_force(EnsembleScorer(phi, None), qo, qn, old, new, moved),
+                                   raw, atol=1e-5)
