@@ -218,3 +218,25 @@ def test_brute_force_is_the_formula(gallery):  # noqa: F811
         raw = 0.5 * (qo @ old.T + np.where(moved[None, :], qn @ new.T, qn @ ghat.T))
         np.testing.assert_allclose(brute_force(EnsembleScorer(phi, None), qo, qn, old, new, moved),
                                    raw, atol=1e-5)
+
+
+def test_the_check_cross_fits_a_phi_that_saw_pseudo_pairs_even_if_they_are_unreadable_now(
+        gallery, monkeypatch):  # noqa: F811
+    """The served phi learned from the pseudo pairs (its record says so); when they cannot
+    be read at the moment of the check, the check still cross-fits (never scores the
+    pseudo-queries with the phi that saw them)."""
+    import _tiny
+    from galleria.upgrade import phi_online
+    from galleria.upgrade.online import check_rules, job_pseudo_queries
+
+    run_upgrade(gallery, limit=24, commit_every=8)
+    with Gallery.open(gallery) as g:
+        st = require_upgrade(g)
+        phi, _ = _served(g)
+        assert phi.info_["pseudo_pairs"] == CFG.pseudo_queries
+        pseudo = job_pseudo_queries(g, st, CFG, _tiny.tiny(1), _tiny.tiny(2, dim=10))
+        want = check_rules(g, pseudo, None, phi=phi, seed=CFG.seed)["ensemble"]
+        monkeypatch.setattr(phi_online, "load_pseudo_pairs", lambda path: None)  # a read error
+        got = check_rules(g, pseudo, None, phi=phi, seed=CFG.seed).get("ensemble")
+        assert got is not None
+        np.testing.assert_allclose(got, want)

@@ -136,7 +136,9 @@ def ensemble_check(gallery: Gallery, truth: Sequence[str], pseudo_old: np.ndarra
     cal = job_calibration(gallery, "znorm-top")
     served = SimpleNamespace(calibration=cal, map_fingerprint=phi.fingerprint, psi=None)
     n = len(truth)
-    if load_pseudo_pairs(gallery.path) is None:  # phi never saw the pseudo pairs
+    saw = phi.info_.get("pseudo_pairs")  # how many pseudo pairs phi learned from (record)
+    if (not saw if saw is not None else load_pseudo_pairs(gallery.path) is None):
+        # phi never saw the pseudo pairs: the served map is scored as it is
         s = BackfillSearcher(gallery, rule="ensemble", phi=phi, calibration=cal)
         res = s.search_vectors(new_queries=pseudo_new, old_queries=pseudo_old, k=depth)
         return _rr(res, truth), res, served
