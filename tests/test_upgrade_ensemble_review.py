@@ -240,3 +240,20 @@ def test_the_check_cross_fits_a_phi_that_saw_pseudo_pairs_even_if_they_are_unrea
         got = check_rules(g, pseudo, None, phi=phi, seed=CFG.seed).get("ensemble")
         assert got is not None
         np.testing.assert_allclose(got, want)
+
+
+def test_ensemble_refuses_queries_of_the_wrong_dimension_clearly(gallery):  # noqa: F811
+    """As every other rule: an InputError naming the space, not a numpy error."""
+    from galleria.errors import InputError
+
+    run_upgrade(gallery, limit=24, commit_every=8)
+    with Gallery.open(gallery) as g:
+        phi, norm = _served(g)
+        qo, qn = _queries(1)
+        for cal in (None, norm):
+            s = BackfillSearcher(g, rule="ensemble", phi=phi, calibration=cal)
+            with pytest.raises(InputError, match="dimension"):
+                s.search_vectors(old_queries=qn, new_queries=qo, k=3)  # swapped
+            with pytest.raises(InputError, match="dimension"):
+                s.search_vectors(old_queries=qo, new_queries=qo, k=3)
+            assert s.search_vectors(old_queries=qo, new_queries=qn, k=3).ids.shape == (4, 3)

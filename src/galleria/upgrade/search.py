@@ -422,6 +422,12 @@ class BackfillSearcher(Searcher):
         if self.rule == "ensemble":
             if len(qn) != nq:
                 raise InputError(f"{nq} old-side queries but {len(qn)} new-side queries")
+            assert self.phi is not None  # made for these models: its dims are the spaces'
+            for q, dim, space in ((qo, self.phi.old_dim_, old_space),
+                                  (qn, self.phi.new_dim_, new_space)):
+                if q.shape[1] != dim:
+                    raise InputError(f"queries have dimension {q.shape[1]}, space {space!r} "
+                                     f"holds {dim}")
             return self._search_ensemble(qo, qn, k, kk, views, t)
         if self.rule == "rescore":
             assert self.rescorer is not None
