@@ -257,3 +257,64 @@ def test_ensemble_refuses_queries_of_the_wrong_dimension_clearly(gallery):  # no
             with pytest.raises(InputError, match="dimension"):
                 s.search_vectors(old_queries=qo, new_queries=qo, k=3)
             assert s.search_vectors(old_queries=qo, new_queries=qn, k=3).ids.shape == (4, 3)
+
+
+KILL_AFTER_PHI_SAVE = r"""
+import os, signal, sys
+sys.path[:0] = [sys.argv[2]]
+import _tiny
+import galleria.upgrade.online as online
+from galleria.upgrade.job import run_upgrade
+
+run_upgrade(sys.argv[1], commit_every=8, limit=8)
+fit = online.fit_job_phi
+
+def killed(*a, **k):
+    out = fit(*a, **k)  # phi saved, its decision not published yet
+    os.kill(os.getpid(), signal.SIGKILL)
+
+online.fit_job_phi = killed
+run_upgrade(sys.argv[1], commit_every=8, limit=24)  # the next fit, at 16 pairs
+"""
+
+
+def test_kill9_between_the_phi_save_and_its_decision(gallery):  # noqa: F811
+    """SIGKILL after phi is saved, before the decision naming it is published: the decision
+    in force still names a readable phi, search opens, and the resumed run publishes a
+    phi and removes the orphan (at most the current and the previous folder remain)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from galleria.upgrade.online import online_folder
+    from galleria.upgrade.phi import published_phi
+
+    here = Path(__file__).parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here.parent / "src"), str(here)]))
+    out = subprocess.run([sys.executable, "-c", KILL_AFTER_PHI_SAVE, str(gallery), str(here)],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == -signal.SIGKILL, out.stderr
+    with Gallery.open(gallery) as g:
+        st = require_upgrade(g)
+        d = st.online["decision"]
+        named = {Path(g.path, d["phi"]).resolve()} if d.get("phi") else set()
+        folders = {p.resolve() for p in online_folder(g).glob("phi-*")}
+        orphans = folders - named
+        assert orphans  # the phi saved before the kill, not published
+        if d.get("phi"):
+            assert published_phi(g, st).fingerprint == d["phi_map"]
+        BackfillSearcher.open(g, with_models=False)
+    run_upgrade(gallery, commit_every=8, limit=16)
+    with Gallery.open(gallery) as g:
+        st = require_upgrade(g)
+        d = st.online["decision"]
+        assert d["phi"] and published_phi(g, st).fingerprint == d["phi_map"]
+        left = {p.resolve() for p in online_folder(g).glob("phi-*")}
+        cur = Path(g.path, d["phi"]).resolve()
+        assert len(left) <= 2 and cur in left
+        assert all(p == cur or p not in orphans for p in left)  # the orphan is gone
+        s = BackfillSearcher.open(g, rule="ensemble", with_models=False)
+        qo, qn = _queries(3)
+        assert s.search_vectors(old_queries=qo, new_queries=qn, k=5).ids.shape == (4, 5)
