@@ -318,3 +318,30 @@ def test_kill9_between_the_phi_save_and_its_decision(gallery):  # noqa: F811
         s = BackfillSearcher.open(g, rule="ensemble", with_models=False)
         qo, qn = _queries(3)
         assert s.search_vectors(old_queries=qo, new_queries=qn, k=5).ids.shape == (4, 5)
+
+
+def test_ensemble_candidate_reads_per_chunk_are_bounded_whatever_k(gallery, monkeypatch):  # noqa: F811
+    """The old vectors (and their phi) held at once are bounded by CACHE_ROWS, not by
+    QUERY_CHUNK x 2 x max(200, 4 k) (a large k would hold gigabytes at 1280-d)."""
+    from galleria.upgrade import ensemble as ens_mod
+    from galleria.upgrade import search as search_mod
+
+    run_upgrade(gallery, limit=16, commit_every=8)
+    with Gallery.open(gallery) as g:
+        phi, norm = _served(g)
+        depth = 4
+        monkeypatch.setattr(search_mod, "candidate_depth", lambda kk: depth)
+        monkeypatch.setattr(ens_mod, "CACHE_ROWS", 2 * depth * 2)  # two queries' candidates
+        s = BackfillSearcher(g, rule="ensemble", phi=phi, calibration=norm)
+        reads: list[int] = []
+        real = ens_mod.read_old_vectors
+        monkeypatch.setattr(search_mod, "read_old_vectors",
+                            lambda *a: (reads.append(len(a[3])), real(*a))[1])
+        qo, qn = _queries(13, nq=12)
+        got = s.search_vectors(old_queries=qo, new_queries=qn, k=3)
+        assert reads and max(reads) <= ens_mod.CACHE_ROWS
+        # the same answers as with every query in one chunk
+        monkeypatch.setattr(ens_mod, "CACHE_ROWS", 65536)
+        want = s.search_vectors(old_queries=qo, new_queries=qn, k=3)
+        assert [list(r) for r in got.ids] == [list(r) for r in want.ids]
+        np.testing.assert_allclose(got.scores, want.scores, atol=1e-6)
