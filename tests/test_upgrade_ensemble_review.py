@@ -16,7 +16,7 @@ from galleria.upgrade.merge import CohortNorm
 from galleria.upgrade.online import all_pairs
 from galleria.upgrade.phi import load_phi
 from galleria.upgrade.search import BackfillSearcher
-from galleria.upgrade.state import decision_phi_path, require_upgrade
+from galleria.upgrade.state import UpgradeError, decision_phi_path, require_upgrade
 from galleria.validate import l2_normalize
 from test_upgrade_ensemble import CFG, N, _reference, _state, gallery, images  # noqa: F401
 
@@ -345,3 +345,67 @@ def test_ensemble_candidate_reads_per_chunk_are_bounded_whatever_k(gallery, monk
         want = s.search_vectors(old_queries=qo, new_queries=qn, k=3)
         assert [list(r) for r in got.ids] == [list(r) for r in want.ids]
         np.testing.assert_allclose(got.scores, want.scores, atol=1e-6)
+
+
+def test_auto_searchers_opened_while_the_job_republishes_serve_only_checked_phis(
+        gallery, monkeypatch):  # noqa: F811
+    """Threads open ``auto`` searchers and search while the run fits, checks and publishes
+    (every check made to choose ensemble when it scored it, every other check failing:
+    decisions alternate between checked and unchecked phis): every searcher serving
+    ensemble uses a phi some *checked* decision chose it with; answers are k distinct
+    items."""
+    import threading
+
+    from galleria.upgrade import online
+
+    real_decide, real_publish = online.decide_with_old, online.publish
+    published: list[dict] = []
+    n_checks = [0]
+
+    def decide(rr, mode="until-better", baseline="rank-merge"):
+        n_checks[0] += 1
+        if n_checks[0] % 2 == 0:
+            raise UpgradeError("check made to fail")  # publishes an unchecked decision
+        rule, scores, verdict = real_decide(rr, mode=mode, baseline=baseline)
+        return ("ensemble" if "ensemble" in rr else rule), scores, verdict
+
+    def publish(g, decision):
+        published.append(dict(decision))
+        return real_publish(g, decision)
+
+    monkeypatch.setattr(online, "decide_with_old", decide)
+    monkeypatch.setattr(online, "publish", publish)
+    run_upgrade(gallery, limit=16, commit_every=8)
+    errors: list[BaseException] = []
+    served: list[tuple[str, str | None]] = []
+    done = threading.Event()
+    qo, qn = _queries(17)
+
+    def searcher() -> None:
+        try:
+            n = 0
+            while not done.is_set() or n < 3:
+                with Gallery.open(gallery) as g2:
+                    s = BackfillSearcher.open(g2, with_models=False)
+                    res = s.search_vectors(old_queries=qo, new_queries=qn, k=8)
+                    served.append((s.rule, s.phi.fingerprint if s.phi is not None else None))
+                for row in res.ids:
+                    assert None not in row and len(set(row)) == 8
+                n += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=searcher) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        run_upgrade(gallery, limit=40, commit_every=4)
+    finally:
+        done.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert not errors, errors[0]
+    checked = {d["phi_map"] for d in published if d["checked"] and d["rule"] == "ensemble"}
+    assert checked and any(not d["checked"] for d in published)
+    ens = [fp for rule, fp in served if rule == "ensemble"]
+    assert ens and all(fp in checked for fp in ens), set(ens) - checked
