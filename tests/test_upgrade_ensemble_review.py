@@ -164,8 +164,17 @@ def test_fold_maps_kept_in_memory_never_serve_other_folds():
             want = fit_phi(mo, mn, a[folds != f], b[folds != f], **fp)
             assert m.fingerprint == want.fingerprint, (seed, f)
 
+    from galleria.upgrade import phi_online
+
     expect(0, po, pn)
-    expect(0, po, pn)  # from memory
+    fits = []
+    real = phi_online.fit_phi
+    phi_online.fit_phi = lambda *a, **k: (fits.append(1), real(*a, **k))[1]
+    try:
+        fold_maps(phi, len(po), lambda: (mo, mn), po.copy(), pn.copy(), seed=0)
+    finally:
+        phi_online.fit_phi = real
+    assert not fits  # the same folds of the same pairs: from memory
     expect(1, po, pn)  # other folds of the same pairs
     expect(0, po[::-1].copy(), pn[::-1].copy())  # other pseudo pairs (same count)
     expect(0, po[:20], pn[:20])  # fewer pseudo-queries
