@@ -418,3 +418,22 @@ def test_auto_searchers_opened_while_the_job_republishes_serve_only_checked_phis
     assert checked and any(not d["checked"] for d in published)
     ens = [fp for rule, fp in served if rule == "ensemble"]
     assert ens and all(fp in checked for fp in ens), set(ens) - checked
+
+
+def test_train_transform_keeps_the_jobs_phi_and_checks_ensemble(gallery):  # noqa: F811
+    """`upgrade train-transform` re-checks and publishes a decision; the job's phi stays
+    published (rule ensemble still opens) and ensemble is among the checked rules."""
+    from galleria.upgrade.train import train_transform
+
+    run_upgrade(gallery, limit=24, commit_every=8)
+    with Gallery.open(gallery) as g:
+        before = require_upgrade(g).online["decision"]
+        assert before["phi"] and "ensemble" in before["scores"]
+    train_transform(gallery, from_job=True, kind="regression")
+    with Gallery.open(gallery) as g:
+        d = require_upgrade(g).online["decision"]
+        assert d["source"] == "train-transform" and d["checked"]
+        assert d["phi"] == before["phi"] and d["phi_map"] == before["phi_map"]
+        assert "ensemble" in d["scores"]
+        s = BackfillSearcher.open(g, rule="ensemble", with_models=False)
+        assert s.phi.fingerprint == before["phi_map"]
