@@ -437,3 +437,38 @@ def test_train_transform_keeps_the_jobs_phi_and_checks_ensemble(gallery):  # noq
         assert "ensemble" in d["scores"]
         s = BackfillSearcher.open(g, rule="ensemble", with_models=False)
         assert s.phi.fingerprint == before["phi_map"]
+
+
+def test_a_recheck_records_the_phi_folder_it_checked(gallery, monkeypatch):  # noqa: F811
+    """A publication by another command (`upgrade train-transform`) while a recheck loads
+    the published phi: the decision the recheck publishes names a folder holding the
+    very phi it records (``phi_map``), so search can open it."""
+    import _tiny
+    from galleria.upgrade import phi_online
+    from galleria.upgrade.online import online_folder, publish, recheck
+    from galleria.upgrade.phi import fit_phi
+
+    run_upgrade(gallery, limit=24, commit_every=8)
+    with Gallery.open(gallery) as g:
+        st = require_upgrade(g)
+        d = dict(st.online["decision"])
+        _, po, pn = all_pairs(g)
+        real = phi_online.published_phi
+
+        def racing(gallery_, state, path=None):
+            for n in (10, 12):  # two publications meanwhile: the folder read first is gone
+                m = fit_phi(po[:n], pn[:n], None, None, old_fingerprint=st.old_space,
+                            new_fingerprint=st.new_space)
+                m.save(online_folder(g) / f"phi-other{n}")
+                publish(g, dict(d, phi=f"upgrade/online/phi-other{n}", phi_map=m.fingerprint))
+            return real(gallery_, state, path)
+
+        monkeypatch.setattr(phi_online, "published_phi", racing)
+        out = recheck(g, CFG, old_model=_tiny.tiny(1), new_model=_tiny.tiny(2, dim=10))
+        monkeypatch.setattr(phi_online, "published_phi", real)
+        st = require_upgrade(g)
+        assert out["phi"] and st.online["decision"]["phi_map"] == out["phi_map"]
+        phi = load_phi(decision_phi_path(g, st), old_fingerprint=st.old_space,
+                       new_fingerprint=st.new_space)
+        assert phi.fingerprint == out["phi_map"]
+        BackfillSearcher.open(g, rule="ensemble", with_models=False)

@@ -79,7 +79,10 @@ def phi_for_check(gallery: Gallery, state: UpgradeState,
     at = decision_phi_path(gallery, state)
     if at is not None:
         try:
-            return (published_phi(gallery, state), at), 0.0
+            phi = published_phi(gallery, state)
+            if phi.fingerprint == (state.online.get("decision") or {}).get("phi_map"):
+                return (phi, at), 0.0  # the phi in ``at`` (a retry may read a newer one)
+            log.warning("the published phi changed while it was read: fitting it again")
         except (GalleriaError, OSError) as exc:  # damaged on disk: an add-on, fit again
             log.warning("the published phi cannot be read (%s): fitting it again", exc)
     t = time.perf_counter()
