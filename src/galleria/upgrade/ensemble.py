@@ -45,7 +45,8 @@ from galleria.validate import l2_normalize
 ENSEMBLE_DEPTH = 200
 """Candidates per query and per candidate list of the unmoved part (at least 4 k)."""
 QUERY_CHUNK = 64
-"""Queries scored together (bounds the candidate union held in memory)."""
+"""Queries scored together, at most (fewer when their candidate lists are long: the
+candidate union of a chunk is at most :data:`CACHE_ROWS` rows, whatever ``k``)."""
 CACHE_ROWS = 65536
 """Candidates of one search call whose old vector and phi are kept across chunks."""
 
@@ -132,8 +133,10 @@ def search_unmoved(scorer: EnsembleScorer, qo: np.ndarray, qn: np.ndarray, st: S
     keys = np.concatenate([both.ids[:nq], both.ids[nq:]], axis=1)
     out = SearchResult.empty(nq, keys.shape[1], object_ids=True)
     cache = _Mapped()
-    for s in range(0, nq, QUERY_CHUNK):
-        e = min(nq, s + QUERY_CHUNK)
+    # queries per chunk: their candidate union (read and mapped at once) <= CACHE_ROWS rows
+    step = max(1, min(QUERY_CHUNK, CACHE_ROWS // max(1, keys.shape[1])))
+    for s in range(0, nq, step):
+        e = min(nq, s + step)
         kc = keys[s:e]
         uniq = np.unique(kc[kc >= 0])
         if not uniq.size:

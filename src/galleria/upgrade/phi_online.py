@@ -43,7 +43,7 @@ from galleria.upgrade.state import UpgradeState, decision_phi_path
 log = logging.getLogger(__name__)
 
 PHI_PREFIX = "phi-"
-_FOLD_MAPS: dict[str, list[PhiRidge | None]] = {}
+_FOLD_MAPS: dict[tuple[str, int, str], list[PhiRidge | None]] = {}
 _FOLD_LOCK = threading.Lock()
 
 PairsFn = Callable[[], tuple[np.ndarray, np.ndarray]]
@@ -74,10 +74,17 @@ def phi_for_check(gallery: Gallery, state: UpgradeState,
                   fit: Callable[[], tuple[PhiRidge, Path] | None]
                   ) -> tuple[tuple[PhiRidge, Path] | None, float]:
     """``((phi, folder) or None, seconds spent fitting)`` for a check between fits: the
-    published phi, else ``fit()`` (a failure is logged: the check goes on without it)."""
+    published phi, else ``fit()`` (a failure is logged: the check goes on without it;
+    a published phi that cannot be read is fitted again, never stopping the check)."""
     at = decision_phi_path(gallery, state)
     if at is not None:
-        return (published_phi(gallery, state), at), 0.0
+        try:
+            phi = published_phi(gallery, state)
+            if phi.fingerprint == (state.online.get("decision") or {}).get("phi_map"):
+                return (phi, at), 0.0  # the phi in ``at`` (a retry may read a newer one)
+            log.warning("the published phi changed while it was read: fitting it again")
+        except (GalleriaError, OSError) as exc:  # damaged on disk: an add-on, fit again
+            log.warning("the published phi cannot be read (%s): fitting it again", exc)
     t = time.perf_counter()
     try:
         return fit(), time.perf_counter() - t
@@ -91,8 +98,12 @@ def fold_maps(phi: PhiRidge, n_pseudo: int, moved: PairsFn, pseudo_old: np.ndarr
     """``(fold of each pseudo-query, phi of each fold)``: fold ``f``'s map never saw
     fold ``f``'s pseudo pairs (fitted on the moved pairs + the other folds' pairs)."""
     folds = pseudo_folds(n_pseudo, seed=seed)
+    # the maps hold for these folds of these pseudo pairs only (not for another seed/set)
+    pairs = hashlib.sha256(np.ascontiguousarray(pseudo_old, np.float32).tobytes()
+                           + np.ascontiguousarray(pseudo_new, np.float32).tobytes())
+    key = (phi.fingerprint, int(seed), f"{n_pseudo}:{pairs.hexdigest()}")
     with _FOLD_LOCK:
-        maps = _FOLD_MAPS.get(phi.fingerprint)
+        maps = _FOLD_MAPS.get(key)
     if maps is None:
         mo, mn = moved()
         maps = []
@@ -104,7 +115,7 @@ def fold_maps(phi: PhiRidge, n_pseudo: int, moved: PairsFn, pseudo_old: np.ndarr
                                 max_pairs=phi.max_pairs, seed=phi.seed))
         with _FOLD_LOCK:
             _FOLD_MAPS.clear()  # only the served phi's folds are worth keeping
-            _FOLD_MAPS[phi.fingerprint] = maps
+            _FOLD_MAPS[key] = maps
     return folds, maps
 
 
@@ -128,7 +139,9 @@ def ensemble_check(gallery: Gallery, truth: Sequence[str], pseudo_old: np.ndarra
     cal = job_calibration(gallery, "znorm-top")
     served = SimpleNamespace(calibration=cal, map_fingerprint=phi.fingerprint, psi=None)
     n = len(truth)
-    if load_pseudo_pairs(gallery.path) is None:  # phi never saw the pseudo pairs
+    saw = phi.info_.get("pseudo_pairs")  # how many pseudo pairs phi learned from (record)
+    if (not saw if saw is not None else load_pseudo_pairs(gallery.path) is None):
+        # phi never saw the pseudo pairs: the served map is scored as it is
         s = BackfillSearcher(gallery, rule="ensemble", phi=phi, calibration=cal)
         res = s.search_vectors(new_queries=pseudo_new, old_queries=pseudo_old, k=depth)
         return _rr(res, truth), res, served

@@ -309,6 +309,10 @@ class BackfillSearcher(Searcher):
         if rule == "ensemble":
             try:
                 the_phi = published_phi(gallery, state, phi)
+                checked = (state.online.get("decision") or {}).get("phi_map")
+                if asked == "auto" and phi is None and the_phi.fingerprint != checked:
+                    raise UpgradeError("the job republished phi while it was loaded; the one "
+                                       "read now is not the one the check chose ensemble with")
             except (UpgradeError, FormatError, OSError) as exc:  # auto: the old answers
                 if asked != "auto":
                     raise
@@ -418,6 +422,12 @@ class BackfillSearcher(Searcher):
         if self.rule == "ensemble":
             if len(qn) != nq:
                 raise InputError(f"{nq} old-side queries but {len(qn)} new-side queries")
+            assert self.phi is not None  # made for these models: its dims are the spaces'
+            for q, dim, space in ((qo, self.phi.old_dim_, old_space),
+                                  (qn, self.phi.new_dim_, new_space)):
+                if q.shape[1] != dim:
+                    raise InputError(f"queries have dimension {q.shape[1]}, space {space!r} "
+                                     f"holds {dim}")
             return self._search_ensemble(qo, qn, k, kk, views, t)
         if self.rule == "rescore":
             assert self.rescorer is not None

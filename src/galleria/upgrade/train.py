@@ -30,6 +30,7 @@ from galleria.upgrade.bct import BCTHead
 from galleria.upgrade.config import TrainConfig, with_options
 from galleria.upgrade.online import OnlineConfig, check_and_publish, query_models
 from galleria.upgrade.pairs import load_pairs
+from galleria.upgrade.phi_online import phi_for_check
 from galleria.upgrade.psi import CrossModelMap, ReverseTransform
 from galleria.upgrade.state import attach_transform, job_folder, require_upgrade
 
@@ -155,7 +156,9 @@ def train_transform(
             # `auto` search switches to it only if it beats rank-merge on pseudo-queries
             state = require_upgrade(gallery)
             old_q, new_q = query_models(gallery, state, runtime=runtime, threads=threads)
+            phi, _ = phi_for_check(gallery, state, lambda: None)  # the job's, kept
             check_and_publish(gallery, the_map, folder,
                               config=OnlineConfig.from_dict(state.online.get("config")),
-                              old_model=old_q, new_model=new_q, source="train-transform")
+                              old_model=old_q, new_model=new_q, source="train-transform",
+                              phi=phi)
         return folder, the_map
