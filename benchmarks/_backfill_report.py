@@ -92,8 +92,10 @@ def oracle(r: dict[str, Any], fractions: np.ndarray) -> dict[str, Any] | None:
             return None
         curve = []
         for i, e in enumerate(folds[0]["in_force"]):
-            if i == 0 or i == len(fractions) - 1:
-                curve.append(r["old"] if i == 0 else r["new"])
+            if i == len(fractions) - 1:
+                curve.append(r["new"])
+            elif i == 0 and not e.get("real"):
+                curve.append(r["old"])
             elif e.get("real"):
                 curve.append(max(e["real"].values()))
             else:

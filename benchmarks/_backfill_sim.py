@@ -41,11 +41,11 @@ from galleria.fingerprint import digest, slug
 from galleria.images.decode import load_image
 from galleria.images.pseudo import make_views, sample_ids
 from galleria.io.atomic import write_npy
+from galleria.upgrade.jobcal import COHORT_TOP, FUSE_WEIGHT, MIN_PAIRS
 from galleria.upgrade.merge import CohortNorm, cohort_stats, fit_calibration, merged_scores
 from galleria.upgrade.online import OnlineConfig, decide, decide_with_old, next_fit_at
 from galleria.upgrade.querylog import add_neighbours, front_load, query_priorities
 from galleria.upgrade.ridge import RidgePsi
-from galleria.upgrade.search import COHORT_TOP, FUSE_WEIGHT, MIN_PAIRS
 from galleria.validate import l2_normalize
 
 CALIB_SIZE = 1000
@@ -388,7 +388,7 @@ def checks_for(task: Task, old: str, new: str, order: np.ndarray, fits: list[Fit
     out: dict[int, Check] = {}
     for f in fractions:
         nb = round(float(f) * n)
-        if nb <= 0 or nb >= n:
+        if nb < 0 or nb >= n:  # 0 %: the job's first check, before any item moves
             continue
         fit = next((x for x in reversed(fits) if x.m <= nb), None)
         rr = pseudo_rr(task, old, new, order[:nb], fit)

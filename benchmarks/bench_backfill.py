@@ -70,6 +70,7 @@ from galleria.eval.metrics import per_query_metrics
 from galleria.extractors.registry import create_extractor
 from galleria.fingerprint import digest, slug
 from galleria.upgrade.bct import BCTHead
+from galleria.upgrade.jobcal import COHORT_TOP, MIN_PAIRS, fuse_queries
 from galleria.upgrade.merge import (
     Calibration,
     CohortNorm,
@@ -80,7 +81,6 @@ from galleria.upgrade.merge import (
     negative_flip_rate,
 )
 from galleria.upgrade.psi import CrossModelMap, ReverseTransform, load_cross_map
-from galleria.upgrade.search import COHORT_TOP, MIN_PAIRS, fuse_queries
 
 OUT = Path(__file__).resolve().parent / "results"
 PAIRS = [("effnet-lite0", "effnet-lite2"), ("opennsfw-r50", "effnet-lite2")]

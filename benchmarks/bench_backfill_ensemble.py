@@ -54,10 +54,10 @@ from galleria.upgrade.ensemble import (
     candidate_depth,
     search_unmoved,
 )
+from galleria.upgrade.jobcal import COHORT_TOP
 from galleria.upgrade.merge import CohortNorm, cohort_stats, merge_results
 from galleria.upgrade.oldonly import top_ids
 from galleria.upgrade.phi import fit_phi, pseudo_folds
-from galleria.upgrade.search import COHORT_TOP
 
 PAIRS = [("effnet-lite0", "effnet-lite2"), ("opennsfw-r50", "effnet-lite0")]
 SHORT = {"effnet-lite0": "lite0", "effnet-lite2": "lite2", "opennsfw-r50": "nsfw-r50"}

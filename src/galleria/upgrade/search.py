@@ -65,17 +65,20 @@ from galleria.upgrade.ensemble import (
     read_old_vectors,
     search_unmoved,
 )
+from galleria.upgrade.jobcal import (  # re-exported: callers import them from here
+    fuse_queries,
+    job_calibration,
+)
 from galleria.upgrade.local_search import LocalChangeSearcher
 from galleria.upgrade.merge import (
     Calibration,
     CohortNorm,
     ScoreMap,
     cohort_stats,
-    fit_calibration,
     merge_results,
 )
 from galleria.upgrade.oldonly import MovedOldVectors
-from galleria.upgrade.pairs import PairStore, cohort_pairs, load_pairs
+from galleria.upgrade.pairs import PairStore
 from galleria.upgrade.parts import QueryCost, search_excluding
 from galleria.upgrade.phi import PhiRidge, published_phi
 from galleria.upgrade.probability import lookup, normalization_name
@@ -91,18 +94,12 @@ from galleria.upgrade.state import (
     require_upgrade,
     transform_path,
 )
-from galleria.validate import as_embeddings, l2_normalize
+from galleria.validate import as_embeddings
 
 log = logging.getLogger(__name__)
 
 RULES = ("auto", "naive", "rank-merge", "psi", "fused", "metric-compatible", "old-only",
          "both", "ensemble", "rescore")
-FUSE_WEIGHT = 0.5
-"""Weight of ``psi(new(q))`` next to ``old(q)`` in the fused old-part query (set a priori)."""
-NORMALIZATIONS = ("znorm-top", "znorm", "quantile", "affine", "identity")
-COHORT_TOP = 100
-MIN_PAIRS = 50
-"""Fewer job pairs than this: use the psi artifact's stored calibration instead."""
 TRANSFORM_OF_RULE = {"psi": "regression", "fused": "regression",
                      "metric-compatible": "metric-compatible"}
 OLD_MODEL_RULES = ("naive", "rank-merge", "fused", "old-only", "both", "ensemble", "rescore")
@@ -565,49 +562,3 @@ class BackfillSearcher(Searcher):
             role = "old" if space == self.state.old_space else "new"
             self.cost.forward_passes[role] = self.cost.forward_passes.get(role, 0) + len(good)
         return q, good, fails
-
-
-def fuse_queries(
-    old_queries: np.ndarray, psi_queries: np.ndarray, *, weight: float = FUSE_WEIGHT
-) -> np.ndarray:
-    """``(Q, D_old)`` L2-normalised ``old(q) + weight * psi(new(q))`` (the fused rule)."""
-    if old_queries.shape != psi_queries.shape:
-        raise InputError(
-            f"old queries {old_queries.shape} and psi queries {psi_queries.shape} differ"
-        )
-    return l2_normalize(old_queries + weight * psi_queries)
-
-
-def job_calibration(
-    gallery: Gallery, kind: str, *, psi: CrossModelMap | None = None
-) -> Calibration | CohortNorm:
-    """The normalisation of the two parts, built from the job's (old, new) pairs.
-
-    ``znorm-top`` / ``znorm``: a :class:`CohortNorm` with the pairs as cohort, and the
-    job's pseudo-queries (:func:`~galleria.upgrade.pairs.load_pseudo_pairs`, images
-    embedded with both models before the first item moves): a cohort from the start.
-    ``quantile`` / ``affine``: global maps of the old channel (queries
-    ``psi(new(x))`` with ``psi``, else ``old(x)``) fitted on the pairs. With fewer
-    than :data:`MIN_PAIRS` pairs: the psi artifact's stored quantile map when
-    there is one, else identity (logged).
-    """
-    if kind not in NORMALIZATIONS:
-        raise InputError(f"unknown calibration {kind!r}; known: {', '.join(NORMALIZATIONS)}")
-    if kind == "identity":
-        return Calibration.identity()
-    ids, old, new = load_pairs(gallery.path)
-    if kind.startswith("znorm"):
-        c_old, c_new = cohort_pairs(gallery.path)
-        if len(c_old) >= MIN_PAIRS:
-            return CohortNorm(c_old, c_new, top=COHORT_TOP if kind == "znorm-top" else None)
-    elif len(ids) >= MIN_PAIRS:
-        q_old = psi.transform(new) if psi is not None else old
-        cal = fit_calibration(kind, old_queries=q_old, old_gallery=old, new_embeddings=new)
-        return Calibration(cal.old, cal.new, {**cal.info, "source": "job pairs"})
-    if psi is not None:
-        stored = psi.calibration("quantile")
-        if stored is not None:
-            return Calibration(stored.old, stored.new, {**stored.info, "source": "psi artifact"})
-    log.warning("only %d calibration pairs and no stored calibration: merging raw scores",
-                len(ids))
-    return Calibration(ScoreMap(), ScoreMap(), {"kind": "identity", "source": "fallback"})
