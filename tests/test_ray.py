@@ -320,10 +320,12 @@ def test_serve_ray_answers_on_shards_and_backfills_locally_during_an_upgrade(
 
 
 # ----------------------------------------------------------------- failures
-def _kill_when(path: Path, n: int, action, timeout: float = 120.0) -> bool:
+def _kill_when(path: Path, n: int, action, timeout: float = 120.0,
+               ready=lambda: True) -> bool:
+    """Run ``action`` once ``path`` holds ``n`` rows and ``ready()`` is true."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if (path / "gallery.sqlite").exists():
+        if (path / "gallery.sqlite").exists() and ready():
             try:
                 if sum(_rows_per_id(path).values()) >= n:
                     action()
@@ -340,8 +342,12 @@ def test_worker_node_killed_mid_index_every_image_once(cluster, require_shared, 
     ext = _tiny.tiny(5, delay=0.03)
     victim = cluster.workers[0]
     emb = RayEmbedder(imports=["_tiny"])
+    # kill once the victim's actor has served a chunk: it is up and fed, so the kill
+    # loses work in flight there (before, the kill could land on a node with no actor)
+    on_victim = cluster.node_id(victim)
     killer = threading.Thread(target=_kill_when,
-                              args=(out, 40, lambda: cluster.kill_node(victim)))
+                              args=(out, 40, lambda: cluster.kill_node(victim)),
+                              kwargs={"ready": lambda: on_victim in dict(emb.served)})
     try:
         killer.start()
         rep = index_images(items, out, extractor=ext, embedder=emb, batch_size=4,
