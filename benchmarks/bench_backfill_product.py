@@ -132,7 +132,12 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default="backfill-product")
+    ap.add_argument("--replot", action="store_true", help="rewrite the markdown from the JSON")
     args = ap.parse_args()
+    if args.replot:
+        result = json.loads((OUT / f"{args.out}.json").read_text())
+        write_bytes(OUT / f"{args.out}.md", render(result).encode())
+        return 0
     t_all = time.perf_counter()
     load_start = uptime()
     task = load_task("caltech101")
@@ -260,7 +265,8 @@ def render(r: dict[str, Any]) -> str:
              f"{r['new_mapr']} mAP@R (R@1 {r['old_r1']} / {r['new_r1']}). Threads "
              f"{r['threads']}; load at start / end {r['load_start']} / {r['load_end']}.", "",
              "| point | moved | decision (check) | pseudo MRR per rule | phi pairs | auto serves "
-             "| auto | old-only | both | ensemble | rank-merge | run step s | psi fit / phi fit / check s |",
+             "| auto | old-only | both | ensemble | rank-merge | run step s "
+             "| psi fit / phi fit / check s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in r["points"]:
         d, ev = p["decision"], p["rules"]
@@ -290,8 +296,9 @@ def render(r: dict[str, Any]) -> str:
     lines += ["", f"Index: {r['index_s']} s ({r['index_failures']} failures). Last run step "
               f"(to 100 %): {r['last_step']['seconds']} s. Finish: {f['finish_s']} s; after it "
               "the product's searcher (`open_searcher`) vs exact search of the effnet-lite0 "
-              f"task embeddings of the gallery: top-10 identical for {100 * f['top10_rows_equal']:.2f} "
-              f"% of queries, overlap {100 * f['top10_overlap']:.2f} %; stored vectors max "
+              "task embeddings of the gallery: top-10 identical for "
+              f"{100 * f['top10_rows_equal']:.2f} % of queries, overlap "
+              f"{100 * f['top10_overlap']:.2f} %; stored vectors max "
               f"abs difference {f['max_vector_diff']:.2e}. Wall {r['wall_s']} s.", ""]
     return "\n".join(lines)
 
