@@ -132,6 +132,10 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default="backfill-product")
+    ap.add_argument("--sim-order", action="store_true",
+                    help="move items in the simulation's random order (np.random.default_rng("
+                         "seed).permutation, as benchmarks/_backfill_sim.py), through the job's "
+                         "`priority` order (item meta), instead of the job's own random order")
     ap.add_argument("--replot", action="store_true", help="rewrite the markdown from the JSON")
     args = ap.parse_args()
     if args.replot:
@@ -153,7 +157,12 @@ def main() -> int:
     k = int(np.bincount(np.unique(g_labels, return_inverse=True)[1]).max())
     n = len(g_rows)
     files = task.gallery_files()
-    items = [SourceItem(id=str(j), path=files[int(r)]) for j, r in enumerate(g_rows)]
+    meta = [{} for _ in range(n)]
+    if args.sim_order:  # rank r in the simulation's permutation -> priority n - r
+        for rank, j in enumerate(np.random.default_rng(args.seed).permutation(n)):
+            meta[int(j)] = {"priority": str(n - rank)}
+    items = [SourceItem(id=str(j), path=files[int(r)], meta=meta[j])
+             for j, r in enumerate(g_rows)]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-backfill-product-"))
     g = work / "gallery"
     if g.exists():
@@ -165,7 +174,8 @@ def main() -> int:
     log(f"indexed {rep.embedded} in {index_s:.1f} s, {len(rep.failures)} failures")
     with Gallery.open(g) as gal:
         assert gal.primary_space == old_ext.fingerprint, (gal.primary_space, old_ext.fingerprint)
-    st = start_upgrade(g, NEW, order="random", seed=args.seed, online=OnlineConfig(),
+    order = "priority" if args.sim_order else "random"
+    st = start_upgrade(g, NEW, order=order, seed=args.seed, online=OnlineConfig(),
                        threads=args.threads)
     assert st.old_space == old_ext.fingerprint, (st.old_space, old_ext.fingerprint)
     assert st.new_space == new_ext.fingerprint, (st.new_space, new_ext.fingerprint)
@@ -189,8 +199,14 @@ def main() -> int:
             moved = len(gal.ids(st.new_space))
         t = time.perf_counter()
         r = run_upgrade(g, limit=target - moved, threads=args.threads, workers=1)
-        return {"limit": target - moved, "seconds": round(time.perf_counter() - t, 1),
-                "moved": getattr(r, "moved", None), "load": uptime()}
+        out = {"limit": target - moved, "seconds": round(time.perf_counter() - t, 1),
+               "moved": getattr(r, "moved", None), "load": uptime()}
+        if args.sim_order:  # the moved items are the simulation's first `target`
+            with Gallery.open(g) as gal:
+                done = {int(i) for i in gal.ids(st.new_space)}
+            want = np.random.default_rng(args.seed).permutation(n)[:target]
+            out["moved_as_simulation"] = done == {int(j) for j in want}
+        return out
 
     point("0 % (after the start check, 1 item moved)", 1 / n, step(1))
     for f in FRACTIONS:
@@ -234,7 +250,8 @@ def main() -> int:
                      "gain": round(a - lin, 3),
                      "gain_pct_gap": round(100 * (a - lin) / (new_m - old_m), 1)}
     result = {"title": "Online backfill through the product on real images",
-              "task": "caltech101", "classes": args.classes or "all", "seed": args.seed,
+              "task": "caltech101", "order": order, "classes": args.classes or "all",
+              "seed": args.seed,
               "gallery": n, "queries": len(q_rows), "k": k, "old": OLD, "new": NEW,
               "old_mapr": round(old_m, 2), "new_mapr": round(new_m, 2),
               "old_r1": round(100 * float(m_old["R@1"].mean()), 2),
@@ -254,10 +271,13 @@ def main() -> int:
 def render(r: dict[str, Any]) -> str:
     sub = "" if r["classes"] == "all" else \
         f" -- SUBSET: {r['classes']} seeded classes (seed {r['seed']})"
-    lines = [f"# {r['title']}: Caltech-101, {r['old']} -> {r['new']}, random order{sub}", "",
+    how = ("the simulation's random order (job order `priority`)"
+           if r.get("order") == "priority" else "random order (the job's own)")
+    lines = [f"# {r['title']}: Caltech-101, {r['old']} -> {r['new']}, {how}{sub}", "",
              f"Produced by benchmarks/bench_backfill_product.py. Gallery: {r['gallery']} "
              f"train images indexed with {r['old']} by `index_images`; {r['queries']} real test "
-             f"queries; upgrade to {r['new']} by `start_upgrade(order='random', seed="
+             f"queries; upgrade to {r['new']} by `start_upgrade(order="
+             f"'{r.get('order', 'random')}', seed="
              f"{r['seed']}, online=OnlineConfig())` and `run_upgrade(limit=...)` steps (the "
              "job's own fits and pseudo-query checks); each rule answered by "
              f"`BackfillSearcher.open(rule=R, with_models=False).search_vectors(k={r['k']})` "
