@@ -121,6 +121,7 @@ def decision_of(g: Path) -> dict[str, Any]:
     scores = d.get("scores") or {}
     out["scores_mrr"] = {r: round(float(v["mrr"]), 4) if isinstance(v, dict) and "mrr" in v
                          else v for r, v in scores.items()}
+    out["scores"] = scores  # per rule: mrr, gain over rank-merge, one-sided 95 % lower bound
     out["moved_now"], out["total"] = moved, total
     return out
 
