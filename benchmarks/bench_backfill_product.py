@@ -49,9 +49,10 @@ from galleria.images.sources import SourceItem
 from galleria.io.atomic import write_bytes, write_json
 from galleria.store.gallery import Gallery
 from galleria.upgrade.finish import finish_upgrade
-from galleria.upgrade.job import run_upgrade, start_upgrade
+from galleria.upgrade.job import order_ids, run_upgrade, start_upgrade
 from galleria.upgrade.merge import area_under_curve, linear_area
-from galleria.upgrade.online import OnlineConfig
+from galleria.upgrade.online import OnlineConfig, decide_with_old
+from galleria.upgrade.ridge import RidgePsi
 from galleria.upgrade.search import BackfillSearcher
 from galleria.upgrade.state import UpgradeError, require_upgrade
 
@@ -137,13 +138,23 @@ def main() -> int:
                     help="move items in the simulation's random order (np.random.default_rng("
                          "seed).permutation, as benchmarks/_backfill_sim.py), through the job's "
                          "`priority` order (item meta), instead of the job's own random order")
+    ap.add_argument("--sim-check", action="store_true",
+                    help="the simulation's own 10 %% check (benchmarks/_backfill_sim.py, cached "
+                         "embeddings) on the moved sets of the product's orders")
     ap.add_argument("--replot", action="store_true", help="rewrite the markdown from the JSON")
     args = ap.parse_args()
+    if args.sim_check:
+        write_json(OUT / f"{args.out}-simcheck.json", sim_check())
+        return 0
     if args.replot:
         result = json.loads((OUT / f"{args.out}.json").read_text())
         runs = [json.loads(f.read_text()) for f in sorted(OUT.glob(f"{args.out}-*.json"))
                 if not f.name.endswith(".partial.json")]
+        runs = [r for r in runs if "points" in r]
         text = render(result) + (render_runs([result, *runs]) if runs else "")
+        sim = OUT / f"{args.out}-simcheck.json"
+        if sim.is_file():
+            text += render_sim_check(json.loads(sim.read_text()))
         write_bytes(OUT / f"{args.out}.md", text.encode())
         return 0
     t_all = time.perf_counter()
@@ -330,6 +341,70 @@ def render(r: dict[str, Any]) -> str:
               f"{100 * f['top10_overlap']:.2f} %; stored vectors max "
               f"abs difference {f['max_vector_diff']:.2e}. Wall {r['wall_s']} s.", ""]
     return "\n".join(lines)
+
+
+def sim_check(seeds: tuple[int, ...] = (0, 1, 2)) -> dict[str, Any]:
+    """The simulation's pseudo-query check at 10 %% (578 items moved) on the moved set of
+    each order (the simulation's permutation, the job's sha256 order per seed), with
+    phi / psi fitted on the first 512 moved pairs (the simulation's schedule) or on all
+    578 (the product's: fits run at commit boundaries)."""
+    import sys  # the simulation module lives beside this script, not in the package
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _backfill_sim import (
+        Fit,
+        fit_phi,
+        load,
+        pseudo_folds,
+        pseudo_rr,
+        random_order,
+        use_pseudo_cohort,
+    )
+
+    task = load("caltech101", [OLD, NEW], pseudo_n=500)
+    use_pseudo_cohort(task, OLD, NEW)  # as bench_backfill_online (and the job) do
+    cfg = OnlineConfig()
+    n = task.g[OLD].shape[0]
+    folds = pseudo_folds(len(task.pseudo_rows), cfg.seed)
+
+    def fit_at(order: np.ndarray, m: int) -> Any:
+        done = order[:m]
+        psi = RidgePsi(max_pairs=cfg.max_pairs, seed=cfg.seed).fit(task.g[NEW][done],
+                                                                  task.g[OLD][done])
+        return Fit(m, psi, "", {}, 0.0, fit_phi(task, OLD, NEW, done, cfg),
+                   [(rows, fit_phi(task, OLD, NEW, done, cfg, other))
+                    for rows, other in zip(folds, folds[::-1], strict=True)])
+
+    orders = {"simulation's, seed 0": random_order(n, 0)}
+    for sd in seeds:
+        orders[f"job's random, seed {sd}"] = np.array(
+            [int(i) for i in order_ids([str(i) for i in range(n)], "random", seed=sd)])
+    out = []
+    nb = round(0.10 * n)
+    for name, order in orders.items():
+        for m in (512, nb):
+            rr = pseudo_rr(task, OLD, NEW, order[:nb], fit_at(order, m))
+            rule, sc, vd = decide_with_old(rr, mode="until-better")
+            out.append({"order": name, "moved": nb, "fit_pairs": m, "rule": rule,
+                        "ensemble_mrr": sc["ensemble"]["mrr"], "old_mrr": sc["old-only"]["mrr"],
+                        "verdict": vd})
+            log(f"sim check {name} moved {nb} fit {m}: {rule} {out[-1]}")
+    return {"checks": out}
+
+
+def render_sim_check(d: dict[str, Any]) -> str:
+    lines = ["", "## The simulation's check on the same moved sets (10 %)", "",
+             "`--sim-check`: the simulation's pseudo-query check (benchmarks/_backfill_sim.py, "
+             "cached embeddings, the same 500 pseudo-queries) with 578 items moved in each "
+             "order, phi / psi fitted on the first 512 moved pairs (the simulation's fit "
+             "schedule) or on all 578 (the product's fit at its commit). Pseudo MRR (%).", "",
+             "| order | fit pairs | rule | ensemble | old-only | gain | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    for c in d["checks"]:
+        v = c["verdict"]
+        lines.append(f"| {c['order']} | {c['fit_pairs']} | {c['rule']} | {c['ensemble_mrr']} | "
+                     f"{c['old_mrr']} | {v.get('gain')} | {v.get('merged_vs_old')} |")
+    return "\n".join(lines) + "\n"
 
 
 def render_runs(runs: list[dict[str, Any]]) -> str:
