@@ -124,9 +124,10 @@ def oracle_table(res: dict[str, Any], short: dict[str, str], fractions: np.ndarr
 
 def seed_exceptions(res: dict[str, Any]) -> str:
     """`` (caltech101: [0])`` for the rows run with other seeds (``--update`` runs)."""
-    other = sorted({(r["task"], tuple(r["seeds"])) for r in res["rows"]
+    other = sorted({(r["task"], r["order"], tuple(r["seeds"])) for r in res["rows"]
                     if r.get("seeds") is not None and list(r["seeds"]) != list(res["seeds"])})
-    return (" (" + "; ".join(f"{t}: {list(s)}" for t, s in other) + ")") if other else ""
+    return (" (" + "; ".join(f"{t} {o} order: {list(s)}" for t, o, s in other) + ")") \
+        if other else ""
 
 
 def report_markdown(res: dict[str, Any], short: dict[str, str], fractions: np.ndarray,
