@@ -213,47 +213,59 @@ class CrossModelMap:
         return Calibration.from_dict(d) if d else None
 
     # ------------------------------------------------------------ applying
+    INPUT: ClassVar[str] = "new"
+    """The model whose embeddings the map takes (``new``: psi, new -> old; a forward map
+    ``phi``, :mod:`galleria.upgrade.phi`, takes the ``old`` one's)."""
+    FIX_HINT: ClassVar[str] = "; train one for these models (galleria upgrade train-transform)"
+
     def check_models(self, *, old: str | None, new: str | None) -> None:
-        """Raise CompatibilityError unless this map was trained for ``old`` <- ``new``.
+        """Raise CompatibilityError unless this map was trained for these models
+        (``old``: the old model's fingerprint, ``new``: the new one's, whichever side
+        is the input).
 
         ``None`` asks nothing of that side; a fingerprint asked of a map that
         recorded none is refused (:func:`galleria.io.artifact.check_fingerprint`).
         """
         self._check_fitted()
-        for role, want, got in (
-            ("new (input)", new, self.new_fingerprint_),
-            ("old (output)", old, self.old_fingerprint_),
-        ):
-            if want is None or want == got:  # the rule of check_fingerprint
+        asked = {"old": old, "new": new}
+        got = {"old": self.old_fingerprint_, "new": self.new_fingerprint_}
+        output = "old" if self.INPUT == "new" else "new"
+        for side, role in ((self.INPUT, "input"), (output, "output")):
+            want, have = asked[side], got[side]
+            if want is None or want == have:  # the rule of check_fingerprint
                 continue
-            trained = f"model {got!r}" if got is not None else "an unknown model (no fingerprint)"
+            trained = (f"model {have!r}" if have is not None
+                       else "an unknown model (no fingerprint)")
             raise CompatibilityError(
-                f"this {self.kind!r} map was trained for {role} {trained}, but the upgrade "
-                f"uses {want!r}; train one for these models (galleria upgrade train-transform)"
+                f"this {self.kind!r} map ({self.INPUT} -> {output}) was trained for "
+                f"{side} ({role}) {trained}, but the upgrade uses {want!r}{self.FIX_HINT}"
             )
 
-    def transform(self, new: object, *, fingerprint: str | None = None) -> np.ndarray:
-        """``(N, D_new)`` new-model embeddings -> ``(N, D_old)`` L2-normalised, old space."""
+    def transform(self, x: object, *, fingerprint: str | None = None) -> np.ndarray:
+        """``(N, D_in)`` embeddings of the input model -> ``(N, D_out)`` L2-normalised
+        (psi: new-model embeddings -> the old space). ``fingerprint``: the model that
+        made ``x`` (refused unless it is this map's input model)."""
         self._check_fitted()
-        x = as_embeddings(new, name="new embeddings")
-        if x.shape[1] != self.new_dim_:
+        v = as_embeddings(x, name=f"{self.INPUT} embeddings")
+        dim = self.new_dim_ if self.INPUT == "new" else self.old_dim_
+        if v.shape[1] != dim:
             raise CompatibilityError(
-                f"{self.kind!r} map takes {self.new_dim_}-d embeddings of "
-                f"{self.new_fingerprint_!r}; got {x.shape[1]}-d"
+                f"{self.kind!r} map takes {dim}-d embeddings of "
+                f"{self.input_fingerprint!r}; got {v.shape[1]}-d"
             )
-        self.check_models(old=None, new=fingerprint)
-        return l2_normalize(mlp_forward(l2_normalize(x).astype(np.float32), self.weights_))
+        self.check_models(**{self.INPUT: fingerprint,
+                             "old" if self.INPUT == "new" else "new": None})
+        return l2_normalize(mlp_forward(l2_normalize(v).astype(np.float32), self.weights_))
 
     @property
     def input_fingerprint(self) -> str | None:
-        """The model whose embeddings the map takes (the new model; a forward map
-        ``phi``, :mod:`galleria.upgrade.phi`, takes the old one's)."""
-        return self.new_fingerprint_
+        """The fingerprint of the model whose embeddings the map takes."""
+        return self.new_fingerprint_ if self.INPUT == "new" else self.old_fingerprint_
 
     @property
     def output_fingerprint(self) -> str | None:
         """The model whose space the map's outputs live in."""
-        return self.old_fingerprint_
+        return self.old_fingerprint_ if self.INPUT == "new" else self.new_fingerprint_
 
     @property
     def fingerprint(self) -> str:

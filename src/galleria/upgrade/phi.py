@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from galleria.errors import CompatibilityError, FormatError, InputError
+from galleria.errors import FormatError, InputError
 from galleria.upgrade.crossmap import mlp_forward
 from galleria.upgrade.ridge import RidgePsi
 from galleria.upgrade.state import (
@@ -41,7 +41,6 @@ from galleria.upgrade.state import (
     decision_phi_path,
     require_upgrade,
 )
-from galleria.validate import as_embeddings, l2_normalize
 
 if TYPE_CHECKING:
     from galleria.store.gallery import Gallery
@@ -65,6 +64,8 @@ class PhiRidge(RidgePsi):
     """
 
     kind: ClassVar[str] = "phi-ridge"
+    INPUT: ClassVar[str] = "old"
+    FIX_HINT: ClassVar[str] = ""
 
     def fit(  # type: ignore[override]
         self,
@@ -95,43 +96,6 @@ class PhiRidge(RidgePsi):
         log.info("ridge phi on %d pairs: alpha %.3g, train cos(phi(old), new) = %.4f",
                  o.shape[0], alpha, self.info_["train_cosine_to_new"])
         return self
-
-    @property
-    def input_fingerprint(self) -> str | None:
-        return self.old_fingerprint_
-
-    @property
-    def output_fingerprint(self) -> str | None:
-        return self.new_fingerprint_
-
-    def check_models(self, *, old: str | None, new: str | None) -> None:
-        """Raise CompatibilityError unless this phi maps ``old`` -> ``new``."""
-        self._check_fitted()
-        for role, want, got in (("old (input)", old, self.old_fingerprint_),
-                                ("new (output)", new, self.new_fingerprint_)):
-            if want is None or want == got:
-                continue
-            trained = f"model {got!r}" if got is not None else "an unknown model (no fingerprint)"
-            raise CompatibilityError(
-                f"this {self.kind!r} map (old -> new) was fitted for {role} {trained}, but "
-                f"the upgrade uses {want!r}"
-            )
-
-    def transform(self, old: object, *, fingerprint: str | None = None) -> np.ndarray:
-        """``(N, D_old)`` old-model vectors -> ``(N, D_new)`` L2-normalised, new space.
-
-        ``fingerprint``: the model that made ``old`` (refused unless it is this map's
-        input model).
-        """
-        self._check_fitted()
-        x = as_embeddings(old, name="old embeddings")
-        if x.shape[1] != self.old_dim_:
-            raise CompatibilityError(
-                f"{self.kind!r} map takes {self.old_dim_}-d embeddings of "
-                f"{self.old_fingerprint_!r}; got {x.shape[1]}-d"
-            )
-        self.check_models(old=fingerprint, new=None)
-        return l2_normalize(mlp_forward(l2_normalize(x).astype(np.float32), self.weights_))
 
     def raw(self, old: np.ndarray) -> np.ndarray:
         """``(N, D_new)`` ``phi`` before the output normalisation (rows of unit ``old``)."""
