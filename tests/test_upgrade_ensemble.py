@@ -257,18 +257,24 @@ def test_ensemble_search_while_the_job_moves_items(gallery):
                 errors.append(exc)
 
         seen: set[str] = set()
-        threads = [threading.Thread(target=searcher, args=(r,)) for r in (False, True)]
-        for t in threads:
-            t.start()
-        try:
-            run_upgrade(gallery, limit=40, commit_every=4)
-        finally:
-            done.set()
-            for t in threads:
-                t.join(timeout=60)
+        run_alongside(gallery, [threading.Thread(target=searcher, args=(r,))
+                                for r in (False, True)], done)
     assert not errors, errors[0]
     assert len(seen) >= 1
     assert len(list(online_folder(gallery).glob("phi-*"))) <= 2  # current and previous
+
+
+def run_alongside(gallery, threads, done: threading.Event) -> None:
+    """Start ``threads``, run the job (40 items, a commit every 4), then stop and join
+    them (bounded)."""
+    for t in threads:
+        t.start()
+    try:
+        run_upgrade(gallery, limit=40, commit_every=4)
+    finally:
+        done.set()
+        for t in threads:
+            t.join(timeout=60)
 
 
 def test_read_old_vectors_falls_back_to_the_kept_vectors(gallery):

@@ -18,7 +18,15 @@ from galleria.upgrade.phi import load_phi
 from galleria.upgrade.search import BackfillSearcher
 from galleria.upgrade.state import UpgradeError, decision_phi_path, require_upgrade
 from galleria.validate import l2_normalize
-from test_upgrade_ensemble import CFG, N, _reference, _state, gallery, images  # noqa: F401
+from test_upgrade_ensemble import (  # noqa: F401
+    CFG,
+    N,
+    _reference,
+    _state,
+    gallery,
+    images,
+    run_alongside,
+)
 
 
 def _queries(seed: int, nq: int = 4):
@@ -404,15 +412,7 @@ def test_auto_searchers_opened_while_the_job_republishes_serve_only_checked_phis
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=searcher) for _ in range(2)]
-    for t in threads:
-        t.start()
-    try:
-        run_upgrade(gallery, limit=40, commit_every=4)
-    finally:
-        done.set()
-        for t in threads:
-            t.join(timeout=60)
+    run_alongside(gallery, [threading.Thread(target=searcher) for _ in range(2)], done)
     assert not errors, errors[0]
     checked = {d["phi_map"] for d in published if d["checked"] and d["rule"] == "ensemble"}
     assert checked and any(not d["checked"] for d in published)
