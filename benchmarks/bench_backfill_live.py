@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from galleria.store.gallery import Gallery
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info
 
@@ -255,6 +257,38 @@ def accuracy(url: str, rows: list[dict[str, str]], queries: list[int], pipeline:
             "error_details": details, "top10": top10}
 
 
+def merged_accuracy(g: Path, rows: list[dict[str, str]], queries: list[int],
+                    cache: dict[str, Any]) -> dict[str, Any]:
+    """Local change: mAP / R@1 of the *unguarded* merged answers (rule ``rank-merge``,
+    in this process, not through the server) on the phone photos ``queries``."""
+    from galleria.eval.metrics import per_query_metrics
+    from galleria.store.gallery import Gallery
+    from galleria.upgrade.search import BackfillSearcher
+
+    pos = {r["path"]: n for n, r in enumerate(rows)}
+    with Gallery.open(g) as gal:
+        s = BackfillSearcher.open(gal, rule="rank-merge", threads=1)
+        try:
+            if "q" not in cache:  # the same query features at every fraction
+                cache["q"] = s.embed_paths([rows[q]["file"] for q in queries], workers=1)[0]
+            res = s.search(cache["q"], k=100)
+        finally:
+            s.close()
+    ranking = np.full((len(queries), 100), -1, np.int64)
+    for n, row in enumerate(res.ids):
+        got = [pos[i] for i in row if i is not None and i in pos]
+        ranking[n, : len(got)] = got
+    labels = np.array([int(r["group"]) for r in rows])
+    m = per_query_metrics(ranking, labels[queries], labels, metrics=("mAP", "R@1"),
+                          query_gallery_index=np.asarray(queries))
+    return {"mAP": round(100 * float(np.nanmean(m["mAP"])), 2),
+            "R@1": round(100 * float(np.nanmean(m["R@1"])), 2)}
+
+
+GUARD_FIELDS = ("rule", "checked", "source", "moved", "queries", "verdict", "scores",
+                "search_s", "check_s", "checks", "total_s")
+
+
 # ------------------------------------------------------------------ one change
 def start_args(change: str, work: Path, g: Path, fusion: Path | None) -> list[str]:
     if change == "local":
@@ -302,6 +336,7 @@ def run_change(change: str, work: Path, man: Path, g0: Path, rows: list[dict[str
     photos = [Path(rows[q]["file"]).read_bytes() for q in queries[:64]]
     out: dict[str, Any] = {"change": change, "start": extra, "points": [],
                            "load_before": uptime()}
+    qcache: dict[str, Any] = {}
     server = Server(g, work / f"server-{change}.log").wait()
     try:
         with Load(server.url, photos, clients, pause_s) as load:
@@ -321,6 +356,14 @@ def run_change(change: str, work: Path, man: Path, g0: Path, rows: list[dict[str
                 rule = (st.get("online_psi") or {}).get("rule")
                 acc = accuracy(server.url, rows, queries, None)
                 acc["rule"] = rule
+                if change == "local":  # the guard's last decision and the unguarded merge
+                    with Gallery.open(g, readonly=True) as gal:
+                        dec = (gal.get_setting("upgrade") or {}).get("online", {}) \
+                            .get("decision") or {}
+                    acc["guard"] = {k: dec.get(k) for k in GUARD_FIELDS}
+                    acc["merged"] = merged_accuracy(g, rows, queries, qcache)
+                    print(f"        unguarded merge: mAP {acc['merged']['mAP']:.2f}; guard "
+                          f"{acc['guard']}", flush=True)
                 print(f"   {int(100 * f):3d} %: mAP {acc['mAP']:.2f}  R@1 {acc['R@1']:.2f}  "
                       f"errors {acc['errors']} {acc['error_details']}  rule {rule}", flush=True)
                 out["points"].append({"fraction": f, "done": done, **{
@@ -419,6 +462,27 @@ def markdown(res: dict[str, Any]) -> str:
                           + _modulo(c['finished_vs_fresh']) + ", max vector "
                           f"diff {c['finished_vs_fresh']['max_abs_vector_diff']}"
                           for c in res["changes"]) + ".", ""]
+    for c in res["changes"]:
+        if not any("guard" in p for p in c["points"]):
+            continue
+        lines += [f"Change {c['change']}: the old-answers guard (mAP / R@1; *served*: the "
+                  "default through the server, as above; *unguarded merge*: rule rank-merge "
+                  "in the script's process; the guard's decision at that point, the MRR "
+                  "(%) of the merged and the global answers on its pseudo-queries, and what "
+                  "its check cost, one thread):", "",
+                  "| moved | served | unguarded merge | rule | verdict | pseudo MRR merged "
+                  "/ global | pseudo-queries | check s (search s) |", "|---" * 8 + "|"]
+        for p in c["points"]:
+            gd, m = p.get("guard") or {}, p.get("merged") or {}
+            sc = gd.get("scores") or {}
+            mrr = " / ".join(f"{sc[r]['mrr']:.1f}" if r in sc else "-"
+                             for r in ("rank-merge", "old-only"))
+            lines.append(f"| {int(100 * p['fraction'])} % | {p['mAP']:.1f} / {p['R@1']:.1f} | "
+                         f"{m.get('mAP', float('nan')):.1f} / {m.get('R@1', float('nan')):.1f}"
+                         f" | {gd.get('rule')} | {(gd.get('verdict') or {}).get('merged_vs_old')}"
+                         f" | {mrr} | {gd.get('queries')} | {gd.get('check_s')} "
+                         f"({gd.get('search_s')}) |")
+        lines.append("")
     for c in res["changes"]:
         errs = ", ".join(f"{int(100 * p['fraction'])} %: {p['errors']}" for p in c["points"])
         rules = ", ".join(f"{int(100 * p['fraction'])} %: {p.get('rule')}" for p in c["points"]

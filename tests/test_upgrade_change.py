@@ -28,12 +28,16 @@ from galleria.transforms.attach import add_transformed_space, fit_on_gallery
 from galleria.transforms.registry import create_transform
 from galleria.upgrade.change import start_local, start_transform
 from galleria.upgrade.job import finish_upgrade, run_upgrade, start_upgrade, upgrade_status
+from galleria.upgrade.local_guard import LocalGuardConfig
 from galleria.upgrade.local_search import LocalChangeSearcher
 from galleria.upgrade.search import BackfillSearcher
 from galleria.upgrade.state import UpgradeError, pending_space
 
 HERE = Path(__file__).parent
 N = 36
+MERGED = LocalGuardConfig(guard="off")
+"""The merged answers served unchecked: these tests are about the merge itself (the
+guard that picks between it and the global answers: tests/test_upgrade_local_guard.py)."""
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +159,7 @@ def test_transform_of_another_model_is_refused(gallery, tmp_path):
 def test_local_change_merges_global_and_local_and_finishes_as_a_fresh_index(
         gallery, images, tmp_path):
     loc = _tiny.tiny_local()
-    state = start_local(gallery, "tiny-local", extractor=loc, seed=2)
+    state = start_local(gallery, "tiny-local", extractor=loc, seed=2, guard=MERGED)
     assert state.change == "local" and pending_space(state.to_dict()) == loc.fingerprint
     run_upgrade(gallery, limit=12, commit_every=4)
     with Gallery.open(gallery) as g:
@@ -282,7 +286,7 @@ def test_searches_while_local_features_are_added_never_build_the_local_index(
     import galleria.upgrade.local_search as ls
 
     monkeypatch.setattr(ls, "PUBLISH_EVERY_S", 0.05)
-    state = start_local(gallery, "tiny-local", extractor=_tiny.tiny_local(), seed=3)
+    state = start_local(gallery, "tiny-local", extractor=_tiny.tiny_local(), seed=3, guard=MERGED)
     run_upgrade(gallery, limit=6, commit_every=2)  # a first published snapshot
     main = threading.get_ident()
     on_request: list[str] = []
@@ -352,7 +356,7 @@ def test_many_publications_keep_one_loader_thread_and_bounded_connections(galler
     import threading
 
     before = set(threading.enumerate())  # loaders of other tests' searchers left out
-    start_local(gallery, "tiny-local", extractor=_tiny.tiny_local(), seed=4)
+    start_local(gallery, "tiny-local", extractor=_tiny.tiny_local(), seed=4, guard=MERGED)
     run_upgrade(gallery, limit=4, commit_every=2)
     with Gallery.open(gallery) as g:
         s = open_searcher(g)
@@ -386,7 +390,7 @@ def test_a_refused_snapshot_is_tried_once_and_the_loader_survives_any_error(
 
     import galleria.upgrade.local_search as ls
 
-    state = start_local(gallery, "tiny-local", extractor=_tiny.tiny_local(), seed=5)
+    state = start_local(gallery, "tiny-local", extractor=_tiny.tiny_local(), seed=5, guard=MERGED)
     run_upgrade(gallery, limit=4, commit_every=2)
     calls: list[str] = []
     load = ls.saved_snapshot

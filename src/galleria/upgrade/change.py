@@ -43,6 +43,7 @@ from galleria.store.gallery import Gallery
 from galleria.transforms.attach import check_can_apply, copy_into_gallery, fit_space
 from galleria.transforms.registry import load_transform
 from galleria.upgrade.job import check_can_start, start_upgrade
+from galleria.upgrade.local_guard import GUARD_KEY, LocalGuardConfig
 from galleria.upgrade.online import OnlineConfig
 from galleria.upgrade.state import (
     PROGRESS_KEY,
@@ -144,8 +145,13 @@ def start_local(
     order: str = "queries",
     seed: int = 0,
     calib_size: int = 1000,
+    guard: LocalGuardConfig | None = None,
 ) -> UpgradeState:
     """Start adding local features (``sift``, ``xfeat``) to a global gallery.
+
+    ``guard``: the old-answers guard (:mod:`galleria.upgrade.local_guard`; default:
+    200 pseudo-queries seeded by ``seed``, the global answers until the merged ones
+    beat them, a check every 5 % of the gallery).
 
     Raises:
         UpgradeError: a job is in progress, the gallery is empty, or it already
@@ -166,7 +172,9 @@ def start_local(
         state = UpgradeState(
             old_space=old, new_space=ext.fingerprint, new_model=local, mode="online",
             order=order, seed=int(seed), calib_size=int(calib_size), started=time.time(),
-            online={"config": OnlineConfig(enabled=False).to_dict()}, change="local",
+            online={"config": OnlineConfig(enabled=False).to_dict(),
+                    GUARD_KEY: (guard or LocalGuardConfig(seed=int(seed))).to_dict()},
+            change="local",
             extra={"drop_old": False, "primary": old},
         )
         return _record_job(gallery, state)

@@ -58,6 +58,7 @@ from galleria.io.atomic import write_json
 from galleria.store.gallery import Failure, Gallery
 from galleria.upgrade.config import RunConfig, StartConfig, with_options
 from galleria.upgrade.finish import FinishReport, UpgradeStatus, finish_upgrade, upgrade_status
+from galleria.upgrade.local_guard import LocalGuardRun
 from galleria.upgrade.local_search import LocalPublisher
 from galleria.upgrade.online import (
     OnlineConfig,
@@ -431,6 +432,10 @@ def _run(
     fails: list[Failure] = []
     local = extractor.kind == "local"
     publisher = LocalPublisher(new)
+    guard = LocalGuardRun(gallery, state, extractor, publisher, runtime=runtime,
+                          threads=threads) if state.change == "local" else None
+    if guard is not None and n_todo:  # the job's first check: before the first item
+        guard.maybe(source="start")
     reads_images = state.change != "transform"
 
     def keep_pairs(ids: list[str], vecs: np.ndarray) -> None:
@@ -485,7 +490,9 @@ def _run(
             feats = [f for chunk in buf_data for f in chunk]
             buf_data.clear()
             keys = gallery.add_local(ids, feats, space=new, only_if_in=old)
-            publisher.maybe(gallery)  # the index search serves, built here, not by a search
+            published = publisher.maybe(gallery)  # the index search serves, built here
+            if guard is not None:  # the old-answers guard, when due (upgrade/local_guard.py)
+                guard.maybe(published=published)
         else:
             vecs = np.concatenate(buf_data)
             buf_data.clear()
@@ -553,6 +560,8 @@ def _run(
             if moves:
                 gallery.compact(old)
     _save_indexes(gallery, state)
+    if guard is not None and not report.interrupted:  # the last item done: check it
+        guard.maybe(source="end", published=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     write_json(Path(gallery.path) / "reports" / f"upgrade-run-{stamp}.json", report.to_dict())
     return report

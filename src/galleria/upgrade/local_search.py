@@ -26,6 +26,12 @@ when a search sees a newer publication; its connection closed when it stops at
 snapshot are answered by the global part until the next one (every item is in
 exactly one part), so the answers lag the job by at most one publication and
 never wait for it.
+
+Rule (:func:`resolve_local_rule`): like a model upgrade, ``auto`` serves the
+gallery's global answers (``old-only``: the global model over *every* item, the
+global space stays complete: exactly the plain global search) until the job's
+pseudo-query check (:mod:`galleria.upgrade.local_guard`) finds the merged answers
+(``rank-merge``) better; the merge is asked for by name as ``rank-merge``.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from galleria.store.reader import saved_snapshot
 from galleria.types import LocalFeatures, SearchResult
 from galleria.upgrade.merge import merge_results, znorm_result
 from galleria.upgrade.parts import QueryCost, search_excluding
+from galleria.upgrade.probability import lookup, normalization_name
 from galleria.upgrade.state import UpgradeError, UpgradeState, require_upgrade
 from galleria.validate import as_embeddings
 
@@ -57,9 +64,31 @@ log = logging.getLogger(__name__)
 
 COHORT_TOP = 100
 MIN_COHORT = 50
+MERGED = "rank-merge"
+GLOBAL = "old-only"
+LOCAL_RULES = (MERGED, GLOBAL)
+"""The rules of a local change: the merged answers and the global answers alone."""
 PUBLISH_EVERY_S = 10.0
 """The job publishes the local index at a commit at most this often (or twice the time
 its last publication took, when longer), and at the end of each run."""
+
+
+def resolve_local_rule(rule: str, state: UpgradeState) -> str:
+    """``auto`` -> the rule the job's last guard check chose (``old-only`` before any
+    check, or when the decision names no rule of a local change); ``rank-merge`` when
+    the job runs without the guard (``state.online["local_guard"]["guard"] == "off"``);
+    ``rank-merge`` / ``old-only`` as asked."""
+    if rule in LOCAL_RULES:
+        return rule
+    if rule != "auto":
+        raise UpgradeError(f"rule {rule!r} does not apply while local features are added; "
+                           f"known: auto, {', '.join(LOCAL_RULES)}")
+    guard = state.online.get("local_guard")
+    if isinstance(guard, dict) and (guard.get("guard") == "off" or not guard.get("enabled", True)):
+        return MERGED
+    decision = state.online.get("decision") or {}
+    chosen = decision.get("rule")
+    return chosen if decision.get("checked") and chosen in LOCAL_RULES else GLOBAL
 
 
 class LocalPublisher:
@@ -144,20 +173,26 @@ class LocalChangeSearcher(Searcher):
     """
 
     kind = "backfill"
-    rule = "rank-merge"
+    map_fingerprint = None
+    """No learned map (the probability records' key)."""
 
     def __init__(self, gallery: Gallery, *, global_extractor: Extractor | None = None,
                  local_extractor: Extractor | None = None, cohort: int = 1000,
-                 seed: int = 0) -> None:
+                 seed: int = 0, rule: str = MERGED) -> None:
         self.gallery = gallery
         self.state: UpgradeState = require_upgrade(gallery)
         if self.state.change != "local":
             raise UpgradeError("LocalChangeSearcher searches a gallery whose job adds local "
                                "features")
+        if rule not in LOCAL_RULES:
+            raise InputError(f"rule must be one of {', '.join(LOCAL_RULES)}, got {rule!r}")
+        self.rule = rule
         self.old_extractor, self.new_extractor = global_extractor, local_extractor
         self.cohort_size, self.seed = int(cohort), int(seed)
-        self.calibration = _Info({"kind": f"znorm-top{COHORT_TOP}", "cohort": int(cohort),
-                                  "channels": ["global", "local"]})
+        self.calibration = _Info(
+            {"kind": f"znorm-top{COHORT_TOP}", "cohort": int(cohort),
+             "channels": ["global", "local"]} if rule == MERGED else
+            {"kind": "identity", "channels": ["global"]})
         self.cost = QueryCost()
         self._lock = threading.Lock()
         self._published: Published | None = None
@@ -168,11 +203,14 @@ class LocalChangeSearcher(Searcher):
         self._live: tuple[tuple[str, int], np.ndarray] | None = None
         self._cohort: tuple[str, np.ndarray, np.ndarray] | None = None
         self.loads = 0
-        self.refresh_published(wait=True)  # the snapshot there is now (not a search)
+        if rule == MERGED:
+            self.refresh_published(wait=True)  # the snapshot there is now (not a search)
 
     @property
     def spaces(self) -> list[str]:  # type: ignore[override]
-        """Query data of both spaces: global, local."""
+        """Query data of both spaces: global, local (``old-only``: global only)."""
+        if self.rule == GLOBAL:
+            return [self.state.old_space]
         return [self.state.old_space, self.state.new_space]
 
     def read_spaces(self) -> list[str]:
@@ -184,7 +222,7 @@ class LocalChangeSearcher(Searcher):
     def models(self) -> dict[str, Extractor]:  # type: ignore[override]
         return {sp: e for sp, e in ((self.state.old_space, self.old_extractor),
                                     (self.state.new_space, self.new_extractor))
-                if e is not None}
+                if e is not None and sp in self.spaces}
 
     @models.setter
     def models(self, value: dict[str, Extractor]) -> None:
@@ -199,16 +237,36 @@ class LocalChangeSearcher(Searcher):
 
     @classmethod
     def open(cls, gallery: Gallery, *, runtime: str = "auto", threads: int | None = None,
-             with_models: bool = True) -> LocalChangeSearcher:
-        """Rebuild both query models from the spaces' records (``with_models=False``:
-        search with query data only)."""
+             with_models: bool = True, rule: str = "auto") -> LocalChangeSearcher:
+        """Rebuild the query models from the spaces' records (``with_models=False``:
+        search with query data only); ``rule``: :func:`resolve_local_rule` (``old-only``
+        needs the global model only)."""
         state = require_upgrade(gallery)
+        rule = resolve_local_rule(rule, state)
         exts = [extractor_from_space(gallery.space_info(sp).info, root=gallery.path,
                                      runtime=runtime, threads=threads, query=True)
-                if with_models else None
+                if with_models and (rule == MERGED or sp == state.old_space) else None
                 for sp in (state.old_space, state.new_space)]
         return cls(gallery, global_extractor=exts[0], local_extractor=exts[1],
-                   cohort=state.calib_size or 1000, seed=state.seed)
+                   cohort=state.calib_size or 1000, seed=state.seed, rule=rule)
+
+    def match_calibration(self) -> dict[str, Any] | None:
+        """The match-probability calibration of this rule fitted by the job's last guard
+        check (:mod:`galleria.upgrade.probability`), or ``None`` (not fitted for this
+        rule, or the gallery moved on since: the reason is logged at debug level)."""
+        try:
+            state = require_upgrade(self.gallery)
+        except UpgradeError:
+            return None
+        record = (state.online.get("decision") or {}).get("probability")
+        cal, why = lookup(record, rule=self.rule, old_space=state.old_space,
+                          new_space=state.new_space, job_started=state.started,
+                          map_fingerprint=None,
+                          normalization=normalization_name(self.calibration),
+                          moved=self.gallery.count(state.new_space), items=len(self.gallery))
+        if cal is None:
+            log.debug("no match probabilities for rule %s: %s", self.rule, why)
+        return cal
 
     # ----------------------------------------------------------------- parts
     def published_folder(self) -> str | None:
@@ -335,19 +393,30 @@ class LocalChangeSearcher(Searcher):
         return keys, vecs
 
     # ---------------------------------------------------------------- search
-    def search_queries(self, global_queries: np.ndarray, local_queries: Sequence[Any],
+    def search_queries(self, global_queries: np.ndarray, local_queries: Sequence[Any] | None,
                        k: int = 10) -> SearchResult:
-        """Top-``k`` string ids for ``(Q, D)`` global query vectors and Q LocalFeatures."""
+        """Top-``k`` string ids for ``(Q, D)`` global query vectors and Q LocalFeatures
+        (``None`` with rule ``old-only``, which reads the global ones only)."""
         if k <= 0:
             raise InputError(f"k must be positive, got {k}")
         qg = as_embeddings(global_queries, name="global queries")
+        old = self.state.old_space
+        if self.rule == GLOBAL:  # the global answers: every item, as plain global search
+            self.cost.queries += len(qg)
+            t = time.perf_counter()
+            gv = self.gallery.views([old]).get(old)
+            res = search_excluding(qg, k, gv, None)
+            self.cost.index_searches += len(qg)
+            self.cost.add_ms("search", time.perf_counter() - t)
+            return SearchResult(res.scores, res.ids, {old: gv.generation if gv else 0})
+        if local_queries is None:
+            raise InputError("the merged answers need local query features")
         ql = list(local_queries)
         if len(ql) != len(qg):
             raise InputError(f"{len(qg)} global queries but {len(ql)} local ones")
         bad = [n for n, f in enumerate(ql) if not isinstance(f, LocalFeatures)]
         if bad:
             raise InputError(f"local queries {bad[:5]} are not LocalFeatures")
-        old = self.state.old_space
         self.cost.queries += len(qg)
         t = time.perf_counter()
         pub = self.refresh_published()  # never waits: a newer snapshot loads meanwhile
@@ -387,14 +456,14 @@ class LocalChangeSearcher(Searcher):
 
     def search_vectors(self, *, new_queries: Any = None, old_queries: Any = None,
                        k: int = 10) -> SearchResult:
-        if new_queries is None or old_queries is None:
+        if old_queries is None or (new_queries is None and self.rule == MERGED):
             raise InputError("a local-feature change needs global query vectors and local "
                              "query features")
         return self.search_queries(old_queries, new_queries, k)
 
     def needs(self) -> tuple[bool, bool]:
-        """Query data of both spaces: ``(global, local)``."""
-        return True, True
+        """Query data of the spaces: ``(global, local)`` (local: not with ``old-only``)."""
+        return True, self.rule == MERGED
 
     def _search(self, queries: Queries, k: int, options: SearchOptions) -> SearchResult:
         return self.search_vectors(new_queries=queries.data.get(self.state.new_space),
@@ -402,7 +471,7 @@ class LocalChangeSearcher(Searcher):
 
     def embed_paths(self, paths: Sequence[str | os.PathLike[str]], *, batch_size: int = 16,
                     workers: int = 2) -> tuple[Queries, list[int], list[QueryFailure]]:
-        if len(self.models) < 2:
+        if len(self.models) < len(self.spaces):
             raise UpgradeError("this searcher was opened without query models")
         t = time.perf_counter()
         q, good, fails = super().embed_paths(paths, batch_size=batch_size, workers=workers)

@@ -295,11 +295,8 @@ class BackfillSearcher(Searcher):
         gallery = path if isinstance(path, Gallery) else Gallery.open(path)
         state = require_upgrade(gallery)
         if state.change == "local":  # local features being added: global + local parts
-            if rule not in ("auto", "rank-merge"):
-                raise UpgradeError(f"rule {rule!r} does not apply while local features are "
-                                   "added; the search merges global and local answers")
             return LocalChangeSearcher.open(gallery, runtime=runtime, threads=threads,
-                                            with_models=with_models)
+                                            with_models=with_models, rule=rule)
         asked = rule
         rule = resolve_rule(rule, gallery, state)
         the_phi = None
