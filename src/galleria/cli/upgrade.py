@@ -72,10 +72,12 @@ def add_upgrade_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--calib-size", type=int, default=1000,
                    help="(old, new) pairs kept as the calibration cohort (0: none)")
     s.add_argument("--no-online-psi", action="store_true",
-                   help="no online psi and no pseudo-query check (search uses rank-merge)")
-    s.add_argument("--pseudo-queries", type=int, default=500,
+                   help="no online psi and no pseudo-query check (search uses rank-merge; "
+                        "--add-local: the merged answers, unchecked)")
+    s.add_argument("--pseudo-queries", type=int, default=None,
                    help="gallery items whose phone-like views check the rules (old answers, "
-                        "merges, psi) on the gallery as it is")
+                        "merges, psi) on the gallery as it is (default 500; --add-local: "
+                        "200, the global against the merged answers)")
     s.add_argument("--json", action="store_true")
     s.add_argument("--verbose", "-v", action="store_true")
     s.set_defaults(func=cmd_start)
@@ -171,11 +173,17 @@ def cmd_start(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
     common = {"order": args.order, "seed": args.seed, "calib_size": args.calib_size}
     online = OnlineConfig(enabled=not args.no_online_psi, seed=args.seed,
-                          pseudo_queries=args.pseudo_queries)
+                          pseudo_queries=args.pseudo_queries or 500)
     if args.transform:
         state = change.start_transform(args.gallery, args.transform, **common)
     elif args.add_local:
-        state = change.start_local(args.gallery, args.add_local, runtime=args.runtime, **common)
+        from galleria.upgrade.local_guard import LocalGuardConfig  # lazy: PIL
+
+        guard = LocalGuardConfig(enabled=not args.no_online_psi, seed=args.seed,
+                                 **({"pseudo_queries": args.pseudo_queries}
+                                    if args.pseudo_queries else {}))
+        state = change.start_local(args.gallery, args.add_local, runtime=args.runtime,
+                                   guard=guard, **common)
     elif args.fusion:
         state = change.start_fusion(args.gallery, args.fusion, runtime=args.runtime,
                                     mode=args.mode, online=online, **common)
@@ -247,7 +255,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if d["transforms"]:
         print(f"  transforms: {', '.join(d['transforms'])}")
     o = d.get("online_psi")
-    if o:
+    if o and d["change"] == "local":
+        _print_local_guard(o)
+    elif o:
         mrr = ", ".join(f"{r} {v['mrr']:.1f}" for r, v in (o.get("scores") or {}).items())
         print(f"  online psi: search uses {o['rule']} ({o['source']}, {o['pairs']} pairs, "
               f"{o['fits']} fits, {o['total_s']:.1f} s" + (f"; pseudo-query MRR {mrr}" if mrr
@@ -263,6 +273,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     if d["fraction"] >= 1.0 and not d["failed"]:
         print("  at 100 %: run `galleria upgrade finish " + args.gallery + "`")
     return 0
+
+
+def _print_local_guard(o: dict) -> None:
+    """The old-answers guard of a local-feature change (upgrade/local_guard.py)."""
+    sc = o.get("scores") or {}
+    mrr = ", ".join(f"{'merged' if r == 'rank-merge' else 'global'} {v['mrr']:.1f}"
+                    for r, v in sc.items())
+    serves = "the merged answers" if o.get("rule") == "rank-merge" else "the global answers"
+    print(f"  guard: search serves {serves} (check {o.get('checks')} at {o.get('moved')} items, "
+          f"{o.get('total_s') or 0:.1f} s in all" + (f"; pseudo-query MRR {mrr}" if mrr else "")
+          + ")")
+    if (o.get("verdict") or {}).get("merged_vs_old") == "worse":
+        print("  note: on this gallery's pseudo-queries the merged answers are worse than the "
+              "global ones: the local features may not help here -- check before `finish` "
+              "(after it the default search is the local pipeline)")
 
 
 def cmd_finish(args: argparse.Namespace) -> int:
