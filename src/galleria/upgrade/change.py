@@ -21,8 +21,9 @@ and the same end: the gallery a fresh index with the new features would be.
     search at 0 % and the local pipeline at 100 %; ``auto`` search serves it only
     once the job's pseudo-query check finds it better than the global answers
     (:mod:`galleria.upgrade.local_guard`), the global answers until then.
-    ``finish`` builds the local index from all items (as ``galleria index --local`` does at its end); the
-    gallery's default search is then the local pipeline, as for a fresh index.
+    ``finish`` builds the local index from all items (as ``galleria index
+    --local`` does at its end); the gallery's default search is then the local
+    pipeline, as for a fresh index.
     Until then the local space is *pending* (:func:`pending_space`): the
     default pipeline decision must not search a half-filled local space.
 ``start_fusion(G, F)`` (change ``model``)
