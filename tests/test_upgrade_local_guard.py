@@ -113,6 +113,14 @@ def test_the_guard_serves_the_merge_only_once_it_beats_the_global_answers(
         _, res, _ = s.search_paths(paths, 5)
         if kind == "helps":
             assert d["rule"] == MERGED and d["verdict"]["merged_vs_old"] == "better"
+            # the merge scores each query once for its top-k and its cohort similarities
+            q = create_extractor("sift").embed_images([Image.open(p).convert("RGB")
+                                                       for p in paths])
+            index, keys = s._published.index, s._published.item_keys[::2]
+            res2, sims = index.search_with_similarities(q, 5, keys)
+            ref = index.search(q, 5)
+            assert (res2.ids == ref.ids).all() and np.array_equal(res2.scores, ref.scores)
+            assert np.array_equal(sims, np.stack([index.similarities(f, keys) for f in q]))
             assert d["scores"][MERGED]["mrr"] > d["scores"][GLOBAL]["mrr"] + 20
             return
         assert d["rule"] == GLOBAL and d["verdict"]["merged_vs_old"] == "worse"

@@ -213,6 +213,29 @@ class LocalIndex(Index):
             out.scores[i], out.ids[i] = s, ids
         return out
 
+    def search_with_similarities(self, queries: Sequence[LocalFeatures], k: int,
+                                 keys: np.ndarray) -> tuple[SearchResult, np.ndarray]:
+        """:meth:`search` and :meth:`similarities` to ``keys`` (all present) of every
+        query from one scoring of each -> ``((Q, k) result, (Q, n) float32)``; the
+        same values as the two calls (a query is encoded once, not twice)."""
+        k = check_k(k)
+        qs = check_features(queries, dim=self.dim, name="queries")
+        if not qs:
+            raise InputError("queries is empty (no query images)")
+        rows = self._rows.rows_of(as_keys(keys, unique=False))
+        out = SearchResult.empty(len(qs), k)
+        sims = np.zeros((len(qs), rows.size), np.float32)
+        for i, q in enumerate(qs):
+            if len(q) == 0:
+                log.warning("query %d has no keypoints: no local result", i)
+                continue
+            if len(self) == 0:
+                continue
+            scores = self.score_rows(q)
+            out.scores[i], out.ids[i] = topk_rows(scores, self._rows.row_key, k)
+            sims[i] = scores[rows]
+        return out, sims
+
     def similarities(self, query: LocalFeatures, keys: np.ndarray) -> np.ndarray:
         """``(n,)`` float32 similarity of one query to the images ``keys`` (all present)."""
         check_features([query], dim=self.dim, name="query")

@@ -430,7 +430,13 @@ class LocalChangeSearcher(Searcher):
         g_part = search_excluding(qg, k, gv, pub)
         index = pub.index
         live = self._live_of(pub, gv)  # items removed since the snapshot: left out
-        res = index.search(ql, min(pub.count, k + int((~live).sum())))
+        keys, cvecs = self._cohort_of(pub, pub.item_keys[live])
+        depth = min(pub.count, k + int((~live).sum()))
+        sims_l: np.ndarray | None = None
+        if keys.size >= MIN_COHORT and hasattr(index, "search_with_similarities"):
+            res, sims_l = index.search_with_similarities(ql, depth, keys)  # one scoring each
+        else:
+            res = index.search(ql, depth)
         ok = np.isin(res.ids, pub.item_keys[live]) & (res.ids >= 0)
         l_part = SearchResult.empty(len(ql), k, object_ids=True)
         for r in range(len(ql)):
@@ -440,11 +446,11 @@ class LocalChangeSearcher(Searcher):
         self.cost.index_searches += 2 * len(qg)
         self.cost.add_ms("search", time.perf_counter() - t)
         t = time.perf_counter()
-        keys, cvecs = self._cohort_of(pub, pub.item_keys[live])
         if keys.size >= MIN_COHORT:
             gs = qg @ cvecs.T
             stats_g = [top_stats(row) for row in gs]
-            stats_l = [top_stats(index.similarities(f, keys)) for f in ql]
+            stats_l = [top_stats(row) for row in sims_l] if sims_l is not None else \
+                [top_stats(index.similarities(f, keys)) for f in ql]
             mg = np.array([[m] for m, _ in stats_g], np.float32)
             sg = np.array([[s] for _, s in stats_g], np.float32)
             ml = np.array([[m] for m, _ in stats_l], np.float32)
