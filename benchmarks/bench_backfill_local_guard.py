@@ -19,7 +19,11 @@ with the job's decision at that point (rule, verdict, pseudo-query MRR of both
 rules, the cost of the check). The 0 % point runs ``upgrade run --limit 0``
 (the job's first check, which also makes the pseudo-queries).
 
-Run:  OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/bench_backfill_local_guard.py
+Run:  OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/bench_backfill_local_guard.py \
+          --workdir W
+      (then, on the gallery at 100 %, what a check costs per number of pseudo-queries:)
+      OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/bench_backfill_local_guard.py \
+          --workdir W --cost-only
 Writes benchmarks/results/backfill-local-guard.{json,md}.
 """
 
@@ -137,6 +141,65 @@ def measure(g: Path, gal: list[dict[str, str]], qs: list[dict[str, str]],
     return out
 
 
+def check_cost(g: Path, sizes: tuple[int, ...] = (50, 100, 200)) -> dict[str, Any]:
+    """What one check costs for ``sizes`` pseudo-queries (the first ones of the job's set)
+    on the gallery as it is, and the gain it resolves: the one-sided 95 % half-width
+    ``1.645 sd / sqrt(P)`` of the mean paired difference of reciprocal ranks (MRR
+    points), from the spread measured on the whole set. Nothing is published."""
+    from galleria.io.atomic import load_array, read_json
+    from galleria.store.gallery import Gallery
+    from galleria.upgrade.local_guard import _load_local
+    from galleria.upgrade.local_search import GLOBAL, MERGED, LocalChangeSearcher
+    from galleria.upgrade.online import reciprocal_ranks
+
+    folder = g / "upgrade" / "online" / "local-pseudo"
+    ids = read_json(folder / "pseudo.json")["ids"]
+    glob, loc = load_array(folder / "global.npy"), _load_local(folder)
+    out: dict[str, Any] = {"load": uptime(), "rows": []}
+    with Gallery.open(g, readonly=True) as gallery:
+        moved = gallery.count((gallery.get_setting("upgrade") or {})["new_space"])
+        out["moved"], out["items"] = moved, len(gallery)
+        full_rr = {}
+        for p in sorted(set(sizes) | {len(ids)}):
+            row: dict[str, Any] = {"pseudo_queries": min(p, len(ids))}
+            for rule in (MERGED, GLOBAL):
+                t = time.perf_counter()
+                s = LocalChangeSearcher(gallery, rule=rule)
+                res = s.search_queries(glob[:p], loc[:p], k=100)
+                s.close()
+                row[f"{rule}_s"] = round(time.perf_counter() - t, 2)
+                if p >= len(ids):
+                    full_rr[rule] = reciprocal_ranks(res, ids)
+            row["check_s"] = round(row[f"{MERGED}_s"] + row[f"{GLOBAL}_s"], 2)
+            out["rows"].append(row)
+    d = full_rr[MERGED] - full_rr[GLOBAL]
+    sd = float(d.std(ddof=1))
+    out["sd_rr_difference"] = round(sd, 4)
+    for row in out["rows"]:
+        row["resolves_mrr_points"] = round(100 * 1.645 * sd / np.sqrt(row["pseudo_queries"]), 2)
+    out["extrapolated"] = [{"pseudo_queries": p, "resolves_mrr_points": round(
+        100 * 1.645 * sd / np.sqrt(p), 2)} for p in (500, 1000)]
+    return out
+
+
+def cost_markdown(c: dict[str, Any]) -> list[str]:
+    lines = ["", f"## What a check costs ({c['moved']} of {c['items']} items with local features, "
+             f"one thread, load `{c['load']}`)", "",
+             "| pseudo-queries | check s (merged + global search) | merged s | global s | "
+             "gain resolved (MRR points, one-sided 95 %) |", "|---|---|---|---|---|"]
+    for r in c["rows"]:
+        lines.append(f"| {r['pseudo_queries']} | {r['check_s']} | {r['rank-merge_s']} | "
+                     f"{r['old-only_s']} | {r['resolves_mrr_points']} |")
+    for r in c["extrapolated"]:
+        lines.append(f"| {r['pseudo_queries']} (extrapolated) | - | - | - | "
+                     f"{r['resolves_mrr_points']} |")
+    lines += ["", f"Spread of the paired reciprocal-rank difference (merged - global) over the "
+              f"job's pseudo-queries: sd {c['sd_rr_difference']}; the gain a check resolves is "
+              "1.645 sd / sqrt(P). The check's cost is linear in P (each pseudo-query is one "
+              "merged and one global search).", ""]
+    return lines
+
+
 def markdown(res: dict[str, Any]) -> str:
     a = res["args"]
     lines = ["# The local change's old-answers guard on a category gallery (Caltech-101 variant)",
@@ -173,6 +236,8 @@ def markdown(res: dict[str, Any]) -> str:
               + ", ".join(str(x) for x in res["run_s"]) + "; the guard's total time "
               f"(pseudo-queries made once + every check): {last.get('total_s')} s over "
               f"{last.get('checks')} checks.", ""]
+    if res.get("cost"):
+        lines += cost_markdown(res["cost"])
     return "\n".join(lines)
 
 
@@ -183,7 +248,19 @@ def main() -> int:
     ap.add_argument("--per-class", type=int, default=25)
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cost-only", action="store_true",
+                    help="only time a check for 50 / 100 / 200 pseudo-queries on the workdir's "
+                         "gallery as it is (after a full run) and add it to the results")
     args = ap.parse_args()
+    if args.cost_only:
+        if not args.workdir:
+            raise SystemExit("--cost-only needs the --workdir of a previous run")
+        res = json.loads((OUT / "backfill-local-guard.json").read_text())
+        res["cost"] = check_cost(Path(args.workdir) / "g")
+        (OUT / "backfill-local-guard.json").write_text(json.dumps(res, indent=1, default=str))
+        (OUT / "backfill-local-guard.md").write_text(markdown(res))
+        print(json.dumps(res["cost"], indent=1))
+        return 0
     work = Path(args.workdir or tempfile.mkdtemp(prefix="local-guard-"))
     work.mkdir(parents=True, exist_ok=True)
     man, gal, qs = variant(work, args.classes, args.per_class, args.queries, args.seed)

@@ -281,7 +281,8 @@ def _print_local_guard(o: dict) -> None:
     mrr = ", ".join(f"{'merged' if r == 'rank-merge' else 'global'} {v['mrr']:.1f}"
                     for r, v in sc.items())
     serves = "the merged answers" if o.get("rule") == "rank-merge" else "the global answers"
-    print(f"  guard: search serves {serves} (check {o.get('checks')} at {o.get('moved')} items, "
+    print(f"  guard: search serves {serves} ({o.get('checks')} checks, the last at "
+          f"{o.get('moved')} items, "
           f"{o.get('total_s') or 0:.1f} s in all" + (f"; pseudo-query MRR {mrr}" if mrr else "")
           + ")")
     if (o.get("verdict") or {}).get("merged_vs_old") == "worse":
