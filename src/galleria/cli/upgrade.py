@@ -288,7 +288,7 @@ def _print_local_guard(o: dict) -> None:
     if (o.get("verdict") or {}).get("merged_vs_old") == "worse":
         print("  note: on this gallery's pseudo-queries the merged answers are worse than the "
               "global ones: the local features may not help here -- check before `finish` "
-              "(after it the default search is the local pipeline)")
+              "(after it the default search is the hybrid pipeline)")
 
 
 def cmd_finish(args: argparse.Namespace) -> int:
