@@ -469,7 +469,8 @@ def markdown(res: dict[str, Any]) -> str:
                   "default through the server, as above; *unguarded merge*: rule rank-merge "
                   "in the script's process; the guard's decision at that point, the MRR "
                   "(%) of the merged and the global answers on its pseudo-queries, and what "
-                  "its check cost, one thread):", "",
+                  f"its check cost, one thread; machine load `{c.get('load_before')}` before "
+                  f"the change, `{c.get('load_after')}` after it):", "",
                   "| moved | served | unguarded merge | rule | verdict | pseudo MRR merged "
                   "/ global | pseudo-queries | check s (search s) |", "|---" * 8 + "|"]
         for p in c["points"]:
@@ -479,9 +480,10 @@ def markdown(res: dict[str, Any]) -> str:
                              for r in ("rank-merge", "old-only"))
             lines.append(f"| {int(100 * p['fraction'])} % | {p['mAP']:.1f} / {p['R@1']:.1f} | "
                          f"{m.get('mAP', float('nan')):.1f} / {m.get('R@1', float('nan')):.1f}"
-                         f" | {gd.get('rule')} | {(gd.get('verdict') or {}).get('merged_vs_old')}"
-                         f" | {mrr} | {gd.get('queries')} | {gd.get('check_s')} "
-                         f"({gd.get('search_s')}) |")
+                         f" | {gd.get('rule') or 'old-only (no check yet)'} | "
+                         f"{(gd.get('verdict') or {}).get('merged_vs_old') or '-'}"
+                         f" | {mrr} | {gd.get('queries') or '-'} | {gd.get('check_s') or '-'} "
+                         f"({gd.get('search_s') or '-'}) |")
         lines.append("")
     for c in res["changes"]:
         errs = ", ".join(f"{int(100 * p['fraction'])} %: {p['errors']}" for p in c["points"])

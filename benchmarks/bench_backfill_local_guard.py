@@ -182,6 +182,36 @@ def check_cost(g: Path, sizes: tuple[int, ...] = (50, 100, 200)) -> dict[str, An
     return out
 
 
+def after_finish(g: Path, gal: list[dict[str, str]], qs: list[dict[str, str]]
+                 ) -> dict[str, Any]:
+    """``galleria upgrade finish`` then the gallery's default search (what a fresh index
+    with both spaces answers with) on the queries: mAP@R / R@1 (%)."""
+    from galleria.decision import open_searcher
+    from galleria.eval.metrics import per_query_metrics
+    from galleria.store.gallery import Gallery
+
+    galleria("upgrade", "finish", str(g))
+    pos = {r["path"]: n for n, r in enumerate(gal)}
+    with Gallery.open(g) as gallery:
+        s = open_searcher(gallery, threads=1)
+        t = time.perf_counter()
+        _, res, fails = s.search_paths([r["file"] for r in qs], k=100)
+        ms = 1000 * (time.perf_counter() - t) / len(qs)
+        pipeline = s.describe().get("pipeline")
+        s.close()
+    assert res is not None and not fails, fails
+    ranking = np.full((len(qs), 100), -1, np.int64)
+    for n, row in enumerate(res.ids):
+        got = [pos[i] for i in row if i is not None and i in pos]
+        ranking[n, : len(got)] = got
+    m = per_query_metrics(ranking, np.array([r["label"] for r in qs], dtype=object),
+                          np.array([r["label"] for r in gal], dtype=object),
+                          metrics=("mAP@R", "R@1"))
+    return {"pipeline": pipeline, "mAP@R": round(100 * float(np.nanmean(m["mAP@R"])), 2),
+            "R@1": round(100 * float(np.nanmean(m["R@1"])), 2),
+            "ms_per_query_with_embedding": round(ms, 1), "load": uptime()}
+
+
 def cost_markdown(c: dict[str, Any]) -> list[str]:
     lines = ["", f"## What a check costs ({c['moved']} of {c['items']} items with local features, "
              f"one thread, load `{c['load']}`)", "",
@@ -236,6 +266,11 @@ def markdown(res: dict[str, Any]) -> str:
               + ", ".join(str(x) for x in res["run_s"]) + "; the guard's total time "
               f"(pseudo-queries made once + every check): {last.get('total_s')} s over "
               f"{last.get('checks')} checks.", ""]
+    if res.get("after_finish"):
+        f = res["after_finish"]
+        lines += [f"After `galleria upgrade finish`: the default search ({f['pipeline']}, what "
+                  f"a fresh index with both spaces answers with) {f['mAP@R']:.2f} / "
+                  f"{f['R@1']:.1f} (load `{f['load']}`).", ""]
     if res.get("cost"):
         lines += cost_markdown(res["cost"])
     return "\n".join(lines)
@@ -251,7 +286,22 @@ def main() -> int:
     ap.add_argument("--cost-only", action="store_true",
                     help="only time a check for 50 / 100 / 200 pseudo-queries on the workdir's "
                          "gallery as it is (after a full run) and add it to the results")
+    ap.add_argument("--finish-only", action="store_true",
+                    help="finish the workdir's job (after a full run) and measure the "
+                         "default search after it")
     args = ap.parse_args()
+    if args.finish_only:
+        if not args.workdir:
+            raise SystemExit("--finish-only needs the --workdir of a previous run")
+        res = json.loads((OUT / "backfill-local-guard.json").read_text())
+        a = res["args"]
+        _, gal, qs = variant(Path(args.workdir), a["classes"], a["per_class"], a["queries"],
+                             a["seed"])
+        res["after_finish"] = after_finish(Path(args.workdir) / "g", gal, qs)
+        (OUT / "backfill-local-guard.json").write_text(json.dumps(res, indent=1, default=str))
+        (OUT / "backfill-local-guard.md").write_text(markdown(res))
+        print(json.dumps(res["after_finish"], indent=1))
+        return 0
     if args.cost_only:
         if not args.workdir:
             raise SystemExit("--cost-only needs the --workdir of a previous run")
