@@ -284,6 +284,8 @@ def main() -> int:
     ap.add_argument("--per-class", type=int, default=25)
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--name", default="backfill-local-guard",
+                    help="results file name (benchmarks/results/NAME.{json,md})")
     ap.add_argument("--cost-only", action="store_true",
                     help="only time a check for 50 / 100 / 200 pseudo-queries on the workdir's "
                          "gallery as it is (after a full run) and add it to the results")
@@ -294,22 +296,22 @@ def main() -> int:
     if args.finish_only:
         if not args.workdir:
             raise SystemExit("--finish-only needs the --workdir of a previous run")
-        res = json.loads((OUT / "backfill-local-guard.json").read_text())
+        res = json.loads((OUT / f"{args.name}.json").read_text())
         a = res["args"]
         _, gal, qs = variant(Path(args.workdir), a["classes"], a["per_class"], a["queries"],
                              a["seed"])
         res["after_finish"] = after_finish(Path(args.workdir) / "g", gal, qs)
-        (OUT / "backfill-local-guard.json").write_text(json.dumps(res, indent=1, default=str))
-        (OUT / "backfill-local-guard.md").write_text(markdown(res))
+        (OUT / f"{args.name}.json").write_text(json.dumps(res, indent=1, default=str))
+        (OUT / f"{args.name}.md").write_text(markdown(res))
         print(json.dumps(res["after_finish"], indent=1))
         return 0
     if args.cost_only:
         if not args.workdir:
             raise SystemExit("--cost-only needs the --workdir of a previous run")
-        res = json.loads((OUT / "backfill-local-guard.json").read_text())
+        res = json.loads((OUT / f"{args.name}.json").read_text())
         res["cost"] = check_cost(Path(args.workdir) / "g")
-        (OUT / "backfill-local-guard.json").write_text(json.dumps(res, indent=1, default=str))
-        (OUT / "backfill-local-guard.md").write_text(markdown(res))
+        (OUT / f"{args.name}.json").write_text(json.dumps(res, indent=1, default=str))
+        (OUT / f"{args.name}.md").write_text(markdown(res))
         print(json.dumps(res["cost"], indent=1))
         return 0
     work = Path(args.workdir or tempfile.mkdtemp(prefix="local-guard-"))
@@ -346,9 +348,9 @@ def main() -> int:
             + f"; check {full.get('check_s')} s, verdict {full.get('verdict')}", flush=True)
         res["load_after"] = uptime()
         OUT.mkdir(parents=True, exist_ok=True)
-        (OUT / "backfill-local-guard.json").write_text(json.dumps(res, indent=1, default=str))
-        (OUT / "backfill-local-guard.md").write_text(markdown(res))
-    print(f"wrote {OUT / 'backfill-local-guard.md'}")
+        (OUT / f"{args.name}.json").write_text(json.dumps(res, indent=1, default=str))
+        (OUT / f"{args.name}.md").write_text(markdown(res))
+    print(f"wrote {OUT / (args.name + '.md')}")
     return 0
 
 
