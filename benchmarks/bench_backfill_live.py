@@ -258,7 +258,7 @@ def accuracy(url: str, rows: list[dict[str, str]], queries: list[int], pipeline:
 
 
 def merged_accuracy(g: Path, rows: list[dict[str, str]], queries: list[int],
-                    cache: dict[str, Any]) -> dict[str, Any]:
+                    cache: dict[str, Any], rule: str = "rank-merge") -> dict[str, Any]:
     """Local change: mAP / R@1 of the *unguarded* merged answers (rule ``rank-merge``,
     in this process, not through the server) on the phone photos ``queries``."""
     from galleria.eval.metrics import per_query_metrics
@@ -267,7 +267,7 @@ def merged_accuracy(g: Path, rows: list[dict[str, str]], queries: list[int],
 
     pos = {r["path"]: n for n, r in enumerate(rows)}
     with Gallery.open(g) as gal:
-        s = BackfillSearcher.open(gal, rule="rank-merge", threads=1)
+        s = BackfillSearcher.open(gal, rule=rule, threads=1)
         try:
             if "q" not in cache:  # the same query features at every fraction
                 cache["q"] = s.embed_paths([rows[q]["file"] for q in queries], workers=1)[0]
@@ -362,6 +362,7 @@ def run_change(change: str, work: Path, man: Path, g0: Path, rows: list[dict[str
                             .get("decision") or {}
                     acc["guard"] = {k: dec.get(k) for k in GUARD_FIELDS}
                     acc["merged"] = merged_accuracy(g, rows, queries, qcache)
+                    acc["hybrid"] = merged_accuracy(g, rows, queries, qcache, "hybrid")
                     print(f"        unguarded merge: mAP {acc['merged']['mAP']:.2f}; guard "
                           f"{acc['guard']}", flush=True)
                 print(f"   {int(100 * f):3d} %: mAP {acc['mAP']:.2f}  R@1 {acc['R@1']:.2f}  "
@@ -471,15 +472,18 @@ def markdown(res: dict[str, Any]) -> str:
                   "(%) of the merged and the global answers on its pseudo-queries, and what "
                   f"its check cost, one thread; machine load `{c.get('load_before')}` before "
                   f"the change, `{c.get('load_after')}` after it):", "",
-                  "| moved | served | unguarded merge | rule | verdict | pseudo MRR merged "
-                  "/ global | pseudo-queries | check s (search s) |", "|---" * 8 + "|"]
+                  "| moved | served | unguarded merge | hybrid (unguarded) | rule | verdict | "
+                  "pseudo MRR hybrid / merged / global | pseudo-queries | check s (search s) |",
+                  "|---" * 9 + "|"]
         for p in c["points"]:
             gd, m = p.get("guard") or {}, p.get("merged") or {}
             sc = gd.get("scores") or {}
             mrr = " / ".join(f"{sc[r]['mrr']:.1f}" if r in sc else "-"
-                             for r in ("rank-merge", "old-only"))
+                             for r in ("hybrid", "rank-merge", "old-only"))
+            hy = p.get("hybrid") or {}
             lines.append(f"| {int(100 * p['fraction'])} % | {p['mAP']:.1f} / {p['R@1']:.1f} | "
-                         f"{m.get('mAP', float('nan')):.1f} / {m.get('R@1', float('nan')):.1f}"
+                         f"{m.get('mAP', float('nan')):.1f} / {m.get('R@1', float('nan')):.1f} | "
+                         f"{hy.get('mAP', float('nan')):.1f} / {hy.get('R@1', float('nan')):.1f}"
                          f" | {gd.get('rule') or 'old-only (no check yet)'} | "
                          f"{(gd.get('verdict') or {}).get('merged_vs_old') or '-'}"
                          f" | {mrr} | {gd.get('queries') or '-'} | {gd.get('check_s') or '-'} "

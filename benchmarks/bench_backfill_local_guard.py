@@ -49,7 +49,8 @@ from _common import machine_info
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results"
 FRACTIONS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
-RULES = (("global", "old-only"), ("unguarded merge", "rank-merge"), ("guarded default", "auto"))
+RULES = (("global", "old-only"), ("unguarded merge", "rank-merge"), ("hybrid", "hybrid"),
+         ("guarded default", "auto"))
 GUARD_FIELDS = ("rule", "checked", "source", "moved", "queries", "verdict", "scores",
                 "search_s", "check_s", "checks", "total_s")
 
@@ -243,26 +244,30 @@ def markdown(res: dict[str, Any]) -> str:
              f"--add-local sift` / `run --limit`; {res['queries']} test images of those classes "
              "as queries (category retrieval: mAP@R / R@1 in %, k = 100). The guard's check: "
              f"{res['points'][-1]['guard'].get('queries')} pseudo-queries, one thread.", "",
-             "| moved | global | unguarded merge | guarded default (rule) | guarded - global | "
-             "verdict | pseudo MRR merged / global | check s (search s) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| moved | global | unguarded merge | hybrid (unguarded) | guarded default (rule) | "
+             "guarded - global | verdict | pseudo MRR hybrid / merged / global | check s "
+             "(search s) |", "|---" * 9 + "|"]
     for p in res["points"]:
         m, gd = p["measured"], p["guard"]
         sc = gd.get("scores") or {}
         mrr = " / ".join(f"{sc[r]['mrr']:.1f}" if r in sc else "-"
-                         for r in ("rank-merge", "old-only"))
+                         for r in ("hybrid", "rank-merge", "old-only"))
+        hy = m.get("hybrid") or {"mAP@R": float("nan"), "R@1": float("nan")}
         diff = m["guarded default"]["mAP@R"] - m["global"]["mAP@R"]
         lines.append(
             f"| {int(100 * p['fraction'])} % ({p['done']}) | {m['global']['mAP@R']:.2f} / "
             f"{m['global']['R@1']:.1f} | {m['unguarded merge']['mAP@R']:.2f} / "
-            f"{m['unguarded merge']['R@1']:.1f} | {m['guarded default']['mAP@R']:.2f} / "
+            f"{m['unguarded merge']['R@1']:.1f} | {hy['mAP@R']:.2f} / {hy['R@1']:.1f} | "
+            f"{m['guarded default']['mAP@R']:.2f} / "
             f"{m['guarded default']['R@1']:.1f} ({m['guarded default']['rule']}) | "
             f"{diff:+.2f} | {(gd.get('verdict') or {}).get('merged_vs_old')} | {mrr} | "
             f"{gd.get('check_s')} ({gd.get('search_s')}) |")
     last = res["points"][-1]["guard"]
     lines += ["", "*global*: rule `old-only` (effnet-lite0 over every item: the gallery's "
               "answers before the change); *unguarded merge*: rule `rank-merge`; *guarded "
-              "default*: `auto`, the rule the job's last check chose. Run times of each `upgrade "
+              "default*: `auto`, the rule the job's last check chose (among the global answers, "
+              "the merge and rule `hybrid`: the pipeline of a fresh index with both spaces over "
+              "the global space and the published local index). Run times of each `upgrade "
               "run` (s, including its checks): "
               + ", ".join(str(x) for x in res["run_s"]) + "; the guard's total time "
               f"(pseudo-queries made once + every check): {last.get('total_s')} s over "

@@ -51,7 +51,13 @@ from galleria.images.pseudo import make_pseudo_queries
 from galleria.io.atomic import load_array, read_json, write_json, write_npy
 from galleria.store.gallery import Gallery
 from galleria.types import LocalFeatures
-from galleria.upgrade.local_search import GLOBAL, MERGED, LocalChangeSearcher, LocalPublisher
+from galleria.upgrade.local_search import (
+    GLOBAL,
+    HYBRID,
+    MERGED,
+    LocalChangeSearcher,
+    LocalPublisher,
+)
 from galleria.upgrade.online import GUARD_MODES, decide_with_old, reciprocal_ranks
 from galleria.upgrade.probability import probability_record
 from galleria.upgrade.state import UpgradeState, job_folder, require_upgrade, save_state
@@ -210,7 +216,7 @@ def check_local(gallery: Gallery, pseudo: LocalPseudoSet, config: LocalGuardConf
     t = time.perf_counter()
     answers: dict[str, Any] = {}
     rr: dict[str, np.ndarray] = {}
-    for rule in (MERGED, GLOBAL):
+    for rule in (HYBRID, MERGED, GLOBAL):
         s = LocalChangeSearcher(gallery, cohort=state.calib_size or 1000, seed=state.seed,
                                 rule=rule)
         try:
@@ -219,7 +225,7 @@ def check_local(gallery: Gallery, pseudo: LocalPseudoSet, config: LocalGuardConf
             s.close()
         rr[rule] = reciprocal_ranks(res, pseudo.ids)
         answers[rule] = (res, s)
-    rule, scores, verdict = decide_with_old(rr, mode=config.guard, baseline=MERGED)
+    rule, scores, verdict = decide_with_old(rr, mode=config.guard, baseline=HYBRID)
     search_s = time.perf_counter() - t
     prob: dict[str, Any] | None
     try:  # an add-on: its failure never undoes the rule the check chose

@@ -51,9 +51,10 @@ from galleria.extract.queries import Queries, QueryFailure
 from galleria.extract.spaces import extractor_from_space
 from galleria.extractors.base import Extractor
 from galleria.search.contract import Searcher, SearchOptions
+from galleria.search.pipelines import HybridPipeline, QueryBatch
 from galleria.store.gallery import Gallery
 from galleria.store.reader import saved_snapshot
-from galleria.types import LocalFeatures, SearchResult
+from galleria.types import LocalFeatures, SearchResult, clamp_k
 from galleria.upgrade.merge import merge_results, znorm_result
 from galleria.upgrade.parts import QueryCost, search_excluding
 from galleria.upgrade.probability import lookup, normalization_name
@@ -66,8 +67,11 @@ COHORT_TOP = 100
 MIN_COHORT = 50
 MERGED = "rank-merge"
 GLOBAL = "old-only"
-LOCAL_RULES = (MERGED, GLOBAL)
-"""The rules of a local change: the merged answers and the global answers alone."""
+HYBRID = "hybrid"
+LOCAL_RULES = (MERGED, GLOBAL, HYBRID)
+"""The rules of a local change: the merged answers, the global answers alone, and the
+``hybrid`` pipeline (what a fresh gallery with both spaces answers with) over the global
+space and the published local index."""
 PUBLISH_EVERY_S = 10.0
 """The job publishes the local index at a commit at most this often (or twice the time
 its last publication took, when longer), and at the end of each run."""
@@ -192,6 +196,7 @@ class LocalChangeSearcher(Searcher):
         self.calibration = _Info(
             {"kind": f"znorm-top{COHORT_TOP}", "cohort": int(cohort),
              "channels": ["global", "local"]} if rule == MERGED else
+            {"kind": "hybrid", "channels": ["global", "local"]} if rule == HYBRID else
             {"kind": "identity", "channels": ["global"]})
         self.cost = QueryCost()
         self._lock = threading.Lock()
@@ -203,7 +208,7 @@ class LocalChangeSearcher(Searcher):
         self._live: tuple[tuple[str, int], np.ndarray] | None = None
         self._cohort: tuple[str, np.ndarray, np.ndarray] | None = None
         self.loads = 0
-        if rule == MERGED:
+        if rule != GLOBAL:
             self.refresh_published(wait=True)  # the snapshot there is now (not a search)
 
     @property
@@ -245,7 +250,7 @@ class LocalChangeSearcher(Searcher):
         rule = resolve_local_rule(rule, state)
         exts = [extractor_from_space(gallery.space_info(sp).info, root=gallery.path,
                                      runtime=runtime, threads=threads, query=True)
-                if with_models and (rule == MERGED or sp == state.old_space) else None
+                if with_models and (rule != GLOBAL or sp == state.old_space) else None
                 for sp in (state.old_space, state.new_space)]
         return cls(gallery, global_extractor=exts[0], local_extractor=exts[1],
                    cohort=state.calib_size or 1000, seed=state.seed, rule=rule)
@@ -410,7 +415,7 @@ class LocalChangeSearcher(Searcher):
             self.cost.add_ms("search", time.perf_counter() - t)
             return SearchResult(res.scores, res.ids, {old: gv.generation if gv else 0})
         if local_queries is None:
-            raise InputError("the merged answers need local query features")
+            raise InputError(f"rule {self.rule} needs local query features")
         ql = list(local_queries)
         if len(ql) != len(qg):
             raise InputError(f"{len(qg)} global queries but {len(ql)} local ones")
@@ -422,7 +427,13 @@ class LocalChangeSearcher(Searcher):
         pub = self.refresh_published()  # never waits: a newer snapshot loads meanwhile
         gv = self.gallery.views([old]).get(old)
         gens = {old: gv.generation if gv is not None else 0}
-        if pub is None or not pub.count or gv is None:
+        if self.rule == HYBRID and pub is not None and pub.count and gv is not None:
+            res = self._hybrid(qg, ql, k, pub, gv)
+            if res is not None:
+                self.cost.add_ms("search", time.perf_counter() - t)
+                return SearchResult(res.scores, res.ids, {**gens, self.state.new_space:
+                                                          pub.generation})
+        if pub is None or not pub.count or gv is None or self.rule == HYBRID:
             g_part = search_excluding(qg, k, gv, None)
             self.cost.add_ms("search", time.perf_counter() - t)
             return SearchResult(g_part.scores, g_part.ids, gens)
@@ -460,16 +471,51 @@ class LocalChangeSearcher(Searcher):
         self.cost.add_ms("merge", time.perf_counter() - t)
         return SearchResult(out.scores, out.ids, gens)
 
+    def _hybrid(self, qg: np.ndarray, ql: list[LocalFeatures], k: int, pub: Published,
+                gv: Any) -> SearchResult | None:
+        """The ``hybrid`` pipeline (default options) over the global view (every item) and
+        the published local index: global and local candidates, spatially verified ones
+        first; an item without local features in that snapshot verifies with none.
+        ``None`` when an item vanished meanwhile (the caller answers globally)."""
+        old, new = self.state.old_space, self.state.new_space
+        have = pub.item_keys
+
+        def fetch_local(keys: np.ndarray) -> list[LocalFeatures]:
+            keys = np.asarray(keys, np.int64)
+            ok = np.isin(keys, have)
+            got = self.gallery.get_local(keys[ok], space=new) if ok.any() else []
+            out: list[LocalFeatures] = [LocalFeatures(np.zeros((0, 4), np.float32),
+                                                      np.zeros((0, pub.index.dim), np.float32))
+                                        ] * len(keys)
+            for n, f in zip(np.flatnonzero(ok), got, strict=True):
+                out[n] = f
+            return out
+
+        pipe = HybridPipeline(gv, pub.index, lambda keys: self.gallery.get_vectors(keys,
+                                                                                  space=old),
+                              fetch_local=fetch_local)
+        try:
+            res = pipe.search(QueryBatch(vectors=qg, local=ql), clamp_k(k, gv.count))
+        except GalleriaError as exc:  # an item removed this instant: the global answers
+            log.info("hybrid search during the local change fell back to global: %s", exc)
+            return None
+        self.cost.index_searches += 2 * len(qg)
+        out = SearchResult.empty(len(qg), k, object_ids=True)
+        m = res.ids.shape[1]
+        out.scores[:, :m] = res.scores
+        out.ids[:, :m] = gv.ids.lookup(res.ids)
+        return out
+
     def search_vectors(self, *, new_queries: Any = None, old_queries: Any = None,
                        k: int = 10) -> SearchResult:
-        if old_queries is None or (new_queries is None and self.rule == MERGED):
+        if old_queries is None or (new_queries is None and self.rule != GLOBAL):
             raise InputError("a local-feature change needs global query vectors and local "
                              "query features")
         return self.search_queries(old_queries, new_queries, k)
 
     def needs(self) -> tuple[bool, bool]:
         """Query data of the spaces: ``(global, local)`` (local: not with ``old-only``)."""
-        return True, self.rule == MERGED
+        return True, self.rule != GLOBAL
 
     def _search(self, queries: Queries, k: int, options: SearchOptions) -> SearchResult:
         return self.search_vectors(new_queries=queries.data.get(self.state.new_space),
