@@ -115,9 +115,10 @@ def add_upgrade_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("-k", type=int, default=10)
     s.add_argument("--rule", default="auto",
                    choices=["auto", "naive", "rank-merge", "psi", "fused",
-                            "metric-compatible", "old-only", "both", "ensemble", "rescore"],
+                            "metric-compatible", "old-only", "both", "ensemble", "rescore",
+                            "hybrid"],
                    help="how the old and new spaces' results are merged (auto: the best "
-                        "the job supports; docs/upgrade.md)")
+                        "the job supports; hybrid: --add-local only; docs/upgrade.md)")
     s.add_argument("--psi", default=None, help="a trained map folder (default: the job's)")
     s.add_argument("--calibration", default=None,
                    choices=["znorm-top", "znorm", "quantile", "affine", "identity"],
