@@ -227,9 +227,9 @@ def cost_markdown(c: dict[str, Any]) -> list[str]:
                      f"{r['resolves_mrr_points']} |")
     lines += ["", f"Spread of the paired reciprocal-rank difference (hybrid - global) over the "
               f"job's pseudo-queries: sd {c['sd_rr_difference']}; the gain a check resolves is "
-              "1.645 sd / sqrt(P). Each pseudo-query is one merged and one global search; "
-              "each row also opens the merged searcher, which loads the published local "
-              "index (the first row read it from disk).", ""]
+              "1.645 sd / sqrt(P). Each pseudo-query is one hybrid, one merged and one global "
+              "search; each row also opens the local searchers, which load the published "
+              "local index (the first row read it from disk).", ""]
     return lines
 
 
