@@ -318,9 +318,13 @@ def run_change(change: str, work: Path, man: Path, g0: Path, rows: list[dict[str
                     st = json.loads(galleria("upgrade", "status", str(g), "--json").stdout)
                     done = st["done"]
                 st = json.loads(galleria("upgrade", "status", str(g), "--json").stdout)
-                rule = (st.get("online_psi") or {}).get("rule")
+                dec = st.get("online_psi") or {}
+                rule = dec.get("rule")
                 acc = accuracy(server.url, rows, queries, None)
                 acc["rule"] = rule
+                if dec:  # the last check: items moved when it ran, its verdict
+                    acc["checked_at"] = dec.get("moved")
+                    acc["merged_vs_old"] = (dec.get("verdict") or {}).get("merged_vs_old")
                 print(f"   {int(100 * f):3d} %: mAP {acc['mAP']:.2f}  R@1 {acc['R@1']:.2f}  "
                       f"errors {acc['errors']} {acc['error_details']}  rule {rule}", flush=True)
                 out["points"].append({"fraction": f, "done": done, **{
@@ -421,10 +425,13 @@ def markdown(res: dict[str, Any]) -> str:
                           for c in res["changes"]) + ".", ""]
     for c in res["changes"]:
         errs = ", ".join(f"{int(100 * p['fraction'])} %: {p['errors']}" for p in c["points"])
-        rules = ", ".join(f"{int(100 * p['fraction'])} %: {p.get('rule')}" for p in c["points"]
-                          if p.get("rule"))
+        rules = ", ".join(f"{int(100 * p['fraction'])} %: {p.get('rule')}" + (
+            f" (checked at {p['checked_at']} moved, merged vs old {p.get('merged_vs_old')})"
+            if p.get("checked_at") is not None else "") for p in c["points"] if p.get("rule"))
+        secs = (f"; `upgrade run` {sum(c['run_s']):.0f} s in all ({len(c['run_s'])} runs), "
+                f"`upgrade finish` {c['finish_s']:.0f} s" if c.get("run_s") else "")
         lines.append(f"- {c['change']}: failed measured requests {errs}"
-                     + (f"; `auto` rule in force {rules}" if rules else "") + ".")
+                     + (f"; `auto` rule in force {rules}" if rules else "") + secs + ".")
         for p in c["points"]:
             for d in p.get("error_details") or []:
                 lines.append(f"  - at {int(100 * p['fraction'])} %: {d['query']} -> status "
