@@ -19,7 +19,7 @@ from galleria.decision.open import open_searcher
 from galleria.extract.job import index_images
 from galleria.store.gallery import Gallery
 from galleria.upgrade.job import finish_upgrade, run_upgrade, start_upgrade
-from galleria.upgrade.online import OnlineConfig
+from galleria.upgrade.online import OnlineConfig, publish
 from galleria.upgrade.search import resolve_rule
 from galleria.upgrade.state import require_upgrade
 
@@ -68,6 +68,17 @@ def test_an_unfinished_job_at_100_percent_keeps_the_old_answers_the_check_chose(
         q /= np.linalg.norm(q, axis=1, keepdims=True)
         got = s.search_vectors(old_queries=q, k=K)
         assert [list(r) for r in got.ids] == _exact(q, ids0, v0, K)
+    # a run killed between its last commit and that check: the next run, with nothing
+    # left to move, makes it (the published decision is the one before the last move)
+    with Gallery.open(g) as gal:
+        publish(gal, {**d, "moved": 40, "checks": d["checks"] - 1})
+    run_upgrade(g)
+    with Gallery.open(g) as gal:
+        d2 = require_upgrade(gal).online["decision"]
+        assert d2["moved"] == N and d2["checks"] == d["checks"] and d2["rule"] == "old-only"
+    run_upgrade(g)  # and only then: a run with nothing new checks nothing
+    with Gallery.open(g) as gal:
+        assert require_upgrade(gal).online["decision"]["checks"] == d["checks"]
     finish_upgrade(g)  # the new model's answers take over here, not before
     with Gallery.open(g) as gal:
         kn, vn = gal.load_vectors(gal.primary_space)
