@@ -353,14 +353,18 @@ def run_change(change: str, work: Path, man: Path, g0: Path, rows: list[dict[str
                     st = json.loads(galleria("upgrade", "status", str(g), "--json").stdout)
                     done = st["done"]
                 st = json.loads(galleria("upgrade", "status", str(g), "--json").stdout)
-                rule = (st.get("online_psi") or {}).get("rule")
+                dec = st.get("online_psi") or {}
+                rule = dec.get("rule")
                 acc = accuracy(server.url, rows, queries, None)
                 acc["rule"] = rule
+                if dec:  # the last check: items moved when it ran, its verdict
+                    acc["checked_at"] = dec.get("moved")
+                    acc["merged_vs_old"] = (dec.get("verdict") or {}).get("merged_vs_old")
                 if change == "local":  # the guard's last decision and the unguarded merge
                     with Gallery.open(g, readonly=True) as gal:
-                        dec = (gal.get_setting("upgrade") or {}).get("online", {}) \
+                        full = (gal.get_setting("upgrade") or {}).get("online", {}) \
                             .get("decision") or {}
-                    acc["guard"] = {k: dec.get(k) for k in GUARD_FIELDS}
+                    acc["guard"] = {k: full.get(k) for k in GUARD_FIELDS}
                     acc["merged"] = merged_accuracy(g, rows, queries, qcache)
                     acc["hybrid"] = merged_accuracy(g, rows, queries, qcache, "hybrid")
                     print(f"        unguarded merge: mAP {acc['merged']['mAP']:.2f}; guard "
@@ -468,8 +472,9 @@ def markdown(res: dict[str, Any]) -> str:
             continue
         lines += [f"Change {c['change']}: the old-answers guard (mAP / R@1; *served*: the "
                   "default through the server, as above; *unguarded merge*: rule rank-merge "
-                  "in the script's process; the guard's decision at that point, the MRR "
-                  "(%) of the merged and the global answers on its pseudo-queries, and what "
+                  "in the script's process; *hybrid*: rule hybrid, likewise; the guard's "
+                  "decision, the MRR (%) of hybrid, the merge and the global answers on its "
+                  "pseudo-queries, and what "
                   f"its check cost, one thread; machine load `{c.get('load_before')}` before "
                   f"the change, `{c.get('load_after')}` after it):", "",
                   "| moved | served | unguarded merge | hybrid (unguarded) | rule | verdict | "
@@ -491,10 +496,13 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append("")
     for c in res["changes"]:
         errs = ", ".join(f"{int(100 * p['fraction'])} %: {p['errors']}" for p in c["points"])
-        rules = ", ".join(f"{int(100 * p['fraction'])} %: {p.get('rule')}" for p in c["points"]
-                          if p.get("rule"))
+        rules = ", ".join(f"{int(100 * p['fraction'])} %: {p.get('rule')}" + (
+            f" (checked at {p['checked_at']} moved, merged vs old {p.get('merged_vs_old')})"
+            if p.get("checked_at") is not None else "") for p in c["points"] if p.get("rule"))
+        secs = (f"; `upgrade run` {sum(c['run_s']):.0f} s in all ({len(c['run_s'])} runs), "
+                f"`upgrade finish` {c['finish_s']:.0f} s" if c.get("run_s") else "")
         lines.append(f"- {c['change']}: failed measured requests {errs}"
-                     + (f"; `auto` rule in force {rules}" if rules else "") + ".")
+                     + (f"; `auto` rule in force {rules}" if rules else "") + secs + ".")
         for p in c["points"]:
             for d in p.get("error_details") or []:
                 lines.append(f"  - at {int(100 * p['fraction'])} %: {d['query']} -> status "

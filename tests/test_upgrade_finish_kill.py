@@ -3,8 +3,10 @@
 A point is any commit, file replacement or deletion `finish_upgrade` makes (counted
 by a driver that wraps those calls). For each point a copy of a gallery at 100 %
 of its backfill is finished in a subprocess that SIGKILLs itself just before that
-point; then search must return the brute-force top-k of the new model, and a
-second `finish` must leave a gallery equal to a fresh index of the new model.
+point; then search must return the brute-force top-k of the new model once the
+switch is committed, and before it the job's answers (at 100 % too, the answers its
+last check chose: the old model's here), and a second `finish` must leave a gallery
+equal to a fresh index of the new model.
 """
 
 from __future__ import annotations
@@ -75,7 +77,8 @@ def _env():
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory):
-    """A gallery of 30 images whose upgrade tiny1 -> tiny2 is at 100 %, and a fresh tiny2."""
+    """A gallery of 30 images whose upgrade tiny1 -> tiny2 is at 100 %, a fresh tiny2 and a
+    fresh tiny1 (the old model's answers)."""
     root = tmp_path_factory.mktemp("finish")
     imgs = root / "imgs"
     imgs.mkdir()
@@ -87,9 +90,14 @@ def template(tmp_path_factory):
     index_images(imgs, g, extractor=_tiny.tiny(1))
     start_upgrade(g, "tiny-test", extractor=_tiny.tiny(2))
     run_upgrade(g, commit_every=7)
+    with Gallery.open(g) as gal:  # at 100 % auto serves this until the switch
+        rule = gal.get_setting("upgrade")["online"]["decision"]["rule"]
+    assert rule == "old-only"
     fresh = root / "fresh"
     index_images(imgs, fresh, extractor=_tiny.tiny(2))
-    return g, fresh, sorted(imgs.glob("*.png"))[:4]
+    fresh_old = root / "fresh-old"
+    index_images(imgs, fresh_old, extractor=_tiny.tiny(1))
+    return g, fresh, sorted(imgs.glob("*.png"))[:4], fresh_old
 
 
 def _brute_ids(fresh: Path, queries: np.ndarray, k: int) -> list[list[str]]:
@@ -110,13 +118,15 @@ def _events(template, tmp_path) -> int:
 
 
 def test_kill_at_every_point_of_finish(template, tmp_path):
-    src, fresh, qpaths = template
+    src, fresh, qpaths, fresh_old = template
     total = _events(template, tmp_path)
     assert total >= 10, f"finish makes only {total} commits/file operations"
     stride = int(os.environ.get("GALLERIA_FINISH_STRIDE", "1"))
     qext = _tiny.tiny(2)
     q = qext.embed_images([Image.open(p).convert("RGB") for p in qpaths])
     want = _brute_ids(fresh, q, 10)
+    q_old = _tiny.tiny(1).embed_images([Image.open(p).convert("RGB") for p in qpaths])
+    want_old = _brute_ids(fresh_old, q_old, 10)
     tried = 0
     for point in range(1, total + 1, stride):
         g = tmp_path / f"k{point}"
@@ -124,12 +134,15 @@ def test_kill_at_every_point_of_finish(template, tmp_path):
         run = subprocess.run([sys.executable, "-c", DRIVER, str(g), str(point), str(HERE)],
                              env=_env(), capture_output=True, text=True, timeout=120)
         assert run.returncode == -signal.SIGKILL, (point, run.returncode, run.stderr[-2000:])
-        # search answers, with the new model's complete ranking
+        # search answers: the job's answers until the switch is committed (the old
+        # model's, as its check chose), then the new model's complete ranking
+        with Gallery.open(g) as a:
+            switched = a.get_setting("upgrade") is None
         s = open_searcher(g)
         qs, good, fails = s.embed_paths(qpaths)
         assert not fails and len(good) == len(qpaths)
         res = s.search(qs, 10)
-        assert res.ids.tolist() == want, (point, type(s).__name__)
+        assert res.ids.tolist() == (want if switched else want_old), (point, type(s).__name__)
         s.gallery.close()
         # the next finish completes (unless the kill came after the last commit)
         with Gallery.open(g) as a:

@@ -4,8 +4,10 @@
 space = new, job record replaced by a ``finishing`` marker), then cleans up
 (drops the old space, compacts, saves the new index, deletes the job folder).
 Killed at any point, search still answers: before the switch through the
-backfill searcher (every item is in the new space already), after it with the
-new model alone; the next ``finish`` completes an interrupted clean-up.
+backfill searcher (the job's answers: at 100 % the ones its last check chose,
+e.g. the old model's, from the old vectors the job kept), after it with the new
+model alone; the next ``finish`` completes an interrupted clean-up. The switch is
+the moment the new model's answers take over.
 """
 
 from __future__ import annotations

@@ -423,6 +423,8 @@ def _run(
     query_models: list[Extractor | None] = []
     if online_on and n_todo:
         online_run_start(gallery, online, extractor, query_models, runtime, threads)
+    elif online_on:  # nothing to move: a check the last run did not make (killed) is due
+        online_run_step(gallery, online, extractor, query_models, runtime, threads)
     drop = [old] if moves else []
     run_started = time.time()
     _update_progress(gallery, run_started=run_started, moved=0, finished=False)

@@ -23,18 +23,19 @@ grown by :attr:`OnlineConfig.growth`) the run
    ``state.online = {"rule", "psi", "map", "phi", "phi_map", "pairs", "scores", ...}``.
 
 Between fits the check runs again (same psi) each time
-:attr:`OnlineConfig.recheck_every` of the gallery has moved, so the decision is
-always about the gallery as it is now; a first check runs when the first run
-starts (before any item moves). Each check also fits the match-probability
-calibration of every rule it searched (:mod:`galleria.upgrade.probability`),
-published with its decision.
+:attr:`OnlineConfig.recheck_every` of the gallery has moved and when the last
+item moves, so the decision is always about the gallery as it is now; a first
+check runs when the first run starts (before any item moves). Each check also
+fits the match-probability calibration of every rule it searched
+(:mod:`galleria.upgrade.probability`), published with its decision.
 
 ``auto`` search (:func:`galleria.upgrade.search.resolve_rule`) follows the
 published decision (:func:`decide_with_old`): the best merge rule (``psi``,
 ``fused`` or ``both`` only when it beats rank-merge by a margin unlikely to be
 noise: the one-sided 95 % bound of the mean paired difference of reciprocal
 ranks is above zero), served only once it beats the old answers by the same
-test; the old answers until then (and before the first check). When the check
+test; the old answers until then (and before the first check), at every
+fraction up to ``finish``, 100 % included. When the check
 finds the merged answers *worse* than the old ones, the decision records it
 (``verdict``) and ``upgrade status`` says so: the new model may be worse than
 the old one on this gallery.
@@ -453,12 +454,17 @@ def online_run_step(gallery: Gallery, config: OnlineConfig, extractor: Extractor
 
 
 def recheck_due(gallery: Gallery, state: UpgradeState, config: OnlineConfig) -> bool:
-    """Whether :attr:`OnlineConfig.recheck_every` of the gallery moved since the last check."""
+    """Whether :attr:`OnlineConfig.recheck_every` of the gallery moved since the last
+    check, or the last item moved (the decision at 100 % is about the gallery at 100 %:
+    ``auto`` follows it until ``finish``)."""
     if state.mode != "online" or not config.enabled:
         return False
     last = state.online.get("decision") or {}
     moved = gallery.count(state.new_space)
-    return moved - int(last.get("moved", 0)) >= config.recheck_every * max(len(gallery), 1)
+    since = moved - int(last.get("moved", 0))
+    if since > 0 and gallery.count(state.old_space) == 0:
+        return True
+    return since >= config.recheck_every * max(len(gallery), 1)
 
 
 def recheck(gallery: Gallery, config: OnlineConfig, *, old_model: Extractor | None,

@@ -113,7 +113,9 @@ def resolve_rule(rule: str, gallery: Gallery, state: UpgradeState) -> str:
     answers, until a merge rule beats them on the gallery's own pseudo-queries --,
     or ``psi`` / ``fused`` with the psi it checked, only when they beat
     rank-merge; ``both`` / ``ensemble``, the latter with the phi it published);
-    else rank-merge. (metric-compatible is never chosen
+    else rank-merge. The decision holds at every fraction up to ``finish``, 100 %
+    included (every item moved: the check compares the new model, alone or with the
+    kept old vectors, against the old answers). (metric-compatible is never chosen
     automatically: its gains come from the labels it was trained with and did
     not transfer across domains in the benchmark; ask for it by name.)"""
     if rule not in RULES:
@@ -128,10 +130,10 @@ def resolve_rule(rule: str, gallery: Gallery, state: UpgradeState) -> str:
     if d.get("checked") and d.get("rule") in ("psi", "fused") \
             and decision_psi_path(gallery, state) is not None:
         return str(d["rule"])
-    # the old answers while there is an old part (at 100 % the gallery is the new
-    # model's, as after finish) and the job kept the old vectors of the moved items
-    kept = state.change == "model" and gallery.count(state.old_space) > 0 \
-        and kept_pairs_cover(gallery, state)
+    # the old answers while the job is unfinished and kept the old vectors of every
+    # moved item, at 100 % too (the run checks again when the last item moves): the
+    # new model's answers take over at `finish`, never before a check says they win
+    kept = state.change == "model" and kept_pairs_cover(gallery, state)
     if kept and d.get("checked") and d.get("rule") in KEPT_OLD_RULES:
         if d["rule"] == "ensemble" and decision_phi_path(gallery, state) is None:
             return "old-only"  # its phi is gone: the old answers, never an unchecked rule

@@ -126,8 +126,10 @@ def transform_path(gallery: Gallery, state: UpgradeState, name: str) -> Path | N
 
 
 @contextlib.contextmanager
-def run_lock(gallery: Gallery) -> Iterator[None]:
-    """Held by one ``upgrade run`` at a time (released by the kernel if it dies)."""
+def run_lock(gallery: Gallery, holder: str = "galleria upgrade run") -> Iterator[None]:
+    """Held by one writer of the job at a time (``upgrade run``, ``upgrade
+    train-transform``); released by the kernel if it dies. ``holder`` is named to the
+    writer refused meanwhile."""
     folder = job_folder(gallery)
     folder.mkdir(parents=True, exist_ok=True)
     fh = open(folder / "run.lock", "a+")  # noqa: SIM115 - held for the whole run
@@ -135,8 +137,13 @@ def run_lock(gallery: Gallery) -> Iterator[None]:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UpgradeError(
-                f"another `galleria upgrade run` is working on {gallery.path}") from None
+            fh.seek(0)
+            who = fh.read(200).strip() or "galleria upgrade run"
+            raise UpgradeError(f"another `{who}` is working on {gallery.path}") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(holder)
+        fh.flush()
         yield
     finally:
         fh.close()

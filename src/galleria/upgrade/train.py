@@ -9,9 +9,10 @@ and attached to the job, so ``upgrade search --rule psi`` finds it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,13 @@ from galleria.upgrade.online import OnlineConfig, check_and_publish, query_model
 from galleria.upgrade.pairs import load_pairs
 from galleria.upgrade.phi_online import phi_for_check
 from galleria.upgrade.psi import CrossModelMap, ReverseTransform
-from galleria.upgrade.state import attach_transform, job_folder, require_upgrade
+from galleria.upgrade.state import (
+    UpgradeError,
+    attach_transform,
+    job_folder,
+    require_upgrade,
+    run_lock,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +84,26 @@ def embed_cached(
     return vecs, ok
 
 
+@contextlib.contextmanager
+def job_writer(gallery: Gallery) -> Iterator[None]:
+    """Hold the job's run lock (:func:`~galleria.upgrade.state.run_lock`) while
+    train-transform writes the job record (the attached map, the checked decision): an
+    ``upgrade run`` publishes its online checks into the same record, so the two never
+    overlap. Refused at once while a run holds it."""
+    lock = run_lock(gallery, "galleria upgrade train-transform")
+    try:
+        lock.__enter__()
+    except UpgradeError as exc:
+        raise UpgradeError(
+            f"{exc}: train-transform writes the same job record; run it when the run has "
+            "stopped (Ctrl-C keeps everything committed; the run also learns psi from its "
+            "own pairs)") from None
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
+
+
 def train_transform(
     gallery_path: str | os.PathLike[str],
     config: TrainConfig | None = None,
@@ -106,8 +133,10 @@ def train_transform(
     needs_labels = kind in ("metric-compatible", "bct")
     if needs_labels and label_column is None:
         raise InputError(f"{kind} training needs labels: pass --label-column")
-    with Gallery.open(gallery_path) as gallery:
+    with Gallery.open(gallery_path) as gallery, contextlib.ExitStack() as held:
         state = require_upgrade(gallery)
+        # the job's run lock: a run's check publishing meanwhile would lose a write
+        held.enter_context(job_writer(gallery))
         labels = None
         if from_job:
             if needs_labels:
