@@ -49,6 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results"
 OLD = "effnet-lite0"
 FRACTIONS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
+SCENE = False
+"""``--local-scene``: the local change's guard with pseudo-queries half in clutter."""
 
 
 def env() -> dict[str, str]:
@@ -292,7 +294,7 @@ GUARD_FIELDS = ("rule", "checked", "source", "moved", "queries", "verdict", "sco
 # ------------------------------------------------------------------ one change
 def start_args(change: str, work: Path, g: Path, fusion: Path | None) -> list[str]:
     if change == "local":
-        return ["--add-local", "sift"]
+        return ["--add-local", "sift", *(["--pseudo-scene"] if SCENE else [])]
     if change == "fusion":
         assert fusion is not None
         return ["--fusion", str(fusion)]
@@ -522,7 +524,14 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="100 measured photos")
     ap.add_argument("--update", action="store_true",
                     help="replace only the changes run now in an existing backfill-live.json")
+    ap.add_argument("--local-scene", action="store_true",
+                    help="the local change's guard with pseudo-queries half in clutter "
+                         "(upgrade start --pseudo-scene)")
+    ap.add_argument("--name", default="backfill-live",
+                    help="results file name (benchmarks/results/NAME.{json,md})")
     args = ap.parse_args()
+    global SCENE
+    SCENE = bool(args.local_scene)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="backfill-live-"))
     work.mkdir(parents=True, exist_ok=True)
     man, g0, rows = prepare(work)
@@ -536,8 +545,8 @@ def main() -> int:
                            "clients": args.clients, "pause_s": args.pause, "changes": [],
                            "workdir": str(work)}
     kept: list[dict[str, Any]] = []
-    if args.update and (OUT / "backfill-live.json").is_file():
-        kept = [c for c in json.loads((OUT / "backfill-live.json").read_text())["changes"]
+    if args.update and (OUT / f"{args.name}.json").is_file():
+        kept = [c for c in json.loads((OUT / f"{args.name}.json").read_text())["changes"]
                 if c["change"] not in args.changes]
     for change in args.changes:
         res["changes"].append(run_change(change, work, man, g0, rows, queries, fusion,
@@ -545,8 +554,8 @@ def main() -> int:
         res["changes"] = [c for c in kept if c["change"] not in
                           {x["change"] for x in res["changes"]}] + res["changes"]
         OUT.mkdir(parents=True, exist_ok=True)
-        (OUT / "backfill-live.json").write_text(json.dumps(res, indent=1, default=str))
-        (OUT / "backfill-live.md").write_text(markdown(res))
+        (OUT / f"{args.name}.json").write_text(json.dumps(res, indent=1, default=str))
+        (OUT / f"{args.name}.md").write_text(markdown(res))
     print(f"wrote {OUT / 'backfill-live.md'}")
     return 0
 

@@ -290,6 +290,9 @@ def main() -> int:
     ap.add_argument("--per-class", type=int, default=25)
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scene", action="store_true",
+                    help="the guard's pseudo-queries half in clutter (upgrade start "
+                         "--pseudo-scene)")
     ap.add_argument("--name", default="backfill-local-guard",
                     help="results file name (benchmarks/results/NAME.{json,md})")
     ap.add_argument("--cost-only", action="store_true",
@@ -329,7 +332,8 @@ def main() -> int:
     g = work / "g"
     if not (g / "gallery.sqlite").is_file():
         galleria("index", str(man), "--out", str(g), "--model", "effnet-lite0", "-q")
-        galleria("upgrade", "start", str(g), "--add-local", "sift", "--seed", str(args.seed))
+        galleria("upgrade", "start", str(g), "--add-local", "sift", "--seed", str(args.seed),
+                 *(["--pseudo-scene"] if args.scene else []))
     cache: dict[str, Any] = {}
     done = -1
     for f in FRACTIONS:

@@ -78,6 +78,9 @@ def add_upgrade_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="gallery items whose phone-like views check the rules (old answers, "
                         "merges, psi) on the gallery as it is (default 500; --add-local: "
                         "200, the global against the merged answers)")
+    s.add_argument("--pseudo-scene", action="store_true",
+                   help="--add-local: half of the guard's pseudo-queries placed in a "
+                        "cluttered frame, as the tuner's (default: crops only)")
     s.add_argument("--json", action="store_true")
     s.add_argument("--verbose", "-v", action="store_true")
     s.set_defaults(func=cmd_start)
@@ -181,6 +184,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         from galleria.upgrade.local_guard import LocalGuardConfig  # lazy: PIL
 
         guard = LocalGuardConfig(enabled=not args.no_online_psi, seed=args.seed,
+                                 scene=args.pseudo_scene,
                                  **({"pseudo_queries": args.pseudo_queries}
                                     if args.pseudo_queries else {}))
         state = change.start_local(args.gallery, args.add_local, runtime=args.runtime,

@@ -47,7 +47,7 @@ import numpy as np
 from galleria.errors import GalleriaError, InputError
 from galleria.extract.spaces import extractor_from_space
 from galleria.extractors.base import Extractor
-from galleria.images.pseudo import make_pseudo_queries
+from galleria.images.pseudo import TUNE_SCENE, make_pseudo_queries
 from galleria.io.atomic import load_array, read_json, write_json, write_npy
 from galleria.store.gallery import Gallery
 from galleria.types import LocalFeatures
@@ -85,6 +85,10 @@ class LocalGuardConfig:
             beat them), ``unless-worse`` (merged unless the global answers win),
             ``off`` (merged, unchecked).
         recheck_every: check again each time this fraction of the gallery has moved.
+        scene: place half of the views in a cluttered frame, as the tuner's views
+            (:data:`~galleria.images.pseudo.TUNE_SCENE`): crops alone flatter global
+            descriptors against local ones (off by default; measured in
+            benchmarks/results/backfill-local-guard*-scene.md).
     """
 
     enabled: bool = True
@@ -93,6 +97,7 @@ class LocalGuardConfig:
     depth: int = 100
     guard: str = "until-better"
     recheck_every: float = 0.05
+    scene: bool = False
 
     def __post_init__(self) -> None:
         if self.pseudo_queries < 10:
@@ -173,7 +178,7 @@ def job_local_pseudo(gallery: Gallery, state: UpgradeState, config: LocalGuardCo
     folder = job_folder(gallery) / "online" / PSEUDO_DIR
     head = folder / "pseudo.json"
     want = {"global": global_model.fingerprint, "local": local_model.fingerprint,
-            "n": config.pseudo_queries, "seed": config.seed}
+            "n": config.pseudo_queries, "seed": config.seed, "scene": bool(config.scene)}
     if head.is_file():
         try:
             meta = read_json(head)
@@ -186,7 +191,8 @@ def job_local_pseudo(gallery: Gallery, state: UpgradeState, config: LocalGuardCo
     t = time.perf_counter()
     head.unlink(missing_ok=True)  # the arrays below are rewritten: no header names them
     pq = make_pseudo_queries(gallery, n=config.pseudo_queries, seed=config.seed,
-                             space=state.old_space)
+                             space=state.old_space,
+                             scene=TUNE_SCENE if config.scene else None)
     glob = np.asarray(global_model.embed_images(pq.images), np.float32)
     local = list(local_model.embed_images(pq.images))
     folder.mkdir(parents=True, exist_ok=True)
