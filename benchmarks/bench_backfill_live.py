@@ -556,7 +556,7 @@ def main() -> int:
         OUT.mkdir(parents=True, exist_ok=True)
         (OUT / f"{args.name}.json").write_text(json.dumps(res, indent=1, default=str))
         (OUT / f"{args.name}.md").write_text(markdown(res))
-    print(f"wrote {OUT / 'backfill-live.md'}")
+    print(f"wrote {OUT / (args.name + '.md')}")
     return 0
 
 
