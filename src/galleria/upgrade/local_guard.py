@@ -7,7 +7,7 @@ global model over every item). The merged answers
 (:class:`~galleria.upgrade.local_search.LocalChangeSearcher`, rule ``rank-merge``:
 the global part for items without local features, the local index for the others)
 are served only once the job's check finds them better, as a model upgrade's guard
-(:func:`galleria.upgrade.online.decide_with_old`, mode ``until-better``) does:
+(:func:`galleria.upgrade.guard.decide_with_old`, mode ``until-better``) does:
 
 1. **Pseudo-queries** (once per job, :func:`job_local_pseudo`): phone-like views of
    a seeded sample of the gallery's own images (:mod:`galleria.images.pseudo`),
@@ -51,6 +51,7 @@ from galleria.images.pseudo import TUNE_SCENE, make_pseudo_queries
 from galleria.io.atomic import load_array, read_json, write_json, write_npy
 from galleria.store.gallery import Gallery
 from galleria.types import LocalFeatures
+from galleria.upgrade.guard import GUARD_MODES, decide_with_old, reciprocal_ranks
 from galleria.upgrade.local_search import (
     GLOBAL,
     HYBRID,
@@ -58,7 +59,6 @@ from galleria.upgrade.local_search import (
     LocalChangeSearcher,
     LocalPublisher,
 )
-from galleria.upgrade.online import GUARD_MODES, decide_with_old, reciprocal_ranks
 from galleria.upgrade.probability import probability_record
 from galleria.upgrade.state import UpgradeState, job_folder, require_upgrade, save_state
 
