@@ -3,10 +3,13 @@ global answers (label-free).
 
 While a job adds local features (change ``local``) the global space keeps every
 item, so the gallery can always answer exactly as before (rule ``old-only``: the
-global model over every item). The merged answers
-(:class:`~galleria.upgrade.local_search.LocalChangeSearcher`, rule ``rank-merge``:
-the global part for items without local features, the local index for the others)
-are served only once the job's check finds them better, as a model upgrade's guard
+global model over every item). Two candidates
+(:class:`~galleria.upgrade.local_search.LocalChangeSearcher`): ``hybrid``, the
+finished gallery's default pipeline over the global space and the local index
+published so far, and ``rank-merge``, the global part for items without local
+features merged with the local index for the others. The best candidate (``hybrid``
+unless the merge beats it) is served only once the job's check finds it better than
+the global answers, as a model upgrade's guard
 (:func:`galleria.upgrade.guard.decide_with_old`, mode ``until-better``) does:
 
 1. **Pseudo-queries** (once per job, :func:`job_local_pseudo`): phone-like views of
@@ -14,10 +17,10 @@ are served only once the job's check finds them better, as a model upgrade's gua
    embedded with the global query model *and* given local features by the change's
    local extractor; kept in ``<job>/online/local-pseudo/`` (arrays first, the JSON
    header naming them last, atomic writes: a run killed meanwhile makes them again).
-2. **The check** (:func:`check_local`): the pseudo-queries are searched with the
-   merged answers (the local index the job published *now*) and with the global
+2. **The check** (:func:`check_local`): the pseudo-queries are searched with both
+   candidates (on the local index the job published *now*) and with the global
    answers; the reciprocal rank of each view's source item, paired one-sided 95 %
-   test; the match-probability calibration of both rules is fitted on the same
+   test; the match-probability calibration of every rule is fitted on the same
    answers (:mod:`galleria.upgrade.probability`).
 3. **Publish**: the decision, with its verdict and probabilities, in the job record
    (one settings write; ``state.online["decision"]``, what ``upgrade status``
@@ -29,7 +32,7 @@ of the gallery has moved since the last check (the local index is published firs
 so the check scores what searches will serve), and when the last item is done.
 
 Cost: embedding the pseudo-queries once (global model + local extractor), then per
-check one merged and one global search of them (measured in
+check one search of them per rule (hybrid, merge, global) (measured in
 benchmarks/results/backfill-local-guard.md).
 """
 
