@@ -550,6 +550,9 @@ def _run(
         if fails:
             gallery.record_failures(new, fails)
             report.failed.extend(fails)
+        if online_on:  # a commit's step runs before its batch's failures are recorded:
+            # the check at "nothing left to move" (failed items stay in the old part)
+            online_run_step(gallery, online, extractor, query_models, runtime, threads)
     except KeyboardInterrupt:
         report.interrupted = True
         log.warning("interrupted after %d items; run again to continue", report.moved)

@@ -63,7 +63,13 @@ from galleria.upgrade.local_search import (
     LocalPublisher,
 )
 from galleria.upgrade.probability import probability_record
-from galleria.upgrade.state import UpgradeState, job_folder, require_upgrade, save_state
+from galleria.upgrade.state import (
+    UpgradeState,
+    job_folder,
+    nothing_left,
+    require_upgrade,
+    save_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +281,8 @@ def publish_decision(gallery: Gallery, decision: dict[str, Any]) -> UpgradeState
 
 def check_due(gallery: Gallery, state: UpgradeState, config: LocalGuardConfig) -> bool:
     """No check yet, or :attr:`LocalGuardConfig.recheck_every` of the gallery moved since
-    the last one, or every item is done and the last check was before that."""
+    the last one, or every item that can move is done (failed ones stay global) and the
+    last check was before that."""
     if not config.active:
         return False
     last = state.online.get("decision") or {}
@@ -283,7 +290,9 @@ def check_due(gallery: Gallery, state: UpgradeState, config: LocalGuardConfig) -
         return True
     moved, total = gallery.count(state.new_space), max(len(gallery), 1)
     then = int(last.get("moved", -1))
-    return moved - then >= config.recheck_every * total or (moved >= total and then != moved)
+    # the last check of a run: every item that can move has (failed ones never do)
+    return moved - then >= config.recheck_every * total or (then != moved
+                                                            and nothing_left(gallery, state))
 
 
 class LocalGuardRun:

@@ -89,6 +89,7 @@ from galleria.upgrade.state import (
     UpgradeState,
     decision_psi_path,
     job_folder,
+    nothing_left,
     require_upgrade,
     save_state,
 )
@@ -387,7 +388,7 @@ def recheck_due(gallery: Gallery, state: UpgradeState, config: OnlineConfig) -> 
     last = state.online.get("decision") or {}
     moved = gallery.count(state.new_space)
     since = moved - int(last.get("moved", 0))
-    if since > 0 and gallery.count(state.old_space) == 0:
+    if since > 0 and nothing_left(gallery, state):  # failed items stay in the old part
         return True
     return since >= config.recheck_every * max(len(gallery), 1)
 

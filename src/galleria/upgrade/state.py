@@ -182,6 +182,20 @@ def pending_space(upgrade_record: Mapping[str, Any] | None) -> str | None:
     return str(space) if space else None
 
 
+def nothing_left(gallery: Gallery, state: UpgradeState) -> bool:
+    """Whether every item the job can move has moved: the items without a new-space
+    entry (none, or only ones whose re-embedding failed and stays failed until a run
+    with ``--retry-failed``). The run's last guard check is due then."""
+    left = len(gallery) - gallery.count(state.new_space)
+    if left <= 0:
+        return True
+    failed = {f.id for f in gallery.failures(state.new_space)}
+    if left > len(failed):
+        return False
+    done = set(gallery.ids(state.new_space))
+    return all(i in failed for i in gallery.ids(state.old_space) if i not in done)
+
+
 def lock_held(gallery: Gallery) -> bool:
     p = job_folder(gallery) / "run.lock"
     if not p.exists():
