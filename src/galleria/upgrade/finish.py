@@ -34,6 +34,7 @@ from galleria.upgrade.state import (
     job_folder,
     lock_held,
     require_upgrade,
+    run_lock,
 )
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ def finish_upgrade(gallery_path: str | os.PathLike[str], *, force: bool = False)
             not be re-embedded and ``force`` is not set (``force`` removes them).
     """
     t0 = time.perf_counter()
-    with Gallery.open(gallery_path) as gallery:
+    with Gallery.open(gallery_path) as gallery, contextlib.ExitStack() as held:
         marker = gallery.get_setting(FINISHING_KEY)
         if marker and gallery.get_setting(STATE_KEY) is None:
             state = UpgradeState.from_dict(marker["job"])
@@ -184,8 +185,11 @@ def finish_upgrade(gallery_path: str | os.PathLike[str], *, force: bool = False)
                                 len(gallery), list(marker.get("dropped", [])),
                                 time.perf_counter() - t0, resumed=True)
         state = require_upgrade(gallery)
-        if lock_held(gallery):
-            raise UpgradeError("an `upgrade run` is still working on this gallery; wait or stop it")
+        try:  # held to the end: a run starting meanwhile never writes the job record back
+            held.enter_context(run_lock(gallery, "galleria upgrade finish"))
+        except UpgradeError as exc:
+            raise UpgradeError(f"{exc}; wait for it or stop it before `finish`") from None
+        state = require_upgrade(gallery)  # as it is now that no writer can change it
         old, new = state.old_space, state.new_space
         new_ids = set(gallery.ids(new))
         remaining = [i for i in gallery.ids(old) if i not in new_ids] \

@@ -353,6 +353,7 @@ def run_upgrade(
         if order not in ORDERS:
             raise InputError(f"order must be one of {ORDERS}, got {order!r}")
         with run_lock(gallery):
+            state = require_upgrade(gallery)  # a finish may have switched meanwhile
             return _run(gallery, state, order=order, limit=cfg.limit, extractor=extractor,
                         runtime=cfg.runtime, threads=cfg.threads, batch_size=cfg.batch_size,
                         workers=cfg.workers, commit_every=commit_every,
