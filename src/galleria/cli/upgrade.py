@@ -283,9 +283,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _print_local_guard(o: dict) -> None:
     """The old-answers guard of a local-feature change (upgrade/local_guard.py)."""
     sc = o.get("scores") or {}
-    mrr = ", ".join(f"{'merged' if r == 'rank-merge' else 'global'} {v['mrr']:.1f}"
-                    for r, v in sc.items())
-    serves = "the merged answers" if o.get("rule") == "rank-merge" else "the global answers"
+    names = {"rank-merge": "merged", "hybrid": "hybrid", "old-only": "global"}
+    mrr = ", ".join(f"{names.get(r, r)} {v['mrr']:.1f}" for r, v in sc.items())
+    serves = f"the {names.get(str(o.get('rule')), 'global')} answers"
     print(f"  guard: search serves {serves} ({o.get('checks')} checks, the last at "
           f"{o.get('moved')} items, "
           f"{o.get('total_s') or 0:.1f} s in all" + (f"; pseudo-query MRR {mrr}" if mrr else "")

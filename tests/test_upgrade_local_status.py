@@ -1,0 +1,58 @@
+"""``galleria upgrade status`` of a local-feature change names the answers search serves.
+
+The guard's decision may name any of the three rules of a local change
+(``hybrid``, the default candidate; ``rank-merge``; ``old-only``, the global
+answers). Reference: the rule :class:`LocalChangeSearcher` resolves ``auto`` to
+(what the service serves) for the same published decision; the per-rule MRR line
+gives each rule once, under its own name. Seeded textures, SIFT; a few seconds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import _tiny
+from galleria.cli.main import main
+from galleria.extract.job import index_images
+from galleria.extractors.registry import create_extractor
+from galleria.images.pseudo import clutter
+from galleria.store.gallery import Gallery
+from galleria.upgrade.change import start_local
+from galleria.upgrade.job import run_upgrade
+from galleria.upgrade.local_guard import LocalGuardConfig, publish_decision
+from galleria.upgrade.local_search import GLOBAL, HYBRID, MERGED, LocalChangeSearcher
+from galleria.upgrade.state import require_upgrade
+
+N = 16
+NAMES = {HYBRID: "the hybrid answers", MERGED: "the merged answers",
+         GLOBAL: "the global answers"}
+
+
+def test_status_names_the_rule_the_guard_serves(tmp_path, capsys):
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(N):
+        clutter((128, 128), rng, 60).save(imgs / f"{i:02d}.png")
+    g = tmp_path / "g"
+    index_images(imgs, g, extractor=_tiny.tiny(1))
+    start_local(g, "sift", extractor=create_extractor("sift"), seed=0,
+                guard=LocalGuardConfig(pseudo_queries=10))
+    run_upgrade(g, limit=N // 2, batch_size=4, commit_every=4)
+    with Gallery.open(g) as gal:
+        d = require_upgrade(gal).online["decision"]
+        assert set(d["scores"]) == {HYBRID, MERGED, GLOBAL}
+    for rule in (HYBRID, MERGED, GLOBAL):
+        with Gallery.open(g) as gal:
+            publish_decision(gal, {**d, "rule": rule})
+            s = LocalChangeSearcher.open(gal, with_models=False)
+            assert s.rule == rule
+            s.close()
+        capsys.readouterr()
+        assert main(["upgrade", "status", str(g)]) == 0
+        out = capsys.readouterr().out
+        line = next(x for x in out.splitlines() if x.strip().startswith("guard:"))
+        assert f"search serves {NAMES[rule]}" in line, line
+        mrr = line.split("pseudo-query MRR")[1]
+        for r in (HYBRID, MERGED, GLOBAL):  # each rule once, under its own name
+            assert mrr.count(NAMES[r].split()[1] + " ") == 1, line
