@@ -61,6 +61,7 @@ from galleria.upgrade.local_search import (
     MERGED,
     LocalChangeSearcher,
     LocalPublisher,
+    _Info,
 )
 from galleria.upgrade.probability import probability_record
 from galleria.upgrade.state import (
@@ -236,10 +237,11 @@ def check_local(gallery: Gallery, pseudo: LocalPseudoSet, config: LocalGuardConf
                                 rule=rule)
         try:
             res = s.search_queries(pseudo.glob, pseudo.local, k=config.depth)
+            scale = s.score_normalization()  # the scale these answers' scores are on
         finally:
             s.close()
         rr[rule] = reciprocal_ranks(res, pseudo.ids)
-        answers[rule] = (res, s)
+        answers[rule] = (res, _Scored(_Info({**s.calibration.info, "kind": scale})))
     rule, scores, verdict = decide_with_old(rr, mode=config.guard, baseline=HYBRID)
     search_s = time.perf_counter() - t
     prob: dict[str, Any] | None
@@ -268,6 +270,15 @@ def check_local(gallery: Gallery, pseudo: LocalPseudoSet, config: LocalGuardConf
     log.info("local guard check (%s) at %d items in %.2f s: search uses %s %s", source,
              decision["moved"], check_s, rule, {r: v["mrr"] for r, v in scores.items()})
     return decision
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """What the probability record reads of a check's searcher: the scale of its
+    scores (:meth:`LocalChangeSearcher.score_normalization`) and no learned map."""
+
+    calibration: Any
+    map_fingerprint: str | None = None
 
 
 def publish_decision(gallery: Gallery, decision: dict[str, Any]) -> UpgradeState:

@@ -266,12 +266,26 @@ class LocalChangeSearcher(Searcher):
         record = (state.online.get("decision") or {}).get("probability")
         cal, why = lookup(record, rule=self.rule, old_space=state.old_space,
                           new_space=state.new_space, job_started=state.started,
-                          map_fingerprint=None,
-                          normalization=normalization_name(self.calibration),
+                          map_fingerprint=None, normalization=self.score_normalization(),
                           moved=self.gallery.count(state.new_space), items=len(self.gallery))
         if cal is None:
             log.debug("no match probabilities for rule %s: %s", self.rule, why)
         return cal
+
+    def score_normalization(self) -> str:
+        """The scale of this searcher's scores now (the probability records' key):
+        ``rank-merge`` Z-norms both parts only with a cohort of :data:`MIN_COHORT`
+        published items still in the gallery (``raw``: the two parts' own scores
+        below that; ``identity``: the global answers alone, nothing published)."""
+        kind = normalization_name(self.calibration)
+        if self.rule != MERGED:
+            return kind
+        pub = self._published
+        gv = self.gallery.views([self.state.old_space]).get(self.state.old_space)
+        if pub is None or not pub.count or gv is None:
+            return "identity"
+        live = int(self._live_of(pub, gv).sum())
+        return kind if min(live, self.cohort_size) >= MIN_COHORT else "raw"
 
     # ----------------------------------------------------------------- parts
     def published_folder(self) -> str | None:
