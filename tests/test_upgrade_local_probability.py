@@ -8,7 +8,8 @@ the scores it saw; a searcher must not apply it to scores on another scale (the
 probabilities would be those of raw cosines given to z-scores). Reference: the
 check at 40 moved items (raw merge) and a search at 55 (Z-normed, within the 5 %
 staleness window of a 400-item gallery): no calibration for the merge then, and
-the calibration again once a check has seen the Z-normed scores. Tiny seeded
+the calibration again once a check has seen the Z-normed scores; likewise hybrid,
+whose check at 0 % saw the global answers alone. Tiny seeded
 models; about a second.
 """
 
@@ -20,7 +21,7 @@ from galleria.store.gallery import Gallery
 from galleria.upgrade.change import start_local
 from galleria.upgrade.job import run_upgrade
 from galleria.upgrade.local_guard import LocalGuardConfig
-from galleria.upgrade.local_search import MERGED, MIN_COHORT, LocalChangeSearcher
+from galleria.upgrade.local_search import HYBRID, MERGED, MIN_COHORT, LocalChangeSearcher
 from galleria.upgrade.state import require_upgrade
 
 
@@ -42,7 +43,17 @@ def test_merged_probabilities_are_served_only_on_the_scale_they_were_fitted(tmp_
     start_local(g, "tiny-local", extractor=_tiny.tiny_local(), seed=0, calib_size=200,
                 guard=LocalGuardConfig(pseudo_queries=60))  # a check every 20 items
     run = {"extractor": _tiny.tiny_local(), "batch_size": 5, "commit_every": 5}
-    run_upgrade(g, limit=40, **run)
+    run_upgrade(g, limit=0, **run)  # the check at 0 %: hybrid and merge answer globally
+    with Gallery.open(g) as gal:
+        rec = require_upgrade(gal).online["decision"]["probability"]["rules"]
+        assert rec[HYBRID]["normalization"] == rec[MERGED]["normalization"] == "identity"
+    run_upgrade(g, limit=10, **run)  # the hybrid pipeline's own scores now
+    with Gallery.open(g) as gal:
+        assert require_upgrade(gal).online["decision"]["moved"] == 0
+        s = LocalChangeSearcher(gal, rule=HYBRID)
+        assert s._published.count == 10 and s.match_calibration() is None
+        s.close()
+    run_upgrade(g, limit=30, **run)
     d, published, cal = _merged(g)
     assert d["moved"] == 40 and published == 40 < MIN_COHORT
     rec = d["probability"]["rules"][MERGED]

@@ -274,16 +274,19 @@ class LocalChangeSearcher(Searcher):
 
     def score_normalization(self) -> str:
         """The scale of this searcher's scores now (the probability records' key):
+        ``hybrid`` and ``rank-merge`` answer globally until a local index is published;
         ``rank-merge`` Z-norms both parts only with a cohort of :data:`MIN_COHORT`
         published items still in the gallery (``raw``: the two parts' own scores
         below that; ``identity``: the global answers alone, nothing published)."""
         kind = normalization_name(self.calibration)
-        if self.rule != MERGED:
+        if self.rule == GLOBAL:
             return kind
         pub = self._published
         gv = self.gallery.views([self.state.old_space]).get(self.state.old_space)
         if pub is None or not pub.count or gv is None:
-            return "identity"
+            return "identity"  # hybrid and merge: the global answers alone
+        if self.rule == HYBRID:
+            return kind
         live = int(self._live_of(pub, gv).sum())
         return kind if min(live, self.cohort_size) >= MIN_COHORT else "raw"
 
