@@ -68,3 +68,28 @@ def test_merged_probabilities_are_served_only_on_the_scale_they_were_fitted(tmp_
     assert d["moved"] == 60 and d["probability"]["rules"][MERGED]["normalization"] == \
         "znorm-top100"
     assert cal is not None
+
+
+def test_a_guard_that_cannot_build_its_query_model_never_stops_the_backfill(tmp_path,
+                                                                           monkeypatch):
+    """The global query model missing in the run's process (an optional runtime not
+    installed: ImportError): the check is logged as failed, the backfill moves every
+    item and search keeps the global answers (no decision)."""
+    import galleria.upgrade.local_guard as lg
+
+    def missing(*a, **kw):
+        raise ImportError("onnxruntime is not installed")
+
+    monkeypatch.setattr(lg, "extractor_from_space", missing)
+    (tmp_path / "imgs").mkdir()
+    imgs = _tiny.noise_pngs(tmp_path / "imgs", 12, 3, side=32)
+    g = tmp_path / "g"
+    index_images(imgs, g, extractor=_tiny.tiny(1))
+    start_local(g, "tiny-local", extractor=_tiny.tiny_local(), seed=0)
+    rep = run_upgrade(g, extractor=_tiny.tiny_local(), batch_size=4, commit_every=4)
+    assert rep.moved == 12 and rep.remaining == 0
+    with Gallery.open(g) as gal:
+        assert not require_upgrade(gal).online.get("decision")
+        s = LocalChangeSearcher.open(gal, with_models=False)
+        assert s.rule == "old-only"
+        s.close()

@@ -353,7 +353,8 @@ class LocalGuardRun:
             self.checks += 1
             return check_local(self.gallery, pseudo, self.config, source=source,
                                spent_s=spent)
-        except (GalleriaError, OSError, ValueError) as exc:
+        except (GalleriaError, OSError, ValueError, ImportError) as exc:  # e.g. a query
+            # model's optional runtime missing here: never fatal to the backfill
             log.warning("local guard: the check failed (the backfill goes on; search keeps "
                         "its last decision): %s", exc)
             return None
