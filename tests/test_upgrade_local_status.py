@@ -56,3 +56,23 @@ def test_status_names_the_rule_the_guard_serves(tmp_path, capsys):
         mrr = line.split("pseudo-query MRR")[1]
         for r in (HYBRID, MERGED, GLOBAL):  # each rule once, under its own name
             assert mrr.count(NAMES[r].split()[1] + " ") == 1, line
+
+
+def test_start_refuses_too_few_pseudo_queries_as_it_did(tmp_path, capsys):
+    """``--pseudo-queries 0`` (or any count under 10) is refused with a clear error and no
+    job is started, for a model and for a local-feature change alike; it was silently
+    replaced by the default (500 / 200 views) once the flag's default became ``None``."""
+    from galleria.store.gallery import Gallery as G
+    from galleria.upgrade.state import STATE_KEY
+
+    (tmp_path / "imgs").mkdir()
+    imgs = _tiny.noise_pngs(tmp_path / "imgs", 8, 3)
+    g = tmp_path / "g"
+    index_images(imgs, g, extractor=_tiny.tiny(2))  # `tiny-test` (seed 1): a new model
+    for change in (["--new-model", "tiny-test"], ["--add-local", "tiny-local"]):
+        for n in ("0", "5"):
+            capsys.readouterr()
+            assert main(["upgrade", "start", str(g), *change, "--pseudo-queries", n]) == 2
+            assert "pseudo-queries" in capsys.readouterr().err
+            with G.open(g, readonly=True) as gal:
+                assert gal.get_setting(STATE_KEY) is None

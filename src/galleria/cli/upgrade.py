@@ -177,7 +177,8 @@ def cmd_start(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
     common = {"order": args.order, "seed": args.seed, "calib_size": args.calib_size}
     online = OnlineConfig(enabled=not args.no_online_psi, seed=args.seed,
-                          pseudo_queries=args.pseudo_queries or 500)
+                          pseudo_queries=500 if args.pseudo_queries is None
+                          else args.pseudo_queries)
     if args.transform:
         state = change.start_transform(args.gallery, args.transform, **common)
     elif args.add_local:
@@ -186,7 +187,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         guard = LocalGuardConfig(enabled=not args.no_online_psi, seed=args.seed,
                                  scene=args.pseudo_scene,
                                  **({"pseudo_queries": args.pseudo_queries}
-                                    if args.pseudo_queries else {}))
+                                    if args.pseudo_queries is not None else {}))
         state = change.start_local(args.gallery, args.add_local, runtime=args.runtime,
                                    guard=guard, **common)
     elif args.fusion:
