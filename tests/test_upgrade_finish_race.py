@@ -99,3 +99,38 @@ def test_a_run_started_while_finish_switches_leaves_no_job_record(tmp_path, monk
         q = new_model.embed_images([Image.open(p).convert("RGB") for p in paths])
         order = np.argsort(-(q @ vn.T), axis=1, kind="stable")[:, :5]
         assert [list(r) for r in got.ids] == [[idsn[j] for j in row] for row in order]
+
+
+def test_status_probes_never_make_a_writer_refused(tmp_path):
+    """``upgrade status`` (and ``GET /v1/upgrade``) test the run lock by taking it for an
+    instant; a run, train-transform or finish starting in that instant must not be
+    refused as if another writer worked. A thread probes in a loop (bounded: 2 s)
+    while the main thread takes and releases the lock 200 times: no refusal."""
+    from galleria.upgrade.state import UpgradeError, lock_held, run_lock
+
+    (tmp_path / "imgs").mkdir()
+    imgs = _tiny.noise_pngs(tmp_path / "imgs", 4, 7)
+    g = tmp_path / "g"
+    index_images(imgs, g, extractor=_tiny.tiny(1))
+    start_upgrade(g, "tiny-test", extractor=_tiny.tiny(2), online=OnlineConfig(enabled=False))
+    stop = threading.Event()
+
+    def probe():
+        with Gallery.open(g, readonly=True) as gal:
+            t_end = time.time() + 2
+            while not stop.is_set() and time.time() < t_end:
+                lock_held(gal)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    refused = 0
+    with Gallery.open(g) as gal:
+        for _ in range(200):
+            try:
+                with run_lock(gal):
+                    pass
+            except UpgradeError:
+                refused += 1
+    stop.set()
+    t.join(5)
+    assert refused == 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -125,6 +126,11 @@ def transform_path(gallery: Gallery, state: UpgradeState, name: str) -> Path | N
     return p if p.is_absolute() else Path(gallery.path) / p
 
 
+LOCK_PATIENCE_S = 0.5
+"""How long a writer retries the run lock before it is refused (a status probe holds it
+for microseconds; a writer holds it for its whole work)."""
+
+
 @contextlib.contextmanager
 def run_lock(gallery: Gallery, holder: str = "galleria upgrade run") -> Iterator[None]:
     """Held by one writer of the job at a time (``upgrade run``, ``upgrade
@@ -134,12 +140,20 @@ def run_lock(gallery: Gallery, holder: str = "galleria upgrade run") -> Iterator
     folder.mkdir(parents=True, exist_ok=True)
     fh = open(folder / "run.lock", "a+")  # noqa: SIM115 - held for the whole run
     try:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            who = fh.read(200).strip() or "galleria upgrade run"
-            raise UpgradeError(f"another `{who}` is working on {gallery.path}") from None
+        # a status probe (:func:`lock_held`) holds it for an instant: retry briefly before
+        # naming another writer
+        deadline = time.monotonic() + LOCK_PATIENCE_S
+        while True:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.005)
+                    continue
+                fh.seek(0)
+                who = fh.read(200).strip() or "galleria upgrade run"
+                raise UpgradeError(f"another `{who}` is working on {gallery.path}") from None
         fh.seek(0)
         fh.truncate()
         fh.write(holder)
