@@ -162,6 +162,26 @@ class _Info:
         self.info = info
 
 
+class _Without:
+    """A published local index without the items removed since it was published: its
+    search leaves them out (``k`` results from ``k + len(gone)``); the rest as the index."""
+
+    def __init__(self, index: Any, gone: np.ndarray) -> None:
+        self._index, self._gone = index, np.asarray(gone, np.int64)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._index, name)
+
+    def search(self, queries: Sequence[LocalFeatures], k: int) -> SearchResult:
+        res = self._index.search(queries, k + self._gone.size)
+        out = SearchResult.empty(len(res), k)
+        for i in range(len(res)):
+            keep = (res.ids[i] >= 0) & ~np.isin(res.ids[i], self._gone)
+            ids, sc = res.ids[i][keep][:k], res.scores[i][keep][:k]
+            out.ids[i, : ids.size], out.scores[i, : ids.size] = ids, sc
+        return out
+
+
 class LocalChangeSearcher(Searcher):
     """The searcher of a gallery whose job adds local features (see the module docstring).
 
@@ -492,8 +512,9 @@ class LocalChangeSearcher(Searcher):
                 gv: Any) -> SearchResult | None:
         """The ``hybrid`` pipeline (default options) over the global view (every item) and
         the published local index: global and local candidates, spatially verified ones
-        first; an item without local features in that snapshot verifies with none.
-        ``None`` when an item vanished meanwhile (the caller answers globally)."""
+        first; an item without local features in that snapshot verifies with none, one
+        removed since it is left out. ``None`` when an item vanished during this search
+        (the caller answers globally)."""
         old, new = self.state.old_space, self.state.new_space
         have = pub.item_keys
 
@@ -508,8 +529,10 @@ class LocalChangeSearcher(Searcher):
                 out[n] = f
             return out
 
-        pipe = HybridPipeline(gv, pub.index, lambda keys: self.gallery.get_vectors(keys,
-                                                                                  space=old),
+        gone = pub.item_keys[~self._live_of(pub, gv)]  # removed since the snapshot
+        local_index = pub.index if not gone.size else _Without(pub.index, gone)
+        pipe = HybridPipeline(gv, local_index, lambda keys: self.gallery.get_vectors(keys,
+                                                                                    space=old),
                               fetch_local=fetch_local)
         try:
             res = pipe.search(QueryBatch(vectors=qg, local=ql), clamp_k(k, gv.count))
