@@ -551,8 +551,8 @@ def _run(
         if fails:
             gallery.record_failures(new, fails)
             report.failed.extend(fails)
-        if online_on:  # a commit's step runs before its batch's failures are recorded:
-            # the check at "nothing left to move" (failed items stay in the old part)
+        if online_on and n_todo:  # a commit's step runs before its batch's failures are
+            # recorded: the check at "nothing left to move" (failed items stay old)
             online_run_step(gallery, online, extractor, query_models, runtime, threads)
     except KeyboardInterrupt:
         report.interrupted = True
