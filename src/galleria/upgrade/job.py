@@ -551,8 +551,7 @@ def _run(
         if fails:
             gallery.record_failures(new, fails)
             report.failed.extend(fails)
-        if online_on and n_todo:  # a commit's step runs before its batch's failures are
-            # recorded: the check at "nothing left to move" (failed items stay old)
+        if online_on and n_todo:  # the check once only failed items are left
             online_run_step(gallery, online, extractor, query_models, runtime, threads)
     except KeyboardInterrupt:
         report.interrupted = True
