@@ -76,3 +76,20 @@ def test_start_refuses_too_few_pseudo_queries_as_it_did(tmp_path, capsys):
             assert "pseudo-queries" in capsys.readouterr().err
             with G.open(g, readonly=True) as gal:
                 assert gal.get_setting(STATE_KEY) is None
+
+
+def test_pseudo_scene_is_refused_outside_the_local_change(tmp_path, capsys):
+    """``--pseudo-scene`` only shapes the local guard's pseudo-queries: on a model change
+    it is refused (exit 2, no job), where it used to be silently ignored."""
+    from galleria.store.gallery import Gallery as G
+    from galleria.upgrade.state import STATE_KEY
+
+    (tmp_path / "imgs").mkdir()
+    imgs = _tiny.noise_pngs(tmp_path / "imgs", 8, 3)
+    g = tmp_path / "g"
+    index_images(imgs, g, extractor=_tiny.tiny(2))
+    capsys.readouterr()
+    assert main(["upgrade", "start", str(g), "--new-model", "tiny-test", "--pseudo-scene"]) == 2
+    assert "--pseudo-scene" in capsys.readouterr().err
+    with G.open(g, readonly=True) as gal:
+        assert gal.get_setting(STATE_KEY) is None

@@ -18,7 +18,7 @@ from galleria.cli.common import (
     set_threads,
     setup_logging,
 )
-from galleria.errors import GalleriaError
+from galleria.errors import GalleriaError, InputError
 
 DESCRIPTION = """Move a live gallery to a new model while search keeps serving (online
 backfilling):
@@ -175,6 +175,9 @@ def cmd_start(args: argparse.Namespace) -> int:
     from galleria.upgrade.online import OnlineConfig  # lazy: PIL
 
     setup_logging(args.verbose)
+    if args.pseudo_scene and not args.add_local:
+        raise InputError("--pseudo-scene applies to --add-local only (the local change's "
+                         "guard); a model, fusion or transform change uses crops")
     common = {"order": args.order, "seed": args.seed, "calib_size": args.calib_size}
     online = OnlineConfig(enabled=not args.no_online_psi, seed=args.seed,
                           pseudo_queries=500 if args.pseudo_queries is None
