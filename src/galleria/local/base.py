@@ -198,20 +198,7 @@ class LocalIndex(Index):
 
     def search(self, queries: Sequence[LocalFeatures], k: int) -> SearchResult:  # type: ignore[override]
         """Top-``k`` images for each query image's local features -> ``(Q, k)``."""
-        k = check_k(k)
-        qs = check_features(queries, dim=self.dim, name="queries")
-        if not qs:
-            raise InputError("queries is empty (no query images)")
-        out = SearchResult.empty(len(qs), k)
-        for i, q in enumerate(qs):
-            if len(q) == 0:
-                log.warning("query %d has no keypoints: no local result", i)
-                continue
-            if len(self) == 0:
-                continue
-            s, ids = topk_rows(self.score_rows(q), self._rows.row_key, k)
-            out.scores[i], out.ids[i] = s, ids
-        return out
+        return self.search_with_similarities(queries, k, np.zeros(0, np.int64))[0]
 
     def search_with_similarities(self, queries: Sequence[LocalFeatures], k: int,
                                  keys: np.ndarray) -> tuple[SearchResult, np.ndarray]:
