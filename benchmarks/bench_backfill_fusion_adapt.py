@@ -40,7 +40,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info
-from bench_backfill_live import OUT, fresh_gallery, galleria, prepare, train_fusion, uptime
+from bench_backfill_live import (
+    OUT,
+    fresh_gallery,
+    galleria,
+    metrics,
+    prepare,
+    train_fusion,
+    uptime,
+)
 
 
 def evaluate(searcher: Any, paths: list[str], queries: list[int], rows: list[dict[str, str]]
@@ -51,22 +59,6 @@ def evaluate(searcher: Any, paths: list[str], queries: list[int], rows: list[dic
         raise SystemExit(f"queries failed: {fails[:3]}")
     return metrics([list(r) for r in res.ids], queries, rows), \
         [[str(i) for i in r[:10]] for r in res.ids]
-
-
-def metrics(ranked: list[list[Any]], queries: list[int], rows: list[dict[str, str]]
-            ) -> dict[str, Any]:
-    from galleria.eval.metrics import per_query_metrics
-
-    pos = {r["path"]: n for n, r in enumerate(rows)}
-    ranking = np.full((len(queries), 100), -1, np.int64)
-    for n, row in enumerate(ranked):
-        got = [pos[i] for i in row if i is not None][:100]
-        ranking[n, : len(got)] = got
-    labels = np.array([int(r["group"]) for r in rows])
-    m = per_query_metrics(ranking, labels[queries], labels, metrics=("mAP", "R@1"),
-                          query_gallery_index=np.asarray(queries))
-    return {"mAP": round(100 * float(np.nanmean(m["mAP"])), 2),
-            "R@1": round(100 * float(np.nanmean(m["R@1"])), 2)}
 
 
 def load(text: str) -> str:

@@ -230,15 +230,11 @@ class Load:
 def accuracy(url: str, rows: list[dict[str, str]], queries: list[int], pipeline: str | None
              ) -> dict[str, Any]:
     """mAP and R@1 of the server's answers (k = 100) to the phone photos ``queries``."""
-    from galleria.eval.metrics import per_query_metrics
-
-    ids = [r["path"] for r in rows]
-    pos = {i: n for n, i in enumerate(ids)}
-    ranking = np.full((len(queries), 100), -1, np.int64)
+    ranked: list[list[str]] = []
     top10: list[list[str]] = []
     errors = 0
     details: list[dict[str, Any]] = []
-    for n, qi in enumerate(queries):
+    for qi in queries:
         t = time.monotonic()
         status, body = search(url, Path(rows[qi]["file"]).read_bytes(), 100, pipeline)
         if status != 200:
@@ -246,28 +242,40 @@ def accuracy(url: str, rows: list[dict[str, str]], queries: list[int], pipeline:
             details.append({"query": rows[qi]["path"], "status": status,
                             "seconds": round(time.monotonic() - t, 1),
                             "body": str(body)[:400]})
+            ranked.append([])
             top10.append([])
             continue
-        got = [pos[h["id"]] for h in body["results"] if h["id"] in pos]
+        ranked.append([h["id"] for h in body["results"]])
+        top10.append(ranked[-1][:10])
+    return {**metrics(ranked, queries, rows), "errors": errors, "error_details": details,
+            "top10": top10}
+
+
+def metrics(ranked: list[list[Any]], queries: list[int], rows: list[dict[str, str]]
+            ) -> dict[str, float]:
+    """mAP and R@1 (%) of ranked gallery ids (first 100 of each; ``None`` and ids not in
+    ``rows`` skipped), one list per phone photo ``queries`` (the query itself excluded)."""
+    from galleria.eval.metrics import per_query_metrics
+
+    pos = {r["path"]: n for n, r in enumerate(rows)}
+    ranking = np.full((len(queries), 100), -1, np.int64)
+    for n, row in enumerate(ranked):
+        got = [pos[i] for i in row if i is not None and i in pos][:100]
         ranking[n, : len(got)] = got
-        top10.append([h["id"] for h in body["results"][:10]])
     labels = np.array([int(r["group"]) for r in rows])
     m = per_query_metrics(ranking, labels[queries], labels, metrics=("mAP", "R@1"),
                           query_gallery_index=np.asarray(queries))
     return {"mAP": round(100 * float(np.nanmean(m["mAP"])), 2),
-            "R@1": round(100 * float(np.nanmean(m["R@1"])), 2), "errors": errors,
-            "error_details": details, "top10": top10}
+            "R@1": round(100 * float(np.nanmean(m["R@1"])), 2)}
 
 
 def merged_accuracy(g: Path, rows: list[dict[str, str]], queries: list[int],
                     cache: dict[str, Any], rule: str = "rank-merge") -> dict[str, Any]:
     """Local change: mAP / R@1 of the *unguarded* merged answers (rule ``rank-merge``,
     in this process, not through the server) on the phone photos ``queries``."""
-    from galleria.eval.metrics import per_query_metrics
     from galleria.store.gallery import Gallery
     from galleria.upgrade.search import BackfillSearcher
 
-    pos = {r["path"]: n for n, r in enumerate(rows)}
     with Gallery.open(g) as gal:
         s = BackfillSearcher.open(gal, rule=rule, threads=1)
         try:
@@ -276,15 +284,7 @@ def merged_accuracy(g: Path, rows: list[dict[str, str]], queries: list[int],
             res = s.search(cache["q"], k=100)
         finally:
             s.close()
-    ranking = np.full((len(queries), 100), -1, np.int64)
-    for n, row in enumerate(res.ids):
-        got = [pos[i] for i in row if i is not None and i in pos]
-        ranking[n, : len(got)] = got
-    labels = np.array([int(r["group"]) for r in rows])
-    m = per_query_metrics(ranking, labels[queries], labels, metrics=("mAP", "R@1"),
-                          query_gallery_index=np.asarray(queries))
-    return {"mAP": round(100 * float(np.nanmean(m["mAP"])), 2),
-            "R@1": round(100 * float(np.nanmean(m["R@1"])), 2)}
+    return metrics([list(r) for r in res.ids], queries, rows)
 
 
 GUARD_FIELDS = ("rule", "checked", "source", "moved", "queries", "verdict", "scores",
